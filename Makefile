@@ -1,0 +1,52 @@
+# fedfusion — two commands on a fresh machine: `make simulate` and `make test`.
+# Each creates or reuses .venv and installs exactly what it needs.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# pip takes the local CPU wheel for exactly this spec (shared/FACTS.md). Any other torch
+# spec, or an unpinned torch pulled in later, downloads the CUDA build: every later
+# install is therefore constrained to the torch that was installed here.
+TORCH_SPEC ?= torch==2.13.0
+# The Indiana University reports of the embedded default data ship inside this package.
+# It must be installed without its declared dependencies (they pull a broken torchvision).
+TXV_SPEC ?= torchxrayvision==1.5.7
+ARGS ?=
+
+.PHONY: simulate test lint fmt clean venv
+
+simulate: $(VENV)/.runtime
+	$(BIN)/fedfusion simulate $(ARGS)
+
+test: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+fmt: $(VENV)/.dev
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+venv: $(VENV)/.runtime
+
+$(VENV)/.torch:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	touch $@
+
+$(VENV)/.runtime: $(VENV)/.torch pyproject.toml
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e .
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt --no-deps $(TXV_SPEC)
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime pyproject.toml
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[dev]"
+	touch $@
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,1 @@
+"""What runs inside a hospital: the Flower ClientApp, DP-SGD and the privacy ledger."""

@@ -1,0 +1,1 @@
+"""The coordinator: the Flower ServerApp, aggregation, checkpoints and run reports."""

@@ -1,0 +1,47 @@
+"""The coordinator's Flower ServerApp: builds the strategy from config and runs the rounds."""
+
+from __future__ import annotations
+
+from logging import ERROR, INFO
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from server.checkpoint import RoundRecord, RunStore
+from server.report import format_round_line, write_report
+from server.strategy import build_strategy, run_federation
+from shared_model.config import RunConfig
+from shared_model.model import FusionModel
+
+__all__ = ["app"]
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation described by the run config; write checkpoints and a report."""
+    run = RunConfig.from_run_config(context.run_config)
+    store = RunStore(Path(run.output_dir).expanduser().resolve())
+    flat = run.to_run_config()
+    store.start(flat)
+    torch.manual_seed(run.seed)
+    initial = ArrayRecord(FusionModel(run.model).state_dict())
+
+    def progress(record: RoundRecord) -> None:
+        log(INFO, "[fedfusion] %s", format_round_line(record.to_dict(), run.num_rounds))
+
+    try:
+        final = run_federation(grid, run, build_strategy(run), initial, store, progress)
+    except Exception as err:
+        log(ERROR, "[fedfusion] run failed: %s", err)
+        store.finish("failed", error=f"{type(err).__name__}: {err}")
+        raise
+    trained_rounds = sum(r["round"] > 0 for r in store.rounds)
+    status = "completed" if trained_rounds == run.num_rounds else "stopped-early"
+    store.finish(status, final.to_torch_state_dict())
+    report = write_report(store.root, flat)
+    log(INFO, "[fedfusion] report: %s", report)

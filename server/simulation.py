@@ -1,0 +1,392 @@
+"""``fedfusion simulate``: a local federation on Flower's own simulation engine.
+
+It starts a private SuperLink (simulation mode) on a free loopback port, submits this
+app with ``flwr run``, shows each round's progress, and then judges the outcome itself,
+because ``flwr run`` exits 0 even when the run failed: it checks the exit code, the run
+status that ``flwr ls`` reports, and the run directory's own ``run.json`` and metrics.
+Whatever happens, every process it started (the SuperLink, the SuperExec, the
+simulation and its Ray workers) is stopped, by PID, before it returns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from shared_model.config import ConfigError, RunConfig
+
+__all__ = ["SimulationResult", "parse_overrides", "run_simulation_cli", "stop_processes"]
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_SUPERLINK_START_TIMEOUT = 60.0
+
+
+@dataclass
+class SimulationResult:
+    """How a simulated federation ended."""
+
+    run_dir: Path
+    problems: list[str] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+    leftover_processes: list[int] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """True when the run completed and nothing was left running."""
+        return not self.problems
+
+
+def app_dir() -> Path:
+    """The project directory holding the Flower app's pyproject.toml."""
+    root = Path(__file__).resolve().parents[1]
+    pyproject = root / "pyproject.toml"
+    if not pyproject.is_file() or "[tool.flwr.app]" not in pyproject.read_text("utf-8"):
+        raise ConfigError(
+            f"fedfusion simulate runs the Flower app from its source checkout, but {root} "
+            "has no pyproject.toml with [tool.flwr.app]; install with `pip install -e .`"
+        )
+    return root
+
+
+def _toml_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word: a string
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Parse ``--run-config "k=v k2=v2"`` items (values in TOML syntax; bare words are text)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        for token in shlex.split(item):
+            key, sep, value = token.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"--run-config: expected key=value, got {token!r}")
+            out[key.strip()] = _toml_value(value.strip())
+    return out
+
+
+def _to_toml(config: dict[str, Any]) -> str:
+    def fmt(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, int | float):
+            return repr(value)
+        return json.dumps(str(value))  # a TOML basic string
+
+    return "".join(f"{key} = {fmt(value)}\n" for key, value in sorted(config.items()))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stop_processes(root_pid: int, markers: list[str], grace: float = 5.0) -> list[int]:
+    """Stop a process, its descendants, and any process marked by a private path.
+
+    A process whose command line holds one of ``markers`` is stopped too: that catches
+    daemons that left the tree, such as Ray's. Returns the PIDs still alive afterwards
+    (none, normally).
+    """
+    procs: dict[int, psutil.Process] = {}
+    try:
+        root = psutil.Process(root_pid)
+        procs[root.pid] = root
+        procs.update({p.pid: p for p in root.children(recursive=True)})
+    except psutil.NoSuchProcess:
+        pass
+    me = os.getpid()
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(proc.info.get("cmdline") or [])
+        if proc.pid != me and any(m in cmdline for m in markers):
+            procs[proc.pid] = proc
+    for proc in procs.values():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.terminate()
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    _, alive = psutil.wait_procs(alive, timeout=grace)
+    return [p.pid for p in alive]
+
+
+class LocalSuperLink:
+    """A simulation-mode SuperLink on 127.0.0.1:port, owned by PID and stopped on exit.
+
+    On exit it stops the SuperLink, its descendants and any process carrying one of the
+    run's private paths; ``leftover`` lists PIDs that would not die (none, normally).
+    """
+
+    def __init__(self, env: dict[str, str], port: int, log_path: Path) -> None:
+        self.env, self.port, self.log_path = env, port, log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.leftover: list[int] = []
+
+    def __enter__(self) -> LocalSuperLink:
+        cmd = [
+            str(Path(sys.executable).parent / "flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--control-api-address",
+            f"127.0.0.1:{_free_port()}",
+            "--disable-runtime-dependency-installation",
+        ]
+        with self.log_path.open("w", encoding="utf-8") as log:
+            self.proc = subprocess.Popen(
+                cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        try:
+            self._wait_healthy()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _wait_healthy(self) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + _SUPERLINK_START_TIMEOUT
+        while not _healthy(self.port):
+            if self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"the local SuperLink exited with code {self.proc.returncode} at start; "
+                    f"see {self.log_path}:\n{_tail(self.log_path)}"
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the local SuperLink did not start within "
+                    f"{_SUPERLINK_START_TIMEOUT:.0f}s; see {self.log_path}"
+                )
+            time.sleep(0.3)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.leftover = stop_processes(self.proc.pid, _markers(self.env))
+            self.proc.wait(timeout=10)  # reap it
+
+
+def _markers(env: dict[str, str]) -> list[str]:
+    return [env["FLWR_HOME"], env["RAY_TMPDIR"]]
+
+
+def _healthy(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=0.5) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text("utf-8", errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _show(line: str, verbose: bool) -> str | None:
+    """The part of a Flower log line worth showing, or None to keep it in the log only."""
+    text = _ANSI.sub("", line).rstrip()
+    if verbose:
+        return text
+    if "[fedfusion]" in text:
+        return text.split("[fedfusion]", 1)[1].strip()
+    if "ERROR" in text or "Traceback" in text:
+        return text
+    return None
+
+
+def run_simulation_cli(
+    *,
+    hospitals: int,
+    rounds: int,
+    overrides: dict[str, Any],
+    out: Path,
+    timeout: float,
+    verbose: bool,
+    tolerate_failures: bool,
+    echo: Any = print,
+) -> SimulationResult:
+    """Run a local federation of ``hospitals`` x ``rounds`` and judge how it went."""
+    started = time.monotonic()
+    out = out.expanduser().resolve()
+    run_config = {**overrides, "num-rounds": rounds, "output-dir": str(out)}
+    run = RunConfig.from_run_config(run_config)  # fail now, with the key named
+    if hospitals < run.server.min_hospitals:
+        raise ConfigError(
+            f"--hospitals {hospitals} is below server.min-hospitals "
+            f"{run.server.min_hospitals}: the run would wait for hospitals "
+            "that never come"
+        )
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(
+            f"output directory {out} is not empty: choose another --out "
+            "(its privacy ledgers belong to an earlier federation)"
+        )
+    project = app_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    flwr_home = out / ".flwr"
+    flwr_home.mkdir(exist_ok=True)
+    config_file = out / "run-config.toml"
+    config_file.write_text(_to_toml(run.to_run_config()), encoding="utf-8")
+    # Ray's socket paths must stay short (107 bytes), so its temp dir lives in /tmp.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ffray-"))
+    port = _free_port()
+    bin_dir = Path(sys.executable).parent
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+        # Without this, the SuperLink would `uv sync` the app's dependencies (CUDA torch).
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "RAY_TMPDIR": str(ray_tmp),
+        "RAY_DEDUP_LOGS": "0",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        "PYTHONWARNINGS": "ignore::FutureWarning",
+    }
+    result = SimulationResult(run_dir=out)
+    echo(f"fedfusion: {hospitals} hospitals x {rounds} rounds on the embedded data -> {out}")
+    link = LocalSuperLink(env, port, out / "superlink.log")
+    try:
+        with link:
+            rc, status, timed_out = _submit(
+                project, config_file, hospitals, env, out, timeout, verbose, echo
+            )
+    finally:
+        result.leftover_processes = link.leftover
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    result.seconds = time.monotonic() - started
+    result.problems = _judge(rc, status, out, tolerate_failures)
+    if timed_out:
+        result.problems.insert(
+            0, f"the run did not finish within --timeout {timeout:.0f}s and was stopped"
+        )
+    if result.leftover_processes:
+        result.problems.append(
+            f"processes still running after shutdown: {result.leftover_processes}"
+        )
+    metrics = out / "metrics.json"
+    result.rounds = json.loads(metrics.read_text("utf-8"))["rounds"] if metrics.exists() else []
+    return result
+
+
+def _submit(
+    project: Path,
+    config_file: Path,
+    hospitals: int,
+    env: dict[str, str],
+    out: Path,
+    timeout: float,
+    verbose: bool,
+    echo: Any,
+) -> tuple[int, str, bool]:
+    """``flwr run`` the app, streaming progress; returns (exit code, status, timed out)."""
+    flwr = str(Path(sys.executable).parent / "flwr")
+    cmd = [
+        flwr,
+        "run",
+        str(project),
+        "local",
+        "--stream",
+        "--federation-config",
+        f"num-supernodes={hospitals} client-resources-num-cpus=1",
+        "--run-config",
+        str(config_file),
+    ]
+    with (out / "simulation.log").open("w", encoding="utf-8") as log:
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=out,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+        )
+        timed_out = threading.Event()
+
+        def stop() -> None:
+            timed_out.set()
+            proc.kill()
+
+        timer = threading.Timer(timeout, stop)
+        timer.start()
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                shown = _show(line, verbose)
+                if shown:
+                    echo(f"  {shown}")
+            rc = proc.wait()
+        finally:
+            timer.cancel()
+    listing = subprocess.run(
+        [flwr, "ls", "local", "--format", "json"],
+        env=env,
+        cwd=out,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    try:
+        runs = json.loads(listing.stdout).get("runs", [])
+        status = runs[-1]["status"] if runs else "unknown: no run listed"
+    except (json.JSONDecodeError, KeyError, IndexError):
+        status = f"unknown: `flwr ls` said {listing.stdout.strip()[:200]!r}"
+    return rc, status, timed_out.is_set()
+
+
+def _judge(rc: int, status: str, out: Path, tolerate_failures: bool) -> list[str]:
+    """Every reason to call the run failed (flwr run's exit code alone says nothing)."""
+    problems = []
+    if rc != 0:
+        problems.append(f"`flwr run` exited with code {rc} (see {out / 'simulation.log'})")
+    if status != "finished:completed":
+        problems.append(f"Flower reports the run as {status!r}")
+    run_file = out / "run.json"
+    if not run_file.exists():
+        problems.append(f"the ServerApp never started (no run.json); see {out / 'simulation.log'}")
+        return problems
+    info = json.loads(run_file.read_text("utf-8"))
+    if info["status"] not in {"completed", "stopped-early"}:
+        problems.append(f"the run {info['status']}: {info.get('error') or 'no reason given'}")
+    rounds = json.loads((out / "metrics.json").read_text("utf-8"))["rounds"]
+    failures = sum(r["failures"] + r["eval_failures"] for r in rounds)
+    if failures and not tolerate_failures:
+        reasons = {h["reason"] for r in rounds for h in r["hospitals"] if h["status"] == "failed"}
+        problems.append(
+            f"{failures} hospital replies failed: {'; '.join(sorted(reasons))[:500]}"
+            " (pass --tolerate-failures to accept a run with failed hospitals)"
+        )
+    return problems

@@ -1,0 +1,272 @@
+"""Aggregation and round logic at the coordinator.
+
+:class:`HospitalFedAvg` is Flower's weighted FedAvg plus what a hospital federation
+needs: replies from hospitals that declined for their privacy budget are set aside (and
+logged as declines, not failures), every hospital's part in a round is recorded, and
+metrics that some hospitals cannot define (an AUROC for a label none of their test
+patients has) are averaged over the hospitals that can. FedProx is the same strategy
+with a proximal weight sent to the hospitals, which apply it after each DP step.
+
+:func:`run_federation` drives the rounds. It is Flower's ``Strategy.start`` loop made
+explicit, so that each round is checkpointed as it completes, a run can later resume
+from its last checkpoint, and waiting for hospitals always has a timeout.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from server.checkpoint import HospitalRound, RoundRecord, RunStore
+from shared_model.config import RunConfig
+
+__all__ = ["FederationError", "HospitalFedAvg", "nan_aware_weighted_mean", "run_federation"]
+
+
+class FederationError(RuntimeError):
+    """A round could not complete; the message says which and why."""
+
+
+def nan_aware_weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Weighted mean of each metric over the replies where it is a finite number."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for record in records:
+        metrics = next(iter(record.metric_records.values()))
+        w = float(metrics[weight_key])  # type: ignore[arg-type]
+        for key, value in metrics.items():
+            if key == weight_key or not isinstance(value, int | float):
+                continue
+            if math.isfinite(value) and w > 0:
+                sums[key] = sums.get(key, 0.0) + w * float(value)
+                weights[key] = weights.get(key, 0.0) + w
+    total = sum(float(next(iter(r.metric_records.values()))[weight_key]) for r in records)  # type: ignore[arg-type]
+    out: dict[str, float | int] = {weight_key: int(total)}
+    out.update({k: sums[k] / weights[k] for k in sums})
+    return MetricRecord(out)
+
+
+def _hospital_name(msg: Message) -> str:
+    if "hospital" in msg.content.config_records:
+        return str(msg.content["hospital"].get("hospital-id", msg.metadata.src_node_id))
+    return f"node-{msg.metadata.src_node_id}"
+
+
+class HospitalFedAvg(FedAvg):
+    """Weighted FedAvg over the hospitals that trained; declines are not failures."""
+
+    def __init__(self, *, proximal_mu: float = 0.0, planned_rounds: int, **kwargs: object) -> None:
+        super().__init__(
+            train_metrics_aggr_fn=nan_aware_weighted_mean,
+            evaluate_metrics_aggr_fn=nan_aware_weighted_mean,
+            **kwargs,  # type: ignore[arg-type]
+        )
+        self.proximal_mu = proximal_mu
+        self.planned_rounds = planned_rounds
+        self.round_hospitals: dict[int, HospitalRound] = {}
+        self.failures = 0
+        self.declined = 0
+        self.eval_failures = 0
+
+    def begin_round(self) -> None:
+        """Forget the previous round's per-hospital record."""
+        self.round_hospitals, self.failures, self.declined, self.eval_failures = {}, 0, 0, 0
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the global model with this round's settings."""
+        config["planned-rounds"] = self.planned_rounds
+        config["proximal-mu"] = self.proximal_mu
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Record every hospital's outcome, set declines aside, FedAvg the rest."""
+        trained: list[Message] = []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                self.failures += 1
+                self.round_hospitals[node] = HospitalRound(
+                    hospital=f"node-{node}", node_id=node, status="failed", reason=msg.error.reason
+                )
+                continue
+            metrics = msg.content.metric_records.get("metrics", MetricRecord())
+            status = msg.content["hospital"] if "hospital" in msg.content.config_records else {}
+            entry = HospitalRound(
+                hospital=_hospital_name(msg),
+                node_id=node,
+                status="declined" if metrics.get("declined", 0) else "trained",
+                num_examples=int(metrics.get("num-examples", 0)),
+                train_loss=_float(metrics.get("train-loss")),
+                epsilon=_float(metrics.get("epsilon")),
+                max_epsilon=_float(metrics.get("max-epsilon")),
+                reason=str(status.get("reason", "")),
+            )
+            self.round_hospitals[node] = entry
+            if entry.status == "declined":
+                self.declined += 1
+                log(WARNING, "round %d: %s %s", server_round, entry.hospital, entry.reason)
+            else:
+                trained.append(msg)
+        for entry in self.round_hospitals.values():
+            if entry.status == "failed":
+                log(
+                    WARNING,
+                    "round %d: node %d failed: %s",
+                    server_round,
+                    entry.node_id,
+                    entry.reason,
+                )
+        return super().aggregate_train(server_round, trained)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Record each hospital's held-out metrics and average them."""
+        replies = list(replies)
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                self.eval_failures += 1
+                log(
+                    WARNING,
+                    "round %d: node %d failed to evaluate: %s",
+                    server_round,
+                    node,
+                    msg.error.reason,
+                )
+                continue
+            metrics = msg.content.metric_records.get("metrics", MetricRecord())
+            entry = self.round_hospitals.setdefault(
+                node, HospitalRound(hospital=_hospital_name(msg), node_id=node, status="evaluated")
+            )
+            entry.eval_loss = _float(metrics.get("loss"))
+            entry.eval_auroc = _float(metrics.get("auroc"))
+        return super().aggregate_evaluate(server_round, replies)
+
+
+def _float(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) else None  # type: ignore[arg-type]
+
+
+def wait_for_hospitals(grid: Grid, minimum: int, timeout: float) -> int:
+    """Wait until ``minimum`` hospitals are connected; raise after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while (connected := len(list(grid.get_node_ids()))) < minimum:
+        if time.monotonic() > deadline:
+            raise FederationError(
+                f"only {connected} of the required {minimum} hospitals connected within "
+                f"{timeout:.0f}s (server.min-hospitals, server.wait-for-hospitals-timeout)"
+            )
+        time.sleep(1.0)
+    return connected
+
+
+def build_strategy(run: RunConfig) -> HospitalFedAvg:
+    """The configured strategy (FedAvg, or FedProx as FedAvg plus a proximal weight)."""
+    cfg = run.server
+    return HospitalFedAvg(
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        # run_federation waits (with a timeout) for min-hospitals before sampling, so
+        # Flower's own wait, which has none, never blocks.
+        min_train_nodes=1,
+        min_evaluate_nodes=1 if cfg.fraction_evaluate > 0 else 0,
+        min_available_nodes=cfg.min_hospitals,
+        proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
+        planned_rounds=run.num_rounds,
+    )
+
+
+def run_federation(
+    grid: Grid,
+    run: RunConfig,
+    strategy: HospitalFedAvg,
+    initial_arrays: ArrayRecord,
+    store: RunStore,
+    on_round: Callable[[RoundRecord], None] | None = None,
+) -> ArrayRecord:
+    """Run all rounds: train, aggregate, evaluate, checkpoint. Returns the final model.
+
+    Round 0 evaluates the initial model at every hospital: the baseline each later
+    round is compared against.
+    """
+
+    def evaluate(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
+        metrics = strategy.aggregate_evaluate(
+            server_round,
+            grid.send_and_receive(
+                strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
+                timeout=run.server.round_timeout,
+            ),
+        )
+        return {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, int | float)}
+
+    def record(
+        server_round: int,
+        train_loss: float | None,
+        evals: dict[str, float],
+        started: float,
+        arrays: ArrayRecord,
+    ) -> None:
+        rec = RoundRecord(
+            round=server_round,
+            train_loss=train_loss,
+            eval_loss=evals.get("loss"),
+            eval_auroc=evals.get("auroc"),
+            eval_metrics=evals,
+            hospitals=sorted(strategy.round_hospitals.values(), key=lambda h: h.hospital),
+            seconds=time.monotonic() - started,
+            failures=strategy.failures,
+            declined=strategy.declined,
+            eval_failures=strategy.eval_failures,
+        )
+        store.save_round(rec, arrays.to_torch_state_dict())
+        if on_round is not None:
+            on_round(rec)
+
+    wait_for_hospitals(grid, run.server.min_hospitals, run.server.wait_for_hospitals_timeout)
+    arrays = initial_arrays
+    if run.server.fraction_evaluate > 0:
+        started = time.monotonic()
+        strategy.begin_round()
+        record(0, None, evaluate(0, arrays), started, arrays)
+    for server_round in range(1, run.num_rounds + 1):
+        started = time.monotonic()
+        strategy.begin_round()
+        log(INFO, "[fedfusion] round %d/%d", server_round, run.num_rounds)
+        wait_for_hospitals(grid, run.server.min_hospitals, run.server.wait_for_hospitals_timeout)
+        replies = grid.send_and_receive(
+            strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
+            timeout=run.server.round_timeout,
+        )
+        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        if new_arrays is None:
+            if strategy.declined and not strategy.failures:
+                log(
+                    WARNING,
+                    "round %d: every sampled hospital declined (privacy budgets "
+                    "spent); stopping the run early",
+                    server_round,
+                )
+                break
+            raise FederationError(
+                f"round {server_round}: no hospital returned an update "
+                f"({strategy.failures} failed, {strategy.declined} declined)"
+            )
+        arrays = new_arrays
+        evals = evaluate(server_round, arrays) if run.server.fraction_evaluate > 0 else {}
+        record(
+            server_round, _float((train_metrics or {}).get("train-loss")), evals, started, arrays
+        )
+    return arrays

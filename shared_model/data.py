@@ -1,0 +1,323 @@
+"""Hospital data: the in-memory tensor dataset, the manifest loader and image decoding.
+
+A hospital's own data is described by a manifest (CSV or JSONL) with the columns
+
+- ``image``: path of a PNG, JPEG or DICOM file, relative to the manifest (may be blank:
+  the radiograph is missing for that record);
+- ``report``: the report text (may be blank: the report is missing);
+- ``labels``: finding names separated by ``|`` (blank: none of the labels);
+- ``patient_id`` (optional): keeps one patient's records on one side of the train/test
+  split.
+
+Every row is decoded once, up front, so a bad file is found before training starts.
+A bad row raises :class:`ManifestError` naming the manifest, the row and the file; with
+``strict=False`` bad rows are left out, counted and listed in the :class:`LoadReport`,
+never dropped silently.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from shared_model.text import ReportTokenizer
+
+__all__ = [
+    "REQUIRED_COLUMNS",
+    "FusionTensors",
+    "LoadReport",
+    "ManifestError",
+    "RowError",
+    "decode_image",
+    "labels_to_multi_hot",
+    "load_manifest",
+    "split_train_test",
+]
+
+REQUIRED_COLUMNS = ("image", "report", "labels")
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class ManifestError(ValueError):
+    """A manifest or one of its rows cannot be used. The message names file and row."""
+
+
+@dataclass(frozen=True)
+class RowError:
+    """Why one manifest row was refused."""
+
+    row: int  # 1-based data row (the CSV header is row 0)
+    file: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"row {self.row} ({self.file}): {self.reason}"
+
+
+@dataclass
+class LoadReport:
+    """What a manifest load found: rows used, rows refused and why, missing modalities."""
+
+    manifest: str
+    rows_total: int = 0
+    rows_ok: int = 0
+    missing_image: int = 0
+    missing_report: int = 0
+    errors: list[RowError] = field(default_factory=list)
+
+    @property
+    def rows_bad(self) -> int:
+        """Rows that were refused."""
+        return len(self.errors)
+
+
+class FusionTensors(Dataset[Batch]):
+    """Records held as tensors; an item is ``(image, report_ids, present, labels)``.
+
+    Shapes: image ``(1, S, S)`` float32 in [0, 1]; report_ids ``(L,)`` int64;
+    present ``(2,)`` float32 (image present, report present); labels ``(K,)`` float32.
+    A missing image is all zeros and a missing report all padding, with ``present``
+    saying so: the model never reads them.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        report_ids: torch.Tensor,
+        present: torch.Tensor,
+        labels: torch.Tensor,
+        patient_ids: Sequence[str] | None = None,
+    ) -> None:
+        n = images.shape[0]
+        if not (report_ids.shape[0] == present.shape[0] == labels.shape[0] == n):
+            raise ValueError("images, report_ids, present and labels differ in length")
+        self.images = images
+        self.report_ids = report_ids
+        self.present = present
+        self.labels = labels
+        self.patient_ids = list(patient_ids) if patient_ids is not None else None
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> Batch:
+        return self.images[index], self.report_ids[index], self.present[index], self.labels[index]
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> FusionTensors:
+        """The records at ``indices``, as a new dataset."""
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        pids = [self.patient_ids[i] for i in idx.tolist()] if self.patient_ids else None
+        return FusionTensors(
+            self.images[idx], self.report_ids[idx], self.present[idx], self.labels[idx], pids
+        )
+
+
+def labels_to_multi_hot(names: Sequence[str], label_set: Sequence[str]) -> np.ndarray:
+    """Multi-hot vector of ``names`` over ``label_set``; unknown names raise ValueError."""
+    index = {label: i for i, label in enumerate(label_set)}
+    vec = np.zeros(len(label_set), dtype=np.float32)
+    for name in names:
+        if name not in index:
+            raise ValueError(f"unknown label '{name}' (known: {', '.join(label_set)})")
+        vec[index[name]] = 1.0
+    return vec
+
+
+# ------------------------------------------------------------------------ decoding
+
+
+def decode_image(path: Path, size: int) -> torch.Tensor:
+    """Decode a PNG, JPEG or DICOM radiograph to ``(1, size, size)`` float32 in [0, 1].
+
+    DICOM pixel values go through the modality (rescale) and VOI LUTs, and MONOCHROME1
+    images are inverted, so bright always means dense. Raises ValueError with the reason.
+    """
+    if not path.is_file():
+        raise ValueError("file not found")
+    if path.stat().st_size == 0:
+        raise ValueError("file is empty (0 bytes)")
+    pixels = _read_dicom(path) if _is_dicom(path) else _read_raster(path)
+    if pixels.ndim != 2 or min(pixels.shape) < 2:
+        raise ValueError(f"expected a 2-D grayscale image, got shape {pixels.shape}")
+    lo, hi = np.percentile(pixels, [0.5, 99.5])
+    scaled = np.clip((pixels - lo) / (hi - lo), 0.0, 1.0) if hi > lo else np.zeros_like(pixels)
+    tensor = torch.from_numpy(scaled.astype(np.float32))[None, None]
+    resized = torch.nn.functional.interpolate(
+        tensor, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
+    return resized[0].clamp_(0.0, 1.0)
+
+
+def _is_dicom(path: Path) -> bool:
+    if path.suffix.lower() in {".dcm", ".dicom"}:
+        return True
+    with path.open("rb") as handle:
+        head = handle.read(132)
+    return head[128:132] == b"DICM"
+
+
+def _read_dicom(path: Path) -> np.ndarray:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as err:  # pydicom raises several types for a damaged file
+        raise ValueError(f"not a readable DICOM file ({err})") from err
+    if "PixelData" not in ds:
+        raise ValueError("DICOM file has no pixel data")
+    try:
+        arr = ds.pixel_array
+    except Exception as err:  # unsupported transfer syntax, truncated pixel data, ...
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        raise ValueError(
+            f"cannot decode DICOM pixel data (transfer syntax {syntax}): {err}"
+        ) from err
+    if getattr(ds, "NumberOfFrames", 1) not in (None, "", 1, "1"):
+        raise ValueError(f"multi-frame DICOM ({ds.NumberOfFrames} frames) is not a radiograph")
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
+    if photometric not in {"MONOCHROME1", "MONOCHROME2"}:
+        raise ValueError(f"unsupported DICOM photometric interpretation {photometric}")
+    values = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float64)
+    if photometric == "MONOCHROME1":  # low values are bright: invert
+        values = values.max() - values
+    return values
+
+
+def _read_raster(path: Path) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()  # force a full decode: a truncated file fails here, not later
+            if img.mode in {"RGB", "RGBA", "P", "LA", "CMYK", "YCbCr"}:
+                img = img.convert("L")
+            return np.asarray(img, dtype=np.float64)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"not a readable PNG/JPEG image ({err})") from err
+
+
+# ------------------------------------------------------------------------ manifests
+
+
+def _read_rows(manifest: Path) -> list[dict[str, str]]:
+    if not manifest.is_file():
+        raise ManifestError(f"manifest {manifest} does not exist")
+    suffix = manifest.suffix.lower()
+    try:
+        text = manifest.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"manifest {manifest} is not UTF-8 text ({err})") from err
+    if suffix == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        columns = reader.fieldnames or []
+        rows = list(reader)
+    elif suffix in {".jsonl", ".ndjson"}:
+        rows = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ManifestError(f"manifest {manifest} line {n}: invalid JSON ({err})") from err
+            if not isinstance(obj, dict):
+                raise ManifestError(f"manifest {manifest} line {n}: expected a JSON object")
+            rows.append({k: "" if v is None else str(v) for k, v in obj.items()})
+        columns = sorted({k for row in rows for k in row}) if rows else []
+    else:
+        raise ManifestError(f"manifest {manifest}: expected a .csv or .jsonl file")
+    if not rows:
+        raise ManifestError(f"manifest {manifest} has no records")
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise ManifestError(
+            f"manifest {manifest} lacks column(s) {', '.join(missing)} "
+            f"(required: {', '.join(REQUIRED_COLUMNS)})"
+        )
+    return rows
+
+
+def load_manifest(
+    manifest: str | Path,
+    label_set: Sequence[str],
+    tokenizer: ReportTokenizer,
+    image_size: int,
+    *,
+    strict: bool = True,
+) -> tuple[FusionTensors, LoadReport]:
+    """Read and decode every row of a manifest.
+
+    With ``strict=True`` (the default) the first bad row raises :class:`ManifestError`
+    naming the manifest, the row and the file. With ``strict=False`` bad rows are left
+    out and listed in the returned :class:`LoadReport`.
+    """
+    manifest = Path(manifest).expanduser().resolve()
+    rows = _read_rows(manifest)
+    report = LoadReport(manifest=str(manifest), rows_total=len(rows))
+    images, texts, has_image, labels, patients = [], [], [], [], []
+    for n, row in enumerate(rows, start=1):
+        try:
+            image, present = _decode_row_image(manifest.parent, row, image_size)
+            text = (row.get("report") or "").strip()
+            if not present and not text:
+                raise ValueError("row has neither an image nor a report")
+            names = [s.strip() for s in (row.get("labels") or "").split("|") if s.strip()]
+            multi_hot = labels_to_multi_hot(names, label_set)
+        except ValueError as err:
+            error = RowError(row=n, file=row.get("image") or "-", reason=str(err))
+            if strict:
+                raise ManifestError(f"manifest {manifest}, {error}") from err
+            report.errors.append(error)
+            continue
+        images.append(image)
+        texts.append(text)
+        has_image.append(present)
+        labels.append(multi_hot)
+        patients.append((row.get("patient_id") or "").strip() or f"row-{n}")
+        report.missing_image += not present
+        report.missing_report += not text
+    if not images:
+        raise ManifestError(f"manifest {manifest}: no usable records ({report.rows_bad} bad)")
+    report.rows_ok = len(images)
+    report_ids, has_report = tokenizer.encode(texts)
+    present = torch.stack([torch.tensor(has_image, dtype=torch.float32), has_report.float()], 1)
+    data = FusionTensors(
+        torch.stack(images), report_ids, present, torch.from_numpy(np.stack(labels)), patients
+    )
+    return data, report
+
+
+def _decode_row_image(root: Path, row: dict[str, str], size: int) -> tuple[torch.Tensor, bool]:
+    rel = (row.get("image") or "").strip()
+    if not rel:
+        return torch.zeros(1, size, size), False
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root):
+        raise ValueError(f"image path {rel!r} points outside the manifest's directory")
+    return decode_image(path, size), True
+
+
+def split_train_test(
+    data: FusionTensors, test_fraction: float, seed: int
+) -> tuple[FusionTensors, FusionTensors]:
+    """Split by patient (when patient ids are known) into train and held-out test."""
+    n = len(data)
+    groups = data.patient_ids or [str(i) for i in range(n)]
+    unique = sorted(set(groups))
+    rng = np.random.default_rng([seed, 4242])
+    rng.shuffle(unique)
+    n_test = max(1, round(len(unique) * test_fraction))
+    if n_test >= len(unique):
+        raise ValueError(f"only {len(unique)} patients: too few to hold out a test split")
+    test_patients = set(unique[:n_test])
+    test_idx = [i for i, g in enumerate(groups) if g in test_patients]
+    train_idx = [i for i, g in enumerate(groups) if g not in test_patients]
+    return data.subset(train_idx), data.subset(test_idx)

@@ -1,0 +1,215 @@
+"""FusionModel: radiograph + report -> multi-label findings.
+
+Every layer is one Opacus computes per-example gradients for (Conv2d, GroupNorm,
+Linear, LayerNorm, Embedding): no BatchNorm, which mixes examples, and no
+``nn.MultiheadAttention``, whose fused parameters get no per-example gradients.
+Attention is built from ``nn.Linear``.
+
+Shapes: B batch, S image side, P = (S/16)^2 image patches, L report tokens, D embed dim,
+K labels. ``present`` is ``(B, 2)``: is the image there, is the report there.
+A missing modality's features are multiplied by zero before fusion, so its placeholder
+input never reaches the output and its encoder gets no gradient from that example.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
+from torch import nn
+
+from shared_model.config import ModelConfig
+from shared_model.text import PAD_ID
+
+__all__ = ["FusionModel"]
+
+
+class ImageEncoder(nn.Module):
+    """Small CNN with GroupNorm: (B, 1, S, S) -> patches (B, P, D) and pooled (B, D)."""
+
+    def __init__(self, dim: int, dropout: float) -> None:
+        super().__init__()
+        widths = (1, 16, 32, 64, dim)
+
+        def stage(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, 3, stride=2, padding=1),
+                nn.GroupNorm(min(8, cout), cout),
+                nn.GELU(),
+            )
+
+        self.stages = nn.Sequential(*(stage(a, b) for a, b in itertools.pairwise(widths)))
+        self.proj = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmap = self.stages(image * 2.0 - 1.0)  # (B, D, S/16, S/16)
+        patches = self.drop(self.proj(fmap.flatten(2).transpose(1, 2)))  # (B, P, D)
+        return patches, patches.mean(dim=1)
+
+
+class Attention(nn.Module):
+    """Multi-head attention from Linear layers; queries attend to a (masked) context."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        b, lq, d = x.shape
+        lk, h = context.shape[1], self.heads
+        q = self.q(x).view(b, lq, h, d // h).transpose(1, 2)  # (B, H, Lq, D/H)
+        k, v = self.kv(context).view(b, lk, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(d // h)  # (B, H, Lq, Lk)
+        if context_mask is not None:  # (B, Lk) True where attendable
+            scores = scores.masked_fill(~context_mask[:, None, None, :], float("-inf"))
+        weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows -> 0
+        mixed = (self.drop(weights) @ v).transpose(1, 2).reshape(b, lq, d)  # (B, Lq, D)
+        return self.out(mixed)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block (nanoGPT style)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class TextEncoder(nn.Module):
+    """Report ids (B, L) -> token states (B, L, D) and masked-mean pooled (B, D)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.embed_dim
+        self.tokens = nn.Embedding(cfg.text_vocab_buckets, d, padding_idx=PAD_ID)
+        self.positions = nn.Embedding(cfg.max_report_tokens, d)
+        self.blocks = nn.ModuleList(
+            Block(d, cfg.text_heads, cfg.dropout) for _ in range(cfg.text_layers)
+        )
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, report_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        b, length = report_ids.shape
+        # Explicit per-example position ids: Opacus needs the batch dimension on every
+        # embedding input (a shared (1, L) index breaks per-sample gradients).
+        pos = torch.arange(length, device=report_ids.device).expand(b, length).contiguous()
+        mask = report_ids != PAD_ID  # (B, L)
+        x = self.tokens(report_ids) + self.positions(pos)  # (B, L, D)
+        for block in self.blocks:
+            x = block(x, mask)
+        x = self.norm(x)
+        weights = mask.unsqueeze(-1).float()
+        pooled = (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)  # (B, D)
+        return x, pooled, mask
+
+
+class Fusion(nn.Module):
+    """Combine image and report features; one of three modes, chosen by config.
+
+    - ``concat``: Linear over [image; report].
+    - ``gated``: Z = sum_i w_i * phi_i(M_i), with per-example modality weights w from a
+      softmax over the present modalities (a gated multimodal unit).
+    - ``cross_attention``: report tokens attend to image patches; the attended report
+      and the image are then combined.
+    """
+
+    def __init__(self, mode: str, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.mode = mode
+        if mode == "gated":
+            self.phi_image = nn.Linear(dim, dim)
+            self.phi_report = nn.Linear(dim, dim)
+            self.gate = nn.Linear(2 * dim, 2)
+        elif mode == "cross_attention":
+            self.cross_norm = nn.LayerNorm(dim)
+            self.cross = Attention(dim, heads, dropout)
+            self.mix = nn.Linear(2 * dim, dim)
+        else:
+            self.mix = nn.Linear(2 * dim, dim)
+
+    def forward(
+        self,
+        patches: torch.Tensor,  # (B, P, D)
+        image: torch.Tensor,  # (B, D)
+        tokens: torch.Tensor,  # (B, L, D)
+        report: torch.Tensor,  # (B, D)
+        token_mask: torch.Tensor,  # (B, L)
+        present: torch.Tensor,  # (B, 2)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return fused features (B, D) and the modality weights used (B, 2)."""
+        m_img, m_rep = present[:, :1], present[:, 1:]
+        image, report = image * m_img, report * m_rep
+        if self.mode == "gated":
+            logits = self.gate(torch.cat([image, report], dim=-1))  # (B, 2)
+            logits = logits.masked_fill(present <= 0, float("-inf"))
+            weights = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # none present -> 0
+            fused = weights[:, :1] * torch.tanh(self.phi_image(image)) + weights[
+                :, 1:
+            ] * torch.tanh(self.phi_report(report))
+            return fused, weights
+        if self.mode == "cross_attention":
+            attended = self.cross(self.cross_norm(tokens), patches, None)  # (B, L, D)
+            tokens = tokens + attended * m_img[:, :, None]  # no image: nothing to attend to
+            w = token_mask.unsqueeze(-1).float()
+            report = (tokens * w).sum(1) / w.sum(1).clamp_min(1.0) * m_rep
+        fused = F.gelu(self.mix(torch.cat([image, report], dim=-1)))
+        return fused, present / present.sum(-1, keepdim=True).clamp_min(1.0)
+
+
+class FusionModel(nn.Module):
+    """Image encoder + report encoder + fusion + multi-label head."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.embed_dim
+        self.image_encoder = ImageEncoder(d, cfg.dropout)
+        self.text_encoder = TextEncoder(cfg)
+        self.fusion = Fusion(cfg.fusion, d, cfg.text_heads, cfg.dropout)
+        self.head = nn.Sequential(
+            nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, len(cfg.labels))
+        )
+
+    def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 1, S, S) -> patches (B, P, D), pooled (B, D)."""
+        return self.image_encoder(image)
+
+    def encode_text(
+        self, report_ids: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, L) -> token states (B, L, D), pooled (B, D), token mask (B, L)."""
+        return self.text_encoder(report_ids)
+
+    def fuse(
+        self, image: torch.Tensor, report_ids: torch.Tensor, present: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused features (B, D) and per-example modality weights (B, 2)."""
+        patches, pooled_image = self.encode_image(image)
+        tokens, pooled_report, token_mask = self.encode_text(report_ids)
+        return self.fusion(patches, pooled_image, tokens, pooled_report, token_mask, present)
+
+    def forward(
+        self, image: torch.Tensor, report_ids: torch.Tensor, present: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits (B, K)."""
+        fused, _ = self.fuse(image, report_ids, present)
+        return self.head(fused)

