@@ -24,6 +24,7 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -112,17 +113,39 @@ def _epsilon_kwargs(accountant: str) -> dict[str, Any]:
     return {"alphas": RDP_ORDERS} if accountant == "rdp" else {}
 
 
+@lru_cache(maxsize=256)
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDP_ORDERS)
+    return tuple(float(x) for x in rdp)
+
+
 def compute_epsilon(
     history: Sequence[tuple[float, float, int]], delta: float, accountant: str = "rdp"
 ) -> float:
-    """Epsilon after a history of (noise_multiplier, sample_rate, steps); 0 if empty."""
+    """Epsilon after a history of (noise_multiplier, sample_rate, steps); 0 if empty.
+
+    RDP composes additively and is linear in the number of steps, so the per-step RDP of
+    each (noise, rate) pair is computed once and cached: the result is what Opacus's
+    RDPAccountant returns for the same history, at a fraction of the cost.
+    """
     if not history:
         return 0.0
+    if accountant == "rdp":
+        from opacus.accountants.analysis.rdp import get_privacy_spent
+
+        total = [0.0] * len(RDP_ORDERS)
+        for sigma, q, steps in history:
+            per_step = _rdp_per_step(float(sigma), float(q))
+            total = [t + int(steps) * r for t, r in zip(total, per_step, strict=True)]
+        eps, _ = get_privacy_spent(orders=RDP_ORDERS, rdp=total, delta=delta)
+        return float(eps)
     from opacus.accountants import create_accountant
 
     acc = create_accountant(mechanism=accountant)
     acc.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return float(acc.get_epsilon(delta=delta, **_epsilon_kwargs(accountant)))
+    return float(acc.get_epsilon(delta=delta))
 
 
 def plan_noise_multiplier(
@@ -189,7 +212,7 @@ class PrivacyLedger:
                 delta=policy.delta,
                 max_epsilon=policy.max_epsilon,
             )
-        ledger = cls.from_json(path.read_text(encoding="utf-8"), path)
+        ledger = cls.from_json(path.read_bytes(), path)
         if ledger.hospital != hospital:
             raise LedgerError(
                 f"privacy ledger {path} belongs to '{ledger.hospital}', not '{hospital}'"
@@ -218,7 +241,7 @@ class PrivacyLedger:
         return {**body, "checksum": _checksum(body)}
 
     @classmethod
-    def from_json(cls, text: str, path: Path) -> PrivacyLedger:
+    def from_json(cls, text: str | bytes, path: Path) -> PrivacyLedger:
         """Parse and verify a ledger file; raises LedgerError if it cannot be trusted."""
         refuse = (
             f"privacy ledger {path} cannot be trusted, so this hospital refuses to train "
@@ -245,7 +268,7 @@ class PrivacyLedger:
             )
         except LedgerError:
             raise
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # incl. bad UTF-8
             raise LedgerError(f"{refuse}: {type(err).__name__}: {err}") from err
         recorded = float(data["epsilon"])
         if not math.isclose(recorded, ledger.epsilon(), rel_tol=1e-6, abs_tol=1e-9):
@@ -376,6 +399,27 @@ class PrivateTraining:
     loss_fn: nn.Module  # wrapped for ghost clipping, unchanged otherwise
     loader: DataLoader[Any]  # Poisson sampling
     engine: Any  # opacus.PrivacyEngine
+
+    def empty_batch_step(self) -> None:
+        """The DP step of an empty Poisson batch: no gradient, only noise.
+
+        An empty batch is part of Poisson sampling and is counted by the accountant, so
+        it must still take its noised step. Only the hooks mode can run a forward pass
+        on zero examples; this works for every grad-sample mode.
+        """
+        from opacus.optimizers.optimizer_fast_gradient_clipping import (
+            DPOptimizerFastGradientClipping,
+        )
+
+        ghost = isinstance(self.optimizer, DPOptimizerFastGradientClipping)
+        self.optimizer.zero_grad(set_to_none=True)
+        for p in self.optimizer.params:  # type: ignore[attr-defined]
+            if ghost:  # ghost clipping accumulates already-clipped sums from p.grad
+                p.grad = torch.zeros_like(p)
+            else:
+                p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
 
 def make_private(

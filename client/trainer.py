@@ -6,6 +6,7 @@ The Flower handlers in ``client_app.py`` only translate messages to and from the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,7 @@ def _train_epochs(
     run: RunConfig,
     proximal_mu: float,
     global_params: list[torch.Tensor],
+    on_empty_batch: Callable[[], None] | None = None,
 ) -> tuple[float, int]:
     """Run the round's local epochs; returns (mean per-example loss, optimizer steps)."""
     total_loss, examples, steps = 0.0, 0, 0
@@ -70,6 +72,7 @@ def _train_epochs(
             modality_dropout=run.train.modality_dropout,
             proximal_mu=proximal_mu,
             global_params=global_params,
+            on_empty_batch=on_empty_batch,
         )
         total_loss += stats.loss * stats.examples
         examples += stats.examples
@@ -155,6 +158,7 @@ def run_local_round(
         run,
         proximal_mu,
         global_params,
+        on_empty_batch=private.empty_batch_step,
     )
     ledger.complete_round(server_round, steps)
     epsilon = ledger.epsilon()

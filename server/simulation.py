@@ -218,9 +218,7 @@ def _show(line: str, verbose: bool) -> str | None:
         return text
     if "[fedfusion]" in text:
         return text.split("[fedfusion]", 1)[1].strip()
-    if "ERROR" in text or "Traceback" in text:
-        return text
-    return None
+    return None  # in simulation.log; failures reach the user through fedfusion's lines
 
 
 def run_simulation_cli(

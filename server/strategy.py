@@ -15,6 +15,7 @@ from its last checkpoint, and waiting for hospitals always has a timeout.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
@@ -53,6 +54,23 @@ def nan_aware_weighted_mean(records: list[RecordDict], weight_key: str) -> Metri
     return MetricRecord(out)
 
 
+def short_reason(reason: str) -> str:
+    """The original exception's message from a Flower error reply, without tracebacks.
+
+    In simulation the reason is a Ray error wrapping the whole remote traceback; in
+    deployment it is ``<class 'ValueError'>:<'message'>``. Operators need the message.
+    """
+    wrapped = re.search(r"Message: (.*?)'>\s*$", reason, re.S)
+    if wrapped:
+        return wrapped.group(1).strip().splitlines()[0][:500]
+    plain = re.match(r"<class '([\w.]+)'>:<'(.*)'>\s*$", reason, re.S)
+    if plain:
+        message = plain.group(2).strip().splitlines()
+        return f"{plain.group(1).rsplit('.', 1)[-1]}: {message[0] if message else ''}"[:500]
+    lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else "no reason given")[:500]
+
+
 def _hospital_name(msg: Message) -> str:
     if "hospital" in msg.content.config_records:
         return str(msg.content["hospital"].get("hospital-id", msg.metadata.src_node_id))
@@ -79,6 +97,19 @@ class HospitalFedAvg(FedAvg):
         """Forget the previous round's per-hospital record."""
         self.round_hospitals, self.failures, self.declined, self.eval_failures = {}, 0, 0, 0
 
+    def _record_failure(self, node: int, reason: str) -> None:
+        entry = self.round_hospitals.get(node)
+        if entry is None:
+            self.round_hospitals[node] = HospitalRound(
+                hospital=f"node-{node}", node_id=node, status="failed", reason=reason
+            )
+        else:
+            entry.status, entry.reason = "failed", reason
+
+    def failure_reasons(self) -> list[str]:
+        """The distinct reasons hospitals failed this round, for error messages."""
+        return sorted({h.reason for h in self.round_hospitals.values() if h.status == "failed"})
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
@@ -96,9 +127,7 @@ class HospitalFedAvg(FedAvg):
             node = msg.metadata.src_node_id
             if msg.has_error():
                 self.failures += 1
-                self.round_hospitals[node] = HospitalRound(
-                    hospital=f"node-{node}", node_id=node, status="failed", reason=msg.error.reason
-                )
+                self._record_failure(node, short_reason(msg.error.reason))
                 continue
             metrics = msg.content.metric_records.get("metrics", MetricRecord())
             status = msg.content["hospital"] if "hospital" in msg.content.config_records else {}
@@ -115,14 +144,20 @@ class HospitalFedAvg(FedAvg):
             self.round_hospitals[node] = entry
             if entry.status == "declined":
                 self.declined += 1
-                log(WARNING, "round %d: %s %s", server_round, entry.hospital, entry.reason)
+                log(
+                    WARNING,
+                    "[fedfusion] round %d: %s %s",
+                    server_round,
+                    entry.hospital,
+                    entry.reason,
+                )
             else:
                 trained.append(msg)
         for entry in self.round_hospitals.values():
             if entry.status == "failed":
                 log(
                     WARNING,
-                    "round %d: node %d failed: %s",
+                    "[fedfusion] round %d: node %d failed: %s",
                     server_round,
                     entry.node_id,
                     entry.reason,
@@ -138,12 +173,14 @@ class HospitalFedAvg(FedAvg):
             node = msg.metadata.src_node_id
             if msg.has_error():
                 self.eval_failures += 1
+                reason = short_reason(msg.error.reason)
+                self._record_failure(node, f"evaluation: {reason}")
                 log(
                     WARNING,
-                    "round %d: node %d failed to evaluate: %s",
+                    "[fedfusion] round %d: node %d failed to evaluate: %s",
                     server_round,
                     node,
-                    msg.error.reason,
+                    reason,
                 )
                 continue
             metrics = msg.content.metric_records.get("metrics", MetricRecord())
@@ -255,14 +292,15 @@ def run_federation(
             if strategy.declined and not strategy.failures:
                 log(
                     WARNING,
-                    "round %d: every sampled hospital declined (privacy budgets "
+                    "[fedfusion] round %d: every sampled hospital declined (privacy budgets "
                     "spent); stopping the run early",
                     server_round,
                 )
                 break
             raise FederationError(
                 f"round {server_round}: no hospital returned an update "
-                f"({strategy.failures} failed, {strategy.declined} declined)"
+                f"({strategy.failures} failed, {strategy.declined} declined): "
+                + "; ".join(strategy.failure_reasons())
             )
         arrays = new_arrays
         evals = evaluate(server_round, arrays) if run.server.fraction_evaluate > 0 else {}

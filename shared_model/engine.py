@@ -7,11 +7,12 @@ The loop is the same with and without DP: the DP optimizer Opacus returns is a d
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
 from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score
 from torch import nn
 
@@ -20,6 +21,7 @@ from shared_model.datasets.iu_reports import PUBLIC_PREVALENCE
 
 __all__ = [
     "EvalResult",
+    "MultiLabelBCE",
     "TrainStats",
     "classification_metrics",
     "evaluate",
@@ -99,9 +101,37 @@ def make_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.Optimizer:
     )
 
 
+class MultiLabelBCE(nn.Module):
+    """Imbalance-aware multi-label BCE with one loss per example.
+
+    Each example's loss is its BCE (with ``pos_weight`` on positives) averaged over the
+    labels, so ``reduction="none"`` gives shape (B,): what per-example clipping, and
+    Opacus's ghost clipping in particular, needs. ``mean`` equals the mean over all
+    (example, label) terms.
+    """
+
+    def __init__(self, pos_weight: torch.Tensor | None = None, reduction: str = "mean") -> None:
+        super().__init__()
+        self.register_buffer("pos_weight", pos_weight)
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Loss of ``logits`` (B, K) against multi-hot ``targets`` (B, K)."""
+        per_label = F.binary_cross_entropy_with_logits(
+            logits, targets, pos_weight=self.pos_weight, reduction="none"
+        )  # (B, K)
+        per_example = per_label.mean(dim=1)  # (B,)
+        if self.reduction == "none":
+            return per_example
+        if self.reduction == "sum":
+            return per_example.sum()
+        # An empty Poisson batch has loss 0 (a mean over no examples would be NaN).
+        return per_example.sum() / max(per_example.shape[0], 1)
+
+
 def make_loss(pos_weight: torch.Tensor | None) -> nn.Module:
-    """Imbalance-aware multi-label BCE; a mean of independent per-example terms."""
-    return nn.BCEWithLogitsLoss(pos_weight=pos_weight, reduction="mean")
+    """The training loss: per-example, imbalance-aware multi-label BCE."""
+    return MultiLabelBCE(pos_weight)
 
 
 def _drop_modalities(
@@ -130,6 +160,7 @@ def train_one_epoch(
     proximal_mu: float = 0.0,
     global_params: Sequence[torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
+    on_empty_batch: Callable[[], None] | None = None,
 ) -> TrainStats:
     """One pass over ``loader``.
 
@@ -138,18 +169,21 @@ def train_one_epoch(
     loss term: per-example clipping only sees per-example gradients, so the proximal
     gradient would be silently dropped. As a step on public quantities after the noised
     update, it costs no privacy.
+
+    An empty batch (Poisson sampling yields them) calls ``on_empty_batch``, which for DP
+    training takes the noise-only step the accountant counts.
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     total_loss, examples, steps = 0.0, 0, 0
     for image, report_ids, present, labels in loader:
+        if labels.shape[0] == 0 and on_empty_batch is not None:
+            on_empty_batch()
+            steps += 1
+            continue
         present = _drop_modalities(present, modality_dropout, generator)
         optimizer.zero_grad(set_to_none=True)
-        logits = model(image, report_ids, present)
-        # An empty Poisson batch still takes a step: DP-SGD's noise is added regardless,
-        # and the accountant counts it. Its (empty) per-example gradients come from a
-        # zero loss, as a mean over no examples would be NaN.
-        loss = loss_fn(logits, labels) if labels.shape[0] else logits.sum() * 0.0
+        loss = loss_fn(model(image, report_ids, present), labels)
         loss.backward()
         optimizer.step()
         if proximal_mu > 0 and global_params is not None:

@@ -1,0 +1,81 @@
+"""The ClientApp handlers, called with hand-built Message and Context (Flower-style)."""
+
+import json
+import math
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.common import MessageType
+
+from client.client_app import evaluate, train
+from shared_model.config import RunConfig
+from shared_model.model import FusionModel
+from tests.flower_helpers import make_context, make_message
+
+
+@pytest.fixture
+def run_config(tmp_path):
+    return {"output-dir": str(tmp_path), "data.max-reports": 300, "num-rounds": 2}
+
+
+def global_arrays(run_config) -> ArrayRecord:
+    torch.manual_seed(0)
+    return ArrayRecord(FusionModel(RunConfig.from_run_config(run_config).model).state_dict())
+
+
+def train_message(arrays: ArrayRecord, server_round: int):
+    return make_message(
+        RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})}),
+        MessageType.TRAIN,
+    )
+
+
+def test_train_replies_with_raw_weights_and_cumulative_epsilon(run_config, tmp_path):
+    node = {"partition-id": 0, "num-partitions": 2}
+    arrays = global_arrays(run_config)
+    reply = train(train_message(arrays, 1), make_context(run_config, node))
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] > 0 and metrics["declined"] == 0
+    assert 0 < metrics["epsilon"] <= 8.0
+    assert set(reply.content["arrays"].keys()) == set(arrays.keys())  # no "_module." keys
+    assert reply.content["hospital"]["hospital-id"] == "hospital-0"
+    # a restarted process (fresh Context) continues the same ledger
+    reply2 = train(train_message(reply.content["arrays"], 2), make_context(run_config, node))
+    assert reply2.content["metrics"]["epsilon"] > metrics["epsilon"]
+    ledger = json.loads((tmp_path / "hospitals/hospital-0/privacy_ledger.json").read_text())
+    assert [e["round"] for e in ledger["history"]] == [1, 2]
+    assert all(e["status"] == "completed" for e in ledger["history"])
+
+
+def test_hospital_declines_a_round_beyond_its_budget(run_config):
+    run_config = {**run_config, "num-rounds": 1}
+    node = {"partition-id": 1, "num-partitions": 2, "max-epsilon": 2.0}
+    arrays = global_arrays(run_config)
+    first = train(train_message(arrays, 1), make_context(run_config, node))
+    assert first.content["metrics"]["epsilon"] <= 2.0  # the hospital's cap, not the server's 8
+    second = train(train_message(arrays, 2), make_context(run_config, node))
+    assert second.content["metrics"]["declined"] == 1
+    assert second.content["metrics"]["num-examples"] == 0
+    assert "arrays" not in second.content.array_records
+    reason = second.content["hospital"]["reason"]
+    assert second.content["hospital"]["status"] == "declined" and "max-epsilon 2" in reason
+
+
+def test_evaluate_reports_metrics_on_the_held_out_split(run_config):
+    reply = evaluate(
+        make_message(
+            RecordDict({"arrays": global_arrays(run_config), "config": ConfigRecord({})}),
+            MessageType.EVALUATE,
+        ),
+        make_context(run_config, {"partition-id": 0, "num-partitions": 2}),
+    )
+    m = reply.content["metrics"]
+    assert m["num-examples"] > 0 and math.isfinite(m["loss"])
+    for key in ("accuracy", "precision", "recall", "f1", "auroc"):
+        assert key in m
+
+
+def test_bad_node_config_raises_a_clear_error(run_config):
+    with pytest.raises(Exception, match="partition-id"):
+        train(train_message(global_arrays(run_config), 1), make_context(run_config, {}))

@@ -1,0 +1,175 @@
+"""The fusion model under Opacus: validation, per-example gradients, clipping."""
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus import GradSampleModule
+from opacus.validators import ModuleValidator
+from torch.utils.data import TensorDataset
+
+from client.privacy import PrivacyPolicy, make_private
+from shared_model.config import FUSION_MODES, ModelConfig
+from shared_model.engine import make_loss
+from shared_model.model import FusionModel
+
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+CFG = dict(max_report_tokens=16, text_vocab_buckets=256, embed_dim=32, image_size=32)
+
+
+def batch(cfg: ModelConfig, n: int, seed: int = 0, scale: float = 1.0):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.rand(n, 1, cfg.image_size, cfg.image_size, generator=g) * scale
+    ids = torch.randint(4, cfg.text_vocab_buckets, (n, cfg.max_report_tokens), generator=g)
+    ids[:, 10:] = 0
+    present = torch.ones(n, 2)
+    present[0, 0] = 0.0  # one example without its radiograph
+    labels = torch.randint(0, 2, (n, len(cfg.labels)), generator=g).float()
+    return image, ids, present, labels
+
+
+def policy(c: float, mode: str = "hooks") -> PrivacyPolicy:
+    return PrivacyPolicy(
+        enabled=True,
+        target_epsilon=8,
+        max_epsilon=8,
+        delta=1e-5,
+        max_grad_norm=c,
+        accountant="rdp",
+        grad_sample_mode=mode,
+    )
+
+
+@pytest.mark.parametrize("fusion", FUSION_MODES)
+def test_opacus_validator_accepts_the_model(fusion):
+    assert ModuleValidator.validate(FusionModel(ModelConfig(fusion=fusion)), strict=False) == []
+
+
+@pytest.mark.parametrize("fusion", FUSION_MODES)
+def test_per_example_gradients_are_finite_and_independent(fusion):
+    """Opacus's per-example gradient of example i equals the gradient of i alone:
+    no layer mixes examples (which would break per-example clipping)."""
+    cfg = ModelConfig(fusion=fusion, **CFG)
+    torch.manual_seed(0)
+    model = FusionModel(cfg)
+    image, ids, present, labels = batch(cfg, 4)
+    loss_fn = torch.nn.BCEWithLogitsLoss(reduction="sum")
+    gsm = GradSampleModule(model, loss_reduction="sum")
+    loss_fn(gsm(image, ids, present), labels).backward()
+    for i in range(4):
+        model.zero_grad()
+        solo = FusionModel(cfg)
+        solo.load_state_dict(model.state_dict())
+        loss_fn(
+            solo(image[i : i + 1], ids[i : i + 1], present[i : i + 1]), labels[i : i + 1]
+        ).backward()
+        for (name, p), q in zip(model.named_parameters(), solo.parameters(), strict=True):
+            assert torch.isfinite(p.grad_sample[i]).all(), name
+            expected = q.grad if q.grad is not None else torch.zeros_like(q)
+            assert torch.allclose(p.grad_sample[i], expected, atol=1e-5), (name, i)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    c=st.floats(0.01, 5.0),
+    scale=st.floats(0.1, 50.0),
+    seed=st.integers(0, 10_000),
+    fusion=st.sampled_from(FUSION_MODES),
+)
+def test_clipped_per_example_gradient_norm_is_bounded(c, scale, seed, fusion):
+    cfg = ModelConfig(fusion=fusion, **CFG)
+    torch.manual_seed(seed)
+    model = FusionModel(cfg)
+    image, ids, present, labels = batch(cfg, 1, seed=seed, scale=scale)
+    data = TensorDataset(image, ids, present, labels)
+    loss_fn = make_loss(None)
+    private = make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        loss_fn,
+        data,
+        1,
+        policy(c),
+        noise_multiplier=0.0,
+    )
+    loss_fn(private.model(image, ids, present), labels).backward()
+    raw = torch.sqrt(
+        sum(
+            (p.grad_sample**2).sum()
+            for p in private.model.parameters()
+            if p.grad_sample is not None
+        )
+    )
+    private.optimizer.clip_and_accumulate()
+    clipped = torch.sqrt(
+        sum(
+            (p.summed_grad**2).sum()
+            for p in private.model.parameters()
+            if getattr(p, "summed_grad", None) is not None
+        )
+    )
+    assert clipped <= c * (1 + 1e-4)
+    assert clipped == pytest.approx(min(float(raw), c), rel=1e-3)
+
+
+def test_without_noise_and_clipping_dp_training_equals_plain_training():
+    cfg = ModelConfig(**CFG)
+    torch.manual_seed(0)
+    plain = FusionModel(cfg)
+    dp = FusionModel(cfg)
+    dp.load_state_dict(plain.state_dict())
+    image, ids, present, labels = batch(cfg, 8)
+    loss_fn = make_loss(None)
+    opt = torch.optim.SGD(plain.parameters(), lr=0.5)
+    loss_fn(plain(image, ids, present), labels).backward()
+    opt.step()
+    data = TensorDataset(image, ids, present, labels)
+    private = make_private(
+        dp,
+        torch.optim.SGD(dp.parameters(), lr=0.5),
+        loss_fn,
+        data,
+        8,
+        policy(1e6),
+        noise_multiplier=0.0,
+    )
+    private.loss_fn(private.model(image, ids, present), labels).backward()
+    private.optimizer.step()
+    for (name, a), b in zip(plain.named_parameters(), dp.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "functorch", "ew"])
+def test_every_grad_sample_mode_trains_through_empty_poisson_batches(mode):
+    from shared_model.engine import train_one_epoch
+
+    cfg = ModelConfig(**CFG)
+    model = FusionModel(cfg)
+    data = TensorDataset(*batch(cfg, 12))
+    private = make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        make_loss(None),
+        data,
+        1,
+        policy(1.0, mode),
+        noise_multiplier=1.0,
+        noise_generator=torch.Generator().manual_seed(0),
+    )
+    before = [p.detach().clone() for p in private.raw_model.parameters()]
+    torch.manual_seed(3)  # Poisson sampling at q = 1/12: some batches are empty
+    stats = train_one_epoch(
+        private.model,
+        private.loader,
+        private.optimizer,
+        private.loss_fn,
+        on_empty_batch=private.empty_batch_step,
+    )
+    assert stats.steps == 12 and stats.examples < 12 * 3
+    assert all(torch.isfinite(p).all() for p in private.raw_model.parameters())
+    assert any(
+        not torch.equal(a, b) for a, b in zip(before, private.raw_model.parameters(), strict=True)
+    )
+    assert not any(k.startswith("_module.") for k in private.raw_model.state_dict())

@@ -1,0 +1,225 @@
+"""Privacy properties: the ledger, epsilon composition and budget enforcement."""
+
+import json
+import math
+
+import dp_accounting
+import pytest
+from dp_accounting.rdp import RdpAccountant
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from client.privacy import (
+    RDP_ORDERS,
+    LedgerEntry,
+    LedgerError,
+    PrivacyLedger,
+    PrivacyPolicy,
+    compute_epsilon,
+    effective_policy,
+    plan_round,
+)
+from shared_model.config import HospitalConfig, PrivacyConfig
+
+POLICY = PrivacyPolicy(
+    enabled=True,
+    target_epsilon=8.0,
+    max_epsilon=10.0,
+    delta=1e-5,
+    max_grad_norm=1.0,
+    accountant="rdp",
+    grad_sample_mode="hooks",
+)
+
+
+def independent_rdp_epsilon(history, delta):
+    """Google's dp-accounting: an implementation independent of Opacus."""
+    acc = RdpAccountant(orders=RDP_ORDERS)
+    for sigma, q, steps in history:
+        acc.compose(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+        )
+    return acc.get_epsilon(delta)
+
+
+def run_rounds(tmp_path, rounds, policy=POLICY, n=1000, planned=3):
+    eps = []
+    for r in range(1, rounds + 1):
+        ledger = PrivacyLedger.open(tmp_path, "h0", policy)  # re-opened: a restart each round
+        plan = plan_round(
+            ledger,
+            policy,
+            server_round=r,
+            planned_rounds=planned,
+            num_examples=n,
+            batch_size=64,
+            local_epochs=2,
+        )
+        if not plan.train:
+            eps.append(None)
+            continue
+        ledger.begin_round(plan.entry)
+        ledger.complete_round(r, plan.entry.steps)
+        eps.append(ledger.epsilon())
+    return eps
+
+
+def test_epsilon_grows_every_round_and_matches_fresh_accountants(tmp_path):
+    eps = run_rounds(tmp_path, 3)
+    assert eps[0] < eps[1] < eps[2]
+    ledger = PrivacyLedger.open(tmp_path, "h0", POLICY)
+    history = ledger.accountant_history()
+    assert len(history) == 3
+    # a freshly built Opacus accountant fed the same history
+    from opacus.accountants import RDPAccountant
+
+    fresh = RDPAccountant()
+    fresh.history = list(history)
+    assert eps[2] == pytest.approx(fresh.get_epsilon(1e-5, alphas=RDP_ORDERS), rel=1e-9)
+    assert eps[2] == pytest.approx(independent_rdp_epsilon(history, 1e-5), rel=1e-6)
+
+
+def test_noise_is_planned_to_spend_the_target_over_the_planned_rounds(tmp_path):
+    eps = run_rounds(tmp_path, 3, planned=3)
+    assert 0.99 * POLICY.target_epsilon <= eps[-1] <= POLICY.target_epsilon
+    ledger = PrivacyLedger.open(tmp_path, "h0", POLICY)
+    assert {e.noise_multiplier for e in ledger.history} == {ledger.noise_multiplier}
+
+
+def test_round_beyond_budget_is_declined_with_numbers(tmp_path):
+    policy = PrivacyPolicy(**{**POLICY.__dict__, "max_epsilon": 8.05})
+    eps = run_rounds(tmp_path, 5, policy=policy, planned=3)
+    assert eps[3] is None and eps[4] is None  # rounds 4 and 5 would overrun
+    ledger = PrivacyLedger.open(tmp_path, "h0", policy)
+    assert [e.round for e in ledger.history] == [1, 2, 3]
+    plan = plan_round(
+        ledger,
+        policy,
+        server_round=6,
+        planned_rounds=3,
+        num_examples=1000,
+        batch_size=64,
+        local_epochs=2,
+    )
+    assert (
+        not plan.train
+        and "max-epsilon 8.05" in plan.reason
+        and "would raise epsilon" in plan.reason
+    )
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    max_eps=st.floats(0.5, 12.0),
+    target=st.floats(0.5, 12.0),
+    planned=st.integers(1, 6),
+    rounds=st.integers(1, 9),
+    n=st.integers(100, 3000),
+    skips=st.sets(st.integers(1, 9), max_size=4),
+)
+def test_recorded_epsilon_never_exceeds_the_hospitals_max(
+    tmp_path_factory, max_eps, target, planned, rounds, n, skips
+):
+    """Across any sequence of rounds, skipped rounds and restarts."""
+    state = tmp_path_factory.mktemp("ledger")
+    policy = PrivacyPolicy(
+        **{**POLICY.__dict__, "max_epsilon": max_eps, "target_epsilon": min(target, max_eps)}
+    )
+    for r in range(1, rounds + 1):
+        if r in skips:
+            continue  # not sampled this round
+        ledger = PrivacyLedger.open(state, "h0", policy)
+        plan = plan_round(
+            ledger,
+            policy,
+            server_round=r,
+            planned_rounds=planned,
+            num_examples=n,
+            batch_size=64,
+            local_epochs=1,
+        )
+        if plan.train:
+            ledger.begin_round(plan.entry)
+            ledger.complete_round(r, plan.entry.steps)
+        assert PrivacyLedger.open(state, "h0", policy).epsilon() <= max_eps
+
+
+def test_round_is_counted_before_training_touches_data(tmp_path):
+    """A crash mid-round leaves the round counted in full (the conservative choice)."""
+    ledger = PrivacyLedger.open(tmp_path, "h0", POLICY)
+    plan = plan_round(
+        ledger,
+        POLICY,
+        server_round=1,
+        planned_rounds=3,
+        num_examples=500,
+        batch_size=64,
+        local_epochs=1,
+    )
+    ledger.begin_round(plan.entry)
+    # ...the process dies here, mid-training...
+    reopened = PrivacyLedger.open(tmp_path, "h0", POLICY)
+    assert reopened.history[0].status == "started"
+    assert reopened.epsilon() == pytest.approx(plan.epsilon_after)
+
+
+def test_ledger_survives_restart(tmp_path):
+    run_rounds(tmp_path, 2)
+    before = PrivacyLedger.open(tmp_path, "h0", POLICY)
+    after = PrivacyLedger.open(tmp_path, "h0", POLICY)
+    assert after.history == before.history and after.epsilon() == before.epsilon() > 0
+    assert after.noise_multiplier == before.noise_multiplier
+
+
+@pytest.mark.parametrize("tamper", ["lower_epsilon", "drop_round", "truncate", "garbage"])
+def test_tampered_or_corrupt_ledger_is_refused(tmp_path, tamper):
+    run_rounds(tmp_path, 2)
+    path = tmp_path / "privacy_ledger.json"
+    text = path.read_text()
+    data = json.loads(text)
+    if tamper == "lower_epsilon":
+        data["epsilon"] = 0.1
+        path.write_text(json.dumps(data))
+    elif tamper == "drop_round":
+        data["history"] = data["history"][:1]
+        path.write_text(json.dumps(data))
+    elif tamper == "truncate":
+        path.write_text(text[: len(text) // 2])
+    else:
+        path.write_bytes(b"\x00\xff garbage")
+    with pytest.raises(LedgerError, match="refuses to train"):
+        PrivacyLedger.open(tmp_path, "h0", POLICY)
+
+
+def test_ledger_of_another_hospital_is_refused(tmp_path):
+    run_rounds(tmp_path, 1)
+    with pytest.raises(LedgerError, match="belongs to 'h0'"):
+        PrivacyLedger.open(tmp_path, "h1", POLICY)
+
+
+def test_more_steps_than_recorded_is_refused(tmp_path):
+    ledger = PrivacyLedger.open(tmp_path, "h0", POLICY)
+    ledger.begin_round(LedgerEntry(round=1, noise_multiplier=1.0, sample_rate=0.1, steps=10))
+    with pytest.raises(LedgerError, match="only 10 were recorded"):
+        ledger.complete_round(1, 11)
+
+
+def test_hospital_policy_caps_the_servers_request():
+    asked = PrivacyConfig(target_epsilon=20.0, delta=1e-3)
+    policy = effective_policy(
+        asked, HospitalConfig(max_epsilon=4.0, delta=1e-6, partition_id=0, num_partitions=1)
+    )
+    assert policy.target_epsilon == 4.0 and policy.max_epsilon == 4.0 and policy.delta == 1e-6
+
+
+def test_prv_accountant_agrees_with_an_independent_pld():
+    history = [(0.9, 0.05, 40), (1.2, 0.03, 66)]
+    from dp_accounting.pld import PLDAccountant
+
+    pld = PLDAccountant()
+    for sigma, q, steps in history:
+        pld.compose(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+        )
+    assert compute_epsilon(history, 1e-5, "prv") == pytest.approx(pld.get_epsilon(1e-5), rel=0.02)
+    assert math.isclose(compute_epsilon([], 1e-5), 0.0)

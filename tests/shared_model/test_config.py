@@ -1,0 +1,93 @@
+import contextlib
+import tomllib
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from shared_model.config import ConfigError, HospitalConfig, RunConfig, describe_run_config
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _flatten(table: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def test_pyproject_app_config_is_exactly_the_defaults():
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    table = _flatten(pyproject["tool"]["flwr"]["app"]["config"])
+    assert table == RunConfig().to_run_config()
+    assert RunConfig.from_run_config(table) == RunConfig()
+
+
+def test_round_trip_and_overrides():
+    cfg = RunConfig.from_run_config({"privacy.target-epsilon": 3, "model.fusion": "concat"})
+    assert cfg.privacy.target_epsilon == 3.0 and isinstance(cfg.privacy.target_epsilon, float)
+    assert cfg.model.fusion == "concat"
+    assert RunConfig.from_run_config(cfg.to_run_config()) == cfg
+
+
+@pytest.mark.parametrize(
+    ("run_config", "named"),
+    [
+        ({"privacy.target-epsilonn": 3.0}, "privacy.target-epsilonn"),
+        ({"num-rounds": "3"}, "num-rounds"),
+        ({"num-rounds": True}, "num-rounds"),
+        ({"privacy.enabled": 1}, "privacy.enabled"),
+        ({"privacy.delta": "small"}, "privacy.delta"),
+        ({"privacy.delta": float("nan")}, "privacy.delta"),
+        ({"model.fusion": "sum"}, "model.fusion"),
+        ({"train.batch-size": 0}, "train.batch-size"),
+        ({"privacy.target-epsilon": 0.0}, "privacy.target-epsilon"),
+        ({"model.text-heads": 3}, "model.text-heads"),
+        ({"model.image-size": 40}, "model.image-size"),
+        ({"model.labels": "a|a"}, "model.labels"),
+        ({"server.strategy": "fedprox"}, "server.proximal-mu"),
+    ],
+)
+def test_bad_run_config_names_the_key(run_config, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        RunConfig.from_run_config(run_config)
+
+
+def test_unknown_key_suggests_the_close_one():
+    with pytest.raises(ConfigError, match=r"Did you mean 'model\.fusion'"):
+        RunConfig.from_run_config({"model.fuson": "concat"})
+
+
+@given(
+    st.dictionaries(
+        st.text(min_size=1, max_size=30), st.integers() | st.text() | st.booleans(), max_size=4
+    )
+)
+def test_parser_raises_only_config_errors(mapping):
+    with contextlib.suppress(ConfigError):
+        RunConfig.from_run_config(mapping)
+
+
+def test_hospital_config():
+    cfg = HospitalConfig.from_node_config({"partition-id": 1, "num-partitions": 3})
+    assert cfg.name == "hospital-1"
+    own = HospitalConfig.from_node_config(
+        {"hospital-id": "st-mary", "data-manifest": "/d/m.csv", "max-epsilon": 4}
+    )
+    assert own.name == "st-mary" and own.max_epsilon == 4.0
+    with pytest.raises(ConfigError, match="data-manifest"):
+        HospitalConfig.from_node_config({})
+    with pytest.raises(ConfigError, match="partition-id"):
+        HospitalConfig.from_node_config({"partition-id": 3, "num-partitions": 3})
+    with pytest.raises(ConfigError, match="unknown node config key 'max-eps'"):
+        HospitalConfig.from_node_config({"partition-id": 0, "num-partitions": 1, "max-eps": 1.0})
+
+
+def test_every_key_is_documented():
+    for key, _default, help_text in describe_run_config():
+        assert help_text.strip(), key

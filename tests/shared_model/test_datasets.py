@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from shared_model.config import DataConfig, ModelConfig
+from shared_model.datasets import dirichlet_partition, embedded_hospital
+from shared_model.datasets.iu_reports import (
+    EMBEDDED_LABELS,
+    PUBLIC_PREVALENCE,
+    label_prevalence,
+    load_reports,
+    map_mesh_terms,
+)
+from shared_model.datasets.phantoms import Acquisition, hospital_acquisition, render_phantom
+
+
+def test_reports_are_real_and_labelled():
+    reports = load_reports()
+    assert len(reports) == 3860
+    assert sum(bool(r.text) for r in reports) > 3800
+    assert all(set(r.labels) <= set(EMBEDDED_LABELS) for r in reports)
+    assert "normal" not in {lab for r in reports if len(r.labels) > 1 for lab in r.labels}
+
+
+def test_stored_public_prevalence_matches_the_corpus():
+    measured = label_prevalence()
+    assert measured == pytest.approx(PUBLIC_PREVALENCE, abs=1e-4)
+
+
+def test_mesh_mapping():
+    assert map_mesh_terms(["Cardiomegaly/mild", "Pleural Effusion/right"]) == (
+        "cardiomegaly",
+        "effusion",
+    )
+    assert map_mesh_terms(["normal"]) == ("normal",)
+    assert map_mesh_terms(["normal", "Nodule"]) == ("nodule",)
+    assert map_mesh_terms(["Spine/degenerative"]) == ("other",)
+    assert map_mesh_terms(["No Indexing"]) is None
+
+
+def test_partition_is_disjoint_complete_deterministic_and_skewed():
+    labels = [r.labels for r in load_reports()]
+    parts = dirichlet_partition(labels, 5, alpha=0.3, seed=0)
+    flat = np.concatenate(parts)
+    assert len(flat) == len(labels) == len(set(flat.tolist()))
+    again = dirichlet_partition(labels, 5, alpha=0.3, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+    share = [np.mean(["cardiomegaly" in labels[i] for i in p]) for p in parts]
+    assert max(share) > 2 * min(share)  # label skew: non-IID
+
+
+def test_partition_refuses_impossible_splits():
+    with pytest.raises(ValueError, match="cannot split"):
+        dirichlet_partition([("normal",)] * 20, 5, alpha=1.0, seed=0)
+
+
+def test_phantoms_are_deterministic_and_carry_signal():
+    rng = np.random.default_rng(0)
+    labels = [("cardiomegaly",) if rng.random() < 0.5 else ("normal",) for _ in range(300)]
+    images = np.stack(
+        [render_phantom(lab, np.random.default_rng([7, i]), 32) for i, lab in enumerate(labels)]
+    )
+    again = render_phantom(labels[3], np.random.default_rng([7, 3]), 32)
+    assert np.array_equal(images[3], again)
+    assert images.dtype == np.float32 and images.min() >= 0 and images.max() <= 1
+    y = np.array([lab == ("cardiomegaly",) for lab in labels])
+    flat = images.reshape(len(images), -1)
+    clf = LogisticRegression(max_iter=2000).fit(flat[:200], y[:200])
+    auc = roc_auc_score(y[200:], clf.predict_proba(flat[200:])[:, 1])
+    assert 0.75 < auc < 1.0  # the image shows the finding, imperfectly (occult findings)
+
+
+def test_hospitals_differ_in_acquisition():
+    a, b = hospital_acquisition(0, 0), hospital_acquisition(0, 1)
+    assert a != b
+    img_a = render_phantom(("normal",), np.random.default_rng(1), 32, a)
+    img_b = render_phantom(("normal",), np.random.default_rng(1), 32, b)
+    assert not np.allclose(img_a, img_b)
+    assert Acquisition() == Acquisition()
+
+
+def test_embedded_hospital_split():
+    cfg = ModelConfig(max_report_tokens=32)
+    data = DataConfig(max_reports=400)
+    h0 = embedded_hospital(0, 2, cfg, data, seed=0)
+    h1 = embedded_hospital(1, 2, cfg, data, seed=0)
+    ids0 = set(h0.train.patient_ids) | set(h0.test.patient_ids)
+    ids1 = set(h1.train.patient_ids) | set(h1.test.patient_ids)
+    assert not ids0 & ids1 and len(ids0) + len(ids1) == 400
+    assert not set(h0.train.patient_ids) & set(h0.test.patient_ids)
+    assert h0.train.images.shape[1:] == (1, 64, 64)
+    assert h0.train.labels.shape[1] == len(cfg.labels)
+    again = embedded_hospital(0, 2, cfg, data, seed=0)
+    assert torch.equal(again.train.images, h0.train.images)

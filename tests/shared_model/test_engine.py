@@ -1,0 +1,108 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from shared_model.config import RunConfig, TrainConfig
+from shared_model.engine import (
+    _drop_modalities,
+    classification_metrics,
+    make_optimizer,
+    pos_weight_from_config,
+    train_one_epoch,
+)
+
+LABELS = ("normal", "cardiomegaly", "effusion")
+
+
+def test_metrics_match_sklearn_and_skip_undefined_auroc():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, size=(50, 3)).astype(float)
+    y[:, 2] = 0  # no positives: AUROC undefined for this label
+    score = np.clip(y * 0.6 + rng.random((50, 3)) * 0.5, 0, 1)
+    m = classification_metrics(y, score, LABELS)
+    assert m["auroc.normal"] == pytest.approx(roc_auc_score(y[:, 0], score[:, 0]))
+    assert math.isnan(m["auroc.effusion"])
+    assert m["auroc"] == pytest.approx((m["auroc.normal"] + m["auroc.cardiomegaly"]) / 2)
+    for key in ("accuracy", "precision", "recall", "f1", "exact-match"):
+        assert 0.0 <= m[key] <= 1.0
+
+
+def test_pos_weight_public_prior_and_explicit():
+    w = pos_weight_from_config(TrainConfig(), LABELS)
+    assert w is not None and w[1] > w[0] >= 1.0  # the rarer finding weighs more
+    assert pos_weight_from_config(TrainConfig(pos_weight="none"), LABELS) is None
+    assert pos_weight_from_config(TrainConfig(pos_weight="2"), LABELS).tolist() == [2.0] * 3
+    with pytest.raises(ValueError, match=r"train\.pos-weight"):
+        pos_weight_from_config(TrainConfig(pos_weight="1,2"), LABELS)
+    with pytest.raises(ValueError, match="public-prior"):
+        pos_weight_from_config(TrainConfig(), ("pneumothorax",))
+
+
+def test_modality_dropout_never_hides_both():
+    present = torch.tensor([[1.0, 1.0]] * 500 + [[1.0, 0.0]] * 100 + [[0.0, 1.0]] * 100)
+    dropped = _drop_modalities(present, 0.5, torch.Generator().manual_seed(0))
+    assert (dropped.sum(1) >= 1).all()
+    assert torch.equal(dropped[500:], present[500:])  # single-modality rows untouched
+    assert 150 < int((dropped[:500].sum(1) == 1).sum()) < 350
+
+
+def test_fedprox_step_pulls_towards_the_global_model():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    global_params = [p.detach().clone() for p in model.parameters()]
+    batch = (torch.randn(8, 4), None, torch.ones(8, 2), torch.randint(0, 2, (8, 3)).float())
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, image, ids, present):
+            return self.inner(image)
+
+    def drift(mu: float) -> float:
+        with torch.no_grad():
+            for p, g in zip(model.parameters(), global_params, strict=True):
+                p.copy_(g)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        for _ in range(5):
+            train_one_epoch(
+                Wrap(),
+                [batch],
+                opt,
+                torch.nn.BCEWithLogitsLoss(),
+                proximal_mu=mu,
+                global_params=global_params,
+            )
+        return sum(
+            float((p - g).norm()) for p, g in zip(model.parameters(), global_params, strict=True)
+        )
+
+    assert drift(1.0) < drift(0.0)
+
+
+def test_optimizer_choice():
+    model = torch.nn.Linear(2, 2)
+    assert isinstance(make_optimizer(model, RunConfig()), torch.optim.SGD)
+    adamw = RunConfig.from_run_config({"train.optimizer": "adamw"})
+    assert isinstance(make_optimizer(model, adamw), torch.optim.AdamW)
+
+
+def test_loss_is_per_example_and_matches_bce():
+    from shared_model.engine import MultiLabelBCE
+
+    logits, y = torch.randn(6, 3), torch.randint(0, 2, (6, 3)).float()
+    w = torch.tensor([1.0, 3.0, 2.0])
+    loss = MultiLabelBCE(w)
+    expected = torch.nn.BCEWithLogitsLoss(pos_weight=w)(logits, y)
+    assert torch.allclose(loss(logits, y), expected)
+    loss.reduction = "none"
+    per = loss(logits, y)
+    assert per.shape == (6,)
+    # example i's loss depends on example i only
+    logits2 = logits.clone()
+    logits2[0] += 5
+    assert torch.equal(loss(logits2, y)[1:], per[1:])
