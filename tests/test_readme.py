@@ -1,0 +1,17 @@
+"""The README is the user's entry point: keep it true to the code."""
+
+from pathlib import Path
+
+from shared_model.config import RunConfig
+
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+
+
+def test_readme_opens_with_the_two_commands():
+    first_block = README.split("```bash", 1)[1].split("```", 1)[0]
+    assert "make simulate" in first_block and "make test" in first_block
+
+
+def test_every_run_setting_is_documented():
+    for key in RunConfig().to_run_config():
+        assert f"| `{key}` |" in README, key
