@@ -15,6 +15,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.privacy import dump_history, load_history
 from client.site import open_site
 from client.trainer import run_local_evaluation, run_local_round
 from shared_model.config import HospitalConfig, RunConfig
@@ -23,6 +24,9 @@ __all__ = ["app"]
 
 log = logging.getLogger("fedfusion.hospital")
 app = ClientApp()
+# A copy of the ledger history in Flower's per-node state: a ledger file that loses
+# rounds this process already recorded is refused (client/privacy.py).
+_LEDGER_COPY = "privacy-ledger"
 
 # One process serves one hospital at a time; the two cores belong to the simulation's
 # actors (or to the hospital's own machine), so do not oversubscribe them.
@@ -37,6 +41,7 @@ def train(msg: Message, context: Context) -> Message:
     run = RunConfig.from_run_config(context.run_config)
     site = open_site(HospitalConfig.from_node_config(context.node_config), run)
     config = msg.content["config"]
+    seen = context.state.config_records.get(_LEDGER_COPY)
     result = run_local_round(
         msg.content["arrays"].to_torch_state_dict(),
         site,
@@ -44,7 +49,10 @@ def train(msg: Message, context: Context) -> Message:
         server_round=int(config["server-round"]),
         planned_rounds=int(config.get("planned-rounds", run.num_rounds)),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
+        ledger_seen=load_history(str(seen["history"])) if seen else (),
     )
+    if result.ledger_history:
+        context.state[_LEDGER_COPY] = ConfigRecord({"history": dump_history(result.ledger_history)})
     metrics = MetricRecord(
         {
             "num-examples": result.num_examples,

@@ -44,7 +44,9 @@ __all__ = [
     "PrivateTraining",
     "RoundPlan",
     "compute_epsilon",
+    "dump_history",
     "effective_policy",
+    "load_history",
     "make_private",
     "plan_noise_multiplier",
     "plan_round",
@@ -201,18 +203,32 @@ class PrivacyLedger:
 
     # ---------------------------------------------------------------- persistence
     @classmethod
-    def open(cls, state_dir: Path, hospital: str, policy: PrivacyPolicy) -> PrivacyLedger:
-        """Load this hospital's ledger, or start an empty one if none exists yet."""
+    def open(
+        cls,
+        state_dir: Path,
+        hospital: str,
+        policy: PrivacyPolicy,
+        seen: Sequence[LedgerEntry] = (),
+    ) -> PrivacyLedger:
+        """Load this hospital's ledger, or start an empty one if none exists yet.
+
+        ``seen`` is the history this hospital's process already recorded (Flower keeps a
+        copy in ``context.state``). A ledger file that no longer holds it was deleted,
+        rolled back or replaced, and is refused rather than trusted.
+        """
         path = Path(state_dir) / LEDGER_FILENAME
         if not path.exists():
-            return cls(
+            ledger = cls(
                 path=path,
                 hospital=hospital,
                 accountant=policy.accountant,
                 delta=policy.delta,
                 max_epsilon=policy.max_epsilon,
             )
+            ledger._check_holds(seen)
+            return ledger
         ledger = cls.from_json(path.read_bytes(), path)
+        ledger._check_holds(seen)
         if ledger.hospital != hospital:
             raise LedgerError(
                 f"privacy ledger {path} belongs to '{ledger.hospital}', not '{hospital}'"
@@ -221,6 +237,17 @@ class PrivacyLedger:
         ledger.accountant, ledger.delta = policy.accountant, policy.delta
         ledger.max_epsilon = policy.max_epsilon
         return ledger
+
+    def _check_holds(self, seen: Sequence[LedgerEntry]) -> None:
+        def key(e: LedgerEntry) -> tuple[int, float, float, int]:
+            return (e.round, e.noise_multiplier, e.sample_rate, e.steps)
+
+        if [key(e) for e in self.history[: len(seen)]] != [key(e) for e in seen]:
+            raise LedgerError(
+                f"privacy ledger {self.path} no longer holds the {len(seen)} round(s) this "
+                f"hospital already recorded (it holds {len(self.history)}): it was deleted, "
+                "rolled back or replaced. This hospital refuses to train; restore the ledger."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The stable JSON form (documented in the README)."""
@@ -326,6 +353,16 @@ class PrivacyLedger:
             )
         self.history[-1] = replace(last, status="completed")
         self.save()
+
+
+def dump_history(entries: Sequence[LedgerEntry]) -> str:
+    """A ledger history as JSON (the copy kept in Flower's ``context.state``)."""
+    return json.dumps([asdict(e) for e in entries])
+
+
+def load_history(text: str) -> list[LedgerEntry]:
+    """Inverse of :func:`dump_history`."""
+    return [LedgerEntry(**e) for e in json.loads(text)]
 
 
 def _checksum(body: dict[str, Any]) -> str:

@@ -6,11 +6,12 @@ SuperNode, or the simulation's partition). Its privacy policy caps what the serv
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from client.privacy import PrivacyLedger, PrivacyPolicy, effective_policy
+from client.privacy import LedgerEntry, PrivacyLedger, PrivacyPolicy, effective_policy
 from shared_model.config import DataConfig, HospitalConfig, ModelConfig, RunConfig
 from shared_model.data import load_manifest, split_train_test
 from shared_model.datasets import HospitalSplit, embedded_hospital
@@ -33,9 +34,12 @@ class Site:
         """The hospital's display name."""
         return self.hospital.name
 
-    def open_ledger(self) -> PrivacyLedger:
-        """The hospital's privacy ledger (new and empty on its first round)."""
-        return PrivacyLedger.open(self.state_dir, self.name, self.policy)
+    def open_ledger(self, seen: Sequence[LedgerEntry] = ()) -> PrivacyLedger:
+        """The hospital's privacy ledger (new and empty on its first round).
+
+        ``seen``: the history this process already recorded; a ledger without it is refused.
+        """
+        return PrivacyLedger.open(self.state_dir, self.name, self.policy, seen)
 
 
 def open_site(hospital: HospitalConfig, run: RunConfig) -> Site:

@@ -6,13 +6,13 @@ The Flower handlers in ``client_app.py`` only translate messages to and from the
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader
 
-from client.privacy import LedgerError, compute_epsilon, make_private, plan_round
+from client.privacy import LedgerEntry, LedgerError, compute_epsilon, make_private, plan_round
 from client.site import Site
 from shared_model.config import RunConfig
 from shared_model.engine import (
@@ -43,6 +43,7 @@ class LocalRound:
     epsilon: float  # cumulative, after this round; inf when DP is off
     noise_multiplier: float
     sample_rate: float
+    ledger_history: tuple[LedgerEntry, ...] = ()  # the whole ledger history after the round
 
 
 def _model_from(weights: StateDict, run: RunConfig) -> FusionModel:
@@ -89,8 +90,13 @@ def run_local_round(
     planned_rounds: int,
     proximal_mu: float = 0.0,
     noise_generator: torch.Generator | None = None,
+    ledger_seen: Sequence[LedgerEntry] = (),
 ) -> LocalRound:
-    """Train the global model on this hospital's data for one round, under its policy."""
+    """Train the global model on this hospital's data for one round, under its policy.
+
+    ``ledger_seen`` is the ledger history this hospital process recorded before; the
+    ledger on disk must still hold it.
+    """
     train_set = site.data.train
     model = _model_from(weights, run)
     global_params = [p.detach().clone() for p in model.parameters()]
@@ -116,7 +122,7 @@ def run_local_round(
             0.0,
         )
 
-    ledger = site.open_ledger()
+    ledger = site.open_ledger(ledger_seen)
     plan = plan_round(
         ledger,
         site.policy,
@@ -137,6 +143,7 @@ def run_local_round(
             plan.epsilon_before,
             plan.entry.noise_multiplier,
             plan.entry.sample_rate,
+            tuple(ledger.history),
         )
     ledger.begin_round(plan.entry)  # written before any step touches the data
     private = make_private(
@@ -180,6 +187,7 @@ def run_local_round(
         epsilon,
         plan.entry.noise_multiplier,
         plan.entry.sample_rate,
+        tuple(ledger.history),
     )
 
 

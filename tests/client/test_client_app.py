@@ -79,3 +79,14 @@ def test_evaluate_reports_metrics_on_the_held_out_split(run_config):
 def test_bad_node_config_raises_a_clear_error(run_config):
     with pytest.raises(Exception, match="partition-id"):
         train(train_message(global_arrays(run_config), 1), make_context(run_config, {}))
+
+
+def test_a_ledger_file_rolled_back_behind_the_nodes_state_is_refused(run_config, tmp_path):
+    node = {"partition-id": 0, "num-partitions": 2}
+    context = make_context(run_config, node)  # one long-lived process: its state persists
+    arrays = global_arrays(run_config)
+    train(train_message(arrays, 1), context)
+    assert "privacy-ledger" in context.state.config_records
+    (tmp_path / "hospitals/hospital-0/privacy_ledger.json").unlink()  # "reset epsilon"
+    with pytest.raises(Exception, match="no longer holds the 1 round"):
+        train(train_message(arrays, 2), context)
