@@ -269,8 +269,7 @@ def run_simulation_cli(
         "FLWR_DISABLE_UPDATE_CHECK": "1",
         "RAY_TMPDIR": str(ray_tmp),
         "RAY_DEDUP_LOGS": "0",
-        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-        "PYTHONWARNINGS": "ignore::FutureWarning",
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # also silences Ray's tip about it
     }
     result = SimulationResult(run_dir=out)
     echo(f"fedfusion: {hospitals} hospitals x {rounds} rounds on the embedded data -> {out}")

@@ -42,26 +42,30 @@ def independent_rdp_epsilon(history, delta):
     return acc.get_epsilon(delta)
 
 
+def one_round(state, policy, r, *, n=1000, planned=3, local_epochs=2):
+    """A hospital round as trainer.py runs it, from a freshly opened (restarted) ledger.
+
+    Returns the epsilon after the round, or None if the hospital declined it.
+    """
+    ledger = PrivacyLedger.open(state, "h0", policy)
+    plan = plan_round(
+        ledger,
+        policy,
+        server_round=r,
+        planned_rounds=planned,
+        num_examples=n,
+        batch_size=64,
+        local_epochs=local_epochs,
+    )
+    if not plan.train:
+        return None
+    ledger.begin_round(plan.entry)
+    ledger.complete_round(r, plan.entry.steps)
+    return ledger.epsilon()
+
+
 def run_rounds(tmp_path, rounds, policy=POLICY, n=1000, planned=3):
-    eps = []
-    for r in range(1, rounds + 1):
-        ledger = PrivacyLedger.open(tmp_path, "h0", policy)  # re-opened: a restart each round
-        plan = plan_round(
-            ledger,
-            policy,
-            server_round=r,
-            planned_rounds=planned,
-            num_examples=n,
-            batch_size=64,
-            local_epochs=2,
-        )
-        if not plan.train:
-            eps.append(None)
-            continue
-        ledger.begin_round(plan.entry)
-        ledger.complete_round(r, plan.entry.steps)
-        eps.append(ledger.epsilon())
-    return eps
+    return [one_round(tmp_path, policy, r, n=n, planned=planned) for r in range(1, rounds + 1)]
 
 
 def test_epsilon_grows_every_round_and_matches_fresh_accountants(tmp_path):
@@ -128,19 +132,7 @@ def test_recorded_epsilon_never_exceeds_the_hospitals_max(
     for r in range(1, rounds + 1):
         if r in skips:
             continue  # not sampled this round
-        ledger = PrivacyLedger.open(state, "h0", policy)
-        plan = plan_round(
-            ledger,
-            policy,
-            server_round=r,
-            planned_rounds=planned,
-            num_examples=n,
-            batch_size=64,
-            local_epochs=1,
-        )
-        if plan.train:
-            ledger.begin_round(plan.entry)
-            ledger.complete_round(r, plan.entry.steps)
+        one_round(state, policy, r, n=n, planned=planned, local_epochs=1)
         assert PrivacyLedger.open(state, "h0", policy).epsilon() <= max_eps
 
 

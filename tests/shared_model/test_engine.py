@@ -78,7 +78,8 @@ def test_fedprox_step_pulls_towards_the_global_model():
                 global_params=global_params,
             )
         return sum(
-            float((p - g).norm()) for p, g in zip(model.parameters(), global_params, strict=True)
+            float((p - g).detach().norm())
+            for p, g in zip(model.parameters(), global_params, strict=True)
         )
 
     assert drift(1.0) < drift(0.0)
