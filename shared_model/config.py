@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,10 +262,19 @@ class HospitalConfig:
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> HospitalConfig:
-        """Parse Flower's ``node_config``; ``partition-id``/``num-partitions`` come from Flower."""
+        """Parse Flower's ``node_config``; ``partition-id``/``num-partitions`` come from Flower.
+
+        ``config-file`` names a TOML file of the hospital's own, with the same keys at its
+        top level or under ``[hospital]``; keys given directly in the node config win.
+        Relative paths in the file are taken relative to the file.
+        """
         fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+        merged = dict(node_config)
+        if "config-file" in merged:
+            from_file = _read_hospital_file(str(merged.pop("config-file")))
+            merged = {**from_file, **merged}
         values: dict[str, Any] = {}
-        for key, raw in node_config.items():
+        for key, raw in merged.items():
             if key not in fields:
                 raise ConfigError(_unknown_key_message(key, fields, "node"))
             values[fields[key].name] = _coerce(key, fields[key], cls, raw)
@@ -294,6 +304,24 @@ class HospitalConfig:
 
 
 # ------------------------------------------------------------------------- internals
+
+
+def _read_hospital_file(path_text: str) -> dict[str, Any]:
+    path = Path(path_text).expanduser().resolve()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"node config 'config-file': cannot read {path} ({err})") from err
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"node config 'config-file': {path} is not valid TOML ({err})") from err
+    table = data.get("hospital", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [hospital] must be a table")
+    for key in ("data-manifest", "state-dir"):  # relative to the file, not the cwd
+        if isinstance(table.get(key), str) and table[key] and not Path(table[key]).is_absolute():
+            table[key] = str(path.parent / table[key])
+    return table
+
 
 _SECTION_TYPES: dict[str, type] = {
     "model": ModelConfig,

@@ -91,3 +91,21 @@ def test_hospital_config():
 def test_every_key_is_documented():
     for key, _default, help_text in describe_run_config():
         assert help_text.strip(), key
+
+
+def test_hospital_config_file(tmp_path):
+    (tmp_path / "hospital.toml").write_text(
+        '[hospital]\nhospital-id = "st-mary"\ndata-manifest = "data/manifest.csv"\n'
+        "max-epsilon = 3.0\n"
+    )
+    cfg = HospitalConfig.from_node_config(
+        {"config-file": str(tmp_path / "hospital.toml"), "max-epsilon": 2.0}
+    )
+    assert cfg.name == "st-mary"
+    assert cfg.data_manifest == str(tmp_path / "data" / "manifest.csv")
+    assert cfg.max_epsilon == 2.0  # the node config's own key wins
+    (tmp_path / "bad.toml").write_text('[hospital]\nmax-epsilon = "lots"\n')
+    with pytest.raises(ConfigError, match="max-epsilon"):
+        HospitalConfig.from_node_config({"config-file": str(tmp_path / "bad.toml")})
+    with pytest.raises(ConfigError, match="cannot read"):
+        HospitalConfig.from_node_config({"config-file": str(tmp_path / "none.toml")})
