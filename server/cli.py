@@ -14,6 +14,77 @@ __all__ = ["register"]
 def register(app: typer.Typer) -> None:
     """Add the coordinator's subcommands to the CLI."""
     app.command("simulate")(simulate)
+    certs = typer.Typer(
+        help="Create the CA, the server's TLS certificate and the hospitals' key pairs.",
+        no_args_is_help=True,
+    )
+    certs.command("init")(certs_init)
+    certs.command("server")(certs_server)
+    certs.command("hospital")(certs_hospital)
+    app.add_typer(certs, name="certs")
+
+
+_OUT = typer.Option("--out", "-o", help="Directory for the certificates and keys.")
+_SANS = typer.Option(
+    "--server-name",
+    "-s",
+    help="A DNS name or IP address hospitals use to reach the server (repeatable).",
+)
+
+
+def _run_certs(action: object) -> None:
+    from server.certs import CertError
+
+    try:
+        created = action()  # type: ignore[operator]
+    except CertError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err
+    for role, paths in created.items():
+        typer.echo(f"  {role:14s} {paths.key}  {paths.cert_or_public}")
+
+
+def certs_init(
+    out: Annotated[Path, _OUT] = Path("certs"),
+    server_name: Annotated[list[str] | None, _SANS] = None,
+    hospitals: Annotated[int, typer.Option(min=0, help="Key pairs hospital-0..N-1.")] = 3,
+    hospital: Annotated[
+        list[str] | None, typer.Option(help="Name a hospital's key pair instead (repeatable).")
+    ] = None,
+) -> None:
+    """Create a CA, the SuperLink's certificate and one key pair per hospital.
+
+    Private keys are written 0600 in 0700 directories; nothing is overwritten. Register
+    each hospital's public key on the SuperLink with `flwr supernode register
+    hospitals/NAME/NAME.pub CONNECTION`; give the hospital its NAME.key and ca.crt.
+    """
+    from server.certs import create_deployment
+
+    names = hospital or [f"hospital-{i}" for i in range(hospitals)]
+    sans = server_name or ["127.0.0.1", "localhost"]
+    _run_certs(lambda: create_deployment(out, sans, names))
+    typer.echo(f"created under {out} (server names: {', '.join(sans)})")
+
+
+def certs_server(
+    out: Annotated[Path, _OUT] = Path("certs"),
+    server_name: Annotated[list[str] | None, _SANS] = None,
+) -> None:
+    """Create the SuperLink's TLS key and certificate, signed by the CA in OUT/ca."""
+    from server.certs import create_server_cert
+
+    sans = server_name or ["127.0.0.1", "localhost"]
+    _run_certs(lambda: {"server": create_server_cert(out, sans)})
+
+
+def certs_hospital(
+    name: Annotated[str, typer.Argument(help="The hospital's name, e.g. st-mary.")],
+    out: Annotated[Path, _OUT] = Path("certs"),
+) -> None:
+    """Create one hospital's key pair (run it at the hospital; send only the .pub)."""
+    from server.certs import create_hospital_key
+
+    _run_certs(lambda: {name: create_hospital_key(out, name)})
 
 
 def simulate(

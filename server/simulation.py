@@ -32,7 +32,13 @@ import psutil
 
 from shared_model.config import ConfigError, RunConfig
 
-__all__ = ["SimulationResult", "parse_overrides", "run_simulation_cli", "stop_processes"]
+__all__ = [
+    "SimulationResult",
+    "free_port",
+    "parse_overrides",
+    "run_simulation_cli",
+    "stop_processes",
+]
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _SUPERLINK_START_TIMEOUT = 60.0
@@ -96,7 +102,8 @@ def _to_toml(config: dict[str, Any]) -> str:
     return "".join(f"{key} = {fmt(value)}\n" for key, value in sorted(config.items()))
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -156,7 +163,7 @@ class LocalSuperLink:
             "--port",
             str(self.port),
             "--control-api-address",
-            f"127.0.0.1:{_free_port()}",
+            f"127.0.0.1:{free_port()}",
             "--disable-runtime-dependency-installation",
         ]
         with self.log_path.open("w", encoding="utf-8") as log:
@@ -256,7 +263,7 @@ def run_simulation_cli(
     config_file.write_text(_to_toml(run.to_run_config()), encoding="utf-8")
     # Ray's socket paths must stay short (107 bytes), so its temp dir lives in /tmp.
     ray_tmp = Path(tempfile.mkdtemp(prefix="ffray-"))
-    port = _free_port()
+    port = free_port()
     bin_dir = Path(sys.executable).parent
     env = {
         **os.environ,
