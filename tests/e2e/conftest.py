@@ -1,0 +1,168 @@
+"""Shared loopback deployment: certificates, a TLS SuperLink with SuperNode auth, cleanup."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from server.certs import create_deployment
+from server.simulation import free_port, stop_processes
+
+BIN = Path(sys.executable).parent
+HOSPITALS = ["hospital-0", "hospital-1", "hospital-2", "hospital-3"]
+
+
+class Deployment:
+    """A TLS SuperLink on loopback, and helpers to run Flower commands against it."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.certs = tmp / "certs"
+        create_deployment(self.certs, ["127.0.0.1"], HOSPITALS)
+        self.port = free_port()
+        home = tmp / "flwr-home"
+        home.mkdir()
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "tls"\n\n[superlink.tls]\n'
+            f'address = "127.0.0.1:{self.port}"\n'
+            f'root-certificates = "{self.certs / "ca/ca.crt"}"\n'
+        )
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        }
+        self.started: list[tuple[subprocess.Popen, list[str]]] = []
+
+    def start(self, cmd: list[str], log: str) -> subprocess.Popen:
+        """Start a long-running process, logging to a file (never a pipe: see below)."""
+        with (self.tmp / log).open("w") as handle:
+            proc = subprocess.Popen(
+                cmd,
+                env=self.env,
+                cwd=self.tmp,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        # Flower's SuperExec outlives a SuperNode that fails to activate, in a session of
+        # its own, and would hold a pipe open: only its address identifies it.
+        markers = [str(self.tmp)] + [
+            f"127.0.0.1:{cmd[i + 1]}" for i, a in enumerate(cmd) if a == "--port"
+        ]
+        self.started.append((proc, markers))
+        return proc
+
+    def start_superlink(self) -> subprocess.Popen:
+        """The SuperLink with TLS and SuperNode authentication."""
+        self.superlink = self.start(
+            [
+                str(BIN / "flower-superlink"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--database",
+                str(self.tmp / "superlink.db"),
+                "--ssl-ca-certfile",
+                str(self.certs / "ca/ca.crt"),
+                "--ssl-certfile",
+                str(self.certs / "server/server.pem"),
+                "--ssl-keyfile",
+                str(self.certs / "server/server.key"),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+            ],
+            "superlink.log",
+        )
+        return self.superlink
+
+    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run the flwr CLI against the deployment."""
+        return subprocess.run(
+            [str(BIN / "flwr"), *args],
+            env=self.env,
+            cwd=self.tmp,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def register(self, name: str, deadline_s: float = 60) -> None:
+        """Register a hospital's public key, waiting for the SuperLink to come up."""
+        deadline = time.monotonic() + deadline_s
+        while True:
+            reg = self.flwr(
+                "supernode",
+                "register",
+                str(self.certs / f"hospitals/{name}/{name}.pub"),
+                "tls",
+                "--name",
+                name,
+            )
+            if reg.returncode == 0:
+                return
+            assert self.superlink.poll() is None, (self.tmp / "superlink.log").read_text()
+            assert time.monotonic() < deadline, reg.stdout + reg.stderr
+            time.sleep(1)
+
+    def supernode(self, name: str, *, tls: bool = True, node_config: str = "") -> list[str]:
+        """The command line of a hospital's SuperNode."""
+        cmd = [
+            str(BIN / "flower-supernode"),
+            "--superlink",
+            f"127.0.0.1:{self.port}",
+            "--port",
+            str(free_port()),
+            "--auth-supernode-private-key",
+            str(self.certs / f"hospitals/{name}/{name}.key"),
+        ]
+        cmd += ["--root-certificates", str(self.certs / "ca/ca.crt")] if tls else ["--insecure"]
+        return cmd + (["--node-config", node_config] if node_config else [])
+
+    def wait_online(self, count: int, deadline_s: float = 90) -> None:
+        """Wait until ``count`` SuperNodes are online."""
+        deadline = time.monotonic() + deadline_s
+        while True:
+            listing = self.flwr("supernode", "list", "tls", "--format", "json")
+            nodes = json.loads(listing.stdout).get("nodes", []) if listing.returncode == 0 else []
+            if sum(n.get("status") == "online" for n in nodes) >= count:
+                return
+            assert time.monotonic() < deadline, listing.stdout
+            time.sleep(1)
+
+    def run_to_exit(self, cmd: list[str], log: str, timeout: float = 90) -> tuple[int | None, str]:
+        """Run a process that should exit by itself; returns (exit code, its log)."""
+        proc = self.start(cmd, log)
+        try:
+            code: int | None = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        return code, (self.tmp / log).read_text()
+
+    def stop_all(self) -> list[int]:
+        """Stop every process started, by PID; returns any that survived."""
+        leftover = []
+        for proc, markers in self.started:
+            leftover += stop_processes(proc.pid, markers, grace=3)
+            proc.wait(10)
+        return leftover
+
+
+@pytest.fixture
+def deployment(tmp_path):
+    d = Deployment(tmp_path)
+    d.start_superlink()
+    try:
+        yield d
+    finally:
+        assert d.stop_all() == []

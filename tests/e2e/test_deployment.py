@@ -1,0 +1,103 @@
+"""A real deployment on loopback: TLS, authenticated hospitals, their own manifests.
+
+Three hospitals, each with a manifest of PNG radiographs and reports written by the
+test, join a TLS SuperLink with SuperNode authentication. `flwr run` submits 2 rounds
+with DP on. The outcome is judged from Flower's run status, the run directory and each
+hospital's ledger, not from `flwr run`'s exit code (which is 0 even on failure).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from shared_model.datasets.iu_reports import load_reports
+from shared_model.datasets.phantoms import hospital_acquisition, render_phantom
+from tests.e2e.conftest import BIN
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+RECORDS = 160
+
+
+def write_manifest(folder: Path, hospital: int) -> Path:
+    """A hospital's own data: PNG files and a CSV manifest (real reports, phantom images)."""
+    folder.mkdir(parents=True)
+    reports = load_reports()[hospital * RECORDS : (hospital + 1) * RECORDS]
+    rows = []
+    for report in reports:
+        image = render_phantom(
+            report.labels,
+            np.random.default_rng(int(report.uid)),
+            64,
+            hospital_acquisition(0, hospital),
+        )
+        Image.fromarray((image * 255).astype(np.uint8)).save(folder / f"{report.uid}.png")
+        rows.append(
+            {
+                "image": f"{report.uid}.png",
+                "report": report.text,
+                "labels": "|".join(report.labels),
+                "patient_id": report.uid,
+            }
+        )
+    manifest = folder / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "report", "labels", "patient_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return manifest
+
+
+def test_three_hospitals_train_over_tls(deployment):
+    d = deployment
+    out = d.tmp / "run"
+    for i in range(3):
+        name = f"hospital-{i}"
+        manifest = write_manifest(d.tmp / f"{name}-data", i)
+        d.register(name)
+        node_config = (
+            f"hospital-id='{name}' data-manifest='{manifest}' "
+            f"state-dir='{d.tmp / f'{name}-state'}' max-epsilon=6.0"
+        )
+        d.start(d.supernode(name, node_config=node_config), f"{name}.log")
+    d.wait_online(3)
+
+    config = d.tmp / "run-config.toml"
+    config.write_text(
+        f'num-rounds = 2\noutput-dir = "{out}"\nserver.min-hospitals = 3\n'
+        "server.wait-for-hospitals-timeout = 60.0\n"
+    )
+    submitted = d.flwr(
+        "run", str(ROOT), "tls", "--run-config", str(config), "--stream", timeout=270
+    )
+    (d.tmp / "flwr-run.log").write_text(submitted.stdout + submitted.stderr)
+
+    runs = json.loads(d.flwr("ls", "tls", "--format", "json").stdout)["runs"]
+    assert runs and runs[-1]["status"] == "finished:completed", submitted.stdout[-3000:]
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "completed", info
+    rounds = json.loads((out / "metrics.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]
+    for r in rounds[1:]:
+        assert r["failures"] == 0 and r["eval_failures"] == 0 and r["declined"] == 0
+        assert sorted(h["hospital"] for h in r["hospitals"]) == [
+            "hospital-0",
+            "hospital-1",
+            "hospital-2",
+        ]
+    assert (out / "checkpoints" / "round-0002.safetensors").exists()
+    assert (out / "global_model.safetensors").exists()
+    for i in range(3):
+        name = f"hospital-{i}"
+        ledger = json.loads((d.tmp / f"{name}-state" / "privacy_ledger.json").read_text())
+        assert [e["round"] for e in ledger["history"]] == [1, 2]
+        reported = [h["epsilon"] for h in rounds[2]["hospitals"] if h["hospital"] == name]
+        assert 0 < ledger["epsilon"] <= 6.0  # the hospital's own cap, below the server's 8
+        assert reported == [pytest.approx(ledger["epsilon"])]
+    assert BIN.exists()
