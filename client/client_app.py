@@ -10,20 +10,31 @@ from __future__ import annotations
 
 import logging
 import warnings
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.privacy import dump_history, load_history
+from client.secagg import (
+    delta_ndarrays,
+    is_legacy,
+    legacy_evaluate_reply,
+    legacy_fit_reply,
+    legacy_request,
+    secagg_mod,
+)
 from client.site import open_site
 from client.trainer import run_local_evaluation, run_local_round
 from shared_model.config import HospitalConfig, RunConfig
+from shared_model.model import FusionModel
 
 __all__ = ["app"]
 
 log = logging.getLogger("fedfusion.hospital")
-app = ClientApp()
+# SecAgg+ messages go through Flower's secaggplus_mod (client/secagg.py); others pass.
+app = ClientApp(mods=[secagg_mod])
 # A copy of the ledger history in Flower's per-node state: a ledger file that loses
 # rounds this process already recorded is refused (client/privacy.py).
 _LEDGER_COPY = "privacy-ledger"
@@ -35,15 +46,26 @@ torch.set_num_threads(1)
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
+def _request(msg: Message, run: RunConfig) -> tuple[dict[str, torch.Tensor], Any, bool]:
+    """The global weights and config of a request, in either record format."""
+    if is_legacy(msg.content):  # SecAgg+ runs in Flower's legacy records
+        weights, config = legacy_request(msg, list(FusionModel(run.model).state_dict()))
+        return weights, config, True
+    return msg.content["arrays"].to_torch_state_dict(), msg.content["config"], False
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the global model locally under DP and reply with the new weights."""
+    """Train the global model locally under DP and reply with the new weights.
+
+    Under SecAgg+ the reply carries the delta instead, which secagg_mod masks.
+    """
     run = RunConfig.from_run_config(context.run_config)
     site = open_site(HospitalConfig.from_node_config(context.node_config), run)
-    config = msg.content["config"]
+    weights, config, legacy = _request(msg, run)
     seen = context.state.config_records.get(_LEDGER_COPY)
     result = run_local_round(
-        msg.content["arrays"].to_torch_state_dict(),
+        weights,
         site,
         run,
         server_round=int(config["server-round"]),
@@ -53,30 +75,36 @@ def train(msg: Message, context: Context) -> Message:
     )
     if result.ledger_history:
         context.state[_LEDGER_COPY] = ConfigRecord({"history": dump_history(result.ledger_history)})
-    metrics = MetricRecord(
-        {
-            "num-examples": result.num_examples,
-            "train-loss": result.train_loss,
-            "epsilon": result.epsilon,
-            "max-epsilon": site.policy.max_epsilon,
-            "noise-multiplier": result.noise_multiplier,
-            "sample-rate": result.sample_rate,
-            "steps": result.steps,
-            "declined": int(not result.trained),
-        }
-    )
+    if not result.trained:
+        log.warning("%s %s", site.name, result.reason)
+    metrics = {
+        "num-examples": result.num_examples,
+        "train-loss": result.train_loss,
+        "epsilon": result.epsilon,
+        "max-epsilon": site.policy.max_epsilon,
+        "noise-multiplier": result.noise_multiplier,
+        "sample-rate": result.sample_rate,
+        "steps": result.steps,
+        "declined": int(not result.trained),
+    }
+    if legacy:  # a declined hospital uploads a zero delta with weight 0
+        return legacy_fit_reply(
+            msg,
+            delta_ndarrays(result.weights, weights),
+            result.num_examples,
+            {**metrics, "hospital-id": site.name, "reason": result.reason},
+            run.secagg,
+        )
     status = ConfigRecord(
         {
             "hospital-id": site.name,
-            "status": "trained" if result.trained else "declined",
             "reason": result.reason,
+            "status": "trained" if result.trained else "declined",
         }
     )
-    content = RecordDict({"metrics": metrics, "hospital": status})
+    content = RecordDict({"metrics": MetricRecord(metrics), "hospital": status})
     if result.trained:
         content["arrays"] = ArrayRecord(result.weights)
-    else:
-        log.warning("%s %s", site.name, result.reason)
     return Message(content, reply_to=msg)
 
 
@@ -85,7 +113,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this hospital's held-out split."""
     run = RunConfig.from_run_config(context.run_config)
     site = open_site(HospitalConfig.from_node_config(context.node_config), run)
-    result = run_local_evaluation(msg.content["arrays"].to_torch_state_dict(), site, run)
+    weights, _config, legacy = _request(msg, run)
+    result = run_local_evaluation(weights, site, run)
+    if legacy:
+        return legacy_evaluate_reply(
+            msg, result.loss, result.examples, {**result.metrics, "hospital-id": site.name}
+        )
     metrics = MetricRecord({"num-examples": result.examples, "loss": result.loss, **result.metrics})
     return Message(
         RecordDict({"metrics": metrics, "hospital": ConfigRecord({"hospital-id": site.name})}),

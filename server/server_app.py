@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from logging import ERROR, INFO
 from pathlib import Path
 
@@ -12,7 +13,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.checkpoint import RoundRecord, RunStore
 from server.report import format_round_line, write_report
-from server.strategy import build_strategy, run_federation
+from server.secagg import run_secagg_rounds
+from server.strategy import build_strategy, run_federation, wait_for_hospitals
 from shared_model.config import RunConfig
 from shared_model.model import FusionModel
 
@@ -35,7 +37,10 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "[fedfusion] %s", format_round_line(record.to_dict(), run.num_rounds))
 
     try:
-        final = run_federation(grid, run, build_strategy(run), initial, store, progress)
+        if run.secagg.enabled:
+            final = ArrayRecord(_secagg_run(grid, context, run, initial, store, progress))
+        else:
+            final = run_federation(grid, run, build_strategy(run), initial, store, progress)
     except Exception as err:
         log(ERROR, "[fedfusion] run failed: %s", err)
         store.finish("failed", error=f"{type(err).__name__}: {err}")
@@ -45,3 +50,25 @@ def main(grid: Grid, context: Context) -> None:
     store.finish(status, final.to_torch_state_dict())
     report = write_report(store.root, flat)
     log(INFO, "[fedfusion] report: %s", report)
+
+
+def _secagg_run(
+    grid: Grid,
+    context: Context,
+    run: RunConfig,
+    initial: ArrayRecord,
+    store: RunStore,
+    progress: Callable[[RoundRecord], None],
+) -> dict[str, torch.Tensor]:
+    """The round-0 baseline in the clear (no update is sent), then rounds in SecAgg+."""
+    hospitals = wait_for_hospitals(
+        grid, run.server.min_hospitals, run.server.wait_for_hospitals_timeout
+    )
+    run.secagg.resolve(max(3, int(hospitals * run.server.fraction_train)))  # refuse early
+    run_federation(grid, run, build_strategy(run), initial, store, progress, train_rounds=0)
+
+    def on_round(record: RoundRecord, state: dict[str, torch.Tensor]) -> None:
+        store.save_round(record, state)
+        progress(record)
+
+    return run_secagg_rounds(grid, context, run, initial.to_torch_state_dict(), hospitals, on_round)

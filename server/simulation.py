@@ -244,6 +244,10 @@ def run_simulation_cli(
     out = out.expanduser().resolve()
     run_config = {**overrides, "num-rounds": rounds, "output-dir": str(out)}
     run = RunConfig.from_run_config(run_config)  # fail now, with the key named
+    if run.secagg.enabled:  # refuse impossible share/threshold settings before starting
+        run.secagg.resolve(
+            max(3, int(hospitals * run.server.fraction_train)) if hospitals >= 3 else hospitals
+        )
     if hospitals < run.server.min_hospitals:
         raise ConfigError(
             f"--hospitals {hospitals} is below server.min-hospitals "

@@ -232,11 +232,13 @@ def run_federation(
     initial_arrays: ArrayRecord,
     store: RunStore,
     on_round: Callable[[RoundRecord], None] | None = None,
+    train_rounds: int | None = None,
 ) -> ArrayRecord:
     """Run all rounds: train, aggregate, evaluate, checkpoint. Returns the final model.
 
     Round 0 evaluates the initial model at every hospital: the baseline each later
-    round is compared against.
+    round is compared against. ``train_rounds`` (default: num-rounds) training rounds
+    follow; 0 runs the baseline alone (the SecAgg+ path trains in its own workflow).
     """
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
@@ -278,7 +280,8 @@ def run_federation(
         started = time.monotonic()
         strategy.begin_round()
         record(0, None, evaluate(0, arrays), started, arrays)
-    for server_round in range(1, run.num_rounds + 1):
+    rounds = run.num_rounds if train_rounds is None else train_rounds
+    for server_round in range(1, rounds + 1):
         started = time.monotonic()
         strategy.begin_round()
         log(INFO, "[fedfusion] round %d/%d", server_round, run.num_rounds)

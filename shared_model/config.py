@@ -29,6 +29,7 @@ __all__ = [
     "ModelConfig",
     "PrivacyConfig",
     "RunConfig",
+    "SecAggConfig",
     "ServerConfig",
     "TrainConfig",
 ]
@@ -189,10 +190,72 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class SecAggConfig:
+    """Secure aggregation (Flower's SecAgg+): the server learns only the sum of updates."""
+
+    enabled: bool = _opt(
+        True, "Send updates only inside SecAgg+ (masked; the server sees only the sum)."
+    )
+    num_shares: int = _opt(0, "Shares of each hospital's key; 0: all sampled hospitals.", min=0)
+    reconstruction_threshold: int = _opt(
+        0,
+        "Shares needed to unmask a dropped hospital; 0: max(2, ceil(2/3 of the shares)). "
+        "Higher resists more colluding hospitals, lower tolerates more dropouts.",
+        min=0,
+    )
+    clipping_range: float = _opt(
+        0.5,
+        "Weighted update values are clipped to +-this before quantization; hospitals warn "
+        "when theirs would clip.",
+        min=0.0,
+        min_exclusive=True,
+    )
+    max_weight: float = _opt(
+        10000.0,
+        "Bound on a hospital's training-set size (its weight); larger costs precision.",
+        min=1.0,
+    )
+    stage_timeout: float = _opt(
+        120.0, "Seconds to wait for replies in each SecAgg+ stage.", min=1.0
+    )
+
+    def resolve(self, hospitals: int) -> tuple[int, int]:
+        """(num_shares, reconstruction_threshold) for ``hospitals``, or a ConfigError why not."""
+        if hospitals < 3:
+            raise ConfigError(
+                f"secagg.enabled: SecAgg+ needs at least 3 hospitals per round, got {hospitals}"
+            )
+        shares = self.num_shares or hospitals
+        if shares > hospitals:
+            raise ConfigError(f"secagg.num-shares: {shares} shares for only {hospitals} hospitals")
+        if shares < 3:
+            raise ConfigError(f"secagg.num-shares: must be at least 3, got {shares}")
+        threshold = self.reconstruction_threshold or max(2, -(-2 * shares // 3))
+        if threshold >= shares:
+            raise ConfigError(
+                f"secagg.reconstruction-threshold: {threshold} must be below num-shares "
+                f"{shares} (otherwise no hospital may drop out and keys leak nothing useful)"
+            )
+        if threshold < 2:
+            raise ConfigError(
+                f"secagg.reconstruction-threshold: {threshold} would let a single neighbour "
+                "unmask a hospital; use at least 2"
+            )
+        return shares, threshold
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole run configuration, as the server and every hospital see it."""
 
-    SECTIONS: ClassVar[tuple[str, ...]] = ("model", "train", "privacy", "data", "server")
+    SECTIONS: ClassVar[tuple[str, ...]] = (
+        "model",
+        "train",
+        "privacy",
+        "secagg",
+        "data",
+        "server",
+    )
 
     num_rounds: int = _opt(3, "Federated rounds.", min=1)
     output_dir: str = _opt("runs/latest", "Where the server writes checkpoints and metrics.")
@@ -200,6 +263,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
     data: DataConfig = field(default_factory=DataConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
 
@@ -327,6 +391,7 @@ _SECTION_TYPES: dict[str, type] = {
     "model": ModelConfig,
     "train": TrainConfig,
     "privacy": PrivacyConfig,
+    "secagg": SecAggConfig,
     "data": DataConfig,
     "server": ServerConfig,
 }

@@ -2,8 +2,9 @@
 
 Three hospitals, each with a manifest of PNG radiographs and reports written by the
 test, join a TLS SuperLink with SuperNode authentication. `flwr run` submits 2 rounds
-with DP on. The outcome is judged from Flower's run status, the run directory and each
-hospital's ledger, not from `flwr run`'s exit code (which is 0 even on failure).
+with DP and SecAgg+ on (the defaults). The outcome is judged from Flower's run status,
+the run directory and each hospital's ledger, not from `flwr run`'s exit code (which is
+0 even on failure).
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ def test_three_hospitals_train_over_tls(deployment):
     assert info["status"] == "completed", info
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2]
+    assert "round 2/2 (SecAgg+)" in submitted.stdout  # updates travelled masked (default)
     for r in rounds[1:]:
         assert r["failures"] == 0 and r["eval_failures"] == 0 and r["declined"] == 0
         assert sorted(h["hospital"] for h in r["hospitals"]) == [

@@ -13,6 +13,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from client import client_app
+from client.secagg import secagg_mod
 from server import server_app
 
 pytestmark = pytest.mark.slow
@@ -34,7 +35,7 @@ def apps_with_run_config(run_config: dict[str, Any]) -> tuple[ServerApp, ClientA
             ),
         )
 
-    clients = ClientApp(mods=[inject])
+    clients = ClientApp(mods=[inject, secagg_mod])
     clients.train()(client_app.train)
     clients.evaluate()(client_app.evaluate)
     server = ServerApp()
@@ -54,6 +55,7 @@ def test_two_hospitals_two_rounds_learn_under_dp(tmp_path: Path) -> None:
         "output-dir": str(out),
         "data.max-reports": 2400,
         "server.min-hospitals": 2,
+        "secagg.enabled": False,  # the plain path; SecAgg+ needs 3 hospitals (test_secagg.py)
     }
     server, clients = apps_with_run_config(run_config)
     run_simulation(

@@ -37,6 +37,26 @@ def test_bad_run_config_is_refused_before_anything_starts(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_impossible_secagg_settings_are_refused_at_start(tmp_path):
+    runner = CliRunner()
+    two = runner.invoke(build_app(), ["simulate", "--hospitals", "2", "--out", str(tmp_path / "a")])
+    assert two.exit_code == 2 and "at least 3 hospitals" in two.output
+    bad = runner.invoke(
+        build_app(),
+        [
+            "simulate",
+            "--hospitals",
+            "4",
+            "--out",
+            str(tmp_path / "b"),
+            "-c",
+            "secagg.reconstruction-threshold=4",
+        ],
+    )
+    assert bad.exit_code == 2 and "must be below num-shares" in bad.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
 def test_parse_overrides():
     parsed = parse_overrides(
         ['model.fusion="concat" num-rounds=5', "privacy.enabled=false", "train.pos-weight=none"]
@@ -125,9 +145,9 @@ def _our_processes(out: Path) -> list[int]:
 @pytest.mark.slow
 def test_simulate_command_end_to_end(tmp_path):
     out = tmp_path / "run"
-    result = _simulate(out, "--hospitals", "2", "--rounds", "1", "-c", "data.max-reports=800")
+    result = _simulate(out, "--hospitals", "3", "--rounds", "1", "-c", "data.max-reports=900")
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "round 1/1" in result.stdout and "eps hospital-1" in result.stdout
+    assert "round 1/1 (SecAgg+)" in result.stdout and "eps hospital-2" in result.stdout
     assert "report.md" in result.stdout
     assert json.loads((out / "run.json").read_text())["status"] == "completed"
     assert _our_processes(out) == []
@@ -136,8 +156,8 @@ def test_simulate_command_end_to_end(tmp_path):
 @pytest.mark.slow
 def test_simulate_command_fails_loudly_when_hospitals_fail(tmp_path):
     out = tmp_path / "run"
-    # 15 reports cannot give 2 hospitals 10 records each: every hospital raises.
-    result = _simulate(out, "--hospitals", "2", "--rounds", "1", "-c", "data.max-reports=15")
+    # 15 reports cannot give 3 hospitals 10 records each: every hospital raises.
+    result = _simulate(out, "--hospitals", "3", "--rounds", "1", "-c", "data.max-reports=15")
     assert result.returncode == 1
     assert "FAILED" in result.stderr and "cannot split 15 records" in result.stderr
     assert _our_processes(out) == []

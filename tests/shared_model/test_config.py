@@ -109,3 +109,38 @@ def test_hospital_config_file(tmp_path):
         HospitalConfig.from_node_config({"config-file": str(tmp_path / "bad.toml")})
     with pytest.raises(ConfigError, match="cannot read"):
         HospitalConfig.from_node_config({"config-file": str(tmp_path / "none.toml")})
+
+
+@pytest.mark.parametrize(
+    ("settings", "hospitals", "expected"),
+    [
+        ({}, 3, (3, 2)),
+        ({}, 4, (4, 3)),
+        ({}, 10, (10, 7)),
+        ({}, 20, (20, 14)),
+        ({"num_shares": 5}, 10, (5, 4)),
+        ({"num_shares": 5, "reconstruction_threshold": 3}, 10, (5, 3)),
+    ],
+)
+def test_secagg_defaults_are_sane_for_3_to_20_hospitals(settings, hospitals, expected):
+    from shared_model.config import SecAggConfig
+
+    shares, threshold = SecAggConfig(**settings).resolve(hospitals)
+    assert (shares, threshold) == expected
+    assert 2 <= threshold < shares <= hospitals
+
+
+@pytest.mark.parametrize(
+    ("settings", "hospitals", "message"),
+    [
+        ({}, 2, "at least 3 hospitals"),
+        ({"num_shares": 6}, 5, "6 shares for only 5"),
+        ({"reconstruction_threshold": 4}, 4, "must be below num-shares"),
+        ({"num_shares": 4, "reconstruction_threshold": 1}, 8, "at least 2"),
+    ],
+)
+def test_impossible_secagg_combinations_are_refused(settings, hospitals, message):
+    from shared_model.config import SecAggConfig
+
+    with pytest.raises(ConfigError, match=message):
+        SecAggConfig(**settings).resolve(hospitals)

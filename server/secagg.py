@@ -1,0 +1,261 @@
+"""SecAgg+ at the coordinator: Flower's SecAggPlusWorkflow with a delta-averaging strategy.
+
+Flower's SecAgg+ exists only in its legacy API (``DefaultWorkflow`` with
+``SecAggPlusWorkflow``, a ``LegacyContext`` and a legacy strategy). The workflow unmasks
+only the weighted sum of the hospitals' uploads and hands the strategy every hospital's
+``FitRes`` with its parameters replaced by that one aggregate; no individual update is
+ever seen. Hospitals upload deltas, so :class:`SecAggFedAvg` adds the aggregate (the
+example-weighted mean delta) to the global model. Metrics arrive in the clear.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from logging import INFO, WARNING
+
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.common import (
+    EvaluateRes,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.logger import log
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid
+
+from server.checkpoint import HospitalRound, RoundRecord
+from server.strategy import FederationError, short_reason
+from shared_model.config import RunConfig
+
+__all__ = ["SecAggFedAvg", "run_secagg_rounds"]
+
+StateDict = dict[str, torch.Tensor]
+
+
+def _float(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) else None  # type: ignore[arg-type]
+
+
+class SecAggFedAvg(LegacyFedAvg):
+    """FedAvg over SecAgg+-masked deltas; records each hospital's part in each round."""
+
+    def __init__(
+        self,
+        run: RunConfig,
+        initial: list[np.ndarray],
+        on_round: Callable[[RoundRecord, list[np.ndarray]], None],
+    ) -> None:
+        super().__init__(
+            fraction_fit=run.server.fraction_train,
+            fraction_evaluate=run.server.fraction_evaluate,
+            min_fit_clients=3,
+            min_evaluate_clients=1 if run.server.fraction_evaluate > 0 else 0,
+            min_available_clients=max(3, run.server.min_hospitals),
+            initial_parameters=ndarrays_to_parameters(initial),
+            on_fit_config_fn=self._fit_config,
+            accept_failures=True,
+        )
+        self.run = run
+        self.current = [np.array(a, copy=True) for a in initial]
+        self.on_round = on_round
+        self._reset()
+
+    def _reset(self) -> None:
+        self.hospitals: dict[int, HospitalRound] = {}
+        self.sampled = 0
+        self.failures = self.declined = self.eval_failures = 0
+        self.train_loss: float | None = None
+        self.started = time.monotonic()
+
+    def _fit_config(self, server_round: int) -> dict[str, Scalar]:
+        self._reset()
+        log(INFO, "[fedfusion] round %d/%d (SecAgg+)", server_round, self.run.num_rounds)
+        return {
+            "server-round": server_round,
+            "planned-rounds": self.run.num_rounds,
+            "proximal-mu": self.run.server.proximal_mu
+            if self.run.server.strategy == "fedprox"
+            else 0.0,
+        }
+
+    def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
+        """Sample hospitals as FedAvg does, remembering how many were asked."""
+        instructions = super().configure_fit(server_round, parameters, client_manager)
+        self.sampled = len(instructions)
+        return instructions
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Apply the unmasked mean delta; hospitals that declined had weight 0 in it."""
+        # Flower logs a failure per protocol stage a hospital misses; count hospitals.
+        self.failures = max(self.sampled - len(results), 0)
+        for failure in failures:
+            log(
+                WARNING,
+                "[fedfusion] round %d: a hospital dropped out of SecAgg+: %s",
+                server_round,
+                short_reason(str(failure)),
+            )
+        weights, losses = 0, 0.0
+        for proxy, res in results:
+            m = res.metrics
+            declined = bool(m.get("declined", 0))
+            self.declined += declined
+            self.hospitals[proxy.node_id] = HospitalRound(
+                hospital=str(m.get("hospital-id", f"node-{proxy.node_id}")),
+                node_id=proxy.node_id,
+                status="declined" if declined else "trained",
+                num_examples=res.num_examples,
+                train_loss=_float(m.get("train-loss")),
+                epsilon=_float(m.get("epsilon")),
+                max_epsilon=_float(m.get("max-epsilon")),
+                reason=str(m.get("reason", "")),
+            )
+            if declined:
+                log(
+                    WARNING,
+                    "[fedfusion] round %d: %s %s",
+                    server_round,
+                    m.get("hospital-id"),
+                    m.get("reason"),
+                )
+            elif math.isfinite(float(m.get("train-loss", math.nan))):
+                weights += res.num_examples
+                losses += res.num_examples * float(m["train-loss"])
+        if weights == 0:  # nobody trained: the aggregate is all zeros, keep the model
+            if not self.declined:
+                reasons = sorted({short_reason(str(f)) for f in failures})
+                raise FederationError(
+                    f"round {server_round}: no hospital returned an update through SecAgg+ "
+                    f"({self.failures} failed): " + "; ".join(reasons)
+                )
+            return None, {}
+        self.train_loss = losses / weights
+        mean_delta = parameters_to_ndarrays(results[0][1].parameters)
+        self.current = [
+            c + d.astype(c.dtype) for c, d in zip(self.current, mean_delta, strict=True)
+        ]
+        return ndarrays_to_parameters(self.current), {"train-loss": self.train_loss}
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        """Average held-out metrics over hospitals (where defined) and record the round."""
+        self.eval_failures = len(failures)
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        for proxy, res in results:
+            values = {"loss": res.loss, **res.metrics}
+            for key, value in values.items():
+                if (
+                    isinstance(value, int | float)
+                    and math.isfinite(value)
+                    and key != "num-examples"
+                ):
+                    sums[key] = sums.get(key, 0.0) + res.num_examples * float(value)
+                    weights[key] = weights.get(key, 0.0) + res.num_examples
+            entry = self.hospitals.setdefault(
+                proxy.node_id,
+                HospitalRound(
+                    hospital=str(res.metrics.get("hospital-id", f"node-{proxy.node_id}")),
+                    node_id=proxy.node_id,
+                    status="evaluated",
+                ),
+            )
+            entry.eval_loss, entry.eval_auroc = res.loss, _float(res.metrics.get("auroc"))
+        metrics = {k: sums[k] / weights[k] for k in sums}
+        self._record(server_round, metrics)
+        return metrics.get("loss"), metrics  # type: ignore[return-value]
+
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
+        """No central data; records the round when there is no federated evaluation."""
+        if server_round > 0 and self.run.server.fraction_evaluate == 0:
+            self._record(server_round, {})
+        return None
+
+    def _record(self, server_round: int, evals: dict[str, float]) -> None:
+        record = RoundRecord(
+            round=server_round,
+            train_loss=self.train_loss,
+            eval_loss=evals.get("loss"),
+            eval_auroc=evals.get("auroc"),
+            eval_metrics=evals,
+            hospitals=sorted(self.hospitals.values(), key=lambda h: h.hospital),
+            seconds=time.monotonic() - self.started,
+            failures=self.failures,
+            declined=self.declined,
+            eval_failures=self.eval_failures,
+        )
+        self.on_round(record, self.current)
+
+
+def run_secagg_rounds(
+    grid: Grid,
+    context: Context,
+    run: RunConfig,
+    initial: StateDict,
+    hospitals: int,
+    on_round: Callable[[RoundRecord, StateDict], None],
+) -> StateDict:
+    """Rounds 1..num-rounds with every update inside SecAgg+; returns the final model.
+
+    ``hospitals`` is how many are connected; an impossible share/threshold combination
+    for the sample is refused here, before any round starts.
+    """
+    sampled = max(3, int(hospitals * run.server.fraction_train))
+    shares, threshold = run.secagg.resolve(sampled)
+    keys = list(initial)
+    log(
+        INFO,
+        "[fedfusion] SecAgg+: %d hospitals per round, %d shares, threshold %d, "
+        "clipping range %g, max weight %g",
+        sampled,
+        shares,
+        threshold,
+        run.secagg.clipping_range,
+        run.secagg.max_weight,
+    )
+
+    def to_state(arrays: list[np.ndarray]) -> StateDict:
+        return {k: torch.from_numpy(np.array(a)) for k, a in zip(keys, arrays, strict=True)}
+
+    strategy = SecAggFedAvg(
+        run,
+        [t.detach().cpu().numpy() for t in initial.values()],
+        lambda record, arrays: on_round(record, to_state(arrays)),
+    )
+    workflow = DefaultWorkflow(
+        fit_workflow=SecAggPlusWorkflow(
+            num_shares=shares,
+            reconstruction_threshold=threshold,
+            clipping_range=run.secagg.clipping_range,
+            max_weight=run.secagg.max_weight,
+            timeout=run.secagg.stage_timeout,
+        )
+    )
+    legacy = LegacyContext(
+        context,
+        config=ServerConfig(num_rounds=run.num_rounds, round_timeout=run.server.round_timeout),
+        strategy=strategy,
+    )
+    workflow(grid, legacy)
+    return to_state(strategy.current)
