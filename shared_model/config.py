@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any, ClassVar, get_origin, get_type_hints
 
 __all__ = [
     "ConfigError",
+    "ConnectionConfig",
     "DataConfig",
     "HospitalConfig",
     "ModelConfig",
@@ -367,17 +369,84 @@ class HospitalConfig:
         return Path(output_dir).expanduser() / "hospitals" / self.name
 
 
+@dataclass(frozen=True)
+class ConnectionConfig:
+    """How a hospital's SuperNode reaches the server: the ``[connection]`` table."""
+
+    server: str = _opt("", "The SuperLink's address, host:port.")
+    root_certificates: str = _opt("", "The CA certificate the server's TLS certificate chains to.")
+    private_key: str = _opt("", "This hospital's OpenSSH EC private key (its registered identity).")
+    port: int = _opt(9094, "Local port of the SuperNode's ClientApp API.", min=1, max=65535)
+    insecure: bool = _opt(False, "Plaintext, no TLS: development only (prints a warning).")
+
+    @classmethod
+    def from_file(cls, path: Path) -> ConnectionConfig:
+        """Read and check the ``[connection]`` table of a hospital file."""
+        path = Path(path).expanduser().resolve()
+        table = _load_toml(path, "fedfusion hospital --config").get("connection")
+        if not isinstance(table, dict):
+            raise ConfigError(
+                f"{path}: needs a [connection] table (server, root-certificates, private-key)"
+            )
+        fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in table.items():
+            if key not in fields:
+                raise ConfigError(
+                    _unknown_key_message(
+                        f"connection.{key}",
+                        {f"connection.{k}": v for k, v in fields.items()},
+                        "hospital file",
+                    )
+                )
+            values[fields[key].name] = _coerce(f"connection.{key}", fields[key], cls, raw)
+        for key in ("root_certificates", "private_key"):  # relative to the file
+            if values.get(key) and not Path(values[key]).is_absolute():
+                values[key] = str(path.parent / values[key])
+        cfg = _construct(cls, values, prefix="connection")
+        cfg._check()
+        return cfg
+
+    def _check(self) -> None:
+        if not re.match(r"^[^\s:]+:\d{1,5}$", self.server):
+            raise ConfigError(f"connection.server: expected host:port, got {self.server!r}")
+        if self.insecure and self.root_certificates:
+            raise ConfigError(
+                "connection.insecure = true contradicts connection.root-certificates:"
+                " choose TLS (give the CA) or plaintext (development only)"
+            )
+        if not self.insecure and not self.root_certificates:
+            raise ConfigError(
+                "connection.root-certificates: the CA certificate is required "
+                "(plaintext needs an explicit connection.insecure = true)"
+            )
+        for key, value in (
+            ("root-certificates", self.root_certificates),
+            ("private-key", self.private_key),
+        ):
+            if key == "root-certificates" and self.insecure:
+                continue
+            if not value:
+                raise ConfigError(f"connection.{key}: missing")
+            if not Path(value).is_file():
+                raise ConfigError(f"connection.{key}: {value} does not exist")
+
+
 # ------------------------------------------------------------------------- internals
+
+
+def _load_toml(path: Path, what: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConfigError(f"{what}: cannot read {path} ({err})") from err
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{what}: {path} is not valid TOML ({err})") from err
 
 
 def _read_hospital_file(path_text: str) -> dict[str, Any]:
     path = Path(path_text).expanduser().resolve()
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise ConfigError(f"node config 'config-file': cannot read {path} ({err})") from err
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"node config 'config-file': {path} is not valid TOML ({err})") from err
+    data = _load_toml(path, "node config 'config-file'")
     table = data.get("hospital", data)
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [hospital] must be a table")

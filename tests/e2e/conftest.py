@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from server.certs import create_deployment
-from server.simulation import free_port, stop_processes
+from shared_model.processes import free_port, stop_processes
 
 BIN = Path(sys.executable).parent
 HOSPITALS = ["hospital-0", "hospital-1", "hospital-2", "hospital-3"]
@@ -43,7 +43,7 @@ class Deployment:
         }
         self.started: list[tuple[subprocess.Popen, list[str]]] = []
 
-    def start(self, cmd: list[str], log: str) -> subprocess.Popen:
+    def start(self, cmd: list[str], log: str, markers: tuple[str, ...] = ()) -> subprocess.Popen:
         """Start a long-running process, logging to a file (never a pipe: see below)."""
         with (self.tmp / log).open("w") as handle:
             proc = subprocess.Popen(
@@ -56,10 +56,8 @@ class Deployment:
             )
         # Flower's SuperExec outlives a SuperNode that fails to activate, in a session of
         # its own, and would hold a pipe open: only its address identifies it.
-        markers = [str(self.tmp)] + [
-            f"127.0.0.1:{cmd[i + 1]}" for i, a in enumerate(cmd) if a == "--port"
-        ]
-        self.started.append((proc, markers))
+        found = [f"127.0.0.1:{cmd[i + 1]}" for i, a in enumerate(cmd) if a == "--port"]
+        self.started.append((proc, [str(self.tmp), *found, *markers]))
         return proc
 
     def start_superlink(self) -> subprocess.Popen:
@@ -129,6 +127,27 @@ class Deployment:
         cmd += ["--root-certificates", str(self.certs / "ca/ca.crt")] if tls else ["--insecure"]
         return cmd + (["--node-config", node_config] if node_config else [])
 
+    def hospital(
+        self, name: str, manifest: Path | None = None, *, tls: bool = True
+    ) -> tuple[list[str], str]:
+        """A hospital file for `fedfusion hospital`; returns (command, cleanup marker)."""
+        port = free_port()
+        if manifest is None:
+            manifest = self.tmp / f"{name}-empty.csv"
+            manifest.write_text("image,report,labels\n,no data,normal\n")
+        key = self.certs / f"hospitals/{name}/{name}.key"
+        connection = (
+            f'root-certificates = "{self.certs / "ca/ca.crt"}"' if tls else "insecure = true"
+        )
+        path = self.tmp / f"{name}-{'tls' if tls else 'plain'}.toml"
+        path.write_text(
+            f'[hospital]\nhospital-id = "{name}"\ndata-manifest = "{manifest}"\n'
+            f'state-dir = "{self.tmp / f"{name}-state"}"\nmax-epsilon = 6.0\n\n'
+            f'[connection]\nserver = "127.0.0.1:{self.port}"\nprivate-key = "{key}"\n'
+            f"port = {port}\n{connection}\n"
+        )
+        return [str(BIN / "fedfusion"), "hospital", "--config", str(path)], f"127.0.0.1:{port}"
+
     def wait_online(self, count: int, deadline_s: float = 90) -> None:
         """Wait until ``count`` SuperNodes are online."""
         deadline = time.monotonic() + deadline_s
@@ -140,9 +159,11 @@ class Deployment:
             assert time.monotonic() < deadline, listing.stdout
             time.sleep(1)
 
-    def run_to_exit(self, cmd: list[str], log: str, timeout: float = 90) -> tuple[int | None, str]:
+    def run_to_exit(
+        self, cmd: list[str], log: str, timeout: float = 90, markers: tuple[str, ...] = ()
+    ) -> tuple[int | None, str]:
         """Run a process that should exit by itself; returns (exit code, its log)."""
-        proc = self.start(cmd, log)
+        proc = self.start(cmd, log, markers)
         try:
             code: int | None = proc.wait(timeout)
         except subprocess.TimeoutExpired:

@@ -62,11 +62,8 @@ def test_three_hospitals_train_over_tls(deployment):
         name = f"hospital-{i}"
         manifest = write_manifest(d.tmp / f"{name}-data", i)
         d.register(name)
-        node_config = (
-            f"hospital-id='{name}' data-manifest='{manifest}' "
-            f"state-dir='{d.tmp / f'{name}-state'}' max-epsilon=6.0"
-        )
-        d.start(d.supernode(name, node_config=node_config), f"{name}.log")
+        cmd, marker = d.hospital(name, manifest)  # `fedfusion hospital --config <file>`
+        d.start(cmd, f"{name}.log", (marker,))
     d.wait_online(3)
 
     config = d.tmp / "run-config.toml"

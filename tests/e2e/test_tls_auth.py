@@ -13,12 +13,17 @@ pytestmark = pytest.mark.slow
 def test_registered_hospital_joins_unregistered_and_plaintext_are_refused(deployment):
     d = deployment
     d.register("hospital-0")
-    d.start(d.supernode("hospital-0"), "hospital-0.log")
+    cmd, marker = d.hospital("hospital-0")
+    d.start(cmd, "hospital-0.log", (marker,))
     d.wait_online(1)
 
-    code, log = d.run_to_exit(d.supernode("hospital-1"), "unregistered.log")
-    assert code not in (0, None), log  # exits by itself, with an error
-    assert "Failed to activate SuperNode" in log
+    cmd, marker = d.hospital("hospital-1")  # its key was never registered
+    code, log = d.run_to_exit(cmd, "unregistered.log", markers=(marker,))
+    assert code == 1, log  # exits by itself, and says why in plain words
+    assert "refused this hospital's key: it is not registered" in log
+    assert "flwr supernode register hospital-1.pub" in log
 
-    code, log = d.run_to_exit(d.supernode("hospital-0", tls=False), "plaintext.log")
-    assert code not in (0, None), log
+    cmd, marker = d.hospital("hospital-0", tls=False)  # plaintext against TLS
+    code, log = d.run_to_exit(cmd, "plaintext.log", markers=(marker,))
+    assert code == 1, log
+    assert "WITHOUT TLS" in log and "stopped with exit code" in log

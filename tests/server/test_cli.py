@@ -10,9 +10,10 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
-from server.simulation import _judge, parse_overrides, stop_processes
+from server.simulation import _judge, parse_overrides
 from shared_model.cli import build_app
 from shared_model.config import ConfigError
+from shared_model.processes import stop_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 

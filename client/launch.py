@@ -1,0 +1,126 @@
+"""`fedfusion hospital`: run one hospital's SuperNode from its own config file.
+
+The file has two tables. ``[hospital]`` holds the hospital's facts and privacy policy
+(hospital-id, data-manifest, state-dir, max-epsilon, delta). The ClientApp reads it
+through the node config, so the hospital's limits override anything the server asks.
+``[connection]`` says how the SuperNode reaches the server (server, root-certificates,
+private-key, port, insecure).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared_model.config import ConfigError, ConnectionConfig, HospitalConfig
+from shared_model.processes import stop_processes
+
+__all__ = ["SuperNodeLaunch", "explain_exit", "plan_supernode", "run_supernode"]
+
+_INSECURE_WARNING = """
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+!! connection.insecure = true: this hospital talks to the server WITHOUT TLS.   !!
+!! Anyone on the network can read and alter its traffic. Development use only.  !!
+!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
+"""
+
+
+@dataclass(frozen=True)
+class SuperNodeLaunch:
+    """The SuperNode command for one hospital, and what to tell its operator."""
+
+    hospital: HospitalConfig
+    connection: ConnectionConfig
+    command: list[str]
+    warning: str = ""
+
+
+def plan_supernode(config_file: Path) -> SuperNodeLaunch:
+    """Check a hospital file and build its SuperNode command; ConfigError names the key."""
+    path = Path(config_file).expanduser().resolve()
+    connection = ConnectionConfig.from_file(path)
+    hospital = HospitalConfig.from_node_config({"config-file": str(path)})
+    if not hospital.hospital_id:
+        raise ConfigError(f"{path}: hospital.hospital-id is required")
+    if not hospital.data_manifest:
+        raise ConfigError(f"{path}: hospital.data-manifest is required")
+    if not Path(hospital.data_manifest).is_file():
+        raise ConfigError(f"hospital.data-manifest: {hospital.data_manifest} does not exist")
+    if not hospital.state_dir:
+        raise ConfigError(f"{path}: hospital.state-dir is required (it keeps the privacy ledger)")
+    command = [
+        str(Path(sys.executable).parent / "flower-supernode"),
+        "--superlink",
+        connection.server,
+        "--port",
+        str(connection.port),
+        "--auth-supernode-private-key",
+        connection.private_key,
+        # The ClientApp reads the [hospital] table itself, through this one node key.
+        "--node-config",
+        f"config-file='{path}'",
+    ]
+    if connection.insecure:
+        command.append("--insecure")
+    else:
+        command += ["--root-certificates", connection.root_certificates]
+    return SuperNodeLaunch(
+        hospital, connection, command, _INSECURE_WARNING if connection.insecure else ""
+    )
+
+
+def explain_exit(code: int, log_text: str, launch: SuperNodeLaunch) -> str:
+    """A plain explanation of why the SuperNode stopped, for the hospital's IT team."""
+    if "Failed to activate SuperNode" in log_text:
+        public = Path(launch.connection.private_key).with_suffix(".pub")
+        return (
+            f"the server refused this hospital's key: it is not registered. Send {public} "
+            "to the server operator, who registers it with `flwr supernode register "
+            f"{public.name} <connection> --name {launch.hospital.hospital_id}`."
+        )
+    if code != 0:
+        return (
+            f"the SuperNode stopped with exit code {code}; check connection.server "
+            f"({launch.connection.server}) and the TLS files"
+        )
+    return ""
+
+
+def run_supernode(launch: SuperNodeLaunch) -> tuple[int, str]:
+    """Run the SuperNode in the foreground, echoing its output; returns (code, output tail).
+
+    Flower's SuperExec, which the SuperNode starts in a session of its own, can outlive a
+    SuperNode that stopped (for instance one whose key was refused) and keep retrying
+    forever. When the SuperNode ends, the SuperExec serving its port is stopped too.
+    """
+    tail: deque[str] = deque(maxlen=200)
+    proc = subprocess.Popen(
+        launch.command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+    )
+
+    def relay() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            tail.append(line)
+
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.terminate()
+        code = proc.wait()
+    finally:
+        stop_processes(proc.pid, [f"--runtime-api-address 127.0.0.1:{launch.connection.port}"])
+    reader.join(timeout=5)
+    return code, "".join(tail)

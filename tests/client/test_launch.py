@@ -1,0 +1,99 @@
+"""`fedfusion hospital`: the hospital file is checked before anything starts."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from client.launch import explain_exit, plan_supernode
+from shared_model.cli import build_app
+from shared_model.config import ConfigError, HospitalConfig
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def hospital_file(tmp_path, **connection) -> Path:
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs/ca.crt").write_text("ca")
+    (tmp_path / "certs/h.key").write_text("key")
+    (tmp_path / "m.csv").write_text("image,report,labels\n,x,normal\n")
+    conn = {
+        "server": '"127.0.0.1:9092"',
+        "root-certificates": '"certs/ca.crt"',
+        "private-key": '"certs/h.key"',
+        **connection,
+    }
+    lines = [
+        "[hospital]",
+        'hospital-id = "h"',
+        'data-manifest = "m.csv"',
+        'state-dir = "state"',
+        "max-epsilon = 3.0",
+        "",
+        "[connection]",
+    ]
+    lines += [f"{k} = {v}" for k, v in conn.items() if v is not None]
+    path = tmp_path / "hospital.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_good_file_gives_the_supernode_command(tmp_path):
+    launch = plan_supernode(hospital_file(tmp_path))
+    cmd = launch.command
+    assert cmd[cmd.index("--superlink") + 1] == "127.0.0.1:9092"
+    assert cmd[cmd.index("--root-certificates") + 1] == str(tmp_path / "certs/ca.crt")
+    assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(tmp_path / "certs/h.key")
+    assert "--insecure" not in cmd and not launch.warning
+    # the ClientApp reads the same file: its policy is the hospital's
+    node_config = cmd[cmd.index("--node-config") + 1]
+    key, value = node_config.split("=", 1)
+    hospital = HospitalConfig.from_node_config({key: value.strip("'")})
+    assert hospital.max_epsilon == 3.0 and hospital.state_dir == str(tmp_path / "state")
+
+
+@pytest.mark.parametrize(
+    ("connection", "named"),
+    [
+        ({"server": '"no-port"'}, "connection.server"),
+        ({"private-key": '"certs/missing.key"'}, "connection.private-key"),
+        ({"root-certificates": None}, "connection.root-certificates"),
+        ({"insecure": "true"}, "contradicts connection.root-certificates"),
+        ({"colour": '"blue"'}, "connection.colour"),
+        ({"port": '"9094"'}, "connection.port"),
+    ],
+)
+def test_bad_or_contradictory_settings_name_the_key(tmp_path, connection, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        plan_supernode(hospital_file(tmp_path, **connection))
+
+
+def test_plaintext_only_when_asked_and_loudly(tmp_path):
+    launch = plan_supernode(
+        hospital_file(tmp_path, **{"root-certificates": None, "insecure": "true"})
+    )
+    assert "--insecure" in launch.command and "WITHOUT TLS" in launch.warning
+    result = CliRunner().invoke(
+        build_app(), ["hospital", "--config", str(tmp_path / "hospital.toml"), "--check"]
+    )
+    assert result.exit_code == 0 and "WITHOUT TLS" in result.output
+
+
+def test_an_unregistered_key_is_explained(tmp_path):
+    launch = plan_supernode(hospital_file(tmp_path))
+    reason = explain_exit(1, "ERROR: [code: 2004] Failed to activate SuperNode.", launch)
+    assert "not registered" in reason and "flwr supernode register h.pub" in reason
+
+
+def test_the_example_file_in_deploy_parses():
+    import tomllib
+
+    data = tomllib.loads((ROOT / "deploy/hospital.toml").read_text())
+    assert HospitalConfig.from_node_config(data["hospital"]).hospital_id == "st-mary"
+    assert set(data["connection"]) <= {
+        "server",
+        "root-certificates",
+        "private-key",
+        "port",
+        "insecure",
+    }
