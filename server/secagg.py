@@ -34,7 +34,12 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from server.checkpoint import HospitalRound, RoundRecord
-from server.strategy import FederationError, short_reason
+from server.strategy import (
+    FederationError,
+    finite_weighted_mean,
+    hospital_round,
+    short_reason,
+)
 from shared_model.config import RunConfig
 
 __all__ = ["SecAggFedAvg", "run_secagg_rounds"]
@@ -115,15 +120,12 @@ class SecAggFedAvg(LegacyFedAvg):
             m = res.metrics
             declined = bool(m.get("declined", 0))
             self.declined += declined
-            self.hospitals[proxy.node_id] = HospitalRound(
-                hospital=str(m.get("hospital-id", f"node-{proxy.node_id}")),
-                node_id=proxy.node_id,
-                status="declined" if declined else "trained",
-                num_examples=res.num_examples,
-                train_loss=_float(m.get("train-loss")),
-                epsilon=_float(m.get("epsilon")),
-                max_epsilon=_float(m.get("max-epsilon")),
-                reason=str(m.get("reason", "")),
+            self.hospitals[proxy.node_id] = hospital_round(
+                proxy.node_id,
+                str(m.get("hospital-id", f"node-{proxy.node_id}")),
+                m,
+                res.num_examples,
+                str(m.get("reason", "")),
             )
             if declined:
                 log(
@@ -159,18 +161,7 @@ class SecAggFedAvg(LegacyFedAvg):
     ) -> tuple[float | None, dict[str, Scalar]]:
         """Average held-out metrics over hospitals (where defined) and record the round."""
         self.eval_failures = len(failures)
-        sums: dict[str, float] = {}
-        weights: dict[str, float] = {}
         for proxy, res in results:
-            values = {"loss": res.loss, **res.metrics}
-            for key, value in values.items():
-                if (
-                    isinstance(value, int | float)
-                    and math.isfinite(value)
-                    and key != "num-examples"
-                ):
-                    sums[key] = sums.get(key, 0.0) + res.num_examples * float(value)
-                    weights[key] = weights.get(key, 0.0) + res.num_examples
             entry = self.hospitals.setdefault(
                 proxy.node_id,
                 HospitalRound(
@@ -180,7 +171,9 @@ class SecAggFedAvg(LegacyFedAvg):
                 ),
             )
             entry.eval_loss, entry.eval_auroc = res.loss, _float(res.metrics.get("auroc"))
-        metrics = {k: sums[k] / weights[k] for k in sums}
+        metrics = finite_weighted_mean(
+            (res.num_examples, {"loss": res.loss, **res.metrics}) for _, res in results
+        )
         self._record(server_round, metrics)
         return metrics.get("loss"), metrics  # type: ignore[return-value]
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -35,22 +35,47 @@ class FederationError(RuntimeError):
     """A round could not complete; the message says which and why."""
 
 
-def nan_aware_weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
-    """Weighted mean of each metric over the replies where it is a finite number."""
+def finite_weighted_mean(rows: Iterable[tuple[float, Mapping[str, object]]]) -> dict[str, float]:
+    """Per key, the weighted mean over the rows where the value is a finite number.
+
+    A hospital whose test split lacks a label has no AUROC for it; that hospital is left
+    out of that label's mean instead of poisoning it with NaN or counting it as 0.5.
+    """
     sums: dict[str, float] = {}
     weights: dict[str, float] = {}
+    for weight, values in rows:
+        for key, value in values.items():
+            if isinstance(value, int | float) and math.isfinite(value) and weight > 0:
+                sums[key] = sums.get(key, 0.0) + weight * float(value)
+                weights[key] = weights.get(key, 0.0) + weight
+    return {k: sums[k] / weights[k] for k in sums}
+
+
+def hospital_round(
+    node: int, name: str, metrics: Mapping[str, object], num_examples: int, reason: str
+) -> HospitalRound:
+    """A hospital's train reply (either record format) as the server records it."""
+    return HospitalRound(
+        hospital=name,
+        node_id=node,
+        status="declined" if metrics.get("declined", 0) else "trained",
+        num_examples=num_examples,
+        train_loss=_float(metrics.get("train-loss")),
+        epsilon=_float(metrics.get("epsilon")),
+        max_epsilon=_float(metrics.get("max-epsilon")),
+        reason=reason,
+    )
+
+
+def nan_aware_weighted_mean(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Weighted mean of each metric over the replies where it is a finite number."""
+    rows = []
     for record in records:
-        metrics = next(iter(record.metric_records.values()))
-        w = float(metrics[weight_key])  # type: ignore[arg-type]
-        for key, value in metrics.items():
-            if key == weight_key or not isinstance(value, int | float):
-                continue
-            if math.isfinite(value) and w > 0:
-                sums[key] = sums.get(key, 0.0) + w * float(value)
-                weights[key] = weights.get(key, 0.0) + w
-    total = sum(float(next(iter(r.metric_records.values()))[weight_key]) for r in records)  # type: ignore[arg-type]
-    out: dict[str, float | int] = {weight_key: int(total)}
-    out.update({k: sums[k] / weights[k] for k in sums})
+        metrics = dict(next(iter(record.metric_records.values())))
+        weight = float(metrics.pop(weight_key))  # type: ignore[arg-type]
+        rows.append((weight, metrics))
+    out: dict[str, float | int] = {weight_key: int(sum(w for w, _ in rows))}
+    out.update(finite_weighted_mean(rows))
     return MetricRecord(out)
 
 
@@ -131,15 +156,12 @@ class HospitalFedAvg(FedAvg):
                 continue
             metrics = msg.content.metric_records.get("metrics", MetricRecord())
             status = msg.content["hospital"] if "hospital" in msg.content.config_records else {}
-            entry = HospitalRound(
-                hospital=_hospital_name(msg),
-                node_id=node,
-                status="declined" if metrics.get("declined", 0) else "trained",
-                num_examples=int(metrics.get("num-examples", 0)),
-                train_loss=_float(metrics.get("train-loss")),
-                epsilon=_float(metrics.get("epsilon")),
-                max_epsilon=_float(metrics.get("max-epsilon")),
-                reason=str(status.get("reason", "")),
+            entry = hospital_round(
+                node,
+                _hospital_name(msg),
+                metrics,
+                int(metrics.get("num-examples", 0)),
+                str(status.get("reason", "")),
             )
             self.round_hospitals[node] = entry
             if entry.status == "declined":
