@@ -225,7 +225,8 @@ class SecAggConfig:
         """(num_shares, reconstruction_threshold) for ``hospitals``, or a ConfigError why not."""
         if hospitals < 3:
             raise ConfigError(
-                f"secagg.enabled: SecAgg+ needs at least 3 hospitals per round, got {hospitals}"
+                f"secagg.enabled: SecAgg+ needs at least 3 hospitals per round, got {hospitals} "
+                "(use 3 or more, or run without it: secagg.enabled=false)"
             )
         shares = self.num_shares or hospitals
         if shares > hospitals:
