@@ -113,20 +113,6 @@ class Deployment:
             assert time.monotonic() < deadline, reg.stdout + reg.stderr
             time.sleep(1)
 
-    def supernode(self, name: str, *, tls: bool = True, node_config: str = "") -> list[str]:
-        """The command line of a hospital's SuperNode."""
-        cmd = [
-            str(BIN / "flower-supernode"),
-            "--superlink",
-            f"127.0.0.1:{self.port}",
-            "--port",
-            str(free_port()),
-            "--auth-supernode-private-key",
-            str(self.certs / f"hospitals/{name}/{name}.key"),
-        ]
-        cmd += ["--root-certificates", str(self.certs / "ca/ca.crt")] if tls else ["--insecure"]
-        return cmd + (["--node-config", node_config] if node_config else [])
-
     def hospital(
         self, name: str, manifest: Path | None = None, *, tls: bool = True
     ) -> tuple[list[str], str]:
