@@ -14,6 +14,7 @@ __all__ = ["register"]
 def register(app: typer.Typer) -> None:
     """Add the coordinator's subcommands to the CLI."""
     app.command("simulate")(simulate)
+    app.command("server")(server)
     certs = typer.Typer(
         help="Create the CA, the server's TLS certificate and the hospitals' key pairs.",
         no_args_is_help=True,
@@ -85,6 +86,39 @@ def certs_hospital(
     from server.certs import create_hospital_key
 
     _run_certs(lambda: {name: create_hospital_key(out, name)})
+
+
+def server(
+    config: Annotated[Path, typer.Option("--config", "-c", help="The server's TOML file.")],
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show Flower's full log.")
+    ] = False,
+) -> None:
+    """Run the federation for real: SuperLink, hospital registration, the rounds.
+
+    The file's [server] table gives the address, the state directory, the TLS files
+    from `fedfusion certs` and the hospitals' public keys to register; [run] holds run
+    settings (the keys of `fedfusion simulate -c`). Exits non-zero if the run failed.
+    """
+    from server.deploy import INSECURE_WARNING, run_server
+    from server.report import summary_table
+    from shared_model.config import ConfigError, ServerDeployConfig
+
+    try:
+        cfg, run, settings = ServerDeployConfig.from_file(config)
+    except ConfigError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err
+    if cfg.insecure:
+        typer.secho(INSECURE_WARNING, fg=typer.colors.RED, err=True)
+    result = run_server(cfg, run, settings, echo=typer.echo, verbose=verbose)
+    if result.rounds:
+        typer.echo("\n" + summary_table(result.rounds))
+    typer.echo(f"\nrun directory: {result.run_dir}")
+    if not result.ok:
+        for problem in result.problems:
+            typer.secho(f"FAILED: {problem}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
 
 
 def simulate(

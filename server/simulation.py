@@ -247,14 +247,22 @@ def run_simulation_cli(
     link = LocalSuperLink(env, port, out / "superlink.log")
     try:
         with link:
-            rc, status, timed_out = _submit(
-                project, config_file, hospitals, env, out, timeout, verbose, echo
+            rc, status, timed_out = submit_run(
+                project,
+                config_file,
+                "local",
+                env,
+                out,
+                timeout,
+                verbose,
+                echo,
+                ("--federation-config", f"num-supernodes={hospitals} client-resources-num-cpus=1"),
             )
     finally:
         result.leftover_processes = link.leftover
         shutil.rmtree(ray_tmp, ignore_errors=True)
     result.seconds = time.monotonic() - started
-    result.problems = _judge(rc, status, out, tolerate_failures)
+    result.problems = judge_run(rc, status, out, tolerate_failures)
     if timed_out:
         result.problems.insert(
             0, f"the run did not finish within --timeout {timeout:.0f}s and was stopped"
@@ -268,26 +276,29 @@ def run_simulation_cli(
     return result
 
 
-def _submit(
+def submit_run(
     project: Path,
     config_file: Path,
-    hospitals: int,
+    connection: str,
     env: dict[str, str],
     out: Path,
     timeout: float,
     verbose: bool,
     echo: Any,
+    extra: tuple[str, ...] = (),
 ) -> tuple[int, str, bool]:
-    """``flwr run`` the app, streaming progress; returns (exit code, status, timed out)."""
+    """``flwr run`` the app on ``connection``, streaming progress into ``out/simulation.log``.
+
+    Returns (exit code, the run status `flwr ls` reports, whether it timed out).
+    """
     flwr = str(Path(sys.executable).parent / "flwr")
     cmd = [
         flwr,
         "run",
         str(project),
-        "local",
+        connection,
         "--stream",
-        "--federation-config",
-        f"num-supernodes={hospitals} client-resources-num-cpus=1",
+        *extra,
         "--run-config",
         str(config_file),
     ]
@@ -320,7 +331,7 @@ def _submit(
         finally:
             timer.cancel()
     listing = subprocess.run(
-        [flwr, "ls", "local", "--format", "json"],
+        [flwr, "ls", connection, "--format", "json"],
         env=env,
         cwd=out,
         capture_output=True,
@@ -335,7 +346,7 @@ def _submit(
     return rc, status, timed_out.is_set()
 
 
-def _judge(rc: int, status: str, out: Path, tolerate_failures: bool) -> list[str]:
+def judge_run(rc: int, status: str, out: Path, tolerate_failures: bool) -> list[str]:
     """Every reason to call the run failed (flwr run's exit code alone says nothing)."""
     problems = []
     if rc != 0:

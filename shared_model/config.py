@@ -33,6 +33,7 @@ __all__ = [
     "RunConfig",
     "SecAggConfig",
     "ServerConfig",
+    "ServerDeployConfig",
     "TrainConfig",
 ]
 
@@ -431,6 +432,99 @@ class ConnectionConfig:
                 raise ConfigError(f"connection.{key}: missing")
             if not Path(value).is_file():
                 raise ConfigError(f"connection.{key}: {value} does not exist")
+
+
+@dataclass(frozen=True)
+class ServerDeployConfig:
+    """The coordinator's deployment: the ``[server]`` table of ``server.toml``."""
+
+    address: str = _opt("0.0.0.0:9092", "host:port the SuperLink listens on.")
+    state_dir: str = _opt("server-state", "SuperLink database, runs (checkpoints, metrics), logs.")
+    root_certificates: str = _opt("", "The federation's CA certificate.")
+    certificate: str = _opt("", "The SuperLink's TLS certificate (from `fedfusion certs`).")
+    private_key: str = _opt("", "The SuperLink's TLS private key.")
+    hospitals: str = _opt("", "Hospitals' public keys to register, '|'-separated paths.")
+    insecure: bool = _opt(False, "Plaintext, no TLS, no hospital authentication: development only.")
+    timeout: float = _opt(86400.0, "Stop the run after this many seconds.", min=1.0)
+
+    @classmethod
+    def from_file(cls, path: Path) -> tuple[ServerDeployConfig, RunConfig, dict[str, Any]]:
+        """Read ``server.toml``: the ``[server]`` table, and ``[run]`` run settings."""
+        path = Path(path).expanduser().resolve()
+        data = _load_toml(path, "fedfusion server --config")
+        table = data.get("server")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{path}: needs a [server] table")
+        fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in table.items():
+            if key not in fields:
+                raise ConfigError(
+                    _unknown_key_message(
+                        f"server.{key}",
+                        {f"server.{k}": v for k, v in fields.items()},
+                        "server file",
+                    )
+                )
+            if key == "hospitals" and isinstance(raw, list):
+                raw = "|".join(str(r) for r in raw)
+            values[fields[key].name] = _coerce(f"server.{key}", fields[key], cls, raw)
+        for key in ("state_dir", "root_certificates", "certificate", "private_key"):
+            if values.get(key) and not Path(values[key]).is_absolute():
+                values[key] = str(path.parent / values[key])
+        if values.get("hospitals"):
+            values["hospitals"] = "|".join(
+                p if Path(p).is_absolute() else str(path.parent / p)
+                for p in values["hospitals"].split("|")
+            )
+        cfg = _construct(cls, values, prefix="server")
+        run_table = data.get("run", {})
+        if not isinstance(run_table, dict):
+            raise ConfigError(f"{path}: [run] must be a table of run settings")
+        flat = _flatten_toml(run_table)
+        run = RunConfig.from_run_config(flat)
+        cfg._check()
+        return cfg, run, flat
+
+    def _check(self) -> None:
+        if not re.match(r"^[^\s:]+:\d{1,5}$", self.address):
+            raise ConfigError(f"server.address: expected host:port, got {self.address!r}")
+        if self.insecure:
+            if self.root_certificates or self.certificate or self.private_key:
+                raise ConfigError(
+                    "server.insecure = true contradicts the TLS files given: "
+                    "choose TLS or plaintext (development only)"
+                )
+            return
+        for key, value in (
+            ("root-certificates", self.root_certificates),
+            ("certificate", self.certificate),
+            ("private-key", self.private_key),
+        ):
+            if not value:
+                raise ConfigError(
+                    f"server.{key}: required for TLS (plaintext needs an "
+                    "explicit server.insecure = true)"
+                )
+            if not Path(value).is_file():
+                raise ConfigError(f"server.{key}: {value} does not exist")
+        for pub in self.hospital_keys():
+            if not Path(pub).is_file():
+                raise ConfigError(f"server.hospitals: {pub} does not exist")
+
+    def hospital_keys(self) -> list[str]:
+        """Paths of the hospitals' public keys to register."""
+        return [p for p in self.hospitals.split("|") if p]
+
+
+def _flatten_toml(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            flat.update(_flatten_toml(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
 
 
 # ------------------------------------------------------------------------- internals

@@ -134,6 +134,34 @@ class Deployment:
         )
         return [str(BIN / "fedfusion"), "hospital", "--config", str(path)], f"127.0.0.1:{port}"
 
+    def server_file(self, hospitals: list[str], run: str) -> Path:
+        """A server.toml for `fedfusion server` on this deployment's port and certificates."""
+        keys = ", ".join(f'"{self.certs / f"hospitals/{h}/{h}.pub"}"' for h in hospitals)
+        path = self.tmp / "server.toml"
+        path.write_text(
+            f'[server]\naddress = "127.0.0.1:{self.port}"\n'
+            f'state-dir = "{self.tmp / "server-state"}"\n'
+            f'root-certificates = "{self.certs / "ca/ca.crt"}"\n'
+            f'certificate = "{self.certs / "server/server.pem"}"\n'
+            f'private-key = "{self.certs / "server/server.key"}"\n'
+            f"hospitals = [{keys}]\ntimeout = 600.0\n\n[run]\n{run}"
+        )
+        return path
+
+    def wait_registered(self, count: int, deadline_s: float = 90) -> None:
+        """Wait until ``count`` hospital keys are registered on the SuperLink."""
+        deadline = time.monotonic() + deadline_s
+        while True:
+            listing = self.flwr("supernode", "list", "tls", "--format", "json")
+            try:
+                nodes = json.loads(listing.stdout).get("nodes", [])
+            except json.JSONDecodeError:
+                nodes = []
+            if len(nodes) >= count:
+                return
+            assert time.monotonic() < deadline, listing.stdout + listing.stderr
+            time.sleep(1)
+
     def wait_online(self, count: int, deadline_s: float = 90) -> None:
         """Wait until ``count`` SuperNodes are online."""
         deadline = time.monotonic() + deadline_s
@@ -168,7 +196,6 @@ class Deployment:
 @pytest.fixture
 def deployment(tmp_path):
     d = Deployment(tmp_path)
-    d.start_superlink()
     try:
         yield d
     finally:

@@ -12,6 +12,7 @@ pytestmark = pytest.mark.slow
 
 def test_registered_hospital_joins_unregistered_and_plaintext_are_refused(deployment):
     d = deployment
+    d.start_superlink()
     d.register("hospital-0")
     cmd, marker = d.hospital("hospital-0")
     d.start(cmd, "hospital-0.log", (marker,))

@@ -10,7 +10,8 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
-from server.simulation import _judge, parse_overrides
+from server.simulation import judge_run as _judge
+from server.simulation import parse_overrides
 from shared_model.cli import build_app
 from shared_model.config import ConfigError
 from shared_model.processes import stop_processes
