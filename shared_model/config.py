@@ -35,6 +35,8 @@ __all__ = [
     "ServerConfig",
     "ServerDeployConfig",
     "TrainConfig",
+    "describe_run_config",
+    "flatten_toml",
 ]
 
 FUSION_MODES = ("concat", "gated", "cross_attention")
@@ -336,16 +338,11 @@ class HospitalConfig:
         top level or under ``[hospital]``; keys given directly in the node config win.
         Relative paths in the file are taken relative to the file.
         """
-        fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
         merged = dict(node_config)
         if "config-file" in merged:
             from_file = _read_hospital_file(str(merged.pop("config-file")))
             merged = {**from_file, **merged}
-        values: dict[str, Any] = {}
-        for key, raw in merged.items():
-            if key not in fields:
-                raise ConfigError(_unknown_key_message(key, fields, "node"))
-            values[fields[key].name] = _coerce(key, fields[key], cls, raw)
+        values = _parse_table(cls, merged, "", "node")
         cfg = _construct(cls, values, prefix="")
         if not cfg.data_manifest and cfg.partition_id < 0:
             raise ConfigError(
@@ -390,18 +387,7 @@ class ConnectionConfig:
             raise ConfigError(
                 f"{path}: needs a [connection] table (server, root-certificates, private-key)"
             )
-        fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
-        values: dict[str, Any] = {}
-        for key, raw in table.items():
-            if key not in fields:
-                raise ConfigError(
-                    _unknown_key_message(
-                        f"connection.{key}",
-                        {f"connection.{k}": v for k, v in fields.items()},
-                        "hospital file",
-                    )
-                )
-            values[fields[key].name] = _coerce(f"connection.{key}", fields[key], cls, raw)
+        values = _parse_table(cls, table, "connection", "hospital file")
         for key in ("root_certificates", "private_key"):  # relative to the file
             if values.get(key) and not Path(values[key]).is_absolute():
                 values[key] = str(path.parent / values[key])
@@ -455,20 +441,9 @@ class ServerDeployConfig:
         table = data.get("server")
         if not isinstance(table, dict):
             raise ConfigError(f"{path}: needs a [server] table")
-        fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
-        values: dict[str, Any] = {}
-        for key, raw in table.items():
-            if key not in fields:
-                raise ConfigError(
-                    _unknown_key_message(
-                        f"server.{key}",
-                        {f"server.{k}": v for k, v in fields.items()},
-                        "server file",
-                    )
-                )
-            if key == "hospitals" and isinstance(raw, list):
-                raw = "|".join(str(r) for r in raw)
-            values[fields[key].name] = _coerce(f"server.{key}", fields[key], cls, raw)
+        if isinstance(table.get("hospitals"), list):
+            table = {**table, "hospitals": "|".join(str(p) for p in table["hospitals"])}
+        values = _parse_table(cls, table, "server", "server file")
         for key in ("state_dir", "root_certificates", "certificate", "private_key"):
             if values.get(key) and not Path(values[key]).is_absolute():
                 values[key] = str(path.parent / values[key])
@@ -481,7 +456,7 @@ class ServerDeployConfig:
         run_table = data.get("run", {})
         if not isinstance(run_table, dict):
             raise ConfigError(f"{path}: [run] must be a table of run settings")
-        flat = _flatten_toml(run_table)
+        flat = flatten_toml(run_table)
         run = RunConfig.from_run_config(flat)
         cfg._check()
         return cfg, run, flat
@@ -517,17 +492,32 @@ class ServerDeployConfig:
         return [p for p in self.hospitals.split("|") if p]
 
 
-def _flatten_toml(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_toml(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested TOML tables as Flower's flat dotted keys (``{"a": {"b": 1}}`` -> ``a.b``)."""
     flat: dict[str, Any] = {}
     for key, value in table.items():
         if isinstance(value, dict):
-            flat.update(_flatten_toml(value, f"{prefix}{key}."))
+            flat.update(flatten_toml(value, f"{prefix}{key}."))
         else:
             flat[prefix + key] = value
     return flat
 
 
 # ------------------------------------------------------------------------- internals
+
+
+def _parse_table(cls: type, table: Mapping[str, Any], prefix: str, kind: str) -> dict[str, Any]:
+    """Check every key of a table against ``cls``'s fields and coerce its value."""
+    fields = {f.name.replace("_", "-"): f for f in dataclasses.fields(cls)}
+    dotted = (lambda k: f"{prefix}.{k}") if prefix else (lambda k: k)
+    values: dict[str, Any] = {}
+    for key, raw in table.items():
+        if key not in fields:
+            raise ConfigError(
+                _unknown_key_message(dotted(key), {dotted(k): v for k, v in fields.items()}, kind)
+            )
+        values[fields[key].name] = _coerce(dotted(key), fields[key], cls, raw)
+    return values
 
 
 def _load_toml(path: Path, what: str) -> dict[str, Any]:

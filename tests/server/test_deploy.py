@@ -85,6 +85,6 @@ def test_the_example_file_in_deploy_parses_its_run_settings():
         "timeout",
         "insecure",
     }
-    from shared_model.config import RunConfig, _flatten_toml
+    from shared_model.config import RunConfig, flatten_toml
 
-    assert RunConfig.from_run_config(_flatten_toml(data["run"])).num_rounds == 10
+    assert RunConfig.from_run_config(flatten_toml(data["run"])).num_rounds == 10

@@ -6,24 +6,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from shared_model.config import ConfigError, HospitalConfig, RunConfig, describe_run_config
+from shared_model.config import (
+    ConfigError,
+    HospitalConfig,
+    RunConfig,
+    describe_run_config,
+    flatten_toml,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _flatten(table: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in table.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
-
-
 def test_pyproject_app_config_is_exactly_the_defaults():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    table = _flatten(pyproject["tool"]["flwr"]["app"]["config"])
+    table = flatten_toml(pyproject["tool"]["flwr"]["app"]["config"])
     assert table == RunConfig().to_run_config()
     assert RunConfig.from_run_config(table) == RunConfig()
 
