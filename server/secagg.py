@@ -36,6 +36,7 @@ from flwr.serverapp import Grid
 from server.checkpoint import HospitalRound, RoundRecord
 from server.strategy import (
     FederationError,
+    as_float,
     finite_weighted_mean,
     hospital_round,
     short_reason,
@@ -45,10 +46,6 @@ from shared_model.config import RunConfig
 __all__ = ["SecAggFedAvg", "run_secagg_rounds"]
 
 StateDict = dict[str, torch.Tensor]
-
-
-def _float(value: object) -> float | None:
-    return float(value) if isinstance(value, int | float) else None  # type: ignore[arg-type]
 
 
 class SecAggFedAvg(LegacyFedAvg):
@@ -170,7 +167,7 @@ class SecAggFedAvg(LegacyFedAvg):
                     status="evaluated",
                 ),
             )
-            entry.eval_loss, entry.eval_auroc = res.loss, _float(res.metrics.get("auroc"))
+            entry.eval_loss, entry.eval_auroc = res.loss, as_float(res.metrics.get("auroc"))
         metrics = finite_weighted_mean(
             (res.num_examples, {"loss": res.loss, **res.metrics}) for _, res in results
         )
@@ -214,8 +211,7 @@ def run_secagg_rounds(
     ``hospitals`` is how many are connected; an impossible share/threshold combination
     for the sample is refused here, before any round starts.
     """
-    sampled = max(3, int(hospitals * run.server.fraction_train))
-    shares, threshold = run.secagg.resolve(sampled)
+    sampled, shares, threshold = run.secagg_plan(hospitals)
     keys = list(initial)
     log(
         INFO,

@@ -64,7 +64,7 @@ def _secagg_run(
     hospitals = wait_for_hospitals(
         grid, run.server.min_hospitals, run.server.wait_for_hospitals_timeout
     )
-    run.secagg.resolve(max(3, int(hospitals * run.server.fraction_train)))  # refuse early
+    run.secagg_plan(hospitals)  # refuse impossible settings before the baseline round
     run_federation(grid, run, build_strategy(run), initial, store, progress, train_rounds=0)
 
     def on_round(record: RoundRecord, state: dict[str, torch.Tensor]) -> None:

@@ -205,9 +205,7 @@ def run_simulation_cli(
     run_config = {**overrides, "num-rounds": rounds, "output-dir": str(out)}
     run = RunConfig.from_run_config(run_config)  # fail now, with the key named
     if run.secagg.enabled:  # refuse impossible share/threshold settings before starting
-        run.secagg.resolve(
-            max(3, int(hospitals * run.server.fraction_train)) if hospitals >= 3 else hospitals
-        )
+        run.secagg_plan(hospitals)
     if hospitals < run.server.min_hospitals:
         raise ConfigError(
             f"--hospitals {hospitals} is below server.min-hospitals "

@@ -60,9 +60,9 @@ def hospital_round(
         node_id=node,
         status="declined" if metrics.get("declined", 0) else "trained",
         num_examples=num_examples,
-        train_loss=_float(metrics.get("train-loss")),
-        epsilon=_float(metrics.get("epsilon")),
-        max_epsilon=_float(metrics.get("max-epsilon")),
+        train_loss=as_float(metrics.get("train-loss")),
+        epsilon=as_float(metrics.get("epsilon")),
+        max_epsilon=as_float(metrics.get("max-epsilon")),
         reason=reason,
     )
 
@@ -209,12 +209,13 @@ class HospitalFedAvg(FedAvg):
             entry = self.round_hospitals.setdefault(
                 node, HospitalRound(hospital=_hospital_name(msg), node_id=node, status="evaluated")
             )
-            entry.eval_loss = _float(metrics.get("loss"))
-            entry.eval_auroc = _float(metrics.get("auroc"))
+            entry.eval_loss = as_float(metrics.get("loss"))
+            entry.eval_auroc = as_float(metrics.get("auroc"))
         return super().aggregate_evaluate(server_round, replies)
 
 
-def _float(value: object) -> float | None:
+def as_float(value: object) -> float | None:
+    """A metric value as a float, or None when it is missing or not a number."""
     return float(value) if isinstance(value, int | float) else None  # type: ignore[arg-type]
 
 
@@ -330,6 +331,6 @@ def run_federation(
         arrays = new_arrays
         evals = evaluate(server_round, arrays) if run.server.fraction_evaluate > 0 else {}
         record(
-            server_round, _float((train_metrics or {}).get("train-loss")), evals, started, arrays
+            server_round, as_float((train_metrics or {}).get("train-loss")), evals, started, arrays
         )
     return arrays

@@ -277,6 +277,15 @@ class RunConfig:
         if self.server.strategy == "fedprox" and self.server.proximal_mu <= 0:
             raise ConfigError("server.proximal-mu: strategy 'fedprox' needs proximal-mu > 0")
 
+    def secagg_plan(self, hospitals: int) -> tuple[int, int, int]:
+        """(hospitals per round, num_shares, threshold) with ``hospitals`` connected.
+
+        SecAgg+ samples at least 3 (Flower's minimum) but never more than are connected,
+        so too few hospitals is refused here instead of waiting for ones that never come.
+        """
+        sampled = min(hospitals, max(3, int(hospitals * self.server.fraction_train)))
+        return (sampled, *self.secagg.resolve(sampled))
+
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> RunConfig:
         """Parse Flower's flat ``run_config`` (missing keys take their defaults)."""

@@ -140,3 +140,11 @@ def test_impossible_secagg_combinations_are_refused(settings, hospitals, message
 
     with pytest.raises(ConfigError, match=message):
         SecAggConfig(**settings).resolve(hospitals)
+
+
+def test_secagg_plan_never_samples_more_hospitals_than_are_connected():
+    run = RunConfig.from_run_config({"server.fraction-train": 0.5})
+    assert run.secagg_plan(10) == (5, 5, 4)
+    assert run.secagg_plan(4) == (3, 3, 2)  # Flower's minimum of 3 per round
+    with pytest.raises(ConfigError, match="at least 3 hospitals per round, got 2"):
+        run.secagg_plan(2)  # not silently planned as 3: that would wait forever
