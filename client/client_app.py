@@ -1,126 +1,37 @@
-"""The hospital's Flower ClientApp: thin handlers around client/trainer.py.
+"""The hospital's Flower ClientApp.
 
-A train reply carries ``arrays`` (the raw model's state_dict), ``metrics`` (num-examples,
-train-loss, epsilon, ...) and ``hospital`` (its name, status and, when it declines, why).
-A hospital that declines for its privacy budget replies without arrays; the server
-counts that as a decline, not a failure.
+In a deployment Flower starts a fresh ClientApp process for every message, and a
+SecAgg+ round sends five: key setup, key-share exchange, masked upload (which trains),
+unmasking, and evaluation. Only two of them need torch, so this module imports nothing
+heavy: the handlers in ``client/handlers.py`` (torch, Opacus, the data) load when a
+message trains or evaluates, and the three key-exchange stages, which Flower's
+``secaggplus_mod`` answers by itself, start in well under a second.
 """
 
 from __future__ import annotations
 
-import logging
-import warnings
-from typing import Any
-
-import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from client.privacy import dump_history, load_history
-from client.secagg import (
-    delta_ndarrays,
-    is_legacy,
-    legacy_evaluate_reply,
-    legacy_fit_reply,
-    legacy_request,
-    secagg_mod,
-)
-from client.site import open_site
-from client.trainer import run_local_evaluation, run_local_round
-from shared_model.config import HospitalConfig, RunConfig
-from shared_model.model import FusionModel
+from client.secagg import secagg_mod
 
 __all__ = ["app"]
 
-log = logging.getLogger("fedfusion.hospital")
 # SecAgg+ messages go through Flower's secaggplus_mod (client/secagg.py); others pass.
 app = ClientApp(mods=[secagg_mod])
-# A copy of the ledger history in Flower's per-node state: a ledger file that loses
-# rounds this process already recorded is refused (client/privacy.py).
-_LEDGER_COPY = "privacy-ledger"
-
-# One process serves one hospital at a time; the two cores belong to the simulation's
-# actors (or to the hospital's own machine), so do not oversubscribe them.
-torch.set_num_threads(1)
-# Opacus's hooks on the first layer fire although the radiograph needs no gradient.
-warnings.filterwarnings("ignore", message="Full backward hook is firing")
-
-
-def _request(msg: Message, run: RunConfig) -> tuple[dict[str, torch.Tensor], Any, bool]:
-    """The global weights and config of a request, in either record format."""
-    if is_legacy(msg.content):  # SecAgg+ runs in Flower's legacy records
-        weights, config = legacy_request(msg, list(FusionModel(run.model).state_dict()))
-        return weights, config, True
-    return msg.content["arrays"].to_torch_state_dict(), msg.content["config"], False
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Train the global model locally under DP and reply with the new weights.
+    """Train the global model locally under DP; reply with the new weights (SecAgg+: delta)."""
+    from client import handlers  # torch loads only for messages that train
 
-    Under SecAgg+ the reply carries the delta instead, which secagg_mod masks.
-    """
-    run = RunConfig.from_run_config(context.run_config)
-    site = open_site(HospitalConfig.from_node_config(context.node_config), run)
-    weights, config, legacy = _request(msg, run)
-    seen = context.state.config_records.get(_LEDGER_COPY)
-    result = run_local_round(
-        weights,
-        site,
-        run,
-        server_round=int(config["server-round"]),
-        planned_rounds=int(config.get("planned-rounds", run.num_rounds)),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-        ledger_seen=load_history(str(seen["history"])) if seen else (),
-    )
-    if result.ledger_history:
-        context.state[_LEDGER_COPY] = ConfigRecord({"history": dump_history(result.ledger_history)})
-    if not result.trained:
-        log.warning("%s %s", site.name, result.reason)
-    metrics = {
-        "num-examples": result.num_examples,
-        "train-loss": result.train_loss,
-        "epsilon": result.epsilon,
-        "max-epsilon": site.policy.max_epsilon,
-        "noise-multiplier": result.noise_multiplier,
-        "sample-rate": result.sample_rate,
-        "steps": result.steps,
-        "declined": int(not result.trained),
-    }
-    if legacy:  # a declined hospital uploads a zero delta with weight 0
-        return legacy_fit_reply(
-            msg,
-            delta_ndarrays(result.weights, weights),
-            result.num_examples,
-            {**metrics, "hospital-id": site.name, "reason": result.reason},
-            run.secagg,
-        )
-    status = ConfigRecord(
-        {
-            "hospital-id": site.name,
-            "reason": result.reason,
-            "status": "trained" if result.trained else "declined",
-        }
-    )
-    content = RecordDict({"metrics": MetricRecord(metrics), "hospital": status})
-    if result.trained:
-        content["arrays"] = ArrayRecord(result.weights)
-    return Message(content, reply_to=msg)
+    return handlers.train(msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this hospital's held-out split."""
-    run = RunConfig.from_run_config(context.run_config)
-    site = open_site(HospitalConfig.from_node_config(context.node_config), run)
-    weights, _config, legacy = _request(msg, run)
-    result = run_local_evaluation(weights, site, run)
-    if legacy:
-        return legacy_evaluate_reply(
-            msg, result.loss, result.examples, {**result.metrics, "hospital-id": site.name}
-        )
-    metrics = MetricRecord({"num-examples": result.examples, "loss": result.loss, **result.metrics})
-    return Message(
-        RecordDict({"metrics": metrics, "hospital": ConfigRecord({"hospital-id": site.name})}),
-        reply_to=msg,
-    )
+    from client import handlers
+
+    return handlers.evaluate(msg, context)

@@ -480,7 +480,10 @@ def make_private(
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant=policy.accountant, secure_mode=False)
     if noise_generator is None:
-        noise_generator = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+        device = next(model.parameters()).device  # the noise is drawn where the gradients are
+        noise_generator = torch.Generator(device=device).manual_seed(
+            int.from_bytes(os.urandom(8), "little")
+        )
     wrapped = engine.make_private(
         module=model,
         optimizer=optimizer,

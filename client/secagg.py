@@ -14,15 +14,23 @@ in the protocol (so it is not a dropout) but changes nothing.
 
 Metrics in the reply (num-examples, loss, epsilon, ...) travel in the clear; the README
 lists them as public.
+
+The mod uploads each masked value as an int64, although masking works modulo
+``modulus_range`` (a power of two, at most 2**32). ``secagg_mod`` re-encodes them as
+uint32, which halves the upload and changes no value: the server adds the vectors and
+reduces them modulo the same power of two, which uint32 wrap-around already respects.
+
+This module does not import torch: it serves the key-exchange stages, which start a
+ClientApp process each in a deployment.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
@@ -32,15 +40,21 @@ from flwr.common import (
     FitRes,
     MessageType,
     Status,
+    bytes_to_ndarray,
+    ndarray_to_bytes,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 
 from shared_model.config import SecAggConfig
 
+if TYPE_CHECKING:
+    import torch
+
 __all__ = [
+    "compact_masked_vector",
     "delta_ndarrays",
     "is_legacy",
     "legacy_evaluate_reply",
@@ -50,8 +64,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("fedfusion.hospital")
-StateDict = dict[str, torch.Tensor]
+StateDict = dict[str, "torch.Tensor"]
 Scalar = bool | int | float | str
+_UINT32_LIMIT = 2**32
 
 
 def secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
@@ -60,8 +75,25 @@ def secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Mes
         msg.metadata.message_type == MessageType.TRAIN
         and RECORD_KEY_CONFIGS in msg.content.config_records
     ):
-        return secaggplus_mod(msg, ctxt, call_next)
+        return compact_masked_vector(secaggplus_mod(msg, ctxt, call_next))
     return call_next(msg, ctxt)
+
+
+def compact_masked_vector(reply: Message) -> Message:
+    """Re-encode a masked upload's int64 arrays as uint32 when every value fits.
+
+    They fit for any modulus_range up to 2**32. Other replies pass unchanged.
+    """
+    if reply.has_error() or RECORD_KEY_CONFIGS not in reply.content.config_records:
+        return reply
+    configs = reply.content.config_records[RECORD_KEY_CONFIGS]
+    if Key.MASKED_PARAMETERS not in configs:
+        return reply
+    arrays = [bytes_to_ndarray(b) for b in configs[Key.MASKED_PARAMETERS]]  # type: ignore[union-attr]
+    if any(a.size and (a.min() < 0 or a.max() >= _UINT32_LIMIT) for a in arrays):
+        return reply  # a modulus above 2**32: keep Flower's encoding
+    configs[Key.MASKED_PARAMETERS] = [ndarray_to_bytes(a.astype(np.uint32)) for a in arrays]
+    return reply
 
 
 def is_legacy(content: RecordDict) -> bool:
@@ -76,6 +108,8 @@ def legacy_request(msg: Message, keys: Sequence[str]) -> tuple[StateDict, dict[s
         ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     else:
         ins = compat.recorddict_to_evaluateins(msg.content, keep_input=True)
+    import torch  # only the train and evaluate handlers need it
+
     arrays = parameters_to_ndarrays(ins.parameters)
     if len(arrays) != len(keys):
         raise ValueError(f"the server sent {len(arrays)} weight arrays, the model has {len(keys)}")

@@ -7,17 +7,19 @@ SuperNode, or the simulation's partition). Its privacy policy caps what the serv
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+
 from client.privacy import LedgerEntry, PrivacyLedger, PrivacyPolicy, effective_policy
-from shared_model.config import DataConfig, HospitalConfig, ModelConfig, RunConfig
+from shared_model.config import ConfigError, DataConfig, HospitalConfig, ModelConfig, RunConfig
 from shared_model.data import load_manifest, split_train_test
 from shared_model.datasets import HospitalSplit, embedded_hospital
 from shared_model.text import ReportTokenizer
 
-__all__ = ["Site", "hospital_data", "open_site"]
+__all__ = ["Site", "hospital_data", "open_site", "resolve_device"]
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class Site:
     policy: PrivacyPolicy
     state_dir: Path
     data: HospitalSplit
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def name(self) -> str:
@@ -43,13 +46,37 @@ class Site:
 
 
 def open_site(hospital: HospitalConfig, run: RunConfig) -> Site:
-    """Resolve a hospital's policy, state directory and data for this run."""
+    """Resolve a hospital's policy, state directory, device and data for this run."""
+    device = resolve_device(hospital.device)
+    if hospital.torch_threads():
+        torch.set_num_threads(hospital.torch_threads())
     return Site(
         hospital=hospital,
         policy=effective_policy(run.privacy, hospital),
         state_dir=hospital.ledger_dir(run.output_dir),
         data=hospital_data(hospital, run.model, run.data, run.seed),
+        device=device,
     )
+
+
+def resolve_device(spec: str) -> torch.device:
+    """The torch device for ``hospital.device``; ConfigError if it is not there."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"hospital.device = {spec!r}, but this torch ({torch.__version__}) sees no "
+                "CUDA GPU: install a CUDA build of torch (deploy/Dockerfile.hospital-cuda) "
+                "or set device = 'cpu'"
+            )
+        index = int(spec.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"hospital.device = {spec!r}, but only {torch.cuda.device_count()} "
+                "CUDA device(s) exist"
+            )
+    return torch.device(spec)
 
 
 @lru_cache(maxsize=4)

@@ -46,10 +46,15 @@ class LocalRound:
     ledger_history: tuple[LedgerEntry, ...] = ()  # the whole ledger history after the round
 
 
-def _model_from(weights: StateDict, run: RunConfig) -> FusionModel:
+def _model_from(weights: StateDict, run: RunConfig, device: torch.device) -> FusionModel:
     model = FusionModel(run.model)
     model.load_state_dict(weights, strict=True)
-    return model
+    return model.to(device)
+
+
+def _on_cpu(state: StateDict) -> StateDict:
+    """A state_dict as it travels: CPU tensors, detached."""
+    return {k: v.detach().cpu() for k, v in state.items()}
 
 
 def _train_epochs(
@@ -61,6 +66,7 @@ def _train_epochs(
     proximal_mu: float,
     global_params: list[torch.Tensor],
     on_empty_batch: Callable[[], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[float, int]:
     """Run the round's local epochs; returns (mean per-example loss, optimizer steps)."""
     total_loss, examples, steps = 0.0, 0, 0
@@ -74,6 +80,7 @@ def _train_epochs(
             proximal_mu=proximal_mu,
             global_params=global_params,
             on_empty_batch=on_empty_batch,
+            device=device,
         )
         total_loss += stats.loss * stats.examples
         examples += stats.examples
@@ -98,9 +105,9 @@ def run_local_round(
     ledger on disk must still hold it.
     """
     train_set = site.data.train
-    model = _model_from(weights, run)
+    model = _model_from(weights, run, site.device)
     global_params = [p.detach().clone() for p in model.parameters()]
-    loss_fn = make_loss(pos_weight_from_config(run.train, run.model.labels))
+    loss_fn = make_loss(pos_weight_from_config(run.train, run.model.labels)).to(site.device)
     optimizer = make_optimizer(model, run)
     if not site.policy.enabled:
         generator = torch.Generator().manual_seed(run.seed * 1000 + server_round)
@@ -108,12 +115,12 @@ def run_local_round(
             train_set, batch_size=run.train.batch_size, shuffle=True, generator=generator
         )
         loss, steps = _train_epochs(
-            model, loader, optimizer, loss_fn, run, proximal_mu, global_params
+            model, loader, optimizer, loss_fn, run, proximal_mu, global_params, device=site.device
         )
         return LocalRound(
             True,
             "trained without DP (privacy.enabled = false)",
-            model.state_dict(),
+            _on_cpu(model.state_dict()),
             len(train_set),
             loss,
             steps,
@@ -166,6 +173,7 @@ def run_local_round(
         proximal_mu,
         global_params,
         on_empty_batch=private.empty_batch_step,
+        device=site.device,
     )
     ledger.complete_round(server_round, steps)
     epsilon = ledger.epsilon()
@@ -180,7 +188,7 @@ def run_local_round(
     return LocalRound(
         True,
         "trained",
-        private.raw_model.state_dict(),
+        _on_cpu(private.raw_model.state_dict()),
         len(train_set),
         loss,
         steps,
@@ -193,7 +201,7 @@ def run_local_round(
 
 def run_local_evaluation(weights: StateDict, site: Site, run: RunConfig) -> EvalResult:
     """Metrics of the global model on this hospital's held-out split."""
-    model = _model_from(weights, run)
-    loss_fn = make_loss(pos_weight_from_config(run.train, run.model.labels))
+    model = _model_from(weights, run, site.device)
+    loss_fn = make_loss(pos_weight_from_config(run.train, run.model.labels)).to(site.device)
     loader = DataLoader(site.data.test, batch_size=256)
-    return evaluate(model, loader, loss_fn, run.model.labels)
+    return evaluate(model, loader, loss_fn, run.model.labels, device=site.device)

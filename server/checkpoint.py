@@ -42,6 +42,8 @@ class HospitalRound:
     eval_loss: float | None = None
     eval_auroc: float | None = None
     reason: str = ""
+    bytes_up: int = 0  # serialized bytes this hospital sent in the round (all messages)
+    bytes_down: int = 0  # serialized bytes the server sent it
 
 
 @dataclass

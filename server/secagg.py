@@ -41,6 +41,7 @@ from server.strategy import (
     hospital_round,
     short_reason,
 )
+from server.wire import MeteredGrid, metered
 from shared_model.config import RunConfig
 
 __all__ = ["SecAggFedAvg", "run_secagg_rounds"]
@@ -56,7 +57,9 @@ class SecAggFedAvg(LegacyFedAvg):
         run: RunConfig,
         initial: list[np.ndarray],
         on_round: Callable[[RoundRecord, list[np.ndarray]], None],
+        meter: MeteredGrid,
     ) -> None:
+        self.meter = meter
         super().__init__(
             fraction_fit=run.server.fraction_train,
             fraction_evaluate=run.server.fraction_evaluate,
@@ -73,6 +76,7 @@ class SecAggFedAvg(LegacyFedAvg):
         self._reset()
 
     def _reset(self) -> None:
+        self.meter.reset()
         self.hospitals: dict[int, HospitalRound] = {}
         self.sampled = 0
         self.failures = self.declined = self.eval_failures = 0
@@ -183,6 +187,8 @@ class SecAggFedAvg(LegacyFedAvg):
         return None
 
     def _record(self, server_round: int, evals: dict[str, float]) -> None:
+        for entry in self.hospitals.values():
+            entry.bytes_up, entry.bytes_down = self.meter.node_bytes(entry.node_id)
         record = RoundRecord(
             round=server_round,
             train_loss=self.train_loss,
@@ -213,6 +219,7 @@ def run_secagg_rounds(
     """
     sampled, shares, threshold = run.secagg_plan(hospitals)
     keys = list(initial)
+    grid = metered(grid)
     log(
         INFO,
         "[fedfusion] SecAgg+: %d hospitals per round, %d shares, threshold %d, "
@@ -231,6 +238,7 @@ def run_secagg_rounds(
         run,
         [t.detach().cpu().numpy() for t in initial.values()],
         lambda record, arrays: on_round(record, to_state(arrays)),
+        grid,
     )
     workflow = DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(

@@ -26,6 +26,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from server.checkpoint import HospitalRound, RoundRecord, RunStore
+from server.wire import metered
 from shared_model.config import RunConfig
 
 __all__ = ["FederationError", "HospitalFedAvg", "nan_aware_weighted_mean", "run_federation"]
@@ -263,6 +264,7 @@ def run_federation(
     round is compared against. ``train_rounds`` (default: num-rounds) training rounds
     follow; 0 runs the baseline alone (the SecAgg+ path trains in its own workflow).
     """
+    grid = metered(grid)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         metrics = strategy.aggregate_evaluate(
@@ -281,6 +283,8 @@ def run_federation(
         started: float,
         arrays: ArrayRecord,
     ) -> None:
+        for entry in strategy.round_hospitals.values():
+            entry.bytes_up, entry.bytes_down = grid.node_bytes(entry.node_id)
         rec = RoundRecord(
             round=server_round,
             train_loss=train_loss,
@@ -302,11 +306,13 @@ def run_federation(
     if run.server.fraction_evaluate > 0:
         started = time.monotonic()
         strategy.begin_round()
+        grid.reset()
         record(0, None, evaluate(0, arrays), started, arrays)
     rounds = run.num_rounds if train_rounds is None else train_rounds
     for server_round in range(1, rounds + 1):
         started = time.monotonic()
         strategy.begin_round()
+        grid.reset()
         log(INFO, "[fedfusion] round %d/%d", server_round, run.num_rounds)
         wait_for_hospitals(grid, run.server.min_hospitals, run.server.wait_for_hospitals_timeout)
         replies = grid.send_and_receive(

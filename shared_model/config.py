@@ -338,6 +338,13 @@ class HospitalConfig:
     num_partitions: int = _opt(
         0, "Simulation: how many partitions the embedded data is split into.", min=0
     )
+    threads: int = _opt(
+        0,
+        "CPU threads for training; 0: all cores, or 1 per hospital in a simulation "
+        "(simulated hospitals share one machine).",
+        min=0,
+    )
+    device: str = _opt("cpu", "Where training runs: cpu, cuda, cuda:N, or auto (cuda if any).")
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> HospitalConfig:
@@ -363,7 +370,22 @@ class HospitalConfig:
                 f"node config 'partition-id': {cfg.partition_id} is not in "
                 f"[0, num-partitions={cfg.num_partitions})"
             )
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", cfg.device):
+            raise ConfigError(
+                f"hospital 'device': expected cpu, cuda, cuda:N or auto, got {cfg.device!r}"
+            )
         return cfg
+
+    @property
+    def simulated(self) -> bool:
+        """True for a simulated hospital holding a partition of the embedded data."""
+        return not self.data_manifest and self.partition_id >= 0
+
+    def torch_threads(self) -> int:
+        """Threads torch may use (0: leave torch's default, all cores)."""
+        if self.threads:
+            return self.threads
+        return 1 if self.simulated else 0
 
     @property
     def name(self) -> str:

@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
-from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score
 from torch import nn
 
 from shared_model.config import RunConfig, TrainConfig
@@ -150,6 +150,11 @@ def _drop_modalities(
     return present * mask
 
 
+def _to_device(device: torch.device | str, *tensors: Any) -> tuple[Any, ...]:
+    """The batch's tensors on ``device`` (no copy when they are there already; None stays)."""
+    return tuple(t if t is None else t.to(device, non_blocking=True) for t in tensors)
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable[tuple[torch.Tensor, ...]],
@@ -161,6 +166,7 @@ def train_one_epoch(
     global_params: Sequence[torch.Tensor] | None = None,
     generator: torch.Generator | None = None,
     on_empty_batch: Callable[[], None] | None = None,
+    device: torch.device | str = "cpu",
 ) -> TrainStats:
     """One pass over ``loader``.
 
@@ -171,7 +177,8 @@ def train_one_epoch(
     update, it costs no privacy.
 
     An empty batch (Poisson sampling yields them) calls ``on_empty_batch``, which for DP
-    training takes the noise-only step the accountant counts.
+    training takes the noise-only step the accountant counts. Batches come from the
+    loader on the CPU and move to ``device`` (where the model is) after modality dropout.
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -182,6 +189,7 @@ def train_one_epoch(
             steps += 1
             continue
         present = _drop_modalities(present, modality_dropout, generator)
+        image, report_ids, present, labels = _to_device(device, image, report_ids, present, labels)
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(image, report_ids, present), labels)
         loss.backward()
@@ -204,15 +212,17 @@ def evaluate(
     loader: Iterable[tuple[torch.Tensor, ...]],
     loss_fn: nn.Module,
     labels: Sequence[str],
+    device: torch.device | str = "cpu",
 ) -> EvalResult:
-    """Loss and classification metrics of ``model`` over ``loader``."""
+    """Loss and classification metrics of ``model`` (on ``device``) over ``loader``."""
     model.eval()
     losses, scores, targets = [], [], []
-    for image, report_ids, present, y in loader:
+    for batch in loader:
+        image, report_ids, present, y = _to_device(device, *batch)
         logits = model(image, report_ids, present)
         losses.append(float(loss_fn(logits, y)) * y.shape[0])
-        scores.append(torch.sigmoid(logits))
-        targets.append(y)
+        scores.append(torch.sigmoid(logits).cpu())
+        targets.append(y.cpu())
     n = sum(t.shape[0] for t in targets)
     if n == 0:
         raise ValueError("evaluation split is empty")
@@ -233,6 +243,10 @@ def classification_metrics(
     A label with only one class in ``y_true`` has no defined AUROC: it is reported as NaN
     and left out of the macro mean, never counted as 0.5.
     """
+    # scikit-learn loads here, not at import: a deployed hospital starts a process per
+    # message, and the training ones never need it.
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score
+
     y_pred = (y_score >= threshold).astype(int)
     precision, recall, f1, _ = precision_recall_fscore_support(
         y_true, y_pred, average="macro", zero_division=0

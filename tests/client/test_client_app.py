@@ -2,6 +2,8 @@
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -90,3 +92,10 @@ def test_a_ledger_file_rolled_back_behind_the_nodes_state_is_refused(run_config,
     (tmp_path / "hospitals/hospital-0/privacy_ledger.json").unlink()  # "reset epsilon"
     with pytest.raises(Exception, match="no longer holds the 1 round"):
         train(train_message(arrays, 2), context)
+
+
+def test_the_client_app_module_does_not_import_torch():
+    """Each SecAgg+ key-exchange stage starts a ClientApp process: it must start fast."""
+    code = "import sys, client.client_app; print(sorted({'torch', 'opacus'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

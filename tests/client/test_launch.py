@@ -1,11 +1,14 @@
 """`fedfusion hospital`: the hospital file is checked before anything starts."""
 
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
-from client.launch import explain_exit, plan_supernode
+from client.launch import explain_exit, plan_supernode, supernode_environment
 from shared_model.cli import build_app
 from shared_model.config import ConfigError, HospitalConfig
 
@@ -97,3 +100,22 @@ def test_the_example_file_in_deploy_parses():
         "port",
         "insecure",
     }
+
+
+def test_the_supernode_finds_flowers_commands_without_the_venv_on_path(monkeypatch):
+    """A service manager's PATH lacks the venv; the SuperNode starts SuperExec by name."""
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    env = supernode_environment()
+    for command in ("flower-superexec", "flwr-clientapp"):
+        found = shutil.which(command, path=env["PATH"])
+        assert found and Path(found).parent == Path(sys.executable).parent
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_gpu_that_is_not_there_fails_at_start(tmp_path):
+    path = hospital_file(tmp_path)
+    path.write_text(
+        path.read_text().replace("max-epsilon = 3.0", 'max-epsilon = 3.0\ndevice = "cuda"')
+    )
+    with pytest.raises(ConfigError, match=r"hospital.device = 'cuda'.*sees no CUDA GPU"):
+        plan_supernode(path)

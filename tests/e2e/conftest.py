@@ -128,7 +128,9 @@ class Deployment:
         path = self.tmp / f"{name}-{'tls' if tls else 'plain'}.toml"
         path.write_text(
             f'[hospital]\nhospital-id = "{name}"\ndata-manifest = "{manifest}"\n'
-            f'state-dir = "{self.tmp / f"{name}-state"}"\nmax-epsilon = 6.0\n\n'
+            f'state-dir = "{self.tmp / f"{name}-state"}"\nmax-epsilon = 6.0\n'
+            # the hospitals share this machine's cores, as simulated ones do
+            "threads = 1\n\n"
             f'[connection]\nserver = "127.0.0.1:{self.port}"\nprivate-key = "{key}"\n'
             f"port = {port}\n{connection}\n"
         )

@@ -68,6 +68,11 @@ class RecordingGrid:
         self.replies.extend(replies)
         return replies
 
+    def pull_messages(self, message_ids):  # what server/wire.py's send_and_receive calls
+        replies = list(self._grid.pull_messages(message_ids))
+        self.replies.extend(replies)
+        return replies
+
     def __getattr__(self, name):
         return getattr(self._grid, name)
 
@@ -136,6 +141,13 @@ def test_server_sees_only_the_sum():
     ]
     uploads = [a for a in arrays if a.size == 200 * 200]
     assert len(uploads) >= 4, "the recording did not capture every hospital's masked upload"
+    raw = [a for a in received_arrays(outcome["replies"]) if a.size == 200 * 200]
+    assert all(a.dtype == np.uint32 for a in raw)  # compact masked uploads (client/secagg.py)
+    (record,) = outcome["rounds"]
+    plain_update = 4 * sum(int(np.prod(s)) for s in SHAPES.values())  # float32
+    assert sorted(h.hospital for h in record.hospitals) == [f"hospital-{i}" for i in range(4)]
+    for h in record.hospitals:  # every stage's upload: keys, shares, masked vector, unmask
+        assert plain_update < h.bytes_up <= 1.1 * plain_update, h
     for hospital in range(4):
         for true in true_delta(hospital):
             t = true.astype(np.float64).ravel()

@@ -84,6 +84,21 @@ def test_hospital_config():
         HospitalConfig.from_node_config({"partition-id": 0, "num-partitions": 1, "max-eps": 1.0})
 
 
+def test_hospital_threads_and_device():
+    sim = HospitalConfig.from_node_config({"partition-id": 0, "num-partitions": 2})
+    assert sim.simulated and sim.torch_threads() == 1  # simulated hospitals share the machine
+    own = HospitalConfig.from_node_config({"data-manifest": "/d/m.csv"})
+    assert not own.simulated and own.torch_threads() == 0  # all cores of its own machine
+    four = HospitalConfig.from_node_config({"data-manifest": "/d/m.csv", "threads": 4})
+    assert four.torch_threads() == 4
+    for ok in ("cpu", "cuda", "cuda:1", "auto"):
+        assert HospitalConfig.from_node_config({"data-manifest": "/d", "device": ok}).device == ok
+    with pytest.raises(ConfigError, match=r"'device'.*'gpu'"):
+        HospitalConfig.from_node_config({"data-manifest": "/d", "device": "gpu"})
+    with pytest.raises(ConfigError, match="threads"):
+        HospitalConfig.from_node_config({"data-manifest": "/d", "threads": -1})
+
+
 def test_every_key_is_documented():
     for key, _default, help_text in describe_run_config():
         assert help_text.strip(), key

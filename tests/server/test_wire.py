@@ -1,0 +1,61 @@
+"""The metered grid charges each hospital for the bytes it sends and receives."""
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.common import MessageType
+
+from server.wire import MeteredGrid, message_bytes, metered
+from tests.flower_helpers import make_message
+
+
+class EchoGrid:
+    """Each hospital replies with an array of its own size (node id x 1000 floats).
+
+    Replies arrive one pull at a time, as from hospitals that finish at different times.
+    """
+
+    def __init__(self):
+        self.queue = []
+
+    def push_messages(self, messages):
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            arrays = ArrayRecord([np.zeros(node * 1000, dtype=np.float32)])
+            reply = Message(RecordDict({"arrays": arrays}), reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = node
+            self.queue.append(reply)
+        return [msg.metadata.message_id for msg in messages]
+
+    def pull_messages(self, message_ids):
+        assert self.queue[0].metadata.reply_to_message_id in set(message_ids)
+        return [self.queue.pop(0)]
+
+    def get_node_ids(self):
+        return [1, 2]
+
+
+def request(node: int, floats: int) -> Message:
+    content = RecordDict({"arrays": ArrayRecord([np.ones(floats, dtype=np.float32)])})
+    return make_message(content, MessageType.TRAIN, dst_node_id=node)
+
+
+def test_message_bytes_follow_the_payload():
+    small, large = message_bytes(request(1, 1_000)), message_bytes(request(1, 100_000))
+    assert 4_000 < small < 6_000  # float32 payload plus a little framing
+    assert 400_000 < large < 401_000
+    metrics = make_message(RecordDict({"m": MetricRecord({"loss": 0.5})}), MessageType.TRAIN)
+    assert message_bytes(metrics) < 1_000
+
+
+def test_each_hospital_is_charged_its_own_traffic():
+    grid = metered(EchoGrid())
+    grid.poll_interval = 0.01
+    assert metered(grid) is grid and isinstance(grid, MeteredGrid)
+    replies = grid.send_and_receive([request(1, 2_000), request(2, 2_000)])
+    assert len(replies) == 2 and grid.get_node_ids() == [1, 2]  # delegation
+    up1, down1 = grid.node_bytes(1)
+    up2, down2 = grid.node_bytes(2)
+    assert down1 == down2 > 8_000
+    assert 4_000 < up1 < 5_000 and 8_000 < up2 < 9_000
+    grid.reset()
+    assert grid.node_bytes(1) == (0, 0)
