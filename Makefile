@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 TXV_SPEC ?= torchxrayvision==1.5.7
 ARGS ?=
 
-.PHONY: simulate test lint fmt clean venv
+.PHONY: simulate test bench lint fmt clean venv
 
 simulate: $(VENV)/.runtime
 	$(BIN)/fedfusion simulate $(ARGS)
@@ -21,6 +21,10 @@ simulate: $(VENV)/.runtime
 test: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(ARGS)
+
+# Round time and bytes, plain vs SecAgg+, simulated and deployed: bench-results/.
+bench: $(VENV)/.runtime
+	$(BIN)/fedfusion bench $(ARGS)
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

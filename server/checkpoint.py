@@ -44,6 +44,7 @@ class HospitalRound:
     reason: str = ""
     bytes_up: int = 0  # serialized bytes this hospital sent in the round (all messages)
     bytes_down: int = 0  # serialized bytes the server sent it
+    key_bytes_up: int = 0  # of bytes_up: SecAgg+ key material (keys, shares), no update
 
 
 @dataclass

@@ -15,6 +15,7 @@ def register(app: typer.Typer) -> None:
     """Add the coordinator's subcommands to the CLI."""
     app.command("simulate")(simulate)
     app.command("server")(server)
+    app.command("bench")(bench)
     certs = typer.Typer(
         help="Create the CA, the server's TLS certificate and the hospitals' key pairs.",
         no_args_is_help=True,
@@ -196,3 +197,52 @@ def simulate(
             typer.secho(f"FAILED: {problem}", fg=typer.colors.RED, err=True)
         typer.echo(f"full log: {result.run_dir / 'simulation.log'}", err=True)
         raise typer.Exit(1)
+
+
+def bench(
+    hospitals: Annotated[
+        str, typer.Option(help="Simulated federation sizes, comma-separated.")
+    ] = "3,10",
+    rounds: Annotated[
+        int, typer.Option(min=2, help="Rounds per run; round 1 is warm-up and not counted.")
+    ] = 4,
+    reports: Annotated[
+        int, typer.Option(min=50, help="Reports (records) per hospital, simulated and deployed.")
+    ] = 300,
+    deploy: Annotated[
+        bool, typer.Option(help="Also run a loopback TLS deployment of the smallest size.")
+    ] = True,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Results directory.")] = Path(
+        "bench-results"
+    ),
+) -> None:
+    """Measure what SecAgg+ and a real deployment cost: round time and bytes per hospital.
+
+    Plain and SecAgg+ federations of the same hospitals and data run side by side
+    (simulated at each size, and deployed on loopback with TLS at the smallest), and
+    every figure is reported as a median over rounds with its ratio to the baseline
+    measured in the same run. Writes bench-results/perf-<time>.json and latest.md.
+    """
+    from server.bench import run_wire_bench, table, write_results
+
+    try:
+        sizes = [int(part) for part in hospitals.split(",") if part.strip()]
+    except ValueError as err:
+        typer.secho(f"error: --hospitals: {hospitals!r} is not a list of numbers", err=True)
+        raise typer.Exit(2) from err
+    if not sizes or min(sizes) < 3:
+        typer.secho("error: --hospitals: SecAgg+ needs at least 3 hospitals per run", err=True)
+        raise typer.Exit(2)
+    started = time.monotonic()
+    typer.echo(
+        f"fedfusion bench: plain vs SecAgg+ at {sizes} hospitals, {rounds} rounds each, "
+        f"{reports} reports per hospital"
+    )
+    try:
+        measurements = run_wire_bench(sizes, rounds, deploy, echo=typer.echo, reports=reports)
+    except RuntimeError as err:
+        typer.secho(f"FAILED: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from err
+    json_path, md_path = write_results(measurements, out)
+    typer.echo("\n" + table(measurements))
+    typer.echo(f"\n{time.monotonic() - started:.0f}s; results: {json_path} and {md_path}")

@@ -188,7 +188,9 @@ class SecAggFedAvg(LegacyFedAvg):
 
     def _record(self, server_round: int, evals: dict[str, float]) -> None:
         for entry in self.hospitals.values():
-            entry.bytes_up, entry.bytes_down = self.meter.node_bytes(entry.node_id)
+            entry.bytes_up, entry.bytes_down, entry.key_bytes_up = self.meter.node_bytes(
+                entry.node_id
+            )
         record = RoundRecord(
             round=server_round,
             train_loss=self.train_loss,

@@ -284,7 +284,7 @@ def run_federation(
         arrays: ArrayRecord,
     ) -> None:
         for entry in strategy.round_hospitals.values():
-            entry.bytes_up, entry.bytes_down = grid.node_bytes(entry.node_id)
+            entry.bytes_up, entry.bytes_down, entry.key_bytes_up = grid.node_bytes(entry.node_id)
         rec = RoundRecord(
             round=server_round,
             train_loss=train_loss,

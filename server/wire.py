@@ -8,11 +8,14 @@ sent to every hospital) once at the SuperLink, but each hospital downloads it, s
 hospital is charged for it.
 
 The round loops (``server/strategy.py``, ``server/secagg.py``) reset the meter when a
-round starts and record each hospital's ``bytes_up``/``bytes_down`` when it ends.
+round starts and record each hospital's ``bytes_up``/``bytes_down`` when it ends, and
+``key_bytes_up``: the part of ``bytes_up`` that answered SecAgg+'s key stages (public
+keys, encrypted key shares, unmasking shares) rather than carrying the masked update.
 
-``send_and_receive`` also polls for replies every 0.2 s, where Flower's deployed grid
-sleeps 3 s between polls: a SecAgg+ round waits for five message stages, so that sleep
-alone added up to 15 s to a round on loopback.
+``send_and_receive`` also polls for replies with a backoff from 20 ms to 0.5 s (back to
+20 ms whenever a reply arrives), where Flower's deployed grid sleeps 3 s between polls:
+a SecAgg+ round waits for five message stages, so that sleep alone added up to 15 s to a
+round on loopback, and a simulated stage that takes 50 ms no longer waits 0.1-0.2 s.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from flwr.app import Message
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
@@ -36,52 +40,78 @@ def message_bytes(msg: Message) -> int:
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
 
 
+_KEY_STAGES = {Stage.SETUP, Stage.SHARE_KEYS, Stage.UNMASK}
+
+
+def _secagg_stage(msg: Message) -> str | None:
+    """The SecAgg+ stage a server message opens, if it is one."""
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
+    stage = configs.get(Key.STAGE) if configs is not None else None
+    return str(stage) if stage is not None else None
+
+
 class MeteredGrid:
     """Delegates to a Flower Grid and counts the bytes to and from each node."""
 
-    def __init__(self, grid: Grid, poll_interval: float = 0.2) -> None:
+    def __init__(self, grid: Grid, min_poll: float = 0.02, max_poll: float = 0.5) -> None:
         self._grid = grid
-        self.poll_interval = poll_interval
+        self.min_poll, self.max_poll = min_poll, max_poll
         self.up: Counter[int] = Counter()  # node id -> bytes received from it
         self.down: Counter[int] = Counter()  # node id -> bytes sent to it
+        self.key_up: Counter[int] = Counter()  # node id -> bytes of SecAgg+ key stages
+        self._key_requests: set[str] = set()
 
     def reset(self) -> None:
         """Start counting a new round."""
         self.up.clear()
         self.down.clear()
+        self.key_up.clear()
+        self._key_requests.clear()
 
-    def node_bytes(self, node_id: int) -> tuple[int, int]:
-        """(bytes up, bytes down) of one node since the last reset."""
-        return self.up[node_id], self.down[node_id]
-
-    def _sent(self, messages: list[Message]) -> None:
-        for msg in messages:
-            self.down[msg.metadata.dst_node_id] += message_bytes(msg)
+    def node_bytes(self, node_id: int) -> tuple[int, int, int]:
+        """(bytes up, bytes down, key-stage bytes up) of one node since the last reset."""
+        return self.up[node_id], self.down[node_id], self.key_up[node_id]
 
     def _received(self, replies: list[Message]) -> None:
         for msg in replies:
-            self.up[msg.metadata.src_node_id] += message_bytes(msg)
+            size = message_bytes(msg)
+            self.up[msg.metadata.src_node_id] += size
+            if msg.metadata.reply_to_message_id in self._key_requests:
+                self.key_up[msg.metadata.src_node_id] += size
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
         """Push messages, then pull replies until all arrived or ``timeout`` passed (metered)."""
-        pending = set(self.push_messages(messages))
+        pending = {i for i in self.push_messages(messages) if i}  # None: not pushed
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
+        wait = self.min_poll
         while pending and (deadline is None or time.monotonic() < deadline):
             got = list(self.pull_messages(pending))
             replies += got
             pending -= {msg.metadata.reply_to_message_id for msg in got}
+            wait = self.min_poll if got else min(wait * 1.5, self.max_poll)
             if pending:
-                time.sleep(self.poll_interval)
+                time.sleep(wait)
         return replies
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Flower's push_messages, metered."""
         messages = list(messages)
-        self._sent(messages)
-        return self._grid.push_messages(messages)
+        ids = list(self._grid.push_messages(messages))
+        for msg in messages:
+            self.down[msg.metadata.dst_node_id] += message_bytes(msg)
+        # Flower returns one id per message in order (None where a push failed), or, in
+        # simulation, only the ids that were stored; one batch is one protocol stage.
+        if len(ids) == len(messages):
+            stages = [_secagg_stage(msg) for msg in messages]
+        else:
+            stages = [_secagg_stage(messages[0]) if messages else None] * len(ids)
+        self._key_requests.update(
+            i for i, stage in zip(ids, stages, strict=True) if i and stage in _KEY_STAGES
+        )
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         """Flower's pull_messages, metered."""

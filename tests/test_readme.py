@@ -1,8 +1,9 @@
 """The README is the user's entry point: keep it true to the code."""
 
+import dataclasses
 from pathlib import Path
 
-from shared_model.config import RunConfig
+from shared_model.config import HospitalConfig, RunConfig
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -15,3 +16,10 @@ def test_readme_opens_with_the_two_commands():
 def test_every_run_setting_is_documented():
     for key in RunConfig().to_run_config():
         assert f"| `{key}` |" in README, key
+
+
+def test_every_hospital_setting_is_documented():
+    simulation_only = {"partition_id", "num_partitions"}  # set by Flower's simulation
+    for field in dataclasses.fields(HospitalConfig):
+        if field.name not in simulation_only:
+            assert f"| `{field.name.replace('_', '-')}` |" in README, field.name

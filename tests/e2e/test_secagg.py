@@ -147,7 +147,8 @@ def test_server_sees_only_the_sum():
     plain_update = 4 * sum(int(np.prod(s)) for s in SHAPES.values())  # float32
     assert sorted(h.hospital for h in record.hospitals) == [f"hospital-{i}" for i in range(4)]
     for h in record.hospitals:  # every stage's upload: keys, shares, masked vector, unmask
-        assert plain_update < h.bytes_up <= 1.1 * plain_update, h
+        assert 0 < h.key_bytes_up < 0.05 * plain_update, h
+        assert plain_update < h.bytes_up - h.key_bytes_up <= 1.1 * plain_update, h
     for hospital in range(4):
         for true in true_delta(hospital):
             t = true.astype(np.float64).ravel()

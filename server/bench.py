@@ -1,0 +1,275 @@
+"""`fedfusion bench` (`make bench`): what secure aggregation and deployment cost.
+
+Every figure comes from real runs on this machine, in one sitting, side by side: plain
+and SecAgg+ federations of the same hospitals on the same data, simulated and deployed
+on loopback with TLS. A round's time is the server's wall time for it (training,
+aggregation, evaluation); bytes are what each hospital sent and received, metered
+message by message (``server/wire.py``). Round 0 (the untrained baseline evaluation)
+and round 1 (warm-up: a simulation's workers load their data once) are left out. Each
+figure is the median over the remaining rounds (and hospitals), with min and max;
+ratios are taken against the baseline measured in the same sitting, because the machine
+is shared and noisy.
+
+Results go to ``bench-results/perf-<time>.json`` (one entry per measurement: name,
+config, median, min, max, unit, baseline, ratio, target) and ``bench-results/latest.md``
+(the printed table, with the machine it came from).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Measurement", "run_wire_bench", "write_results"]
+
+Echo = Callable[[str], None]
+# Simulated and deployed federations hold the same number of reports per hospital, so
+# that their rounds train on the same amount of data.
+REPORTS_PER_HOSPITAL = 300
+_WARM_UP_ROUNDS = 1
+
+
+@dataclass
+class Measurement:
+    """One benchmark figure: the median over its samples, and its ratio to a baseline."""
+
+    name: str
+    config: dict[str, Any]
+    median: float
+    min: float
+    max: float
+    unit: str
+    samples: int
+    baseline: str | None = None
+    ratio: float | None = None
+    target: str = ""
+    met: bool | None = None
+
+    @classmethod
+    def of(
+        cls, name: str, config: dict[str, Any], values: Sequence[float], unit: str
+    ) -> Measurement:
+        """Summarize ``values`` (at least one)."""
+        if not values:
+            raise ValueError(f"{name}: no samples")
+        return cls(
+            name, config, statistics.median(values), min(values), max(values), unit, len(values)
+        )
+
+    def against(self, baseline: Measurement, limit: float | None = None) -> Measurement:
+        """Set the ratio to ``baseline`` (and whether it meets ``ratio <= limit``)."""
+        self.baseline = baseline.name
+        self.ratio = self.median / baseline.median if baseline.median else None
+        if limit is not None and self.ratio is not None:
+            self.target = f"<= {limit:g}x"
+            self.met = self.ratio <= limit
+        return self
+
+
+@dataclass
+class _Run:
+    """The per-round figures of one federation."""
+
+    seconds: list[float] = field(default_factory=list)
+    up: list[float] = field(default_factory=list)  # per hospital and round
+    down: list[float] = field(default_factory=list)
+    key_up: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_rounds(cls, rounds: list[dict[str, Any]]) -> _Run:
+        run = cls()
+        for r in rounds:
+            if r["round"] <= _WARM_UP_ROUNDS:
+                continue
+            run.seconds.append(float(r["seconds"]))
+            for h in r["hospitals"]:
+                run.up.append(float(h.get("bytes_up", 0)))
+                run.down.append(float(h.get("bytes_down", 0)))
+                run.key_up.append(float(h.get("key_bytes_up", 0)))
+        if not run.seconds:
+            raise RuntimeError("the run recorded no training round")
+        return run
+
+
+def _simulate(
+    hospitals: int, rounds: int, secagg: bool, work: Path, echo: Echo, reports: int
+) -> _Run:
+    from server.simulation import run_simulation_cli
+
+    out = work / f"sim-{'secagg' if secagg else 'plain'}-{hospitals}"
+    secagg_state = "on" if secagg else "off"
+    echo(f"  simulated, {hospitals} hospitals, SecAgg+ {secagg_state} ...")
+    result = run_simulation_cli(
+        hospitals=hospitals,
+        rounds=rounds,
+        overrides={
+            "secagg.enabled": secagg,
+            "data.max-reports": reports * hospitals,
+            "server.min-hospitals": hospitals,
+        },
+        out=out,
+        timeout=1800,
+        verbose=False,
+        tolerate_failures=False,
+        echo=lambda _line: None,
+    )
+    if not result.ok:
+        raise RuntimeError(f"simulated run in {out} failed: {'; '.join(result.problems)}")
+    return _Run.from_rounds(result.rounds)
+
+
+def _deploy(
+    hospitals: int, rounds: int, secagg: bool, work: Path, echo: Echo, reports: int
+) -> _Run:
+    from server.loopback import HOSPITALS, LoopbackDeployment
+    from shared_model.datasets.export import write_manifest
+
+    tmp = work / f"deployed-{'secagg' if secagg else 'plain'}-{hospitals}"
+    tmp.mkdir(parents=True)
+    secagg_state = "on" if secagg else "off"
+    echo(f"  deployed on loopback (TLS), {hospitals} hospitals, SecAgg+ {secagg_state} ...")
+    d = LoopbackDeployment(tmp)
+    try:
+        manifests = {
+            name: write_manifest(tmp / f"{name}-data", i, reports)
+            for i, name in enumerate(HOSPITALS[:hospitals])
+        }
+        code, log, out = d.federate(
+            manifests,
+            f"num-rounds = {rounds}\nsecagg.enabled = {str(secagg).lower()}\n"
+            f"server.min-hospitals = {hospitals}\nserver.wait-for-hospitals-timeout = 120.0\n",
+            timeout=1800,
+        )
+    finally:
+        leftover = d.stop_all()
+    if code != 0 or out is None:
+        raise RuntimeError(f"deployed run in {tmp} failed (exit {code}): {log[-1500:]}")
+    if leftover:
+        raise RuntimeError(f"processes left running after the deployed run: {leftover}")
+    return _Run.from_rounds(json.loads((out / "metrics.json").read_text("utf-8"))["rounds"])
+
+
+def run_wire_bench(
+    hospital_counts: Sequence[int] = (3, 10),
+    rounds: int = 4,
+    deployed: bool = True,
+    echo: Echo = print,
+    reports: int = REPORTS_PER_HOSPITAL,
+) -> list[Measurement]:
+    """Round time and bytes per hospital, plain vs SecAgg+, simulated and deployed."""
+    if rounds <= _WARM_UP_ROUNDS:
+        raise ValueError(f"rounds must exceed the {_WARM_UP_ROUNDS} warm-up round(s)")
+    out: list[Measurement] = []
+    sim_time: dict[tuple[int, bool], Measurement] = {}
+    with tempfile.TemporaryDirectory(prefix="fedfusion-bench-") as tmp:
+        work = Path(tmp)
+        for n in hospital_counts:
+            plain = _simulate(n, rounds, False, work, echo, reports)
+            masked = _simulate(n, rounds, True, work, echo, reports)
+            cfg = {"hospitals": n, "rounds": rounds, "reports": reports, "mode": "simulated"}
+            t_plain = Measurement.of(f"round-time/sim/plain/{n}", cfg, plain.seconds, "s")
+            t_masked = Measurement.of(f"round-time/sim/secagg/{n}", cfg, masked.seconds, "s")
+            sim_time[n, False], sim_time[n, True] = t_plain, t_masked
+            up_plain = Measurement.of(f"bytes-up/sim/plain/{n}", cfg, plain.up, "B")
+            update = [u - k for u, k in zip(masked.up, masked.key_up, strict=True)]
+            down_plain = Measurement.of(f"bytes-down/sim/plain/{n}", cfg, plain.down, "B")
+            out += [
+                t_plain,
+                t_masked.against(t_plain, 1.2),
+                up_plain,
+                Measurement.of(f"bytes-up-update/sim/secagg/{n}", cfg, update, "B").against(
+                    up_plain, 1.1
+                ),
+                Measurement.of(f"bytes-up-keys/sim/secagg/{n}", cfg, masked.key_up, "B"),
+                down_plain,
+                Measurement.of(f"bytes-down/sim/secagg/{n}", cfg, masked.down, "B").against(
+                    down_plain
+                ),
+            ]
+        if deployed:
+            n = min(hospital_counts)
+            cfg = {"hospitals": n, "rounds": rounds, "reports": reports, "mode": "deployed, TLS"}
+            for secagg in (False, True):
+                run = _deploy(n, rounds, secagg, work, echo, reports)
+                name = f"round-time/deployed/{'secagg' if secagg else 'plain'}/{n}"
+                out.append(
+                    Measurement.of(name, cfg, run.seconds, "s").against(sim_time[n, secagg], 2.0)
+                )
+    return out
+
+
+def _machine() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    from importlib.metadata import version
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "flwr": version("flwr"),
+        "opacus": version("opacus"),
+        "load-average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit == "B":
+        return f"{value / 1e6:.3f} MB" if value >= 1e5 else f"{value / 1e3:.1f} kB"
+    return f"{value:.2f} {unit}"
+
+
+def table(measurements: Sequence[Measurement]) -> str:
+    """A Markdown table of the measurements."""
+    rows = [
+        "| measurement | median | min | max | n | vs. | ratio | target |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | --- |",
+    ]
+    for m in measurements:
+        ratio = f"{m.ratio:.2f}x" if m.ratio is not None else ""
+        target = f"{m.target} {'met' if m.met else 'MISSED'}" if m.target else ""
+        rows.append(
+            f"| {m.name} | {_fmt(m.median, m.unit)} | {_fmt(m.min, m.unit)} | "
+            f"{_fmt(m.max, m.unit)} | {m.samples} | {m.baseline or ''} | {ratio} | {target} |"
+        )
+    return "\n".join(rows)
+
+
+def write_results(measurements: Sequence[Measurement], out_dir: Path) -> tuple[Path, Path]:
+    """Write the JSON results and the Markdown table; returns both paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    machine = _machine()
+    data = {
+        "created": stamp,
+        "machine": machine,
+        "entries": [asdict(m) for m in measurements],
+    }
+    json_path = out_dir / f"perf-{stamp}.json"
+    json_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    md_path = out_dir / "latest.md"
+    md_path.write_text(
+        f"# fedfusion benchmark, {stamp} UTC\n\n"
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['platform']}; "
+        f"torch {machine['torch']}, flwr {machine['flwr']}, opacus {machine['opacus']}.\n\n"
+        f"{table(measurements)}\n\nRaw: `{json_path.name}`\n",
+        encoding="utf-8",
+    )
+    return json_path, md_path

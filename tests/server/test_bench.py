@@ -1,0 +1,45 @@
+"""The benchmark's arithmetic: warm-up left out, medians, ratios against the baseline."""
+
+import json
+
+import pytest
+
+from server.bench import Measurement, _Run, table, write_results
+
+
+def rounds(seconds, up=1000, key=100):
+    return [
+        {
+            "round": i,
+            "seconds": s,
+            "hospitals": [{"bytes_up": up, "bytes_down": 2 * up, "key_bytes_up": key}] * 2,
+        }
+        for i, s in enumerate(seconds)
+    ]
+
+
+def test_baseline_and_warm_up_rounds_are_left_out():
+    run = _Run.from_rounds(rounds([50.0, 40.0, 3.0, 5.0, 4.0]))
+    assert run.seconds == [3.0, 5.0, 4.0]  # round 0 (baseline) and round 1 (warm-up) dropped
+    assert run.up == [1000.0] * 6 and run.key_up == [100.0] * 6
+    with pytest.raises(RuntimeError, match="no training round"):
+        _Run.from_rounds(rounds([50.0, 40.0]))
+
+
+def test_ratio_and_target_against_a_baseline(tmp_path):
+    base = Measurement.of("plain", {}, [2.0, 4.0, 3.0], "s")
+    fast = Measurement.of("secagg", {}, [3.3, 3.6, 10.0], "s").against(base, 1.2)
+    slow = Measurement.of("deployed", {}, [9.0], "s").against(base, 2.0)
+    assert (base.median, base.min, base.max, base.samples) == (3.0, 2.0, 4.0, 3)
+    assert fast.ratio == pytest.approx(1.2) and fast.met
+    assert slow.ratio == pytest.approx(3.0) and slow.met is False
+    text = table([base, fast, slow])
+    assert "<= 2x MISSED" in text and "<= 1.2x met" in text
+    json_path, md_path = write_results([base, fast, slow], tmp_path)
+    data = json.loads(json_path.read_text())
+    entry = data["entries"][2]
+    assert {"name", "config", "median", "min", "max", "unit", "ratio", "baseline"} <= set(entry)
+    assert entry["baseline"] == "plain" and data["machine"]["cores"] >= 1
+    assert "MISSED" in md_path.read_text()
+    with pytest.raises(ValueError, match="no samples"):
+        Measurement.of("empty", {}, [], "s")
