@@ -67,7 +67,7 @@ def resolve_device(spec: str) -> torch.device:
         if not torch.cuda.is_available():
             raise ConfigError(
                 f"hospital.device = {spec!r}, but this torch ({torch.__version__}) sees no "
-                "CUDA GPU: install a CUDA build of torch (deploy/Dockerfile.hospital-cuda) "
+                "CUDA GPU: install a CUDA build of torch (deploy/Dockerfile, TORCH_VARIANT) "
                 "or set device = 'cpu'"
             )
         index = int(spec.partition(":")[2] or 0)
