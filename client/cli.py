@@ -14,6 +14,47 @@ def register(app: typer.Typer) -> None:
     """Add the hospital's subcommands to the CLI."""
     app.command("hospital")(hospital)
     app.command("demo-data")(demo_data)
+    ledger = typer.Typer(help="A hospital's privacy ledger.", no_args_is_help=True)
+    ledger.command("show")(ledger_show)
+    app.add_typer(ledger, name="ledger")
+
+
+def ledger_show(
+    state_dir: Annotated[
+        Path, typer.Argument(help="The hospital's state-dir (or its privacy_ledger.json).")
+    ],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="The stable JSON form (documented in the README).")
+    ] = False,
+) -> None:
+    """Show a hospital's privacy ledger: epsilon spent, round by round, against its budget.
+
+    The ledger is verified first (checksum, recorded epsilon against its history); a
+    ledger that cannot be trusted is reported, never shown as if it were fine.
+    """
+    import json
+
+    from client.privacy import LedgerError, read_ledger
+
+    try:
+        view = read_ledger(state_dir).export()
+    except LedgerError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err
+    if as_json:
+        typer.echo(json.dumps(view, indent=2))
+        return
+    typer.echo(
+        f"{view['hospital']}: epsilon {view['epsilon']:.3f} of max {view['max_epsilon']:g} "
+        f"(delta {view['delta']:g}, {view['accountant']} accountant); "
+        f"{view['remaining_epsilon']:.3f} left"
+    )
+    typer.echo("round  noise multiplier  sample rate  steps  status     epsilon after")
+    for e in view["history"]:
+        typer.echo(
+            f"{e['round']:5d}  {e['noise_multiplier']:16.4f}  {e['sample_rate']:11.5f}  "
+            f"{e['steps']:5d}  {e['status']:9s}  {e['epsilon_after']:13.3f}"
+        )
 
 
 def demo_data(

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 from shared_model.config import HospitalConfig, PrivacyConfig
 
 __all__ = [
+    "LEDGER_EXPORT_FORMAT",
     "LEDGER_FORMAT",
     "RDP_ORDERS",
     "LedgerEntry",
@@ -50,10 +51,13 @@ __all__ = [
     "make_private",
     "plan_noise_multiplier",
     "plan_round",
+    "read_ledger",
 ]
 
 LEDGER_FORMAT = "fedfusion-privacy-ledger/1"
 LEDGER_FILENAME = "privacy_ledger.json"
+# `fedfusion ledger show --json`: the stable, documented form anyone can recompute from.
+LEDGER_EXPORT_FORMAT = "fedfusion-ledger-export/1"
 
 
 class LedgerError(RuntimeError):
@@ -324,6 +328,38 @@ class PrivacyLedger:
         finally:
             Path(tmp).unlink(missing_ok=True)
 
+    def export(self) -> dict[str, Any]:
+        """The public, stable form of this ledger (``fedfusion ledger show --json``).
+
+        ``history`` holds everything epsilon depends on, round by round: the noise
+        multiplier, the Poisson sample rate and the number of DP-SGD steps. A round whose
+        status is ``started`` crashed after it began and counts in full. From this alone
+        any accountant recomputes epsilon for any delta; ``epsilon`` is the value
+        recorded with ``accountant`` at ``delta``, and ``epsilon_after`` the cumulative
+        value after each round.
+        """
+        history = self.accountant_history()
+        return {
+            "format": LEDGER_EXPORT_FORMAT,
+            "hospital": self.hospital,
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "max_epsilon": self.max_epsilon,
+            "epsilon": self.epsilon(),
+            "remaining_epsilon": max(self.max_epsilon - self.epsilon(), 0.0),
+            "history": [
+                {
+                    "round": e.round,
+                    "noise_multiplier": e.noise_multiplier,
+                    "sample_rate": e.sample_rate,
+                    "steps": e.steps,
+                    "status": e.status,
+                    "epsilon_after": compute_epsilon(history[: i + 1], self.delta, self.accountant),
+                }
+                for i, e in enumerate(self.history)
+            ],
+        }
+
     # ---------------------------------------------------------------- accounting
     def accountant_history(self) -> list[tuple[float, float, int]]:
         """The (noise_multiplier, sample_rate, steps) history Opacus accountants take."""
@@ -353,6 +389,21 @@ class PrivacyLedger:
             )
         self.history[-1] = replace(last, status="completed")
         self.save()
+
+
+def read_ledger(path: Path) -> PrivacyLedger:
+    """Read and verify a hospital's ledger (its state directory or the file itself).
+
+    Read-only: nothing is written. LedgerError if it is missing or cannot be trusted.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / LEDGER_FILENAME
+    if not path.is_file():
+        raise LedgerError(
+            f"no privacy ledger at {path}: give the hospital's state-dir (hospital.state-dir)"
+        )
+    return PrivacyLedger.from_json(path.read_bytes(), path)
 
 
 def dump_history(entries: Sequence[LedgerEntry]) -> str:

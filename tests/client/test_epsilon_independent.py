@@ -1,0 +1,154 @@
+"""Epsilon checked against Google's dp-accounting, an implementation independent of Opacus.
+
+Histories vary (q, sigma, steps, delta) and change sigma or q between rounds, as when a
+hospital's data grows. RDP is compared with RDP (same orders, within 1%); Opacus's PRV
+with dp-accounting's PLD, within PRV's stated error (eps_error = 0.01) plus 0.1%.
+The ledger's exported JSON alone is enough to recompute the same epsilon.
+"""
+
+import json
+import logging
+
+import dp_accounting
+import pytest
+from dp_accounting.pld import PLDAccountant
+from dp_accounting.rdp import RdpAccountant
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from client.privacy import (
+    RDP_ORDERS,
+    PrivacyLedger,
+    PrivacyPolicy,
+    compute_epsilon,
+    plan_round,
+)
+from shared_model.cli import build_app
+
+
+class DroppedOrders(logging.Handler):
+    """Counts the RDP orders dp-accounting could not evaluate (it warns and drops them)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record):
+        self.count += "Excluding this order" in record.getMessage()
+
+
+DROPPED = DroppedOrders()
+logging.getLogger("absl").addHandler(DROPPED)
+logging.getLogger("absl").propagate = False
+
+PRV_EPS_ERROR = 0.01  # Opacus PRVAccountant.get_epsilon's default eps_error
+
+
+def dp_accounting_epsilon(history, delta, accountant):
+    acc = RdpAccountant(orders=RDP_ORDERS) if accountant == "rdp" else PLDAccountant()
+    for sigma, q, steps in history:
+        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+        acc.compose(event, int(steps))
+    return acc.get_epsilon(delta)
+
+
+round_strategy = st.tuples(
+    st.floats(0.5, 4.0), st.floats(0.001, 0.2), st.integers(1, 600)
+)  # (sigma, q, steps)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(round_strategy, min_size=1, max_size=6), st.sampled_from([1e-4, 1e-5, 1e-6]))
+def test_rdp_matches_dp_accounting_within_one_percent(history, delta):
+    ours = compute_epsilon(history, delta, "rdp")
+    dropped = DROPPED.count
+    theirs = dp_accounting_epsilon(history, delta, "rdp")
+    if DROPPED.count == dropped:
+        assert ours == pytest.approx(theirs, rel=0.01)
+    else:  # dp-accounting minimized over fewer orders: its bound can only be looser
+        assert ours <= theirs * 1.01
+
+
+@pytest.mark.parametrize(
+    ("history", "delta"),
+    [
+        ([(1.0, 0.05, 100)], 1e-5),
+        ([(0.7, 0.02, 300)], 1e-6),
+        ([(2.0, 0.1, 50)], 1e-4),
+        ([(1.1, 0.05, 40), (1.1, 0.05, 40), (1.1, 0.05, 40)], 1e-5),  # fixed plan, 3 rounds
+        ([(0.9, 0.05, 40), (1.2, 0.03, 66)], 1e-5),  # sigma and q change
+        ([(1.0, 0.08, 25), (1.0, 0.04, 50), (1.0, 0.02, 100)], 1e-5),  # the data doubles twice
+    ],
+)
+def test_prv_matches_an_independent_pld_within_the_stated_error(history, delta):
+    ours = compute_epsilon(history, delta, "prv")
+    pld = dp_accounting_epsilon(history, delta, "pld")
+    assert abs(ours - pld) <= PRV_EPS_ERROR + 1e-3 * pld
+
+
+POLICY = PrivacyPolicy(
+    enabled=True,
+    target_epsilon=8.0,
+    max_epsilon=10.0,
+    delta=1e-5,
+    max_grad_norm=1.0,
+    accountant="rdp",
+    grad_sample_mode="hooks",
+)
+
+
+def grow_a_hospital(state_dir, sizes):
+    """Rounds at a hospital whose data grows between rounds: q changes every round."""
+    for r, n in enumerate(sizes, start=1):
+        ledger = PrivacyLedger.open(state_dir, "st-mary", POLICY)
+        plan = plan_round(
+            ledger,
+            POLICY,
+            server_round=r,
+            planned_rounds=len(sizes),
+            num_examples=n,
+            batch_size=64,
+            local_epochs=2,
+        )
+        assert plan.train
+        ledger.begin_round(plan.entry)
+        ledger.complete_round(r, plan.entry.steps)
+
+
+def test_the_exported_json_alone_recomputes_the_recorded_epsilon(tmp_path):
+    grow_a_hospital(tmp_path, [600, 900, 1500])
+    result = CliRunner().invoke(build_app(), ["ledger", "show", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    view = json.loads(result.output)
+    assert set(view) >= {"hospital", "accountant", "delta", "max_epsilon", "epsilon", "history"}
+    history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in view["history"]]
+    assert len({q for _, q, _ in history}) == 3  # the sample rate changed every round
+    # Any accountant, from the JSON alone: RDP agrees with the record; PLD is tighter.
+    assert dp_accounting_epsilon(history, view["delta"], "rdp") == pytest.approx(
+        view["epsilon"], rel=0.01
+    )
+    default_orders = RdpAccountant()  # dp-accounting's own orders, not ours
+    for sigma, q, steps in history:
+        default_orders.compose(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+        )
+    assert default_orders.get_epsilon(view["delta"]) == pytest.approx(view["epsilon"], rel=0.01)
+    assert dp_accounting_epsilon(history, view["delta"], "pld") <= view["epsilon"]
+    after = [e["epsilon_after"] for e in view["history"]]
+    assert after == sorted(after) and after[-1] == pytest.approx(view["epsilon"])
+
+
+def test_ledger_show_is_readable_and_refuses_a_tampered_ledger(tmp_path):
+    grow_a_hospital(tmp_path, [600, 600])
+    runner = CliRunner()
+    shown = runner.invoke(build_app(), ["ledger", "show", str(tmp_path)])
+    assert shown.exit_code == 0 and "st-mary: epsilon" in shown.output and "left" in shown.output
+    path = tmp_path / "privacy_ledger.json"
+    data = json.loads(path.read_text())
+    data["history"][0]["steps"] = 1  # someone lowers the recorded spend
+    path.write_text(json.dumps(data))
+    refused = runner.invoke(build_app(), ["ledger", "show", str(tmp_path)])
+    assert refused.exit_code == 2 and "cannot be trusted" in refused.output
+    missing = runner.invoke(build_app(), ["ledger", "show", str(tmp_path / "nowhere")])
+    assert missing.exit_code == 2 and "no privacy ledger" in missing.output
