@@ -42,6 +42,9 @@ class HospitalRound:
     eval_loss: float | None = None
     eval_auroc: float | None = None
     reason: str = ""
+    noise_multiplier: float | None = None  # the DP-SGD parameters it reported (public)
+    sample_rate: float | None = None
+    steps: int | None = None
     bytes_up: int = 0  # serialized bytes this hospital sent in the round (all messages)
     bytes_down: int = 0  # serialized bytes the server sent it
     key_bytes_up: int = 0  # of bytes_up: SecAgg+ key material (keys, shares), no update
@@ -61,6 +64,8 @@ class RoundRecord:
     failures: int = 0
     declined: int = 0
     eval_failures: int = 0
+    secagg_shares: int | None = None  # SecAgg+ rounds: key shares and threshold used
+    secagg_threshold: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (NaN and infinity become null)."""

@@ -10,7 +10,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["format_round_line", "load_rounds", "summary_table", "write_report"]
+__all__ = [
+    "THREAT_MODEL",
+    "format_round_line",
+    "load_rounds",
+    "privacy_section",
+    "summary_table",
+    "write_report",
+]
 
 Round = dict[str, Any]
 
@@ -73,6 +80,88 @@ def summary_table(rounds: list[Round]) -> str:
     if any(h["status"] == "declined" for r in rounds for h in r["hospitals"]):
         lines.append("* declined the round: training would have exceeded its max-epsilon")
     return "\n".join(lines)
+
+
+THREAT_MODEL = """\
+- **Each patient record at a hospital** is protected by that hospital's (epsilon, delta)
+  differential privacy: whatever anyone learns from everything the hospital sends over
+  the whole run (updates, and so the global model) changes little whether or not the
+  record was in its data. epsilon is cumulative over every round and capped by the
+  hospital's own max-epsilon. It does not cover a patient with records at several
+  hospitals (each hospital protects its own record; the guarantees add up), nor
+  anything a hospital sends outside fedfusion.
+- **The server** is assumed honest but curious: it runs the protocol but may try to
+  learn from what it receives. With secure aggregation (SecAgg+) it sees only the sum
+  of the hospitals' updates, unless at least the reconstruction threshold of hospitals
+  collude with it.
+- **Public:** the metrics each hospital reports in the clear (examples, losses,
+  epsilon, DP parameters, held-out metrics) and the final model, which is DP-protected.
+- **Not covered:** a server that deviates from the protocol, a hospital's own
+  compromised machine, and side channels such as timing and message sizes.
+"""
+
+
+def privacy_section(rounds: list[Round], config: dict[str, Any]) -> list[str]:
+    """The report's privacy part: DP per hospital, secure aggregation, threat model."""
+    latest: dict[str, Round] = {}
+    for r in rounds:
+        for h in r["hospitals"]:
+            if h.get("noise_multiplier") is not None or h["hospital"] not in latest:
+                latest[h["hospital"]] = h
+    lines = [
+        "## Privacy",
+        "",
+        f"Each hospital trains with DP-SGD (Opacus, Poisson sampling), clipping norm "
+        f"C = {config.get('privacy.max-grad-norm')}, delta = {config.get('privacy.delta')} "
+        f"(or the hospital's smaller one), accountant {config.get('privacy.accountant')}. "
+        "epsilon is cumulative over every round the hospital trained in, recomputed from "
+        "its privacy ledger (`fedfusion ledger show <state-dir>`).",
+        "",
+        "![epsilon](epsilon.png)",
+        "",
+        "| hospital | epsilon spent | max epsilon | noise multiplier | sample rate | "
+        "steps (last round) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, h in sorted(latest.items()):
+        lines.append(
+            f"| {name} | {_fmt(h.get('epsilon'), '.3f')} | {_fmt(h.get('max_epsilon'), 'g')} | "
+            f"{_fmt(h.get('noise_multiplier'), '.4f')} | {_fmt(h.get('sample_rate'), '.5f')} | "
+            f"{h.get('steps') if h.get('steps') is not None else '-'} |"
+        )
+    secagg = config.get("secagg.enabled", False)
+    lines += ["", "### Secure aggregation", ""]
+    if secagg:
+        lines += [
+            "Updates travel only inside SecAgg+ (the server unmasks the sum alone): "
+            f"clipping range {config.get('secagg.clipping-range')}, max weight "
+            f"{config.get('secagg.max-weight')}, stage timeout "
+            f"{config.get('secagg.stage-timeout')} s.",
+        ]
+    else:
+        lines += [
+            "**Off** (`secagg.enabled = false`): the server saw each hospital's DP-noised "
+            "update in the clear.",
+        ]
+    lines += [
+        "",
+        "| round | trained | declined | dropped out | evaluation failures | shares / "
+        "threshold | median bytes up per hospital |",
+        "|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in rounds:
+        if r["round"] == 0:
+            continue
+        trained = sum(h["status"] == "trained" for h in r["hospitals"])
+        ups = sorted(h.get("bytes_up", 0) for h in r["hospitals"] if h.get("bytes_up"))
+        plan = f"{r['secagg_shares']} / {r['secagg_threshold']}" if r.get("secagg_shares") else "-"
+        median_up = f"{ups[len(ups) // 2] / 1e6:.2f} MB" if ups else "-"
+        lines.append(
+            f"| {r['round']} | {trained} | {r['declined']} | {r['failures']} | "
+            f"{r['eval_failures']} | {plan} | {median_up} |"
+        )
+    lines += ["", "### Who is protected from whom", "", THREAT_MODEL]
+    return lines
 
 
 def write_report(run_dir: Path, config: dict[str, Any]) -> Path:
@@ -164,15 +253,7 @@ def write_report(run_dir: Path, config: dict[str, Any]) -> Path:
         summary_table(rounds),
         "```",
         "",
-        "## Privacy",
-        "",
-        f"Each hospital trains with DP-SGD (Opacus, Poisson sampling), clipping norm "
-        f"C = {config.get('privacy.max-grad-norm')}, delta = {config.get('privacy.delta')}, "
-        f"accountant {config.get('privacy.accountant')}. epsilon is cumulative over every"
-        " round the hospital trained in and is recomputed from its privacy ledger.",
-        "",
-        "![epsilon](epsilon.png)",
-        "",
+        *privacy_section(rounds, config),
         "## Utility",
         "",
         "![curves](training_curves.png)",

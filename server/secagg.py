@@ -58,8 +58,10 @@ class SecAggFedAvg(LegacyFedAvg):
         initial: list[np.ndarray],
         on_round: Callable[[RoundRecord, list[np.ndarray]], None],
         meter: MeteredGrid,
+        plan: tuple[int, int] = (0, 0),
     ) -> None:
         self.meter = meter
+        self.shares, self.threshold = plan
         super().__init__(
             fraction_fit=run.server.fraction_train,
             fraction_evaluate=run.server.fraction_evaluate,
@@ -202,6 +204,8 @@ class SecAggFedAvg(LegacyFedAvg):
             failures=self.failures,
             declined=self.declined,
             eval_failures=self.eval_failures,
+            secagg_shares=self.shares,
+            secagg_threshold=self.threshold,
         )
         self.on_round(record, self.current)
 
@@ -241,6 +245,7 @@ def run_secagg_rounds(
         [t.detach().cpu().numpy() for t in initial.values()],
         lambda record, arrays: on_round(record, to_state(arrays)),
         grid,
+        (shares, threshold),
     )
     workflow = DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(

@@ -65,6 +65,9 @@ def hospital_round(
         epsilon=as_float(metrics.get("epsilon")),
         max_epsilon=as_float(metrics.get("max-epsilon")),
         reason=reason,
+        noise_multiplier=as_float(metrics.get("noise-multiplier")),
+        sample_rate=as_float(metrics.get("sample-rate")),
+        steps=int(metrics["steps"]) if isinstance(metrics.get("steps"), int | float) else None,
     )
 
 
