@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from client.secure_noise import secure_torch_generator, use_secure_noise
 from shared_model.config import HospitalConfig, PrivacyConfig
 
 __all__ = [
@@ -54,6 +56,7 @@ __all__ = [
     "read_ledger",
 ]
 
+log = logging.getLogger("fedfusion.hospital")
 LEDGER_FORMAT = "fedfusion-privacy-ledger/1"
 LEDGER_FILENAME = "privacy_ledger.json"
 # `fedfusion ledger show --json`: the stable, documented form anyone can recompute from.
@@ -75,6 +78,7 @@ class PrivacyPolicy:
     max_grad_norm: float
     accountant: str
     grad_sample_mode: str
+    secure_noise: bool = True  # noise and sampling from the OS CSPRNG (client/secure_noise.py)
 
 
 def effective_policy(requested: PrivacyConfig, hospital: HospitalConfig) -> PrivacyPolicy:
@@ -87,6 +91,7 @@ def effective_policy(requested: PrivacyConfig, hospital: HospitalConfig) -> Priv
         max_grad_norm=requested.max_grad_norm,
         accountant=requested.accountant,
         grad_sample_mode=requested.grad_sample_mode,
+        secure_noise=requested.secure_noise,
     )
 
 
@@ -526,15 +531,26 @@ def make_private(
 
     loader = DataLoader(dataset, batch_size=batch_size)
     with warnings.catch_warnings():
-        # secure_mode needs torchcsprng, which does not exist for this torch; the noise
-        # is drawn from torch's generator, seeded from the OS unless a test seeds it.
+        # Opacus's secure_mode needs torchcsprng, which has no build for this torch;
+        # client/secure_noise.py draws from the OS CSPRNG instead (below).
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant=policy.accountant, secure_mode=False)
-    if noise_generator is None:
-        device = next(model.parameters()).device  # the noise is drawn where the gradients are
-        noise_generator = torch.Generator(device=device).manual_seed(
-            int.from_bytes(os.urandom(8), "little")
+    device = next(model.parameters()).device  # the noise is drawn where the gradients are
+    if policy.secure_noise:
+        if noise_generator is not None:
+            raise ValueError(
+                "a seeded noise generator contradicts privacy.secure-noise = true "
+                "(seeded noise is for tests: set privacy.secure-noise = false there)"
+            )
+        # Poisson sampling: Opacus takes its sampler's generator from `secure_rng`.
+        engine.secure_rng = secure_torch_generator()
+    else:
+        log.warning(
+            "privacy.secure-noise = false: DP noise comes from torch's pseudo-random "
+            "generator. Use this for tests and experiments only, never with patient data."
         )
+    if noise_generator is None:
+        noise_generator = secure_torch_generator(device)
     wrapped = engine.make_private(
         module=model,
         optimizer=optimizer,
@@ -550,4 +566,6 @@ def make_private(
         dp_model, dp_optimizer, dp_loss, dp_loader = wrapped
     else:
         (dp_model, dp_optimizer, dp_loader), dp_loss = wrapped, loss_fn
+    if policy.secure_noise:
+        use_secure_noise(dp_optimizer)
     return PrivateTraining(dp_model, model, dp_optimizer, dp_loss, dp_loader, engine)

@@ -160,6 +160,11 @@ class PrivacyConfig:
     grad_sample_mode: str = _opt(
         "hooks", "How Opacus computes per-example gradients.", choices=GRAD_SAMPLE_MODES
     )
+    secure_noise: bool = _opt(
+        True,
+        "DP noise and Poisson sampling from the OS's cryptographic RNG, with Opacus's "
+        "floating-point attack mitigation. Off only for tests and experiments (warns).",
+    )
 
 
 @dataclass(frozen=True)
