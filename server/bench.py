@@ -11,8 +11,13 @@ ratios are taken against the baseline measured in the same sitting, because the 
 is shared and noisy.
 
 Results go to ``bench-results/perf-<time>.json`` (one entry per measurement: name,
-config, median, min, max, unit, baseline, ratio, target) and ``bench-results/latest.md``
+config, median, min, max, unit, baseline, ratio, target) and ``bench-results/latest-perf.md``
 (the printed table, with the machine it came from).
+
+The ``audit`` suite (`make audit`) trains two federations on the embedded data, a
+deliberately overfitted non-private one and the default DP one (epsilon = 8), and runs the
+membership-inference audit (``server/audit.py``) against each: ``audit-<time>.json`` and
+``latest-audit.md``.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Measurement", "run_wire_bench", "write_results"]
+__all__ = ["Measurement", "run_audit_bench", "run_wire_bench", "write_results"]
 
 Echo = Callable[[str], None]
 # Simulated and deployed federations hold the same number of reports per hospital, so
@@ -99,22 +104,16 @@ class _Run:
         return run
 
 
-def _simulate(
-    hospitals: int, rounds: int, secagg: bool, work: Path, echo: Echo, reports: int
-) -> _Run:
+def _simulate_run(
+    out: Path, hospitals: int, rounds: int, overrides: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Run a simulated federation to the end; its rounds (RuntimeError if it failed)."""
     from server.simulation import run_simulation_cli
 
-    out = work / f"sim-{'secagg' if secagg else 'plain'}-{hospitals}"
-    secagg_state = "on" if secagg else "off"
-    echo(f"  simulated, {hospitals} hospitals, SecAgg+ {secagg_state} ...")
     result = run_simulation_cli(
         hospitals=hospitals,
         rounds=rounds,
-        overrides={
-            "secagg.enabled": secagg,
-            "data.max-reports": reports * hospitals,
-            "server.min-hospitals": hospitals,
-        },
+        overrides={**overrides, "server.min-hospitals": hospitals},
         out=out,
         timeout=1800,
         verbose=False,
@@ -123,7 +122,17 @@ def _simulate(
     )
     if not result.ok:
         raise RuntimeError(f"simulated run in {out} failed: {'; '.join(result.problems)}")
-    return _Run.from_rounds(result.rounds)
+    return result.rounds
+
+
+def _simulate(
+    hospitals: int, rounds: int, secagg: bool, work: Path, echo: Echo, reports: int
+) -> _Run:
+    out = work / f"sim-{'secagg' if secagg else 'plain'}-{hospitals}"
+    secagg_state = "on" if secagg else "off"
+    echo(f"  simulated, {hospitals} hospitals, SecAgg+ {secagg_state} ...")
+    overrides = {"secagg.enabled": secagg, "data.max-reports": reports * hospitals}
+    return _Run.from_rounds(_simulate_run(out, hospitals, rounds, overrides))
 
 
 def _deploy(
@@ -206,6 +215,54 @@ def run_wire_bench(
     return out
 
 
+# The audit's two models. The non-private one is overfitted on purpose (few records,
+# many local epochs, no modality dropout) to show that the attack works at all.
+AUDIT_MODELS: dict[str, dict[str, Any]] = {
+    "non-private-overfit": {
+        "privacy.enabled": False,
+        "secagg.enabled": False,
+        "train.local-epochs": 30,
+        "train.modality-dropout": 0.0,
+        "data.max-reports": 600,
+    },
+    "dp-eps8": {"privacy.target-epsilon": 8.0},  # the default run (make simulate)
+}
+
+
+def run_audit_bench(hospitals: int = 3, rounds: int = 3, echo: Echo = print) -> list[Measurement]:
+    """Membership-inference AUC (and TPR at 1% FPR) against a non-private and a DP model."""
+    from server.audit import audit_run
+
+    out: list[Measurement] = []
+    with tempfile.TemporaryDirectory(prefix="fedfusion-audit-") as tmp:
+        for name, overrides in AUDIT_MODELS.items():
+            echo(f"  training {name} ({hospitals} hospitals x {rounds} rounds) ...")
+            run_dir = Path(tmp) / name
+            rounds_done = _simulate_run(run_dir, hospitals, rounds, overrides)
+            echo(f"  auditing {name} ...")
+            result = audit_run(run_dir, hospitals)
+            attack, best = result.strongest
+            cfg = {
+                **overrides,
+                "hospitals": hospitals,
+                "rounds": rounds,
+                "attack": attack,
+                "members": result.members,
+                "non_members": result.non_members,
+                "model_macro_auroc": rounds_done[-1]["eval_auroc"],
+                "all_attacks": {k: asdict(v) for k, v in result.attacks.items()},
+            }
+            low, high = best.auc_ci95
+            auc = Measurement(f"mia-auc/{name}", cfg, best.auc, low, high, "AUC", result.members)
+            if name == "non-private-overfit":
+                auc.target, auc.met = "95% CI above 0.5 (the attack works)", low > 0.5
+            else:
+                auc.target, auc.met = "<= 0.55", best.auc <= 0.55
+            tpr = best.tpr_at_fpr["0.01"]
+            out += [auc, Measurement(f"mia-tpr@1%fpr/{name}", cfg, tpr, tpr, tpr, "TPR", 1)]
+    return out
+
+
 def _machine() -> dict[str, Any]:
     import torch
 
@@ -231,6 +288,8 @@ def _machine() -> dict[str, Any]:
 
 
 def _fmt(value: float, unit: str) -> str:
+    if unit in {"AUC", "TPR"}:
+        return f"{value:.3f}"
     if unit == "B":
         return f"{value / 1e6:.3f} MB" if value >= 1e5 else f"{value / 1e3:.1f} kB"
     return f"{value:.2f} {unit}"
@@ -244,7 +303,7 @@ def table(measurements: Sequence[Measurement]) -> str:
     ]
     for m in measurements:
         ratio = f"{m.ratio:.2f}x" if m.ratio is not None else ""
-        target = f"{m.target} {'met' if m.met else 'MISSED'}" if m.target else ""
+        target = f"{m.target}: {'met' if m.met else 'MISSED'}" if m.target else ""
         rows.append(
             f"| {m.name} | {_fmt(m.median, m.unit)} | {_fmt(m.min, m.unit)} | "
             f"{_fmt(m.max, m.unit)} | {m.samples} | {m.baseline or ''} | {ratio} | {target} |"
@@ -252,8 +311,10 @@ def table(measurements: Sequence[Measurement]) -> str:
     return "\n".join(rows)
 
 
-def write_results(measurements: Sequence[Measurement], out_dir: Path) -> tuple[Path, Path]:
-    """Write the JSON results and the Markdown table; returns both paths."""
+def write_results(
+    measurements: Sequence[Measurement], out_dir: Path, suite: str = "perf"
+) -> tuple[Path, Path]:
+    """Write the JSON results and the Markdown table of one suite; returns both paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     machine = _machine()
@@ -262,11 +323,11 @@ def write_results(measurements: Sequence[Measurement], out_dir: Path) -> tuple[P
         "machine": machine,
         "entries": [asdict(m) for m in measurements],
     }
-    json_path = out_dir / f"perf-{stamp}.json"
+    json_path = out_dir / f"{suite}-{stamp}.json"
     json_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    md_path = out_dir / "latest.md"
+    md_path = out_dir / f"latest-{suite}.md"
     md_path.write_text(
-        f"# fedfusion benchmark, {stamp} UTC\n\n"
+        f"# fedfusion benchmark ({suite}), {stamp} UTC\n\n"
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['platform']}; "
         f"torch {machine['torch']}, flwr {machine['flwr']}, opacus {machine['opacus']}.\n\n"
         f"{table(measurements)}\n\nRaw: `{json_path.name}`\n",

@@ -16,6 +16,7 @@ def register(app: typer.Typer) -> None:
     app.command("simulate")(simulate)
     app.command("server")(server)
     app.command("bench")(bench)
+    app.command("audit")(audit)
     certs = typer.Typer(
         help="Create the CA, the server's TLS certificate and the hospitals' key pairs.",
         no_args_is_help=True,
@@ -200,6 +201,13 @@ def simulate(
 
 
 def bench(
+    suite: Annotated[
+        str,
+        typer.Option(
+            help="perf: SecAgg+ and deployment cost. audit: membership inference, "
+            "non-private vs DP (make audit)."
+        ),
+    ] = "perf",
     hospitals: Annotated[
         str, typer.Option(help="Simulated federation sizes, comma-separated.")
     ] = "3,10",
@@ -221,9 +229,17 @@ def bench(
     Plain and SecAgg+ federations of the same hospitals and data run side by side
     (simulated at each size, and deployed on loopback with TLS at the smallest), and
     every figure is reported as a median over rounds with its ratio to the baseline
-    measured in the same run. Writes bench-results/perf-<time>.json and latest.md.
+    measured in the same run. Writes bench-results/perf-<time>.json and latest-perf.md.
+
+    --suite audit trains a deliberately overfitted non-private federation and the default
+    DP one (epsilon = 8) and runs the membership-inference audit against both; it writes
+    audit-<time>.json and latest-audit.md.
     """
-    from server.bench import run_wire_bench, table, write_results
+    from server.bench import run_audit_bench, run_wire_bench, table, write_results
+
+    if suite not in {"perf", "audit"}:
+        typer.secho(f"error: --suite: {suite!r} is not perf or audit", err=True)
+        raise typer.Exit(2)
 
     try:
         sizes = [int(part) for part in hospitals.split(",") if part.strip()]
@@ -234,15 +250,56 @@ def bench(
         typer.secho("error: --hospitals: SecAgg+ needs at least 3 hospitals per run", err=True)
         raise typer.Exit(2)
     started = time.monotonic()
-    typer.echo(
-        f"fedfusion bench: plain vs SecAgg+ at {sizes} hospitals, {rounds} rounds each, "
-        f"{reports} reports per hospital"
-    )
     try:
-        measurements = run_wire_bench(sizes, rounds, deploy, echo=typer.echo, reports=reports)
+        if suite == "audit":
+            typer.echo("fedfusion bench: membership-inference audit, non-private vs DP")
+            measurements = run_audit_bench(min(sizes), echo=typer.echo)
+        else:
+            typer.echo(
+                f"fedfusion bench: plain vs SecAgg+ at {sizes} hospitals, {rounds} rounds "
+                f"each, {reports} reports per hospital"
+            )
+            measurements = run_wire_bench(sizes, rounds, deploy, echo=typer.echo, reports=reports)
     except RuntimeError as err:
         typer.secho(f"FAILED: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from err
-    json_path, md_path = write_results(measurements, out)
+    json_path, md_path = write_results(measurements, out, suite)
     typer.echo("\n" + table(measurements))
     typer.echo(f"\n{time.monotonic() - started:.0f}s; results: {json_path} and {md_path}")
+
+
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="A finished `fedfusion simulate` run.")],
+    hospitals: Annotated[
+        int | None, typer.Option(min=1, help="Hospitals of the run (default: from its metrics).")
+    ] = None,
+) -> None:
+    """Membership-inference audit of a run's final model: attack AUC and TPR at low FPR.
+
+    Each simulated hospital's training records are the members, its held-out records the
+    non-members. Two attacks score every record: its loss under the final model, and how
+    much training lowered that loss since round 0. The result goes to RUN_DIR/audit.json.
+    """
+    import json
+
+    from server.audit import audit_run
+    from shared_model.config import ConfigError
+
+    try:
+        result = audit_run(run_dir, hospitals)
+    except ConfigError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err
+    typer.echo(
+        f"{result.members} members, {result.non_members} non-members, {result.hospitals} hospitals"
+    )
+    typer.echo("attack            AUC (95% CI)           TPR@1%FPR  TPR@0.1%FPR")
+    for name, r in result.attacks.items():
+        low, high = r.auc_ci95
+        typer.echo(
+            f"{name:16s}  {r.auc:.3f} ({low:.3f}-{high:.3f})    "
+            f"{r.tpr_at_fpr['0.01']:9.3f}  {r.tpr_at_fpr['0.001']:11.3f}"
+        )
+    path = Path(run_dir) / "audit.json"
+    path.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    typer.echo(f"0.5 is a coin toss. Written to {path}")

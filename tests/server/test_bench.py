@@ -34,7 +34,7 @@ def test_ratio_and_target_against_a_baseline(tmp_path):
     assert fast.ratio == pytest.approx(1.2) and fast.met
     assert slow.ratio == pytest.approx(3.0) and slow.met is False
     text = table([base, fast, slow])
-    assert "<= 2x MISSED" in text and "<= 1.2x met" in text
+    assert "<= 2x: MISSED" in text and "<= 1.2x: met" in text
     json_path, md_path = write_results([base, fast, slow], tmp_path)
     data = json.loads(json_path.read_text())
     entry = data["entries"][2]
