@@ -91,7 +91,9 @@ def effective_policy(requested: PrivacyConfig, hospital: HospitalConfig) -> Priv
         max_grad_norm=requested.max_grad_norm,
         accountant=requested.accountant,
         grad_sample_mode=requested.grad_sample_mode,
-        secure_noise=requested.secure_noise,
+        # Secure noise is the hospital's to give up, not the server's: a hospital with
+        # its own data keeps it unless its own file also says secure-noise = false.
+        secure_noise=requested.secure_noise or (hospital.secure_noise and not hospital.simulated),
     )
 
 

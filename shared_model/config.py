@@ -350,6 +350,11 @@ class HospitalConfig:
         min=0,
     )
     device: str = _opt("cpu", "Where training runs: cpu, cuda, cuda:N, or auto (cuda if any).")
+    secure_noise: bool = _opt(
+        True,
+        "Keep CSPRNG noise even if the server asks for privacy.secure-noise = false; "
+        "only a hospital's own false lets that through (simulated hospitals follow the server).",
+    )
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> HospitalConfig:

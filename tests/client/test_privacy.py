@@ -215,3 +215,41 @@ def test_prv_accountant_agrees_with_an_independent_pld():
         )
     assert compute_epsilon(history, 1e-5, "prv") == pytest.approx(pld.get_epsilon(1e-5), rel=0.02)
     assert math.isclose(compute_epsilon([], 1e-5), 0.0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    max_eps=st.floats(0.5, 12.0),
+    planned=st.integers(1, 6),
+    sizes=st.lists(st.integers(50, 4000), min_size=1, max_size=8),
+    skips=st.sets(st.integers(1, 8), max_size=3),
+    crashes=st.sets(st.integers(1, 8), max_size=3),
+)
+def test_budget_holds_while_data_grows_rounds_crash_and_processes_restart(
+    tmp_path_factory, max_eps, planned, sizes, skips, crashes
+):
+    """q and steps change every round; a crashed round counts in full; nothing exceeds."""
+    state = tmp_path_factory.mktemp("ledger")
+    policy = PrivacyPolicy(**{**POLICY.__dict__, "max_epsilon": max_eps, "target_epsilon": max_eps})
+    spent = 0.0
+    for r, n in enumerate(sizes, start=1):
+        if r in skips:
+            continue
+        ledger = PrivacyLedger.open(state, "h0", policy)  # a fresh process every round
+        plan = plan_round(
+            ledger,
+            policy,
+            server_round=r,
+            planned_rounds=planned,
+            num_examples=n,
+            batch_size=64,
+            local_epochs=1,
+        )
+        if plan.train:
+            ledger.begin_round(plan.entry)
+            if r not in crashes:  # a crash leaves the entry "started", counted in full
+                ledger.complete_round(r, plan.entry.steps)
+        reopened = PrivacyLedger.open(state, "h0", policy)
+        assert reopened.epsilon() <= max_eps
+        assert reopened.epsilon() >= spent  # never decreases, never resets
+        spent = reopened.epsilon()

@@ -87,4 +87,8 @@ def test_secure_noise_is_the_default_and_reaches_the_hospital():
     hospital = HospitalConfig(partition_id=0, num_partitions=1)
     assert effective_policy(PrivacyConfig(), hospital).secure_noise is True
     off = RunConfig.from_run_config({"privacy.secure-noise": False}).privacy
-    assert effective_policy(off, hospital).secure_noise is False
+    assert effective_policy(off, hospital).secure_noise is False  # simulated: follows
+    real = HospitalConfig(data_manifest="/data/manifest.csv")
+    assert effective_policy(off, real).secure_noise is True  # the server cannot turn it off
+    agreed = HospitalConfig(data_manifest="/data/manifest.csv", secure_noise=False)
+    assert effective_policy(off, agreed).secure_noise is False
