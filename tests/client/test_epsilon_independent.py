@@ -17,14 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from client.privacy import (
-    RDP_ORDERS,
-    PrivacyLedger,
-    PrivacyPolicy,
-    compute_epsilon,
-    plan_round,
-)
+from client.privacy import RDP_ORDERS, compute_epsilon
 from shared_model.cli import build_app
+from tests.client.test_privacy import POLICY, one_round
 
 
 class DroppedOrders(logging.Handler):
@@ -87,33 +82,10 @@ def test_prv_matches_an_independent_pld_within_the_stated_error(history, delta):
     assert abs(ours - pld) <= PRV_EPS_ERROR + 1e-3 * pld
 
 
-POLICY = PrivacyPolicy(
-    enabled=True,
-    target_epsilon=8.0,
-    max_epsilon=10.0,
-    delta=1e-5,
-    max_grad_norm=1.0,
-    accountant="rdp",
-    grad_sample_mode="hooks",
-)
-
-
 def grow_a_hospital(state_dir, sizes):
     """Rounds at a hospital whose data grows between rounds: q changes every round."""
     for r, n in enumerate(sizes, start=1):
-        ledger = PrivacyLedger.open(state_dir, "st-mary", POLICY)
-        plan = plan_round(
-            ledger,
-            POLICY,
-            server_round=r,
-            planned_rounds=len(sizes),
-            num_examples=n,
-            batch_size=64,
-            local_epochs=2,
-        )
-        assert plan.train
-        ledger.begin_round(plan.entry)
-        ledger.complete_round(r, plan.entry.steps)
+        assert one_round(state_dir, POLICY, r, n=n, planned=len(sizes), hospital="st-mary")
 
 
 def test_the_exported_json_alone_recomputes_the_recorded_epsilon(tmp_path):

@@ -42,12 +42,13 @@ def independent_rdp_epsilon(history, delta):
     return acc.get_epsilon(delta)
 
 
-def one_round(state, policy, r, *, n=1000, planned=3, local_epochs=2):
+def one_round(state, policy, r, *, n=1000, planned=3, local_epochs=2, crash=False, hospital="h0"):
     """A hospital round as trainer.py runs it, from a freshly opened (restarted) ledger.
 
-    Returns the epsilon after the round, or None if the hospital declined it.
+    Returns the epsilon after the round, or None if the hospital declined it. A crashed
+    round is begun but never completed (its entry stays "started", counted in full).
     """
-    ledger = PrivacyLedger.open(state, "h0", policy)
+    ledger = PrivacyLedger.open(state, hospital, policy)
     plan = plan_round(
         ledger,
         policy,
@@ -60,7 +61,8 @@ def one_round(state, policy, r, *, n=1000, planned=3, local_epochs=2):
     if not plan.train:
         return None
     ledger.begin_round(plan.entry)
-    ledger.complete_round(r, plan.entry.steps)
+    if not crash:
+        ledger.complete_round(r, plan.entry.steps)
     return ledger.epsilon()
 
 
@@ -235,20 +237,8 @@ def test_budget_holds_while_data_grows_rounds_crash_and_processes_restart(
     for r, n in enumerate(sizes, start=1):
         if r in skips:
             continue
-        ledger = PrivacyLedger.open(state, "h0", policy)  # a fresh process every round
-        plan = plan_round(
-            ledger,
-            policy,
-            server_round=r,
-            planned_rounds=planned,
-            num_examples=n,
-            batch_size=64,
-            local_epochs=1,
-        )
-        if plan.train:
-            ledger.begin_round(plan.entry)
-            if r not in crashes:  # a crash leaves the entry "started", counted in full
-                ledger.complete_round(r, plan.entry.steps)
+        # a fresh process every round; a crash leaves the entry "started", counted in full
+        one_round(state, policy, r, n=n, planned=planned, local_epochs=1, crash=r in crashes)
         reopened = PrivacyLedger.open(state, "h0", policy)
         assert reopened.epsilon() <= max_eps
         assert reopened.epsilon() >= spent  # never decreases, never resets
