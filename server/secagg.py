@@ -58,10 +58,10 @@ class SecAggFedAvg(LegacyFedAvg):
         initial: list[np.ndarray],
         on_round: Callable[[RoundRecord, list[np.ndarray]], None],
         meter: MeteredGrid,
-        plan: tuple[int, int] = (0, 0),
+        plan: tuple[int, int, int] = (0, 0, 0),
     ) -> None:
         self.meter = meter
-        self.shares, self.threshold = plan
+        self.sample_size, self.shares, self.threshold = plan
         super().__init__(
             fraction_fit=run.server.fraction_train,
             fraction_evaluate=run.server.fraction_evaluate,
@@ -97,7 +97,17 @@ class SecAggFedAvg(LegacyFedAvg):
         }
 
     def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
-        """Sample hospitals as FedAvg does, remembering how many were asked."""
+        """Sample hospitals as FedAvg does, remembering how many were asked.
+
+        FedAvg sizes its sample from the hospitals registered at that moment, so first
+        wait (up to server.wait-for-hospitals-timeout) for the planned number: a hospital
+        registering a moment late would otherwise sit out the round (a race seen in CI).
+        If one never comes, the round goes ahead with those present.
+        """
+        if self.sample_size:
+            client_manager.wait_for(
+                self.sample_size, timeout=int(self.run.server.wait_for_hospitals_timeout)
+            )
         instructions = super().configure_fit(server_round, parameters, client_manager)
         self.sampled = len(instructions)
         return instructions
@@ -245,7 +255,7 @@ def run_secagg_rounds(
         [t.detach().cpu().numpy() for t in initial.values()],
         lambda record, arrays: on_round(record, to_state(arrays)),
         grid,
-        (shares, threshold),
+        (sampled, shares, threshold),
     )
     workflow = DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(

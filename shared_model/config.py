@@ -40,6 +40,7 @@ __all__ = [
 ]
 
 FUSION_MODES = ("concat", "gated", "cross_attention")
+BRANCHES = ("fused", "image", "text")
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch", "ew")
 STRATEGIES = ("fedavg", "fedprox")
@@ -81,6 +82,12 @@ class ModelConfig:
         "Finding labels the head predicts, '|'-separated in the run config.",
     )
     fusion: str = _opt("gated", "How image and report are fused.", choices=FUSION_MODES)
+    branches: str = _opt(
+        "fused",
+        "fused (image and report), or one branch alone: image or text. A single-branch "
+        "model has no encoder for the other modality at all.",
+        choices=BRANCHES,
+    )
     image_size: int = _opt(64, "Radiographs are resized to image-size x image-size.", min=32)
     embed_dim: int = _opt(64, "Width of both encoders and the fusion block.", min=8)
     text_layers: int = _opt(1, "Transformer blocks in the report encoder.", min=1)
@@ -103,6 +110,11 @@ class ModelConfig:
             raise ConfigError(
                 f"model.image-size: must be a multiple of 16 (4 stride-2 stages), "
                 f"got {self.image_size}"
+            )
+        if self.branches != "fused" and self.fusion == "cross_attention":
+            raise ConfigError(
+                f"model.branches = {self.branches!r}: cross_attention fuses report tokens "
+                "with image patches and needs both branches; use model.fusion = concat or gated"
             )
 
 

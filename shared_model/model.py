@@ -182,21 +182,35 @@ class FusionModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.embed_dim
-        self.image_encoder = ImageEncoder(d, cfg.dropout)
-        self.text_encoder = TextEncoder(cfg)
+        # A single-branch model has no encoder for the other modality: no parameters to
+        # train, noise or send.
+        self.image_encoder = ImageEncoder(d, cfg.dropout) if cfg.branches != "text" else None
+        self.text_encoder = TextEncoder(cfg) if cfg.branches != "image" else None
+        self.register_buffer(
+            "branch_mask",
+            torch.tensor([cfg.branches != "text", cfg.branches != "image"], dtype=torch.float32),
+            persistent=False,
+        )
         self.fusion = Fusion(cfg.fusion, d, cfg.text_heads, cfg.dropout)
         self.head = nn.Sequential(
             nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, len(cfg.labels))
         )
 
     def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 1, S, S) -> patches (B, P, D), pooled (B, D)."""
+        """(B, 1, S, S) -> patches (B, P, D), pooled (B, D); zeros without an image branch."""
+        if self.image_encoder is None:
+            b, d = image.shape[0], self.cfg.embed_dim
+            return image.new_zeros(b, 1, d), image.new_zeros(b, d)
         return self.image_encoder(image)
 
     def encode_text(
         self, report_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, L) -> token states (B, L, D), pooled (B, D), token mask (B, L)."""
+        if self.text_encoder is None:
+            b, d = report_ids.shape[0], self.cfg.embed_dim
+            zeros = self.branch_mask.new_zeros
+            return zeros(b, 1, d), zeros(b, d), report_ids.new_zeros(b, 1, dtype=torch.bool)
         return self.text_encoder(report_ids)
 
     def fuse(
@@ -205,6 +219,7 @@ class FusionModel(nn.Module):
         """Fused features (B, D) and per-example modality weights (B, 2)."""
         patches, pooled_image = self.encode_image(image)
         tokens, pooled_report, token_mask = self.encode_text(report_ids)
+        present = present * self.branch_mask  # a missing branch is a missing modality
         return self.fusion(patches, pooled_image, tokens, pooled_report, token_mask, present)
 
     def forward(

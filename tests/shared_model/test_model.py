@@ -79,3 +79,31 @@ def test_both_missing_is_finite_and_gated_weights_follow_presence():
     assert torch.allclose(weights[1], torch.tensor([1.0, 0.0]))
     assert torch.allclose(weights[2], torch.tensor([0.0, 1.0]))
     assert torch.allclose(weights[3:].sum(-1), torch.ones(2), atol=1e-6)
+
+
+@pytest.mark.parametrize("fusion", ["concat", "gated"])
+@pytest.mark.parametrize(
+    ("branch", "unused"), [("image", "text_encoder"), ("text", "image_encoder")]
+)
+def test_a_single_branch_model_has_no_other_encoder_and_ignores_that_input(fusion, branch, unused):
+    from opacus.validators import ModuleValidator
+
+    from shared_model.config import ConfigError
+
+    cfg = ModelConfig(fusion=fusion, branches=branch, max_report_tokens=32)
+    model = FusionModel(cfg).eval()
+    fused_model = FusionModel(ModelConfig(fusion=fusion, max_report_tokens=32))
+    assert getattr(model, unused) is None
+    assert not any(k.startswith(unused) for k in model.state_dict())
+    n_params = sum(p.numel() for p in model.parameters())
+    assert n_params < sum(p.numel() for p in fused_model.parameters())
+    image, ids, present = inputs(cfg)
+    out = model(image, ids, present)
+    if branch == "image":  # any report, or none, changes nothing
+        other = model(image, torch.zeros_like(ids), present * torch.tensor([1.0, 0.0]))
+    else:
+        other = model(torch.rand_like(image), ids, present * torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(out, other)
+    assert ModuleValidator.validate(model.train(), strict=False) == []
+    with pytest.raises(ConfigError, match="needs both branches"):
+        ModelConfig(fusion="cross_attention", branches=branch)

@@ -1,0 +1,48 @@
+"""SecAgg+ rounds sample every planned hospital, even one that registers a moment late."""
+
+import threading
+import time
+from unittest.mock import MagicMock
+
+import numpy as np
+from flwr.common import ndarrays_to_parameters
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+
+from server.secagg import SecAggFedAvg
+from shared_model.config import RunConfig
+
+
+class Hospital(ClientProxy):
+    def __init__(self, node_id: int) -> None:
+        super().__init__(str(node_id))
+        self.node_id = node_id
+
+    get_properties = get_parameters = fit = evaluate = reconnect = MagicMock()
+
+
+def strategy(planned: int, timeout: float) -> SecAggFedAvg:
+    run = RunConfig.from_run_config(
+        {"server.min-hospitals": 3, "server.wait-for-hospitals-timeout": timeout}
+    )
+    return SecAggFedAvg(run, [np.zeros(2)], lambda *_: None, MagicMock(), (planned, 4, 3))
+
+
+def test_a_hospital_registering_late_is_still_sampled():
+    manager = SimpleClientManager()
+    for node in range(3):
+        manager.register(Hospital(node))
+    late = threading.Timer(0.5, lambda: manager.register(Hospital(3)))
+    late.start()
+    sampled = strategy(4, timeout=30).configure_fit(1, ndarrays_to_parameters([]), manager)
+    late.join()
+    assert sorted(proxy.node_id for proxy, _ in sampled) == [0, 1, 2, 3]
+
+
+def test_a_hospital_that_never_comes_does_not_stall_the_round():
+    manager = SimpleClientManager()
+    for node in range(3):
+        manager.register(Hospital(node))
+    started = time.monotonic()
+    sampled = strategy(4, timeout=1).configure_fit(1, ndarrays_to_parameters([]), manager)
+    assert len(sampled) == 3 and time.monotonic() - started < 10
