@@ -106,8 +106,11 @@ def run_local_round(
     """
     train_set = site.data.train
     model = _model_from(weights, run, site.device)
+    model.return_alignment = run.train.alignment_weight > 0
     global_params = [p.detach().clone() for p in model.parameters()]
-    loss_fn = make_loss(pos_weight_from_config(run.train, run.model.labels)).to(site.device)
+    loss_fn = make_loss(
+        pos_weight_from_config(run.train, run.model.labels), run.train.alignment_weight
+    ).to(site.device)
     optimizer = make_optimizer(model, run)
     if not site.policy.enabled:
         generator = torch.Generator().manual_seed(run.seed * 1000 + server_round)

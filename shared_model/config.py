@@ -149,6 +149,13 @@ class TrainConfig:
         "which would leak outside the DP accounting), 'none', one number, or one number "
         "per label, comma-separated.",
     )
+    alignment_weight: float = _opt(
+        0.0,
+        "Weight of a per-example image-report alignment loss, 1 - cos(image, report) of "
+        "the pooled embeddings when both are present; 0: off. Per example, unlike an "
+        "in-batch contrastive loss, so DP-SGD's per-record clipping stays valid.",
+        min=0.0,
+    )
 
 
 @dataclass(frozen=True)

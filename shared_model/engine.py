@@ -110,17 +110,32 @@ class MultiLabelBCE(nn.Module):
     (example, label) terms.
     """
 
-    def __init__(self, pos_weight: torch.Tensor | None = None, reduction: str = "mean") -> None:
+    def __init__(
+        self,
+        pos_weight: torch.Tensor | None = None,
+        reduction: str = "mean",
+        alignment_weight: float = 0.0,
+    ) -> None:
         super().__init__()
         self.register_buffer("pos_weight", pos_weight)
         self.reduction = reduction
+        self.alignment_weight = alignment_weight
 
-    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Loss of ``logits`` (B, K) against multi-hot ``targets`` (B, K)."""
+    def forward(
+        self, outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Loss of logits (B, K) against multi-hot ``targets`` (B, K).
+
+        ``outputs`` may be ``(logits, alignment)`` (a training model with
+        ``return_alignment``): each example's alignment term is then added to its loss.
+        """
+        logits, alignment = outputs if isinstance(outputs, tuple) else (outputs, None)
         per_label = F.binary_cross_entropy_with_logits(
             logits, targets, pos_weight=self.pos_weight, reduction="none"
         )  # (B, K)
         per_example = per_label.mean(dim=1)  # (B,)
+        if alignment is not None:
+            per_example = per_example + self.alignment_weight * alignment
         if self.reduction == "none":
             return per_example
         if self.reduction == "sum":
@@ -129,9 +144,9 @@ class MultiLabelBCE(nn.Module):
         return per_example.sum() / max(per_example.shape[0], 1)
 
 
-def make_loss(pos_weight: torch.Tensor | None) -> nn.Module:
-    """The training loss: per-example, imbalance-aware multi-label BCE."""
-    return MultiLabelBCE(pos_weight)
+def make_loss(pos_weight: torch.Tensor | None, alignment_weight: float = 0.0) -> nn.Module:
+    """The training loss: per-example, imbalance-aware multi-label BCE (+ alignment)."""
+    return MultiLabelBCE(pos_weight, alignment_weight=alignment_weight)
 
 
 def _drop_modalities(

@@ -23,7 +23,7 @@ from torch import nn
 from shared_model.config import ModelConfig
 from shared_model.text import PAD_ID
 
-__all__ = ["FusionModel"]
+__all__ = ["FusionModel", "alignment_loss"]
 
 
 class ImageEncoder(nn.Module):
@@ -186,6 +186,9 @@ class FusionModel(nn.Module):
         # train, noise or send.
         self.image_encoder = ImageEncoder(d, cfg.dropout) if cfg.branches != "text" else None
         self.text_encoder = TextEncoder(cfg) if cfg.branches != "image" else None
+        # Set by the trainer when train.alignment-weight > 0: in training mode, forward
+        # then also returns each example's alignment loss (see alignment_loss).
+        self.return_alignment = False
         self.register_buffer(
             "branch_mask",
             torch.tensor([cfg.branches != "text", cfg.branches != "image"], dtype=torch.float32),
@@ -213,18 +216,47 @@ class FusionModel(nn.Module):
             return zeros(b, 1, d), zeros(b, d), report_ids.new_zeros(b, 1, dtype=torch.bool)
         return self.text_encoder(report_ids)
 
+    def _features(
+        self, image: torch.Tensor, report_ids: torch.Tensor, present: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fused (B, D), modality weights (B, 2), pooled image and report, presence."""
+        patches, pooled_image = self.encode_image(image)
+        tokens, pooled_report, token_mask = self.encode_text(report_ids)
+        present = present * self.branch_mask  # a missing branch is a missing modality
+        fused, weights = self.fusion(
+            patches, pooled_image, tokens, pooled_report, token_mask, present
+        )
+        return fused, weights, pooled_image, pooled_report, present
+
     def fuse(
         self, image: torch.Tensor, report_ids: torch.Tensor, present: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused features (B, D) and per-example modality weights (B, 2)."""
-        patches, pooled_image = self.encode_image(image)
-        tokens, pooled_report, token_mask = self.encode_text(report_ids)
-        present = present * self.branch_mask  # a missing branch is a missing modality
-        return self.fusion(patches, pooled_image, tokens, pooled_report, token_mask, present)
+        fused, weights, *_ = self._features(image, report_ids, present)
+        return fused, weights
 
     def forward(
         self, image: torch.Tensor, report_ids: torch.Tensor, present: torch.Tensor
-    ) -> torch.Tensor:
-        """Logits (B, K)."""
-        fused, _ = self.fuse(image, report_ids, present)
-        return self.head(fused)
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, K); in training with ``return_alignment``, also the (B,) alignment."""
+        fused, _, pooled_image, pooled_report, present = self._features(image, report_ids, present)
+        logits = self.head(fused)
+        if self.return_alignment and self.training:
+            return logits, alignment_loss(pooled_image, pooled_report, present)
+        return logits
+
+
+def alignment_loss(
+    image: torch.Tensor, report: torch.Tensor, present: torch.Tensor
+) -> torch.Tensor:
+    """Per-example 1 - cos(image_i, report_i), 0 where either modality is missing.
+
+    Each example's term depends on its own embeddings only. The usual in-batch
+    contrastive (InfoNCE) loss compares every image with every other example's report,
+    which couples the examples of a batch: one record's gradient then depends on the
+    others, and DP-SGD's per-example clipping no longer bounds any one record's
+    influence. This aligns each radiograph with its own report instead (seed 003's joint
+    embedding, made DP-compatible).
+    """
+    both = present[:, 0] * present[:, 1]
+    return (1.0 - F.cosine_similarity(image, report, dim=-1, eps=1e-6)) * both
