@@ -138,6 +138,13 @@ def simulate(
             "'model.fusion=\"cross_attention\" privacy.target-epsilon=3'.",
         ),
     ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="A seed system's model: cnn-lstm-concat, cross-attention or gated "
+            "(settings given with -c win).",
+        ),
+    ] = None,
     out: Annotated[
         Path | None,
         typer.Option(
@@ -166,14 +173,18 @@ def simulate(
     """
     from server.report import summary_table
     from server.simulation import parse_overrides, run_simulation_cli
-    from shared_model.config import ConfigError
+    from shared_model.config import PRESETS, ConfigError
 
+    if preset is not None and preset not in PRESETS:
+        typer.secho(f"error: --preset {preset!r} is not one of {', '.join(PRESETS)}", err=True)
+        raise typer.Exit(2)
     out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     try:
+        overrides = {**PRESETS.get(preset or "", {}), **parse_overrides(run_config or [])}
         result = run_simulation_cli(
             hospitals=hospitals,
             rounds=rounds,
-            overrides=parse_overrides(run_config or []),
+            overrides=overrides,
             out=out,
             timeout=timeout,
             verbose=verbose,

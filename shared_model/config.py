@@ -41,6 +41,15 @@ __all__ = [
 
 FUSION_MODES = ("concat", "gated", "cross_attention")
 BRANCHES = ("fused", "image", "text")
+TEXT_ENCODERS = ("transformer", "lstm")
+# The seed systems fedfusion reproduces, as named bundles of model settings
+# (`fedfusion simulate --preset NAME`). Presets that need a pretrained image encoder or
+# BERT (seed 001's ResNet50 + BERT) come with the pretrained encoders (issue #5).
+PRESETS: dict[str, dict[str, str]] = {
+    "cnn-lstm-concat": {"model.text-encoder": "lstm", "model.fusion": "concat"},  # 000/002/004
+    "cross-attention": {"model.text-encoder": "transformer", "model.fusion": "cross_attention"},
+    "gated": {"model.text-encoder": "transformer", "model.fusion": "gated"},  # seed 001's sum
+}
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch", "ew")
 STRATEGIES = ("fedavg", "fedprox")
@@ -82,6 +91,12 @@ class ModelConfig:
         "Finding labels the head predicts, '|'-separated in the run config.",
     )
     fusion: str = _opt("gated", "How image and report are fused.", choices=FUSION_MODES)
+    text_encoder: str = _opt(
+        "transformer",
+        "Report encoder trained from scratch: transformer (linear attention blocks) or lstm "
+        "(a bidirectional Opacus DPLSTM).",
+        choices=TEXT_ENCODERS,
+    )
     branches: str = _opt(
         "fused",
         "fused (image and report), or one branch alone: image or text. A single-branch "
@@ -110,6 +125,10 @@ class ModelConfig:
             raise ConfigError(
                 f"model.image-size: must be a multiple of 16 (4 stride-2 stages), "
                 f"got {self.image_size}"
+            )
+        if self.text_encoder == "lstm" and self.embed_dim % 2:
+            raise ConfigError(
+                f"model.embed-dim: the lstm encoder needs an even width, got {self.embed_dim}"
             )
         if self.branches != "fused" and self.fusion == "cross_attention":
             raise ConfigError(

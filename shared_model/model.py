@@ -122,6 +122,31 @@ class TextEncoder(nn.Module):
         return x, pooled, mask
 
 
+class LstmTextEncoder(nn.Module):
+    """Report ids (B, L) -> bidirectional LSTM states (B, L, D), masked-mean pooled (B, D).
+
+    Opacus's ``DPLSTM`` (an LSTM built from linear layers) gets per-example gradients;
+    ``nn.LSTM`` would not. The seeds' CNN+LSTM systems (000, 002, 004) use this shape.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        from opacus.layers import DPLSTM
+
+        d = cfg.embed_dim  # even: ModelConfig checks it
+        self.tokens = nn.Embedding(cfg.text_vocab_buckets, d, padding_idx=PAD_ID)
+        self.lstm = DPLSTM(d, d // 2, batch_first=True, bidirectional=True)
+        self.norm = nn.LayerNorm(d)
+
+    def forward(self, report_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mask = report_ids != PAD_ID
+        states, _ = self.lstm(self.tokens(report_ids))
+        x = self.norm(states)
+        weights = mask.unsqueeze(-1).float()
+        pooled = (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return x, pooled, mask
+
+
 class Fusion(nn.Module):
     """Combine image and report features; one of three modes, chosen by config.
 
@@ -185,7 +210,8 @@ class FusionModel(nn.Module):
         # A single-branch model has no encoder for the other modality: no parameters to
         # train, noise or send.
         self.image_encoder = ImageEncoder(d, cfg.dropout) if cfg.branches != "text" else None
-        self.text_encoder = TextEncoder(cfg) if cfg.branches != "image" else None
+        text_encoder = LstmTextEncoder if cfg.text_encoder == "lstm" else TextEncoder
+        self.text_encoder = text_encoder(cfg) if cfg.branches != "image" else None
         # Set by the trainer when train.alignment-weight > 0: in training mode, forward
         # then also returns each example's alignment loss (see alignment_loss).
         self.return_alignment = False

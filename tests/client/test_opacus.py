@@ -174,3 +174,35 @@ def test_every_grad_sample_mode_trains_through_empty_poisson_batches(mode):
         not torch.equal(a, b) for a, b in zip(before, private.raw_model.parameters(), strict=True)
     )
     assert not any(k.startswith("_module.") for k in private.raw_model.state_dict())
+
+
+@pytest.mark.parametrize("preset", ["cnn-lstm-concat", "cross-attention", "gated"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_every_seed_preset_trains_under_dp(preset, mode):
+    from shared_model.config import PRESETS, RunConfig
+    from shared_model.engine import train_one_epoch
+
+    model_cfg = RunConfig.from_run_config(PRESETS[preset]).model
+    cfg = ModelConfig(**{**model_cfg.__dict__, **CFG})
+    model = FusionModel(cfg)
+    assert ModuleValidator.validate(model, strict=False) == []
+    before = [p.detach().clone() for p in model.parameters()]
+    private = make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        make_loss(None),
+        TensorDataset(*batch(cfg, 16)),
+        8,
+        policy(1.0, mode),
+        noise_multiplier=1.0,
+    )
+    stats = train_one_epoch(
+        private.model,
+        private.loader,
+        private.optimizer,
+        private.loss_fn,
+        on_empty_batch=private.empty_batch_step,
+    )
+    assert stats.steps == 2
+    after = list(private.raw_model.parameters())
+    assert all(not torch.equal(a, b) for a, b in zip(before, after, strict=True))

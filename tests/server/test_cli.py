@@ -163,3 +163,12 @@ def test_simulate_command_fails_loudly_when_hospitals_fail(tmp_path):
     assert result.returncode == 1
     assert "FAILED" in result.stderr and "cannot split 15 records" in result.stderr
     assert _our_processes(out) == []
+
+
+def test_an_unknown_preset_is_refused_naming_the_known_ones(tmp_path):
+    result = CliRunner().invoke(
+        build_app(), ["simulate", "--preset", "resnet-bert", "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2
+    assert "cnn-lstm-concat, cross-attention, gated" in result.output
+    assert not (tmp_path / "r").exists()
