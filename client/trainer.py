@@ -23,7 +23,7 @@ from shared_model.engine import (
     pos_weight_from_config,
     train_one_epoch,
 )
-from shared_model.model import FusionModel
+from shared_model.model import FusionModel, freeze_encoders
 
 __all__ = ["LocalRound", "run_local_evaluation", "run_local_round"]
 
@@ -107,7 +107,9 @@ def run_local_round(
     train_set = site.data.train
     model = _model_from(weights, run, site.device)
     model.return_alignment = run.train.alignment_weight > 0
-    global_params = [p.detach().clone() for p in model.parameters()]
+    if run.model.encoder_mode == "frozen":
+        freeze_encoders(model)
+    global_params = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     loss_fn = make_loss(
         pos_weight_from_config(run.train, run.model.labels), run.train.alignment_weight
     ).to(site.device)

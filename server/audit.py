@@ -125,7 +125,7 @@ def audit_run(run_dir: Path, hospitals: int | None = None) -> AuditResult:
 
     from shared_model.datasets import embedded_hospital
     from shared_model.engine import MultiLabelBCE, pos_weight_from_config
-    from shared_model.model import FusionModel
+    from shared_model.model import FusionModel, initial_model
 
     run_dir = Path(run_dir)
     for name in ("run.json", "global_model.safetensors"):
@@ -142,8 +142,7 @@ def audit_run(run_dir: Path, hospitals: int | None = None) -> AuditResult:
         initial = FusionModel(run.model)
         initial.load_state_dict(load_file(str(initial_file)), strict=True)
     else:  # the server builds the initial model exactly so (server/server_app.py)
-        torch.manual_seed(run.seed)
-        initial = FusionModel(run.model)
+        initial = initial_model(run.model, run.seed)
     loss_fn = MultiLabelBCE(pos_weight_from_config(run.train, run.model.labels), "none")
     scores: dict[str, dict[bool, list[np.ndarray]]] = {
         "loss-threshold": {True: [], False: []},

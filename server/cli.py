@@ -105,9 +105,11 @@ def server(
     from server.deploy import INSECURE_WARNING, run_server
     from server.report import summary_table
     from shared_model.config import ConfigError, ServerDeployConfig
+    from shared_model.model import initial_model
 
     try:
         cfg, run, settings = ServerDeployConfig.from_file(config)
+        initial_model(run.model, run.seed)  # weight files: fail before anything starts
     except ConfigError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from err

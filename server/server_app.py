@@ -16,7 +16,7 @@ from server.report import format_round_line, write_report
 from server.secagg import run_secagg_rounds
 from server.strategy import build_strategy, run_federation, wait_for_hospitals
 from shared_model.config import RunConfig
-from shared_model.model import FusionModel
+from shared_model.model import initial_model
 
 __all__ = ["app"]
 
@@ -30,8 +30,7 @@ def main(grid: Grid, context: Context) -> None:
     store = RunStore(Path(run.output_dir).expanduser().resolve())
     flat = run.to_run_config()
     store.start(flat)
-    torch.manual_seed(run.seed)
-    initial = ArrayRecord(FusionModel(run.model).state_dict())
+    initial = ArrayRecord(initial_model(run.model, run.seed).state_dict())
 
     def progress(record: RoundRecord) -> None:
         log(INFO, "[fedfusion] %s", format_round_line(record.to_dict(), run.num_rounds))

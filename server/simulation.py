@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from shared_model.config import ConfigError, RunConfig
+from shared_model.model import initial_model
 from shared_model.processes import free_port, stop_processes
 
 __all__ = [
@@ -204,6 +205,7 @@ def run_simulation_cli(
     out = out.expanduser().resolve()
     run_config = {**overrides, "num-rounds": rounds, "output-dir": str(out)}
     run = RunConfig.from_run_config(run_config)  # fail now, with the key named
+    initial_model(run.model, run.seed)  # missing or mismatched weight files fail now, too
     if run.secagg.enabled:  # refuse impossible share/threshold settings before starting
         run.secagg_plan(hospitals)
     if hospitals < run.server.min_hospitals:

@@ -42,6 +42,7 @@ __all__ = [
 FUSION_MODES = ("concat", "gated", "cross_attention")
 BRANCHES = ("fused", "image", "text")
 TEXT_ENCODERS = ("transformer", "lstm")
+ENCODER_MODES = ("full", "frozen")
 # The seed systems fedfusion reproduces, as named bundles of model settings
 # (`fedfusion simulate --preset NAME`). Presets that need a pretrained image encoder or
 # BERT (seed 001's ResNet50 + BERT) come with the pretrained encoders (issue #5).
@@ -96,6 +97,19 @@ class ModelConfig:
         "Report encoder trained from scratch: transformer (linear attention blocks) or lstm "
         "(a bidirectional Opacus DPLSTM).",
         choices=TEXT_ENCODERS,
+    )
+    image_weights: str = _opt(
+        "",
+        "Pretrained weights for the image encoder: a torch state_dict (.pt) or safetensors "
+        "file, of the encoder or of a whole fedfusion model (e.g. a run's "
+        "global_model.safetensors). The server loads them into the initial model.",
+    )
+    text_weights: str = _opt("", "Pretrained weights for the report encoder (as image-weights).")
+    encoder_mode: str = _opt(
+        "full",
+        "full: train every parameter. frozen: the encoders stay fixed; hospitals train the "
+        "fusion block and head only (fewer parameters to clip and noise).",
+        choices=ENCODER_MODES,
     )
     branches: str = _opt(
         "fused",

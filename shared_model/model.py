@@ -15,15 +15,16 @@ from __future__ import annotations
 
 import itertools
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
 from torch import nn
 
-from shared_model.config import ModelConfig
+from shared_model.config import ConfigError, ModelConfig
 from shared_model.text import PAD_ID
 
-__all__ = ["FusionModel", "alignment_loss"]
+__all__ = ["FusionModel", "alignment_loss", "freeze_encoders", "initial_model"]
 
 
 class ImageEncoder(nn.Module):
@@ -286,3 +287,72 @@ def alignment_loss(
     """
     both = present[:, 0] * present[:, 1]
     return (1.0 - F.cosine_similarity(image, report, dim=-1, eps=1e-6)) * both
+
+
+def _read_state_dict(path: Path, key: str) -> dict[str, torch.Tensor]:
+    """A state_dict from a .safetensors or torch file; ConfigError names ``key``."""
+    if not path.is_file():
+        raise ConfigError(f"{key}: {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any unreadable file: say which, and why
+        raise ConfigError(f"{key}: cannot read {path}: {type(err).__name__}: {err}") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConfigError(f"{key}: {path} is not a state_dict (a mapping of names to tensors)")
+    return state
+
+
+def _load_encoder(encoder: nn.Module | None, prefix: str, path_text: str, key: str) -> None:
+    if not path_text:
+        return
+    if encoder is None:
+        raise ConfigError(f"{key}: the model has no {prefix.rstrip('.')} (model.branches)")
+    path = Path(path_text).expanduser()
+    state = _read_state_dict(path, key)
+    if any(k.startswith(prefix) for k in state):  # a whole fedfusion model's checkpoint
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    own = encoder.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        problems = [
+            f"{label} {names[:4]}{' ...' if len(names) > 4 else ''}"
+            for label, names in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("wrong shape", wrong),
+            )
+            if names
+        ]
+        raise ConfigError(
+            f"{key}: {path} does not fit this model's {prefix.rstrip('.')} "
+            f"({'; '.join(problems)}); check model.embed-dim, model.image-size and the "
+            "encoder type it was trained with"
+        )
+    encoder.load_state_dict(state, strict=True)
+
+
+def initial_model(cfg: ModelConfig, seed: int) -> FusionModel:
+    """The federation's starting model: seeded init, then any pretrained encoder weights.
+
+    The server builds it once and sends it to every hospital, so only the server needs
+    the weight files. Missing or mismatched files raise ConfigError naming the key.
+    """
+    torch.manual_seed(seed)
+    model = FusionModel(cfg)
+    _load_encoder(model.image_encoder, "image_encoder.", cfg.image_weights, "model.image-weights")
+    _load_encoder(model.text_encoder, "text_encoder.", cfg.text_weights, "model.text-weights")
+    return model
+
+
+def freeze_encoders(model: FusionModel) -> None:
+    """Fix both encoders (model.encoder-mode = frozen): only fusion and head train."""
+    for encoder in (model.image_encoder, model.text_encoder):
+        if encoder is not None:
+            encoder.requires_grad_(False)
