@@ -30,6 +30,19 @@ def batch(cfg: ModelConfig, n: int, seed: int = 0, scale: float = 1.0):
     return image, ids, present, labels
 
 
+def one_dp_epoch(private):
+    """One pass of DP training, empty Poisson batches included (as trainer.py runs it)."""
+    from shared_model.engine import train_one_epoch
+
+    return train_one_epoch(
+        private.model,
+        private.loader,
+        private.optimizer,
+        private.loss_fn,
+        on_empty_batch=private.empty_batch_step,
+    )
+
+
 def policy(c: float, mode: str = "hooks", secure: bool = True) -> PrivacyPolicy:
     return PrivacyPolicy(
         enabled=True,
@@ -144,7 +157,6 @@ def test_without_noise_and_clipping_dp_training_equals_plain_training():
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost", "functorch", "ew"])
 def test_every_grad_sample_mode_trains_through_empty_poisson_batches(mode):
-    from shared_model.engine import train_one_epoch
 
     cfg = ModelConfig(**CFG)
     model = FusionModel(cfg)
@@ -161,13 +173,7 @@ def test_every_grad_sample_mode_trains_through_empty_poisson_batches(mode):
     )
     before = [p.detach().clone() for p in private.raw_model.parameters()]
     torch.manual_seed(3)  # Poisson sampling at q = 1/12: some batches are empty
-    stats = train_one_epoch(
-        private.model,
-        private.loader,
-        private.optimizer,
-        private.loss_fn,
-        on_empty_batch=private.empty_batch_step,
-    )
+    stats = one_dp_epoch(private)
     assert stats.steps == 12 and stats.examples < 12 * 3
     assert all(torch.isfinite(p).all() for p in private.raw_model.parameters())
     assert any(
@@ -180,7 +186,6 @@ def test_every_grad_sample_mode_trains_through_empty_poisson_batches(mode):
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 def test_every_seed_preset_trains_under_dp(preset, mode):
     from shared_model.config import PRESETS, RunConfig
-    from shared_model.engine import train_one_epoch
 
     model_cfg = RunConfig.from_run_config(PRESETS[preset]).model
     cfg = ModelConfig(**{**model_cfg.__dict__, **CFG})
@@ -196,13 +201,7 @@ def test_every_seed_preset_trains_under_dp(preset, mode):
         policy(1.0, mode),
         noise_multiplier=1.0,
     )
-    stats = train_one_epoch(
-        private.model,
-        private.loader,
-        private.optimizer,
-        private.loss_fn,
-        on_empty_batch=private.empty_batch_step,
-    )
+    stats = one_dp_epoch(private)
     assert stats.steps == 2
     after = list(private.raw_model.parameters())
     assert all(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
