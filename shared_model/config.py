@@ -95,7 +95,7 @@ class ModelConfig:
     text_encoder: str = _opt(
         "transformer",
         "Report encoder trained from scratch: transformer (linear attention blocks) or lstm "
-        "(a bidirectional Opacus DPLSTM).",
+        "(bidirectional, built from linear layers as Opacus's DPLSTM is).",
         choices=TEXT_ENCODERS,
     )
     image_weights: str = _opt(
@@ -331,6 +331,15 @@ class RunConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
 
     def __post_init__(self) -> None:
+        if self.model.text_encoder == "lstm" and self.privacy.grad_sample_mode not in {
+            "hooks",
+            "functorch",
+        }:
+            raise ConfigError(
+                f"privacy.grad-sample-mode {self.privacy.grad_sample_mode!r}: the lstm encoder "
+                "reuses its layers at every time step, which only hooks and functorch "
+                "handle (Opacus refuses parameter reuse in ghost clipping)"
+            )
         if self.server.strategy == "fedprox" and self.server.proximal_mu <= 0:
             raise ConfigError("server.proximal-mu: strategy 'fedprox' needs proximal-mu > 0")
 

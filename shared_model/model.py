@@ -123,25 +123,55 @@ class TextEncoder(nn.Module):
         return x, pooled, mask
 
 
+class LinearLSTM(nn.Module):
+    """One LSTM direction built from ``nn.Linear`` layers, as Opacus's ``DPLSTM`` is.
+
+    ``nn.LSTM`` fuses its weights into one kernel, which per-example gradients cannot
+    see into; linear layers called once per time step get per-example gradients that
+    accumulate over the steps. (Written here because shared_model imports no Opacus.)
+    """
+
+    def __init__(self, d_in: int, d_hidden: int) -> None:
+        super().__init__()
+        self.hidden = d_hidden
+        self.ih = nn.Linear(d_in, 4 * d_hidden)
+        self.hh = nn.Linear(d_hidden, 4 * d_hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, reverse: bool = False) -> torch.Tensor:
+        """(B, L, D_in) -> hidden states (B, L, H), read right to left if ``reverse``."""
+        b, length, _ = x.shape
+        h = x.new_zeros(b, self.hidden)
+        c = x.new_zeros(b, self.hidden)
+        outputs: list[torch.Tensor] = [x.new_zeros(0)] * length
+        steps = range(length - 1, -1, -1) if reverse else range(length)
+        for t in steps:
+            i, f, g, o = (self.ih(x[:, t]) + self.hh(h)).chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outputs[t] = h
+        return torch.stack(outputs, dim=1)
+
+
 class LstmTextEncoder(nn.Module):
     """Report ids (B, L) -> bidirectional LSTM states (B, L, D), masked-mean pooled (B, D).
 
-    Opacus's ``DPLSTM`` (an LSTM built from linear layers) gets per-example gradients;
-    ``nn.LSTM`` would not. The seeds' CNN+LSTM systems (000, 002, 004) use this shape.
+    The seeds' CNN+LSTM systems (000, 002, 004) use this shape.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        from opacus.layers import DPLSTM
-
         d = cfg.embed_dim  # even: ModelConfig checks it
         self.tokens = nn.Embedding(cfg.text_vocab_buckets, d, padding_idx=PAD_ID)
-        self.lstm = DPLSTM(d, d // 2, batch_first=True, bidirectional=True)
+        self.forward_lstm = LinearLSTM(d, d // 2)
+        self.backward_lstm = LinearLSTM(d, d // 2)
         self.norm = nn.LayerNorm(d)
 
     def forward(self, report_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mask = report_ids != PAD_ID
-        states, _ = self.lstm(self.tokens(report_ids))
+        # Padding reaches the recurrence as exact zeros and sends no gradient back to the
+        # embedding (Opacus's per-example embedding gradients ignore padding_idx).
+        x = self.tokens(report_ids) * mask.unsqueeze(-1)
+        states = torch.cat([self.forward_lstm(x), self.backward_lstm(x, reverse=True)], dim=-1)
         x = self.norm(states)
         weights = mask.unsqueeze(-1).float()
         pooled = (x * weights).sum(1) / weights.sum(1).clamp_min(1.0)

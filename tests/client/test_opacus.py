@@ -182,8 +182,17 @@ def test_every_grad_sample_mode_trains_through_empty_poisson_batches(mode):
     assert not any(k.startswith("_module.") for k in private.raw_model.state_dict())
 
 
-@pytest.mark.parametrize("preset", ["cnn-lstm-concat", "cross-attention", "gated"])
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize(
+    ("preset", "mode"),
+    [
+        ("cnn-lstm-concat", "hooks"),
+        ("cnn-lstm-concat", "functorch"),  # ghost refuses layers reused per time step
+        ("cross-attention", "hooks"),
+        ("cross-attention", "ghost"),
+        ("gated", "hooks"),
+        ("gated", "ghost"),
+    ],
+)
 def test_every_seed_preset_trains_under_dp(preset, mode):
     from shared_model.config import PRESETS, RunConfig
 
@@ -205,3 +214,25 @@ def test_every_seed_preset_trains_under_dp(preset, mode):
     assert stats.steps == 2
     after = list(private.raw_model.parameters())
     assert all(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_lstm_per_sample_gradients_are_each_examples_own_and_ghost_is_refused():
+    from shared_model.config import ConfigError, RunConfig
+    from shared_model.engine import MultiLabelBCE
+    from tests.client.test_alignment import own_grads, per_sample_grads
+
+    def loss(model, inputs):
+        return MultiLabelBCE(None, "sum")(model(*inputs[:3]), inputs[3])
+
+    torch.manual_seed(0)
+    model = FusionModel(ModelConfig(**CFG, text_encoder="lstm", fusion="concat")).train()
+    inputs = batch(model.cfg, 4)
+    grads = per_sample_grads(model, loss, inputs)
+    assert any(name.startswith("text_encoder.forward_lstm.hh") for name in grads)
+    for i in range(4):  # each step's linear layers accumulate per-example gradients
+        for name, g in own_grads(model, loss, inputs, i).items():
+            torch.testing.assert_close(grads[name][i], g, atol=1e-5, rtol=1e-3, msg=name)
+    with pytest.raises(ConfigError, match="only hooks and functorch"):
+        RunConfig.from_run_config(
+            {"model.text-encoder": "lstm", "privacy.grad-sample-mode": "ghost"}
+        )
