@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 TXV_SPEC ?= torchxrayvision==1.5.7
 ARGS ?=
 
-.PHONY: simulate test bench audit lint fmt clean venv
+.PHONY: simulate test bench bench-utility audit lint fmt clean venv
 
 simulate: $(VENV)/.runtime
 	$(BIN)/fedfusion simulate $(ARGS)
@@ -25,6 +25,10 @@ test: $(VENV)/.dev
 # Round time and bytes, plain vs SecAgg+, simulated and deployed: bench-results/.
 bench: $(VENV)/.runtime
 	$(BIN)/fedfusion bench $(ARGS)
+
+# Utility: centralized vs federated vs DP vs SecAgg+, fused vs single branch, 3 seeds.
+bench-utility: $(VENV)/.runtime
+	$(BIN)/fedfusion bench --suite utility $(ARGS)
 
 # Membership-inference audit: an overfitted non-private model vs the DP one.
 audit: $(VENV)/.runtime

@@ -33,7 +33,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Measurement", "run_audit_bench", "run_wire_bench", "write_results"]
+import numpy as np
+
+__all__ = [
+    "Measurement",
+    "UtilityConfig",
+    "run_audit_bench",
+    "run_utility_bench",
+    "run_wire_bench",
+    "summarize_utility",
+    "write_results",
+]
 
 Echo = Callable[[str], None]
 # Simulated and deployed federations hold the same number of reports per hospital, so
@@ -261,6 +271,181 @@ def run_audit_bench(hospitals: int = 3, rounds: int = 3, echo: Echo = print) -> 
             tpr = best.tpr_at_fpr["0.01"]
             out += [auc, Measurement(f"mia-tpr@1%fpr/{name}", cfg, tpr, tpr, tpr, "TPR", 1)]
     return out
+
+
+@dataclass(frozen=True)
+class UtilityConfig:
+    """One configuration of the utility benchmark."""
+
+    name: str
+    hospitals: int
+    overrides: dict[str, Any]
+    mode: str  # the encoders: the default small model, trained in full
+    branch: str  # fused | image | text
+    privacy: str  # none | epsilon
+    secagg: bool
+
+
+_NO_DP = {"privacy.enabled": False, "secagg.enabled": False}
+_DP8 = {"privacy.target-epsilon": 8.0, "secagg.enabled": False}
+UTILITY_CONFIGS = (
+    UtilityConfig("centralized, non-private", 1, _NO_DP, "full", "fused", "none", False),
+    UtilityConfig("federated, non-private", 5, _NO_DP, "full", "fused", "none", False),
+    UtilityConfig("federated, DP eps=8", 5, _DP8, "full", "fused", "8", False),
+    UtilityConfig(
+        "federated, DP eps=3",
+        5,
+        {"privacy.target-epsilon": 3.0, "secagg.enabled": False},
+        "full",
+        "fused",
+        "3",
+        False,
+    ),
+    UtilityConfig("federated, DP eps=8, SecAgg+", 5, {}, "full", "fused", "8", True),
+    UtilityConfig(
+        "image only, DP eps=8, SecAgg+",
+        5,
+        {"model.branches": "image"},
+        "full",
+        "image",
+        "8",
+        True,
+    ),
+    UtilityConfig(
+        "text only, DP eps=8, SecAgg+", 5, {"model.branches": "text"}, "full", "text", "8", True
+    ),
+)
+
+
+def summarize_utility(
+    config: UtilityConfig, runs: Sequence[tuple[list[dict[str, Any]], float]]
+) -> dict[str, Any]:
+    """One JSON entry: macro and per-label AUROC of the final round, mean and std over seeds."""
+    finals = [rounds[-1]["eval_metrics"] for rounds, _ in runs]
+    macro = [float(m["auroc"]) for m in finals]
+    labels = sorted(k.split(".", 1)[1] for k in finals[0] if k.startswith("auroc."))
+    per_label = {
+        label: {
+            "mean": float(np.nanmean([m.get(f"auroc.{label}", np.nan) for m in finals])),
+            "std": float(np.nanstd([m.get(f"auroc.{label}", np.nan) for m in finals])),
+        }
+        for label in labels
+    }
+    return {
+        "name": config.name,
+        "mode": config.mode,
+        "branch": config.branch,
+        "privacy": config.privacy,
+        "secagg": "on" if config.secagg else "off",
+        "hospitals": config.hospitals,
+        "seeds": len(runs),
+        "macro_auroc_mean": float(np.mean(macro)),
+        "macro_auroc_std": float(np.std(macro)),
+        "per_label_auroc": per_label,
+        "wall_time_s": float(np.mean([seconds for _, seconds in runs])),
+    }
+
+
+def utility_targets(entries: Sequence[dict[str, Any]]) -> list[tuple[str, float, bool]]:
+    """(target, value, met) for the two utility targets, from the summarized entries."""
+    by_name = {e["name"]: e["macro_auroc_mean"] for e in entries}
+    central = by_name["centralized, non-private"]
+    dp_secagg = by_name["federated, DP eps=8, SecAgg+"]
+    single = max(by_name["image only, DP eps=8, SecAgg+"], by_name["text only, DP eps=8, SecAgg+"])
+    ratio = dp_secagg / central
+    return [
+        ("federated DP eps=8 + SecAgg+ >= 0.95x centralized non-private", ratio, ratio >= 0.95),
+        (
+            "fused beats the best single modality (DP eps=8, SecAgg+)",
+            dp_secagg - single,
+            dp_secagg > single,
+        ),
+    ]
+
+
+def run_utility_bench(
+    seeds: Sequence[int] = (0, 1, 2),
+    rounds: int = 3,
+    reports: int = 1500,
+    echo: Echo = print,
+) -> list[dict[str, Any]]:
+    """Every utility configuration over ``seeds`` on the same data (``reports`` reports)."""
+    entries = []
+    with tempfile.TemporaryDirectory(prefix="fedfusion-utility-") as tmp:
+        for config in UTILITY_CONFIGS:
+            runs = []
+            for seed in seeds:
+                echo(f"  {config.name}, seed {seed} ...")
+                out = Path(tmp) / f"{len(entries)}-{seed}"
+                overrides = {**config.overrides, "seed": seed, "data.max-reports": reports}
+                started = time.monotonic()
+                rounds_done = _simulate_run(out, config.hospitals, rounds, overrides)
+                runs.append((rounds_done, time.monotonic() - started))
+            entries.append(summarize_utility(config, runs))
+    return entries
+
+
+def write_utility(entries: Sequence[dict[str, Any]], out_dir: Path) -> tuple[Path, Path, Path]:
+    """bench-results/utility-<time>.json, latest-utility.md and utility.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    targets = utility_targets(entries)
+    json_path = out_dir / f"utility-{stamp}.json"
+    json_path.write_text(
+        json.dumps(
+            {
+                "created": stamp,
+                "machine": _machine(),
+                "entries": list(entries),
+                "targets": [{"target": t, "value": v, "met": m} for t, v, m in targets],
+            },
+            indent=2,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    names = [e["name"] for e in entries]
+    ax.barh(
+        names,
+        [e["macro_auroc_mean"] for e in entries],
+        xerr=[e["macro_auroc_std"] for e in entries],
+        color="tab:blue",
+    )
+    ax.axvline(0.5, color="grey", ls=":")
+    ax.set(xlim=(0.4, 1.0), xlabel="held-out macro AUROC (mean, std over seeds)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    png_path = out_dir / "utility.png"
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    labels = sorted(entries[0]["per_label_auroc"])
+    rows = [
+        "| configuration | branch | privacy | SecAgg+ | macro AUROC | "
+        + " | ".join(labels)
+        + " | wall time |",
+        "|---|---|---|---|---:|" + "---:|" * len(labels) + "---:|",
+    ]
+    for e in entries:
+        rows.append(
+            f"| {e['name']} | {e['branch']} | {e['privacy']} | {e['secagg']} | "
+            f"{e['macro_auroc_mean']:.3f} ± {e['macro_auroc_std']:.3f} | "
+            + " | ".join(f"{e['per_label_auroc'][lab]['mean']:.2f}" for lab in labels)
+            + f" | {e['wall_time_s']:.0f} s |"
+        )
+    rows.append("")
+    rows += [f"- {t}: {v:.3f}, {'met' if m else 'MISSED'}" for t, v, m in targets]
+    md_path = out_dir / "latest-utility.md"
+    md_path.write_text(
+        f"# fedfusion utility benchmark, {stamp} UTC\n\n" + "\n".join(rows) + "\n",
+        encoding="utf-8",
+    )
+    return json_path, md_path, png_path
 
 
 def _machine() -> dict[str, Any]:

@@ -218,7 +218,8 @@ def bench(
         str,
         typer.Option(
             help="perf: SecAgg+ and deployment cost. audit: membership inference, "
-            "non-private vs DP (make audit)."
+            "non-private vs DP (make audit). utility: AUROC of centralized, federated, DP, "
+            "SecAgg+ and single-branch models over 3 seeds (make bench-utility)."
         ),
     ] = "perf",
     hospitals: Annotated[
@@ -248,11 +249,30 @@ def bench(
     DP one (epsilon = 8) and runs the membership-inference audit against both; it writes
     audit-<time>.json and latest-audit.md.
     """
-    from server.bench import run_audit_bench, run_wire_bench, table, write_results
+    from server.bench import (
+        run_audit_bench,
+        run_utility_bench,
+        run_wire_bench,
+        table,
+        write_results,
+        write_utility,
+    )
 
-    if suite not in {"perf", "audit"}:
-        typer.secho(f"error: --suite: {suite!r} is not perf or audit", err=True)
+    if suite not in {"perf", "audit", "utility"}:
+        typer.secho(f"error: --suite: {suite!r} is not perf, audit or utility", err=True)
         raise typer.Exit(2)
+    if suite == "utility":
+        typer.echo("fedfusion bench: utility, 7 configurations x 3 seeds")
+        started = time.monotonic()
+        try:
+            entries = run_utility_bench(echo=typer.echo)
+        except RuntimeError as err:
+            typer.secho(f"FAILED: {err}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from err
+        paths = write_utility(entries, out)
+        typer.echo("\n" + paths[1].read_text())
+        typer.echo(f"{time.monotonic() - started:.0f}s; results: {', '.join(map(str, paths))}")
+        return
 
     try:
         sizes = [int(part) for part in hospitals.split(",") if part.strip()]

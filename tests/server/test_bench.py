@@ -43,3 +43,46 @@ def test_ratio_and_target_against_a_baseline(tmp_path):
     assert "MISSED" in md_path.read_text()
     with pytest.raises(ValueError, match="no samples"):
         Measurement.of("empty", {}, [], "s")
+
+
+def test_utility_summary_targets_and_files(tmp_path):
+    from server.bench import UTILITY_CONFIGS, summarize_utility, utility_targets, write_utility
+
+    def run(auroc, normal):
+        metrics = {"auroc": auroc, "auroc.normal": normal, "auroc.effusion": 0.9}
+        return [{"round": 1, "eval_metrics": metrics}], 30.0
+
+    scores = {  # configuration name -> macro AUROC over 3 seeds
+        "centralized, non-private": (0.90, 0.92, 0.88),
+        "federated, DP eps=8, SecAgg+": (0.86, 0.87, 0.85),
+        "image only, DP eps=8, SecAgg+": (0.80, 0.81, 0.79),
+    }
+    entries = [
+        summarize_utility(c, [run(a, 0.7) for a in scores.get(c.name, (0.7, 0.7, 0.7))])
+        for c in UTILITY_CONFIGS
+    ]
+    central = entries[0]
+    assert central["macro_auroc_mean"] == pytest.approx(0.90)
+    assert central["macro_auroc_std"] == pytest.approx(0.01633, rel=1e-3)
+    assert central["per_label_auroc"]["normal"] == {
+        "mean": pytest.approx(0.7),
+        "std": pytest.approx(0),
+    }
+    assert {central["privacy"], central["secagg"], central["branch"]} == {"none", "off", "fused"}
+    (_, ratio, ratio_met), (_, margin, fused_met) = utility_targets(entries)
+    assert ratio == pytest.approx(0.86 / 0.90) and ratio_met  # 0.956
+    assert margin == pytest.approx(0.06) and fused_met
+    json_path, md_path, png_path = write_utility(entries, tmp_path)
+    data = json.loads(json_path.read_text())
+    assert len(data["entries"]) == len(UTILITY_CONFIGS) and len(data["targets"]) == 2
+    assert {
+        "name",
+        "mode",
+        "branch",
+        "privacy",
+        "secagg",
+        "macro_auroc_mean",
+        "macro_auroc_std",
+        "wall_time_s",
+    } <= set(data["entries"][0])
+    assert "0.956, met" in md_path.read_text() and png_path.stat().st_size > 1000
