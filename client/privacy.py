@@ -544,15 +544,15 @@ def make_private(
                 "a seeded noise generator contradicts privacy.secure-noise = true "
                 "(seeded noise is for tests: set privacy.secure-noise = false there)"
             )
-        # Poisson sampling: Opacus takes its sampler's generator from `secure_rng`.
+        # Poisson sampling: Opacus takes its sampler's generator from `secure_rng`; the
+        # noise comes from use_secure_noise below, so Opacus gets no noise generator.
         engine.secure_rng = secure_torch_generator()
     else:
         log.warning(
             "privacy.secure-noise = false: DP noise comes from torch's pseudo-random "
             "generator. Use this for tests and experiments only, never with patient data."
         )
-    if noise_generator is None:
-        noise_generator = secure_torch_generator(device)
+        noise_generator = noise_generator or secure_torch_generator(device)
     wrapped = engine.make_private(
         module=model,
         optimizer=optimizer,

@@ -199,10 +199,7 @@ class SecAggFedAvg(LegacyFedAvg):
         return None
 
     def _record(self, server_round: int, evals: dict[str, float]) -> None:
-        for entry in self.hospitals.values():
-            entry.bytes_up, entry.bytes_down, entry.key_bytes_up = self.meter.node_bytes(
-                entry.node_id
-            )
+        self.meter.charge(self.hospitals.values())
         record = RoundRecord(
             round=server_round,
             train_loss=self.train_loss,

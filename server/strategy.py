@@ -286,8 +286,7 @@ def run_federation(
         started: float,
         arrays: ArrayRecord,
     ) -> None:
-        for entry in strategy.round_hospitals.values():
-            entry.bytes_up, entry.bytes_down, entry.key_bytes_up = grid.node_bytes(entry.node_id)
+        grid.charge(strategy.round_hospitals.values())
         rec = RoundRecord(
             round=server_round,
             train_loss=train_loss,

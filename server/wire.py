@@ -30,6 +30,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+from server.checkpoint import HospitalRound
+
 __all__ = ["MeteredGrid", "message_bytes", "metered"]
 
 
@@ -71,6 +73,11 @@ class MeteredGrid:
     def node_bytes(self, node_id: int) -> tuple[int, int, int]:
         """(bytes up, bytes down, key-stage bytes up) of one node since the last reset."""
         return self.up[node_id], self.down[node_id], self.key_up[node_id]
+
+    def charge(self, entries: Iterable[HospitalRound]) -> None:
+        """Record each hospital's bytes since the last reset on its round entry."""
+        for entry in entries:
+            entry.bytes_up, entry.bytes_down, entry.key_bytes_up = self.node_bytes(entry.node_id)
 
     def _received(self, replies: list[Message]) -> None:
         for msg in replies:

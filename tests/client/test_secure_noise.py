@@ -92,3 +92,28 @@ def test_secure_noise_is_the_default_and_reaches_the_hospital():
     assert effective_policy(off, real).secure_noise is True  # the server cannot turn it off
     agreed = HospitalConfig(data_manifest="/data/manifest.csv", secure_noise=False)
     assert effective_policy(off, agreed).secure_noise is False
+
+
+def test_poisson_sampling_is_not_predictable_from_torchs_seed():
+    """Which records a step samples must not follow from torch's global seed."""
+
+    def first_batches(secure: bool) -> list[int]:
+        torch.manual_seed(0)
+        data = TensorDataset(torch.arange(200).float().unsqueeze(1), torch.zeros(200, 1))
+        generator = None if secure else torch.Generator().manual_seed(7)
+        model = nn.Linear(1, 1)
+        private = make_private(
+            model,
+            torch.optim.SGD(model.parameters(), lr=1.0),
+            nn.MSELoss(),
+            data,
+            20,
+            policy(secure),
+            noise_multiplier=1.0,
+            noise_generator=generator,
+        )
+        torch.manual_seed(0)  # as if an attacker knew the process's torch seed
+        return [int(x.sum()) for x, _ in list(private.loader)[:3]]
+
+    assert first_batches(secure=False) == first_batches(secure=False)  # the global generator
+    assert first_batches(secure=True) != first_batches(secure=True)
