@@ -3,7 +3,7 @@
 ``client/client_app.py`` imports this module (and with it torch and Opacus) only when a
 message actually trains or evaluates.
 
-A train reply carries ``arrays`` (the raw model's state_dict), ``metrics`` (num-examples,
+A train reply carries ``arrays`` (the raw model's trainable parameters), ``metrics`` (num-examples,
 train-loss, epsilon, ...) and ``hospital`` (its name, status and, when it declines, why).
 A hospital that declines for its privacy budget replies without arrays; the server
 counts that as a decline, not a failure.
@@ -26,10 +26,10 @@ from client.secagg import (
     legacy_fit_reply,
     legacy_request,
 )
-from client.site import open_site
+from client.site import Site, open_site
 from client.trainer import run_local_evaluation, run_local_round
 from shared_model.config import HospitalConfig, RunConfig
-from shared_model.model import FusionModel
+from shared_model.model import hospital_fingerprint, hospital_model, shared_state
 
 __all__ = ["evaluate", "train"]
 
@@ -42,12 +42,34 @@ _LEDGER_COPY = "privacy-ledger"
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 
-def _request(msg: Message, run: RunConfig) -> tuple[dict[str, torch.Tensor], Any, bool]:
-    """The global weights and config of a request, in either record format."""
+class BaseMismatchError(RuntimeError):
+    """The hospital's frozen weights differ from the server's: it must not train."""
+
+
+def _request(msg: Message, run: RunConfig, site: Site) -> tuple[dict[str, torch.Tensor], Any, bool]:
+    """The global weights and config of a request, in either record format.
+
+    Only trainable parameters travel; the frozen rest is this hospital's own, and must
+    hash to what the server built (``base-hash``), or the request is refused.
+    """
     if is_legacy(msg.content):  # SecAgg+ runs in Flower's legacy records
-        weights, config = legacy_request(msg, list(FusionModel(run.model).state_dict()))
-        return weights, config, True
-    return msg.content["arrays"].to_torch_state_dict(), msg.content["config"], False
+        keys = list(shared_state(hospital_model(site.model, run.seed)))
+        weights, config = legacy_request(msg, keys)
+        legacy = True
+    else:
+        weights, config = msg.content["arrays"].to_torch_state_dict(), msg.content["config"]
+        legacy = False
+    expected = str(config.get("base-hash", ""))
+    own = hospital_fingerprint(site.model, run.seed)
+    if expected != own:
+        raise BaseMismatchError(
+            f"{site.name}: the frozen model weights here (sha256 {own[:12]}) differ from the "
+            f"server's ({expected[:12] or 'none sent'}); frozen weights are never sent, so "
+            "every hospital needs the same pretrained files (model.text-model, "
+            "model.image-weights, or the hospital's text-model / image-weights copies) and "
+            "the same fedfusion version"
+        )
+    return weights, config, legacy
 
 
 def train(msg: Message, context: Context) -> Message:
@@ -57,7 +79,7 @@ def train(msg: Message, context: Context) -> Message:
     """
     run = RunConfig.from_run_config(context.run_config)
     site = open_site(HospitalConfig.from_node_config(context.node_config), run)
-    weights, config, legacy = _request(msg, run)
+    weights, config, legacy = _request(msg, run, site)
     seen = context.state.config_records.get(_LEDGER_COPY)
     result = run_local_round(
         weights,
@@ -107,7 +129,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this hospital's held-out split."""
     run = RunConfig.from_run_config(context.run_config)
     site = open_site(HospitalConfig.from_node_config(context.node_config), run)
-    weights, _config, legacy = _request(msg, run)
+    weights, _config, legacy = _request(msg, run, site)
     result = run_local_evaluation(weights, site, run)
     if legacy:
         return legacy_evaluate_reply(

@@ -13,11 +13,12 @@ from pathlib import Path
 
 import torch
 
+from client.features import frozen_feature_split
 from client.privacy import LedgerEntry, PrivacyLedger, PrivacyPolicy, effective_policy
 from shared_model.config import ConfigError, DataConfig, HospitalConfig, ModelConfig, RunConfig
 from shared_model.data import load_manifest, split_train_test
 from shared_model.datasets import HospitalSplit, embedded_hospital
-from shared_model.text import ReportTokenizer
+from shared_model.text import tokenizer_for
 
 __all__ = ["Site", "hospital_data", "open_site", "resolve_device"]
 
@@ -29,8 +30,9 @@ class Site:
     hospital: HospitalConfig
     policy: PrivacyPolicy
     state_dir: Path
-    data: HospitalSplit
+    data: HospitalSplit  # as training reads it: cached features where encoders are frozen
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    model: ModelConfig = field(default_factory=ModelConfig)  # with this hospital's own paths
 
     @property
     def name(self) -> str:
@@ -50,12 +52,16 @@ def open_site(hospital: HospitalConfig, run: RunConfig) -> Site:
     device = resolve_device(hospital.device)
     if hospital.torch_threads():
         torch.set_num_threads(hospital.torch_threads())
+    model = hospital.local_model(run.model)
+    records = hospital_data(hospital, model, run.data, run.seed)
+    cache = hospital.cache_dir(run.output_dir)
     return Site(
         hospital=hospital,
         policy=effective_policy(run.privacy, hospital),
         state_dir=hospital.ledger_dir(run.output_dir),
-        data=hospital_data(hospital, run.model, run.data, run.seed),
+        data=frozen_feature_split(records, model, run.seed, cache, device),
         device=device,
+        model=model,
     )
 
 
@@ -85,9 +91,8 @@ def hospital_data(
 ) -> HospitalSplit:
     """The hospital's train/test records, decoded once per process and cached."""
     if hospital.data_manifest:
-        tokenizer = ReportTokenizer(model.text_vocab_buckets, model.max_report_tokens)
         records, _report = load_manifest(
-            hospital.data_manifest, model.labels, tokenizer, model.image_size
+            hospital.data_manifest, model.labels, tokenizer_for(model), model.image_size
         )
         train, test = split_train_test(records, data.test_fraction, seed)
         return HospitalSplit(train=train, test=test)

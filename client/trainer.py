@@ -23,7 +23,7 @@ from shared_model.engine import (
     pos_weight_from_config,
     train_one_epoch,
 )
-from shared_model.model import FusionModel, freeze_encoders
+from shared_model.model import FusionModel, hospital_model, shared_state
 
 __all__ = ["LocalRound", "run_local_evaluation", "run_local_round"]
 
@@ -46,10 +46,9 @@ class LocalRound:
     ledger_history: tuple[LedgerEntry, ...] = ()  # the whole ledger history after the round
 
 
-def _model_from(weights: StateDict, run: RunConfig, device: torch.device) -> FusionModel:
-    model = FusionModel(run.model)
-    model.load_state_dict(weights, strict=True)
-    return model.to(device)
+def _model_from(weights: StateDict, site: Site, run: RunConfig) -> FusionModel:
+    """The hospital's own frozen parts with the server's trainable ``weights``."""
+    return hospital_model(site.model, run.seed, weights).to(site.device)
 
 
 def _on_cpu(state: StateDict) -> StateDict:
@@ -105,10 +104,8 @@ def run_local_round(
     ledger on disk must still hold it.
     """
     train_set = site.data.train
-    model = _model_from(weights, run, site.device)
+    model = _model_from(weights, site, run)
     model.return_alignment = run.train.alignment_weight > 0
-    if run.model.encoder_mode == "frozen":
-        freeze_encoders(model)
     global_params = [p.detach().clone() for p in model.parameters() if p.requires_grad]
     loss_fn = make_loss(
         pos_weight_from_config(run.train, run.model.labels), run.train.alignment_weight
@@ -125,7 +122,7 @@ def run_local_round(
         return LocalRound(
             True,
             "trained without DP (privacy.enabled = false)",
-            _on_cpu(model.state_dict()),
+            _on_cpu(shared_state(model)),
             len(train_set),
             loss,
             steps,
@@ -193,7 +190,7 @@ def run_local_round(
     return LocalRound(
         True,
         "trained",
-        _on_cpu(private.raw_model.state_dict()),
+        _on_cpu(shared_state(private.raw_model)),
         len(train_set),
         loss,
         steps,
@@ -206,7 +203,7 @@ def run_local_round(
 
 def run_local_evaluation(weights: StateDict, site: Site, run: RunConfig) -> EvalResult:
     """Metrics of the global model on this hospital's held-out split."""
-    model = _model_from(weights, run, site.device)
+    model = _model_from(weights, site, run)
     loss_fn = make_loss(pos_weight_from_config(run.train, run.model.labels)).to(site.device)
     loader = DataLoader(site.data.test, batch_size=256)
     return evaluate(model, loader, loss_fn, run.model.labels, device=site.device)

@@ -24,6 +24,7 @@ bound allows a strong attack in principle; the audit shows what a practical one 
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -125,7 +126,7 @@ def audit_run(run_dir: Path, hospitals: int | None = None) -> AuditResult:
 
     from shared_model.datasets import embedded_hospital
     from shared_model.engine import MultiLabelBCE, pos_weight_from_config
-    from shared_model.model import FusionModel, initial_model
+    from shared_model.model import initial_model, load_shared_state
 
     run_dir = Path(run_dir)
     for name in ("run.json", "global_model.safetensors"):
@@ -135,14 +136,11 @@ def audit_run(run_dir: Path, hospitals: int | None = None) -> AuditResult:
     count = hospitals or _hospital_count(run_dir)
     if count < 1:
         raise ConfigError(f"cannot tell how many hospitals {run_dir} had: pass --hospitals")
-    final = FusionModel(run.model)
-    final.load_state_dict(load_file(str(run_dir / "global_model.safetensors")), strict=True)
-    initial_file = run_dir / "checkpoints" / "round-0000.safetensors"
-    if initial_file.exists():
-        initial = FusionModel(run.model)
-        initial.load_state_dict(load_file(str(initial_file)), strict=True)
-    else:  # the server builds the initial model exactly so (server/server_app.py)
-        initial = initial_model(run.model, run.seed)
+    # Checkpoints hold the trainable parameters; the frozen rest is rebuilt as the
+    # server built it (server/server_app.py).
+    initial = initial_model(run.model, run.seed)
+    final = copy.deepcopy(initial)
+    load_shared_state(final, load_file(str(run_dir / "global_model.safetensors")))
     loss_fn = MultiLabelBCE(pos_weight_from_config(run.train, run.model.labels), "none")
     scores: dict[str, dict[bool, list[np.ndarray]]] = {
         "loss-threshold": {True: [], False: []},

@@ -108,8 +108,12 @@ class RunStore:
         """Directory of per-round global model checkpoints."""
         return self.root / "checkpoints"
 
-    def start(self, run_config: dict[str, Any]) -> None:
-        """Record that the run started, with its full configuration."""
+    def start(self, run_config: dict[str, Any], base_hash: str = "") -> None:
+        """Record that the run started, with its full configuration.
+
+        ``base_hash`` identifies the frozen weights, which checkpoints leave out: a
+        checkpoint holds the trainable parameters only (server.audit.load_run_model).
+        """
         self.root.mkdir(parents=True, exist_ok=True)
         write_json_atomic(
             self.root / "run.json",
@@ -117,6 +121,7 @@ class RunStore:
                 "status": "running",
                 "started": time.time(),
                 "config": run_config,
+                "base_hash": base_hash,
             },
         )
         write_json_atomic(self.root / "metrics.json", {"rounds": []})

@@ -59,8 +59,10 @@ class SecAggFedAvg(LegacyFedAvg):
         on_round: Callable[[RoundRecord, list[np.ndarray]], None],
         meter: MeteredGrid,
         plan: tuple[int, int, int] = (0, 0, 0),
+        base_hash: str = "",
     ) -> None:
         self.meter = meter
+        self.base_hash = base_hash
         self.sample_size, self.shares, self.threshold = plan
         super().__init__(
             fraction_fit=run.server.fraction_train,
@@ -70,6 +72,7 @@ class SecAggFedAvg(LegacyFedAvg):
             min_available_clients=max(3, run.server.min_hospitals),
             initial_parameters=ndarrays_to_parameters(initial),
             on_fit_config_fn=self._fit_config,
+            on_evaluate_config_fn=lambda _round: {"base-hash": self.base_hash},
             accept_failures=True,
         )
         self.run = run
@@ -94,6 +97,7 @@ class SecAggFedAvg(LegacyFedAvg):
             "proximal-mu": self.run.server.proximal_mu
             if self.run.server.strategy == "fedprox"
             else 0.0,
+            "base-hash": self.base_hash,
         }
 
     def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
@@ -222,6 +226,7 @@ def run_secagg_rounds(
     context: Context,
     run: RunConfig,
     initial: StateDict,
+    base_hash: str,
     hospitals: int,
     on_round: Callable[[RoundRecord, StateDict], None],
 ) -> StateDict:
@@ -253,6 +258,7 @@ def run_secagg_rounds(
         lambda record, arrays: on_round(record, to_state(arrays)),
         grid,
         (sampled, shares, threshold),
+        base_hash,
     )
     workflow = DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(

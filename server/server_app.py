@@ -16,7 +16,7 @@ from server.report import format_round_line, write_report
 from server.secagg import run_secagg_rounds
 from server.strategy import build_strategy, run_federation, wait_for_hospitals
 from shared_model.config import RunConfig
-from shared_model.model import initial_model
+from shared_model.model import base_fingerprint, initial_model, shared_state
 
 __all__ = ["app"]
 
@@ -29,17 +29,23 @@ def main(grid: Grid, context: Context) -> None:
     run = RunConfig.from_run_config(context.run_config)
     store = RunStore(Path(run.output_dir).expanduser().resolve())
     flat = run.to_run_config()
-    store.start(flat)
-    initial = ArrayRecord(initial_model(run.model, run.seed).state_dict())
+    model = initial_model(run.model, run.seed)
+    # Only trainable parameters travel; hospitals check their frozen rest by this hash.
+    base_hash = base_fingerprint(model)
+    store.start(flat, base_hash)
+    initial = ArrayRecord(shared_state(model))
 
     def progress(record: RoundRecord) -> None:
         log(INFO, "[fedfusion] %s", format_round_line(record.to_dict(), run.num_rounds))
 
     try:
         if run.secagg.enabled:
-            final = ArrayRecord(_secagg_run(grid, context, run, initial, store, progress))
+            final = ArrayRecord(
+                _secagg_run(grid, context, run, initial, base_hash, store, progress)
+            )
         else:
-            final = run_federation(grid, run, build_strategy(run), initial, store, progress)
+            strategy = build_strategy(run, base_hash)
+            final = run_federation(grid, run, strategy, initial, store, progress)
     except Exception as err:
         log(ERROR, "[fedfusion] run failed: %s", err)
         store.finish("failed", error=f"{type(err).__name__}: {err}")
@@ -56,6 +62,7 @@ def _secagg_run(
     context: Context,
     run: RunConfig,
     initial: ArrayRecord,
+    base_hash: str,
     store: RunStore,
     progress: Callable[[RoundRecord], None],
 ) -> dict[str, torch.Tensor]:
@@ -64,10 +71,13 @@ def _secagg_run(
         grid, run.server.min_hospitals, run.server.wait_for_hospitals_timeout
     )
     run.secagg_plan(hospitals)  # refuse impossible settings before the baseline round
-    run_federation(grid, run, build_strategy(run), initial, store, progress, train_rounds=0)
+    strategy = build_strategy(run, base_hash)
+    run_federation(grid, run, strategy, initial, store, progress, train_rounds=0)
 
     def on_round(record: RoundRecord, state: dict[str, torch.Tensor]) -> None:
         store.save_round(record, state)
         progress(record)
 
-    return run_secagg_rounds(grid, context, run, initial.to_torch_state_dict(), hospitals, on_round)
+    return run_secagg_rounds(
+        grid, context, run, initial.to_torch_state_dict(), base_hash, hospitals, on_round
+    )

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared_model.config import ConfigError, RunConfig
+from shared_model.config import SIM_FEATURE_CACHE_ENV, ConfigError, RunConfig
 from shared_model.model import initial_model
 from shared_model.processes import free_port, stop_processes
 
@@ -199,8 +199,13 @@ def run_simulation_cli(
     verbose: bool,
     tolerate_failures: bool,
     echo: Any = print,
+    feature_cache: Path | None = None,
 ) -> SimulationResult:
-    """Run a local federation of ``hospitals`` x ``rounds`` and judge how it went."""
+    """Run a local federation of ``hospitals`` x ``rounds`` and judge how it went.
+
+    Frozen pretrained encoders' features are cached in ``feature_cache`` (default:
+    ``.feature-cache`` beside ``out``), shared by the simulated hospitals and later runs.
+    """
     started = time.monotonic()
     out = out.expanduser().resolve()
     run_config = {**overrides, "num-rounds": rounds, "output-dir": str(out)}
@@ -241,6 +246,7 @@ def run_simulation_cli(
         "RAY_TMPDIR": str(ray_tmp),
         "RAY_DEDUP_LOGS": "0",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # also silences Ray's tip about it
+        SIM_FEATURE_CACHE_ENV: str(feature_cache or out.parent / ".feature-cache"),
     }
     result = SimulationResult(run_dir=out)
     echo(f"fedfusion: {hospitals} hospitals x {rounds} rounds on the embedded data -> {out}")

@@ -109,7 +109,14 @@ def _hospital_name(msg: Message) -> str:
 class HospitalFedAvg(FedAvg):
     """Weighted FedAvg over the hospitals that trained; declines are not failures."""
 
-    def __init__(self, *, proximal_mu: float = 0.0, planned_rounds: int, **kwargs: object) -> None:
+    def __init__(
+        self,
+        *,
+        proximal_mu: float = 0.0,
+        planned_rounds: int,
+        base_hash: str = "",
+        **kwargs: object,
+    ) -> None:
         super().__init__(
             train_metrics_aggr_fn=nan_aware_weighted_mean,
             evaluate_metrics_aggr_fn=nan_aware_weighted_mean,
@@ -117,6 +124,7 @@ class HospitalFedAvg(FedAvg):
         )
         self.proximal_mu = proximal_mu
         self.planned_rounds = planned_rounds
+        self.base_hash = base_hash
         self.round_hospitals: dict[int, HospitalRound] = {}
         self.failures = 0
         self.declined = 0
@@ -142,10 +150,18 @@ class HospitalFedAvg(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Send the global model with this round's settings."""
+        """Send the global model's trainable part with this round's settings."""
         config["planned-rounds"] = self.planned_rounds
         config["proximal-mu"] = self.proximal_mu
+        config["base-hash"] = self.base_hash
         return super().configure_train(server_round, arrays, config, grid)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Send the global model's trainable part to evaluate."""
+        config["base-hash"] = self.base_hash
+        return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -236,8 +252,12 @@ def wait_for_hospitals(grid: Grid, minimum: int, timeout: float) -> int:
     return connected
 
 
-def build_strategy(run: RunConfig) -> HospitalFedAvg:
-    """The configured strategy (FedAvg, or FedProx as FedAvg plus a proximal weight)."""
+def build_strategy(run: RunConfig, base_hash: str) -> HospitalFedAvg:
+    """The configured strategy (FedAvg, or FedProx as FedAvg plus a proximal weight).
+
+    ``base_hash`` (shared_model.model.base_fingerprint) goes with every request, so each
+    hospital can check its own copy of the frozen weights.
+    """
     cfg = run.server
     return HospitalFedAvg(
         fraction_train=cfg.fraction_train,
@@ -249,6 +269,7 @@ def build_strategy(run: RunConfig) -> HospitalFedAvg:
         min_available_nodes=cfg.min_hospitals,
         proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
         planned_rounds=run.num_rounds,
+        base_hash=base_hash,
     )
 
 

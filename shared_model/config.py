@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import tomllib
 from collections.abc import Mapping
@@ -41,16 +42,26 @@ __all__ = [
 
 FUSION_MODES = ("concat", "gated", "cross_attention")
 BRANCHES = ("fused", "image", "text")
-TEXT_ENCODERS = ("transformer", "lstm")
-ENCODER_MODES = ("full", "frozen")
+TEXT_ENCODERS = ("transformer", "lstm", "pretrained")
+IMAGE_ENCODERS = ("cnn", "efficientnet-lite0")
+ENCODER_MODES = ("full", "frozen", "lora")
 # The seed systems fedfusion reproduces, as named bundles of model settings
-# (`fedfusion simulate --preset NAME`). Presets that need a pretrained image encoder or
-# BERT (seed 001's ResNet50 + BERT) come with the pretrained encoders (issue #5).
+# (`fedfusion simulate --preset NAME`).
 PRESETS: dict[str, dict[str, str]] = {
     "cnn-lstm-concat": {"model.text-encoder": "lstm", "model.fusion": "concat"},  # 000/002/004
+    # Seed 001: a pretrained CNN (EfficientNet-Lite0 in place of ResNet50) and a pretrained
+    # BERT (all-MiniLM-L6-v2), concatenated, with a linear fusion; encoders frozen.
+    "pretrained-concat": {
+        "model.image-encoder": "efficientnet-lite0",
+        "model.text-encoder": "pretrained",
+        "model.fusion": "concat",
+        "model.encoder-mode": "frozen",
+    },
     "cross-attention": {"model.text-encoder": "transformer", "model.fusion": "cross_attention"},
     "gated": {"model.text-encoder": "transformer", "model.fusion": "gated"},  # seed 001's sum
 }
+# Where `fedfusion simulate` tells its simulated hospitals to cache frozen features.
+SIM_FEATURE_CACHE_ENV = "FEDFUSION_SIM_FEATURE_CACHE"
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch", "ew")
 STRATEGIES = ("fedavg", "fedprox")
@@ -92,24 +103,46 @@ class ModelConfig:
         "Finding labels the head predicts, '|'-separated in the run config.",
     )
     fusion: str = _opt("gated", "How image and report are fused.", choices=FUSION_MODES)
+    image_encoder: str = _opt(
+        "cnn",
+        "Radiograph encoder: cnn (small GroupNorm CNN, from scratch or image-weights) or "
+        "efficientnet-lite0 (ImageNet-pretrained; it has BatchNorm, so it always stays "
+        "frozen and outside DP-SGD, and a trained linear projection follows it).",
+        choices=IMAGE_ENCODERS,
+    )
     text_encoder: str = _opt(
         "transformer",
-        "Report encoder trained from scratch: transformer (linear attention blocks) or lstm "
-        "(bidirectional, built from linear layers as Opacus's DPLSTM is).",
+        "Report encoder: transformer (linear attention blocks) or lstm (bidirectional, "
+        "built from linear layers as Opacus's DPLSTM is), both from scratch or "
+        "text-weights; or pretrained (a Hugging Face encoder folder, model.text-model).",
         choices=TEXT_ENCODERS,
+    )
+    text_model: str = _opt(
+        "",
+        "Hugging Face encoder folder (config, weights, tokenizer) for text-encoder = "
+        "pretrained, loaded offline; empty: the bundled all-MiniLM-L6-v2.",
     )
     image_weights: str = _opt(
         "",
-        "Pretrained weights for the image encoder: a torch state_dict (.pt) or safetensors "
-        "file, of the encoder or of a whole fedfusion model (e.g. a run's "
-        "global_model.safetensors). The server loads them into the initial model.",
+        "Pretrained weights for the image encoder: a torch state_dict (.pt/.pth) or "
+        "safetensors file, of the encoder or of a whole fedfusion model (e.g. a run's "
+        "global_model.safetensors); for efficientnet-lite0, empty means the bundled "
+        "ImageNet weights.",
     )
-    text_weights: str = _opt("", "Pretrained weights for the report encoder (as image-weights).")
+    text_weights: str = _opt(
+        "", "Pretrained weights for a transformer or lstm report encoder (as image-weights)."
+    )
     encoder_mode: str = _opt(
         "full",
-        "full: train every parameter. frozen: the encoders stay fixed; hospitals train the "
-        "fusion block and head only (fewer parameters to clip and noise).",
+        "full: train every parameter. frozen: the encoders stay fixed (their features are "
+        "cached at each hospital); hospitals train the projections, fusion and head. lora: "
+        "LoRA adapters on the pretrained text encoder's linear layers, trained with the "
+        "rest under DP. Frozen weights never cross the network.",
         choices=ENCODER_MODES,
+    )
+    lora_rank: int = _opt(8, "Rank r of the LoRA adapters (encoder-mode = lora).", min=1)
+    lora_alpha: float = _opt(
+        16.0, "LoRA scaling alpha (the update is scaled by alpha / r).", min=0.0, min_exclusive=True
     )
     branches: str = _opt(
         "fused",
@@ -143,6 +176,30 @@ class ModelConfig:
         if self.text_encoder == "lstm" and self.embed_dim % 2:
             raise ConfigError(
                 f"model.embed-dim: the lstm encoder needs an even width, got {self.embed_dim}"
+            )
+        if (
+            self.image_encoder == "efficientnet-lite0"
+            and self.encoder_mode == "full"
+            and self.branches != "text"
+        ):
+            raise ConfigError(
+                "model.encoder-mode = 'full': efficientnet-lite0 has BatchNorm, which mixes "
+                "the examples of a batch, so DP-SGD cannot train it per example; use "
+                "encoder-mode = frozen or lora (the backbone stays frozen, its projection "
+                "trains), or image-encoder = cnn"
+            )
+        if self.encoder_mode == "lora" and (
+            self.text_encoder != "pretrained" or self.branches == "image"
+        ):
+            raise ConfigError(
+                "model.encoder-mode = 'lora': LoRA adapts a pretrained transformer, and "
+                "this model has none; set model.text-encoder = 'pretrained' (with a text "
+                "branch), or use encoder-mode = frozen or full"
+            )
+        if self.text_encoder == "pretrained" and self.text_weights:
+            raise ConfigError(
+                "model.text-weights: only for the transformer and lstm encoders; a "
+                "pretrained text encoder loads its weights from model.text-model"
             )
         if self.branches != "fused" and self.fusion == "cross_attention":
             raise ConfigError(
@@ -416,6 +473,21 @@ class HospitalConfig:
         "Keep CSPRNG noise even if the server asks for privacy.secure-noise = false; "
         "only a hospital's own false lets that through (simulated hospitals follow the server).",
     )
+    text_model: str = _opt(
+        "",
+        "This hospital's copy of the run's model.text-model folder, where its path differs "
+        "from the server's; empty: the run's path.",
+    )
+    image_weights: str = _opt(
+        "",
+        "This hospital's copy of the run's model.image-weights file; empty: the run's path. "
+        "Frozen weights are never sent: each hospital loads its own, checked by hash.",
+    )
+    feature_cache: str = _opt(
+        "",
+        "Directory of the cached features of frozen encoders (never sent); empty: "
+        "<state-dir>/feature-cache.",
+    )
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> HospitalConfig:
@@ -468,6 +540,27 @@ class HospitalConfig:
         if self.state_dir:
             return Path(self.state_dir).expanduser()
         return Path(output_dir).expanduser() / "hospitals" / self.name
+
+    def cache_dir(self, output_dir: str) -> Path:
+        """Directory of this hospital's frozen-feature cache.
+
+        Simulated hospitals share one machine, and `fedfusion simulate` points them all
+        at one cache (``FEDFUSION_SIM_FEATURE_CACHE``) that later runs reuse.
+        """
+        if self.feature_cache:
+            return Path(self.feature_cache).expanduser()
+        shared = os.environ.get(SIM_FEATURE_CACHE_ENV, "")
+        if self.simulated and shared:
+            return Path(shared)
+        return self.ledger_dir(output_dir) / "feature-cache"
+
+    def local_model(self, model: ModelConfig) -> ModelConfig:
+        """The run's model settings with this hospital's own paths to pretrained files."""
+        return dataclasses.replace(
+            model,
+            text_model=self.text_model or model.text_model,
+            image_weights=self.image_weights or model.image_weights,
+        )
 
 
 @dataclass(frozen=True)
@@ -637,7 +730,8 @@ def _read_hospital_file(path_text: str) -> dict[str, Any]:
     table = data.get("hospital", data)
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [hospital] must be a table")
-    for key in ("data-manifest", "state-dir"):  # relative to the file, not the cwd
+    # relative to the file, not the cwd
+    for key in ("data-manifest", "state-dir", "text-model", "image-weights", "feature-cache"):
         if isinstance(table.get(key), str) and table[key] and not Path(table[key]).is_absolute():
             table[key] = str(path.parent / table[key])
     return table

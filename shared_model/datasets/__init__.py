@@ -17,7 +17,7 @@ from shared_model.config import DataConfig, ModelConfig
 from shared_model.data import FusionTensors, labels_to_multi_hot, split_train_test
 from shared_model.datasets.iu_reports import EMBEDDED_LABELS, PUBLIC_PREVALENCE, load_reports
 from shared_model.datasets.phantoms import hospital_acquisition, render_phantom
-from shared_model.text import ReportTokenizer
+from shared_model.text import tokenizer_for
 
 __all__ = ["EMBEDDED_LABELS", "HospitalSplit", "dirichlet_partition", "embedded_hospital"]
 
@@ -110,8 +110,7 @@ def embedded_hospital(
             ]
         )[:, None]
     )
-    tokenizer = ReportTokenizer(model.text_vocab_buckets, model.max_report_tokens)
-    report_ids, has_report = tokenizer.encode([r.text for r in mine])
+    report_ids, has_report = tokenizer_for(model).encode([r.text for r in mine])
     present = torch.stack([torch.ones(len(mine)), has_report.float()], dim=1)
     labels = torch.from_numpy(
         np.stack(

@@ -6,13 +6,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.common import MessageType
 
 from client.client_app import evaluate, train
 from shared_model.config import RunConfig
-from shared_model.model import FusionModel
+from shared_model.model import base_fingerprint, initial_model, shared_state
 from tests.flower_helpers import make_context, make_message
 
 
@@ -22,15 +21,24 @@ def run_config(tmp_path):
 
 
 def global_arrays(run_config) -> ArrayRecord:
-    torch.manual_seed(0)
-    return ArrayRecord(FusionModel(RunConfig.from_run_config(run_config).model).state_dict())
+    run = RunConfig.from_run_config(run_config)
+    return ArrayRecord(shared_state(initial_model(run.model, run.seed)))
 
 
-def train_message(arrays: ArrayRecord, server_round: int):
+def base_hash(run_config) -> str:
+    run = RunConfig.from_run_config(run_config)
+    return base_fingerprint(initial_model(run.model, run.seed))
+
+
+def train_message(arrays: ArrayRecord, server_round: int, base: str | None = None):
+    config = {"server-round": server_round, "base-hash": base or BASE}
     return make_message(
-        RecordDict({"arrays": arrays, "config": ConfigRecord({"server-round": server_round})}),
-        MessageType.TRAIN,
+        RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), MessageType.TRAIN
     )
+
+
+# the default model has no frozen part: the hash of nothing
+BASE = base_hash({})
 
 
 def test_train_replies_with_raw_weights_and_cumulative_epsilon(run_config, tmp_path):
@@ -67,7 +75,12 @@ def test_hospital_declines_a_round_beyond_its_budget(run_config):
 def test_evaluate_reports_metrics_on_the_held_out_split(run_config):
     reply = evaluate(
         make_message(
-            RecordDict({"arrays": global_arrays(run_config), "config": ConfigRecord({})}),
+            RecordDict(
+                {
+                    "arrays": global_arrays(run_config),
+                    "config": ConfigRecord({"base-hash": BASE}),
+                }
+            ),
             MessageType.EVALUATE,
         ),
         make_context(run_config, {"partition-id": 0, "num-partitions": 2}),
@@ -76,6 +89,20 @@ def test_evaluate_reports_metrics_on_the_held_out_split(run_config):
     assert m["num-examples"] > 0 and math.isfinite(m["loss"])
     for key in ("accuracy", "precision", "recall", "f1", "auroc"):
         assert key in m
+
+
+def test_frozen_weights_are_not_received_and_a_different_copy_is_refused(run_config, tmp_path):
+    """Frozen mode: only the trainable part travels; the hospital's frozen copy must match."""
+    frozen = {**run_config, "model.encoder-mode": "frozen"}
+    node = {"partition-id": 0, "num-partitions": 2}
+    arrays = global_arrays(frozen)
+    assert not any(k.startswith(("image_encoder.", "text_encoder.")) for k in arrays)
+    reply = train(train_message(arrays, 1, base_hash(frozen)), make_context(frozen, node))
+    assert set(reply.content["arrays"].keys()) == set(arrays.keys())
+    # another seed initialises other frozen encoders: the server's hash no longer matches
+    other = base_hash({**frozen, "seed": 1})
+    with pytest.raises(Exception, match=r"frozen model weights here .* differ from the server"):
+        train(train_message(arrays, 2, other), make_context(frozen, node))
 
 
 def test_bad_node_config_raises_a_clear_error(run_config):

@@ -109,7 +109,7 @@ def run_round(failing: int | None):
         initial = {k: torch.zeros(s) for k, s in SHAPES.items()}
         rounds = []
         final = run_secagg_rounds(
-            recording, ctx, run, initial, 4, lambda rec, state: rounds.append(rec)
+            recording, ctx, run, initial, "", 4, lambda rec, state: rounds.append(rec)
         )
         outcome.update(final=final, replies=recording.replies, rounds=rounds)
 

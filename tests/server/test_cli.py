@@ -170,5 +170,5 @@ def test_an_unknown_preset_is_refused_naming_the_known_ones(tmp_path):
         build_app(), ["simulate", "--preset", "resnet-bert", "--out", str(tmp_path / "r")]
     )
     assert result.exit_code == 2
-    assert "cnn-lstm-concat, cross-attention, gated" in result.output
+    assert "cnn-lstm-concat, pretrained-concat, cross-attention, gated" in result.output
     assert not (tmp_path / "r").exists()

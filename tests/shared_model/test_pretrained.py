@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from shared_model.config import ConfigError, ModelConfig
-from shared_model.model import FusionModel, freeze_encoders, initial_model
+from shared_model.model import FusionModel, initial_model, shared_state
 
 SMALL = dict(embed_dim=32, image_size=32, max_report_tokens=16, text_vocab_buckets=256)
 
@@ -51,8 +51,8 @@ def test_missing_or_mismatched_weights_are_refused_naming_the_key(tmp_path):
         initial_model(ModelConfig(**SMALL, branches="image", text_weights=str(text)), seed=0)
 
 
-def test_frozen_encoders_get_no_update():
-    model = FusionModel(ModelConfig(**SMALL))
-    freeze_encoders(model)
+def test_frozen_encoders_get_no_update_and_are_not_sent():
+    model = initial_model(ModelConfig(**SMALL, encoder_mode="frozen"), seed=0)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith(("fusion.", "head.")) for n in trainable)
+    assert set(shared_state(model)) == trainable
