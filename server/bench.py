@@ -35,6 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from shared_model.config import PRESETS
+
 __all__ = [
     "Measurement",
     "UtilityConfig",
@@ -225,6 +227,66 @@ def run_wire_bench(
     return out
 
 
+# What crosses the network per model (encoder-mode): the same 3 hospitals and data, with
+# SecAgg+. Full training of the 22.7M-parameter text encoder keeps per-example gradients
+# of every weight, so it runs with batches of 8 to fit in memory.
+WIRE_MODES: dict[str, dict[str, Any]] = {
+    "small/full": {},
+    "pretrained/frozen": dict(PRESETS["pretrained-concat"]),
+    "pretrained/lora": {**PRESETS["pretrained-concat"], "model.encoder-mode": "lora"},
+    "pretrained-text/full": {
+        "model.text-encoder": "pretrained",
+        "model.fusion": "concat",
+        "train.batch-size": 8,
+    },
+}
+
+
+def _parameter_counts(overrides: dict[str, Any]) -> tuple[int, int]:
+    """(trainable parameters, all parameters) of the model these settings build."""
+    from shared_model.config import RunConfig
+    from shared_model.model import initial_model, shared_state
+
+    run = RunConfig.from_run_config(overrides)
+    model = initial_model(run.model, run.seed)
+    sent = sum(t.numel() for t in shared_state(model).values())
+    return sent, sum(p.numel() for p in model.parameters())
+
+
+def run_mode_bytes_bench(
+    hospitals: int = 3, rounds: int = 2, reports: int = 100, echo: Echo = print
+) -> list[Measurement]:
+    """Bytes per hospital and round for each encoder mode, measured on the wire (SecAgg+)."""
+    out: list[Measurement] = []
+    baseline: dict[str, Measurement] = {}
+    with tempfile.TemporaryDirectory(prefix="fedfusion-bench-modes-") as tmp:
+        for mode, overrides in WIRE_MODES.items():
+            echo(f"  bytes per round, {mode}, {hospitals} hospitals, SecAgg+ ...")
+            settings = {**overrides, "data.max-reports": reports * hospitals}
+            rounds_done = _simulate_run(
+                Path(tmp) / mode.replace("/", "-"), hospitals, rounds, settings
+            )
+            run = _Run.from_rounds(rounds_done)
+            sent, total = _parameter_counts(settings)
+            cfg = {
+                **overrides,
+                "hospitals": hospitals,
+                "reports": reports,
+                "trainable_parameters": sent,
+                "all_parameters": total,
+            }
+            update = [u - k for u, k in zip(run.up, run.key_up, strict=True)]
+            up = Measurement.of(f"bytes-up-update/{mode}", cfg, update, "B")
+            down = Measurement.of(f"bytes-down/{mode}", cfg, run.down, "B")
+            if baseline:
+                up.against(baseline["up"])
+                down.against(baseline["down"])
+            else:
+                baseline.update(up=up, down=down)
+            out += [up, down]
+    return out
+
+
 # The audit's two models. The non-private one is overfitted on purpose (few records,
 # many local epochs, no modality dropout) to show that the attack works at all.
 AUDIT_MODELS: dict[str, dict[str, Any]] = {
@@ -280,7 +342,7 @@ class UtilityConfig:
     name: str
     hospitals: int
     overrides: dict[str, Any]
-    mode: str  # the encoders: the default small model, trained in full
+    mode: str  # the model: small (from scratch, full) | frozen | lora (pretrained encoders)
     branch: str  # fused | image | text
     privacy: str  # none | epsilon
     secagg: bool
@@ -288,32 +350,57 @@ class UtilityConfig:
 
 _NO_DP = {"privacy.enabled": False, "secagg.enabled": False}
 _DP8 = {"privacy.target-epsilon": 8.0, "secagg.enabled": False}
+_DP3 = {"privacy.target-epsilon": 3.0, "secagg.enabled": False}
+CENTRAL = "centralized, non-private"
+FUSED = "federated, DP eps=8, SecAgg+"
+IMAGE_ONLY = "image only, DP eps=8, SecAgg+"
+TEXT_ONLY = "text only, DP eps=8, SecAgg+"
+# The models compared: the default small model, and seed 001's pretrained EfficientNet-
+# Lite0 + all-MiniLM-L6-v2 with frozen encoders or LoRA on the text encoder. LoRA runs the
+# 22.7M-parameter encoder forward and backward at every step, so it trains 1 local epoch
+# per round instead of 2 (the rest is the same).
+UTILITY_MODES: dict[str, dict[str, Any]] = {
+    "small": {},
+    "frozen": dict(PRESETS["pretrained-concat"]),
+    "lora": {
+        **PRESETS["pretrained-concat"],
+        "model.encoder-mode": "lora",
+        "train.local-epochs": 1,
+    },
+}
+
+
+def _configs(mode: str, names: Sequence[str]) -> list[UtilityConfig]:
+    every = [
+        UtilityConfig(CENTRAL, 1, _NO_DP, mode, "fused", "none", False),
+        UtilityConfig("federated, non-private", 5, _NO_DP, mode, "fused", "none", False),
+        UtilityConfig("federated, DP eps=8", 5, _DP8, mode, "fused", "8", False),
+        UtilityConfig("federated, DP eps=3", 5, _DP3, mode, "fused", "3", False),
+        UtilityConfig(FUSED, 5, {}, mode, "fused", "8", True),
+        UtilityConfig(IMAGE_ONLY, 5, {"model.branches": "image"}, mode, "image", "8", True),
+        UtilityConfig(TEXT_ONLY, 5, {"model.branches": "text"}, mode, "text", "8", True),
+    ]
+    return [c for c in every if c.name in names]
+
+
+# Scaled to about 30 minutes on 2 cores: every configuration for the small model; for the
+# pretrained ones, what the two targets need (frozen), or the federated DP model alone
+# (lora, about 2 minutes a seed).
 UTILITY_CONFIGS = (
-    UtilityConfig("centralized, non-private", 1, _NO_DP, "full", "fused", "none", False),
-    UtilityConfig("federated, non-private", 5, _NO_DP, "full", "fused", "none", False),
-    UtilityConfig("federated, DP eps=8", 5, _DP8, "full", "fused", "8", False),
-    UtilityConfig(
-        "federated, DP eps=3",
-        5,
-        {"privacy.target-epsilon": 3.0, "secagg.enabled": False},
-        "full",
-        "fused",
-        "3",
-        False,
+    *_configs(
+        "small",
+        (
+            CENTRAL,
+            "federated, non-private",
+            "federated, DP eps=8",
+            "federated, DP eps=3",
+            FUSED,
+            IMAGE_ONLY,
+            TEXT_ONLY,
+        ),
     ),
-    UtilityConfig("federated, DP eps=8, SecAgg+", 5, {}, "full", "fused", "8", True),
-    UtilityConfig(
-        "image only, DP eps=8, SecAgg+",
-        5,
-        {"model.branches": "image"},
-        "full",
-        "image",
-        "8",
-        True,
-    ),
-    UtilityConfig(
-        "text only, DP eps=8, SecAgg+", 5, {"model.branches": "text"}, "full", "text", "8", True
-    ),
+    *_configs("frozen", (CENTRAL, FUSED, IMAGE_ONLY, TEXT_ONLY)),
+    *_configs("lora", (FUSED,)),
 )
 
 
@@ -332,7 +419,7 @@ def summarize_utility(
         for label in labels
     }
     return {
-        "name": config.name,
+        "name": f"{config.mode}: {config.name}",
         "mode": config.mode,
         "branch": config.branch,
         "privacy": config.privacy,
@@ -346,21 +433,32 @@ def summarize_utility(
     }
 
 
-def utility_targets(entries: Sequence[dict[str, Any]]) -> list[tuple[str, float, bool]]:
-    """(target, value, met) for the two utility targets, from the summarized entries."""
-    by_name = {e["name"]: e["macro_auroc_mean"] for e in entries}
-    central = by_name["centralized, non-private"]
-    dp_secagg = by_name["federated, DP eps=8, SecAgg+"]
-    single = max(by_name["image only, DP eps=8, SecAgg+"], by_name["text only, DP eps=8, SecAgg+"])
-    ratio = dp_secagg / central
-    return [
-        ("federated DP eps=8 + SecAgg+ >= 0.95x centralized non-private", ratio, ratio >= 0.95),
-        (
-            "fused beats the best single modality (DP eps=8, SecAgg+)",
-            dp_secagg - single,
-            dp_secagg > single,
-        ),
-    ]
+def utility_targets(entries: Sequence[dict[str, Any]]) -> list[tuple[str, float | None, bool]]:
+    """(target, value, met) for the two utility targets of each model, from the entries.
+
+    A target whose configurations were not run has value None (reported, never met).
+    """
+    scores = {e["name"]: e["macro_auroc_mean"] for e in entries}
+    out: list[tuple[str, float | None, bool]] = []
+    for mode in dict.fromkeys(e["mode"] for e in entries):
+        central = scores.get(f"{mode}: {CENTRAL}")
+        fused = scores.get(f"{mode}: {FUSED}")
+        ratio = fused / central if fused is not None and central else None
+        singles = [scores.get(f"{mode}: {IMAGE_ONLY}"), scores.get(f"{mode}: {TEXT_ONLY}")]
+        margin = fused - max(singles) if fused is not None and None not in singles else None
+        out += [
+            (
+                f"{mode}: federated DP eps=8 + SecAgg+ >= 0.95x centralized non-private",
+                ratio,
+                ratio is not None and ratio >= 0.95,
+            ),
+            (
+                f"{mode}: fused beats the best single modality (DP eps=8, SecAgg+)",
+                margin,
+                margin is not None and margin > 0,
+            ),
+        ]
+    return out
 
 
 def run_utility_bench(
@@ -368,16 +466,26 @@ def run_utility_bench(
     rounds: int = 3,
     reports: int = 1500,
     echo: Echo = print,
+    modes: Sequence[str] = tuple(UTILITY_MODES),
 ) -> list[dict[str, Any]]:
-    """Every utility configuration over ``seeds`` on the same data (``reports`` reports)."""
+    """Every utility configuration of ``modes`` over ``seeds`` on the same data.
+
+    Frozen features are cached once for all runs (the simulated hospitals' shared cache).
+    """
     entries = []
+    configs = [c for c in UTILITY_CONFIGS if c.mode in modes]
     with tempfile.TemporaryDirectory(prefix="fedfusion-utility-") as tmp:
-        for config in UTILITY_CONFIGS:
+        for config in configs:
             runs = []
             for seed in seeds:
-                echo(f"  {config.name}, seed {seed} ...")
+                echo(f"  {config.mode}: {config.name}, seed {seed} ...")
                 out = Path(tmp) / f"{len(entries)}-{seed}"
-                overrides = {**config.overrides, "seed": seed, "data.max-reports": reports}
+                overrides = {
+                    **UTILITY_MODES[config.mode],
+                    **config.overrides,
+                    "seed": seed,
+                    "data.max-reports": reports,
+                }
                 started = time.monotonic()
                 rounds_done = _simulate_run(out, config.hospitals, rounds, overrides)
                 runs.append((rounds_done, time.monotonic() - started))
@@ -409,7 +517,7 @@ def write_utility(entries: Sequence[dict[str, Any]], out_dir: Path) -> tuple[Pat
         + "\n",
         encoding="utf-8",
     )
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    fig, ax = plt.subplots(figsize=(9, 0.9 + 0.32 * len(entries)))
     names = [e["name"] for e in entries]
     ax.barh(
         names,
@@ -439,7 +547,10 @@ def write_utility(entries: Sequence[dict[str, Any]], out_dir: Path) -> tuple[Pat
             + f" | {e['wall_time_s']:.0f} s |"
         )
     rows.append("")
-    rows += [f"- {t}: {v:.3f}, {'met' if m else 'MISSED'}" for t, v, m in targets]
+    rows += [
+        f"- {t}: {'not measured' if v is None else f'{v:.3f}'}, {'met' if m else 'MISSED'}"
+        for t, v, m in targets
+    ]
     md_path = out_dir / "latest-utility.md"
     md_path.write_text(
         f"# fedfusion utility benchmark, {stamp} UTC\n\n" + "\n".join(rows) + "\n",

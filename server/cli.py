@@ -217,7 +217,8 @@ def bench(
     suite: Annotated[
         str,
         typer.Option(
-            help="perf: SecAgg+ and deployment cost. audit: membership inference, "
+            help="perf: SecAgg+ and deployment cost, then bytes per encoder mode. bytes: "
+            "only the latter. audit: membership inference, "
             "non-private vs DP (make audit). utility: AUROC of centralized, federated, DP, "
             "SecAgg+ and single-branch models over 3 seeds (make bench-utility)."
         ),
@@ -237,6 +238,13 @@ def bench(
     out: Annotated[Path, typer.Option("--out", "-o", help="Results directory.")] = Path(
         "bench-results"
     ),
+    modes: Annotated[
+        str,
+        typer.Option(
+            help="--suite utility: the models to compare, comma-separated: small (the "
+            "default model), frozen and lora (pretrained encoders)."
+        ),
+    ] = "small,frozen,lora",
 ) -> None:
     """Measure what SecAgg+ and a real deployment cost: round time and bytes per hospital.
 
@@ -250,7 +258,10 @@ def bench(
     audit-<time>.json and latest-audit.md.
     """
     from server.bench import (
+        UTILITY_CONFIGS,
+        UTILITY_MODES,
         run_audit_bench,
+        run_mode_bytes_bench,
         run_utility_bench,
         run_wire_bench,
         table,
@@ -258,14 +269,21 @@ def bench(
         write_utility,
     )
 
-    if suite not in {"perf", "audit", "utility"}:
-        typer.secho(f"error: --suite: {suite!r} is not perf, audit or utility", err=True)
+    if suite not in {"perf", "bytes", "audit", "utility"}:
+        typer.secho(f"error: --suite: {suite!r} is not perf, bytes, audit or utility", err=True)
         raise typer.Exit(2)
     if suite == "utility":
-        typer.echo("fedfusion bench: utility, 7 configurations x 3 seeds")
+        chosen = [m.strip() for m in modes.split(",") if m.strip()]
+        if not chosen or any(m not in UTILITY_MODES for m in chosen):
+            typer.secho(
+                f"error: --modes: {modes!r}; choose from {', '.join(UTILITY_MODES)}", err=True
+            )
+            raise typer.Exit(2)
+        count = sum(c.mode in chosen for c in UTILITY_CONFIGS)
+        typer.echo(f"fedfusion bench: utility, {count} configurations x 3 seeds")
         started = time.monotonic()
         try:
-            entries = run_utility_bench(echo=typer.echo)
+            entries = run_utility_bench(echo=typer.echo, modes=chosen)
         except RuntimeError as err:
             typer.secho(f"FAILED: {err}", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from err
@@ -287,12 +305,16 @@ def bench(
         if suite == "audit":
             typer.echo("fedfusion bench: membership-inference audit, non-private vs DP")
             measurements = run_audit_bench(min(sizes), echo=typer.echo)
+        elif suite == "bytes":
+            typer.echo("fedfusion bench: bytes per round for each encoder mode")
+            measurements = run_mode_bytes_bench(min(sizes), echo=typer.echo)
         else:
             typer.echo(
                 f"fedfusion bench: plain vs SecAgg+ at {sizes} hospitals, {rounds} rounds "
-                f"each, {reports} reports per hospital"
+                f"each, {reports} reports per hospital; then bytes per encoder mode"
             )
             measurements = run_wire_bench(sizes, rounds, deploy, echo=typer.echo, reports=reports)
+            measurements += run_mode_bytes_bench(min(sizes), echo=typer.echo)
     except RuntimeError as err:
         typer.secho(f"FAILED: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1) from err

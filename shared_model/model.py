@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import itertools
 import math
 import os
@@ -286,6 +287,9 @@ class PretrainedTextEncoder(nn.Module):
         super().__init__()
         self.backbone = _load_hf_encoder(text_model_path(cfg))
         self.pad_id = int(getattr(self.backbone.config, "pad_token_id", None) or 0)
+        # BERT-style models take position and token-type ids; some (DistilBERT) do not.
+        accepts = inspect.signature(self.backbone.forward).parameters
+        self._explicit_ids = {k for k in ("position_ids", "token_type_ids") if k in accepts}
         width = int(self.backbone.config.hidden_size)
         self.pooled_only = cfg.fusion != "cross_attention"
         self.norm = nn.LayerNorm(width)
@@ -298,12 +302,13 @@ class PretrainedTextEncoder(nn.Module):
         """
         b, length = ids.shape
         mask = ids != self.pad_id
-        states = self.backbone(
-            input_ids=ids,
-            attention_mask=mask.long(),
-            position_ids=torch.arange(length, device=ids.device).expand(b, length).contiguous(),
-            token_type_ids=torch.zeros_like(ids),
-        ).last_hidden_state
+        extra = {}
+        if "position_ids" in self._explicit_ids:
+            positions = torch.arange(length, device=ids.device).expand(b, length).contiguous()
+            extra["position_ids"] = positions
+        if "token_type_ids" in self._explicit_ids:
+            extra["token_type_ids"] = torch.zeros_like(ids)
+        states = self.backbone(input_ids=ids, attention_mask=mask.long(), **extra).last_hidden_state
         w = mask.unsqueeze(-1).to(states.dtype)
         if self.pooled_only:
             pooled = (states * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1.0)

@@ -183,27 +183,33 @@ def test_every_grad_sample_mode_trains_through_empty_poisson_batches(mode):
 
 
 @pytest.mark.parametrize(
-    ("preset", "mode"),
+    ("preset", "mode", "extra"),
     [
-        ("cnn-lstm-concat", "hooks"),
-        ("cnn-lstm-concat", "functorch"),  # ghost refuses layers reused per time step
-        ("cross-attention", "hooks"),
-        ("cross-attention", "ghost"),
-        ("gated", "hooks"),
-        ("gated", "ghost"),
+        ("cnn-lstm-concat", "hooks", {}),
+        ("cnn-lstm-concat", "functorch", {}),  # ghost refuses layers reused per time step
+        ("pretrained-concat", "hooks", {}),
+        ("pretrained-concat", "ghost", {}),
+        ("pretrained-concat", "hooks", {"model.encoder-mode": "lora"}),
+        ("pretrained-concat", "ghost", {"model.encoder-mode": "lora"}),
+        ("cross-attention", "hooks", {}),
+        ("cross-attention", "ghost", {}),
+        ("gated", "hooks", {}),
+        ("gated", "ghost", {}),
     ],
 )
-def test_every_seed_preset_trains_under_dp(preset, mode):
+def test_every_seed_preset_trains_under_dp(preset, mode, extra):
     from shared_model.config import PRESETS, RunConfig
+    from shared_model.model import initial_model
 
-    model_cfg = RunConfig.from_run_config(PRESETS[preset]).model
+    model_cfg = RunConfig.from_run_config({**PRESETS[preset], **extra}).model
     cfg = ModelConfig(**{**model_cfg.__dict__, **CFG})
-    model = FusionModel(cfg)
+    model = initial_model(cfg, seed=0)  # pretrained weights, frozen parts, LoRA adapters
     assert ModuleValidator.validate(model, strict=False) == []
-    before = [p.detach().clone() for p in model.parameters()]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
     private = make_private(
         model,
-        torch.optim.SGD(model.parameters(), lr=0.1),
+        torch.optim.SGD(trainable, lr=0.1),
         make_loss(None),
         TensorDataset(*batch(cfg, 16)),
         8,
@@ -212,7 +218,7 @@ def test_every_seed_preset_trains_under_dp(preset, mode):
     )
     stats = one_dp_epoch(private)
     assert stats.steps == 2
-    after = list(private.raw_model.parameters())
+    after = [p for p in private.raw_model.parameters() if p.requires_grad]
     assert all(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 

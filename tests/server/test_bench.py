@@ -53,14 +53,17 @@ def test_utility_summary_targets_and_files(tmp_path):
         return [{"round": 1, "eval_metrics": metrics}], 30.0
 
     scores = {  # configuration name -> macro AUROC over 3 seeds
-        "centralized, non-private": (0.90, 0.92, 0.88),
-        "federated, DP eps=8, SecAgg+": (0.86, 0.87, 0.85),
-        "image only, DP eps=8, SecAgg+": (0.80, 0.81, 0.79),
+        "small: centralized, non-private": (0.90, 0.92, 0.88),
+        "small: federated, DP eps=8, SecAgg+": (0.86, 0.87, 0.85),
+        "small: image only, DP eps=8, SecAgg+": (0.80, 0.81, 0.79),
     }
     entries = [
-        summarize_utility(c, [run(a, 0.7) for a in scores.get(c.name, (0.7, 0.7, 0.7))])
+        summarize_utility(
+            c, [run(a, 0.7) for a in scores.get(f"{c.mode}: {c.name}", (0.7, 0.7, 0.7))]
+        )
         for c in UTILITY_CONFIGS
     ]
+    assert {e["mode"] for e in entries} == {"small", "frozen", "lora"}
     central = entries[0]
     assert central["macro_auroc_mean"] == pytest.approx(0.90)
     assert central["macro_auroc_std"] == pytest.approx(0.01633, rel=1e-3)
@@ -69,12 +72,16 @@ def test_utility_summary_targets_and_files(tmp_path):
         "std": pytest.approx(0),
     }
     assert {central["privacy"], central["secagg"], central["branch"]} == {"none", "off", "fused"}
-    (_, ratio, ratio_met), (_, margin, fused_met) = utility_targets(entries)
+    targets = utility_targets(entries)
+    (_, ratio, ratio_met), (_, margin, fused_met) = targets[:2]  # the small model's
     assert ratio == pytest.approx(0.86 / 0.90) and ratio_met  # 0.956
     assert margin == pytest.approx(0.06) and fused_met
+    frozen = targets[2:4]  # every frozen score 0.7: fused does not beat 0.7
+    assert frozen[0][1] == pytest.approx(1.0) and not frozen[1][2]
+    assert [(v, m) for _, v, m in targets[4:]] == [(None, False), (None, False)]  # lora
     json_path, md_path, png_path = write_utility(entries, tmp_path)
     data = json.loads(json_path.read_text())
-    assert len(data["entries"]) == len(UTILITY_CONFIGS) and len(data["targets"]) == 2
+    assert len(data["entries"]) == len(UTILITY_CONFIGS) and len(data["targets"]) == 6
     assert {
         "name",
         "mode",
@@ -85,4 +92,6 @@ def test_utility_summary_targets_and_files(tmp_path):
         "macro_auroc_std",
         "wall_time_s",
     } <= set(data["entries"][0])
-    assert "0.956, met" in md_path.read_text() and png_path.stat().st_size > 1000
+    md = md_path.read_text()
+    assert "0.956, met" in md and "not measured, MISSED" in md
+    assert png_path.stat().st_size > 1000

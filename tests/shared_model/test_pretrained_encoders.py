@@ -164,3 +164,53 @@ def test_lora_per_example_gradients_are_each_examples_own():
         for (name, p), g in zip(lora.items(), grads, strict=True):
             expected = torch.zeros_like(p) if g is None else g
             torch.testing.assert_close(per_example[name][i], expected, atol=1e-6, rtol=1e-4)
+
+
+def _own_hf_folder(tmp_path, kind: str):
+    """A user's own encoder folder: a small BERT or DistilBERT with MiniLM's vocabulary."""
+    from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel
+
+    folder = tmp_path / kind
+    torch.manual_seed(3)
+    if kind == "bert":
+        model = BertModel(
+            BertConfig(
+                hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+            )
+        )
+    else:  # no position or token-type ids in its forward
+        model = DistilBertModel(DistilBertConfig(dim=48, n_layers=1, n_heads=2, hidden_dim=64))
+    model.save_pretrained(folder)
+    minilm = text_model_path(ModelConfig())
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(minilm / name, folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["bert", "distilbert"])
+@pytest.mark.parametrize("mode", ["frozen", "lora"])
+def test_a_users_own_hugging_face_folder_trains_under_dp(tmp_path, kind, mode):
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    folder = _own_hf_folder(tmp_path, kind)
+    cfg = ModelConfig(
+        **{**PRETRAINED, "image_encoder": "cnn"}, encoder_mode=mode, text_model=str(folder)
+    )
+    model = initial_model(cfg, 0)
+    assert model.text_encoder.norm.normalized_shape == (32 if kind == "bert" else 48,)
+    images, ids, present = batch(cfg)
+    labels = torch.randint(0, 2, (4, len(cfg.labels))).float()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    private, optimizer, loader = PrivacyEngine().make_private(
+        module=model,
+        optimizer=torch.optim.SGD(trainable, lr=0.1),
+        data_loader=DataLoader(TensorDataset(images, ids, present, labels), batch_size=4),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+    )
+    for x, r, m, y in loader:
+        torch.nn.functional.binary_cross_entropy_with_logits(private(x, r, m), y).backward()
+        optimizer.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, trainable, strict=True))
