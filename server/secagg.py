@@ -87,6 +87,7 @@ class SecAggFedAvg(LegacyFedAvg):
         self.failures = self.declined = self.eval_failures = 0
         self.train_loss: float | None = None
         self.started = time.monotonic()
+        self.aggregated = False  # set when the SecAgg+ round reached aggregate_fit
 
     def _fit_config(self, server_round: int) -> dict[str, Scalar]:
         self._reset()
@@ -123,6 +124,7 @@ class SecAggFedAvg(LegacyFedAvg):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Apply the unmasked mean delta; hospitals that declined had weight 0 in it."""
+        self.aggregated = True
         # Flower logs a failure per protocol stage a hospital misses; count hospitals.
         self.failures = max(self.sampled - len(results), 0)
         for failure in failures:
@@ -203,6 +205,16 @@ class SecAggFedAvg(LegacyFedAvg):
         return None
 
     def _record(self, server_round: int, evals: dict[str, float]) -> None:
+        if server_round > 0 and not self.aggregated:
+            # Flower's SecAgg+ workflow ends a round early, without aggregating, when too
+            # few hospitals answer a stage in time; it would then evaluate the unchanged
+            # model as if the round had trained.
+            raise FederationError(
+                f"round {server_round}: SecAgg+ ended before aggregation: fewer than "
+                f"{self.threshold} of {self.sampled} hospitals answered a stage within "
+                f"secagg.stage-timeout ({self.run.secagg.stage_timeout:g}s); local training "
+                "runs inside that stage, so a slow model needs a longer timeout"
+            )
         self.meter.charge(self.hospitals.values())
         record = RoundRecord(
             round=server_round,

@@ -335,7 +335,10 @@ class SecAggConfig:
         min=1.0,
     )
     stage_timeout: float = _opt(
-        120.0, "Seconds to wait for replies in each SecAgg+ stage.", min=1.0
+        600.0,
+        "Seconds to wait for replies in each SecAgg+ stage; local training runs inside one, "
+        "so this bounds a hospital's round.",
+        min=1.0,
     )
 
     def resolve(self, hospitals: int) -> tuple[int, int]:

@@ -46,3 +46,19 @@ def test_a_hospital_that_never_comes_does_not_stall_the_round():
     started = time.monotonic()
     sampled = strategy(4, timeout=1).configure_fit(1, ndarrays_to_parameters([]), manager)
     assert len(sampled) == 3 and time.monotonic() - started < 10
+
+
+def test_a_round_secagg_ended_before_aggregation_fails_the_run_naming_the_timeout():
+    """Too few hospitals in time: Flower skips aggregation; fedfusion must not carry on."""
+    import pytest
+
+    from server.strategy import FederationError
+
+    s = strategy(3, timeout=30)
+    s._fit_config(1)  # round 1 starts; no aggregate_fit follows
+    with pytest.raises(FederationError, match=r"round 1: SecAgg\+ ended .*stage-timeout"):
+        s.aggregate_evaluate(1, [], [])
+    s._fit_config(2)
+    with pytest.raises(FederationError, match="no hospital returned an update"):
+        s.aggregate_fit(2, [], [])  # aggregation reached, with nothing to aggregate
+    s.aggregate_evaluate(2, [], [])  # so no stage-timeout error when the round is recorded
