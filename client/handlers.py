@@ -26,7 +26,7 @@ from client.secagg import (
     legacy_fit_reply,
     legacy_request,
 )
-from client.site import Site, open_site
+from client.site import open_site
 from client.trainer import run_local_evaluation, run_local_round
 from shared_model.config import HospitalConfig, RunConfig
 from shared_model.model import hospital_fingerprint, hospital_model, shared_state
@@ -46,24 +46,28 @@ class BaseMismatchError(RuntimeError):
     """The hospital's frozen weights differ from the server's: it must not train."""
 
 
-def _request(msg: Message, run: RunConfig, site: Site) -> tuple[dict[str, torch.Tensor], Any, bool]:
+def _request(
+    msg: Message, run: RunConfig, hospital: HospitalConfig
+) -> tuple[dict[str, torch.Tensor], Any, bool]:
     """The global weights and config of a request, in either record format.
 
     Only trainable parameters travel; the frozen rest is this hospital's own, and must
-    hash to what the server built (``base-hash``), or the request is refused.
+    hash to what the server built (``base-hash``), or the request is refused before
+    any data is read.
     """
+    model = hospital.local_model(run.model)
     if is_legacy(msg.content):  # SecAgg+ runs in Flower's legacy records
-        keys = list(shared_state(hospital_model(site.model, run.seed)))
+        keys = list(shared_state(hospital_model(model, run.seed)))
         weights, config = legacy_request(msg, keys)
         legacy = True
     else:
         weights, config = msg.content["arrays"].to_torch_state_dict(), msg.content["config"]
         legacy = False
     expected = str(config.get("base-hash", ""))
-    own = hospital_fingerprint(site.model, run.seed)
+    own = hospital_fingerprint(model, run.seed)
     if expected != own:
         raise BaseMismatchError(
-            f"{site.name}: the frozen model weights here (sha256 {own[:12]}) differ from the "
+            f"{hospital.name}: the frozen model weights here (sha256 {own[:12]}) differ from the "
             f"server's ({expected[:12] or 'none sent'}); frozen weights are never sent, so "
             "every hospital needs the same pretrained files (model.text-model, "
             "model.image-weights, or the hospital's text-model / image-weights copies) and "
@@ -78,8 +82,9 @@ def train(msg: Message, context: Context) -> Message:
     Under SecAgg+ the reply carries the delta instead, which secagg_mod masks.
     """
     run = RunConfig.from_run_config(context.run_config)
-    site = open_site(HospitalConfig.from_node_config(context.node_config), run)
-    weights, config, legacy = _request(msg, run, site)
+    hospital = HospitalConfig.from_node_config(context.node_config)
+    weights, config, legacy = _request(msg, run, hospital)
+    site = open_site(hospital, run)
     seen = context.state.config_records.get(_LEDGER_COPY)
     result = run_local_round(
         weights,
@@ -128,8 +133,9 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this hospital's held-out split."""
     run = RunConfig.from_run_config(context.run_config)
-    site = open_site(HospitalConfig.from_node_config(context.node_config), run)
-    weights, _config, legacy = _request(msg, run, site)
+    hospital = HospitalConfig.from_node_config(context.node_config)
+    weights, _config, legacy = _request(msg, run, hospital)
+    site = open_site(hospital, run)
     result = run_local_evaluation(weights, site, run)
     if legacy:
         return legacy_evaluate_reply(
