@@ -29,7 +29,7 @@ from client.secagg import (
 from client.site import open_site
 from client.trainer import run_local_evaluation, run_local_round
 from shared_model.config import HospitalConfig, RunConfig
-from shared_model.model import hospital_fingerprint, hospital_model, shared_state
+from shared_model.model import hospital_fingerprint, hospital_shared_keys
 
 __all__ = ["evaluate", "train"]
 
@@ -57,8 +57,7 @@ def _request(
     """
     model = hospital.local_model(run.model)
     if is_legacy(msg.content):  # SecAgg+ runs in Flower's legacy records
-        keys = list(shared_state(hospital_model(model, run.seed)))
-        weights, config = legacy_request(msg, keys)
+        weights, config = legacy_request(msg, hospital_shared_keys(model, run.seed))
         legacy = True
     else:
         weights, config = msg.content["arrays"].to_torch_state_dict(), msg.content["config"]

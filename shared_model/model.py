@@ -40,7 +40,9 @@ __all__ = [
     "FusionModel",
     "alignment_loss",
     "base_fingerprint",
+    "hospital_fingerprint",
     "hospital_model",
+    "hospital_shared_keys",
     "initial_model",
     "load_shared_state",
     "shared_state",
@@ -621,6 +623,11 @@ def hospital_model(cfg: ModelConfig, seed: int, shared: StateDict | None = None)
     if shared is not None:
         load_shared_state(model, shared)
     return model
+
+
+def hospital_shared_keys(cfg: ModelConfig, seed: int) -> list[str]:
+    """Names of the parameters that travel, in :func:`shared_state` order (no model copy)."""
+    return list(shared_state(_hospital_template(cfg, seed)[0]))
 
 
 def hospital_fingerprint(cfg: ModelConfig, seed: int) -> str:

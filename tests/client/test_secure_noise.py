@@ -20,6 +20,21 @@ def policy(secure: bool) -> PrivacyPolicy:
     return PrivacyPolicy(True, 8.0, 8.0, 1e-5, 1.0, "rdp", "hooks", secure_noise=secure)
 
 
+def private_sgd(model: nn.Module, data: TensorDataset, batch: int, secure: bool, **kwargs):
+    """make_private with plain SGD and MSE; seeded torch noise unless ``secure``."""
+    generator = None if secure else torch.Generator().manual_seed(7)
+    return make_private(
+        model,
+        torch.optim.SGD(model.parameters(), lr=1.0),
+        nn.MSELoss(),
+        data,
+        batch,
+        policy(secure),
+        noise_generator=generator,
+        **kwargs,
+    )
+
+
 def test_secure_gaussian_is_the_gaussian_asked_for():
     noise = secure_gaussian(torch.zeros(N_PARAMS), std=2.0).numpy()
     assert noise.dtype == np.float32
@@ -42,17 +57,7 @@ def noise_only_step(secure: bool, seed_torch: int = 0) -> torch.Tensor:
     model = nn.Linear(N_PARAMS // 10, 10, bias=False)
     nn.init.zeros_(model.weight)
     data = TensorDataset(torch.zeros(100, N_PARAMS // 10), torch.zeros(100, 10))
-    generator = None if secure else torch.Generator().manual_seed(7)
-    private = make_private(
-        model,
-        torch.optim.SGD(model.parameters(), lr=1.0),
-        nn.MSELoss(),
-        data,
-        10,
-        policy(secure),
-        noise_multiplier=1.5,
-        noise_generator=generator,
-    )
+    private = private_sgd(model, data, 10, secure, noise_multiplier=1.5)
     private.empty_batch_step()
     return private.raw_model.weight.detach().clone()
 
@@ -100,18 +105,7 @@ def test_poisson_sampling_is_not_predictable_from_torchs_seed():
     def first_batches(secure: bool) -> list[int]:
         torch.manual_seed(0)
         data = TensorDataset(torch.arange(200).float().unsqueeze(1), torch.zeros(200, 1))
-        generator = None if secure else torch.Generator().manual_seed(7)
-        model = nn.Linear(1, 1)
-        private = make_private(
-            model,
-            torch.optim.SGD(model.parameters(), lr=1.0),
-            nn.MSELoss(),
-            data,
-            20,
-            policy(secure),
-            noise_multiplier=1.0,
-            noise_generator=generator,
-        )
+        private = private_sgd(nn.Linear(1, 1), data, 20, secure, noise_multiplier=1.0)
         torch.manual_seed(0)  # as if an attacker knew the process's torch seed
         return [int(x.sum()) for x, _ in list(private.loader)[:3]]
 
