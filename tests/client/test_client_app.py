@@ -103,6 +103,10 @@ def test_frozen_weights_are_not_received_and_a_different_copy_is_refused(run_con
     other = base_hash({**frozen, "seed": 1})
     with pytest.raises(Exception, match=r"frozen model weights here .* differ from the server"):
         train(train_message(arrays, 2, other), make_context(frozen, node))
+    # refused before any data is read: a manifest that does not exist is never opened
+    unread = {"data-manifest": str(tmp_path / "missing.csv"), "hospital-id": "h"}
+    with pytest.raises(Exception, match=r"frozen model weights here .* differ from the server"):
+        train(train_message(arrays, 2, other), make_context(frozen, unread))
 
 
 def test_bad_node_config_raises_a_clear_error(run_config):

@@ -191,6 +191,7 @@ def test_every_grad_sample_mode_trains_through_empty_poisson_batches(mode):
         ("pretrained-concat", "ghost", {}),
         ("pretrained-concat", "hooks", {"model.encoder-mode": "lora"}),
         ("pretrained-concat", "ghost", {"model.encoder-mode": "lora"}),
+        ("pretrained-concat", "functorch", {"model.encoder-mode": "lora"}),
         ("cross-attention", "hooks", {}),
         ("cross-attention", "ghost", {}),
         ("gated", "hooks", {}),
