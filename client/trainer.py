@@ -80,6 +80,7 @@ def _train_epochs(
             global_params=global_params,
             on_empty_batch=on_empty_batch,
             device=device,
+            max_physical_batch=run.train.max_physical_batch_size,
         )
         total_loss += stats.loss * stats.examples
         examples += stats.examples

@@ -217,15 +217,19 @@ def bench(
     suite: Annotated[
         str,
         typer.Option(
-            help="perf: SecAgg+ and deployment cost, then bytes per encoder mode. bytes: "
-            "only the latter. audit: membership inference, "
+            help="perf: DP step cost, SecAgg+ and deployment cost, scale, then bytes per "
+            "encoder mode. dp: only the DP step cost (time and memory per clipping method). "
+            "bytes: only bytes per encoder mode. audit: membership inference, "
             "non-private vs DP (make audit). utility: AUROC of centralized, federated, DP, "
             "SecAgg+ and single-branch models over 3 seeds (make bench-utility)."
         ),
     ] = "perf",
     hospitals: Annotated[
-        str, typer.Option(help="Simulated federation sizes, comma-separated.")
-    ] = "3,10",
+        str,
+        typer.Option(
+            help="Simulated vs deployed federation sizes (plain vs SecAgg+), comma-separated."
+        ),
+    ] = "3",
     rounds: Annotated[
         int, typer.Option(min=2, help="Rounds per run; round 1 is warm-up and not counted.")
     ] = 4,
@@ -245,6 +249,16 @@ def bench(
             "default model), frozen and lora (pretrained encoders)."
         ),
     ] = "small,frozen,lora",
+    device: Annotated[
+        str, typer.Option(help="Where the DP step measurements train: cpu, or cuda[:N].")
+    ] = "cpu",
+    scale: Annotated[
+        str,
+        typer.Option(
+            help="--suite perf or scale: the large simulated federations (DP and SecAgg+ "
+            "on, all embedded data), comma-separated; empty to skip."
+        ),
+    ] = "10,50,100",
 ) -> None:
     """Measure what SecAgg+ and a real deployment cost: round time and bytes per hospital.
 
@@ -262,16 +276,24 @@ def bench(
         UTILITY_MODES,
         run_audit_bench,
         run_mode_bytes_bench,
+        run_scale_bench,
         run_utility_bench,
         run_wire_bench,
         table,
         write_results,
         write_utility,
     )
+    from server.bench_dp import run_dp_bench, run_memory_bench
 
-    if suite not in {"perf", "bytes", "audit", "utility"}:
-        typer.secho(f"error: --suite: {suite!r} is not perf, bytes, audit or utility", err=True)
+    if suite not in {"perf", "dp", "bytes", "audit", "utility"}:
+        typer.secho(f"error: --suite: {suite!r} is not perf, dp, bytes, audit or utility", err=True)
         raise typer.Exit(2)
+    if device != "cpu":
+        import torch
+
+        if not device.startswith("cuda") or not torch.cuda.is_available():
+            typer.secho(f"error: --device {device!r}: no CUDA device here; use cpu", err=True)
+            raise typer.Exit(2)
     if suite == "utility":
         chosen = [m.strip() for m in modes.split(",") if m.strip()]
         if not chosen or any(m not in UTILITY_MODES for m in chosen):
@@ -297,23 +319,42 @@ def bench(
     except ValueError as err:
         typer.secho(f"error: --hospitals: {hospitals!r} is not a list of numbers", err=True)
         raise typer.Exit(2) from err
-    if not sizes or min(sizes) < 3:
-        typer.secho("error: --hospitals: SecAgg+ needs at least 3 hospitals per run", err=True)
+    try:
+        scale_sizes = [int(part) for part in scale.split(",") if part.strip()]
+    except ValueError as err:
+        typer.secho(f"error: --scale: {scale!r} is not a list of numbers", err=True)
+        raise typer.Exit(2) from err
+    if not sizes or min(sizes + scale_sizes) < 3:
+        typer.secho(
+            "error: --hospitals/--scale: SecAgg+ needs at least 3 hospitals per run", err=True
+        )
         raise typer.Exit(2)
     started = time.monotonic()
     try:
         if suite == "audit":
             typer.echo("fedfusion bench: membership-inference audit, non-private vs DP")
             measurements = run_audit_bench(min(sizes), echo=typer.echo)
+        elif suite == "dp":
+            typer.echo("fedfusion bench: DP step time and memory per clipping method")
+            measurements = run_dp_bench(device=device, echo=typer.echo)
+            measurements += run_memory_bench(device=device, echo=typer.echo)
+        elif suite == "scale":
+            typer.echo(f"fedfusion bench: {scale_sizes} simulated hospitals, plain vs SecAgg+")
+            measurements = run_scale_bench(scale_sizes, echo=typer.echo)
         elif suite == "bytes":
             typer.echo("fedfusion bench: bytes per round for each encoder mode")
             measurements = run_mode_bytes_bench(min(sizes), echo=typer.echo)
         else:
             typer.echo(
-                f"fedfusion bench: plain vs SecAgg+ at {sizes} hospitals, {rounds} rounds "
-                f"each, {reports} reports per hospital; then bytes per encoder mode"
+                f"fedfusion bench: DP step cost; plain vs SecAgg+ at {sizes} hospitals, "
+                f"{rounds} rounds each, {reports} reports per hospital, simulated and "
+                f"deployed; {scale_sizes} simulated hospitals; bytes per encoder mode"
             )
-            measurements = run_wire_bench(sizes, rounds, deploy, echo=typer.echo, reports=reports)
+            measurements = run_dp_bench(device=device, echo=typer.echo)
+            measurements += run_memory_bench(device=device, echo=typer.echo)
+            measurements += run_wire_bench(sizes, rounds, deploy, echo=typer.echo, reports=reports)
+            if scale_sizes:
+                measurements += run_scale_bench(scale_sizes, echo=typer.echo)
             measurements += run_mode_bytes_bench(min(sizes), echo=typer.echo)
     except RuntimeError as err:
         typer.secho(f"FAILED: {err}", fg=typer.colors.RED, err=True)

@@ -63,7 +63,7 @@ PRESETS: dict[str, dict[str, str]] = {
 # Where `fedfusion simulate` tells its simulated hospitals to cache frozen features.
 SIM_FEATURE_CACHE_ENV = "FEDFUSION_SIM_FEATURE_CACHE"
 ACCOUNTANTS = ("rdp", "prv")
-GRAD_SAMPLE_MODES = ("hooks", "ghost", "functorch", "ew")
+GRAD_SAMPLE_MODES = ("auto", "bk", "hooks", "ghost", "functorch", "ew")
 STRATEGIES = ("fedavg", "fedprox")
 OPTIMIZERS = ("sgd", "adamw")
 
@@ -216,6 +216,12 @@ class TrainConfig:
     batch_size: int = _opt(
         64, "Expected batch size; with Poisson sampling the rate is batch/N.", min=1
     )
+    max_physical_batch_size: int = _opt(
+        0,
+        "Split each batch into chunks of at most this many examples, one step per batch "
+        "(bounds memory for large batches; 0: never split).",
+        min=0,
+    )
     optimizer: str = _opt(
         "sgd",
         "Local optimizer. SGD with momentum is the default: measured side by side on the "
@@ -267,7 +273,11 @@ class PrivacyConfig:
     )
     accountant: str = _opt("rdp", "Privacy accountant.", choices=ACCOUNTANTS)
     grad_sample_mode: str = _opt(
-        "hooks", "How Opacus computes per-example gradients.", choices=GRAD_SAMPLE_MODES
+        "auto",
+        "How per-example gradients are clipped: bk (book-keeping, one backward pass), or "
+        "an Opacus mode (hooks, ghost, functorch, ew); auto picks the fastest that "
+        "handles the model (measured: bk).",
+        choices=GRAD_SAMPLE_MODES,
     )
     secure_noise: bool = _opt(
         True,
@@ -391,13 +401,10 @@ class RunConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
 
     def __post_init__(self) -> None:
-        if self.model.text_encoder == "lstm" and self.privacy.grad_sample_mode not in {
-            "hooks",
-            "functorch",
-        }:
+        if self.model.text_encoder == "lstm" and self.privacy.grad_sample_mode in {"ghost", "ew"}:
             raise ConfigError(
                 f"privacy.grad-sample-mode {self.privacy.grad_sample_mode!r}: the lstm encoder "
-                "reuses its layers at every time step, which only hooks and functorch "
+                "reuses its layers at every time step, which only bk, hooks and functorch "
                 "handle (Opacus refuses parameter reuse in ghost clipping)"
             )
         if self.server.strategy == "fedprox" and self.server.proximal_mu <= 0:

@@ -29,6 +29,7 @@ __all__ = [
     "make_optimizer",
     "pos_weight_from_config",
     "train_one_epoch",
+    "train_step",
 ]
 
 _MAX_POS_WEIGHT = 10.0
@@ -182,8 +183,15 @@ def train_one_epoch(
     generator: torch.Generator | None = None,
     on_empty_batch: Callable[[], None] | None = None,
     device: torch.device | str = "cpu",
+    max_physical_batch: int = 0,
 ) -> TrainStats:
-    """One pass over ``loader``.
+    """One pass over ``loader``: one optimizer step per batch.
+
+    With ``max_physical_batch`` > 0 a larger batch is run in chunks of at most that many
+    examples and their gradients are added up before the one step, which bounds memory
+    (per-example gradients scale with the chunk, not the batch). A DP optimizer is told
+    to take its noised step only after the last chunk (Opacus's ``signal_skip_step``,
+    the BatchMemoryManager protocol), so the privacy accounting is unchanged.
 
     FedProx: with ``proximal_mu > 0`` each step is followed by a pull towards the
     global weights, w <- w - lr * mu * (w - w_global). Under DP-SGD this must not be a
@@ -204,21 +212,54 @@ def train_one_epoch(
             steps += 1
             continue
         present = _drop_modalities(present, modality_dropout, generator)
-        image, report_ids, present, labels = _to_device(device, image, report_ids, present, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(image, report_ids, present), labels)
-        loss.backward()
-        optimizer.step()
+        batch = _to_device(device, image, report_ids, present, labels)
+        total_loss += train_step(model, optimizer, loss_fn, batch, max_physical_batch)
         if proximal_mu > 0 and global_params is not None:
             with torch.no_grad():
                 for group in optimizer.param_groups:
                     lr = group["lr"]
                     for p, g in zip(params, global_params, strict=True):
                         p.sub_(lr * proximal_mu * (p - g))
-        total_loss += float(loss.detach()) * labels.shape[0]
         examples += labels.shape[0]
         steps += 1
     return TrainStats(loss=total_loss / max(examples, 1), examples=examples, steps=steps)
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    batch: tuple[torch.Tensor, ...],
+    max_physical_batch: int,
+) -> float:
+    """One optimizer step on ``batch``, in chunks if it is larger than allowed.
+
+    Returns the batch's summed per-example loss.
+    """
+    size = batch[-1].shape[0]  # the labels
+    chunk = max_physical_batch if 0 < max_physical_batch < size else size
+    starts = range(0, size, chunk)
+    dp = hasattr(optimizer, "signal_skip_step")  # an Opacus DP optimizer
+    total = 0.0
+    optimizer.zero_grad(set_to_none=True)
+    for k, start in enumerate(starts):
+        image, report_ids, present, labels = (
+            t if t is None else t[start : start + chunk] for t in batch
+        )
+        loss = loss_fn(model(image, report_ids, present), labels)
+        total += float(loss.detach()) * labels.shape[0]
+        last = k == len(starts) - 1
+        if dp:  # clipping and summing per chunk; noise and the step after the last one
+            loss.backward()
+            optimizer.signal_skip_step(do_skip=not last)
+            optimizer.step()
+            if not last:
+                optimizer.zero_grad(set_to_none=True)
+        else:  # the mean over the batch, accumulated chunk by chunk
+            (loss * (labels.shape[0] / size)).backward()
+            if last:
+                optimizer.step()
+    return total
 
 
 @torch.no_grad()

@@ -239,7 +239,7 @@ def test_lstm_per_sample_gradients_are_each_examples_own_and_ghost_is_refused():
     for i in range(4):  # each step's linear layers accumulate per-example gradients
         for name, g in own_grads(model, loss, inputs, i).items():
             torch.testing.assert_close(grads[name][i], g, atol=1e-5, rtol=1e-3, msg=name)
-    with pytest.raises(ConfigError, match="only hooks and functorch"):
+    with pytest.raises(ConfigError, match="only bk, hooks and functorch"):
         RunConfig.from_run_config(
             {"model.text-encoder": "lstm", "privacy.grad-sample-mode": "ghost"}
         )

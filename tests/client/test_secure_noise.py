@@ -111,3 +111,20 @@ def test_poisson_sampling_is_not_predictable_from_torchs_seed():
 
     assert first_batches(secure=False) == first_batches(secure=False)  # the global generator
     assert first_batches(secure=True) != first_batches(secure=True)
+
+
+def test_one_draw_per_step_gives_every_parameter_its_own_noise():
+    """The step's noise is drawn once for all parameters and split: no two parameters
+    share values, and each has the planned scale."""
+    model = nn.Sequential(nn.Linear(300, 100, bias=True), nn.Linear(100, 300, bias=False))
+    for p in model.parameters():
+        nn.init.zeros_(p)
+    data = TensorDataset(torch.zeros(100, 300), torch.zeros(100, 300))
+    private = private_sgd(model, data, 10, True, noise_multiplier=2.0)
+    private.empty_batch_step()
+    first, bias, second = (p.detach().flatten() for p in private.raw_model.parameters())
+    for p in (first, second):
+        assert p.std().item() == pytest.approx(2.0 / 10, rel=0.03)
+    assert bias.abs().min() > 0
+    assert stats.pearsonr(first.numpy(), second.numpy()).statistic == pytest.approx(0, abs=0.02)
+    assert not torch.equal(first, second)

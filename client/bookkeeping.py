@@ -1,0 +1,337 @@
+"""Book-keeping DP-SGD: per-example clipping in a single backward pass (Bu et al. 2023).
+
+Opacus's grad-sample modes pay for per-example clipping inside the backward pass:
+``hooks`` materializes every example's gradient of every weight (B copies of the model's
+gradient; for the report embedding alone B x 4096 x 64 floats), ``ghost`` runs the
+backward pass twice. Book-keeping (BK) runs it once, and only for the gradients of each
+layer's *output*:
+
+1. A forward hook keeps each trainable layer's input ``a`` and output.
+2. ``torch.autograd.grad`` of the summed per-example losses with respect to those
+   outputs gives every layer's output gradient ``g``. The weight gradients autograd
+   would otherwise compute are never computed.
+3. Each example's gradient norm comes from its own ``(a_i, g_i)``: the ghost norm
+   ``sum_ts (a_t . a_s)(g_t . g_s)`` where that is cheaper, the materialized
+   per-example gradient where that is (Bu et al.'s mixed rule, layer by layer).
+4. The clipped sum ``sum_i c_i grad_i`` is an ordinary weight gradient of ``a`` and the
+   output gradients scaled per example by ``c_i``: one matmul, as in non-private
+   training.
+
+Layers (every trainable parameter must sit directly in one): ``Linear``, ``Embedding``
+(``padding_idx`` rows get no gradient, as in PyTorch), ``Conv2d``, and every other layer
+Opacus has a per-sample gradient function for (LayerNorm, GroupNorm, RMSNorm, grouped
+convolutions, ...), whose per-example gradients are materialized with Opacus's function.
+A layer called several times in one forward pass (the LSTM encoder's time steps) has
+its calls added up before the norm is taken, so its clipping stays exact.
+
+Noise, Poisson sampling and accounting stay Opacus's: the optimizer is Opacus's
+``DPOptimizerFastGradientClipping``, which noises an already clipped sum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
+from torch import nn
+
+__all__ = ["BookKeeping", "BookKeepingLoss", "ClippedLoss", "bookkeeping_unsupported"]
+
+
+def _opacus_grad_samplers() -> dict[type, Callable[..., dict[nn.Parameter, torch.Tensor]]]:
+    from opacus import GradSampleModule
+
+    return GradSampleModule.GRAD_SAMPLERS
+
+
+def _trainable_layers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    for name, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            yield name, module
+
+
+def _why_unsupported(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear | nn.Embedding) or type(module) in _opacus_grad_samplers():
+        return None
+    return f"a {type(module).__name__} layer with trainable parameters"
+
+
+def bookkeeping_unsupported(model: nn.Module) -> list[str]:
+    """The trainable layers book-keeping cannot clip, as ``"name (why)"``; [] if none."""
+    return [
+        f"{name or '<model>'} ({why})"
+        for name, module in _trainable_layers(model)
+        if (why := _why_unsupported(module)) is not None
+    ]
+
+
+@dataclass
+class _Call:
+    """One call of one layer in the forward pass."""
+
+    module: nn.Module
+    inputs: torch.Tensor  # detached
+    output: torch.Tensor  # attached: its gradient is what the backward pass computes
+
+
+def _flat(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """(B, ..., F) -> (B, T, F): every leading position after the batch is a token."""
+    return x.reshape(batch, -1, x.shape[-1])
+
+
+def _tokens(parts: list[torch.Tensor], batch: int) -> torch.Tensor:
+    """The calls' tensors as one (B, T, F), their tokens side by side (no copy for one)."""
+    flat = [_flat(x, batch) for x in parts]
+    return flat[0] if len(flat) == 1 else torch.cat(flat, dim=1)
+
+
+class BookKeeping:
+    """Per-example clipped gradient sums of ``model``'s trainable parameters.
+
+    ``clipped_backward(per_example_losses)`` leaves ``p.grad`` = sum over the examples
+    of each example's gradient clipped to ``max_grad_norm`` (the norm taken over every
+    trainable parameter at once), and returns the per-example norms before clipping.
+    """
+
+    def __init__(self, model: nn.Module, max_grad_norm: float) -> None:
+        unsupported = bookkeeping_unsupported(model)
+        if unsupported:
+            raise ValueError(
+                "privacy.grad-sample-mode 'bk' cannot clip per example in: "
+                + ", ".join(unsupported)
+            )
+        self.max_grad_norm = float(max_grad_norm)
+        self._calls: list[_Call] = []
+        self._handles = [
+            module.register_forward_hook(self._record) for _, module in _trainable_layers(model)
+        ]
+
+    def remove(self) -> None:
+        """Remove the forward hooks; the model is as it was."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._calls.clear()
+
+    def _record(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
+            return
+        if not args or not isinstance(args[0], torch.Tensor):
+            raise TypeError(
+                f"book-keeping: {type(module).__name__} was called without a positional "
+                "input tensor; its per-example gradients cannot be computed"
+            )
+        self._calls.append(_Call(module, args[0].detach(), output))
+
+    # ------------------------------------------------------------------ the backward
+    def clipped_backward(self, per_example_loss: torch.Tensor) -> torch.Tensor:
+        """Set ``p.grad`` to the clipped sum; returns the (B,) norms before clipping."""
+        calls, self._calls = self._calls, []
+        if per_example_loss.dim() != 1:
+            raise ValueError(
+                f"book-keeping needs one loss per example, got shape "
+                f"{tuple(per_example_loss.shape)}"
+            )
+        if not calls:
+            raise RuntimeError("book-keeping: no layer was recorded in the forward pass")
+        batch = per_example_loss.shape[0]
+        grads = torch.autograd.grad(
+            per_example_loss.sum(), [c.output for c in calls], allow_unused=True
+        )
+        by_layer: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for call, g in zip(calls, grads, strict=True):
+            g = torch.zeros_like(call.output) if g is None else g.detach()
+            by_layer.setdefault(call.module, []).append((call.inputs, g))
+        norm2 = per_example_loss.new_zeros(batch, dtype=torch.float32)
+        pending = []
+        for module, layer_calls in by_layer.items():
+            sq, finish = _layer(module, layer_calls, batch)
+            norm2 += sq
+            pending.append(finish)
+        norms = norm2.clamp_min(0).sqrt()
+        scale = (self.max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+        for finish in pending:
+            for p, grad in finish(scale):
+                p.grad = grad if p.grad is None else p.grad + grad
+        return norms
+
+
+Finish = Callable[[torch.Tensor], list[tuple[nn.Parameter, torch.Tensor]]]
+
+
+def _layer(
+    module: nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]], batch: int
+) -> tuple[torch.Tensor, Finish]:
+    """(squared per-example norms (B,), how to get the clipped sum from the scales)."""
+    if isinstance(module, nn.Linear):
+        return _linear(module, calls, batch)
+    if isinstance(module, nn.Embedding):
+        return _embedding(module, calls, batch)
+    if (
+        isinstance(module, nn.Conv2d)
+        and len(calls) == 1
+        and module.groups == 1
+        and module.padding_mode == "zeros"
+    ):
+        return _conv2d(module, *calls[0], batch)
+    return _materialized(module, calls, batch)
+
+
+def _linear(
+    m: nn.Linear, calls: list[tuple[torch.Tensor, torch.Tensor]], batch: int
+) -> tuple[torch.Tensor, Finish]:
+    a = _tokens([x for x, _ in calls], batch).to(calls[0][1].dtype)  # (B, T, I)
+    g = _tokens([y for _, y in calls], batch)  # (B, T, O)
+    tokens, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+    sq = g.new_zeros(batch)
+    if m.weight.requires_grad:
+        if tokens == 1:
+            sq = sq + g[:, 0].pow(2).sum(1) * a[:, 0].pow(2).sum(1)
+        elif tokens * (d_in + d_out) < d_in * d_out:  # ghost norm: T^2 (I + O) flops
+            sq = sq + (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(
+                (1, 2)
+            )
+        else:  # the per-example gradient: T I O flops
+            sq = sq + torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
+    bias = m.bias is not None and m.bias.requires_grad
+    if bias:
+        sq = sq + g.sum(1).pow(2).sum(1)
+
+    def finish(scale: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        gc = (g * scale[:, None, None]).reshape(-1, d_out)
+        out = []
+        if m.weight.requires_grad:
+            out.append((m.weight, (gc.T @ a.reshape(-1, d_in)).to(m.weight.dtype)))
+        if bias:
+            out.append((m.bias, gc.sum(0).to(m.bias.dtype)))
+        return out
+
+    return sq, finish
+
+
+def _embedding(
+    m: nn.Embedding, calls: list[tuple[torch.Tensor, torch.Tensor]], batch: int
+) -> tuple[torch.Tensor, Finish]:
+    ids = _tokens([x.reshape(batch, -1, 1) for x, _ in calls], batch)[..., 0]  # (B, T)
+    g = _tokens([y for _, y in calls], batch)  # (B, T, D)
+    valid = ids != m.padding_idx if m.padding_idx is not None else torch.ones_like(ids).bool()
+    # Two positions add to the same row exactly when they hold the same id.
+    same = (ids[:, :, None] == ids[:, None, :]) & valid[:, :, None] & valid[:, None, :]
+    sq = (torch.bmm(g, g.transpose(1, 2)) * same).sum((1, 2))
+
+    def finish(scale: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        weights = (scale[:, None] * valid).unsqueeze(-1)
+        rows = (g * weights).reshape(-1, g.shape[-1]).to(m.weight.dtype)
+        return [(m.weight, torch.zeros_like(m.weight).index_add_(0, ids.reshape(-1), rows))]
+
+    return sq, finish
+
+
+def _conv2d(
+    m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int
+) -> tuple[torch.Tensor, Finish]:
+    a = a.to(g.dtype)
+    patches = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (B, K, T)
+    g2 = g.reshape(batch, g.shape[1], -1)  # (B, O, T)
+    k, positions, d_out = patches.shape[1], patches.shape[2], g2.shape[1]
+    sq = g.new_zeros(batch)
+    per_example: torch.Tensor | None = None
+    if m.weight.requires_grad:
+        if positions * (k + d_out) < k * d_out:  # ghost norm
+            gram_a = torch.bmm(patches.transpose(1, 2), patches)
+            gram_g = torch.bmm(g2.transpose(1, 2), g2)
+            sq = sq + (gram_a * gram_g).sum((1, 2))
+        else:
+            per_example = torch.bmm(g2, patches.transpose(1, 2))  # (B, O, K)
+            sq = sq + per_example.pow(2).sum((1, 2))
+    bias = m.bias is not None and m.bias.requires_grad
+    if bias:
+        sq = sq + g2.sum(2).pow(2).sum(1)
+
+    def finish(scale: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        out = []
+        if m.weight.requires_grad:
+            if per_example is not None:
+                w = torch.einsum("b,bok->ok", scale, per_example)
+            else:
+                w = torch.nn.grad.conv2d_weight(
+                    a,
+                    m.weight.shape,
+                    g * scale[:, None, None, None],
+                    m.stride,
+                    m.padding,
+                    m.dilation,
+                )
+            out.append((m.weight, w.reshape(m.weight.shape).to(m.weight.dtype)))
+        if bias:
+            out.append((m.bias, (g2.sum(2) * scale[:, None]).sum(0).to(m.bias.dtype)))
+        return out
+
+    return sq, finish
+
+
+def _materialized(
+    module: nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]], batch: int
+) -> tuple[torch.Tensor, Finish]:
+    """Small layers (norms, multi-call convolutions): per-example gradients, summed."""
+    samplers = _opacus_grad_samplers()
+    per_example: dict[nn.Parameter, torch.Tensor] = {}
+    for a, g in calls:
+        for p, grad in samplers[type(module)](module, [a], g).items():
+            per_example[p] = per_example[p] + grad if p in per_example else grad
+    sq = sum(
+        (grad.reshape(batch, -1).pow(2).sum(1) for grad in per_example.values()),
+        start=calls[0][1].new_zeros(batch),
+    )
+
+    def finish(scale: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        return [
+            (p, torch.einsum("b,b...->...", scale, grad).to(p.dtype))
+            for p, grad in per_example.items()
+        ]
+
+    return sq, finish
+
+
+class ClippedLoss:
+    """A batch's per-example losses; ``backward()`` leaves the clipped gradient sum."""
+
+    def __init__(self, per_example: torch.Tensor, bookkeeping: BookKeeping) -> None:
+        self.per_example = per_example
+        self.bookkeeping = bookkeeping
+
+    def backward(self) -> None:
+        """Per-example clipping by book-keeping: ``p.grad`` holds the clipped sum."""
+        self.bookkeeping.clipped_backward(self.per_example)
+
+    def detach(self) -> torch.Tensor:
+        """The batch's mean loss, detached (what the training loop reports)."""
+        return self.per_example.detach().mean()
+
+    def item(self) -> float:
+        """The batch's mean loss."""
+        return float(self.detach())
+
+
+class BookKeepingLoss(nn.Module):
+    """Wraps a criterion that has a ``reduction`` attribute: per-example losses, clipped."""
+
+    def __init__(self, criterion: nn.Module, bookkeeping: BookKeeping) -> None:
+        super().__init__()
+        if not hasattr(criterion, "reduction"):
+            raise TypeError(f"{type(criterion).__name__} has no reduction to set to 'none'")
+        self.criterion = criterion
+        self.bookkeeping = bookkeeping
+
+    def forward(self, outputs: Any, targets: torch.Tensor) -> ClippedLoss:
+        """Per-example losses of the batch, packaged for the clipped backward."""
+        saved = self.criterion.reduction
+        self.criterion.reduction = "none"
+        try:
+            per_example = self.criterion(outputs, targets)
+        finally:
+            self.criterion.reduction = saved
+        return ClippedLoss(per_example, self.bookkeeping)

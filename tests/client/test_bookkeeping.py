@@ -1,0 +1,180 @@
+"""Book-keeping clipping: exactly each example's own clipped gradient, in one backward."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from client.bookkeeping import BookKeeping, bookkeeping_unsupported
+from client.privacy import make_private, resolve_grad_sample_mode
+from shared_model.config import PRESETS, ModelConfig, RunConfig
+from shared_model.engine import MultiLabelBCE, make_loss
+from shared_model.model import FusionModel, initial_model
+from tests.client.test_opacus import CFG, batch, one_dp_epoch, policy
+
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+
+MODELS = {
+    "default (gated)": {},
+    "concat": {"model.fusion": "concat"},
+    "cross-attention": {"model.fusion": "cross_attention"},
+    "cnn-lstm": {"model.text-encoder": "lstm", "model.fusion": "concat"},
+    "pretrained frozen": dict(PRESETS["pretrained-concat"]),
+    "pretrained lora": {**PRESETS["pretrained-concat"], "model.encoder-mode": "lora"},
+}
+
+
+def small_model(overrides, seed=0):
+    """A small model of the configuration; in eval mode, so that the pretrained text
+    model's own dropout does not make each call differ (fedfusion's layers have none)."""
+    model_cfg = RunConfig.from_run_config(overrides).model
+    cfg = ModelConfig(**{**model_cfg.__dict__, **CFG})
+    return initial_model(cfg, seed=seed).eval()
+
+
+def reference(model, inputs, c, alignment):
+    """Each example's gradient computed alone, clipped to c, summed; and the norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    norms = []
+    loss_fn = MultiLabelBCE(None, "sum", alignment_weight=alignment)
+    for i in range(inputs[0].shape[0]):
+        one = tuple(t[i : i + 1] for t in inputs)
+        grads = torch.autograd.grad(loss_fn(model(*one[:3]), one[3]), params, allow_unused=True)
+        grads = [
+            torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)
+        ]
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        norms.append(norm)
+        scale = min(1.0, c / (float(norm) + 1e-6))
+        total = [t + scale * g for t, g in zip(total, grads, strict=True)]
+    return total, torch.stack(norms)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 10_000), scale=st.floats(0.2, 20.0), clip_quantile=st.floats(0.1, 1.0))
+def test_clipped_sum_is_each_examples_own_clipped_gradient(name, seed, scale, clip_quantile):
+    torch.manual_seed(seed)
+    model = small_model(MODELS[name], seed)
+    alignment = 0.5 if name == "default (gated)" else 0.0
+    model.return_alignment = alignment > 0
+    inputs = batch(model.cfg, 6, seed=seed, scale=scale)
+    probe = copy.deepcopy(model)
+    _, norms = reference(probe, inputs, 1e9, alignment)
+    c = float(torch.quantile(norms, clip_quantile)) * 0.999  # some examples clipped, some not
+    expected, expected_norms = reference(probe, inputs, c, alignment)
+
+    bk = BookKeeping(model, c)
+    loss = MultiLabelBCE(None, "none", alignment_weight=alignment)(model(*inputs[:3]), inputs[3])
+    got_norms = bk.clipped_backward(loss)
+    torch.testing.assert_close(got_norms, expected_norms, rtol=1e-4, atol=1e-6)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    for (n, p), e in zip(params, expected, strict=True):
+        got = p.grad if p.grad is not None else torch.zeros_like(p)
+        # float32 sums in another order: agree to 1e-5 of the tensor's largest entry
+        atol = 1e-5 * float(e.abs().max()) + 1e-7
+        torch.testing.assert_close(got, e, rtol=1e-4, atol=atol, msg=n)
+    clipped = torch.sqrt(sum((p.grad**2).sum() for _, p in params if p.grad is not None))
+    assert clipped <= c * inputs[0].shape[0] * (1 + 1e-4)  # each example adds at most c
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_a_dp_epoch_with_bk_equals_opacus_with_the_same_noise(mode):
+    """Same Poisson batches, same seeded noise: bk trains to the same weights as Opacus."""
+    cfg = ModelConfig(**CFG)
+    data = TensorDataset(*batch(cfg, 24))
+    results = []
+    for m in ("bk", mode):
+        torch.manual_seed(0)
+        model = FusionModel(cfg)
+        private = make_private(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.5),
+            make_loss(None),
+            data,
+            6,
+            policy(0.3, m, secure=False),  # seeded noise: tests only
+            noise_multiplier=0.7,
+            noise_generator=torch.Generator().manual_seed(1),
+        )
+        assert private.grad_sample_mode == m
+        torch.manual_seed(5)  # the Poisson sampler's draws
+        stats = one_dp_epoch(private)
+        results.append((stats, dict(private.raw_model.named_parameters())))
+    (bk_stats, bk), (op_stats, op) = results
+    assert bk_stats.examples == op_stats.examples and bk_stats.steps == op_stats.steps == 4
+    assert bk_stats.loss == pytest.approx(op_stats.loss, rel=1e-5)
+    for name, p in op.items():
+        torch.testing.assert_close(bk[name], p, rtol=1e-4, atol=2e-5, msg=name)
+
+
+class Scaled(nn.Module):
+    """A layer with a bare trainable parameter: no per-sample rule exists for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain
+
+
+def test_auto_picks_bk_and_falls_back_to_opacus_for_a_layer_bk_cannot_clip():
+    model = FusionModel(ModelConfig(**CFG))
+    assert bookkeeping_unsupported(model) == []
+    assert resolve_grad_sample_mode("auto", model) == "bk"
+    model.head.append(Scaled())
+    assert bookkeeping_unsupported(model) == ["head.4 (a Scaled layer with trainable parameters)"]
+    assert resolve_grad_sample_mode("auto", model) == "hooks"
+    assert resolve_grad_sample_mode("ghost", model) == "ghost"
+    with pytest.raises(ValueError, match=r"'bk' cannot clip per example in: head\.4"):
+        BookKeeping(model, 1.0)
+    assert RunConfig.from_run_config({}).privacy.grad_sample_mode == "auto"
+
+
+@pytest.mark.parametrize("mode", ["none", "bk", "hooks"])
+def test_physical_chunks_change_memory_not_results(mode):
+    """train.max-physical-batch-size: the same steps, the same weights, the same loss."""
+    from shared_model.engine import train_one_epoch
+
+    cfg = ModelConfig(**CFG)
+    data = TensorDataset(*batch(cfg, 24))
+    results = []
+    for chunk in (0, 5):
+        torch.manual_seed(0)
+        model = FusionModel(cfg)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        loss_fn, loader = make_loss(None), torch.utils.data.DataLoader(data, batch_size=12)
+        if mode != "none":
+            private = make_private(
+                model,
+                optimizer,
+                loss_fn,
+                data,
+                12,
+                policy(0.3, mode, secure=False),
+                noise_multiplier=0.7,
+                noise_generator=torch.Generator().manual_seed(1),
+            )
+            model, optimizer, loss_fn, loader = (
+                private.model,
+                private.optimizer,
+                private.loss_fn,
+                private.loader,
+            )
+        torch.manual_seed(5)
+        stats = train_one_epoch(model, loader, optimizer, loss_fn, max_physical_batch=chunk)
+        if mode != "none":
+            assert private.engine.accountant.history[-1][2] == stats.steps  # steps counted
+        results.append((stats, [p.detach().clone() for p in model.parameters()]))
+    (whole, a), (split, b) = results
+    assert whole.steps == split.steps == 2 and whole.examples == split.examples
+    assert whole.loss == pytest.approx(split.loss, rel=1e-5)
+    for x, y in zip(a, b, strict=True):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=2e-5)
