@@ -20,12 +20,17 @@ The mod uploads each masked value as an int64, although masking works modulo
 uint32, which halves the upload and changes no value: the server adds the vectors and
 reduces them modulo the same power of two, which uint32 wrap-around already respects.
 
+The mod's mask generator and secret sharing are replaced by fedfusion's
+(``shared_model/secagg_primitives.py``: full-seed AES-CTR masks, fast Shamir), which the
+server's workflow uses too; a training request must name the same scheme.
+
 This module does not import torch: it serves the key-exchange stages, which start a
 ClientApp process each in a deployment.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -48,14 +53,17 @@ from flwr.common import (
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 
+from shared_model import secagg_primitives
 from shared_model.config import SecAggConfig
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "SecAggSchemeError",
     "compact_masked_vector",
     "delta_ndarrays",
+    "install_secagg_primitives",
     "is_legacy",
     "legacy_evaluate_reply",
     "legacy_fit_reply",
@@ -65,6 +73,26 @@ __all__ = [
 
 log = logging.getLogger("fedfusion.hospital")
 StateDict = dict[str, "torch.Tensor"]
+
+
+class SecAggSchemeError(ValueError):
+    """The server's SecAgg+ masks and key shares are not made as this hospital's are."""
+
+
+def install_secagg_primitives() -> None:
+    """Make Flower's SecAgg+ mod use fedfusion's mask generator and secret sharing.
+
+    The server installs the same in its workflow (``server/secagg.py``); see
+    ``shared_model/secagg_primitives.py`` for why.
+    """
+    # The module, not the package's function of the same name.
+    mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+
+    mod.pseudo_rand_gen = secagg_primitives.pseudo_rand_gen  # type: ignore[attr-defined]
+    mod.create_shares = secagg_primitives.create_shares  # type: ignore[attr-defined]
+
+
+install_secagg_primitives()
 Scalar = bool | int | float | str
 _UINT32_LIMIT = 2**32
 
@@ -113,8 +141,17 @@ def legacy_request(msg: Message, keys: Sequence[str]) -> tuple[StateDict, dict[s
     arrays = parameters_to_ndarrays(ins.parameters)
     if len(arrays) != len(keys):
         raise ValueError(f"the server sent {len(arrays)} weight arrays, the model has {len(keys)}")
+    config = dict(ins.config)
+    if msg.metadata.message_type == MessageType.TRAIN:
+        scheme = config.get("secagg-scheme", "Flower's own")
+        if scheme != secagg_primitives.SCHEME:
+            raise SecAggSchemeError(
+                f"the server's SecAgg+ masks and key shares are made by {scheme!r}, this "
+                f"hospital's by {secagg_primitives.SCHEME!r}: they would not cancel, so "
+                "this hospital does not upload; run the same fedfusion version on both sides"
+            )
     weights = {k: torch.from_numpy(np.array(a)) for k, a in zip(keys, arrays, strict=True)}
-    return weights, dict(ins.config)
+    return weights, config
 
 
 def delta_ndarrays(new: StateDict, old: StateDict) -> list[np.ndarray]:

@@ -285,8 +285,11 @@ def bench(
     )
     from server.bench_dp import run_dp_bench, run_memory_bench
 
-    if suite not in {"perf", "dp", "bytes", "audit", "utility"}:
-        typer.secho(f"error: --suite: {suite!r} is not perf, dp, bytes, audit or utility", err=True)
+    if suite not in {"perf", "dp", "scale", "bytes", "audit", "utility"}:
+        typer.secho(
+            f"error: --suite: {suite!r} is not perf, dp, scale, bytes, audit or utility",
+            err=True,
+        )
         raise typer.Exit(2)
     if device != "cpu":
         import torch

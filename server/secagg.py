@@ -6,10 +6,14 @@ only the weighted sum of the hospitals' uploads and hands the strategy every hos
 ``FitRes`` with its parameters replaced by that one aggregate; no individual update is
 ever seen. Hospitals upload deltas, so :class:`SecAggFedAvg` adds the aggregate (the
 example-weighted mean delta) to the global model. Metrics arrive in the clear.
+
+The workflow's mask generator and secret sharing are fedfusion's
+(``shared_model/secagg_primitives.py``), as at the hospitals.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 import time
 from collections.abc import Callable
@@ -42,11 +46,29 @@ from server.strategy import (
     short_reason,
 )
 from server.wire import MeteredGrid, metered
+from shared_model import secagg_primitives
 from shared_model.config import RunConfig
 
 __all__ = ["SecAggFedAvg", "run_secagg_rounds"]
 
 StateDict = dict[str, torch.Tensor]
+
+
+def install_secagg_primitives() -> None:
+    """Make Flower's SecAgg+ workflow use fedfusion's mask generator and secret sharing.
+
+    Each hospital installs the same in its mod (``client/secagg.py``); see
+    ``shared_model/secagg_primitives.py`` for why.
+    """
+    workflow = importlib.import_module(
+        "flwr.server.workflow.secure_aggregation.secaggplus_workflow"
+    )
+
+    workflow.pseudo_rand_gen = secagg_primitives.pseudo_rand_gen  # type: ignore[attr-defined]
+    workflow.combine_shares = secagg_primitives.combine_shares  # type: ignore[attr-defined]
+
+
+install_secagg_primitives()
 
 
 class SecAggFedAvg(LegacyFedAvg):
@@ -99,6 +121,7 @@ class SecAggFedAvg(LegacyFedAvg):
             if self.run.server.strategy == "fedprox"
             else 0.0,
             "base-hash": self.base_hash,
+            "secagg-scheme": secagg_primitives.SCHEME,
         }
 
     def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]

@@ -1,0 +1,125 @@
+"""SecAgg+'s mask generator and secret sharing, fast enough for 100 hospitals.
+
+Flower 1.41's SecAgg+ (``secaggplus_mod`` at each hospital, ``SecAggPlusWorkflow`` at
+the server) expands every mask seed with numpy's Mersenne Twister seeded with 32 bits
+(the seed's bytes XOR-folded), and splits keys with PyCryptodome's Shamir over
+GF(2^128) in pure Python. Measured on 2 cores, with a complete graph of 100 hospitals
+that costs about 130 s a round on top of 20 s of training: 0.45 s per hospital to
+share its keys, 0.47 s per hospital at the server to recombine them, 8 ms per mask.
+
+Both sides of fedfusion install these drop-in replacements instead
+(:func:`install` in ``client/secagg.py`` and ``server/secagg.py``):
+
+- :func:`pseudo_rand_gen`: AES-256 in counter mode, keyed by SHA-256 of the whole seed
+  (no 32-bit folding), read as uint32 and reduced modulo the (power-of-two) range,
+  which keeps every value exactly uniform. About 10x faster than the Twister.
+- :func:`create_shares` / :func:`combine_shares`: Shamir's secret sharing over the
+  prime field of the Mersenne prime 2^521 - 1, with coefficients from the OS CSPRNG
+  (``secrets``). The secret is padded (PKCS#7) to 64-byte chunks, each a field element;
+  a share is the 4-byte index followed by one 66-byte value per chunk. Any ``threshold``
+  shares give the secret back; fewer give a uniformly random field element. About 100x
+  faster than PyCryptodome's at 100 shares, because the field arithmetic is Python's
+  native integers instead of a bit-by-bit GF(2^128) multiplication.
+
+A server and hospitals must use the same generator, or the masks would not cancel:
+``SCHEME`` travels in every SecAgg+ training request, and a hospital refuses a request
+for another scheme with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+__all__ = ["SCHEME", "combine_shares", "create_shares", "pseudo_rand_gen"]
+
+SCHEME = "fedfusion-secagg/aes256ctr-prg+shamir-m521"
+_PRIME = 2**521 - 1
+_CHUNK = 64  # secret bytes per field element (512 bits < 521)
+_VALUE = 66  # bytes of one share value (521 bits)
+_zeros = b""
+
+
+def pseudo_rand_gen(
+    seed: bytes, num_range: int, dimensions_list: list[tuple[int, ...]]
+) -> list[np.ndarray]:
+    """Masks in [0, num_range) shaped as ``dimensions_list``, expanded from ``seed``.
+
+    The signature and output types are Flower's (int64 arrays); ``num_range`` must be a
+    power of two of at most 2**32, which SecAgg+'s modulus range always is.
+    """
+    if num_range <= 0 or num_range & (num_range - 1) or num_range > 2**32:
+        raise ValueError(f"mask range {num_range} is not a power of two <= 2**32")
+    sizes = [int(np.prod(d)) if len(d) else 1 for d in dimensions_list]
+    total = sum(sizes)
+    global _zeros
+    if len(_zeros) < 4 * total:
+        _zeros = bytes(4 * total)  # AES-CTR encrypts zeros into its keystream
+    key = hashlib.sha256(b"fedfusion secagg mask\x00" + bytes(seed)).digest()
+    encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
+    words = np.empty(total + 4, dtype="<u4")  # CTR may write up to a block beyond
+    encryptor.update_into(memoryview(_zeros)[: 4 * total], memoryview(words).cast("B"))
+    values = np.bitwise_and(words[:total], np.uint32(num_range - 1), out=words[:total])
+    values = values.astype(np.int64)
+    out, offset = [], 0
+    for dims, size in zip(dimensions_list, sizes, strict=True):
+        part = values[offset : offset + size]
+        out.append(part.reshape(dims) if len(dims) else np.array(part[0], dtype=np.int64))
+        offset += size
+    return out
+
+
+def create_shares(secret: bytes, threshold: int, num: int) -> list[bytes]:
+    """``num`` shares of ``secret``, any ``threshold`` of which reconstruct it."""
+    if not 1 <= threshold <= num:
+        raise ValueError(f"threshold {threshold} must be between 1 and {num} shares")
+    padding = _CHUNK - len(secret) % _CHUNK
+    padded = bytes(secret) + bytes([padding]) * padding  # PKCS#7 (padding in 1..64)
+    shares = [bytearray(x.to_bytes(4, "little")) for x in range(1, num + 1)]
+    for start in range(0, len(padded), _CHUNK):
+        element = int.from_bytes(padded[start : start + _CHUNK], "big")
+        coefficients = [element] + [secrets.randbelow(_PRIME) for _ in range(threshold - 1)]
+        for x, share in zip(range(1, num + 1), shares, strict=True):
+            y = 0
+            for a in reversed(coefficients):  # Horner
+                y = (y * x + a) % _PRIME
+            share += y.to_bytes(_VALUE, "big")
+    return [bytes(s) for s in shares]
+
+
+def combine_shares(share_list: list[bytes]) -> bytes:
+    """The secret back from at least ``threshold`` shares made by :func:`create_shares`."""
+    if not share_list:
+        raise ValueError("no shares to combine")
+    xs = [int.from_bytes(s[:4], "little") for s in share_list]
+    if len(set(xs)) != len(xs) or min(xs) < 1:
+        raise ValueError(f"shares must have distinct positive indices, got {sorted(xs)}")
+    length = len(share_list[0]) - 4
+    if length <= 0 or length % _VALUE or any(len(s) - 4 != length for s in share_list):
+        raise ValueError(
+            "shares are not of this scheme, or not all of the same secret "
+            f"(lengths {sorted({len(s) for s in share_list})})"
+        )
+    # Lagrange basis at 0: l_j = prod_{m != j} x_m / (x_m - x_j)
+    basis = []
+    for j, xj in enumerate(xs):
+        num, den = 1, 1
+        for m, xm in enumerate(xs):
+            if m != j:
+                num = num * xm % _PRIME
+                den = den * (xm - xj) % _PRIME
+        basis.append(num * pow(den, -1, _PRIME) % _PRIME)
+    padded = bytearray()
+    for start in range(4, 4 + length, _VALUE):
+        ys = [int.from_bytes(s[start : start + _VALUE], "big") for s in share_list]
+        element = sum(y * b for y, b in zip(ys, basis, strict=True)) % _PRIME
+        if element >= 2 ** (8 * _CHUNK):
+            raise ValueError("too few shares, or shares of different secrets")
+        padded += element.to_bytes(_CHUNK, "big")
+    padding = padded[-1]
+    if not 1 <= padding <= _CHUNK or padded[-padding:] != bytes([padding]) * padding:
+        raise ValueError("too few shares, or shares of different secrets")
+    return bytes(padded[:-padding])

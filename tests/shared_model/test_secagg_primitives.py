@@ -1,0 +1,117 @@
+"""SecAgg+'s mask generator and secret sharing (shared_model/secagg_primitives.py)."""
+
+import contextlib
+import importlib
+import os
+import random
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
+
+from shared_model.secagg_primitives import (
+    SCHEME,
+    combine_shares,
+    create_shares,
+    pseudo_rand_gen,
+)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    secret=st.binary(min_size=0, max_size=200),
+    num=st.integers(3, 40),
+    data=st.data(),
+)
+def test_any_threshold_shares_give_the_secret_and_fewer_do_not(secret, num, data):
+    threshold = data.draw(st.integers(2, num))
+    shares = create_shares(secret, threshold, num)
+    assert len(shares) == num and len(set(shares)) == num
+    rng = random.Random(data.draw(st.integers(0, 2**32)))
+    assert combine_shares(rng.sample(shares, threshold)) == secret
+    assert combine_shares(rng.sample(shares, min(num, threshold + 1))) == secret
+    # One share short: a random field element, almost surely not even well-formed.
+    with contextlib.suppress(ValueError):
+        assert combine_shares(rng.sample(shares, threshold - 1)) != secret
+
+
+def test_shares_are_fresh_and_malformed_sets_are_refused():
+    secret = os.urandom(32)
+    a, b = create_shares(secret, 3, 5), create_shares(secret, 3, 5)
+    assert all(x != y for x, y in zip(a, b, strict=True))  # new random coefficients
+    with pytest.raises(ValueError, match="distinct"):
+        combine_shares([a[0], a[0], a[1]])
+    with pytest.raises(ValueError, match="not of this scheme"):
+        combine_shares([a[0][:-1], a[1], a[2]])
+    with pytest.raises(ValueError, match="threshold"):
+        create_shares(secret, 6, 5)
+
+
+def test_masks_use_the_whole_seed():
+    """Flower 1.41 folds the seed to 32 bits, so two seeds with the same fold get the
+    same mask; here every bit of the seed matters."""
+    from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen as flowers
+
+    seed = bytearray(os.urandom(32))
+    other = bytearray(seed)
+    for i in (0, 4):  # flip the same bits in two words: their XOR fold is unchanged
+        other[i] ^= 0x5A
+    dims = [(1000,)]
+    assert np.array_equal(
+        flowers(bytes(seed), 2**22, dims)[0], flowers(bytes(other), 2**22, dims)[0]
+    )
+    ours, ours_other = (
+        pseudo_rand_gen(bytes(seed), 2**22, dims),
+        pseudo_rand_gen(bytes(other), 2**22, dims),
+    )
+    assert not np.array_equal(ours[0], ours_other[0])
+    again = pseudo_rand_gen(bytes(seed), 2**22, dims)
+    assert np.array_equal(ours[0], again[0])  # the server must regenerate the same mask
+
+
+def test_masks_are_uniform_in_range_and_shaped_as_asked():
+    masks = pseudo_rand_gen(os.urandom(32), 16, [(200, 300), (7,), ()])
+    assert [m.shape for m in masks] == [(200, 300), (7,), ()]
+    assert all(m.dtype == np.int64 for m in masks)
+    values = masks[0].ravel()
+    assert values.min() >= 0 and values.max() <= 15
+    counts = np.bincount(values, minlength=16)
+    assert stats.chisquare(counts).pvalue > 1e-4
+    with pytest.raises(ValueError, match="power of two"):
+        pseudo_rand_gen(b"seed", 1000, [(3,)])
+
+
+def test_both_sides_of_secagg_use_these_primitives():
+    secaggplus_mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+    secaggplus_workflow = importlib.import_module(
+        "flwr.server.workflow.secure_aggregation.secaggplus_workflow"
+    )
+
+    import client.secagg  # noqa: F401 - installs on import
+    import server.secagg  # noqa: F401
+
+    assert secaggplus_mod.pseudo_rand_gen is pseudo_rand_gen
+    assert secaggplus_mod.create_shares is create_shares
+    assert secaggplus_workflow.pseudo_rand_gen is pseudo_rand_gen
+    assert secaggplus_workflow.combine_shares is combine_shares
+    assert "aes256ctr" in SCHEME
+
+
+def test_a_hospital_refuses_masks_made_by_another_scheme():
+    from flwr.common import FitIns, MessageType, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    from client.secagg import SecAggSchemeError, legacy_request
+    from tests.flower_helpers import make_message
+
+    def request(config):
+        ins = FitIns(ndarrays_to_parameters([np.zeros(3, np.float32)]), config)
+        content = compat.fitins_to_recorddict(ins, keep_input=True)
+        return make_message(content, MessageType.TRAIN)
+
+    weights, config = legacy_request(request({"secagg-scheme": SCHEME}), ["w"])
+    assert list(weights) == ["w"] and config["secagg-scheme"] == SCHEME
+    with pytest.raises(SecAggSchemeError, match=r"Flower's own.*would not cancel"):
+        legacy_request(request({"server-round": 1}), ["w"])
