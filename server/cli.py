@@ -275,6 +275,7 @@ def bench(
         UTILITY_CONFIGS,
         UTILITY_MODES,
         run_audit_bench,
+        run_first_result_bench,
         run_mode_bytes_bench,
         run_scale_bench,
         run_utility_bench,
@@ -358,6 +359,7 @@ def bench(
             measurements += run_wire_bench(sizes, rounds, deploy, echo=typer.echo, reports=reports)
             if scale_sizes:
                 measurements += run_scale_bench(scale_sizes, echo=typer.echo)
+            measurements += run_first_result_bench(echo=typer.echo)
             measurements += run_mode_bytes_bench(min(sizes), echo=typer.echo)
     except RuntimeError as err:
         typer.secho(f"FAILED: {err}", fg=typer.colors.RED, err=True)
