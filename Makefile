@@ -22,7 +22,8 @@ test: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(ARGS)
 
-# Round time and bytes, plain vs SecAgg+, simulated and deployed: bench-results/.
+# DP step cost, SecAgg+ and deployment cost, 10/50/100 hospitals, time to first result,
+# bytes per encoder mode: bench-results/perf-<time>.json and latest-perf.md.
 bench: $(VENV)/.runtime
 	$(BIN)/fedfusion bench $(ARGS)
 

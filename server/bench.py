@@ -1,4 +1,8 @@
-"""`fedfusion bench` (`make bench`): what secure aggregation and deployment cost.
+"""`fedfusion bench` (`make bench`): what DP, secure aggregation, scale and deployment cost.
+
+The DP step suite lives in ``server/bench_dp.py``; this module holds the federation
+suites (SecAgg+ and deployment at 3 hospitals, 10/50/100 simulated hospitals, time to
+first result, bytes per encoder mode), utility and the audit.
 
 Every figure comes from real runs on this machine, in one sitting, side by side: plain
 and SecAgg+ federations of the same hospitals on the same data, simulated and deployed

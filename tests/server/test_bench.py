@@ -95,3 +95,37 @@ def test_utility_summary_targets_and_files(tmp_path):
     md = md_path.read_text()
     assert "0.956, met" in md and "not measured, MISSED" in md
     assert png_path.stat().st_size > 1000
+
+
+def test_tree_memory_sees_a_child_process_allocate():
+    import subprocess
+    import sys
+
+    from server.bench import TreeMemory
+
+    grow = "b = bytearray(300 * 2**20); import time; time.sleep(1.5)"
+    with TreeMemory(interval=0.1) as alone:
+        subprocess.run([sys.executable, "-c", "import time; time.sleep(1.5)"], check=True)
+    with TreeMemory(interval=0.1) as grown:
+        subprocess.run([sys.executable, "-c", grow], check=True)
+    assert grown.peak - alone.peak > 250 * 2**20
+
+
+def test_one_dp_step_measurement_in_its_own_process():
+    from server.bench_dp import _run_one
+
+    spec = {
+        "model": "default",
+        "overrides": {"model.image-size": 32, "model.embed-dim": 16},
+        "device": "cpu",
+        "threads": 1,
+        "batch": 16,
+        "physical": 8,
+        "warmup": 1,
+        "steps": 2,
+        "secure_noise": True,
+        "mode": "auto",
+    }
+    got = _run_one(spec)
+    assert got["resolved"] == "bk" and len(got["times"]) == 2
+    assert all(t > 0 for t in got["times"]) and got["peak_memory"] > got["train_memory"] > 0
