@@ -589,8 +589,10 @@ def resolve_grad_sample_mode(requested: str, model: nn.Module) -> str:
     ``auto`` is the fastest method that handles every trainable layer.
 
     Measured by ``fedfusion bench --suite dp`` (README, "Performance"): book-keeping is
-    the fastest on every model fedfusion builds; a model with a layer it cannot clip
-    falls back to Opacus's hooks, which handle any layer Opacus supports.
+    the fastest on the default model by far, and on the LoRA model within noise of
+    Opacus's ``ew`` (which is not checked per example there). A model with a layer
+    book-keeping cannot clip falls back to Opacus's hooks, which handle any layer
+    Opacus supports.
     """
     if requested != "auto":
         return requested

@@ -242,8 +242,9 @@ class TreeMemory:
     every Ray worker maps) once per process, so it is an upper bound.
     """
 
-    def __init__(self, interval: float = 0.5) -> None:
+    def __init__(self, interval: float = 0.5, root: int | None = None) -> None:
         self.interval = interval
+        self.root = root  # a process id; this process by default
         self.peak = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -251,9 +252,13 @@ class TreeMemory:
     def _total(self) -> float:
         import psutil
 
-        me = psutil.Process()
+        try:
+            me = psutil.Process(self.root)
+            tree = [me, *me.children(recursive=True)]
+        except psutil.Error:  # the root has ended
+            return 0.0
         total = 0.0
-        for proc in [me, *me.children(recursive=True)]:
+        for proc in tree:
             try:
                 total += proc.memory_info().rss
             except psutil.Error:  # ended between listing and reading

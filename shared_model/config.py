@@ -275,8 +275,8 @@ class PrivacyConfig:
     grad_sample_mode: str = _opt(
         "auto",
         "How per-example gradients are clipped: bk (book-keeping, one backward pass), or "
-        "an Opacus mode (hooks, ghost, functorch, ew); auto picks the fastest that "
-        "handles the model (measured: bk).",
+        "an Opacus mode (hooks, ghost, functorch, ew); auto: bk, or hooks for a model "
+        "with a layer bk cannot clip.",
         choices=GRAD_SAMPLE_MODES,
     )
     secure_noise: bool = _opt(

@@ -97,18 +97,23 @@ def test_utility_summary_targets_and_files(tmp_path):
     assert png_path.stat().st_size > 1000
 
 
-def test_tree_memory_sees_a_child_process_allocate():
+def test_tree_memory_sees_a_grandchild_allocate():
     import subprocess
     import sys
 
     from server.bench import TreeMemory
 
-    grow = "b = bytearray(300 * 2**20); import time; time.sleep(1.5)"
-    with TreeMemory(interval=0.1) as alone:
-        subprocess.run([sys.executable, "-c", "import time; time.sleep(1.5)"], check=True)
-    with TreeMemory(interval=0.1) as grown:
-        subprocess.run([sys.executable, "-c", grow], check=True)
-    assert grown.peak - alone.peak > 250 * 2**20
+    def peak(code: str) -> float:
+        """A small process whose own child runs ``code``: its tree's peak memory."""
+        child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {code!r}])"
+        proc = subprocess.Popen([sys.executable, "-c", child])
+        with TreeMemory(interval=0.1, root=proc.pid) as memory:
+            proc.wait()
+        return memory.peak
+
+    idle = peak("import time; time.sleep(1.5)")
+    grown = peak("b = b'x' * (300 * 2**20); import time; time.sleep(1.5)")  # pages touched
+    assert grown - idle > 250 * 2**20
 
 
 def test_one_dp_step_measurement_in_its_own_process():
