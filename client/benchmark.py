@@ -27,7 +27,7 @@ def _batches(cfg: Any, batch: int, count: int, device: str) -> list[tuple[Any, .
     out = []
     for _ in range(count):
         image = torch.rand(batch, 1, cfg.image_size, cfg.image_size, generator=g)
-        ids = torch.randint(4, 4096, (batch, cfg.max_report_tokens), generator=g)
+        ids = torch.randint(4, cfg.text_vocab_buckets, (batch, cfg.max_report_tokens), generator=g)
         ids[:, (cfg.max_report_tokens * 5) // 8 :] = 0
         present = torch.ones(batch, 2)
         labels = torch.randint(0, 2, (batch, len(cfg.labels)), generator=g).float()

@@ -105,16 +105,8 @@ class BookKeeping:
             )
         self.max_grad_norm = float(max_grad_norm)
         self._calls: list[_Call] = []
-        self._handles = [
-            module.register_forward_hook(self._record) for _, module in _trainable_layers(model)
-        ]
-
-    def remove(self) -> None:
-        """Remove the forward hooks; the model is as it was."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._calls.clear()
+        for _, module in _trainable_layers(model):  # the hooks live as long as the model
+            module.register_forward_hook(self._record)
 
     def _record(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor):
@@ -310,10 +302,6 @@ class ClippedLoss:
     def detach(self) -> torch.Tensor:
         """The batch's mean loss, detached (what the training loop reports)."""
         return self.per_example.detach().mean()
-
-    def item(self) -> float:
-        """The batch's mean loss."""
-        return float(self.detach())
 
 
 class BookKeepingLoss(nn.Module):

@@ -24,24 +24,21 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from server.bench import Measurement
+from server.bench import WIRE_MODES, Measurement
 
 __all__ = ["DP_MODELS", "DP_MODES", "run_dp_bench", "run_memory_bench"]
 
 Echo = Callable[[str], None]
 # The models measured: the default one, and pretrained encoders with LoRA on the text
 # encoder (its 22.7M-parameter backbone runs forward and backward at every step).
-DP_MODELS: dict[str, dict[str, Any]] = {
-    "default": {},
-    "lora": {
-        "model.image-encoder": "efficientnet-lite0",
-        "model.text-encoder": "pretrained",
-        "model.fusion": "concat",
-        "model.encoder-mode": "lora",
-    },
-}
+DP_MODELS: dict[str, dict[str, Any]] = {"default": {}, "lora": WIRE_MODES["pretrained/lora"]}
 DP_MODES = ("none", "bk", "hooks", "ghost", "functorch", "ew")
 _TARGET = 1.3  # DP step time / non-DP step time, on the default model
+
+
+def _threads(device: str) -> int:
+    """Torch threads for a measurement: every core on the CPU, one to feed a GPU."""
+    return max(1, os.cpu_count() or 1) if device == "cpu" else 1
 
 
 def _run_one(spec: dict[str, Any], timeout: float = 900) -> dict[str, Any]:
@@ -69,7 +66,7 @@ def run_dp_bench(
     echo: Echo = print,
 ) -> list[Measurement]:
     """DP vs non-DP step time and peak memory per model and clipping method."""
-    threads = max(1, os.cpu_count() or 1) if device == "cpu" else 1
+    threads = _threads(device)
     out: list[Measurement] = []
     for model in models:
         heavy = model != "default"  # a pretrained backbone: fewer, longer steps
@@ -121,7 +118,7 @@ def run_memory_bench(device: str = "cpu", echo: Echo = print) -> list[Measuremen
 
     The chunks follow Opacus's BatchMemoryManager protocol: one noised step per batch.
     """
-    threads = max(1, os.cpu_count() or 1) if device == "cpu" else 1
+    threads = _threads(device)
     out: list[Measurement] = []
     base: dict[int, Measurement] = {}
     for mode in ("none", "bk", "hooks"):

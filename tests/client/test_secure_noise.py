@@ -128,3 +128,15 @@ def test_one_draw_per_step_gives_every_parameter_its_own_noise():
     assert bias.abs().min() > 0
     assert stats.pearsonr(first.numpy(), second.numpy()).statistic == pytest.approx(0, abs=0.02)
     assert not torch.equal(first, second)
+
+
+def test_noise_drawn_in_chunks_fills_every_value_at_the_right_scale(monkeypatch):
+    """Large models draw their noise a chunk at a time: every value, none repeated."""
+    import client.secure_noise as secure_noise
+
+    monkeypatch.setattr(secure_noise, "_CHUNK", 1000)
+    noise = secure_noise.secure_gaussian(torch.zeros(20_500), std=3.0)
+    assert noise.std().item() == pytest.approx(3.0, rel=0.03)
+    assert (noise != 0).all()  # the last, partial chunk too
+    chunks = noise[:20_000].view(20, 1000)
+    assert not any(torch.equal(chunks[0], chunks[i]) for i in range(1, 20))
