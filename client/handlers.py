@@ -16,7 +16,7 @@ import warnings
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.privacy import dump_history, load_history
 from client.secagg import (
@@ -29,7 +29,8 @@ from client.secagg import (
 from client.site import open_site
 from client.trainer import run_local_evaluation, run_local_round
 from shared_model.config import HospitalConfig, RunConfig
-from shared_model.model import hospital_fingerprint, hospital_shared_keys
+from shared_model.model import hospital_fingerprint, hospital_layout
+from shared_model.packing import PACKED_KEY, LayoutError, WeightLayout
 
 __all__ = ["evaluate", "train"]
 
@@ -51,17 +52,26 @@ def _request(
 ) -> tuple[dict[str, torch.Tensor], Any, bool]:
     """The global weights and config of a request, in either record format.
 
-    Only trainable parameters travel; the frozen rest is this hospital's own, and must
-    hash to what the server built (``base-hash``), or the request is refused before
-    any data is read.
+    Only trainable parameters travel, packed into one array in the layout both sides
+    derive from the model (``weights-layout``: its digest); the frozen rest is this
+    hospital's own, and must hash to what the server built (``base-hash``). Either
+    mismatch refuses the request before any data is read.
     """
     model = hospital.local_model(run.model)
+    layout = hospital_layout(model, run.seed)
     if is_legacy(msg.content):  # SecAgg+ runs in Flower's legacy records
-        weights, config = legacy_request(msg, hospital_shared_keys(model, run.seed))
+        weights, config = legacy_request(msg, layout)
         legacy = True
     else:
-        weights, config = msg.content["arrays"].to_torch_state_dict(), msg.content["config"]
+        weights, config = unpack_record(msg.content["arrays"], layout), msg.content["config"]
         legacy = False
+    sent = str(config.get("weights-layout", ""))
+    if sent != layout.digest:
+        raise LayoutError(
+            f"{hospital.name}: the server's trainable weights are laid out as {sent or 'none'}, "
+            f"this hospital's model as {layout.digest}: the server and this hospital disagree "
+            "on the model settings or the fedfusion version"
+        )
     expected = str(config.get("base-hash", ""))
     own = hospital_fingerprint(model, run.seed)
     if expected != own:
@@ -73,6 +83,18 @@ def _request(
             "the same fedfusion version"
         )
     return weights, config, legacy
+
+
+def packed_record(state: dict[str, torch.Tensor], layout: WeightLayout) -> ArrayRecord:
+    """The trainable weights as they travel: one flat array (shared_model/packing.py)."""
+    return ArrayRecord({PACKED_KEY: Array(layout.pack(state))})
+
+
+def unpack_record(record: ArrayRecord, layout: WeightLayout) -> dict[str, torch.Tensor]:
+    """The weights a packed record holds; LayoutError if it is not one that fits ``layout``."""
+    if list(record) != [PACKED_KEY]:
+        raise LayoutError(f"expected one packed {PACKED_KEY!r} array, got {list(record)[:3]}")
+    return layout.unpack(record[PACKED_KEY].numpy())
 
 
 def train(msg: Message, context: Context) -> Message:
@@ -111,7 +133,7 @@ def train(msg: Message, context: Context) -> Message:
     if legacy:  # a declined hospital uploads a zero delta with weight 0
         return legacy_fit_reply(
             msg,
-            delta_ndarrays(result.weights, weights),
+            delta_ndarrays(result.weights, weights, hospital_layout(site.model, run.seed)),
             result.num_examples,
             {**metrics, "hospital-id": site.name, "reason": result.reason},
             run.secagg,
@@ -125,7 +147,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     content = RecordDict({"metrics": MetricRecord(metrics), "hospital": status})
     if result.trained:
-        content["arrays"] = ArrayRecord(result.weights)
+        content["arrays"] = packed_record(result.weights, hospital_layout(site.model, run.seed))
     return Message(content, reply_to=msg)
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -58,6 +57,8 @@ from shared_model.config import SecAggConfig
 
 if TYPE_CHECKING:
     import torch
+
+    from shared_model.packing import WeightLayout
 
 __all__ = [
     "SecAggSchemeError",
@@ -130,17 +131,17 @@ def is_legacy(content: RecordDict) -> bool:
     return bool(keys & {"fitins.parameters", "evaluateins.parameters"})
 
 
-def legacy_request(msg: Message, keys: Sequence[str]) -> tuple[StateDict, dict[str, Scalar]]:
-    """The global weights (as a state_dict in ``keys`` order) and config of a legacy request."""
+def legacy_request(msg: Message, layout: WeightLayout) -> tuple[StateDict, dict[str, Scalar]]:
+    """The global weights (a state_dict, unpacked by ``layout``) and config of a legacy request."""
     if msg.metadata.message_type == MessageType.TRAIN:
         ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     else:
         ins = compat.recorddict_to_evaluateins(msg.content, keep_input=True)
-    import torch  # only the train and evaluate handlers need it
+    from shared_model.packing import LayoutError  # imports torch: train and evaluate only
 
     arrays = parameters_to_ndarrays(ins.parameters)
-    if len(arrays) != len(keys):
-        raise ValueError(f"the server sent {len(arrays)} weight arrays, the model has {len(keys)}")
+    if len(arrays) != 1:
+        raise LayoutError(f"the server sent {len(arrays)} weight arrays, not one packed array")
     config = dict(ins.config)
     if msg.metadata.message_type == MessageType.TRAIN:
         scheme = config.get("secagg-scheme", "Flower's own")
@@ -150,13 +151,12 @@ def legacy_request(msg: Message, keys: Sequence[str]) -> tuple[StateDict, dict[s
                 f"hospital's by {secagg_primitives.SCHEME!r}: they would not cancel, so "
                 "this hospital does not upload; run the same fedfusion version on both sides"
             )
-    weights = {k: torch.from_numpy(np.array(a)) for k, a in zip(keys, arrays, strict=True)}
-    return weights, config
+    return layout.unpack(arrays[0]), config
 
 
-def delta_ndarrays(new: StateDict, old: StateDict) -> list[np.ndarray]:
-    """The update ``new - old``, array by array in ``old``'s key order."""
-    return [(new[k].detach().float() - old[k].float()).numpy() for k in old]
+def delta_ndarrays(new: StateDict, old: StateDict, layout: WeightLayout) -> list[np.ndarray]:
+    """The update ``new - old``, packed into one array by ``layout``."""
+    return [layout.pack(new) - layout.pack(old)]
 
 
 def legacy_fit_reply(

@@ -48,6 +48,7 @@ from server.strategy import (
 from server.wire import MeteredGrid, metered
 from shared_model import secagg_primitives
 from shared_model.config import RunConfig
+from shared_model.packing import WeightLayout
 
 __all__ = ["SecAggFedAvg", "run_secagg_rounds"]
 
@@ -82,9 +83,11 @@ class SecAggFedAvg(LegacyFedAvg):
         meter: MeteredGrid,
         plan: tuple[int, int, int] = (0, 0, 0),
         base_hash: str = "",
+        layout_digest: str = "",
     ) -> None:
         self.meter = meter
         self.base_hash = base_hash
+        self.layout_digest = layout_digest
         self.sample_size, self.shares, self.threshold = plan
         super().__init__(
             fraction_fit=run.server.fraction_train,
@@ -94,7 +97,10 @@ class SecAggFedAvg(LegacyFedAvg):
             min_available_clients=max(3, run.server.min_hospitals),
             initial_parameters=ndarrays_to_parameters(initial),
             on_fit_config_fn=self._fit_config,
-            on_evaluate_config_fn=lambda _round: {"base-hash": self.base_hash},
+            on_evaluate_config_fn=lambda _round: {
+                "base-hash": self.base_hash,
+                "weights-layout": self.layout_digest,
+            },
             accept_failures=True,
         )
         self.run = run
@@ -121,6 +127,7 @@ class SecAggFedAvg(LegacyFedAvg):
             if self.run.server.strategy == "fedprox"
             else 0.0,
             "base-hash": self.base_hash,
+            "weights-layout": self.layout_digest,
             "secagg-scheme": secagg_primitives.SCHEME,
         }
 
@@ -271,7 +278,7 @@ def run_secagg_rounds(
     for the sample is refused here, before any round starts.
     """
     sampled, shares, threshold = run.secagg_plan(hospitals)
-    keys = list(initial)
+    layout = WeightLayout.of(initial)  # the weights travel (and are masked) as one array
     grid = metered(grid)
     log(
         INFO,
@@ -285,15 +292,17 @@ def run_secagg_rounds(
     )
 
     def to_state(arrays: list[np.ndarray]) -> StateDict:
-        return {k: torch.from_numpy(np.array(a)) for k, a in zip(keys, arrays, strict=True)}
+        (flat,) = arrays
+        return layout.unpack(flat)
 
     strategy = SecAggFedAvg(
         run,
-        [t.detach().cpu().numpy() for t in initial.values()],
+        [layout.pack(initial)],
         lambda record, arrays: on_round(record, to_state(arrays)),
         grid,
         (sampled, shares, threshold),
         base_hash,
+        layout.digest,
     )
     workflow = DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(

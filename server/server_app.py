@@ -7,16 +7,23 @@ from logging import ERROR, INFO
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context
+from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from server.checkpoint import RoundRecord, RunStore
 from server.report import format_round_line, write_report
 from server.secagg import run_secagg_rounds
-from server.strategy import build_strategy, run_federation, wait_for_hospitals
+from server.strategy import (
+    build_strategy,
+    packed_record,
+    run_federation,
+    unpack_record,
+    wait_for_hospitals,
+)
 from shared_model.config import RunConfig
 from shared_model.model import base_fingerprint, initial_model, shared_state
+from shared_model.packing import WeightLayout
 
 __all__ = ["app"]
 
@@ -33,26 +40,28 @@ def main(grid: Grid, context: Context) -> None:
     # Only trainable parameters travel; hospitals check their frozen rest by this hash.
     base_hash = base_fingerprint(model)
     store.start(flat, base_hash)
-    initial = ArrayRecord(shared_state(model))
+    start = shared_state(model)
+    layout = WeightLayout.of(start)  # the weights travel as one array: shared_model/packing.py
 
     def progress(record: RoundRecord) -> None:
         log(INFO, "[fedfusion] %s", format_round_line(record.to_dict(), run.num_rounds))
 
     try:
         if run.secagg.enabled:
-            final = ArrayRecord(
-                _secagg_run(grid, context, run, initial, base_hash, store, progress)
-            )
+            final = _secagg_run(grid, context, run, start, layout, base_hash, store, progress)
         else:
-            strategy = build_strategy(run, base_hash)
-            final = run_federation(grid, run, strategy, initial, store, progress)
+            strategy = build_strategy(run, base_hash, layout)
+            done = run_federation(
+                grid, run, strategy, packed_record(start, layout), store, progress
+            )
+            final = unpack_record(done, layout)
     except Exception as err:
         log(ERROR, "[fedfusion] run failed: %s", err)
         store.finish("failed", error=f"{type(err).__name__}: {err}")
         raise
     trained_rounds = sum(r["round"] > 0 for r in store.rounds)
     status = "completed" if trained_rounds == run.num_rounds else "stopped-early"
-    store.finish(status, final.to_torch_state_dict())
+    store.finish(status, final)
     report = write_report(store.root, flat)
     log(INFO, "[fedfusion] report: %s", report)
 
@@ -61,7 +70,8 @@ def _secagg_run(
     grid: Grid,
     context: Context,
     run: RunConfig,
-    initial: ArrayRecord,
+    initial: dict[str, torch.Tensor],
+    layout: WeightLayout,
     base_hash: str,
     store: RunStore,
     progress: Callable[[RoundRecord], None],
@@ -71,13 +81,13 @@ def _secagg_run(
         grid, run.server.min_hospitals, run.server.wait_for_hospitals_timeout
     )
     run.secagg_plan(hospitals)  # refuse impossible settings before the baseline round
-    strategy = build_strategy(run, base_hash)
-    run_federation(grid, run, strategy, initial, store, progress, train_rounds=0)
+    strategy = build_strategy(run, base_hash, layout)
+    run_federation(
+        grid, run, strategy, packed_record(initial, layout), store, progress, train_rounds=0
+    )
 
     def on_round(record: RoundRecord, state: dict[str, torch.Tensor]) -> None:
         store.save_round(record, state)
         progress(record)
 
-    return run_secagg_rounds(
-        grid, context, run, initial.to_torch_state_dict(), base_hash, hospitals, on_round
-    )
+    return run_secagg_rounds(grid, context, run, initial, base_hash, hospitals, on_round)

@@ -20,7 +20,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -28,6 +29,7 @@ from flwr.serverapp.strategy import FedAvg
 from server.checkpoint import HospitalRound, RoundRecord, RunStore
 from server.wire import metered
 from shared_model.config import RunConfig
+from shared_model.packing import PACKED_KEY, LayoutError, WeightLayout
 
 __all__ = ["FederationError", "HospitalFedAvg", "nan_aware_weighted_mean", "run_federation"]
 
@@ -115,6 +117,7 @@ class HospitalFedAvg(FedAvg):
         proximal_mu: float = 0.0,
         planned_rounds: int,
         base_hash: str = "",
+        layout: WeightLayout | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(
@@ -125,6 +128,7 @@ class HospitalFedAvg(FedAvg):
         self.proximal_mu = proximal_mu
         self.planned_rounds = planned_rounds
         self.base_hash = base_hash
+        self.layout = layout
         self.round_hospitals: dict[int, HospitalRound] = {}
         self.failures = 0
         self.declined = 0
@@ -154,6 +158,8 @@ class HospitalFedAvg(FedAvg):
         config["planned-rounds"] = self.planned_rounds
         config["proximal-mu"] = self.proximal_mu
         config["base-hash"] = self.base_hash
+        if self.layout is not None:
+            config["weights-layout"] = self.layout.digest
         return super().configure_train(server_round, arrays, config, grid)
 
     def configure_evaluate(
@@ -161,6 +167,8 @@ class HospitalFedAvg(FedAvg):
     ) -> Iterable[Message]:
         """Send the global model's trainable part to evaluate."""
         config["base-hash"] = self.base_hash
+        if self.layout is not None:
+            config["weights-layout"] = self.layout.digest
         return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -252,11 +260,27 @@ def wait_for_hospitals(grid: Grid, minimum: int, timeout: float) -> int:
     return connected
 
 
-def build_strategy(run: RunConfig, base_hash: str) -> HospitalFedAvg:
+StateDict = dict[str, torch.Tensor]
+
+
+def packed_record(state: StateDict, layout: WeightLayout) -> ArrayRecord:
+    """The trainable weights as they travel: one flat array (shared_model/packing.py)."""
+    return ArrayRecord({PACKED_KEY: Array(layout.pack(state))})
+
+
+def unpack_record(record: ArrayRecord, layout: WeightLayout) -> StateDict:
+    """The weights a packed record holds; LayoutError if it is not one that fits ``layout``."""
+    if list(record) != [PACKED_KEY]:
+        raise LayoutError(f"expected one packed {PACKED_KEY!r} array, got {list(record)[:3]}")
+    return layout.unpack(record[PACKED_KEY].numpy())
+
+
+def build_strategy(run: RunConfig, base_hash: str, layout: WeightLayout) -> HospitalFedAvg:
     """The configured strategy (FedAvg, or FedProx as FedAvg plus a proximal weight).
 
     ``base_hash`` (shared_model.model.base_fingerprint) goes with every request, so each
-    hospital can check its own copy of the frozen weights.
+    hospital can check its own copy of the frozen weights; so does ``layout``'s digest,
+    which says how the trainable weights are packed into one array.
     """
     cfg = run.server
     return HospitalFedAvg(
@@ -270,6 +294,7 @@ def build_strategy(run: RunConfig, base_hash: str) -> HospitalFedAvg:
         proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
         planned_rounds=run.num_rounds,
         base_hash=base_hash,
+        layout=layout,
     )
 
 
@@ -320,7 +345,8 @@ def run_federation(
             declined=strategy.declined,
             eval_failures=strategy.eval_failures,
         )
-        store.save_round(rec, arrays.to_torch_state_dict())
+        assert strategy.layout is not None
+        store.save_round(rec, unpack_record(arrays, strategy.layout))
         if on_round is not None:
             on_round(rec)
 

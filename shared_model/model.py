@@ -34,6 +34,7 @@ import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
 from torch import nn
 
 from shared_model.config import ConfigError, ModelConfig
+from shared_model.packing import WeightLayout
 from shared_model.text import PAD_ID, text_model_path
 
 __all__ = [
@@ -41,8 +42,8 @@ __all__ = [
     "alignment_loss",
     "base_fingerprint",
     "hospital_fingerprint",
+    "hospital_layout",
     "hospital_model",
-    "hospital_shared_keys",
     "initial_model",
     "load_shared_state",
     "shared_state",
@@ -625,9 +626,9 @@ def hospital_model(cfg: ModelConfig, seed: int, shared: StateDict | None = None)
     return model
 
 
-def hospital_shared_keys(cfg: ModelConfig, seed: int) -> list[str]:
-    """Names of the parameters that travel, in :func:`shared_state` order (no model copy)."""
-    return list(shared_state(_hospital_template(cfg, seed)[0]))
+def hospital_layout(cfg: ModelConfig, seed: int) -> WeightLayout:
+    """How the parameters that travel are packed, in :func:`shared_state` order (no model copy)."""
+    return WeightLayout.of(shared_state(_hospital_template(cfg, seed)[0]))
 
 
 def hospital_fingerprint(cfg: ModelConfig, seed: int) -> str:

@@ -5,8 +5,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from flwr.app import Context, Message, Metadata, RecordDict
+from flwr.app import ArrayRecord, Context, Message, Metadata, RecordDict
 from flwr.common import DEFAULT_TTL
+
+from server.strategy import packed_record
+from shared_model.config import RunConfig
+from shared_model.model import base_fingerprint, initial_model, shared_state
+from shared_model.packing import WeightLayout
 
 
 def make_message(content: RecordDict, message_type: str, dst_node_id: int = 1) -> Message:
@@ -36,3 +41,13 @@ def make_context(
         state=RecordDict(),
         run_config=run_config,
     )
+
+
+def global_request(run_config: dict[str, Any]) -> tuple[ArrayRecord, dict[str, Any]]:
+    """What the server sends in round 1: the packed trainable weights, and their checks."""
+    run = RunConfig.from_run_config(run_config)
+    model = initial_model(run.model, run.seed)
+    state = shared_state(model)
+    layout = WeightLayout.of(state)
+    checks = {"base-hash": base_fingerprint(model), "weights-layout": layout.digest}
+    return packed_record(state, layout), checks

@@ -10,9 +10,10 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.common import MessageType
 
 from client.client_app import evaluate, train
+from server.strategy import unpack_record
 from shared_model.config import RunConfig
-from shared_model.model import base_fingerprint, initial_model, shared_state
-from tests.flower_helpers import make_context, make_message
+from shared_model.model import hospital_layout, initial_model, shared_state
+from tests.flower_helpers import global_request, make_context, make_message
 
 
 @pytest.fixture
@@ -21,24 +22,27 @@ def run_config(tmp_path):
 
 
 def global_arrays(run_config) -> ArrayRecord:
-    run = RunConfig.from_run_config(run_config)
-    return ArrayRecord(shared_state(initial_model(run.model, run.seed)))
+    return global_request(run_config)[0]
 
 
-def base_hash(run_config) -> str:
-    run = RunConfig.from_run_config(run_config)
-    return base_fingerprint(initial_model(run.model, run.seed))
+def checks(run_config) -> dict:
+    """base-hash and weights-layout, as the server sends them with each request."""
+    return global_request(run_config)[1]
 
 
-def train_message(arrays: ArrayRecord, server_round: int, base: str | None = None):
-    config = {"server-round": server_round, "base-hash": base or BASE}
+def train_message(arrays: ArrayRecord, server_round: int, sent: dict | None = None):
+    config = {"server-round": server_round, **(sent or CHECKS)}
     return make_message(
         RecordDict({"arrays": arrays, "config": ConfigRecord(config)}), MessageType.TRAIN
     )
 
 
-# the default model has no frozen part: the hash of nothing
-BASE = base_hash({})
+def weights(reply, run_config) -> dict:
+    run = RunConfig.from_run_config(run_config)
+    return unpack_record(reply.content["arrays"], hospital_layout(run.model, run.seed))
+
+
+CHECKS = checks({})
 
 
 def test_train_replies_with_raw_weights_and_cumulative_epsilon(run_config, tmp_path):
@@ -48,7 +52,9 @@ def test_train_replies_with_raw_weights_and_cumulative_epsilon(run_config, tmp_p
     metrics = reply.content["metrics"]
     assert metrics["num-examples"] > 0 and metrics["declined"] == 0
     assert 0 < metrics["epsilon"] <= 8.0
-    assert set(reply.content["arrays"].keys()) == set(arrays.keys())  # no "_module." keys
+    run = RunConfig.from_run_config(run_config)
+    names = list(shared_state(initial_model(run.model, run.seed)))
+    assert list(weights(reply, run_config)) == names  # no "_module." keys
     assert reply.content["hospital"]["hospital-id"] == "hospital-0"
     # a restarted process (fresh Context) continues the same ledger
     reply2 = train(train_message(reply.content["arrays"], 2), make_context(run_config, node))
@@ -78,7 +84,7 @@ def test_evaluate_reports_metrics_on_the_held_out_split(run_config):
             RecordDict(
                 {
                     "arrays": global_arrays(run_config),
-                    "config": ConfigRecord({"base-hash": BASE}),
+                    "config": ConfigRecord(CHECKS),
                 }
             ),
             MessageType.EVALUATE,
@@ -95,12 +101,12 @@ def test_frozen_weights_are_not_received_and_a_different_copy_is_refused(run_con
     """Frozen mode: only the trainable part travels; the hospital's frozen copy must match."""
     frozen = {**run_config, "model.encoder-mode": "frozen"}
     node = {"partition-id": 0, "num-partitions": 2}
-    arrays = global_arrays(frozen)
-    assert not any(k.startswith(("image_encoder.", "text_encoder.")) for k in arrays)
-    reply = train(train_message(arrays, 1, base_hash(frozen)), make_context(frozen, node))
-    assert set(reply.content["arrays"].keys()) == set(arrays.keys())
+    arrays, sent = global_request(frozen)
+    reply = train(train_message(arrays, 1, sent), make_context(frozen, node))
+    names = list(weights(reply, frozen))
+    assert names and not any(k.startswith(("image_encoder.", "text_encoder.")) for k in names)
     # another seed initialises other frozen encoders: the server's hash no longer matches
-    other = base_hash({**frozen, "seed": 1})
+    other = {**sent, "base-hash": checks({**frozen, "seed": 1})["base-hash"]}
     with pytest.raises(Exception, match=r"frozen model weights here .* differ from the server"):
         train(train_message(arrays, 2, other), make_context(frozen, node))
     # refused before any data is read: a manifest that does not exist is never opened
@@ -130,3 +136,12 @@ def test_the_client_app_module_does_not_import_torch():
     code = "import sys, client.client_app; print(sorted({'torch', 'opacus'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_request_in_another_weights_layout_is_refused_before_training(run_config, tmp_path):
+    """A server built from other model settings packs its weights otherwise: say so."""
+    other = {**CHECKS, "weights-layout": checks({"model.fusion": "concat"})["weights-layout"]}
+    assert other != CHECKS
+    unread = {"data-manifest": str(tmp_path / "missing.csv"), "hospital-id": "h"}
+    with pytest.raises(Exception, match=r"laid out as .* disagree on the model settings"):
+        train(train_message(global_arrays(run_config), 1, other), make_context(run_config, unread))

@@ -7,6 +7,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
@@ -104,6 +105,7 @@ def test_a_hospital_refuses_masks_made_by_another_scheme():
     from flwr.compat.common import recorddict_compat as compat
 
     from client.secagg import SecAggSchemeError, legacy_request
+    from shared_model.packing import WeightLayout
     from tests.flower_helpers import make_message
 
     def request(config):
@@ -111,7 +113,8 @@ def test_a_hospital_refuses_masks_made_by_another_scheme():
         content = compat.fitins_to_recorddict(ins, keep_input=True)
         return make_message(content, MessageType.TRAIN)
 
-    weights, config = legacy_request(request({"secagg-scheme": SCHEME}), ["w"])
+    layout = WeightLayout.of({"w": torch.zeros(3)})
+    weights, config = legacy_request(request({"secagg-scheme": SCHEME}), layout)
     assert list(weights) == ["w"] and config["secagg-scheme"] == SCHEME
     with pytest.raises(SecAggSchemeError, match=r"Flower's own.*would not cancel"):
-        legacy_request(request({"server-round": 1}), ["w"])
+        legacy_request(request({"server-round": 1}), layout)
