@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.warm import WarmStart, forkable
 from shared_model.config import ConfigError, ConnectionConfig, HospitalConfig
 from shared_model.processes import stop_processes
 
@@ -64,7 +65,12 @@ def plan_supernode(config_file: Path) -> SuperNodeLaunch:
 
         resolve_device(hospital.device)
     command = [
-        str(Path(sys.executable).parent / "flower-supernode"),
+        # Flower's flower-supernode, polling every connection.poll-interval (client/supernode.py)
+        sys.executable,
+        "-m",
+        "client.supernode",
+        "--poll-interval",
+        str(connection.poll_interval),
         "--superlink",
         connection.server,
         "--port",
@@ -101,17 +107,18 @@ def explain_exit(code: int, log_text: str, launch: SuperNodeLaunch) -> str:
     return ""
 
 
-def supernode_environment() -> dict[str, str]:
+def supernode_environment(first: Path | None = None) -> dict[str, str]:
     """The SuperNode's environment: this venv's commands first, prompt task pick-up.
 
     The SuperNode starts ``flower-superexec``, and that starts ``flwr-clientapp``, by
-    name from PATH: a service manager's PATH rarely holds the venv, so it is put first.
-    The SuperExec then looks for new messages every 0.2 s instead of every second.
+    name from PATH: a service manager's PATH rarely holds the venv, so it is put first
+    (after ``first``, which holds the warm-start stand-in, when given). The SuperExec
+    then looks for new messages every 0.2 s instead of every second.
     """
-    bin_dir = str(Path(sys.executable).parent)
+    dirs = [str(d) for d in (first, Path(sys.executable).parent) if d is not None]
     return {
         **os.environ,
-        "PATH": os.pathsep.join([bin_dir, os.environ.get("PATH", "")]),
+        "PATH": os.pathsep.join([*dirs, os.environ.get("PATH", "")]),
         "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": os.environ.get(
             "FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.2"
         ),
@@ -126,9 +133,13 @@ def run_supernode(launch: SuperNodeLaunch) -> tuple[int, str]:
     forever. When the SuperNode ends, the SuperExec serving its port is stopped too.
     """
     tail: deque[str] = deque(maxlen=200)
+    runtime = f"127.0.0.1:{launch.connection.port}"
+    warm = None
+    if launch.hospital.warm_start and forkable():
+        warm = WarmStart.start(supernode_environment(), label=f"SuperNode runtime {runtime}")
     proc = subprocess.Popen(
         launch.command,
-        env=supernode_environment(),
+        env=supernode_environment(warm.bin_dir if warm else None),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -150,6 +161,8 @@ def run_supernode(launch: SuperNodeLaunch) -> tuple[int, str]:
         proc.terminate()
         code = proc.wait()
     finally:
-        stop_processes(proc.pid, [f"--runtime-api-address 127.0.0.1:{launch.connection.port}"])
+        stop_processes(proc.pid, [f"--runtime-api-address {runtime}"])
+        if warm is not None:
+            warm.stop()
     reader.join(timeout=5)
     return code, "".join(tail)

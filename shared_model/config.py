@@ -498,6 +498,11 @@ class HospitalConfig:
         "Directory of the cached features of frozen encoders (never sent); empty: "
         "<state-dir>/feature-cache.",
     )
+    warm_start: bool = _opt(
+        True,
+        "Deployment: start each message's ClientApp by forking a process that has already "
+        "imported Flower and torch, instead of Flower's fresh process per message.",
+    )
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> HospitalConfig:
@@ -582,6 +587,13 @@ class ConnectionConfig:
     private_key: str = _opt("", "This hospital's OpenSSH EC private key (its registered identity).")
     port: int = _opt(9094, "Local port of the SuperNode's ClientApp API.", min=1, max=65535)
     insecure: bool = _opt(False, "Plaintext, no TLS: development only (prints a warning).")
+    poll_interval: float = _opt(
+        0.5,
+        "Seconds between an idle SuperNode's requests for work (Flower's own: 3); each "
+        "costs the server one small request per hospital.",
+        min=0.05,
+        max=60.0,
+    )
 
     @classmethod
     def from_file(cls, path: Path) -> ConnectionConfig:

@@ -42,6 +42,9 @@ def test_three_hospitals_train_over_tls(deployment):
     assert (out / "global_model.safetensors").exists()
     assert (d.tmp / "server-state" / "superlink.db").exists()
     for name in names:
+        hospital_log = (d.tmp / f"{name}.log").read_text()
+        assert "warm ClientApp starts ready" in hospital_log  # forked, not cold-started
+        assert "warm start unavailable" not in hospital_log
         ledger = json.loads((d.tmp / f"{name}-state" / "privacy_ledger.json").read_text())
         assert [e["round"] for e in ledger["history"]] == [1, 2]
         reported = [h["epsilon"] for h in rounds[2]["hospitals"] if h["hospital"] == name]

@@ -1,0 +1,39 @@
+"""What a warm-started child sees: run by the fork server in tests/client/test_warm.py."""
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    """Print what the child inherited and was given; then exit, sleep or fail as asked."""
+    import numpy as np
+
+    args = sys.argv[1:]
+    print(
+        json.dumps(
+            {
+                "argv": sys.argv,
+                "cwd": str(Path.cwd()),
+                "probe": os.environ.get("WARM_PROBE"),
+                "pid": os.getpid(),
+                "numpy": float(np.random.random()),
+                "torch_preloaded": "torch" in sys.modules,
+                "project_inherited": sorted(
+                    m for m in sys.modules if m.split(".")[0] in ("client", "shared_model")
+                ),
+                "threads": threading.active_count(),
+            }
+        ),
+        flush=True,
+    )
+    print("to stderr", file=sys.stderr, flush=True)
+    if "--sleep" in args:
+        time.sleep(60)
+    if "--raise" in args:
+        raise RuntimeError("the probe failed on purpose")
+    if "--exit" in args:
+        sys.exit(int(args[args.index("--exit") + 1]))
