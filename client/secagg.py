@@ -91,6 +91,9 @@ def install_secagg_primitives() -> None:
 
     mod.pseudo_rand_gen = secagg_primitives.pseudo_rand_gen  # type: ignore[attr-defined]
     mod.create_shares = secagg_primitives.create_shares  # type: ignore[attr-defined]
+    # The mod adds n - 1 pairwise masks into a vector it owns: in place, not a copy each.
+    mod.parameters_addition = secagg_primitives.add_masks  # type: ignore[attr-defined]
+    mod.parameters_subtraction = secagg_primitives.subtract_masks  # type: ignore[attr-defined]
 
 
 install_secagg_primitives()

@@ -21,6 +21,10 @@ Both sides of fedfusion install these drop-in replacements instead
   faster than PyCryptodome's at 100 shares, because the field arithmetic is Python's
   native integers instead of a bit-by-bit GF(2^128) multiplication.
 
+- :func:`add_masks` / :func:`subtract_masks`, at the hospital only: Flower adds each of
+  a hospital's n - 1 pairwise masks with a new array per neighbour; these add into the
+  hospital's own vector instead, and the masks stay uint32 (no int64 copy). Same sums.
+
 A server and hospitals must use the same generator, or the masks would not cancel:
 ``SCHEME`` travels in every SecAgg+ training request, and a hospital refuses a request
 for another scheme with the reason.
@@ -34,7 +38,14 @@ import secrets
 import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-__all__ = ["SCHEME", "combine_shares", "create_shares", "pseudo_rand_gen"]
+__all__ = [
+    "SCHEME",
+    "add_masks",
+    "combine_shares",
+    "create_shares",
+    "pseudo_rand_gen",
+    "subtract_masks",
+]
 
 SCHEME = "fedfusion-secagg/aes256ctr-prg+shamir-m521"
 _PRIME = 2**521 - 1
@@ -48,8 +59,9 @@ def pseudo_rand_gen(
 ) -> list[np.ndarray]:
     """Masks in [0, num_range) shaped as ``dimensions_list``, expanded from ``seed``.
 
-    The signature and output types are Flower's (int64 arrays); ``num_range`` must be a
-    power of two of at most 2**32, which SecAgg+'s modulus range always is.
+    The signature is Flower's; the arrays are uint32 (every value is below 2**32), which
+    Flower's int64 arithmetic promotes exactly. ``num_range`` must be a power of two of
+    at most 2**32, which SecAgg+'s modulus range always is.
     """
     if num_range <= 0 or num_range & (num_range - 1) or num_range > 2**32:
         raise ValueError(f"mask range {num_range} is not a power of two <= 2**32")
@@ -63,13 +75,33 @@ def pseudo_rand_gen(
     words = np.empty(total + 4, dtype="<u4")  # CTR may write up to a block beyond
     encryptor.update_into(memoryview(_zeros)[: 4 * total], memoryview(words).cast("B"))
     values = np.bitwise_and(words[:total], np.uint32(num_range - 1), out=words[:total])
-    values = values.astype(np.int64)
     out, offset = [], 0
     for dims, size in zip(dimensions_list, sizes, strict=True):
         part = values[offset : offset + size]
         out.append(part.reshape(dims) if len(dims) else np.array(part[0], dtype=np.int64))
         offset += size
     return out
+
+
+def _in_place(values: list[np.ndarray], masks: list[np.ndarray], op: np.ufunc) -> list:
+    out = []
+    for value, mask in zip(values, masks, strict=True):
+        if value.dtype == np.int64 and value.flags.writeable and value.shape == mask.shape:
+            op(value, mask, out=value)  # int64 -/+ uint32 stays int64: exact
+            out.append(value)
+        else:
+            out.append(op(value, mask))
+    return out
+
+
+def add_masks(values: list[np.ndarray], masks: list[np.ndarray]) -> list[np.ndarray]:
+    """``values + masks`` array by array, written into ``values`` (its own int64 arrays)."""
+    return _in_place(values, masks, np.add)
+
+
+def subtract_masks(values: list[np.ndarray], masks: list[np.ndarray]) -> list[np.ndarray]:
+    """``values - masks`` array by array, written into ``values`` (its own int64 arrays)."""
+    return _in_place(values, masks, np.subtract)
 
 
 def create_shares(secret: bytes, threshold: int, num: int) -> list[bytes]:

@@ -14,9 +14,11 @@ from scipy import stats
 
 from shared_model.secagg_primitives import (
     SCHEME,
+    add_masks,
     combine_shares,
     create_shares,
     pseudo_rand_gen,
+    subtract_masks,
 )
 
 
@@ -75,7 +77,7 @@ def test_masks_use_the_whole_seed():
 def test_masks_are_uniform_in_range_and_shaped_as_asked():
     masks = pseudo_rand_gen(os.urandom(32), 16, [(200, 300), (7,), ()])
     assert [m.shape for m in masks] == [(200, 300), (7,), ()]
-    assert all(m.dtype == np.int64 for m in masks)
+    assert masks[0].dtype == masks[1].dtype == np.uint32  # promoted exactly by int64 sums
     values = masks[0].ravel()
     assert values.min() >= 0 and values.max() <= 15
     counts = np.bincount(values, minlength=16)
@@ -95,6 +97,8 @@ def test_both_sides_of_secagg_use_these_primitives():
 
     assert secaggplus_mod.pseudo_rand_gen is pseudo_rand_gen
     assert secaggplus_mod.create_shares is create_shares
+    assert secaggplus_mod.parameters_addition is add_masks
+    assert secaggplus_mod.parameters_subtraction is subtract_masks
     assert secaggplus_workflow.pseudo_rand_gen is pseudo_rand_gen
     assert secaggplus_workflow.combine_shares is combine_shares
     assert "aes256ctr" in SCHEME
@@ -118,3 +122,29 @@ def test_a_hospital_refuses_masks_made_by_another_scheme():
     assert list(weights) == ["w"] and config["secagg-scheme"] == SCHEME
     with pytest.raises(SecAggSchemeError, match=r"Flower's own.*would not cancel"):
         legacy_request(request({"server-round": 1}), layout)
+
+
+def test_masking_in_place_gives_flowers_sums():
+    """A hospital's vector plus and minus its pairwise masks, as Flower computes it."""
+    from flwr.common.secure_aggregation.ndarrays_arithmetic import (
+        parameters_addition,
+        parameters_mod,
+        parameters_subtraction,
+    )
+
+    rng = np.random.default_rng(0)
+    dims = [(1,), (300, 7), (50,)]
+    start = [rng.integers(0, 2**22, d, dtype=np.int64) for d in dims]
+    masks = [pseudo_rand_gen(os.urandom(32), 2**22, dims) for _ in range(5)]
+    ours, flowers = [a.copy() for a in start], [a.copy() for a in start]
+    for i, mask in enumerate(masks):
+        before = [id(a) for a in ours]
+        ours = (add_masks if i % 2 else subtract_masks)(ours, mask)
+        flowers = (parameters_addition if i % 2 else parameters_subtraction)(flowers, mask)
+        assert [id(a) for a in ours] == before  # no new array per neighbour
+    for got, want in zip(parameters_mod(ours, 2**22), parameters_mod(flowers, 2**22), strict=True):
+        assert np.array_equal(got, want)
+    frozen = start[1].copy()
+    frozen.flags.writeable = False  # an array it does not own is never written
+    (result,) = add_masks([frozen], [masks[0][1]])
+    assert result is not frozen and np.array_equal(frozen, start[1])
