@@ -136,7 +136,10 @@ def run_supernode(launch: SuperNodeLaunch) -> tuple[int, str]:
     runtime = f"127.0.0.1:{launch.connection.port}"
     warm = None
     if launch.hospital.warm_start and forkable():
-        warm = WarmStart.start(supernode_environment(), label=f"SuperNode runtime {runtime}")
+        try:
+            warm = WarmStart.start(supernode_environment(), label=f"SuperNode runtime {runtime}")
+        except OSError as err:  # slower, never fatal: Flower starts each ClientApp afresh
+            print(f"fedfusion: warm ClientApp starts unavailable ({err}); starting cold")
     proc = subprocess.Popen(
         launch.command,
         env=supernode_environment(warm.bin_dir if warm else None),

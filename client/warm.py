@@ -32,13 +32,14 @@ import argparse
 import contextlib
 import importlib
 import json
-import logging
 import os
 import selectors
+import shutil
 import signal
 import socket
 import stat
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -49,8 +50,6 @@ from pathlib import Path
 from client import warm_stub
 
 __all__ = ["PRELOAD", "WarmStart", "forkable", "preload", "serve"]
-
-log = logging.getLogger("fedfusion.warm")
 
 # Third-party modules a ClientApp imports, loaded once in the fork server. A missing
 # optional one (transformers, pydicom, ...) is skipped: the child imports what it needs.
@@ -92,7 +91,7 @@ def preload(modules: tuple[str, ...] = PRELOAD) -> list[str]:
     for name in modules:
         try:
             importlib.import_module(name)
-        except ImportError:
+        except Exception:  # not installed, or broken: the child imports it itself
             continue
         loaded.append(name)
     for name in list(sys.modules):
@@ -269,17 +268,12 @@ class WarmStart:
     """A running fork server and the PATH directory holding its ``flwr-clientapp`` stand-in."""
 
     directory: Path
-    process: object  # subprocess.Popen
+    process: subprocess.Popen[bytes]
 
     @property
     def bin_dir(self) -> Path:
         """The directory to put first on the SuperExec's PATH."""
         return self.directory / "bin"
-
-    @property
-    def marker(self) -> str:
-        """A string on the fork server's (and so every child's) command line."""
-        return str(self.directory)
 
     @classmethod
     def start(cls, env: dict[str, str], label: str = "", entry: str = CLIENTAPP) -> WarmStart:
@@ -287,8 +281,6 @@ class WarmStart:
 
         ``entry`` (``module:function``) is what each child runs: Flower's ``flwr-clientapp``.
         """
-        import subprocess
-
         directory = Path(tempfile.mkdtemp(prefix="fedfusion-warm-"))  # mode 0700
         bin_dir = directory / "bin"
         bin_dir.mkdir()
@@ -312,11 +304,7 @@ class WarmStart:
 
     def stop(self) -> None:
         """Stop the fork server (it stops its running children) and remove its directory."""
-        import shutil
-        import subprocess
-
         proc = self.process
-        assert isinstance(proc, subprocess.Popen)
         if proc.poll() is None:
             proc.terminate()
             try:
