@@ -56,7 +56,8 @@ class FeatureCache:
         self._known: dict[str, torch.Tensor] = {}
         self._shards: set[str] = set()
 
-    def _refresh(self) -> None:
+    def refresh(self) -> None:
+        """Read the shards written since the last look (by this process or another)."""
         if not self.dir.is_dir():
             return
         for shard in sorted(self.dir.glob("*.pt")):
@@ -82,7 +83,7 @@ class FeatureCache:
     ) -> torch.Tensor:
         """Features of every row of ``inputs``: cached ones read, the rest computed."""
         keys = [_record_key(row) for row in inputs]
-        self._refresh()
+        self.refresh()
         first = {k: i for i, k in reversed(list(enumerate(keys)))}  # one row per distinct record
         todo = sorted(i for k, i in first.items() if k not in self._known)
         if todo:
@@ -102,6 +103,16 @@ class FeatureCache:
                 "feature cache: %d %s encoded in %.1fs", len(todo), what, time.monotonic() - started
             )
         return torch.stack([self._known[k] for k in keys])
+
+    def get(self, key: str) -> torch.Tensor | None:
+        """The tensor kept under ``key``, if any (as of the last :meth:`refresh`)."""
+        return self._known.get(key)
+
+    def put(self, keys: list[str], values: torch.Tensor) -> None:
+        """Keep ``values`` (one row per key) in a new shard."""
+        if keys:
+            self._write(keys, values)
+            self._known.update(zip(keys, values, strict=True))
 
     def _write(self, keys: list[str], feats: torch.Tensor) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)

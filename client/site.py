@@ -6,6 +6,8 @@ SuperNode, or the simulation's partition). Its privacy policy caps what the serv
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -13,14 +15,16 @@ from pathlib import Path
 
 import torch
 
-from client.features import frozen_feature_split
+from client.features import FeatureCache, frozen_feature_split
 from client.privacy import LedgerEntry, PrivacyLedger, PrivacyPolicy, effective_policy
 from shared_model.config import ConfigError, DataConfig, HospitalConfig, ModelConfig, RunConfig
-from shared_model.data import load_manifest, split_train_test
+from shared_model.data import decode_image, load_manifest, split_train_test
 from shared_model.datasets import HospitalSplit, embedded_hospital
 from shared_model.text import tokenizer_for
 
-__all__ = ["Site", "hospital_data", "open_site", "resolve_device"]
+__all__ = ["DecodedImages", "Site", "hospital_data", "open_site", "resolve_device"]
+
+log = logging.getLogger("fedfusion.hospital")
 
 
 @dataclass(frozen=True)
@@ -85,15 +89,71 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
+class DecodedImages:
+    """A manifest's decoded images, kept in the hospital's state directory.
+
+    Flower starts a ClientApp process for every message (two a round, five under
+    SecAgg+), and each would otherwise decode every image of the manifest again:
+    thousands of DICOMs. An image is keyed by its file's path, size and modification
+    time and the decode size, so a changed file is decoded again. Decoded images are
+    patient data: they stay in the state directory, like the feature cache, and are
+    stored and read as plain tensors (``torch.load(weights_only=True)``).
+    """
+
+    def __init__(self, root: Path, size: int) -> None:
+        self.store = FeatureCache(root, f"images-{size}")
+        self.store.refresh()
+        self.new_keys: list[str] = []
+        self.new: list[torch.Tensor] = []
+
+    def decode(self, path: Path, size: int) -> torch.Tensor:
+        """The decoded image: kept, or decoded now (and kept at :meth:`flush`)."""
+        try:
+            info = path.stat()
+        except OSError:  # decode_image says what is wrong with the file
+            return decode_image(path, size)
+        identity = f"{path}\0{info.st_size}\0{info.st_mtime_ns}\0{size}"
+        key = hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        kept = self.store.get(key)
+        if kept is not None:
+            return kept
+        image = decode_image(path, size)
+        self.new_keys.append(key)
+        self.new.append(image)
+        return image
+
+    def flush(self) -> None:
+        """Keep the images decoded since the last flush."""
+        if self.new_keys:
+            self.store.put(self.new_keys, torch.stack(self.new))
+            log.info("image cache: %d images decoded, kept in %s", len(self.new), self.store.dir)
+            self.new_keys, self.new = [], []
+
+
 @lru_cache(maxsize=4)
 def hospital_data(
     hospital: HospitalConfig, model: ModelConfig, data: DataConfig, seed: int
 ) -> HospitalSplit:
-    """The hospital's train/test records, decoded once per process and cached."""
+    """The hospital's train/test records, decoded once per process and cached.
+
+    A hospital with a state directory also keeps the decoded images there
+    (:class:`DecodedImages`), for the next message's process.
+    """
     if hospital.data_manifest:
-        records, _report = load_manifest(
-            hospital.data_manifest, model.labels, tokenizer_for(model), model.image_size
+        images = (
+            DecodedImages(Path(hospital.state_dir).expanduser() / "image-cache", model.image_size)
+            if hospital.state_dir
+            else None
         )
+        records, _report = load_manifest(
+            hospital.data_manifest,
+            model.labels,
+            tokenizer_for(model),
+            model.image_size,
+            decode=images.decode if images else decode_image,
+        )
+        if images is not None:
+            images.flush()
         train, test = split_train_test(records, data.test_fraction, seed)
         return HospitalSplit(train=train, test=test)
     return embedded_hospital(hospital.partition_id, hospital.num_partitions, model, data, seed)

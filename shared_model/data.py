@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -252,12 +252,14 @@ def load_manifest(
     image_size: int,
     *,
     strict: bool = True,
+    decode: Callable[[Path, int], torch.Tensor] | None = None,
 ) -> tuple[FusionTensors, LoadReport]:
     """Read and decode every row of a manifest.
 
     With ``strict=True`` (the default) the first bad row raises :class:`ManifestError`
     naming the manifest, the row and the file. With ``strict=False`` bad rows are left
-    out and listed in the returned :class:`LoadReport`.
+    out and listed in the returned :class:`LoadReport`. ``decode`` (default
+    :func:`decode_image`) turns an image file into a tensor; a cache may stand in.
     """
     manifest = Path(manifest).expanduser().resolve()
     rows = _read_rows(manifest)
@@ -265,7 +267,9 @@ def load_manifest(
     images, texts, has_image, labels, patients = [], [], [], [], []
     for n, row in enumerate(rows, start=1):
         try:
-            image, present = _decode_row_image(manifest.parent, row, image_size)
+            image, present = _decode_row_image(
+                manifest.parent, row, image_size, decode or decode_image
+            )
             text = (row.get("report") or "").strip()
             if not present and not text:
                 raise ValueError("row has neither an image nor a report")
@@ -295,14 +299,16 @@ def load_manifest(
     return data, report
 
 
-def _decode_row_image(root: Path, row: dict[str, str], size: int) -> tuple[torch.Tensor, bool]:
+def _decode_row_image(
+    root: Path, row: dict[str, str], size: int, decode: Callable[[Path, int], torch.Tensor]
+) -> tuple[torch.Tensor, bool]:
     rel = (row.get("image") or "").strip()
     if not rel:
         return torch.zeros(1, size, size), False
     path = (root / rel).resolve()
     if not path.is_relative_to(root):
         raise ValueError(f"image path {rel!r} points outside the manifest's directory")
-    return decode_image(path, size), True
+    return decode(path, size), True
 
 
 def split_train_test(

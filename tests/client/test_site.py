@@ -18,3 +18,56 @@ def test_cpu_and_auto_resolve_on_this_machine():
 def test_cuda_without_a_gpu_is_refused_with_the_key_named(spec):
     with pytest.raises(ConfigError, match=rf"hospital.device = '{spec}'.*set device = 'cpu'"):
         resolve_device(spec)
+
+
+def _load(manifest, state_dir):
+    """hospital_data as a fresh ClientApp process would call it (no in-process cache)."""
+    from client.site import hospital_data
+    from shared_model.config import HospitalConfig, RunConfig
+
+    hospital_data.cache_clear()
+    node = {"data-manifest": str(manifest), "hospital-id": "h"}
+    if state_dir is not None:
+        node["state-dir"] = str(state_dir)
+    run = RunConfig()
+    split = hospital_data(HospitalConfig.from_node_config(node), run.model, run.data, run.seed)
+    return torch.cat([split.train.images, split.test.images])
+
+
+def test_decoded_images_are_kept_for_the_next_process_and_redone_when_a_file_changes(
+    tmp_path, monkeypatch
+):
+    import os
+
+    import client.site
+    from shared_model.datasets.export import write_manifest
+
+    manifest = write_manifest(tmp_path / "data", 0, 12)
+    decoded = []
+    real = client.site.decode_image
+    monkeypatch.setattr(client.site, "decode_image", lambda p, s: decoded.append(p) or real(p, s))
+    first = _load(manifest, tmp_path / "state")
+    assert len(decoded) == 12
+    assert list((tmp_path / "state" / "image-cache").glob("images-*/*.pt"))
+    decoded.clear()
+    again = _load(manifest, tmp_path / "state")
+    assert decoded == [] and torch.equal(again, first)  # nothing decoded twice
+    changed = sorted((tmp_path / "data").rglob("*.png"))[0]
+    stamp = changed.stat().st_mtime_ns + 10**9
+    os.utime(changed, ns=(stamp, stamp))  # a file replaced in place: decoded again
+    _load(manifest, tmp_path / "state")
+    assert decoded == [changed.resolve()]
+    for shard in (tmp_path / "state" / "image-cache").rglob("*.pt"):
+        shard.write_bytes(b"damaged")
+    decoded.clear()
+    assert torch.equal(_load(manifest, tmp_path / "state"), first)  # read again, not trusted
+    assert len(decoded) == 12
+
+
+def test_without_a_state_directory_nothing_is_kept(tmp_path, monkeypatch):
+    from shared_model.datasets.export import write_manifest
+
+    manifest = write_manifest(tmp_path / "data", 1, 5)
+    monkeypatch.chdir(tmp_path)
+    _load(manifest, None)
+    assert not list(tmp_path.rglob("image-cache"))
