@@ -130,10 +130,11 @@ def train(msg: Message, context: Context) -> Message:
         "steps": result.steps,
         "declined": int(not result.trained),
     }
+    layout = hospital_layout(site.model, run.seed)
     if legacy:  # a declined hospital uploads a zero delta with weight 0
         return legacy_fit_reply(
             msg,
-            delta_ndarrays(result.weights, weights, hospital_layout(site.model, run.seed)),
+            delta_ndarrays(result.weights, weights, layout),
             result.num_examples,
             {**metrics, "hospital-id": site.name, "reason": result.reason},
             run.secagg,
@@ -147,7 +148,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     content = RecordDict({"metrics": MetricRecord(metrics), "hospital": status})
     if result.trained:
-        content["arrays"] = packed_record(result.weights, hospital_layout(site.model, run.seed))
+        content["arrays"] = packed_record(result.weights, layout)
     return Message(content, reply_to=msg)
 
 
