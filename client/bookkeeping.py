@@ -10,12 +10,15 @@ layer's *output*:
 2. ``torch.autograd.grad`` of the summed per-example losses with respect to those
    outputs gives every layer's output gradient ``g``. The weight gradients autograd
    would otherwise compute are never computed.
-3. Each example's gradient norm comes from its own ``(a_i, g_i)``: the ghost norm
-   ``sum_ts (a_t . a_s)(g_t . g_s)`` where that is cheaper, the materialized
-   per-example gradient where that is (Bu et al.'s mixed rule, layer by layer).
-4. The clipped sum ``sum_i c_i grad_i`` is an ordinary weight gradient of ``a`` and the
-   output gradients scaled per example by ``c_i``: one matmul, as in non-private
-   training.
+3. Each example's gradient norm comes from its own ``(a_i, g_i)``. Where a layer's
+   per-example gradients fit in ``_MATERIALIZE_LIMIT`` values, they are materialized
+   (one batched matmul for a linear layer; for a convolution, one convolution with the
+   batch as groups, a fast library kernel instead of ``unfold``); the norms are theirs,
+   and the clipped sum ``sum_i c_i grad_i`` is their weighted sum. Otherwise the norm
+   is the ghost norm ``sum_ts (a_t . a_s)(g_t . g_s)``, or the per-example gradient
+   computed and dropped, whichever costs fewer flops (Bu et al.'s mixed rule), and
+4. the clipped sum is an ordinary weight gradient of ``a`` and the output gradients
+   scaled per example by ``c_i``: one matmul, as in non-private training.
 
 Layers (every trainable parameter must sit directly in one): ``Linear``, ``Embedding``
 (``padding_idx`` rows get no gradient, as in PyTorch), ``Conv2d``, and every other layer
@@ -39,6 +42,13 @@ import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
 from torch import nn
 
 __all__ = ["BookKeeping", "BookKeepingLoss", "ClippedLoss", "bookkeeping_unsupported"]
+
+
+# Per-example gradients of one layer up to this many values (64 MiB in float32) are kept
+# until the clipped sum is taken: that sum is then B scaled additions instead of a
+# second pass over the layer's activations. Above it, the norms are computed without
+# keeping them (the memory-bounded path).
+_MATERIALIZE_LIMIT = 1 << 24
 
 
 def _opacus_grad_samplers() -> dict[type, Callable[..., dict[nn.Parameter, torch.Tensor]]]:
@@ -162,14 +172,27 @@ def _layer(
         return _linear(module, calls, batch)
     if isinstance(module, nn.Embedding):
         return _embedding(module, calls, batch)
-    if (
-        isinstance(module, nn.Conv2d)
-        and len(calls) == 1
-        and module.groups == 1
-        and module.padding_mode == "zeros"
-    ):
-        return _conv2d(module, *calls[0], batch)
+    if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros":
+        if not isinstance(module.padding, str) and _fits(module.weight, batch):
+            return _conv2d_per_example(module, calls, batch)
+        if len(calls) == 1 and module.groups == 1 and not isinstance(module.padding, str):
+            return _conv2d_bounded(module, *calls[0], batch)
     return _materialized(module, calls, batch)
+
+
+def _fits(weight: torch.Tensor, batch: int) -> bool:
+    """Whether ``batch`` per-example gradients of ``weight`` may be kept."""
+    return batch * weight.numel() <= _MATERIALIZE_LIMIT
+
+
+def _sq_norms(x: torch.Tensor) -> torch.Tensor:
+    """Each example's squared norm of ``x`` (B, ...): one fused reduction, no squares kept."""
+    return torch.linalg.vector_norm(x.reshape(x.shape[0], -1), dim=1).square()
+
+
+def _weighted(scale: torch.Tensor, per_example: torch.Tensor) -> torch.Tensor:
+    """``sum_i scale_i per_example_i``: the clipped sum of materialized gradients."""
+    return torch.einsum("b,b...->...", scale, per_example)
 
 
 def _linear(
@@ -179,26 +202,33 @@ def _linear(
     g = _tokens([y for _, y in calls], batch)  # (B, T, O)
     tokens, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
     sq = g.new_zeros(batch)
+    per_example: torch.Tensor | None = None
     if m.weight.requires_grad:
         if tokens == 1:
-            sq = sq + g[:, 0].pow(2).sum(1) * a[:, 0].pow(2).sum(1)
+            sq = sq + _sq_norms(g[:, 0]) * _sq_norms(a[:, 0])
+        elif _fits(m.weight, batch):  # kept for the clipped sum: T I O flops
+            per_example = torch.bmm(g.transpose(1, 2), a)  # (B, O, I)
+            sq = sq + _sq_norms(per_example)
         elif tokens * (d_in + d_out) < d_in * d_out:  # ghost norm: T^2 (I + O) flops
             sq = sq + (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(
                 (1, 2)
             )
-        else:  # the per-example gradient: T I O flops
-            sq = sq + torch.bmm(g.transpose(1, 2), a).pow(2).sum((1, 2))
+        else:  # the per-example gradient, dropped: T I O flops
+            sq = sq + _sq_norms(torch.bmm(g.transpose(1, 2), a))
     bias = m.bias is not None and m.bias.requires_grad
-    if bias:
-        sq = sq + g.sum(1).pow(2).sum(1)
+    g_sum = g.sum(1) if bias else None  # (B, O): each example's bias gradient
+    if g_sum is not None:
+        sq = sq + _sq_norms(g_sum)
 
     def finish(scale: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
-        gc = (g * scale[:, None, None]).reshape(-1, d_out)
         out = []
-        if m.weight.requires_grad:
+        if per_example is not None:
+            out.append((m.weight, _weighted(scale, per_example).to(m.weight.dtype)))
+        elif m.weight.requires_grad:
+            gc = (g * scale[:, None, None]).reshape(-1, d_out)
             out.append((m.weight, (gc.T @ a.reshape(-1, d_in)).to(m.weight.dtype)))
-        if bias:
-            out.append((m.bias, gc.sum(0).to(m.bias.dtype)))
+        if g_sum is not None:
+            out.append((m.bias, (scale @ g_sum).to(m.bias.dtype)))
         return out
 
     return sq, finish
@@ -222,44 +252,87 @@ def _embedding(
     return sq, finish
 
 
-def _conv2d(
+def _conv2d_per_example(
+    m: nn.Conv2d, calls: list[tuple[torch.Tensor, torch.Tensor]], batch: int
+) -> tuple[torch.Tensor, Finish]:
+    """Per-example convolution gradients: one weight gradient with the batch as groups.
+
+    Example ``b``'s input channels and output channels become group ``b`` of a single
+    grouped convolution over a batch of one, so the library's convolution kernel
+    computes all B gradients at once (grouped layers: B x groups groups).
+    """
+    weight = m.weight.requires_grad
+    bias = m.bias is not None and m.bias.requires_grad
+    per_example: torch.Tensor | None = None
+    g_sum: torch.Tensor | None = None
+    for a, g in calls:
+        if weight:
+            a = a.to(g.dtype)
+            d_in, d_out = a.shape[1], g.shape[1]
+            shape = (batch * d_out, d_in // m.groups, *m.kernel_size)
+            w = torch.ops.aten.convolution_backward(
+                g.reshape(1, batch * d_out, *g.shape[2:]),
+                a.reshape(1, batch * d_in, *a.shape[2:]),
+                a.new_empty(shape),  # only its shape is read
+                None,
+                m.stride,
+                m.padding,
+                m.dilation,
+                False,
+                [0, 0],
+                batch * m.groups,
+                [False, True, False],
+            )[1].view(batch, *m.weight.shape)
+            per_example = w if per_example is None else per_example + w
+        if bias:
+            s = g.sum((2, 3))  # (B, O)
+            g_sum = s if g_sum is None else g_sum + s
+    sq = calls[0][1].new_zeros(batch)
+    if per_example is not None:
+        sq = sq + _sq_norms(per_example)
+    if g_sum is not None:
+        sq = sq + _sq_norms(g_sum)
+
+    def finish(scale: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        out = []
+        if per_example is not None:
+            out.append((m.weight, _weighted(scale, per_example).to(m.weight.dtype)))
+        if g_sum is not None:
+            out.append((m.bias, (scale @ g_sum).to(m.bias.dtype)))
+        return out
+
+    return sq, finish
+
+
+def _conv2d_bounded(
     m: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, batch: int
 ) -> tuple[torch.Tensor, Finish]:
+    """A convolution too large to keep its per-example gradients: norms from patches."""
     a = a.to(g.dtype)
     patches = F.unfold(a, m.kernel_size, m.dilation, m.padding, m.stride)  # (B, K, T)
     g2 = g.reshape(batch, g.shape[1], -1)  # (B, O, T)
     k, positions, d_out = patches.shape[1], patches.shape[2], g2.shape[1]
     sq = g.new_zeros(batch)
-    per_example: torch.Tensor | None = None
     if m.weight.requires_grad:
         if positions * (k + d_out) < k * d_out:  # ghost norm
             gram_a = torch.bmm(patches.transpose(1, 2), patches)
             gram_g = torch.bmm(g2.transpose(1, 2), g2)
             sq = sq + (gram_a * gram_g).sum((1, 2))
-        else:
-            per_example = torch.bmm(g2, patches.transpose(1, 2))  # (B, O, K)
-            sq = sq + per_example.pow(2).sum((1, 2))
-    bias = m.bias is not None and m.bias.requires_grad
-    if bias:
-        sq = sq + g2.sum(2).pow(2).sum(1)
+        else:  # the per-example gradient, dropped
+            sq = sq + _sq_norms(torch.bmm(g2, patches.transpose(1, 2)))
+    g_sum = g2.sum(2) if m.bias is not None and m.bias.requires_grad else None  # (B, O)
+    if g_sum is not None:
+        sq = sq + _sq_norms(g_sum)
 
     def finish(scale: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
         out = []
         if m.weight.requires_grad:
-            if per_example is not None:
-                w = torch.einsum("b,bok->ok", scale, per_example)
-            else:
-                w = torch.nn.grad.conv2d_weight(
-                    a,
-                    m.weight.shape,
-                    g * scale[:, None, None, None],
-                    m.stride,
-                    m.padding,
-                    m.dilation,
-                )
-            out.append((m.weight, w.reshape(m.weight.shape).to(m.weight.dtype)))
-        if bias:
-            out.append((m.bias, (g2.sum(2) * scale[:, None]).sum(0).to(m.bias.dtype)))
+            w = torch.nn.grad.conv2d_weight(
+                a, m.weight.shape, g * scale[:, None, None, None], m.stride, m.padding, m.dilation
+            )
+            out.append((m.weight, w.to(m.weight.dtype)))
+        if g_sum is not None:
+            out.append((m.bias, (scale @ g_sum).to(m.bias.dtype)))
         return out
 
     return sq, finish
@@ -275,15 +348,12 @@ def _materialized(
         for p, grad in samplers[type(module)](module, [a], g).items():
             per_example[p] = per_example[p] + grad if p in per_example else grad
     sq = sum(
-        (grad.reshape(batch, -1).pow(2).sum(1) for grad in per_example.values()),
+        (_sq_norms(grad) for grad in per_example.values()),
         start=calls[0][1].new_zeros(batch),
     )
 
     def finish(scale: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
-        return [
-            (p, torch.einsum("b,b...->...", scale, grad).to(p.dtype))
-            for p, grad in per_example.items()
-        ]
+        return [(p, _weighted(scale, grad).to(p.dtype)) for p, grad in per_example.items()]
 
     return sq, finish
 

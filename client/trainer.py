@@ -21,6 +21,7 @@ from shared_model.engine import (
     make_loss,
     make_optimizer,
     pos_weight_from_config,
+    reuse_freed_memory,
     train_one_epoch,
 )
 from shared_model.model import FusionModel, hospital_model, shared_state
@@ -104,6 +105,7 @@ def run_local_round(
     ``ledger_seen`` is the ledger history this hospital process recorded before; the
     ledger on disk must still hold it.
     """
+    reuse_freed_memory()
     train_set = site.data.train
     model = _model_from(weights, site, run)
     model.return_alignment = run.train.alignment_weight > 0
@@ -204,6 +206,7 @@ def run_local_round(
 
 def run_local_evaluation(weights: StateDict, site: Site, run: RunConfig) -> EvalResult:
     """Metrics of the global model on this hospital's held-out split."""
+    reuse_freed_memory()
     model = _model_from(weights, site, run)
     loss_fn = make_loss(pos_weight_from_config(run.train, run.model.labels)).to(site.device)
     loader = DataLoader(site.data.test, batch_size=256)

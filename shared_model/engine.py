@@ -6,7 +6,10 @@ The loop is the same with and without DP: the DP optimizer Opacus returns is a d
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,11 +31,39 @@ __all__ = [
     "make_loss",
     "make_optimizer",
     "pos_weight_from_config",
+    "reuse_freed_memory",
     "train_one_epoch",
     "train_step",
 ]
 
 _MAX_POS_WEIGHT = 10.0
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+@functools.cache
+def reuse_freed_memory() -> bool:
+    """Let this process reuse freed tensor memory instead of faulting fresh pages in.
+
+    Torch allocates CPU tensors with ``malloc``. By default glibc gives every block over
+    its (adaptive) mmap threshold back to the kernel when it is freed, and trims the
+    heap's top, so a training step that allocates the same large temporaries every
+    time pays a page fault per 4 KiB for each of them, every step. That cost is
+    erratic: a 9 MB per-example gradient measured 0.9 ms or 7 ms depending on whether
+    malloc had kept the previous step's block. Blocks up to 32 MiB (glibc's maximum)
+    now come from the heap, and up to 1 GiB of free heap is kept: the process's
+    resident memory stays at its peak instead of shrinking between steps.
+
+    Applies to glibc on Linux only (elsewhere this is a no-op); returns whether it did.
+    Called once per process, before training or evaluation.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
 @dataclass(frozen=True)

@@ -178,3 +178,50 @@ def test_physical_chunks_change_memory_not_results(mode):
     assert whole.loss == pytest.approx(split.loss, rel=1e-5)
     for x, y in zip(a, b, strict=True):
         torch.testing.assert_close(x, y, rtol=1e-4, atol=2e-5)
+
+
+class LayerZoo(nn.Module):
+    """Every convolution and linear case book-keeping handles on its own code paths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.plain = nn.Conv2d(3, 8, 3, stride=2, padding=1)  # bounded: per-example norms
+        self.grouped = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2, bias=False)
+        self.twice = nn.Conv2d(8, 8, 1)  # called twice: its calls add up before the norm
+        self.wide = nn.Conv2d(8, 16, 3, stride=2, padding=1)  # bounded: the ghost norm
+        self.same = nn.Conv2d(16, 16, 3, padding="same")  # string padding: Opacus's rule
+        self.tokens = nn.Linear(16, 16)  # 4 positions as tokens; bounded: the ghost norm
+        self.out = nn.Linear(16, 1)  # bounded: per-example norms
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.grouped(torch.tanh(self.plain(x))))  # (B, 8, 4, 4)
+        x = torch.tanh(self.wide(torch.tanh(self.twice(torch.tanh(self.twice(x))))))
+        x = torch.tanh(self.same(x))  # (B, 16, 2, 2)
+        x = torch.tanh(self.tokens(x.flatten(2).transpose(1, 2)))  # (B, 4, 16)
+        return self.out(x).mean((1, 2))
+
+
+@pytest.mark.parametrize("limit", ["default", "bounded"])
+def test_every_layer_path_clips_each_examples_own_gradient(limit, monkeypatch):
+    """Materialized per-example gradients (the batch as convolution groups) and the
+    memory-bounded paths (ghost norm, patches) both give each example's clipped sum."""
+    if limit == "bounded":
+        monkeypatch.setattr("client.bookkeeping._MATERIALIZE_LIMIT", 0)
+    torch.manual_seed(3)
+    model = LayerZoo()
+    x = torch.randn(5, 3, 8, 8) * torch.tensor([0.1, 1.0, 3.0, 0.5, 8.0])[:, None, None, None]
+    params = [p for p in model.parameters() if p.requires_grad]
+    per_example = [torch.autograd.grad(model(x[i : i + 1]).sum(), params) for i in range(5)]
+    norms = torch.stack([torch.sqrt(sum((g**2).sum() for g in gs)) for gs in per_example])
+    c = float(norms.median())
+    expected = [
+        sum(
+            min(1.0, c / (float(n) + 1e-6)) * gs[k]
+            for n, gs in zip(norms, per_example, strict=True)
+        )
+        for k in range(len(params))
+    ]
+    got_norms = BookKeeping(model, c).clipped_backward(model(x))
+    torch.testing.assert_close(got_norms, norms, rtol=1e-4, atol=1e-6)
+    for (name, p), e in zip(model.named_parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-5 * float(e.abs().max()), msg=name)

@@ -1,4 +1,7 @@
 import math
+import platform
+import resource
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from shared_model.engine import (
     classification_metrics,
     make_optimizer,
     pos_weight_from_config,
+    reuse_freed_memory,
     train_one_epoch,
 )
 
@@ -107,3 +111,20 @@ def test_loss_is_per_example_and_matches_bce():
     logits2 = logits.clone()
     logits2[0] += 5
     assert torch.equal(loss(logits2, y)[1:], per[1:])
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+    reason="glibc's mallopt only",
+)
+def test_freed_tensor_memory_is_reused_instead_of_returned_to_the_kernel():
+    """A training step's large temporaries come back from the heap, not as fresh pages."""
+    assert reuse_freed_memory() is True  # glibc accepted both settings
+    values = 9 << 18  # 9 MiB of float32, like a per-example convolution gradient
+    for _ in range(2):  # the first ones may grow the heap
+        torch.empty(values).fill_(1.0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(20):
+        torch.empty(values).fill_(1.0)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults < 20 * (values * 4 // 4096) // 10  # returned each time: ~2,300 per step
