@@ -160,7 +160,7 @@ def _with_features(
     return FusionTensors(images, report_ids, data.present, data.labels, data.patient_ids)
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=256)  # one per hospital a simulation worker serves, as hospital_data
 def frozen_feature_split(
     split: HospitalSplit,
     model: ModelConfig,

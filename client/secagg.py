@@ -89,6 +89,13 @@ def install_secagg_primitives() -> None:
     # The module, not the package's function of the same name.
     mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
 
+    # X25519 key agreement with raw 32-byte keys, instead of P-384 and PEM.
+    mod.generate_key_pairs = secagg_primitives.generate_key_pairs  # type: ignore[attr-defined]
+    mod.private_key_to_bytes = secagg_primitives.private_key_to_bytes  # type: ignore[attr-defined]
+    mod.public_key_to_bytes = secagg_primitives.public_key_to_bytes  # type: ignore[attr-defined]
+    mod.bytes_to_private_key = secagg_primitives.bytes_to_private_key  # type: ignore[attr-defined]
+    mod.bytes_to_public_key = secagg_primitives.bytes_to_public_key  # type: ignore[attr-defined]
+    mod.generate_shared_key = secagg_primitives.generate_shared_key  # type: ignore[attr-defined]
     mod.pseudo_rand_gen = secagg_primitives.pseudo_rand_gen  # type: ignore[attr-defined]
     mod.create_shares = secagg_primitives.create_shares  # type: ignore[attr-defined]
     # The mod adds n - 1 pairwise masks into a vector it owns: in place, not a copy each.

@@ -130,7 +130,10 @@ class DecodedImages:
             self.new_keys, self.new = [], []
 
 
-@lru_cache(maxsize=4)
+# A deployed hospital's process serves one hospital. A simulation worker serves many in
+# turn, every round: their records are disjoint parts of one dataset, so keeping them all
+# costs at most that dataset's size per worker.
+@lru_cache(maxsize=256)
 def hospital_data(
     hospital: HospitalConfig, model: ModelConfig, data: DataConfig, seed: int
 ) -> HospitalSplit:

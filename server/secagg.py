@@ -65,6 +65,10 @@ def install_secagg_primitives() -> None:
         "flwr.server.workflow.secure_aggregation.secaggplus_workflow"
     )
 
+    # X25519 key agreement with raw 32-byte keys, instead of P-384 and PEM.
+    workflow.bytes_to_private_key = secagg_primitives.bytes_to_private_key  # type: ignore[attr-defined]
+    workflow.bytes_to_public_key = secagg_primitives.bytes_to_public_key  # type: ignore[attr-defined]
+    workflow.generate_shared_key = secagg_primitives.generate_shared_key  # type: ignore[attr-defined]
     workflow.pseudo_rand_gen = secagg_primitives.pseudo_rand_gen  # type: ignore[attr-defined]
     workflow.combine_shares = secagg_primitives.combine_shares  # type: ignore[attr-defined]
 

@@ -21,6 +21,15 @@ Both sides of fedfusion install these drop-in replacements instead
   faster than PyCryptodome's at 100 shares, because the field arithmetic is Python's
   native integers instead of a bit-by-bit GF(2^128) multiplication.
 
+- The key agreement: X25519 instead of ECDH on NIST P-384 with PEM-encoded keys
+  (:func:`generate_key_pairs`, :func:`generate_shared_key` and the raw 32-byte key
+  encodings). Each hospital agrees a key with every neighbour twice a round (to encrypt
+  its key shares, then to derive the pairwise masks): 0.26 ms per P-384 agreement, plus
+  PEM parsing, against ~0.05 ms. The shared key is still HKDF-SHA256 of the agreed
+  secret, used as Flower's Fernet key (AES-128): X25519's ~128-bit security matches that
+  cipher, where P-384's 192 bits bought nothing. A secret key to be Shamir-shared is 32
+  bytes instead of a ~185-byte PEM document. A public key that is not 32 bytes, or a
+  small-order point (an all-zero shared secret), is refused with the reason.
 - :func:`add_masks` / :func:`subtract_masks`, at the hospital only: Flower adds each of
   a hospital's n - 1 pairwise masks with a new array per neighbour; these add into the
   hospital's own vector instead, and the masks stay uint32 (no int64 copy). Same sums.
@@ -32,26 +41,93 @@ for another scheme with the reason.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import secrets
 
 import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 __all__ = [
     "SCHEME",
     "add_masks",
+    "bytes_to_private_key",
+    "bytes_to_public_key",
     "combine_shares",
     "create_shares",
+    "generate_key_pairs",
+    "generate_shared_key",
+    "private_key_to_bytes",
     "pseudo_rand_gen",
+    "public_key_to_bytes",
     "subtract_masks",
 ]
 
-SCHEME = "fedfusion-secagg/aes256ctr-prg+shamir-m521"
+SCHEME = "fedfusion-secagg/aes256ctr-prg+shamir-m521+x25519"
 _PRIME = 2**521 - 1
 _CHUNK = 64  # secret bytes per field element (512 bits < 521)
 _VALUE = 66  # bytes of one share value (521 bits)
 _zeros = b""
+
+
+_KEY_BYTES = 32  # X25519 public and private keys, raw
+
+
+def generate_key_pairs() -> tuple[X25519PrivateKey, X25519PublicKey]:
+    """A fresh X25519 key pair (secret key from the OS CSPRNG)."""
+    private = X25519PrivateKey.generate()
+    return private, private.public_key()
+
+
+def private_key_to_bytes(private_key: X25519PrivateKey) -> bytes:
+    """The secret key's raw 32 bytes (what gets Shamir-shared with the neighbours)."""
+    return private_key.private_bytes_raw()
+
+
+def public_key_to_bytes(public_key: X25519PublicKey) -> bytes:
+    """The public key's raw 32 bytes."""
+    return public_key.public_bytes_raw()
+
+
+def _key_bytes(data: bytes, what: str) -> bytes:
+    if len(data) != _KEY_BYTES:
+        raise ValueError(
+            f"a SecAgg+ {what} key of {len(data)} bytes, not {_KEY_BYTES}: the peer does not "
+            f"use {SCHEME!r} (run the same fedfusion version on the server and hospitals)"
+        )
+    return data
+
+
+def bytes_to_private_key(data: bytes) -> X25519PrivateKey:
+    """A secret key from its raw 32 bytes (ValueError naming the problem otherwise)."""
+    return X25519PrivateKey.from_private_bytes(_key_bytes(data, "secret"))
+
+
+def bytes_to_public_key(data: bytes) -> X25519PublicKey:
+    """A public key from its raw 32 bytes (ValueError naming the problem otherwise)."""
+    return X25519PublicKey.from_public_bytes(_key_bytes(data, "public"))
+
+
+def generate_shared_key(private_key: X25519PrivateKey, public_key: X25519PublicKey) -> bytes:
+    """The key two parties agree: HKDF-SHA256 of the X25519 secret, as a Fernet key.
+
+    A small-order public key (whose agreed secret would be all zeros, known to anyone)
+    is refused with a ValueError.
+    """
+    try:
+        secret = private_key.exchange(public_key)
+    except ValueError as err:
+        raise ValueError(
+            "SecAgg+ key agreement refused a peer's public key: it is a small-order point, "
+            "whose shared secret anyone could compute"
+        ) from err
+    derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=SCHEME.encode()).derive(
+        secret
+    )
+    return base64.urlsafe_b64encode(derived)
 
 
 def pseudo_rand_gen(

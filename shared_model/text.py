@@ -86,6 +86,18 @@ def _wordpiece() -> object:
     return BertWordPieceTokenizer(str(public_vocab_path()), lowercase=True)
 
 
+@lru_cache(maxsize=1)
+def _special_ids() -> dict[int, int]:
+    """WordPiece ids of the special tokens -> ours (reading the vocabulary takes ~20 ms)."""
+    vocab = _wordpiece().get_vocab()  # type: ignore[attr-defined]
+    return {
+        vocab["[PAD]"]: PAD_ID,
+        vocab["[CLS]"]: _CLS_ID,
+        vocab["[SEP]"]: _SEP_ID,
+        vocab["[UNK]"]: _UNK_ID,
+    }
+
+
 class ReportTokenizer:
     """Turns report text into fixed-length rows of bucket ids (0 is padding).
 
@@ -99,13 +111,7 @@ class ReportTokenizer:
         self.num_buckets = num_buckets
         self.max_tokens = max_tokens
         self._wp = _wordpiece()
-        vocab = self._wp.get_vocab()  # type: ignore[attr-defined]
-        self._special = {
-            vocab["[PAD]"]: PAD_ID,
-            vocab["[CLS]"]: _CLS_ID,
-            vocab["[SEP]"]: _SEP_ID,
-            vocab["[UNK]"]: _UNK_ID,
-        }
+        self._special = _special_ids()
 
     def bucket(self, wordpiece_id: int) -> int:
         """Map one WordPiece id to its embedding row; a fixed public function."""

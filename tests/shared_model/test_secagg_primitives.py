@@ -1,5 +1,6 @@
 """SecAgg+'s mask generator and secret sharing (shared_model/secagg_primitives.py)."""
 
+import base64
 import contextlib
 import importlib
 import os
@@ -12,12 +13,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
+from shared_model import secagg_primitives
 from shared_model.secagg_primitives import (
     SCHEME,
     add_masks,
+    bytes_to_private_key,
+    bytes_to_public_key,
     combine_shares,
     create_shares,
+    generate_key_pairs,
+    generate_shared_key,
+    private_key_to_bytes,
     pseudo_rand_gen,
+    public_key_to_bytes,
     subtract_masks,
 )
 
@@ -101,7 +109,35 @@ def test_both_sides_of_secagg_use_these_primitives():
     assert secaggplus_mod.parameters_subtraction is subtract_masks
     assert secaggplus_workflow.pseudo_rand_gen is pseudo_rand_gen
     assert secaggplus_workflow.combine_shares is combine_shares
-    assert "aes256ctr" in SCHEME
+    keys = ("bytes_to_private_key", "bytes_to_public_key", "generate_shared_key")
+    for name in (*keys, "generate_key_pairs", "private_key_to_bytes", "public_key_to_bytes"):
+        assert getattr(secaggplus_mod, name) is getattr(secagg_primitives, name), name
+    for name in keys:  # the server derives a dropped hospital's masks from its shared key
+        assert getattr(secaggplus_workflow, name) is getattr(secagg_primitives, name), name
+    assert "aes256ctr" in SCHEME and "x25519" in SCHEME
+
+
+def test_two_hospitals_agree_a_key_that_others_cannot():
+    (a, a_pub), (b, b_pub), (_, c_pub) = (generate_key_pairs() for _ in range(3))
+    wire = [public_key_to_bytes(k) for k in (a_pub, b_pub, c_pub)]
+    assert [len(w) for w in wire] == [32, 32, 32] and len(set(wire)) == 3
+    # a's secret key, Shamir-shared and rebuilt by the server for a dropped hospital
+    shares = create_shares(private_key_to_bytes(a), 3, 5)
+    a_rebuilt = bytes_to_private_key(combine_shares(shares[:3]))
+    k_ab = generate_shared_key(a_rebuilt, bytes_to_public_key(wire[1]))
+    assert k_ab == generate_shared_key(b, bytes_to_public_key(wire[0]))
+    assert k_ab != generate_shared_key(a, bytes_to_public_key(wire[2]))
+    assert len(base64.urlsafe_b64decode(k_ab)) == 32  # a Fernet key
+
+
+def test_malformed_and_small_order_public_keys_are_refused():
+    with pytest.raises(ValueError, match="public key of 120 bytes, not 32"):
+        bytes_to_public_key(b"-----BEGIN PUBLIC KEY-----".ljust(120, b"x"))  # P-384 PEM
+    with pytest.raises(ValueError, match="secret key of 31 bytes"):
+        bytes_to_private_key(bytes(31))
+    secret, _ = generate_key_pairs()
+    with pytest.raises(ValueError, match="small-order point"):
+        generate_shared_key(secret, bytes_to_public_key(bytes(32)))  # the point 0
 
 
 def test_a_hospital_refuses_masks_made_by_another_scheme():
