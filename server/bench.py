@@ -752,16 +752,25 @@ def table(measurements: Sequence[Measurement]) -> str:
 
 
 def write_results(
-    measurements: Sequence[Measurement], out_dir: Path, suite: str = "perf"
+    measurements: Sequence[Measurement],
+    out_dir: Path,
+    suite: str = "perf",
+    stamp: str | None = None,
+    failures: Sequence[str] = (),
 ) -> tuple[Path, Path]:
-    """Write the JSON results and the Markdown table of one suite; returns both paths."""
+    """Write the JSON results and the Markdown table of one suite; returns both paths.
+
+    The same ``stamp`` rewrites the same files (a run writes after each of its parts);
+    ``failures`` names the parts that failed, and why.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    stamp = stamp or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     machine = _machine()
     data = {
         "created": stamp,
         "machine": machine,
         "entries": [asdict(m) for m in measurements],
+        "failures": list(failures),
     }
     json_path = out_dir / f"{suite}-{stamp}.json"
     json_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -770,7 +779,9 @@ def write_results(
         f"# fedfusion benchmark ({suite}), {stamp} UTC\n\n"
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['platform']}; "
         f"torch {machine['torch']}, flwr {machine['flwr']}, opacus {machine['opacus']}.\n\n"
-        f"{table(measurements)}\n\nRaw: `{json_path.name}`\n",
+        f"{table(measurements)}\n\n"
+        + "".join(f"**FAILED** {failure}\n\n" for failure in failures)
+        + f"Raw: `{json_path.name}`\n",
         encoding="utf-8",
     )
     return json_path, md_path

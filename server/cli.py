@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from server.bench import Measurement
 
 __all__ = ["register"]
 
@@ -334,39 +338,56 @@ def bench(
         )
         raise typer.Exit(2)
     started = time.monotonic()
-    try:
-        if suite == "audit":
-            typer.echo("fedfusion bench: membership-inference audit, non-private vs DP")
-            measurements = run_audit_bench(min(sizes), echo=typer.echo)
-        elif suite == "dp":
+    parts: list[tuple[str, Callable[[], list[Measurement]]]]
+    if suite == "audit":
+        typer.echo("fedfusion bench: membership-inference audit, non-private vs DP")
+        parts = [("audit", lambda: run_audit_bench(min(sizes), echo=typer.echo))]
+    elif suite == "scale":
+        typer.echo(f"fedfusion bench: {scale_sizes} simulated hospitals, plain vs SecAgg+")
+        parts = [("scale", lambda: run_scale_bench(scale_sizes, echo=typer.echo))]
+    elif suite == "bytes":
+        typer.echo("fedfusion bench: bytes per round for each encoder mode")
+        parts = [("bytes", lambda: run_mode_bytes_bench(min(sizes), echo=typer.echo))]
+    else:
+        parts = [
+            ("dp", lambda: run_dp_bench(device=device, echo=typer.echo)),
+            ("memory", lambda: run_memory_bench(device=device, echo=typer.echo)),
+        ]
+        if suite == "dp":
             typer.echo("fedfusion bench: DP step time and memory per clipping method")
-            measurements = run_dp_bench(device=device, echo=typer.echo)
-            measurements += run_memory_bench(device=device, echo=typer.echo)
-        elif suite == "scale":
-            typer.echo(f"fedfusion bench: {scale_sizes} simulated hospitals, plain vs SecAgg+")
-            measurements = run_scale_bench(scale_sizes, echo=typer.echo)
-        elif suite == "bytes":
-            typer.echo("fedfusion bench: bytes per round for each encoder mode")
-            measurements = run_mode_bytes_bench(min(sizes), echo=typer.echo)
         else:
             typer.echo(
                 f"fedfusion bench: DP step cost; plain vs SecAgg+ at {sizes} hospitals, "
                 f"{rounds} rounds each, {reports} reports per hospital, simulated and "
                 f"deployed; {scale_sizes} simulated hospitals; bytes per encoder mode"
             )
-            measurements = run_dp_bench(device=device, echo=typer.echo)
-            measurements += run_memory_bench(device=device, echo=typer.echo)
-            measurements += run_wire_bench(sizes, rounds, deploy, echo=typer.echo, reports=reports)
+            parts.append(
+                (
+                    "secagg and deployment",
+                    lambda: run_wire_bench(sizes, rounds, deploy, echo=typer.echo, reports=reports),
+                )
+            )
             if scale_sizes:
-                measurements += run_scale_bench(scale_sizes, echo=typer.echo)
-            measurements += run_first_result_bench(echo=typer.echo)
-            measurements += run_mode_bytes_bench(min(sizes), echo=typer.echo)
-    except RuntimeError as err:
-        typer.secho(f"FAILED: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(1) from err
-    json_path, md_path = write_results(measurements, out, suite)
+                parts.append(("scale", lambda: run_scale_bench(scale_sizes, echo=typer.echo)))
+            parts.append(("first result", lambda: run_first_result_bench(echo=typer.echo)))
+            parts.append(("bytes", lambda: run_mode_bytes_bench(min(sizes), echo=typer.echo)))
+    # Each part's figures are written as soon as it ends, and a part that fails is
+    # reported and recorded while the others still run: a late failure loses nothing.
+    measurements: list[Measurement] = []
+    failures: list[str] = []
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    for name, part in parts:
+        try:
+            measurements += part()
+        except RuntimeError as err:
+            failures.append(f"{name}: {err}")
+            typer.secho(f"FAILED ({name}): {err}", fg=typer.colors.RED, err=True)
+        json_path, md_path = write_results(measurements, out, suite, stamp, failures)
     typer.echo("\n" + table(measurements))
     typer.echo(f"\n{time.monotonic() - started:.0f}s; results: {json_path} and {md_path}")
+    if failures:
+        typer.secho(f"{len(failures)} part(s) failed: see above", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
 
 
 def audit(

@@ -134,3 +134,27 @@ def test_one_dp_step_measurement_in_its_own_process():
     got = _run_one(spec)
     assert got["resolved"] == "bk" and len(got["times"]) == 2
     assert all(t > 0 for t in got["times"]) and got["peak_memory"] > got["train_memory"] > 0
+
+
+def test_a_failed_part_is_recorded_and_the_others_are_kept(tmp_path, monkeypatch):
+    """A part that fails late (here: memory) loses nothing the earlier parts measured."""
+    from typer.testing import CliRunner
+
+    import server.bench_dp
+    from shared_model.cli import build_app
+
+    step = Measurement.of("dp-step/default/none", {}, [0.03], "s")
+    monkeypatch.setattr(server.bench_dp, "run_dp_bench", lambda **_: [step])
+
+    def broken(**_):
+        raise RuntimeError("the memory run failed: out of luck")
+
+    monkeypatch.setattr(server.bench_dp, "run_memory_bench", broken)
+    result = CliRunner().invoke(build_app(), ["bench", "--suite", "dp", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "FAILED (memory): the memory run failed: out of luck" in result.output
+    (json_path,) = tmp_path.glob("dp-*.json")
+    data = json.loads(json_path.read_text())
+    assert [e["name"] for e in data["entries"]] == ["dp-step/default/none"]
+    assert data["failures"] == ["memory: the memory run failed: out of luck"]
+    assert "**FAILED** memory: the memory run failed" in (tmp_path / "latest-dp.md").read_text()
