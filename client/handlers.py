@@ -144,6 +144,7 @@ def train(msg: Message, context: Context) -> Message:
             "hospital-id": site.name,
             "reason": result.reason,
             "status": "trained" if result.trained else "declined",
+            "round": int(config["server-round"]),  # the server refuses a stale update
         }
     )
     content = RecordDict({"metrics": MetricRecord(metrics), "hospital": status})

@@ -47,6 +47,31 @@ class SuperNodeLaunch:
     warning: str = ""
 
 
+def _check_budget_left(hospital: HospitalConfig) -> None:
+    """ConfigError if the hospital's ledger cannot be trusted or its budget is spent."""
+    state = Path(hospital.state_dir).expanduser()
+    if not state.is_dir():
+        return  # a new hospital: its ledger starts with its first round
+    from client.privacy import LEDGER_FILENAME, LedgerError, read_ledger  # imports torch
+
+    ledger_file = state / LEDGER_FILENAME
+    if not ledger_file.is_file():
+        return
+
+    try:
+        ledger = read_ledger(ledger_file)
+    except LedgerError as err:
+        raise ConfigError(f"hospital.state-dir: {err}") from err
+    spent = ledger.epsilon()
+    if spent >= hospital.max_epsilon:
+        raise ConfigError(
+            f"hospital.max-epsilon: this hospital's ledger ({ledger_file}) has already spent "
+            f"epsilon {spent:.3f} of its max-epsilon {hospital.max_epsilon:g}, so it would "
+            "decline every round; raise max-epsilon only if the hospital's privacy policy "
+            "allows it"
+        )
+
+
 def plan_supernode(config_file: Path) -> SuperNodeLaunch:
     """Check a hospital file and build its SuperNode command; ConfigError names the key."""
     path = Path(config_file).expanduser().resolve()
@@ -60,6 +85,7 @@ def plan_supernode(config_file: Path) -> SuperNodeLaunch:
         raise ConfigError(f"hospital.data-manifest: {hospital.data_manifest} does not exist")
     if not hospital.state_dir:
         raise ConfigError(f"{path}: hospital.state-dir is required (it keeps the privacy ledger)")
+    _check_budget_left(hospital)
     if hospital.device != "cpu":  # a GPU that is not there fails now, not in round 1
         from client.site import resolve_device  # imports torch: only when it matters
 

@@ -177,6 +177,13 @@ def legacy_fit_reply(
     cfg: SecAggConfig,
 ) -> Message:
     """The fitres reply the SecAgg+ mod masks; warns if the update would be clipped."""
+    for d in delta:  # the server cannot inspect a masked update: check it here
+        bad = int(d.size - np.isfinite(d).sum())
+        if bad:
+            raise ValueError(
+                f"this hospital's update has {bad} NaN or infinite values; it is not uploaded "
+                "(under SecAgg+ the server could not refuse it)"
+            )
     ratio = num_examples / cfg.max_weight
     if ratio > 1:
         raise ValueError(

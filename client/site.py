@@ -18,7 +18,7 @@ import torch
 from client.features import FeatureCache, frozen_feature_split
 from client.privacy import LedgerEntry, PrivacyLedger, PrivacyPolicy, effective_policy
 from shared_model.config import ConfigError, DataConfig, HospitalConfig, ModelConfig, RunConfig
-from shared_model.data import decode_image, load_manifest, split_train_test
+from shared_model.data import DataLimits, decode_image, load_manifest, split_train_test
 from shared_model.datasets import HospitalSplit, embedded_hospital
 from shared_model.text import tokenizer_for
 
@@ -106,18 +106,22 @@ class DecodedImages:
         self.new_keys: list[str] = []
         self.new: list[torch.Tensor] = []
 
-    def decode(self, path: Path, size: int) -> torch.Tensor:
-        """The decoded image: kept, or decoded now (and kept at :meth:`flush`)."""
+    def decode(self, path: Path, size: int, max_pixels: int) -> torch.Tensor:
+        """The decoded image: kept, or decoded now (and kept at :meth:`flush`).
+
+        The pixel limit is part of the key: an image kept under a higher limit is
+        checked again when the limit is lowered.
+        """
         try:
             info = path.stat()
         except OSError:  # decode_image says what is wrong with the file
-            return decode_image(path, size)
-        identity = f"{path}\0{info.st_size}\0{info.st_mtime_ns}\0{size}"
+            return decode_image(path, size, max_pixels)
+        identity = f"{path}\0{info.st_size}\0{info.st_mtime_ns}\0{size}\0{max_pixels}"
         key = hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()[:32]
         kept = self.store.get(key)
         if kept is not None:
             return kept
-        image = decode_image(path, size)
+        image = decode_image(path, size, max_pixels)
         self.new_keys.append(key)
         self.new.append(image)
         return image
@@ -154,6 +158,7 @@ def hospital_data(
             tokenizer_for(model),
             model.image_size,
             decode=images.decode if images else decode_image,
+            limits=DataLimits(data.max_image_pixels, data.max_report_chars),
         )
         if images is not None:
             images.flush()

@@ -34,7 +34,7 @@ class HospitalRound:
 
     hospital: str
     node_id: int
-    status: str  # trained | declined | failed
+    status: str  # trained | declined | failed | rejected (its update refused) | evaluated
     num_examples: int = 0
     train_loss: float | None = None
     epsilon: float | None = None  # cumulative, reported by the hospital
@@ -64,6 +64,7 @@ class RoundRecord:
     failures: int = 0
     declined: int = 0
     eval_failures: int = 0
+    rejected: int = 0  # updates the server refused (server/validation.py)
     secagg_shares: int | None = None  # SecAgg+ rounds: key shares and threshold used
     secagg_threshold: int | None = None
 

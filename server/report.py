@@ -32,8 +32,8 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 
 def _eps(h: Round) -> str:
-    if h["status"] == "failed":
-        return "failed"
+    if h["status"] in {"failed", "rejected"}:
+        return h["status"]
     if h["status"] == "evaluated":  # round 0: the initial model, nothing trained yet
         return "-"
     if h.get("epsilon") is None:
@@ -46,8 +46,10 @@ def format_round_line(rnd: Round, num_rounds: int) -> str:
     """One line of progress for a completed round."""
     eps = ", ".join(f"{h['hospital']} {_eps(h)}" for h in rnd["hospitals"])
     extra = ""
-    if rnd["failures"] or rnd["declined"]:
+    if rnd["failures"] or rnd["declined"] or rnd.get("rejected"):
         extra = f" | {rnd['failures']} failed, {rnd['declined']} declined"
+        if rnd.get("rejected"):
+            extra += f", {rnd['rejected']} updates refused"
     return (
         f"round {rnd['round']}/{num_rounds} | train loss {_fmt(rnd['train_loss'])} | "
         f"eval loss {_fmt(rnd['eval_loss'])} | macro AUROC {_fmt(rnd['eval_auroc'])} | "

@@ -13,20 +13,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import tomllib
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared_model.config import SIM_FEATURE_CACHE_ENV, ConfigError, RunConfig
+from shared_model.config import SIM_FEATURE_CACHE_ENV, ConfigError, RunConfig, parse_overrides
 from shared_model.model import initial_model
 from shared_model.processes import free_port, stop_processes
 
@@ -68,25 +66,6 @@ def app_dir() -> Path:
             "has no pyproject.toml with [tool.flwr.app]; install with `pip install -e .`"
         )
     return root
-
-
-def _toml_value(text: str) -> Any:
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text  # a bare word: a string
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """Parse ``--run-config "k=v k2=v2"`` items (values in TOML syntax; bare words are text)."""
-    out: dict[str, Any] = {}
-    for item in items:
-        for token in shlex.split(item):
-            key, sep, value = token.partition("=")
-            if not sep or not key:
-                raise ConfigError(f"--run-config: expected key=value, got {token!r}")
-            out[key.strip()] = _toml_value(value.strip())
-    return out
 
 
 def _to_toml(config: dict[str, Any]) -> str:
@@ -367,9 +346,10 @@ def judge_run(rc: int, status: str, out: Path, tolerate_failures: bool) -> list[
     if info["status"] not in {"completed", "stopped-early"}:
         problems.append(f"the run {info['status']}: {info.get('error') or 'no reason given'}")
     rounds = json.loads((out / "metrics.json").read_text("utf-8"))["rounds"]
-    failures = sum(r["failures"] + r["eval_failures"] for r in rounds)
+    failures = sum(r["failures"] + r["eval_failures"] + r.get("rejected", 0) for r in rounds)
     if failures and not tolerate_failures:
-        reasons = {h["reason"] for r in rounds for h in r["hospitals"] if h["status"] == "failed"}
+        bad = {"failed", "rejected"}
+        reasons = {h["reason"] for r in rounds for h in r["hospitals"] if h["status"] in bad}
         problems.append(
             f"{failures} hospital replies failed: {'; '.join(sorted(reasons))[:500]}"
             " (pass --tolerate-failures to accept a run with failed hospitals)"

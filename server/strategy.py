@@ -20,13 +20,15 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from logging import INFO, WARNING
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
 
 from server.checkpoint import HospitalRound, RoundRecord, RunStore
+from server.validation import update_problem
 from server.wire import metered
 from shared_model.config import RunConfig
 from shared_model.packing import PACKED_KEY, LayoutError, WeightLayout
@@ -108,6 +110,20 @@ def _hospital_name(msg: Message) -> str:
     return f"node-{msg.metadata.src_node_id}"
 
 
+def robust_aggregator(name: str, trim_fraction: float, byzantine: int) -> FedAvg | None:
+    """Flower's strategy whose aggregation step ``server.aggregator`` names; None for mean."""
+    fn = nan_aware_weighted_mean
+    if name == "median":
+        return FedMedian(train_metrics_aggr_fn=fn)
+    if name == "trimmed-mean":
+        return FedTrimmedAvg(beta=trim_fraction, train_metrics_aggr_fn=fn)
+    if name == "krum":
+        return Krum(num_malicious_nodes=byzantine, train_metrics_aggr_fn=fn)
+    if name != "mean":
+        raise ValueError(f"unknown aggregator {name!r}")
+    return None
+
+
 class HospitalFedAvg(FedAvg):
     """Weighted FedAvg over the hospitals that trained; declines are not failures."""
 
@@ -118,6 +134,10 @@ class HospitalFedAvg(FedAvg):
         planned_rounds: int,
         base_hash: str = "",
         layout: WeightLayout | None = None,
+        max_update_norm: float = 0.0,
+        aggregator: str = "mean",
+        trim_fraction: float = 0.2,
+        byzantine_hospitals: int = 1,
         **kwargs: object,
     ) -> None:
         super().__init__(
@@ -129,14 +149,21 @@ class HospitalFedAvg(FedAvg):
         self.planned_rounds = planned_rounds
         self.base_hash = base_hash
         self.layout = layout
+        self.max_update_norm = max_update_norm
+        self.aggregator = aggregator
+        self.byzantine_hospitals = byzantine_hospitals
+        self._robust = robust_aggregator(aggregator, trim_fraction, byzantine_hospitals)
+        self._sent: np.ndarray | None = None  # this round's packed global weights
         self.round_hospitals: dict[int, HospitalRound] = {}
         self.failures = 0
         self.declined = 0
         self.eval_failures = 0
+        self.rejected = 0
 
     def begin_round(self) -> None:
         """Forget the previous round's per-hospital record."""
         self.round_hospitals, self.failures, self.declined, self.eval_failures = {}, 0, 0, 0
+        self.rejected = 0
 
     def _record_failure(self, node: int, reason: str) -> None:
         entry = self.round_hospitals.get(node)
@@ -149,7 +176,8 @@ class HospitalFedAvg(FedAvg):
 
     def failure_reasons(self) -> list[str]:
         """The distinct reasons hospitals failed this round, for error messages."""
-        return sorted({h.reason for h in self.round_hospitals.values() if h.status == "failed"})
+        bad = {"failed", "rejected"}
+        return sorted({h.reason for h in self.round_hospitals.values() if h.status in bad})
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -160,6 +188,7 @@ class HospitalFedAvg(FedAvg):
         config["base-hash"] = self.base_hash
         if self.layout is not None:
             config["weights-layout"] = self.layout.digest
+        self._sent = arrays[PACKED_KEY].numpy() if PACKED_KEY in arrays else None
         return super().configure_train(server_round, arrays, config, grid)
 
     def configure_evaluate(
@@ -201,6 +230,17 @@ class HospitalFedAvg(FedAvg):
                     entry.hospital,
                     entry.reason,
                 )
+            elif problem := self._update_problem(server_round, msg, status):
+                self.rejected += 1
+                entry.status, entry.reason = "rejected", problem
+                log(
+                    WARNING,
+                    "[fedfusion] round %d: refused the update of %s (node %d): %s",
+                    server_round,
+                    entry.hospital,
+                    node,
+                    problem,
+                )
             else:
                 trained.append(msg)
         for entry in self.round_hospitals.values():
@@ -212,7 +252,30 @@ class HospitalFedAvg(FedAvg):
                     entry.node_id,
                     entry.reason,
                 )
-        return super().aggregate_train(server_round, trained)
+        if self._robust is None or not trained:
+            return super().aggregate_train(server_round, trained)
+        if self.aggregator == "krum" and len(trained) <= 2 * self.byzantine_hospitals + 2:
+            raise FederationError(
+                f"round {server_round}: krum tolerating {self.byzantine_hospitals} malicious "
+                f"hospitals needs more than {2 * self.byzantine_hospitals + 2} updates, got "
+                f"{len(trained)} (server.byzantine-hospitals, server.aggregator)"
+            )
+        return self._robust.aggregate_train(server_round, trained)
+
+    def _update_problem(
+        self, server_round: int, msg: Message, status: Mapping[str, object]
+    ) -> str | None:
+        """Why a trained reply's update is refused (server/validation.py), or None."""
+        if self.layout is None or self._sent is None:
+            return None  # no packed weights to check against (unit tests of the bookkeeping)
+        return update_problem(
+            msg.content.array_records.get("arrays"),
+            self.layout,
+            self._sent,
+            server_round=server_round,
+            reply_round=status.get("round"),
+            max_norm=self.max_update_norm,
+        )
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -295,6 +358,10 @@ def build_strategy(run: RunConfig, base_hash: str, layout: WeightLayout) -> Hosp
         planned_rounds=run.num_rounds,
         base_hash=base_hash,
         layout=layout,
+        max_update_norm=cfg.max_update_norm,
+        aggregator=cfg.aggregator,
+        trim_fraction=cfg.trim_fraction,
+        byzantine_hospitals=cfg.byzantine_hospitals,
     )
 
 
@@ -344,6 +411,7 @@ def run_federation(
             failures=strategy.failures,
             declined=strategy.declined,
             eval_failures=strategy.eval_failures,
+            rejected=strategy.rejected,
         )
         assert strategy.layout is not None
         store.save_round(rec, unpack_record(arrays, strategy.layout))
@@ -370,7 +438,7 @@ def run_federation(
         )
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
         if new_arrays is None:
-            if strategy.declined and not strategy.failures:
+            if strategy.declined and not (strategy.failures or strategy.rejected):
                 log(
                     WARNING,
                     "[fedfusion] round %d: every sampled hospital declined (privacy budgets "
@@ -380,8 +448,8 @@ def run_federation(
                 break
             raise FederationError(
                 f"round {server_round}: no hospital returned an update "
-                f"({strategy.failures} failed, {strategy.declined} declined): "
-                + "; ".join(strategy.failure_reasons())
+                f"({strategy.failures} failed, {strategy.declined} declined, "
+                f"{strategy.rejected} refused): " + "; ".join(strategy.failure_reasons())
             )
         arrays = new_arrays
         evals = evaluate(server_round, arrays) if run.server.fraction_evaluate > 0 else {}

@@ -18,6 +18,7 @@ import difflib
 import math
 import os
 import re
+import shlex
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ __all__ = [
     "TrainConfig",
     "describe_run_config",
     "flatten_toml",
+    "parse_overrides",
 ]
 
 FUSION_MODES = ("concat", "gated", "cross_attention")
@@ -65,6 +67,7 @@ SIM_FEATURE_CACHE_ENV = "FEDFUSION_SIM_FEATURE_CACHE"
 ACCOUNTANTS = ("rdp", "prv")
 GRAD_SAMPLE_MODES = ("auto", "bk", "hooks", "ghost", "functorch", "ew")
 STRATEGIES = ("fedavg", "fedprox")
+AGGREGATORS = ("mean", "median", "trimmed-mean", "krum")
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -288,7 +291,7 @@ class PrivacyConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The embedded default data, used in simulation."""
+    """The embedded default data, used in simulation, and limits on a hospital's own data."""
 
     max_reports: int = _opt(0, "Use at most this many reports (0: all 3,860 labelled).", min=0)
     dirichlet_alpha: float = _opt(
@@ -296,6 +299,15 @@ class DataConfig:
     )
     test_fraction: float = _opt(
         0.2, "Share of each hospital's records held out for evaluation.", min=0.05, max=0.5
+    )
+    max_image_pixels: int = _opt(
+        100_000_000,
+        "Refuse an image with more pixels (read from its header, before decoding it): a "
+        "guard against decompression bombs.",
+        min=1,
+    )
+    max_report_chars: int = _opt(
+        100_000, "Refuse a report longer than this many characters.", min=1
     )
 
 
@@ -315,6 +327,27 @@ class ServerConfig:
     round_timeout: float = _opt(600.0, "Seconds to wait for replies in one round stage.", min=1.0)
     wait_for_hospitals_timeout: float = _opt(
         120.0, "Seconds to wait for min-hospitals to connect before failing the run.", min=1.0
+    )
+    aggregator: str = _opt(
+        "mean",
+        "How updates are combined (SecAgg+ off only, as the server must see each): 'mean' "
+        "(weighted FedAvg), or Flower's robust 'median', 'trimmed-mean' or 'krum'.",
+        choices=AGGREGATORS,
+    )
+    trim_fraction: float = _opt(
+        0.2,
+        "trimmed-mean: share of the updates cut at each end, value by value.",
+        min=0.0,
+        max=0.49,
+    )
+    byzantine_hospitals: int = _opt(
+        1, "krum: malicious hospitals to tolerate (needs more than 2x + 2 updates).", min=0
+    )
+    max_update_norm: float = _opt(
+        10000.0,
+        "SecAgg+ off: refuse an update (new minus global weights) with a larger L2 norm; "
+        "0: no limit.",
+        min=0.0,
     )
 
 
@@ -409,6 +442,12 @@ class RunConfig:
             )
         if self.server.strategy == "fedprox" and self.server.proximal_mu <= 0:
             raise ConfigError("server.proximal-mu: strategy 'fedprox' needs proximal-mu > 0")
+        if self.server.aggregator != "mean" and self.secagg.enabled:
+            raise ConfigError(
+                f"server.aggregator {self.server.aggregator!r} needs each hospital's update, "
+                "but with secagg.enabled = true the server only learns their sum; use "
+                "aggregator 'mean' with SecAgg+, or secagg.enabled = false"
+            )
 
     def secagg_plan(self, hospitals: int) -> tuple[int, int, int]:
         """(hospitals per round, num_shares, threshold) with ``hospitals`` connected.
@@ -839,3 +878,22 @@ def describe_run_config() -> list[tuple[str, Any, str]]:
     """(key, default, help) for every run key, for ``--help`` texts and the README."""
     defaults = RunConfig().to_run_config()
     return [(k, defaults[k], f.metadata["help"]) for k, (_, f, _o) in _known_run_keys().items()]
+
+
+def _toml_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text  # a bare word: a string
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Parse ``--run-config "k=v k2=v2"`` items (values in TOML syntax; bare words are text)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        for token in shlex.split(item):
+            key, sep, value = token.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"--run-config: expected key=value, got {token!r}")
+            out[key.strip()] = _toml_value(value.strip())
+    return out

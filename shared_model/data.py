@@ -12,7 +12,15 @@ A hospital's own data is described by a manifest (CSV or JSONL) with the columns
 Every row is decoded once, up front, so a bad file is found before training starts.
 A bad row raises :class:`ManifestError` naming the manifest, the row and the file; with
 ``strict=False`` bad rows are left out, counted and listed in the :class:`LoadReport`,
-never dropped silently.
+never dropped silently. A row is bad when its image cannot be decoded (missing, empty,
+truncated, not an image, a DICOM without pixels or in a transfer syntax no installed
+decoder reads), lies outside the manifest's folder, or has more pixels than
+:attr:`DataLimits.max_pixels` (checked from the header, before decoding: decompression
+bombs); when its report is longer than :attr:`DataLimits.max_report_chars` or its text
+is not UTF-8; when a label is unknown; when it repeats an earlier row, or uses an earlier
+row's image file (a record counted twice would get half its privacy guarantee); or
+when it has neither an image nor a report. A blank image or report alone is a missing
+modality, which the model is trained to handle: counted in the report, not an error.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from shared_model.text import Tokenizer
 
 __all__ = [
     "REQUIRED_COLUMNS",
+    "DataLimits",
     "FusionTensors",
     "LoadReport",
     "ManifestError",
@@ -46,7 +55,22 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class ManifestError(ValueError):
-    """A manifest or one of its rows cannot be used. The message names file and row."""
+    """A manifest or one of its rows cannot be used. The message names file and row.
+
+    ``report`` holds what a non-strict load found when no row at all was usable.
+    """
+
+    def __init__(self, message: str, report: LoadReport | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass(frozen=True)
+class DataLimits:
+    """What a hospital's data may be (``data.max-image-pixels``, ``data.max-report-chars``)."""
+
+    max_pixels: int = 100_000_000
+    max_report_chars: int = 100_000
 
 
 @dataclass(frozen=True)
@@ -133,17 +157,20 @@ def labels_to_multi_hot(names: Sequence[str], label_set: Sequence[str]) -> np.nd
 # ------------------------------------------------------------------------ decoding
 
 
-def decode_image(path: Path, size: int) -> torch.Tensor:
+def decode_image(path: Path, size: int, max_pixels: int = DataLimits.max_pixels) -> torch.Tensor:
     """Decode a PNG, JPEG or DICOM radiograph to ``(1, size, size)`` float32 in [0, 1].
 
     DICOM pixel values go through the modality (rescale) and VOI LUTs, and MONOCHROME1
-    images are inverted, so bright always means dense. Raises ValueError with the reason.
+    images are inverted, so bright always means dense. An image whose header declares
+    more than ``max_pixels`` pixels is refused before its pixels are decoded. Raises
+    ValueError with the reason.
     """
     if not path.is_file():
         raise ValueError("file not found")
     if path.stat().st_size == 0:
         raise ValueError("file is empty (0 bytes)")
-    pixels = _read_dicom(path) if _is_dicom(path) else _read_raster(path)
+    read = _read_dicom if _is_dicom(path) else _read_raster
+    pixels = read(path, max_pixels)
     if pixels.ndim != 2 or min(pixels.shape) < 2:
         raise ValueError(f"expected a 2-D grayscale image, got shape {pixels.shape}")
     lo, hi = np.percentile(pixels, [0.5, 99.5])
@@ -163,7 +190,20 @@ def _is_dicom(path: Path) -> bool:
     return head[128:132] == b"DICM"
 
 
-def _read_dicom(path: Path) -> np.ndarray:
+class _TooManyPixelsError(ValueError):
+    """An image header declares more pixels than ``data.max-image-pixels`` allows."""
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise _TooManyPixelsError(
+            f"image of {width} x {height} = {width * height:,} pixels exceeds the limit of "
+            f"{max_pixels:,} (data.max-image-pixels); refused before decoding, as a "
+            "possible decompression bomb"
+        )
+
+
+def _read_dicom(path: Path, max_pixels: int) -> np.ndarray:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -174,11 +214,17 @@ def _read_dicom(path: Path) -> np.ndarray:
     if "PixelData" not in ds:
         raise ValueError("DICOM file has no pixel data")
     try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError) as err:
+        raise ValueError("DICOM file does not say its image size (Rows, Columns)") from err
+    _check_pixels(columns, rows, max_pixels)
+    try:
         arr = ds.pixel_array
     except Exception as err:  # unsupported transfer syntax, truncated pixel data, ...
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+        detail = " ".join(str(err).split())  # pydicom lists each decoder on its own line
         raise ValueError(
-            f"cannot decode DICOM pixel data (transfer syntax {syntax}): {err}"
+            f"cannot decode DICOM pixel data (transfer syntax {syntax}): {detail}"
         ) from err
     if getattr(ds, "NumberOfFrames", 1) not in (None, "", 1, "1"):
         raise ValueError(f"multi-frame DICOM ({ds.NumberOfFrames} frames) is not a radiograph")
@@ -191,15 +237,27 @@ def _read_dicom(path: Path) -> np.ndarray:
     return values
 
 
-def _read_raster(path: Path) -> np.ndarray:
+def _read_raster(path: Path, max_pixels: int) -> np.ndarray:
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            img.load()  # force a full decode: a truncated file fails here, not later
-            if img.mode in {"RGB", "RGBA", "P", "LA", "CMYK", "YCbCr"}:
-                img = img.convert("L")
-            return np.asarray(img, dtype=np.float64)
+        with warnings.catch_warnings():
+            # Pillow's own bomb check warns, and refuses at twice its limit: ours decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                _check_pixels(*img.size, max_pixels)  # from the header, nothing decoded yet
+                img.load()  # force a full decode: a truncated file fails here, not later
+                if img.mode in {"RGB", "RGBA", "P", "LA", "CMYK", "YCbCr"}:
+                    img = img.convert("L")
+                return np.asarray(img, dtype=np.float64)
+    except _TooManyPixelsError:
+        raise
+    except Image.DecompressionBombError as err:  # above twice Pillow's own limit
+        raise ValueError(
+            f"refused before decoding as a possible decompression bomb: {err}"
+        ) from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"not a readable PNG/JPEG image ({err})") from err
 
@@ -211,14 +269,21 @@ def _read_rows(manifest: Path) -> list[dict[str, str]]:
     if not manifest.is_file():
         raise ManifestError(f"manifest {manifest} does not exist")
     suffix = manifest.suffix.lower()
-    try:
-        text = manifest.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ManifestError(f"manifest {manifest} is not UTF-8 text ({err})") from err
+    # Bytes that are not UTF-8 are kept as lone surrogates, so that the row holding them
+    # is refused by itself (see _text) instead of the whole manifest.
+    text = manifest.read_bytes().decode("utf-8", "surrogateescape")
     if suffix == ".csv":
+        # The csv module refuses fields over 128 KiB, which would fail the whole manifest
+        # on one long report: read them, and let load_manifest refuse that row by itself.
+        csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
         reader = csv.DictReader(text.splitlines())
-        columns = reader.fieldnames or []
-        rows = list(reader)
+        try:
+            columns = reader.fieldnames or []
+            rows = list(reader)
+        except csv.Error as err:
+            raise ManifestError(
+                f"manifest {manifest} line {reader.line_num}: not valid CSV ({err})"
+            ) from err
     elif suffix in {".jsonl", ".ndjson"}:
         rows = []
         for n, line in enumerate(text.splitlines(), start=1):
@@ -245,6 +310,19 @@ def _read_rows(manifest: Path) -> list[dict[str, str]]:
     return rows
 
 
+Decode = Callable[[Path, int, int], torch.Tensor]  # (path, size, max_pixels) -> image
+
+
+def _text(row: dict[str, str], column: str) -> str:
+    """A column's text, stripped; ValueError if its bytes were not UTF-8."""
+    value = (row.get(column) or "").strip()
+    bad = next((i for i, ch in enumerate(value) if "\udc80" <= ch <= "\udcff"), None)
+    if bad is not None:
+        byte = ord(value[bad]) - 0xDC00
+        raise ValueError(f"the {column} is not UTF-8 text (byte 0x{byte:02x} at character {bad})")
+    return value
+
+
 def load_manifest(
     manifest: str | Path,
     label_set: Sequence[str],
@@ -252,7 +330,8 @@ def load_manifest(
     image_size: int,
     *,
     strict: bool = True,
-    decode: Callable[[Path, int], torch.Tensor] | None = None,
+    decode: Decode | None = None,
+    limits: DataLimits = DataLimits(),
 ) -> tuple[FusionTensors, LoadReport]:
     """Read and decode every row of a manifest.
 
@@ -260,36 +339,63 @@ def load_manifest(
     naming the manifest, the row and the file. With ``strict=False`` bad rows are left
     out and listed in the returned :class:`LoadReport`. ``decode`` (default
     :func:`decode_image`) turns an image file into a tensor; a cache may stand in.
+    The module docstring lists what makes a row bad.
     """
     manifest = Path(manifest).expanduser().resolve()
     rows = _read_rows(manifest)
     report = LoadReport(manifest=str(manifest), rows_total=len(rows))
     images, texts, has_image, labels, patients = [], [], [], [], []
+    seen_rows: dict[tuple[tuple[str, str], ...], int] = {}
+    seen_images: dict[Path, int] = {}
     for n, row in enumerate(rows, start=1):
         try:
-            image, present = _decode_row_image(
-                manifest.parent, row, image_size, decode or decode_image
-            )
-            text = (row.get("report") or "").strip()
-            if not present and not text:
+            for column in row:  # every column's text, not only the ones read below
+                if column is not None:
+                    _text(row, column)
+            path = _row_image_path(manifest.parent, row)
+            text = _text(row, "report")
+            if len(text) > limits.max_report_chars:
+                raise ValueError(
+                    f"report of {len(text):,} characters exceeds data.max-report-chars "
+                    f"{limits.max_report_chars:,}"
+                )
+            if path is None and not text:
                 raise ValueError("row has neither an image nor a report")
-            names = [s.strip() for s in (row.get("labels") or "").split("|") if s.strip()]
+            names = [s.strip() for s in _text(row, "labels").split("|") if s.strip()]
             multi_hot = labels_to_multi_hot(names, label_set)
+            same = tuple(sorted((k or "", v or "") for k, v in row.items() if k is not None))
+            if same in seen_rows:
+                raise ValueError(
+                    f"repeats row {seen_rows[same]} (counted twice, a record "
+                    "would get half its privacy guarantee)"
+                )
+            if path is not None and path in seen_images:
+                raise ValueError(f"uses the same image file as row {seen_images[path]}")
+            if path is None:
+                image = torch.zeros(1, image_size, image_size)
+            else:
+                image = (decode or decode_image)(path, image_size, limits.max_pixels)
+            seen_rows[same] = n
+            if path is not None:
+                seen_images[path] = n
         except ValueError as err:
-            error = RowError(row=n, file=row.get("image") or "-", reason=str(err))
+            shown = (row.get("image") or "-").encode("utf-8", "backslashreplace").decode()
+            error = RowError(row=n, file=shown, reason=str(err))
             if strict:
                 raise ManifestError(f"manifest {manifest}, {error}") from err
             report.errors.append(error)
             continue
         images.append(image)
         texts.append(text)
-        has_image.append(present)
+        has_image.append(path is not None)
         labels.append(multi_hot)
-        patients.append((row.get("patient_id") or "").strip() or f"row-{n}")
-        report.missing_image += not present
+        patients.append(_text(row, "patient_id") or f"row-{n}")
+        report.missing_image += path is None
         report.missing_report += not text
     if not images:
-        raise ManifestError(f"manifest {manifest}: no usable records ({report.rows_bad} bad)")
+        raise ManifestError(
+            f"manifest {manifest}: no usable records ({report.rows_bad} bad)", report
+        )
     report.rows_ok = len(images)
     report_ids, has_report = tokenizer.encode(texts)
     present = torch.stack([torch.tensor(has_image, dtype=torch.float32), has_report.float()], 1)
@@ -299,16 +405,15 @@ def load_manifest(
     return data, report
 
 
-def _decode_row_image(
-    root: Path, row: dict[str, str], size: int, decode: Callable[[Path, int], torch.Tensor]
-) -> tuple[torch.Tensor, bool]:
-    rel = (row.get("image") or "").strip()
+def _row_image_path(root: Path, row: dict[str, str]) -> Path | None:
+    """The row's image file (None if blank); ValueError if it lies outside ``root``."""
+    rel = _text(row, "image")
     if not rel:
-        return torch.zeros(1, size, size), False
+        return None
     path = (root / rel).resolve()
     if not path.is_relative_to(root):
         raise ValueError(f"image path {rel!r} points outside the manifest's directory")
-    return decode(path, size), True
+    return path
 
 
 def split_train_test(

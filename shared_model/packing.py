@@ -59,6 +59,11 @@ class WeightLayout:
         return sum(int(np.prod(s, dtype=np.int64)) for s in self.shapes)
 
     @cached_property
+    def numpy_dtype(self) -> np.dtype:
+        """The flat array's NumPy dtype."""
+        return _numpy_dtype(self.dtype)
+
+    @cached_property
     def digest(self) -> str:
         """A short SHA-256 of the layout, sent with each request and checked on arrival."""
         text = "\n".join(f"{n}:{list(s)}" for n, s in zip(self.names, self.shapes, strict=True))
@@ -74,7 +79,7 @@ class WeightLayout:
                 "or in another order)"
             )
         if not state:
-            return np.zeros(0, dtype=_numpy_dtype(self.dtype))
+            return np.zeros(0, dtype=self.numpy_dtype)
         flat = torch.cat([state[n].detach().reshape(-1).to(self.dtype).cpu() for n in self.names])
         return flat.numpy()
 
@@ -85,7 +90,7 @@ class WeightLayout:
                 f"the weights array has shape {list(flat.shape)}; this model's "
                 f"{len(self.names)} trainable tensors need [{self.size}]"
             )
-        if flat.dtype != _numpy_dtype(self.dtype):
+        if flat.dtype != self.numpy_dtype:
             raise LayoutError(f"the weights array is {flat.dtype}, this model's are {self.dtype}")
         values = torch.from_numpy(flat)
         out, start = {}, 0

@@ -119,3 +119,22 @@ def test_a_gpu_that_is_not_there_fails_at_start(tmp_path):
     )
     with pytest.raises(ConfigError, match=r"hospital.device = 'cuda'.*sees no CUDA GPU"):
         plan_supernode(path)
+
+
+def test_a_spent_budget_or_an_untrusted_ledger_is_refused_at_start(tmp_path):
+    from client.privacy import LedgerEntry, PrivacyLedger, PrivacyPolicy
+
+    path = hospital_file(tmp_path)  # max-epsilon = 3.0, state-dir = "state"
+    plan_supernode(path)  # a new hospital (no state-dir yet) starts
+    policy = PrivacyPolicy(True, 3.0, 3.0, 1e-5, 1.0, "rdp", "bk")
+    ledger = PrivacyLedger.open(tmp_path / "state", "h", policy)
+    ledger.begin_round(LedgerEntry(round=1, noise_multiplier=0.6, sample_rate=0.1, steps=50))
+    ledger.complete_round(1, 50)
+    assert ledger.epsilon() > 3.0
+    with pytest.raises(ConfigError, match=r"hospital\.max-epsilon: .* already spent epsilon"):
+        plan_supernode(path)
+    result = CliRunner().invoke(build_app(), ["hospital", "--config", str(path), "--check"])
+    assert result.exit_code == 2 and "already spent epsilon" in result.output
+    (tmp_path / "state/privacy_ledger.json").write_text("{garbage")
+    with pytest.raises(ConfigError, match=r"hospital\.state-dir: .*refuses to train"):
+        plan_supernode(path)

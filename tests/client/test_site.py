@@ -45,7 +45,9 @@ def test_decoded_images_are_kept_for_the_next_process_and_redone_when_a_file_cha
     manifest = write_manifest(tmp_path / "data", 0, 12)
     decoded = []
     real = client.site.decode_image
-    monkeypatch.setattr(client.site, "decode_image", lambda p, s: decoded.append(p) or real(p, s))
+    monkeypatch.setattr(
+        client.site, "decode_image", lambda p, s, m: decoded.append(p) or real(p, s, m)
+    )
     first = _load(manifest, tmp_path / "state")
     assert len(decoded) == 12
     assert list((tmp_path / "state" / "image-cache").glob("images-*/*.pt"))

@@ -9,7 +9,13 @@ import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from shared_model.data import ManifestError, decode_image, load_manifest, split_train_test
+from shared_model.data import (
+    DataLimits,
+    ManifestError,
+    decode_image,
+    load_manifest,
+    split_train_test,
+)
 from shared_model.text import ReportTokenizer
 
 LABELS = ("normal", "cardiomegaly", "effusion")
@@ -34,8 +40,8 @@ def write_csv(path: Path, rows: list[dict], columns=("image", "report", "labels"
     return path
 
 
-def load(path, strict=True):
-    return load_manifest(path, LABELS, TOK, 32, strict=strict)
+def load(path, strict=True, limits=None):
+    return load_manifest(path, LABELS, TOK, 32, strict=strict, limits=limits or DataLimits())
 
 
 def test_csv_and_jsonl_manifests_load(tmp_path):
@@ -110,12 +116,13 @@ def test_bad_rows_name_the_manifest_row_and_file(tmp_path, row, message):
 
 
 def test_non_strict_counts_and_lists_bad_rows(tmp_path):
-    png(tmp_path / "ok.png")
+    for name in ("ok.png", "ok2.png", "ok3.png"):
+        png(tmp_path / name)
     rows = [
         {"image": "ok.png", "report": "a", "labels": "normal"},
         {"image": "nope.png", "report": "b", "labels": "normal"},
-        {"image": "ok.png", "report": "c", "labels": "bogus"},
-        {"image": "ok.png", "report": "d", "labels": "effusion"},
+        {"image": "ok2.png", "report": "c", "labels": "bogus"},
+        {"image": "ok3.png", "report": "d", "labels": "effusion"},
     ]
     data, report = load(write_csv(tmp_path / "m.csv", rows), strict=False)
     assert len(data) == 2 and report.rows_total == 4 and report.rows_bad == 2
@@ -161,17 +168,90 @@ def test_dicom_without_pixels_or_with_unsupported_syntax(tmp_path):
     ds.save_as(tmp_path / "nopix.dcm")
     with pytest.raises(ValueError, match="no pixel data"):
         decode_image(tmp_path / "nopix.dcm", 32)
-    with pytest.raises(ValueError, match="transfer syntax"):
-        decode_image(Path(get_testdata_file("MR_small_jpeg_ls_lossless.dcm")), 32)
+    # 12-bit JPEG Extended: neither Pillow nor pylibjpeg decodes this file
+    with pytest.raises(ValueError, match=r"transfer syntax 1\.2\.840\.10008\.1\.2\.4\.51"):
+        decode_image(Path(get_testdata_file("JPEG-lossy.dcm")), 32)
+    # JPEG-LS and JPEG Lossless, common in radiography archives, decode (pylibjpeg)
+    for name in ("MR_small_jpeg_ls_lossless.dcm", "JPGLosslessP14SV1_1s_1f_8b.dcm"):
+        assert decode_image(Path(get_testdata_file(name)), 32).shape == (1, 32, 32)
 
 
 def test_split_keeps_patients_on_one_side(tmp_path):
-    png(tmp_path / "a.png")
     rows = [
-        {"image": "a.png", "report": f"r{i}", "labels": "normal", "patient_id": f"p{i % 7}"}
+        {"image": png(tmp_path / f"{i}.png"), "report": f"r{i}", "labels": "normal"}
+        | {"patient_id": f"p{i % 7}"}
         for i in range(40)
     ]
     data, _ = load(write_csv(tmp_path / "m.csv", rows))
     train, test = split_train_test(data, 0.3, seed=1)
     assert len(train) + len(test) == 40
     assert not set(train.patient_ids) & set(test.patient_ids)
+
+
+def png_header(path: Path, width: int, height: int) -> None:
+    """A PNG that declares width x height pixels and holds none: a decompression bomb's head."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
+
+
+def test_images_with_too_many_pixels_are_refused_before_decoding(tmp_path):
+    png(tmp_path / "small.png", size=(40, 30))
+    with pytest.raises(ValueError, match=r"30 x 40 = 1,200 pixels exceeds the limit of 1,000"):
+        decode_image(tmp_path / "small.png", 32, max_pixels=1000)
+    assert decode_image(tmp_path / "small.png", 32, max_pixels=1200).shape == (1, 32, 32)
+    png_header(tmp_path / "bomb.png", 30_000, 30_000)  # 900 M pixels in 45 bytes
+    with pytest.raises(ValueError, match="decompression bomb"):
+        decode_image(tmp_path / "bomb.png", 32)
+    png_header(tmp_path / "big.png", 12_000, 10_000)  # 120 M: our limit, not Pillow's
+    with pytest.raises(ValueError, match=r"exceeds the limit of 100,000,000 \(data\.max-image"):
+        decode_image(tmp_path / "big.png", 32)
+    ds = pydicom.dcmread(get_testdata_file("RG1_UNCI.dcm"))
+    ds.Rows, ds.Columns = 20_000, 20_000  # a header that lies: refused before decoding
+    ds.save_as(tmp_path / "big.dcm")
+    with pytest.raises(ValueError, match=r"20000 x 20000 = 400,000,000 pixels exceeds"):
+        decode_image(tmp_path / "big.dcm", 32)
+
+
+def test_hostile_rows_are_each_refused_naming_the_row(tmp_path):
+    for i in range(4):
+        png(tmp_path / f"{i}.png", value=40 * i)
+    rows = [
+        {"image": "0.png", "report": "fine", "labels": "normal", "patient_id": "p0"},
+        {"image": "1.png", "report": "x" * 1_048_576, "labels": "normal", "patient_id": "p1"},
+        {"image": "2.png", "report": "\udcffbad", "labels": "normal", "patient_id": "p2"},
+        {"image": "0.png", "report": "again", "labels": "normal", "patient_id": "p3"},
+        {"image": "3.png", "report": "fine", "labels": "normal", "patient_id": "p4"},
+        {"image": "3.png", "report": "fine", "labels": "normal", "patient_id": "p4"},
+        {"image": "", "report": "", "labels": "normal", "patient_id": "p5"},
+        {"image": "", "report": "text only", "labels": "normal", "patient_id": "p6\udc80"},
+    ]
+    path = tmp_path / "m.csv"
+    with path.open("w", newline="", encoding="utf-8", errors="surrogateescape") as handle:
+        import csv
+
+        writer = csv.DictWriter(handle, fieldnames=["image", "report", "labels", "patient_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+    data, report = load(path, strict=False)
+    reasons = {e.row: e.reason for e in report.errors}
+    assert len(data) == 2 and report.rows_ok == 2 and report.rows_total == 8
+    assert reasons[2] == "report of 1,048,576 characters exceeds data.max-report-chars 100,000"
+    assert reasons[3] == "the report is not UTF-8 text (byte 0xff at character 0)"
+    assert reasons[4] == "uses the same image file as row 1"
+    assert reasons[6].startswith("repeats row 5")
+    assert reasons[7] == "row has neither an image nor a report"
+    assert reasons[8] == "the patient_id is not UTF-8 text (byte 0x80 at character 2)"
+    assert sorted(reasons) == [2, 3, 4, 6, 7, 8]
+    with pytest.raises(ManifestError, match=r"row 2 \(1\.png\): report of 1,048,576"):
+        load(path)
+    limits = DataLimits(max_report_chars=2_000_000)
+    _, report = load(path, strict=False, limits=limits)
+    assert 2 not in {e.row for e in report.errors}

@@ -1,0 +1,123 @@
+"""`fedfusion data check MANIFEST`: every row read as training reads it, bad ones named."""
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.data import get_testdata_file
+from typer.testing import CliRunner
+
+from shared_model.cli import build_app
+
+# Real DICOM files of the kinds hospitals archive: uncompressed and JPEG 2000 computed
+# radiographs in MONOCHROME1, JPEG Lossless (process 14, SV1) and JPEG-LS.
+REAL_DICOM = (
+    "RG1_UNCI.dcm",
+    "RG1_J2KR.dcm",
+    "JPGLosslessP14SV1_1s_1f_8b.dcm",
+    "MR_small_jpeg_ls_lossless.dcm",
+)
+
+
+def write(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["image", "report", "labels", "patient_id"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def good_site(root: Path) -> list[dict]:
+    """One row per real file format: PNG, JPEG, and the DICOM kinds above."""
+    root.mkdir(exist_ok=True)
+    Image.fromarray(np.arange(64 * 48, dtype=np.uint32).reshape(64, 48).astype(np.uint8)).save(
+        root / "a.png"
+    )
+    Image.fromarray(np.full((40, 50, 3), 90, np.uint8)).save(root / "b.jpg")
+    names = ["a.png", "b.jpg"]
+    for name in REAL_DICOM:
+        shutil.copy(get_testdata_file(name), root / name)
+        names.append(name)
+    return [
+        {"image": n, "report": f"Report {i}.", "labels": "normal", "patient_id": f"p{i}"}
+        for i, n in enumerate(names)
+    ]
+
+
+def check(*args: str):
+    return CliRunner().invoke(build_app(), ["data", "check", *args])
+
+
+def test_real_png_jpeg_and_dicom_files_pass(tmp_path):
+    manifest = write(tmp_path / "m.csv", good_site(tmp_path))
+    result = check(str(manifest))
+    assert result.exit_code == 0, result.output
+    assert f"{len(REAL_DICOM) + 2} rows" in result.output and "bad: 0" in result.output
+
+
+def test_every_bad_row_is_named_with_its_reason_and_the_exit_code_says_so(tmp_path):
+    rows = good_site(tmp_path)
+    full = (tmp_path / "a.png").read_bytes()
+    (tmp_path / "trunc.png").write_bytes(full[: len(full) // 3])
+    (tmp_path / "zero.png").write_bytes(b"")
+    ds = pydicom.dcmread(get_testdata_file("RG1_UNCI.dcm"))
+    del ds.PixelData
+    ds.save_as(tmp_path / "nopixels.dcm")
+    bad = [
+        {"image": "trunc.png", "report": "x", "labels": "normal", "patient_id": "q1"},
+        {"image": "zero.png", "report": "x", "labels": "normal", "patient_id": "q2"},
+        {"image": "nopixels.dcm", "report": "x", "labels": "normal", "patient_id": "q3"},
+        {"image": "../../etc/passwd", "report": "x", "labels": "normal", "patient_id": "q4"},
+        {"image": "", "report": "x", "labels": "pneumothorax", "patient_id": "q5"},
+        {"image": "", "report": "", "labels": "normal", "patient_id": "q6"},
+    ]
+    manifest = write(tmp_path / "m.csv", rows + bad)
+    result = check(str(manifest))
+    assert result.exit_code == 1
+    first = len(rows) + 1
+    expected = [
+        f"row {first} (trunc.png): not a readable PNG/JPEG image",
+        f"row {first + 1} (zero.png): file is empty (0 bytes)",
+        f"row {first + 2} (nopixels.dcm): DICOM file has no pixel data",
+        f"row {first + 3} (../../etc/passwd): image path '../../etc/passwd' points outside",
+        f"row {first + 4} (-): unknown label 'pneumothorax'",
+        f"row {first + 5} (-): row has neither an image nor a report",
+    ]
+    for line in expected:
+        assert line in result.output, line
+    assert f"ok:  {len(rows)}" in result.output and "bad: 6" in result.output
+    summary = json.loads(check(str(manifest), "--json").output)
+    assert summary["ok"] == len(rows) and [e["row"] for e in summary["errors"]] == list(
+        range(first, first + 6)
+    )
+
+
+def test_a_manifest_with_no_good_row_still_lists_every_row(tmp_path):
+    manifest = write(
+        tmp_path / "m.csv",
+        [
+            {"image": "nope.png", "report": "x", "labels": "normal", "patient_id": str(i)}
+            for i in (1, 2)
+        ],
+    )
+    result = check(str(manifest))
+    assert result.exit_code == 1
+    assert "row 1 (nope.png): file not found" in result.output
+    assert "row 2 (nope.png): file not found" in result.output
+
+
+def test_settings_change_what_is_accepted_and_bad_settings_exit_2(tmp_path):
+    manifest = write(tmp_path / "m.csv", good_site(tmp_path))
+    result = check(str(manifest), "--run-config", "data.max-image-pixels=100")
+    assert result.exit_code == 1 and "exceeds the limit of 100 (data.max-image-pixels)" in (
+        result.output
+    )
+    result = check(str(manifest), "--run-config", "model.fusion=sum")
+    assert result.exit_code == 2 and "model.fusion" in result.output
+    (tmp_path / "cols.csv").write_text("image,report\na.png,x\n")
+    result = check(str(tmp_path / "cols.csv"))
+    assert result.exit_code == 2 and "lacks column(s) labels" in result.output
