@@ -195,36 +195,48 @@ def _weighted(scale: torch.Tensor, per_example: torch.Tensor) -> torch.Tensor:
     return torch.einsum("b,b...->...", scale, per_example)
 
 
+def _kept(
+    m: nn.Module, weight: torch.Tensor | None, bias: torch.Tensor | None, batch: int
+) -> tuple[torch.Tensor, Finish]:
+    """Norms and clipped sum of a layer whose per-example gradients are kept (B, ...)."""
+    parts = [(p, grad) for p, grad in ((m.weight, weight), (m.bias, bias)) if grad is not None]
+    sq = parts[0][1].new_zeros(batch) if parts else torch.zeros(batch)
+    for _, grad in parts:
+        sq = sq + _sq_norms(grad)
+
+    def finish(scale: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        return [(p, _weighted(scale, grad).to(p.dtype)) for p, grad in parts]
+
+    return sq, finish
+
+
 def _linear(
     m: nn.Linear, calls: list[tuple[torch.Tensor, torch.Tensor]], batch: int
 ) -> tuple[torch.Tensor, Finish]:
     a = _tokens([x for x, _ in calls], batch).to(calls[0][1].dtype)  # (B, T, I)
     g = _tokens([y for _, y in calls], batch)  # (B, T, O)
     tokens, d_in, d_out = a.shape[1], a.shape[2], g.shape[2]
+    bias = m.bias is not None and m.bias.requires_grad
+    g_sum = g.sum(1) if bias else None  # (B, O): each example's bias gradient
+    if m.weight.requires_grad and tokens > 1 and _fits(m.weight, batch):
+        # kept for the clipped sum: T I O flops, then B scaled additions
+        return _kept(m, torch.bmm(g.transpose(1, 2), a), g_sum, batch)  # (B, O, I)
     sq = g.new_zeros(batch)
-    per_example: torch.Tensor | None = None
     if m.weight.requires_grad:
         if tokens == 1:
             sq = sq + _sq_norms(g[:, 0]) * _sq_norms(a[:, 0])
-        elif _fits(m.weight, batch):  # kept for the clipped sum: T I O flops
-            per_example = torch.bmm(g.transpose(1, 2), a)  # (B, O, I)
-            sq = sq + _sq_norms(per_example)
         elif tokens * (d_in + d_out) < d_in * d_out:  # ghost norm: T^2 (I + O) flops
             sq = sq + (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(
                 (1, 2)
             )
         else:  # the per-example gradient, dropped: T I O flops
             sq = sq + _sq_norms(torch.bmm(g.transpose(1, 2), a))
-    bias = m.bias is not None and m.bias.requires_grad
-    g_sum = g.sum(1) if bias else None  # (B, O): each example's bias gradient
     if g_sum is not None:
         sq = sq + _sq_norms(g_sum)
 
     def finish(scale: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
         out = []
-        if per_example is not None:
-            out.append((m.weight, _weighted(scale, per_example).to(m.weight.dtype)))
-        elif m.weight.requires_grad:
+        if m.weight.requires_grad:
             gc = (g * scale[:, None, None]).reshape(-1, d_out)
             out.append((m.weight, (gc.T @ a.reshape(-1, d_in)).to(m.weight.dtype)))
         if g_sum is not None:
@@ -287,21 +299,7 @@ def _conv2d_per_example(
         if bias:
             s = g.sum((2, 3))  # (B, O)
             g_sum = s if g_sum is None else g_sum + s
-    sq = calls[0][1].new_zeros(batch)
-    if per_example is not None:
-        sq = sq + _sq_norms(per_example)
-    if g_sum is not None:
-        sq = sq + _sq_norms(g_sum)
-
-    def finish(scale: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
-        out = []
-        if per_example is not None:
-            out.append((m.weight, _weighted(scale, per_example).to(m.weight.dtype)))
-        if g_sum is not None:
-            out.append((m.bias, (scale @ g_sum).to(m.bias.dtype)))
-        return out
-
-    return sq, finish
+    return _kept(m, per_example, g_sum, batch)
 
 
 def _conv2d_bounded(

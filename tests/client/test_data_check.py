@@ -1,6 +1,5 @@
 """`fedfusion data check MANIFEST`: every row read as training reads it, bad ones named."""
 
-import csv
 import json
 import shutil
 from pathlib import Path
@@ -12,6 +11,7 @@ from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
 from shared_model.cli import build_app
+from tests.shared_model.test_data import write_csv
 
 # Real DICOM files of the kinds hospitals archive: uncompressed and JPEG 2000 computed
 # radiographs in MONOCHROME1, JPEG Lossless (process 14, SV1) and JPEG-LS.
@@ -21,14 +21,6 @@ REAL_DICOM = (
     "JPGLosslessP14SV1_1s_1f_8b.dcm",
     "MR_small_jpeg_ls_lossless.dcm",
 )
-
-
-def write(path: Path, rows: list[dict]) -> Path:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["image", "report", "labels", "patient_id"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 def good_site(root: Path) -> list[dict]:
@@ -53,7 +45,7 @@ def check(*args: str):
 
 
 def test_real_png_jpeg_and_dicom_files_pass(tmp_path):
-    manifest = write(tmp_path / "m.csv", good_site(tmp_path))
+    manifest = write_csv(tmp_path / "m.csv", good_site(tmp_path))
     result = check(str(manifest))
     assert result.exit_code == 0, result.output
     assert f"{len(REAL_DICOM) + 2} rows" in result.output and "bad: 0" in result.output
@@ -75,7 +67,7 @@ def test_every_bad_row_is_named_with_its_reason_and_the_exit_code_says_so(tmp_pa
         {"image": "", "report": "x", "labels": "pneumothorax", "patient_id": "q5"},
         {"image": "", "report": "", "labels": "normal", "patient_id": "q6"},
     ]
-    manifest = write(tmp_path / "m.csv", rows + bad)
+    manifest = write_csv(tmp_path / "m.csv", rows + bad)
     result = check(str(manifest))
     assert result.exit_code == 1
     first = len(rows) + 1
@@ -97,7 +89,7 @@ def test_every_bad_row_is_named_with_its_reason_and_the_exit_code_says_so(tmp_pa
 
 
 def test_a_manifest_with_no_good_row_still_lists_every_row(tmp_path):
-    manifest = write(
+    manifest = write_csv(
         tmp_path / "m.csv",
         [
             {"image": "nope.png", "report": "x", "labels": "normal", "patient_id": str(i)}
@@ -111,7 +103,7 @@ def test_a_manifest_with_no_good_row_still_lists_every_row(tmp_path):
 
 
 def test_settings_change_what_is_accepted_and_bad_settings_exit_2(tmp_path):
-    manifest = write(tmp_path / "m.csv", good_site(tmp_path))
+    manifest = write_csv(tmp_path / "m.csv", good_site(tmp_path))
     result = check(str(manifest), "--run-config", "data.max-image-pixels=100")
     assert result.exit_code == 1 and "exceeds the limit of 100 (data.max-image-pixels)" in (
         result.output
