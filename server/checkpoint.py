@@ -65,6 +65,7 @@ class RoundRecord:
     declined: int = 0
     eval_failures: int = 0
     rejected: int = 0  # updates the server refused (server/validation.py)
+    skipped: bool = False  # too few updates (server.min-update-fraction): model unchanged
     secagg_shares: int | None = None  # SecAgg+ rounds: key shares and threshold used
     secagg_threshold: int | None = None
 

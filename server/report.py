@@ -50,6 +50,8 @@ def format_round_line(rnd: Round, num_rounds: int) -> str:
         extra = f" | {rnd['failures']} failed, {rnd['declined']} declined"
         if rnd.get("rejected"):
             extra += f", {rnd['rejected']} updates refused"
+    if rnd.get("skipped"):
+        extra += " | skipped: too few updates, model unchanged"
     return (
         f"round {rnd['round']}/{num_rounds} | train loss {_fmt(rnd['train_loss'])} | "
         f"eval loss {_fmt(rnd['eval_loss'])} | macro AUROC {_fmt(rnd['eval_auroc'])} | "

@@ -159,11 +159,12 @@ class HospitalFedAvg(FedAvg):
         self.declined = 0
         self.eval_failures = 0
         self.rejected = 0
+        self.skipped = False  # the round ended with too few updates and changed nothing
 
     def begin_round(self) -> None:
         """Forget the previous round's per-hospital record."""
         self.round_hospitals, self.failures, self.declined, self.eval_failures = {}, 0, 0, 0
-        self.rejected = 0
+        self.rejected, self.skipped = 0, False
 
     def _record_failure(self, node: int, reason: str) -> None:
         entry = self.round_hospitals.get(node)
@@ -173,6 +174,13 @@ class HospitalFedAvg(FedAvg):
             )
         else:
             entry.status, entry.reason = "failed", reason
+
+    def record_silent(self, nodes: Iterable[int], timeout: float) -> None:
+        """Sampled hospitals that sent no reply at all within the round's timeout."""
+        for node in sorted(nodes):
+            self.failures += 1
+            self._record_failure(node, f"no reply within server.round-timeout ({timeout:g}s)")
+            log(WARNING, "[fedfusion] node %d sent no reply within %gs", node, timeout)
 
     def failure_reasons(self) -> list[str]:
         """The distinct reasons hospitals failed this round, for error messages."""
@@ -412,6 +420,7 @@ def run_federation(
             declined=strategy.declined,
             eval_failures=strategy.eval_failures,
             rejected=strategy.rejected,
+            skipped=strategy.skipped,
         )
         assert strategy.layout is not None
         store.save_round(rec, unpack_record(arrays, strategy.layout))
@@ -432,11 +441,27 @@ def run_federation(
         grid.reset()
         log(INFO, "[fedfusion] round %d/%d", server_round, run.num_rounds)
         wait_for_hospitals(grid, run.server.min_hospitals, run.server.wait_for_hospitals_timeout)
-        replies = grid.send_and_receive(
-            strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
-            timeout=run.server.round_timeout,
-        )
+        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
+        replies = list(grid.send_and_receive(messages, timeout=run.server.round_timeout))
         new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        sampled = {m.metadata.dst_node_id for m in messages}
+        strategy.record_silent(
+            sampled - {r.metadata.src_node_id for r in replies}, run.server.round_timeout
+        )
+        lost = strategy.failures + strategy.rejected
+        if sampled and lost > len(sampled) * (1.0 - run.server.min_update_fraction) + 1e-9:
+            problem = (
+                f"round {server_round}: {lost} of {len(sampled)} sampled hospitals failed, "
+                f"did not answer or were refused, more than server.min-update-fraction "
+                f"{run.server.min_update_fraction:g} allows: "
+                + "; ".join(strategy.failure_reasons())
+            )
+            if run.server.short_round == "fail":
+                raise FederationError(problem)
+            log(WARNING, "[fedfusion] %s; round skipped, the model is unchanged", problem)
+            strategy.skipped = True
+            record(server_round, None, {}, started, arrays)
+            continue
         if new_arrays is None:
             if strategy.declined and not (strategy.failures or strategy.rejected):
                 log(

@@ -328,6 +328,19 @@ class ServerConfig:
     wait_for_hospitals_timeout: float = _opt(
         120.0, "Seconds to wait for min-hospitals to connect before failing the run.", min=1.0
     )
+    min_update_fraction: float = _opt(
+        0.66,
+        "A round needs updates from at least this share of its sampled hospitals (the rest "
+        "may fail, not answer or be refused); otherwise server.short-round decides.",
+        min=0.0,
+        max=1.0,
+    )
+    short_round: str = _opt(
+        "skip",
+        "A round with too few updates: 'skip' it (the model stays as it was, the run goes "
+        "on) or 'fail' the run.",
+        choices=("skip", "fail"),
+    )
     aggregator: str = _opt(
         "mean",
         "How updates are combined (SecAgg+ off only, as the server must see each): 'mean' "
