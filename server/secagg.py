@@ -245,9 +245,10 @@ class SecAggFedAvg(LegacyFedAvg):
             # model as if the round had trained.
             raise FederationError(
                 f"round {server_round}: SecAgg+ ended before aggregation: fewer than "
-                f"{self.threshold} of {self.sampled} hospitals answered a stage within "
-                f"secagg.stage-timeout ({self.run.secagg.stage_timeout:g}s); local training "
-                "runs inside that stage, so a slow model needs a longer timeout"
+                f"{self.threshold} of {self.sampled} hospitals completed a stage (they "
+                "failed, and Flower's log above holds their errors, or did not answer within "
+                f"secagg.stage-timeout, {self.run.secagg.stage_timeout:g}s; local training "
+                "runs inside a stage, so a slow model needs a longer timeout)"
             )
         self.meter.charge(self.hospitals.values())
         record = RoundRecord(

@@ -40,7 +40,7 @@ def packed_delta(hospital: int) -> np.ndarray:
     return np.concatenate([d.ravel() for d in true_delta(hospital)])
 
 
-def fake_hospitals(failing: int | None) -> ClientApp:
+def fake_hospitals(failing: int | None, declining: bool = False) -> ClientApp:
     app = ClientApp(mods=[secagg_mod])
 
     @app.train()
@@ -49,6 +49,14 @@ def fake_hospitals(failing: int | None) -> ClientApp:
         if hospital == failing:  # called in the masked-upload stage: after the key exchange
             raise RuntimeError("hospital lost power")
         legacy_request(msg, LAYOUT)
+        if declining:  # a spent budget: a zero update with weight 0, as client/handlers.py
+            return legacy_fit_reply(
+                msg,
+                [np.zeros(SIZE, np.float32)],
+                0,
+                {"hospital-id": f"hospital-{hospital}", "declined": 1, "reason": "budget"},
+                SecAggConfig(),
+            )
         return legacy_fit_reply(
             msg,
             [packed_delta(hospital)],
@@ -102,7 +110,7 @@ def received_arrays(replies) -> list[np.ndarray]:
     return found
 
 
-def run_round(failing: int | None):
+def run_round(failing: int | None, declining: bool = False):
     outcome = {}
     server = ServerApp()
 
@@ -121,7 +129,7 @@ def run_round(failing: int | None):
 
     run_simulation(
         server_app=server,
-        client_app=fake_hospitals(failing),
+        client_app=fake_hospitals(failing, declining),
         num_supernodes=4,
         backend_config={"client_resources": {"num_cpus": 1}},
     )
@@ -168,3 +176,12 @@ def test_round_survives_a_hospital_dropping_out_after_the_key_exchange():
     expected = fedavg([0, 1, 2])  # the survivors only
     for got, want in zip(outcome["final"].values(), expected, strict=True):
         np.testing.assert_allclose(got.numpy(), want, atol=1e-4)
+
+
+def test_a_round_where_every_hospital_declines_ends_without_an_update():
+    """Each uploads a zero update with weight 0: no update, the model stays as it was."""
+    outcome = run_round(failing=None, declining=True)
+    (record,) = outcome["rounds"]
+    assert record.declined == 4 and record.failures == 0
+    for got in outcome["final"].values():
+        assert not got.numpy().any()
