@@ -409,6 +409,13 @@ class SecAggConfig:
             raise ConfigError(f"secagg.num-shares: {shares} shares for only {hospitals} hospitals")
         if shares < 3:
             raise ConfigError(f"secagg.num-shares: must be at least 3, got {shares}")
+        if shares < hospitals and shares % 2 == 0:
+            # Flower 1.41 tells the hospitals to make `shares` key shares, then builds the
+            # neighbour graph with one more: every hospital fails with an IndexError.
+            raise ConfigError(
+                f"secagg.num-shares: {shares} is even; below the number of hospitals "
+                f"({hospitals}) SecAgg+ needs an odd number of shares (use {shares + 1})"
+            )
         threshold = self.reconstruction_threshold or max(2, -(-2 * shares // 3))
         if threshold >= shares:
             raise ConfigError(
