@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -270,7 +271,7 @@ def _read_rows(manifest: Path) -> list[dict[str, str]]:
         raise ManifestError(f"manifest {manifest} does not exist")
     suffix = manifest.suffix.lower()
     # Bytes that are not UTF-8 are kept as lone surrogates, so that the row holding them
-    # is refused by itself (see _text) instead of the whole manifest.
+    # is refused by itself (see _row_texts) instead of the whole manifest.
     text = manifest.read_bytes().decode("utf-8", "surrogateescape")
     if suffix == ".csv":
         # The csv module refuses fields over 128 KiB, which would fail the whole manifest
@@ -313,14 +314,23 @@ def _read_rows(manifest: Path) -> list[dict[str, str]]:
 Decode = Callable[[Path, int, int], torch.Tensor]  # (path, size, max_pixels) -> image
 
 
-def _text(row: dict[str, str], column: str) -> str:
-    """A column's text, stripped; ValueError if its bytes were not UTF-8."""
-    value = (row.get(column) or "").strip()
-    bad = next((i for i, ch in enumerate(value) if "\udc80" <= ch <= "\udcff"), None)
-    if bad is not None:
-        byte = ord(value[bad]) - 0xDC00
-        raise ValueError(f"the {column} is not UTF-8 text (byte 0x{byte:02x} at character {bad})")
-    return value
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # bytes decoded with surrogateescape
+
+
+def _row_texts(row: dict[str, str]) -> dict[str, str]:
+    """Each column's text, stripped; ValueError naming the first column not in UTF-8."""
+    texts = {}
+    for column, value in row.items():
+        if column is None:  # the csv module's list of surplus fields
+            continue
+        text = (value or "").strip()
+        if bad := _NOT_UTF8.search(text):
+            byte = ord(bad.group()) - 0xDC00
+            raise ValueError(
+                f"the {column} is not UTF-8 text (byte 0x{byte:02x} at character {bad.start()})"
+            )
+        texts[column] = text
+    return texts
 
 
 def load_manifest(
@@ -349,11 +359,9 @@ def load_manifest(
     seen_images: dict[Path, int] = {}
     for n, row in enumerate(rows, start=1):
         try:
-            for column in row:  # every column's text, not only the ones read below
-                if column is not None:
-                    _text(row, column)
-            path = _row_image_path(manifest.parent, row)
-            text = _text(row, "report")
+            fields = _row_texts(row)  # every column, not only the ones read below
+            path = _row_image_path(manifest.parent, fields.get("image", ""))
+            text = fields.get("report", "")
             if len(text) > limits.max_report_chars:
                 raise ValueError(
                     f"report of {len(text):,} characters exceeds data.max-report-chars "
@@ -361,7 +369,7 @@ def load_manifest(
                 )
             if path is None and not text:
                 raise ValueError("row has neither an image nor a report")
-            names = [s.strip() for s in _text(row, "labels").split("|") if s.strip()]
+            names = [s.strip() for s in fields.get("labels", "").split("|") if s.strip()]
             multi_hot = labels_to_multi_hot(names, label_set)
             same = tuple(sorted((k or "", v or "") for k, v in row.items() if k is not None))
             if same in seen_rows:
@@ -389,7 +397,7 @@ def load_manifest(
         texts.append(text)
         has_image.append(path is not None)
         labels.append(multi_hot)
-        patients.append(_text(row, "patient_id") or f"row-{n}")
+        patients.append(fields.get("patient_id") or f"row-{n}")
         report.missing_image += path is None
         report.missing_report += not text
     if not images:
@@ -405,9 +413,8 @@ def load_manifest(
     return data, report
 
 
-def _row_image_path(root: Path, row: dict[str, str]) -> Path | None:
+def _row_image_path(root: Path, rel: str) -> Path | None:
     """The row's image file (None if blank); ValueError if it lies outside ``root``."""
-    rel = _text(row, "image")
     if not rel:
         return None
     path = (root / rel).resolve()
