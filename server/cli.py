@@ -99,27 +99,48 @@ def server(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Show Flower's full log.")
     ] = False,
+    new_run: Annotated[
+        bool,
+        typer.Option(
+            "--new-run", help="Start a new run even if the latest one is unfinished (not resumed)."
+        ),
+    ] = False,
 ) -> None:
     """Run the federation for real: SuperLink, hospital registration, the rounds.
 
     The file's [server] table gives the address, the state directory, the TLS files
     from `fedfusion certs` and the hospitals' public keys to register; [run] holds run
-    settings (the keys of `fedfusion simulate -c`). Exits non-zero if the run failed.
+    settings (the keys of `fedfusion simulate -c`). If the state directory's latest run
+    is unfinished (the server was killed, or the run failed), it is resumed after its
+    last complete round. Exits non-zero if the run failed.
     """
     from server.deploy import INSECURE_WARNING, run_server
     from server.report import summary_table
     from shared_model.config import ConfigError, ServerDeployConfig
-    from shared_model.model import initial_model
+    from shared_model.model import base_fingerprint, initial_model
 
     try:
         cfg, run, settings = ServerDeployConfig.from_file(config)
-        initial_model(run.model, run.seed)  # weight files: fail before anything starts
+        # weight files: fail before anything starts
+        base_hash = base_fingerprint(initial_model(run.model, run.seed))
     except ConfigError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from err
     if cfg.insecure:
         typer.secho(INSECURE_WARNING, fg=typer.colors.RED, err=True)
-    result = run_server(cfg, run, settings, echo=typer.echo, verbose=verbose)
+    try:
+        result = run_server(
+            cfg,
+            run,
+            settings,
+            echo=typer.echo,
+            verbose=verbose,
+            base_hash=base_hash,
+            new_run=new_run,
+        )
+    except ConfigError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err
     if result.rounds:
         typer.echo("\n" + summary_table(result.rounds))
     typer.echo(f"\nrun directory: {result.run_dir}")
@@ -156,7 +177,8 @@ def simulate(
         typer.Option(
             "--out",
             "-o",
-            help="Run directory (default: runs/YYYYmmdd-HHMMSS, in UTC). Must be new or empty.",
+            help="Run directory (default: runs/YYYYmmdd-HHMMSS, in UTC). New or empty, or "
+            "holding an unfinished run (killed or failed), which is then resumed.",
         ),
     ] = None,
     timeout: Annotated[float, typer.Option(help="Stop the run after this many seconds.")] = 1800,

@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from server.checkpoint import RunDirError, RunFinishedError, RunStore
 from server.simulation import SimulationResult, _to_toml, app_dir, judge_run, submit_run
-from shared_model.config import RunConfig, ServerDeployConfig
+from shared_model.config import ConfigError, RunConfig, ServerDeployConfig
 from shared_model.processes import stop_processes
 
 __all__ = ["INSECURE_WARNING", "run_server", "superlink_command"]
@@ -135,17 +136,56 @@ def _wait_online(env: dict[str, str], count: int, timeout: float, echo: Any) -> 
         time.sleep(2)
 
 
+def _run_dir(
+    state: Path, settings: dict[str, Any], base_hash: str, new_run: bool, echo: Any
+) -> Path:
+    """The latest run in ``state`` if it is unfinished, else a new run directory.
+
+    ConfigError if the unfinished run cannot be resumed with these settings: the
+    operator then restores them, or passes --new-run to leave it unfinished.
+    """
+    runs = state / "runs"
+    previous = (
+        sorted(p for p in runs.glob("*") if (p / "run.json").exists()) if runs.exists() else []
+    )
+    if previous and not new_run:
+        last = previous[-1]
+        store = RunStore(last)
+        try:
+            same = RunConfig.from_run_config({**settings, "output-dir": str(last)})
+            info = store.unfinished(same.to_run_config(), base_hash)
+        except RunFinishedError:
+            info = None  # start the next run
+        except RunDirError as err:
+            raise ConfigError(
+                f"{err} (or pass --new-run to leave it unfinished and start a new run)"
+            ) from err
+        if info is not None:
+            echo(f"fedfusion server: resuming the unfinished run in {last} ({info['status']})")
+            return last
+    out = runs / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    out.mkdir(parents=True, exist_ok=False)
+    return out
+
+
 def run_server(
     cfg: ServerDeployConfig,
     run: RunConfig,
     run_settings: dict[str, Any],
     echo: Any = print,
     verbose: bool = False,
+    *,
+    base_hash: str = "",
+    new_run: bool = False,
 ) -> SimulationResult:
-    """Start the SuperLink, register hospitals, run the federation, stop; judge the run."""
+    """Start the SuperLink, register hospitals, run the federation, stop; judge the run.
+
+    If the state directory's latest run is unfinished (its server was killed, or it
+    failed), it is resumed after its last complete round, unless ``new_run``.
+    ``base_hash`` is the frozen weights' fingerprint, which a resumed run must share.
+    """
     state = Path(cfg.state_dir)
-    out = state / "runs" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    out.mkdir(parents=True, exist_ok=False)
+    out = _run_dir(state, {**run.to_run_config(), **run_settings}, base_hash, new_run, echo)
     config_file = out / "run-config.toml"
     full = {**run.to_run_config(), **run_settings, "output-dir": str(out)}
     config_file.write_text(_to_toml(full), encoding="utf-8")
@@ -177,7 +217,9 @@ def run_server(
         result.problems = [str(err)]
         return result
     finally:
-        result.leftover_processes = stop_processes(superlink.pid, [str(state)])
+        result.leftover_processes = stop_processes(
+            superlink.pid, [str(state), f"--parent-pid {superlink.pid}"]
+        )
         superlink.wait(10)
         result.seconds = time.monotonic() - started
     result.problems = judge_run(rc, status, out, tolerate_failures=False)

@@ -88,8 +88,11 @@ class SecAggFedAvg(LegacyFedAvg):
         plan: tuple[int, int, int] = (0, 0, 0),
         base_hash: str = "",
         layout_digest: str = "",
+        offset: int = 0,
     ) -> None:
         self.meter = meter
+        # Flower's workflow counts rounds from 1; a resumed run continues after ``offset``.
+        self.offset = offset
         self.base_hash = base_hash
         self.layout_digest = layout_digest
         self.sample_size, self.shares, self.threshold = plan
@@ -121,7 +124,11 @@ class SecAggFedAvg(LegacyFedAvg):
         self.started = time.monotonic()
         self.aggregated = False  # set when the SecAgg+ round reached aggregate_fit
 
+    def _round(self, workflow_round: int) -> int:
+        return workflow_round + self.offset if workflow_round > 0 else 0
+
     def _fit_config(self, server_round: int) -> dict[str, Scalar]:
+        server_round = self._round(server_round)
         self._reset()
         log(INFO, "[fedfusion] round %d/%d (SecAgg+)", server_round, self.run.num_rounds)
         return {
@@ -158,6 +165,7 @@ class SecAggFedAvg(LegacyFedAvg):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Apply the unmasked mean delta; hospitals that declined had weight 0 in it."""
+        server_round = self._round(server_round)
         self.aggregated = True
         # Flower logs a failure per protocol stage a hospital misses; count hospitals.
         self.failures = max(self.sampled - len(results), 0)
@@ -213,6 +221,7 @@ class SecAggFedAvg(LegacyFedAvg):
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
         """Average held-out metrics over hospitals (where defined) and record the round."""
+        server_round = self._round(server_round)
         self.eval_failures = len(failures)
         for proxy, res in results:
             entry = self.hospitals.setdefault(
@@ -234,6 +243,7 @@ class SecAggFedAvg(LegacyFedAvg):
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None:
         """No central data; records the round when there is no federated evaluation."""
+        server_round = self._round(server_round)
         if server_round > 0 and self.run.server.fraction_evaluate == 0:
             self._record(server_round, {})
         return None
@@ -276,11 +286,13 @@ def run_secagg_rounds(
     base_hash: str,
     hospitals: int,
     on_round: Callable[[RoundRecord, StateDict], None],
+    first_round: int = 1,
 ) -> StateDict:
-    """Rounds 1..num-rounds with every update inside SecAgg+; returns the final model.
+    """Rounds first_round..num-rounds with every update in SecAgg+; returns the final model.
 
     ``hospitals`` is how many are connected; an impossible share/threshold combination
-    for the sample is refused here, before any round starts.
+    for the sample is refused here, before any round starts. A resumed run passes the
+    round after its checkpoint as ``first_round`` and that checkpoint as ``initial``.
     """
     sampled, shares, threshold = run.secagg_plan(hospitals)
     layout = WeightLayout.of(initial)  # the weights travel (and are masked) as one array
@@ -308,6 +320,7 @@ def run_secagg_rounds(
         (sampled, shares, threshold),
         base_hash,
         layout.digest,
+        first_round - 1,
     )
     workflow = DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(
@@ -320,7 +333,9 @@ def run_secagg_rounds(
     )
     legacy = LegacyContext(
         context,
-        config=ServerConfig(num_rounds=run.num_rounds, round_timeout=run.server.round_timeout),
+        config=ServerConfig(
+            num_rounds=run.num_rounds - (first_round - 1), round_timeout=run.server.round_timeout
+        ),
         strategy=strategy,
     )
     workflow(grid, legacy)

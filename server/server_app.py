@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from logging import ERROR, INFO
+from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
 import torch
@@ -11,7 +11,7 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from server.checkpoint import RoundRecord, RunStore
+from server.checkpoint import RoundRecord, RunDirError, RunStore
 from server.report import format_round_line, write_report
 from server.secagg import run_secagg_rounds
 from server.strategy import (
@@ -39,20 +39,40 @@ def main(grid: Grid, context: Context) -> None:
     model = initial_model(run.model, run.seed)
     # Only trainable parameters travel; hospitals check their frozen rest by this hash.
     base_hash = base_fingerprint(model)
-    store.start(flat, base_hash)
     start = shared_state(model)
     layout = WeightLayout.of(start)  # the weights travel as one array: shared_model/packing.py
+    resume = store.begin(flat, base_hash)  # a killed or failed run resumes where it stopped
+    first_round = 0
+    if resume is not None:
+        start = _resumed_state(resume.state, start, store.root)
+        first_round = resume.round + 1
+        log(
+            WARNING,
+            "[fedfusion] resuming the run in %s (attempt %d) after round %d from its checkpoint; "
+            "hospitals count any round they already began in full",
+            store.root,
+            resume.attempt,
+            resume.round,
+        )
 
     def progress(record: RoundRecord) -> None:
         log(INFO, "[fedfusion] %s", format_round_line(record.to_dict(), run.num_rounds))
 
     try:
         if run.secagg.enabled:
-            final = _secagg_run(grid, context, run, start, layout, base_hash, store, progress)
+            final = _secagg_run(
+                grid, context, run, start, layout, base_hash, store, progress, first_round
+            )
         else:
             strategy = build_strategy(run, base_hash, layout)
             done = run_federation(
-                grid, run, strategy, packed_record(start, layout), store, progress
+                grid,
+                run,
+                strategy,
+                packed_record(start, layout),
+                store,
+                progress,
+                first_round=first_round,
             )
             final = unpack_record(done, layout)
     except Exception as err:
@@ -75,19 +95,40 @@ def _secagg_run(
     base_hash: str,
     store: RunStore,
     progress: Callable[[RoundRecord], None],
+    first_round: int = 0,
 ) -> dict[str, torch.Tensor]:
     """The round-0 baseline in the clear (no update is sent), then rounds in SecAgg+."""
     hospitals = wait_for_hospitals(
         grid, run.server.min_hospitals, run.server.wait_for_hospitals_timeout
     )
     run.secagg_plan(hospitals)  # refuse impossible settings before the baseline round
-    strategy = build_strategy(run, base_hash, layout)
-    run_federation(
-        grid, run, strategy, packed_record(initial, layout), store, progress, train_rounds=0
-    )
+    if first_round == 0:
+        strategy = build_strategy(run, base_hash, layout)
+        run_federation(
+            grid, run, strategy, packed_record(initial, layout), store, progress, train_rounds=0
+        )
 
     def on_round(record: RoundRecord, state: dict[str, torch.Tensor]) -> None:
         store.save_round(record, state)
         progress(record)
 
-    return run_secagg_rounds(grid, context, run, initial, base_hash, hospitals, on_round)
+    if first_round > run.num_rounds:  # killed after its last round was saved
+        return initial
+    return run_secagg_rounds(
+        grid, context, run, initial, base_hash, hospitals, on_round, max(first_round, 1)
+    )
+
+
+def _resumed_state(
+    saved: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor], root: Path
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights, refused unless they fit the model this run builds."""
+    mismatch = [k for k in fresh if k not in saved or saved[k].shape != fresh[k].shape] + [
+        k for k in saved if k not in fresh
+    ]
+    if mismatch:
+        raise RunDirError(
+            f"the checkpoint in {root} does not fit this model ({len(mismatch)} tensors differ, "
+            f"e.g. {mismatch[0]}): it was written by another fedfusion version"
+        )
+    return {k: saved[k].to(fresh[k].dtype) for k in fresh}

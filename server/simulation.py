@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server.checkpoint import RunDirError, RunStore, write_json_atomic
 from shared_model.config import SIM_FEATURE_CACHE_ENV, ConfigError, RunConfig, parse_overrides
-from shared_model.model import initial_model
+from shared_model.model import base_fingerprint, initial_model
 from shared_model.processes import free_port, stop_processes
 
 __all__ = [
@@ -37,7 +38,9 @@ __all__ = [
 ]
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RUN_STARTED = re.compile(r"Successfully started run (\d+)")
 _SUPERLINK_START_TIMEOUT = 60.0
+_SIMULATION_FILE = "simulation.json"  # the number of simulated hospitals, for a resume
 
 
 @dataclass
@@ -106,7 +109,7 @@ class LocalSuperLink:
             f"127.0.0.1:{free_port()}",
             "--disable-runtime-dependency-installation",
         ]
-        with self.log_path.open("w", encoding="utf-8") as log:
+        with self.log_path.open("a", encoding="utf-8") as log:
             self.proc = subprocess.Popen(
                 cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
@@ -189,7 +192,7 @@ def run_simulation_cli(
     out = out.expanduser().resolve()
     run_config = {**overrides, "num-rounds": rounds, "output-dir": str(out)}
     run = RunConfig.from_run_config(run_config)  # fail now, with the key named
-    initial_model(run.model, run.seed)  # missing or mismatched weight files fail now, too
+    model = initial_model(run.model, run.seed)  # missing or mismatched weight files fail now
     if run.secagg.enabled:  # refuse impossible share/threshold settings before starting
         run.secagg_plan(hospitals)
     if hospitals < run.server.min_hospitals:
@@ -198,13 +201,12 @@ def run_simulation_cli(
             f"{run.server.min_hospitals}: the run would wait for hospitals "
             "that never come"
         )
-    if out.exists() and any(out.iterdir()):
-        raise ConfigError(
-            f"output directory {out} is not empty: choose another --out "
-            "(its privacy ledgers belong to an earlier federation)"
-        )
+    resuming = _resumable(out, run, base_fingerprint(model), hospitals)
+    if resuming:
+        echo(f"fedfusion: {resuming}")
     project = app_dir()
     out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / _SIMULATION_FILE, {"hospitals": hospitals})
     flwr_home = out / ".flwr"
     flwr_home.mkdir(exist_ok=True)
     config_file = out / "run-config.toml"
@@ -261,6 +263,38 @@ def run_simulation_cli(
     return result
 
 
+def _resumable(out: Path, run: RunConfig, base_hash: str, hospitals: int) -> str:
+    """How a restart in ``out`` continues its unfinished run ("" for a new run).
+
+    ConfigError if ``out`` holds anything else: a finished run, a run with other
+    settings or another number of hospitals, or files that are not a run.
+    """
+    if not out.exists() or not any(out.iterdir()):
+        return ""
+    try:
+        info = RunStore(out).unfinished(run.to_run_config(), base_hash)
+    except RunDirError as err:
+        raise ConfigError(str(err)) from err
+    if info is None:
+        raise ConfigError(
+            f"output directory {out} is not empty and holds no fedfusion run: choose another --out"
+        )
+    sim = out / _SIMULATION_FILE
+    before = json.loads(sim.read_text("utf-8")).get("hospitals") if sim.exists() else None
+    if before != hospitals:
+        raise ConfigError(
+            f"{out} holds an unfinished run of {before} simulated hospitals, not {hospitals}: "
+            f"resume it with --hospitals {before}, or choose another --out"
+        )
+    metrics = out / "metrics.json"
+    done = json.loads(metrics.read_text("utf-8"))["rounds"] if metrics.exists() else []
+    last = f"after round {done[-1]['round']}" if done else "from the start (no round was complete)"
+    return (
+        f"{out} holds an unfinished run ({info.get('status')}); resuming it {last}, "
+        "with the hospitals' privacy ledgers as they are"
+    )
+
+
 def submit_run(
     project: Path,
     config_file: Path,
@@ -287,7 +321,7 @@ def submit_run(
         "--run-config",
         str(config_file),
     ]
-    with (out / "simulation.log").open("w", encoding="utf-8") as log:
+    with (out / "simulation.log").open("a", encoding="utf-8") as log:  # a resumed run appends
         proc = subprocess.Popen(
             cmd,
             env=env,
@@ -305,18 +339,24 @@ def submit_run(
 
         timer = threading.Timer(timeout, stop)
         timer.start()
+        run_id = ""
         try:
             assert proc.stdout is not None
             for line in proc.stdout:
                 log.write(line)
+                started = _RUN_STARTED.search(line)
+                if started and not run_id:
+                    run_id = started.group(1)
                 shown = _show(line, verbose)
                 if shown:
                     echo(f"  {shown}")
             rc = proc.wait()
         finally:
             timer.cancel()
+    # A SuperLink restarted on its old database also lists the runs of earlier attempts.
+    which = ["--run-id", run_id] if run_id else []
     listing = subprocess.run(
-        [flwr, "ls", connection, "--format", "json"],
+        [flwr, "ls", connection, *which, "--format", "json"],
         env=env,
         cwd=out,
         capture_output=True,
@@ -343,9 +383,22 @@ def judge_run(rc: int, status: str, out: Path, tolerate_failures: bool) -> list[
         problems.append(f"the ServerApp never started (no run.json); see {out / 'simulation.log'}")
         return problems
     info = json.loads(run_file.read_text("utf-8"))
-    if info["status"] not in {"completed", "stopped-early"}:
-        problems.append(f"the run {info['status']}: {info.get('error') or 'no reason given'}")
     rounds = json.loads((out / "metrics.json").read_text("utf-8"))["rounds"]
+    resume = (
+        f"the same command resumes it after round {rounds[-1]['round']}"
+        if rounds
+        else "the same command starts it again"
+    )
+    if info["status"] == "running":
+        problems.append(
+            "the server process ended without recording how the run ended (it was killed or "
+            f"crashed; see {out / 'simulation.log'}): {resume}"
+        )
+    elif info["status"] not in {"completed", "stopped-early"}:
+        problems.append(
+            f"the run {info['status']}: {info.get('error') or 'no reason given'} ({resume}, "
+            "once the cause is fixed)"
+        )
     failures = sum(r["failures"] + r["eval_failures"] + r.get("rejected", 0) for r in rounds)
     if failures and not tolerate_failures:
         bad = {"failed", "rejected"}

@@ -381,12 +381,14 @@ def run_federation(
     store: RunStore,
     on_round: Callable[[RoundRecord], None] | None = None,
     train_rounds: int | None = None,
+    first_round: int = 0,
 ) -> ArrayRecord:
     """Run all rounds: train, aggregate, evaluate, checkpoint. Returns the final model.
 
     Round 0 evaluates the initial model at every hospital: the baseline each later
-    round is compared against. ``train_rounds`` (default: num-rounds) training rounds
-    follow; 0 runs the baseline alone (the SecAgg+ path trains in its own workflow).
+    round is compared against. Training rounds follow up to ``train_rounds`` (default:
+    num-rounds); 0 runs the baseline alone (the SecAgg+ path trains in its own
+    workflow). A resumed run starts at ``first_round`` from that round's input model.
     """
     grid = metered(grid)
 
@@ -429,13 +431,13 @@ def run_federation(
 
     wait_for_hospitals(grid, run.server.min_hospitals, run.server.wait_for_hospitals_timeout)
     arrays = initial_arrays
-    if run.server.fraction_evaluate > 0:
+    if first_round == 0 and run.server.fraction_evaluate > 0:
         started = time.monotonic()
         strategy.begin_round()
         grid.reset()
         record(0, None, evaluate(0, arrays), started, arrays)
     rounds = run.num_rounds if train_rounds is None else train_rounds
-    for server_round in range(1, rounds + 1):
+    for server_round in range(max(first_round, 1), rounds + 1):
         started = time.monotonic()
         strategy.begin_round()
         grid.reset()

@@ -106,9 +106,15 @@ class MeteredGrid:
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Flower's push_messages, metered."""
         messages = list(messages)
+        # Measured before the push: measuring deflates, and Flower's objects cache what
+        # that computes in their __dict__. In simulation, Ray pickles a pushed message
+        # in another thread at once, and messages share the model's arrays: a key added
+        # mid-pickle failed it ("dictionary changed size during iteration"), and the
+        # actor it had taken never returned to Flower's pool ("pop from empty list").
+        sizes = [(msg.metadata.dst_node_id, message_bytes(msg)) for msg in messages]
         ids = list(self._grid.push_messages(messages))
-        for msg in messages:
-            self.down[msg.metadata.dst_node_id] += message_bytes(msg)
+        for node, size in sizes:
+            self.down[node] += size
         # Flower returns one id per message in order (None where a push failed), or, in
         # simulation, only the ids that were stored; one batch is one protocol stage.
         if len(ids) == len(messages):

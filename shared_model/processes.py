@@ -23,11 +23,13 @@ def free_port() -> int:
 
 
 def stop_processes(root_pid: int, markers: list[str], grace: float = 5.0) -> list[int]:
-    """Stop a process, its descendants, and any process marked by a private path.
+    """Stop a process, its descendants, its process group and any process marked by a path.
 
     A process whose command line holds one of ``markers`` is stopped too: that catches
-    daemons that left the tree, such as Ray's. Returns the PIDs still alive afterwards
-    (none, normally).
+    daemons that left the tree, such as Ray's. So is every process in the group that
+    ``root_pid`` leads (processes started with ``start_new_session``): when the root was
+    killed, its orphaned children are found that way. Returns the PIDs still alive
+    afterwards (none, normally).
     """
     procs: dict[int, psutil.Process] = {}
     try:
@@ -39,7 +41,7 @@ def stop_processes(root_pid: int, markers: list[str], grace: float = 5.0) -> lis
     me = os.getpid()
     for proc in psutil.process_iter(["pid", "cmdline"]):
         cmdline = " ".join(proc.info.get("cmdline") or [])
-        if proc.pid != me and any(m in cmdline for m in markers):
+        if proc.pid != me and (any(m in cmdline for m in markers) or _group(proc) == root_pid):
             procs[proc.pid] = proc
     for proc in procs.values():
         with contextlib.suppress(psutil.NoSuchProcess):
@@ -50,3 +52,10 @@ def stop_processes(root_pid: int, markers: list[str], grace: float = 5.0) -> lis
             proc.kill()
     _, alive = psutil.wait_procs(alive, timeout=grace)
     return [p.pid for p in alive]
+
+
+def _group(proc: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(proc.pid)
+    except (ProcessLookupError, PermissionError):
+        return None

@@ -78,3 +78,50 @@ def test_a_message_that_was_not_pushed_is_not_waited_for():
     replies = grid.send_and_receive([request(1, 10), request(2, 10)], timeout=30)
     assert len(replies) == 1 and time.monotonic() - started < 5
     assert grid.node_bytes(2)[1] > 0  # it was still sent (and charged)
+
+
+def _attributes(obj: object, out: dict[int, set] | None = None) -> dict[int, set]:
+    """The keys of every dict reachable from a Flower object, read without touching any
+    property (properties are what cache things)."""
+    out = {} if out is None else out
+    if id(obj) in out:
+        return out
+    if isinstance(obj, dict):
+        out[id(obj)] = set(obj)
+        for value in list(obj.values()):
+            _attributes(value, out)
+    elif isinstance(obj, list | tuple):
+        for value in obj:
+            _attributes(value, out)
+    elif type(obj).__module__.startswith("flwr") and hasattr(obj, "__dict__"):
+        _attributes(vars(obj), out)
+    return out
+
+
+class SnapshotGrid(EchoGrid):
+    """Records every object's attributes at the moment a message is handed to Flower."""
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.pushed = [(msg, _attributes(msg)) for msg in messages]
+        return super().push_messages(messages)
+
+
+def test_metering_leaves_a_pushed_message_untouched():
+    """In simulation, Ray pickles a pushed message in another thread at once, and the
+    messages of a round share the model's arrays. Flower's objects cache what deflating
+    computes in their __dict__, so measuring a message after pushing it changed a dict
+    Ray was iterating ("dictionary changed size during iteration"), which also lost the
+    actor from Flower's pool. The meter measures before it pushes."""
+    shared = ArrayRecord([np.ones(50_000, dtype=np.float32)])  # one model, sent to all
+    messages = [
+        make_message(RecordDict({"arrays": shared}), MessageType.TRAIN, dst_node_id=n)
+        for n in (1, 2)
+    ]
+    inner = SnapshotGrid()
+    grid = metered(inner)
+    grid.send_and_receive(messages)
+    assert grid.node_bytes(1)[1] > 200_000
+    for msg, at_push in inner.pushed:
+        now = _attributes(msg)
+        assert all(now[k] == at_push[k] for k in at_push), "an object changed after its push"
