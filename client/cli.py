@@ -167,7 +167,7 @@ def hospital(
     whatever the server asks. The [connection] table says how to reach the server
     (server, root-certificates, private-key, port; insecure only for development).
     """
-    from client.launch import explain_exit, plan_supernode, run_supernode
+    from client.launch import explain_exit, plan_supernode, run_until_joined
     from shared_model.config import ConfigError
 
     try:
@@ -184,7 +184,7 @@ def hospital(
     if check:
         typer.echo(" ".join(launch.command))
         return
-    code, output = run_supernode(launch)
+    code, output = run_until_joined(launch, echo=typer.echo)
     reason = explain_exit(code, output, launch)
     if reason:
         typer.secho(f"error: {reason}", fg=typer.colors.RED, err=True)

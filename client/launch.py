@@ -13,7 +13,9 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +28,7 @@ __all__ = [
     "explain_exit",
     "plan_supernode",
     "run_supernode",
+    "run_until_joined",
     "supernode_environment",
 ]
 
@@ -116,14 +119,21 @@ def plan_supernode(config_file: Path) -> SuperNodeLaunch:
     )
 
 
+_ACTIVATION_REFUSED = "Failed to activate SuperNode"
+
+
 def explain_exit(code: int, log_text: str, launch: SuperNodeLaunch) -> str:
     """A plain explanation of why the SuperNode stopped, for the hospital's IT team."""
-    if "Failed to activate SuperNode" in log_text:
+    if _ACTIVATION_REFUSED in log_text:
         public = Path(launch.connection.private_key).with_suffix(".pub")
         return (
-            f"the server refused this hospital's key: it is not registered. Send {public} "
-            "to the server operator, who registers it with `flwr supernode register "
-            f"{public.name} <connection> --name {launch.hospital.hospital_id}`."
+            "the server refused to let this hospital join. Either its key is not "
+            f"registered: send {public} to the server operator, who registers it with "
+            f"`flwr supernode register {public.name} <connection> --name "
+            f"{launch.hospital.hospital_id}`; or the server still counts this hospital as "
+            "online: another copy of it runs with the same key, or its previous run "
+            "stopped less than connection.rejoin-timeout "
+            f"({launch.connection.rejoin_timeout:g}s) ago."
         )
     if code != 0:
         return (
@@ -131,6 +141,36 @@ def explain_exit(code: int, log_text: str, launch: SuperNodeLaunch) -> str:
             f"({launch.connection.server}) and the TLS files"
         )
     return ""
+
+
+def run_until_joined(
+    launch: SuperNodeLaunch,
+    echo: Callable[[str], object] = print,
+    run: Callable[[SuperNodeLaunch], tuple[int, str]] | None = None,
+    retry_every: float = 5.0,
+) -> tuple[int, str]:
+    """Run the SuperNode, retrying while the server refuses to activate this hospital.
+
+    A hospital restarted after a crash is refused until the server notices that its
+    previous connection is gone: Flower marks a node offline two heartbeat intervals
+    (60 s) after its last heartbeat. So a refused activation is retried every
+    ``retry_every`` seconds for up to connection.rejoin-timeout; any other exit, or a
+    join that lasted, returns at once. ``run`` defaults to :func:`run_supernode`.
+    """
+    run = run or run_supernode
+    deadline = time.monotonic() + launch.connection.rejoin_timeout
+    while True:
+        code, output = run(launch)
+        if _ACTIVATION_REFUSED not in output or time.monotonic() + retry_every > deadline:
+            return code, output
+        left = deadline - time.monotonic()
+        echo(
+            f"{launch.hospital.hospital_id}: the server refused to let this hospital join "
+            f"(yet); retrying in {retry_every:g}s, for up to {left:.0f}s more "
+            "(connection.rejoin-timeout). After a crash, the server frees a hospital's "
+            "previous connection 60s after its last heartbeat."
+        )
+        time.sleep(retry_every)
 
 
 def supernode_environment(first: Path | None = None) -> dict[str, str]:

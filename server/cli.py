@@ -116,6 +116,7 @@ def server(
     """
     from server.deploy import INSECURE_WARNING, run_server
     from server.report import summary_table
+    from server.simulation import failed_replies
     from shared_model.config import ConfigError, ServerDeployConfig
     from shared_model.model import base_fingerprint, initial_model
 
@@ -143,6 +144,9 @@ def server(
         raise typer.Exit(2) from err
     if result.rounds:
         typer.echo("\n" + summary_table(result.rounds))
+        lost = failed_replies(result.rounds)
+        if lost:
+            typer.secho(f"note: {lost}", fg=typer.colors.YELLOW)
     typer.echo(f"\nrun directory: {result.run_dir}")
     if not result.ok:
         for problem in result.problems:

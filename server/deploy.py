@@ -222,7 +222,9 @@ def run_server(
         )
         superlink.wait(10)
         result.seconds = time.monotonic() - started
-    result.problems = judge_run(rc, status, out, tolerate_failures=False)
+    # Hospitals that dropped out are expected in a real federation: each round went on
+    # without them if enough remained (or was skipped or failed, which judge_run sees).
+    result.problems = judge_run(rc, status, out, tolerate_failures=True)
     if timed_out:
         result.problems.insert(
             0, f"the run did not finish within server.timeout {cfg.timeout:.0f}s"

@@ -399,12 +399,25 @@ def judge_run(rc: int, status: str, out: Path, tolerate_failures: bool) -> list[
             f"the run {info['status']}: {info.get('error') or 'no reason given'} ({resume}, "
             "once the cause is fixed)"
         )
-    failures = sum(r["failures"] + r["eval_failures"] + r.get("rejected", 0) for r in rounds)
-    if failures and not tolerate_failures:
-        bad = {"failed", "rejected"}
-        reasons = {h["reason"] for r in rounds for h in r["hospitals"] if h["status"] in bad}
-        problems.append(
-            f"{failures} hospital replies failed: {'; '.join(sorted(reasons))[:500]}"
-            " (pass --tolerate-failures to accept a run with failed hospitals)"
-        )
+    lost = failed_replies(rounds)
+    if lost and not tolerate_failures:
+        problems.append(f"{lost} (pass --tolerate-failures to accept a run with failed hospitals)")
     return problems
+
+
+def failed_replies(rounds: list[dict[str, Any]]) -> str:
+    """What went wrong at hospitals over a run, in one line ("" if nothing did)."""
+    failures = sum(r["failures"] + r["eval_failures"] + r.get("rejected", 0) for r in rounds)
+    if not failures:
+        return ""
+    bad = {"failed", "rejected"}
+    reasons = {h["reason"] for r in rounds for h in r["hospitals"] if h["status"] in bad}
+    reasons.discard("")
+    said = "; ".join(sorted(reasons))[:500] or (
+        "no reason recorded: hospitals that dropped out of SecAgg+ or evaluation; the run "
+        "log holds Flower's errors"
+    )
+    where = sorted(
+        {r["round"] for r in rounds if r["failures"] + r["eval_failures"] + r.get("rejected", 0)}
+    )
+    return f"{failures} hospital replies failed (rounds {where}): {said}"

@@ -653,6 +653,14 @@ class ConnectionConfig:
         min=0.05,
         max=60.0,
     )
+    rejoin_timeout: float = _opt(
+        120.0,
+        "Seconds a restarted hospital retries joining while the server still counts its "
+        "previous connection as online (Flower frees it 60 s after its last heartbeat); "
+        "0 gives up at once.",
+        min=0.0,
+        max=3600.0,
+    )
 
     @classmethod
     def from_file(cls, path: Path) -> ConnectionConfig:

@@ -2,13 +2,19 @@
 
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from client.launch import explain_exit, plan_supernode, supernode_environment
+from client.launch import (
+    explain_exit,
+    plan_supernode,
+    run_until_joined,
+    supernode_environment,
+)
 from shared_model.cli import build_app
 from shared_model.config import ConfigError, HospitalConfig
 
@@ -82,10 +88,46 @@ def test_plaintext_only_when_asked_and_loudly(tmp_path):
     assert result.exit_code == 0 and "WITHOUT TLS" in result.output
 
 
+REFUSED = "ERROR: [code: 2004] Failed to activate SuperNode."
+
+
 def test_an_unregistered_key_is_explained(tmp_path):
     launch = plan_supernode(hospital_file(tmp_path))
-    reason = explain_exit(1, "ERROR: [code: 2004] Failed to activate SuperNode.", launch)
+    reason = explain_exit(1, REFUSED, launch)
     assert "not registered" in reason and "flwr supernode register h.pub" in reason
+    assert "connection.rejoin-timeout" in reason  # or its previous connection lingers
+
+
+class Attempts:
+    """A SuperNode refused activation ``refusals`` times, then one that joins."""
+
+    def __init__(self, refusals: int, final: tuple[int, str] = (0, "joined; run ended")) -> None:
+        self.refusals, self.final, self.calls = refusals, final, 0
+
+    def __call__(self, launch):
+        self.calls += 1
+        return (1, REFUSED) if self.calls <= self.refusals else self.final
+
+
+def test_a_restarted_hospital_retries_joining_until_the_server_frees_it(tmp_path):
+    launch = plan_supernode(hospital_file(tmp_path))
+    said: list[str] = []
+    attempts = Attempts(refusals=2)
+    code, output = run_until_joined(launch, said.append, attempts, retry_every=0.01)
+    assert (code, output, attempts.calls) == (0, "joined; run ended", 3)
+    assert len(said) == 2 and "rejoin-timeout" in said[0]
+
+
+def test_rejoining_gives_up_after_the_rejoin_timeout(tmp_path):
+    launch = plan_supernode(hospital_file(tmp_path, **{"rejoin-timeout": "0.2"}))
+    attempts = Attempts(refusals=1000)
+    started = time.monotonic()
+    code, output = run_until_joined(launch, lambda _: None, attempts, retry_every=0.05)
+    assert code == 1 and output == REFUSED and 2 <= attempts.calls <= 6
+    assert time.monotonic() - started < 2
+    other = Attempts(refusals=0, final=(1, "TLS handshake failed"))  # not retried
+    assert run_until_joined(launch, lambda _: None, other, 0.01) == other.final
+    assert other.calls == 1
 
 
 def test_the_example_file_in_deploy_parses():

@@ -216,7 +216,8 @@ def test_deployment_hospital_and_superlink_killed_mid_round_both_recover(tmp_pat
         rounds = json.loads((out / "metrics.json").read_text())["rounds"]
         assert [r["round"] for r in rounds] == [0, 1, 2, 3, 4]
         assert rounds[2]["failures"] == 1  # the victim, dropped out of SecAgg+
-        assert sorted(h["hospital"] for h in rounds[2]["hospitals"]) == ["hospital-0", "hospital-1"]
+        trained = [h["hospital"] for h in rounds[2]["hospitals"] if h["status"] == "trained"]
+        assert sorted(trained) == ["hospital-0", "hospital-1"]  # (it may rejoin to evaluate)
         for r in rounds[3:]:
             assert sorted(h["hospital"] for h in r["hospitals"]) == names  # it rejoined
         assert (out / "checkpoints" / "round-0002.safetensors").read_bytes() == checkpoint
