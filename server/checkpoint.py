@@ -327,6 +327,14 @@ class RunStore:
         latest = json.loads(pointer.read_text(encoding="utf-8"))
         return int(latest["round"]), load_file(str(self.checkpoints / latest["file"]))
 
+    def note_retry(self, server_round: int, reason: str) -> None:
+        """Record in run.json that a round ended short and is being tried again."""
+        info = self._read_json("run.json") or {}
+        info.setdefault("retried_rounds", []).append(
+            {"round": server_round, "at": time.time(), "reason": reason}
+        )
+        write_json_atomic(self.root / "run.json", info)
+
     def finish(
         self, status: str, state_dict: dict[str, torch.Tensor] | None = None, error: str = ""
     ) -> None:

@@ -39,7 +39,7 @@ from flwr.serverapp import Grid
 
 from server.checkpoint import HospitalRound, RoundRecord
 from server.strategy import (
-    FederationError,
+    ShortRoundError,
     as_float,
     finite_weighted_mean,
     hospital_round,
@@ -202,9 +202,10 @@ class SecAggFedAvg(LegacyFedAvg):
         if weights == 0:  # nobody trained: the aggregate is all zeros, keep the model
             if not self.declined:
                 reasons = sorted({short_reason(str(f)) for f in failures})
-                raise FederationError(
+                raise self._short(
+                    server_round,
                     f"round {server_round}: no hospital returned an update through SecAgg+ "
-                    f"({self.failures} failed): " + "; ".join(reasons)
+                    f"({self.failures} failed): " + "; ".join(reasons),
                 )
             return None, {}
         self.train_loss = losses / weights
@@ -248,20 +249,32 @@ class SecAggFedAvg(LegacyFedAvg):
             self._record(server_round, {})
         return None
 
+    def _short(self, server_round: int, problem: str) -> ShortRoundError:
+        """The error that ends a round with too few updates (server.short-round decides)."""
+        record = self._round_record(server_round, {})
+        record.skipped = True
+        answered = sum(h.status in ("trained", "declined") for h in self.hospitals.values())
+        record.failures = max(record.failures, self.sampled - answered)
+        return ShortRoundError(problem, record)
+
     def _record(self, server_round: int, evals: dict[str, float]) -> None:
         if server_round > 0 and not self.aggregated:
             # Flower's SecAgg+ workflow ends a round early, without aggregating, when too
             # few hospitals answer a stage in time; it would then evaluate the unchanged
             # model as if the round had trained.
-            raise FederationError(
+            raise self._short(
+                server_round,
                 f"round {server_round}: SecAgg+ ended before aggregation: fewer than "
                 f"{self.threshold} of {self.sampled} hospitals completed a stage (they "
                 "failed, and Flower's log above holds their errors, or did not answer within "
                 f"secagg.stage-timeout, {self.run.secagg.stage_timeout:g}s; local training "
-                "runs inside a stage, so a slow model needs a longer timeout)"
+                "runs inside a stage, so a slow model needs a longer timeout)",
             )
+        self.on_round(self._round_record(server_round, evals), self.current)
+
+    def _round_record(self, server_round: int, evals: dict[str, float]) -> RoundRecord:
         self.meter.charge(self.hospitals.values())
-        record = RoundRecord(
+        return RoundRecord(
             round=server_round,
             train_loss=self.train_loss,
             eval_loss=evals.get("loss"),
@@ -275,7 +288,6 @@ class SecAggFedAvg(LegacyFedAvg):
             secagg_shares=self.shares,
             secagg_threshold=self.threshold,
         )
-        self.on_round(record, self.current)
 
 
 def run_secagg_rounds(

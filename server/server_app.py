@@ -15,6 +15,8 @@ from server.checkpoint import RoundRecord, RunDirError, RunStore
 from server.report import format_round_line, write_report
 from server.secagg import run_secagg_rounds
 from server.strategy import (
+    FederationError,
+    ShortRoundError,
     build_strategy,
     packed_record,
     run_federation,
@@ -41,6 +43,7 @@ def main(grid: Grid, context: Context) -> None:
     base_hash = base_fingerprint(model)
     start = shared_state(model)
     layout = WeightLayout.of(start)  # the weights travel as one array: shared_model/packing.py
+    initial = start
     resume = store.begin(flat, base_hash)  # a killed or failed run resumes where it stopped
     first_round = 0
     if resume is not None:
@@ -58,23 +61,25 @@ def main(grid: Grid, context: Context) -> None:
     def progress(record: RoundRecord) -> None:
         log(INFO, "[fedfusion] %s", format_round_line(record.to_dict(), run.num_rounds))
 
-    try:
+    def rounds(state: dict[str, torch.Tensor], first: int) -> dict[str, torch.Tensor]:
         if run.secagg.enabled:
-            final = _secagg_run(
-                grid, context, run, start, layout, base_hash, store, progress, first_round
-            )
-        else:
-            strategy = build_strategy(run, base_hash, layout)
-            done = run_federation(
-                grid,
-                run,
-                strategy,
-                packed_record(start, layout),
-                store,
-                progress,
-                first_round=first_round,
-            )
-            final = unpack_record(done, layout)
+            return _secagg_run(grid, context, run, state, layout, base_hash, store, progress, first)
+        strategy = build_strategy(run, base_hash, layout)
+        done = run_federation(
+            grid, run, strategy, packed_record(state, layout), store, progress, first_round=first
+        )
+        return unpack_record(done, layout)
+
+    retries: dict[int, int] = {}
+    try:
+        while True:
+            try:
+                final = rounds(start, first_round)
+                break
+            except ShortRoundError as short:
+                start, first_round = _after_short_round(
+                    short, run, store, retries, progress, initial
+                )
     except Exception as err:
         log(ERROR, "[fedfusion] run failed: %s", err)
         store.finish("failed", error=f"{type(err).__name__}: {err}")
@@ -117,6 +122,51 @@ def _secagg_run(
     return run_secagg_rounds(
         grid, context, run, initial, base_hash, hospitals, on_round, max(first_round, 1)
     )
+
+
+def _after_short_round(
+    short: ShortRoundError,
+    run: RunConfig,
+    store: RunStore,
+    retries: dict[int, int],
+    progress: Callable[[RoundRecord], None],
+    initial: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], int]:
+    """Where the run goes on after a round with too few updates (server.short-round).
+
+    ``retry`` runs the round again from the last checkpoint, up to server.round-retries
+    times; ``skip`` (SecAgg+: the plain loop skips by itself) records the round as
+    skipped with the model unchanged; ``fail``, or retries used up, re-raises.
+    """
+    k = short.record.round
+    policy = run.server.short_round
+    if policy == "retry" and retries.get(k, 0) < run.server.round_retries:
+        retries[k] = retries.get(k, 0) + 1
+        store.note_retry(k, str(short))
+        log(
+            WARNING,
+            "[fedfusion] %s; trying round %d again (%d of server.round-retries %d)",
+            short,
+            k,
+            retries[k],
+            run.server.round_retries,
+        )
+    elif policy == "skip":
+        log(WARNING, "[fedfusion] %s; round skipped, the model is unchanged", short)
+        latest = store.latest_checkpoint()
+        store.save_round(short.record, initial if latest is None else latest[1])
+        progress(short.record)
+    else:
+        if policy == "retry":
+            raise FederationError(
+                f"{short} (round {k} was tried {retries.get(k, 0) + 1} times, "
+                f"server.round-retries {run.server.round_retries})"
+            ) from short
+        raise short
+    latest = store.latest_checkpoint()  # None: no round saved yet (no round-0 evaluation)
+    if latest is None:
+        return initial, 1
+    return _resumed_state(latest[1], initial, store.root), latest[0] + 1
 
 
 def _resumed_state(

@@ -396,8 +396,14 @@ def judge_run(rc: int, status: str, out: Path, tolerate_failures: bool) -> list[
         )
     elif info["status"] not in {"completed", "stopped-early"}:
         problems.append(
-            f"the run {info['status']}: {info.get('error') or 'no reason given'} ({resume}, "
-            "once the cause is fixed)"
+            f"the run {info['status']}: {info.get('error') or 'no reason given'} ({resume} "
+            "if the settings stay the same; changed settings need a new run directory)"
+        )
+    trained = [r for r in rounds if r["round"] > 0]
+    if trained and all(r.get("skipped") for r in trained):
+        problems.append(
+            f"no round trained: all {len(trained)} had too few updates and were skipped "
+            "(server.short-round)"
         )
     lost = failed_replies(rounds)
     if lost and not tolerate_failures:

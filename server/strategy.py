@@ -33,11 +33,25 @@ from server.wire import metered
 from shared_model.config import RunConfig
 from shared_model.packing import PACKED_KEY, LayoutError, WeightLayout
 
-__all__ = ["FederationError", "HospitalFedAvg", "nan_aware_weighted_mean", "run_federation"]
+__all__ = [
+    "FederationError",
+    "HospitalFedAvg",
+    "ShortRoundError",
+    "nan_aware_weighted_mean",
+    "run_federation",
+]
 
 
 class FederationError(RuntimeError):
     """A round could not complete; the message says which and why."""
+
+
+class ShortRoundError(FederationError):
+    """A round ended with too few updates; ``record`` is what it did (not saved)."""
+
+    def __init__(self, message: str, record: RoundRecord) -> None:
+        super().__init__(message)
+        self.record = record
 
 
 def finite_weighted_mean(rows: Iterable[tuple[float, Mapping[str, object]]]) -> dict[str, float]:
@@ -408,7 +422,8 @@ def run_federation(
         evals: dict[str, float],
         started: float,
         arrays: ArrayRecord,
-    ) -> None:
+        save: bool = True,
+    ) -> RoundRecord:
         grid.charge(strategy.round_hospitals.values())
         rec = RoundRecord(
             round=server_round,
@@ -424,10 +439,13 @@ def run_federation(
             rejected=strategy.rejected,
             skipped=strategy.skipped,
         )
+        if not save:
+            return rec
         assert strategy.layout is not None
         store.save_round(rec, unpack_record(arrays, strategy.layout))
         if on_round is not None:
             on_round(rec)
+        return rec
 
     wait_for_hospitals(grid, run.server.min_hospitals, run.server.wait_for_hospitals_timeout)
     arrays = initial_arrays
@@ -460,6 +478,11 @@ def run_federation(
             )
             if run.server.short_round == "fail":
                 raise FederationError(problem)
+            if run.server.short_round == "retry":  # server_app runs the round again
+                strategy.skipped = True
+                raise ShortRoundError(
+                    problem, record(server_round, None, {}, started, arrays, False)
+                )
             log(WARNING, "[fedfusion] %s; round skipped, the model is unchanged", problem)
             strategy.skipped = True
             record(server_round, None, {}, started, arrays)

@@ -338,8 +338,15 @@ class ServerConfig:
     short_round: str = _opt(
         "skip",
         "A round with too few updates: 'skip' it (the model stays as it was, the run goes "
-        "on) or 'fail' the run.",
-        choices=("skip", "fail"),
+        "on), 'retry' it (up to server.round-retries times, then fail) or 'fail' the run.",
+        choices=("skip", "retry", "fail"),
+    )
+    round_retries: int = _opt(
+        2,
+        "With short-round = 'retry': how many times one round is tried again before the "
+        "run fails. Hospitals count every attempt they trained in full.",
+        min=1,
+        max=100,
     )
     aggregator: str = _opt(
         "mean",

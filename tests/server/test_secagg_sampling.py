@@ -48,17 +48,25 @@ def test_a_hospital_that_never_comes_does_not_stall_the_round():
     assert len(sampled) == 3 and time.monotonic() - started < 10
 
 
-def test_a_round_secagg_ended_before_aggregation_fails_the_run_naming_the_timeout():
-    """Too few hospitals in time: Flower skips aggregation; fedfusion must not carry on."""
+def test_a_round_secagg_ended_before_aggregation_is_a_short_round_naming_the_timeout():
+    """Too few hospitals in time: Flower skips aggregation; fedfusion must not carry on as
+    if the round trained. The ServerApp then applies server.short-round to it."""
     import pytest
+    from flwr.common import Code, EvaluateRes, Status
 
-    from server.strategy import FederationError
+    from server.strategy import ShortRoundError
 
     s = strategy(3, timeout=30)
     s._fit_config(1)  # round 1 starts; no aggregate_fit follows
-    with pytest.raises(FederationError, match=r"round 1: SecAgg\+ ended .*stage-timeout"):
-        s.aggregate_evaluate(1, [], [])
+    s.sampled = 3
+    evaluated = EvaluateRes(Status(Code.OK, ""), 0.5, 10, {"hospital-id": "h0"})
+    with pytest.raises(ShortRoundError, match=r"round 1: SecAgg\+ ended .*stage-timeout") as e:
+        s.aggregate_evaluate(1, [(Hospital(0), evaluated)], [])
+    assert e.value.record.round == 1 and e.value.record.skipped
+    # none of the 3 sampled hospitals got an update through (one only evaluated)
+    assert e.value.record.failures == 3
     s._fit_config(2)
-    with pytest.raises(FederationError, match="no hospital returned an update"):
+    with pytest.raises(ShortRoundError, match="no hospital returned an update") as e:
         s.aggregate_fit(2, [], [])  # aggregation reached, with nothing to aggregate
+    assert e.value.record.round == 2 and e.value.record.skipped
     s.aggregate_evaluate(2, [], [])  # so no stage-timeout error when the round is recorded
