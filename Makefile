@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 TXV_SPEC ?= torchxrayvision==1.5.7
 ARGS ?=
 
-.PHONY: simulate test bench bench-utility audit lint fmt clean venv
+.PHONY: simulate test bench bench-utility audit fault-table lint fmt clean venv
 
 simulate: $(VENV)/.runtime
 	$(BIN)/fedfusion simulate $(ARGS)
@@ -34,6 +34,10 @@ bench-utility: $(VENV)/.runtime
 # Membership-inference audit: an overfitted non-private model vs the DP one.
 audit: $(VENV)/.runtime
 	$(BIN)/fedfusion bench --suite audit $(ARGS)
+
+# The README's fault table, from the tests' @pytest.mark.fault markers (tests/fault_table.py).
+fault-table: $(VENV)/.dev
+	$(BIN)/python -m tests.fault_table README.md
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -1,4 +1,5 @@
-"""Shared test plumbing: the fuzz targets' input counts, printed at the end of the run."""
+"""Shared test plumbing, printed at the end of the run: the fuzz targets' input counts,
+and how the tests behind the README's fault table (tests/fault_table.py) fared."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 import pytest
 
 _FUZZ_COUNTS: dict[str, list[int]] = {}
+_FAULT_OUTCOMES: dict[str, str] = {}  # test function -> passed | failed | skipped
 
 
 @pytest.fixture
@@ -15,10 +17,34 @@ def fuzz_counts() -> dict[str, list[int]]:
     return _FUZZ_COUNTS
 
 
-def pytest_terminal_summary(terminalreporter: Any) -> None:
-    """How many inputs each fuzz target tried (all of them ran without a crash if it passed)."""
-    if not _FUZZ_COUNTS:
+def pytest_runtest_logreport(report: Any) -> None:
+    """Record the outcome of each fault-table test (a parametrized one fails if any case does)."""
+    if "fault" not in report.keywords:
         return
-    terminalreporter.section("fuzzing")
-    for target, (count,) in sorted(_FUZZ_COUNTS.items()):
-        terminalreporter.write_line(f"{target}: {count} inputs")
+    test = report.nodeid.split("[", 1)[0]
+    if report.failed:
+        _FAULT_OUTCOMES[test] = "failed"
+    elif report.when == "call" or report.skipped:
+        _FAULT_OUTCOMES.setdefault(test, "skipped" if report.skipped else "passed")
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Fuzz input counts (all ran without a crash if the target passed), fault-table tests."""
+    if _FUZZ_COUNTS:
+        terminalreporter.section("fuzzing")
+        for target, (count,) in sorted(_FUZZ_COUNTS.items()):
+            terminalreporter.write_line(f"{target}: {count} inputs")
+    if _FAULT_OUTCOMES:
+        from collections import Counter
+
+        from tests.fault_table import scan
+
+        counts = Counter(_FAULT_OUTCOMES.values())
+        terminalreporter.section("faults injected (README fault table)")
+        terminalreporter.write_line(
+            f"{len(_FAULT_OUTCOMES)} of {len(scan())} fault tests ran: "
+            + ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))
+        )
+        for test, outcome in sorted(_FAULT_OUTCOMES.items()):
+            if outcome != "passed":
+                terminalreporter.write_line(f"  {outcome}: {test}")

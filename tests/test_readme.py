@@ -23,3 +23,14 @@ def test_every_hospital_setting_is_documented():
     for field in dataclasses.fields(HospitalConfig):
         if field.name not in simulation_only:
             assert f"| `{field.name.replace('_', '-')}` |" in README, field.name
+
+
+def test_the_fault_table_is_the_one_the_tests_produce():
+    """`make fault-table` regenerates it from the tests' @pytest.mark.fault markers."""
+    from tests.fault_table import BEGIN, END, render, scan
+
+    rows = scan()
+    assert len(rows) >= 30  # markers are found (a broken scan would find none)
+    assert {r.kept for r in rows} and all(r.injected and r.outcome for r in rows)
+    current = BEGIN + README.split(BEGIN, 1)[1].split(END, 1)[0] + END
+    assert current == render(rows), "the README's fault table is stale: run `make fault-table`"

@@ -120,6 +120,11 @@ def test_bad_node_config_raises_a_clear_error(run_config):
         train(train_message(global_arrays(run_config), 1), make_context(run_config, {}))
 
 
+@pytest.mark.fault(
+    "A ledger file rolled back behind what the hospital process recorded",
+    "Refused",
+    "the privacy guarantee",
+)
 def test_a_ledger_file_rolled_back_behind_the_nodes_state_is_refused(run_config, tmp_path):
     node = {"partition-id": 0, "num-partitions": 2}
     context = make_context(run_config, node)  # one long-lived process: its state persists

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
@@ -51,6 +52,11 @@ def test_real_png_jpeg_and_dicom_files_pass(tmp_path):
     assert f"{len(REAL_DICOM) + 2} rows" in result.output and "bad: 0" in result.output
 
 
+@pytest.mark.fault(
+    "`fedfusion data check` on a manifest with bad rows",
+    "Every bad row listed with its reason; exit code 1",
+    "no row skipped silently",
+)
 def test_every_bad_row_is_named_with_its_reason_and_the_exit_code_says_so(tmp_path):
     rows = good_site(tmp_path)
     full = (tmp_path / "a.png").read_bytes()

@@ -109,6 +109,11 @@ class Attempts:
         return (1, REFUSED) if self.calls <= self.refusals else self.final
 
 
+@pytest.mark.fault(
+    "A hospital restarted while the server still counts it online",
+    "It retries joining for connection.rejoin-timeout, saying why",
+    "its place in the federation",
+)
 def test_a_restarted_hospital_retries_joining_until_the_server_frees_it(tmp_path):
     launch = plan_supernode(hospital_file(tmp_path))
     said: list[str] = []
@@ -163,6 +168,11 @@ def test_a_gpu_that_is_not_there_fails_at_start(tmp_path):
         plan_supernode(path)
 
 
+@pytest.mark.fault(
+    "A hospital started with its budget spent or an untrusted ledger",
+    "Refused at start, naming hospital.max-epsilon or hospital.state-dir",
+    "the ledger",
+)
 def test_a_spent_budget_or_an_untrusted_ledger_is_refused_at_start(tmp_path):
     from client.privacy import LedgerEntry, PrivacyLedger, PrivacyPolicy
 

@@ -138,6 +138,11 @@ def test_recorded_epsilon_never_exceeds_the_hospitals_max(
         assert PrivacyLedger.open(state, "h0", policy).epsilon() <= max_eps
 
 
+@pytest.mark.fault(
+    "A hospital crashing mid-training",
+    "The round was written to its ledger before the first step, and counts in full",
+    "the ledger",
+)
 def test_round_is_counted_before_training_touches_data(tmp_path):
     """A crash mid-round leaves the round counted in full (the conservative choice)."""
     ledger = PrivacyLedger.open(tmp_path, "h0", POLICY)
@@ -165,6 +170,11 @@ def test_ledger_survives_restart(tmp_path):
     assert after.noise_multiplier == before.noise_multiplier
 
 
+@pytest.mark.fault(
+    "A privacy ledger edited, truncated or corrupted",
+    "The hospital refuses to train, naming the ledger",
+    "the privacy guarantee (never read as a smaller epsilon)",
+)
 @pytest.mark.parametrize("tamper", ["lower_epsilon", "drop_round", "truncate", "garbage"])
 def test_tampered_or_corrupt_ledger_is_refused(tmp_path, tamper):
     run_rounds(tmp_path, 2)

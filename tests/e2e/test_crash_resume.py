@@ -95,6 +95,11 @@ def assert_epsilon_independent(ledger_path: Path, reported: float | None) -> Non
         assert reported == pytest.approx(ledger["epsilon"])
 
 
+@pytest.mark.fault(
+    "`kill -9` of the ServerApp process mid-round (simulation)",
+    "The same command resumes after the last complete round",
+    "checkpoints, metrics history, every ledger (each epsilon matches dp-accounting)",
+)
 def test_simulation_server_killed_mid_round_resumes_after_the_last_complete_round(tmp_path):
     out = tmp_path / "run"
     cmd = [
@@ -150,6 +155,17 @@ def test_simulation_server_killed_mid_round_resumes_after_the_last_complete_roun
         assert_epsilon_independent(path, last["epsilon"])
 
 
+@pytest.mark.fault(
+    (
+        "`kill -9` of a hospital mid-training, then of the SuperLink mid-round (loopback, "
+        "TLS, SecAgg+)"
+    ),
+    (
+        "The round completes without the hospital, which rejoins; the same `fedfusion server`"
+        " command resumes the run"
+    ),
+    "checkpoints, metrics history, every ledger, the killed round counted in full",
+)
 def test_deployment_hospital_and_superlink_killed_mid_round_both_recover(tmp_path):
     d = LoopbackDeployment(tmp_path)
     names = ["hospital-0", "hospital-1", "hospital-2"]

@@ -170,6 +170,11 @@ def test_server_sees_only_the_sum():
             assert abs(np.corrcoef(arr, t)[0, 1]) < 0.05  # a chance correlation: ~1/sqrt(size)
 
 
+@pytest.mark.fault(
+    "A hospital drops out of SecAgg+ after the key exchange",
+    "The survivors unmask the sum; the server still sees no single update",
+    "the survivors' updates",
+)
 def test_round_survives_a_hospital_dropping_out_after_the_key_exchange():
     outcome = run_round(failing=3)
     assert outcome["rounds"] and outcome["rounds"][0].failures == 1
@@ -178,6 +183,11 @@ def test_round_survives_a_hospital_dropping_out_after_the_key_exchange():
         np.testing.assert_allclose(got.numpy(), want, atol=1e-4)
 
 
+@pytest.mark.fault(
+    "Every hospital declines a SecAgg+ round (budgets spent)",
+    "The round ends without an update, the model unchanged",
+    "the model, each ledger",
+)
 def test_a_round_where_every_hospital_declines_ends_without_an_update():
     """Each uploads a zero update with weight 0: no update, the model stays as it was."""
     outcome = run_round(failing=None, declining=True)

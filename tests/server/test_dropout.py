@@ -99,6 +99,14 @@ def federate(tmp_path, behaviour, **settings):
     return final[PACKED_KEY].numpy(), rounds
 
 
+@pytest.mark.fault(
+    "A third of a round's hospitals crash or never answer (SecAgg+ off)",
+    (
+        "The round completes with the others' FedAvg; each lost hospital recorded with its "
+        "reason; the wait ends at server.round-timeout"
+    ),
+    "the survivors' updates, every reason",
+)
 def test_a_round_completes_with_a_third_of_its_hospitals_lost(tmp_path):
     behaviour = {1: "ok", 2: "crash", 3: "ok", 4: "silent", 5: "ok", 6: "ok"}
     started = time.monotonic()
@@ -114,6 +122,11 @@ def test_a_round_completes_with_a_third_of_its_hospitals_lost(tmp_path):
         }
 
 
+@pytest.mark.fault(
+    "Half of a round's hospitals crash, go silent or send NaN",
+    "The round is skipped (server.short-round = skip), the model unchanged",
+    "the model, every reason",
+)
 @pytest.mark.parametrize("lost", ["crash", "silent", "nan"])
 def test_too_many_lost_skips_the_round_and_keeps_the_model(tmp_path, lost):
     behaviour = {1: "ok", 2: lost, 3: lost, 4: "ok"}  # half lost: more than a third

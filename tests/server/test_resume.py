@@ -69,6 +69,11 @@ def test_a_failed_run_resumes_too_and_a_run_with_no_round_starts_over(tmp_path):
     assert "error" not in info
 
 
+@pytest.mark.fault(
+    "A kill between a checkpoint and its record; a checkpoint deleted by hand",
+    "The run resumes from the last round that has both",
+    "every complete round",
+)
 def test_a_round_is_complete_only_with_its_record_and_its_checkpoint(tmp_path):
     store = RunStore(tmp_path)
     store.begin(CONFIG, "base")
@@ -90,6 +95,11 @@ def test_a_round_is_complete_only_with_its_record_and_its_checkpoint(tmp_path):
     assert latest == {"round": 1, "file": "round-0001.safetensors"}
 
 
+@pytest.mark.fault(
+    "Restarting into a finished run's directory",
+    "Refused",
+    "the finished run's files, byte for byte",
+)
 def test_a_finished_run_is_never_resumed_or_overwritten(tmp_path):
     store = RunStore(tmp_path)
     store.begin(CONFIG, "base")
@@ -101,6 +111,11 @@ def test_a_finished_run_is_never_resumed_or_overwritten(tmp_path):
     assert (tmp_path / "metrics.json").read_bytes() == before
 
 
+@pytest.mark.fault(
+    "Resuming with other settings or other frozen weights",
+    "Refused, naming each key that differs",
+    "the unfinished run, still resumable",
+)
 def test_other_settings_or_frozen_weights_are_refused_naming_them(tmp_path):
     store = RunStore(tmp_path)
     store.begin(CONFIG, "base")
@@ -114,6 +129,11 @@ def test_other_settings_or_frozen_weights_are_refused_naming_them(tmp_path):
     assert point is not None and point.round == 1
 
 
+@pytest.mark.fault(
+    "A corrupted checkpoint of the last complete round",
+    "Refused, naming the file",
+    "the run directory",
+)
 def test_an_unreadable_checkpoint_is_refused_not_trained_over(tmp_path):
     store = RunStore(tmp_path)
     store.begin(CONFIG, "base")
@@ -134,6 +154,11 @@ time.sleep(60)
 """
 
 
+@pytest.mark.fault(
+    "A second server process on the same run directory",
+    "Refused, naming the process holding it; a killed holder releases it",
+    "the run directory",
+)
 def test_only_one_server_process_writes_a_run_and_a_kill_releases_it(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True
@@ -168,6 +193,11 @@ WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.fault(
+    "`kill -9` of a process writing rounds, at random moments (6 runs)",
+    "The resume point is the last round with both record and checkpoint",
+    "every complete round and its model",
+)
 @pytest.mark.parametrize("seed", range(6))
 def test_kill_9_at_any_moment_leaves_a_run_that_resumes_consistently(tmp_path, seed):
     """Property: wherever SIGKILL lands, the resume point's model is that round's, and

@@ -94,6 +94,11 @@ def assert_trained(tmp_path, rounds: int) -> None:
         torch.testing.assert_close(final[key], value + float(rounds), rtol=0, atol=1e-5)
 
 
+@pytest.mark.fault(
+    "Two of three hospitals lose their link in round 2",
+    "With short-round = retry the round runs again from round 1's checkpoint and completes",
+    "the model (exactly 3 rounds of updates), every attempt in run.json",
+)
 def test_retry_runs_a_short_round_again_from_its_checkpoint(tmp_path):
     grid = FlakyGrid({(2, 2): 1, (3, 2): 1})  # round 2, first attempt: 2 of 3 lost
     info, rounds = serve(tmp_path, grid, **{"server.short-round": "retry", "seed": 7})
@@ -107,6 +112,11 @@ def test_retry_runs_a_short_round_again_from_its_checkpoint(tmp_path):
     assert_trained(tmp_path, 3)
 
 
+@pytest.mark.fault(
+    "The same round stays short through every retry",
+    "The run fails, naming server.round-retries; restartable later",
+    "rounds before it, the run's record",
+)
 def test_retries_used_up_fail_the_run_naming_the_setting(tmp_path):
     grid = FlakyGrid({(2, 2): 5, (3, 2): 5})
     settings = {"server.short-round": "retry", "server.round-retries": 2, "seed": 7}
@@ -119,6 +129,11 @@ def test_retries_used_up_fail_the_run_naming_the_setting(tmp_path):
     assert grid.asked[2] == 9
 
 
+@pytest.mark.fault(
+    "A SecAgg+ round ends with too few hospitals",
+    "Recorded as skipped, the model unchanged, the next round goes on",
+    "the model, the round's record",
+)
 def test_skip_under_secagg_records_the_round_and_keeps_the_model(tmp_path):
     """SecAgg+ ends a short round inside Flower's workflow; the ServerApp skips it."""
     run = RunConfig.from_run_config({"server.short-round": "skip", "num-rounds": 3})

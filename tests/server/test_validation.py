@@ -136,6 +136,11 @@ def _run_id(monkeypatch):
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
+@pytest.mark.fault(
+    "Updates with NaN/Inf, wrong shape or dtype, an absurd norm or a stale round (SecAgg+ off)",
+    "Rejected before averaging; the server logs which hospital and why",
+    "the model (the good updates' FedAvg)",
+)
 def test_bad_updates_are_set_aside_naming_the_hospital_and_the_reason(caplog):
     good = [reply(1, SENT + 0.1, 100), reply(2, SENT - 0.1, 300)]
     nan = SENT.copy()
@@ -172,6 +177,11 @@ def outliers() -> list[Message]:
     return [*honest, reply(9, SENT - 2.0)]
 
 
+@pytest.mark.fault(
+    "One attacker's huge update under median / trimmed-mean / Krum",
+    "The robust aggregate stays near the honest ones (the mean does not)",
+    "the model",
+)
 @pytest.mark.parametrize("aggregator", ["median", "trimmed-mean", "krum"])
 def test_robust_aggregators_resist_one_attacker_that_the_mean_follows(aggregator):
     mean, _ = strategy().aggregate_train(1, outliers())
@@ -193,6 +203,11 @@ def test_robust_aggregators_are_refused_with_secagg():
     assert ok.server.aggregator == "median"
 
 
+@pytest.mark.fault(
+    "A non-finite update under SecAgg+",
+    "The hospital refuses to mask and upload it",
+    "the round's sum",
+)
 def test_under_secagg_a_hospital_refuses_to_upload_a_non_finite_update():
     delta = np.zeros(LAYOUT.size, np.float32)
     delta[5] = np.inf

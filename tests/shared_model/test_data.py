@@ -70,6 +70,14 @@ def test_csv_and_jsonl_manifests_load(tmp_path):
     assert torch.equal(data2.labels, data.labels) and torch.equal(data2.images, data.images)
 
 
+@pytest.mark.fault(
+    (
+        "A truncated PNG, a zero-byte file, a missing file, not an image, a path outside the "
+        "manifest's directory, an unknown label, a row with neither image nor report"
+    ),
+    "Error naming the manifest, the row and the file",
+    "no row skipped silently",
+)
 @pytest.mark.parametrize(
     ("row", "message"),
     [
@@ -115,6 +123,11 @@ def test_bad_rows_name_the_manifest_row_and_file(tmp_path, row, message):
     assert str(manifest) in str(err.value) and message in str(err.value)
 
 
+@pytest.mark.fault(
+    "Bad rows with strict = false",
+    "Counted and listed with their reasons; the good rows train",
+    "no row skipped silently",
+)
 def test_non_strict_counts_and_lists_bad_rows(tmp_path):
     for name in ("ok.png", "ok2.png", "ok3.png"):
         png(tmp_path / name)
@@ -129,6 +142,11 @@ def test_non_strict_counts_and_lists_bad_rows(tmp_path):
     assert [e.row for e in report.errors] == [2, 3]
 
 
+@pytest.mark.fault(
+    "A manifest missing a column, empty, or missing",
+    "Error naming the manifest and what is missing",
+    "nothing read",
+)
 @pytest.mark.parametrize(
     ("content", "message"),
     [
@@ -162,6 +180,11 @@ def test_real_monochrome1_chest_radiograph_decodes_the_right_way_up():
     assert mediastinum > lungs + 0.1  # dense is bright after MONOCHROME1 inversion
 
 
+@pytest.mark.fault(
+    "A DICOM with no pixel data, or an unsupported transfer syntax",
+    "Error naming the reason (and, in a manifest, the row and file)",
+    "no row skipped silently",
+)
 def test_dicom_without_pixels_or_with_unsupported_syntax(tmp_path):
     ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
     del ds.PixelData
@@ -202,6 +225,11 @@ def png_header(path: Path, width: int, height: int) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b""))
 
 
+@pytest.mark.fault(
+    "Decompression bombs: huge PNG and DICOM headers",
+    "Refused from the header, before decoding (data.max-image-pixels)",
+    "memory",
+)
 def test_images_with_too_many_pixels_are_refused_before_decoding(tmp_path):
     png(tmp_path / "small.png", size=(40, 30))
     with pytest.raises(ValueError, match=r"30 x 40 = 1,200 pixels exceeds the limit of 1,000"):
@@ -220,6 +248,11 @@ def test_images_with_too_many_pixels_are_refused_before_decoding(tmp_path):
         decode_image(tmp_path / "big.dcm", 32)
 
 
+@pytest.mark.fault(
+    "A 1 MB report, non-UTF-8 text, duplicate rows, a reused image file, an empty report",
+    "Each refused naming its row (an empty report is a counted missing modality)",
+    "no row skipped silently; no record counted twice",
+)
 def test_hostile_rows_are_each_refused_naming_the_row(tmp_path):
     for i in range(4):
         png(tmp_path / f"{i}.png", value=40 * i)

@@ -85,6 +85,11 @@ def _decoded_or_refused(path: Path, record: list[int]) -> None:
     assert torch.isfinite(image).all() and image.min() >= 0 and image.max() <= 1
 
 
+@pytest.mark.fault(
+    "1,000 mutated PNG/JPEG/DICOM files (hypothesis)",
+    "Our own error or a decoded image; never a crash",
+    "the process",
+)
 def test_fuzz_image_decoding_mutated_files(tmp_path, fuzz_counts):
     record = fuzz_counts.setdefault("image decoding (mutated PNG/JPEG/DICOM)", [0])
 
@@ -99,6 +104,11 @@ def test_fuzz_image_decoding_mutated_files(tmp_path, fuzz_counts):
     run()
 
 
+@pytest.mark.fault(
+    "1,000 random byte strings as images",
+    "Our own error; never a crash",
+    "the process",
+)
 def test_fuzz_image_decoding_random_bytes(tmp_path, fuzz_counts):
     record = fuzz_counts.setdefault("image decoding (random bytes)", [0])
 
@@ -116,6 +126,11 @@ def test_fuzz_image_decoding_random_bytes(tmp_path, fuzz_counts):
     run()
 
 
+@pytest.mark.fault(
+    "1,000 random texts",
+    "Tokenized within bounds; never a crash",
+    "the process",
+)
 def test_fuzz_tokenization(fuzz_counts):
     record = fuzz_counts.setdefault("tokenization", [0])
     tok = ReportTokenizer(512, 24)
@@ -135,6 +150,11 @@ def test_fuzz_tokenization(fuzz_counts):
 cells = st.text(alphabet=string.printable + "é\u00a0\u2028\x00\ufeff", max_size=30)
 
 
+@pytest.mark.fault(
+    "1,000 random CSV/JSONL manifests",
+    "Loaded, or our own error naming the problem",
+    "the process",
+)
 def test_fuzz_manifest_parsing(tmp_path, fuzz_counts):
     record = fuzz_counts.setdefault("manifest parsing (CSV and JSONL)", [0])
     Image.fromarray(np.full((20, 20), 90, np.uint8)).save(tmp_path / "a.png")
@@ -177,6 +197,11 @@ def test_fuzz_manifest_parsing(tmp_path, fuzz_counts):
 KEYS = [key for key, _, _ in describe_run_config()]
 
 
+@pytest.mark.fault(
+    "1,000 random run configurations",
+    "Accepted, or refused naming the key",
+    "the process",
+)
 def test_fuzz_run_config_parsing(fuzz_counts):
     record = fuzz_counts.setdefault("run-config parsing", [0])
     values = st.one_of(
