@@ -9,6 +9,7 @@ private-key, port, insecure).
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from shared_model.processes import stop_processes
 __all__ = [
     "SuperNodeLaunch",
     "explain_exit",
+    "joined_before",
     "plan_supernode",
     "run_supernode",
     "run_until_joined",
@@ -143,6 +145,32 @@ def explain_exit(code: int, log_text: str, launch: SuperNodeLaunch) -> str:
     return ""
 
 
+_JOINED = "supernode.json"  # in the hospital's state-dir: the server it last joined
+
+
+def joined_before(launch: SuperNodeLaunch) -> bool:
+    """Whether this hospital's SuperNode was once accepted by this server."""
+    path = Path(launch.hospital.state_dir).expanduser() / _JOINED
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("server") == (
+            launch.connection.server
+        )
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _remember_join(launch: SuperNodeLaunch, line: str) -> None:
+    """Note that the server accepted this hospital (Flower printed its SuperNode ID)."""
+    state = Path(launch.hospital.state_dir).expanduser()
+    state.mkdir(parents=True, exist_ok=True)
+    record = {
+        "server": launch.connection.server,
+        "node_id": line.rsplit(":", 1)[-1].strip(),
+        "joined": time.time(),
+    }
+    (state / _JOINED).write_text(json.dumps(record), encoding="utf-8")
+
+
 def run_until_joined(
     launch: SuperNodeLaunch,
     echo: Callable[[str], object] = print,
@@ -153,15 +181,21 @@ def run_until_joined(
 
     A hospital restarted after a crash is refused until the server notices that its
     previous connection is gone: Flower marks a node offline two heartbeat intervals
-    (60 s) after its last heartbeat. So a refused activation is retried every
-    ``retry_every`` seconds for up to connection.rejoin-timeout; any other exit, or a
-    join that lasted, returns at once. ``run`` defaults to :func:`run_supernode`.
+    (60 s) after its last heartbeat. So if this hospital joined this server before
+    (``joined_before``), a refused activation is retried every ``retry_every`` seconds
+    for up to connection.rejoin-timeout. A hospital that never joined is refused for
+    its key at once, and any other exit returns at once. ``run`` defaults to
+    :func:`run_supernode`.
     """
     run = run or run_supernode
     deadline = time.monotonic() + launch.connection.rejoin_timeout
     while True:
         code, output = run(launch)
-        if _ACTIVATION_REFUSED not in output or time.monotonic() + retry_every > deadline:
+        if (
+            _ACTIVATION_REFUSED not in output
+            or not joined_before(launch)
+            or time.monotonic() + retry_every > deadline
+        ):
             return code, output
         left = deadline - time.monotonic()
         echo(
@@ -221,6 +255,8 @@ def run_supernode(launch: SuperNodeLaunch) -> tuple[int, str]:
             sys.stdout.write(line)
             sys.stdout.flush()
             tail.append(line)
+            if "SuperNode ID:" in line:
+                _remember_join(launch, line)
 
     reader = threading.Thread(target=relay, daemon=True)
     reader.start()

@@ -1,5 +1,6 @@
 """`fedfusion hospital`: the hospital file is checked before anything starts."""
 
+import json
 import shutil
 import sys
 import time
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 
 from client.launch import (
     explain_exit,
+    joined_before,
     plan_supernode,
     run_until_joined,
     supernode_environment,
@@ -114,8 +116,17 @@ class Attempts:
     "It retries joining for connection.rejoin-timeout, saying why",
     "its place in the federation",
 )
+def joined(launch, server: str = "127.0.0.1:9092") -> None:
+    """What run_supernode leaves in the state-dir once Flower accepted the hospital."""
+    state = Path(launch.hospital.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "supernode.json").write_text(json.dumps({"server": server, "node_id": "7"}))
+
+
 def test_a_restarted_hospital_retries_joining_until_the_server_frees_it(tmp_path):
     launch = plan_supernode(hospital_file(tmp_path))
+    joined(launch)
+    assert joined_before(launch)
     said: list[str] = []
     attempts = Attempts(refusals=2)
     code, output = run_until_joined(launch, said.append, attempts, retry_every=0.01)
@@ -123,8 +134,21 @@ def test_a_restarted_hospital_retries_joining_until_the_server_frees_it(tmp_path
     assert len(said) == 2 and "rejoin-timeout" in said[0]
 
 
+def test_a_hospital_that_never_joined_is_refused_at_once(tmp_path):
+    """A refusal before any join means an unregistered key: no point waiting."""
+    launch = plan_supernode(hospital_file(tmp_path))
+    attempts = Attempts(refusals=1000)
+    assert run_until_joined(launch, lambda _: None, attempts, retry_every=0.01)[0] == 1
+    assert attempts.calls == 1
+    joined(launch, server="elsewhere:9092")  # it joined another server: still new here
+    assert not joined_before(launch)
+    assert run_until_joined(launch, lambda _: None, attempts, retry_every=0.01)[0] == 1
+    assert attempts.calls == 2
+
+
 def test_rejoining_gives_up_after_the_rejoin_timeout(tmp_path):
     launch = plan_supernode(hospital_file(tmp_path, **{"rejoin-timeout": "0.2"}))
+    joined(launch)
     attempts = Attempts(refusals=1000)
     started = time.monotonic()
     code, output = run_until_joined(launch, lambda _: None, attempts, retry_every=0.05)

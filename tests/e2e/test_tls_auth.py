@@ -10,6 +10,11 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.fault(
+    "An unregistered hospital key, and a plaintext SuperNode against the TLS SuperLink",
+    "Refused; the hospital exits at once, saying what to register or fix",
+    "the federation (no unauthenticated hospital joins)",
+)
 def test_registered_hospital_joins_unregistered_and_plaintext_are_refused(deployment):
     d = deployment
     d.start_superlink()
@@ -21,7 +26,7 @@ def test_registered_hospital_joins_unregistered_and_plaintext_are_refused(deploy
     cmd, marker = d.hospital("hospital-1")  # its key was never registered
     code, log = d.run_to_exit(cmd, "unregistered.log", markers=(marker,))
     assert code == 1, log  # exits by itself, and says why in plain words
-    assert "refused this hospital's key: it is not registered" in log
+    assert "refused to let this hospital join. Either its key is not registered" in log
     assert "flwr supernode register hospital-1.pub" in log
 
     cmd, marker = d.hospital("hospital-0", tls=False)  # plaintext against TLS

@@ -36,6 +36,14 @@ def record(server_round: int) -> RoundRecord:
     return RoundRecord(server_round, 0.5, None, None, {}, [], 0.1)
 
 
+def killed_after_round_one(root) -> None:
+    """A run whose server process died after completing round 1."""
+    store = RunStore(root)
+    store.begin(CONFIG, "base")
+    store.save_round(record(1), {"w": torch.ones(4)})
+    store.release()  # the process died: the kernel drops its lock
+
+
 def test_a_new_directory_starts_a_run_and_an_unfinished_one_resumes(tmp_path):
     store = RunStore(tmp_path)
     assert store.begin(CONFIG, "base") is None
@@ -101,9 +109,9 @@ def test_a_round_is_complete_only_with_its_record_and_its_checkpoint(tmp_path):
     "the finished run's files, byte for byte",
 )
 def test_a_finished_run_is_never_resumed_or_overwritten(tmp_path):
+    killed_after_round_one(tmp_path)
     store = RunStore(tmp_path)
     store.begin(CONFIG, "base")
-    store.save_round(record(1), {"w": torch.ones(4)})
     store.finish("completed", {"w": torch.ones(4)})
     before = (tmp_path / "metrics.json").read_bytes()
     with pytest.raises(RunFinishedError, match="already completed"):
@@ -117,10 +125,7 @@ def test_a_finished_run_is_never_resumed_or_overwritten(tmp_path):
     "the unfinished run, still resumable",
 )
 def test_other_settings_or_frozen_weights_are_refused_naming_them(tmp_path):
-    store = RunStore(tmp_path)
-    store.begin(CONFIG, "base")
-    store.save_round(record(1), {"w": torch.ones(4)})
-    store.release()  # the server process died
+    killed_after_round_one(tmp_path)
     with pytest.raises(RunDirError, match=r"num-rounds \(3 -> 5\)"):
         RunStore(tmp_path).begin({**CONFIG, "num-rounds": 5}, "base")
     with pytest.raises(RunDirError, match="frozen weights"):
@@ -135,10 +140,7 @@ def test_other_settings_or_frozen_weights_are_refused_naming_them(tmp_path):
     "the run directory",
 )
 def test_an_unreadable_checkpoint_is_refused_not_trained_over(tmp_path):
-    store = RunStore(tmp_path)
-    store.begin(CONFIG, "base")
-    store.save_round(record(1), {"w": torch.ones(4)})
-    store.release()  # the server process died
+    killed_after_round_one(tmp_path)
     (tmp_path / "checkpoints" / "round-0001.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(RunDirError, match=r"round-0001\.safetensors.*cannot be read"):
         RunStore(tmp_path).begin(CONFIG, "base")
