@@ -79,6 +79,8 @@ def scan(tests: Path = TESTS) -> list[Row]:
         for node in tree.body:
             if not isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 continue
+            if any(_marker(d) for d in node.decorator_list) and not node.name.startswith("test"):
+                raise ValueError(f"{path}: {node.name} has a fault marker but is not a test")
             for decorator in node.decorator_list:
                 call = _marker(decorator)
                 if call is None:

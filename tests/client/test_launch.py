@@ -111,11 +111,6 @@ class Attempts:
         return (1, REFUSED) if self.calls <= self.refusals else self.final
 
 
-@pytest.mark.fault(
-    "A hospital restarted while the server still counts it online",
-    "It retries joining for connection.rejoin-timeout, saying why",
-    "its place in the federation",
-)
 def joined(launch, server: str = "127.0.0.1:9092") -> None:
     """What run_supernode leaves in the state-dir once Flower accepted the hospital."""
     state = Path(launch.hospital.state_dir)
@@ -123,6 +118,11 @@ def joined(launch, server: str = "127.0.0.1:9092") -> None:
     (state / "supernode.json").write_text(json.dumps({"server": server, "node_id": "7"}))
 
 
+@pytest.mark.fault(
+    "A hospital restarted while the server still counts it online",
+    "It retries joining for connection.rejoin-timeout, saying why",
+    "its place in the federation",
+)
 def test_a_restarted_hospital_retries_joining_until_the_server_frees_it(tmp_path):
     launch = plan_supernode(hospital_file(tmp_path))
     joined(launch)
