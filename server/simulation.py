@@ -384,10 +384,10 @@ def judge_run(rc: int, status: str, out: Path, tolerate_failures: bool) -> list[
         return problems
     info = json.loads(run_file.read_text("utf-8"))
     rounds = json.loads((out / "metrics.json").read_text("utf-8"))["rounds"]
+    where = f"resumes it after round {rounds[-1]['round']}" if rounds else "starts it again"
     resume = (
-        f"the same command resumes it after round {rounds[-1]['round']}"
-        if rounds
-        else "the same command starts it again"
+        f"restarting with the same settings on this run directory {where} "
+        f"(`fedfusion simulate --out {out}`; `fedfusion server` finds it in its state-dir)"
     )
     if info["status"] == "running":
         problems.append(

@@ -133,7 +133,8 @@ def test_simulation_server_killed_mid_round_resumes_after_the_last_complete_roun
         first.wait(10)
     said = first_log.read_text()
     assert code != 0, said
-    assert "the same command resumes it after round 1" in said, said[-3000:]
+    hint = f"this run directory resumes it after round 1 (`fedfusion simulate --out {out}`"
+    assert hint in said, said[-3000:]
     checkpoint = (out / "checkpoints" / "round-0001.safetensors").read_bytes()
     assert json.loads((out / "run.json").read_text())["status"] == "running"
 
