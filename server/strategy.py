@@ -169,6 +169,7 @@ class HospitalFedAvg(FedAvg):
         self._robust = robust_aggregator(aggregator, trim_fraction, byzantine_hospitals)
         self._sent: np.ndarray | None = None  # this round's packed global weights
         self.round_hospitals: dict[int, HospitalRound] = {}
+        self.known: dict[int, str] = {}  # node id -> the hospital name it replied with
         self.failures = 0
         self.declined = 0
         self.eval_failures = 0
@@ -182,9 +183,10 @@ class HospitalFedAvg(FedAvg):
 
     def _record_failure(self, node: int, reason: str) -> None:
         entry = self.round_hospitals.get(node)
-        if entry is None:
+        if entry is None:  # named as in an earlier reply: a failure carries no name
+            name = self.known.get(node, f"node-{node}")
             self.round_hospitals[node] = HospitalRound(
-                hospital=f"node-{node}", node_id=node, status="failed", reason=reason
+                hospital=name, node_id=node, status="failed", reason=reason
             )
         else:
             entry.status, entry.reason = "failed", reason
@@ -243,6 +245,7 @@ class HospitalFedAvg(FedAvg):
                 str(status.get("reason", "")),
             )
             self.round_hospitals[node] = entry
+            self.known[node] = entry.hospital
             if entry.status == "declined":
                 self.declined += 1
                 log(

@@ -62,6 +62,7 @@ class MeteredGrid:
         self.down: Counter[int] = Counter()  # node id -> bytes sent to it
         self.key_up: Counter[int] = Counter()  # node id -> bytes of SecAgg+ key stages
         self._key_requests: set[str] = set()
+        self._addressee: dict[str, int] = {}  # message id -> the node it was sent to
 
     def reset(self) -> None:
         """Start counting a new round."""
@@ -69,6 +70,7 @@ class MeteredGrid:
         self.down.clear()
         self.key_up.clear()
         self._key_requests.clear()
+        self._addressee.clear()
 
     def node_bytes(self, node_id: int) -> tuple[int, int, int]:
         """(bytes up, bytes down, key-stage bytes up) of one node since the last reset."""
@@ -81,6 +83,12 @@ class MeteredGrid:
 
     def _received(self, replies: list[Message]) -> None:
         for msg in replies:
+            # The SuperLink answers for a node it considers gone ("Node Unavailable") with
+            # an error from itself (node 1): put the failure on the node that was asked,
+            # or the round would blame node 1 and count the hospital again as silent.
+            addressee = self._addressee.get(msg.metadata.reply_to_message_id)
+            if addressee is not None and msg.metadata.src_node_id != addressee:
+                msg.metadata.__dict__["_src_node_id"] = addressee
             size = message_bytes(msg)
             self.up[msg.metadata.src_node_id] += size
             if msg.metadata.reply_to_message_id in self._key_requests:
@@ -115,6 +123,9 @@ class MeteredGrid:
         ids = list(self._grid.push_messages(messages))
         for node, size in sizes:
             self.down[node] += size
+        for msg in messages:  # Flower sets each pushed message's id on it
+            if msg.metadata.message_id:
+                self._addressee[msg.metadata.message_id] = msg.metadata.dst_node_id
         # Flower returns one id per message in order (None where a push failed), or, in
         # simulation, only the ids that were stored; one batch is one protocol stage.
         if len(ids) == len(messages):

@@ -64,6 +64,10 @@ class Grid:
             return None
         if kind == "crash":
             return Message(Error(code=1, reason="<class 'RuntimeError'>:<'killed'>"), reply_to=msg)
+        if kind == "unavailable":  # the SuperLink answers for a node gone quiet, as node 1
+            reply = Message(Error(code=5, reason="Error: Node Unavailable"), reply_to=msg)
+            reply.metadata.__dict__["_src_node_id"] = 1
+            return reply
         config = msg.content["config"]
         weights = msg.content["arrays"][PACKED_KEY].numpy() + 1.0
         if kind == "nan":
@@ -145,3 +149,39 @@ def test_too_many_lost_fails_the_run_when_configured(tmp_path):
     # a lower bar lets the same round through
     weights, _ = federate(tmp_path / "low", behaviour, **{"server.min-update-fraction": 0.3})
     np.testing.assert_allclose(weights, 2.0)
+
+
+class GoneInRoundTwo(Grid):
+    """Node 13 trains in round 1, then the SuperLink reports it unavailable."""
+
+    def _reply(self, msg: Message) -> Message | None:
+        second = int(msg.content["config"]["server-round"]) == 2
+        self.behaviour[13] = "unavailable" if second else "ok"
+        return super()._reply(msg)
+
+
+@pytest.mark.fault(
+    "A hospital whose heartbeat stopped: the SuperLink answers for it (as node 1)",
+    "Counted once, under its own name with Flower's reason; the round completes without it",
+    "the others' updates",
+)
+def test_a_node_the_superlink_reports_unavailable_is_counted_once_under_its_own_name(tmp_path):
+    run = RunConfig.from_run_config(
+        {
+            "num-rounds": 2,
+            "secagg.enabled": False,
+            "server.fraction-evaluate": 0.0,
+            "server.min-hospitals": 1,
+            "server.round-timeout": 1.0,
+        }
+    )
+    store = RunStore(tmp_path)
+    store.start({})
+    grid = GoneInRoundTwo({11: "ok", 12: "ok", 13: "ok"})
+    strategy = build_strategy(run, "", LAYOUT)
+    run_federation(grid, run, strategy, packed_record(START, LAYOUT), store)
+    first, second = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
+    assert first["failures"] == 0
+    assert second["failures"] == 1 and not second["skipped"]  # not also counted as silent
+    failed = [(h["hospital"], h["reason"]) for h in second["hospitals"] if h["status"] == "failed"]
+    assert failed == [("h13", "Error: Node Unavailable")]  # its name from round 1, not node 1
