@@ -275,6 +275,8 @@ def _resumable(out: Path, run: RunConfig, base_hash: str, hospitals: int) -> str
         info = RunStore(out).unfinished(run.to_run_config(), base_hash)
     except RunDirError as err:
         raise ConfigError(str(err)) from err
+    if info is None and (out / _SIMULATION_FILE).exists():
+        return f"{out}: the earlier attempt never started its server; starting the run afresh"
     if info is None:
         raise ConfigError(
             f"output directory {out} is not empty and holds no fedfusion run: choose another --out"

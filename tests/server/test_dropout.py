@@ -84,7 +84,7 @@ class Grid:
         return Message(content, reply_to=msg)
 
 
-def federate(tmp_path, behaviour, **settings):
+def federate(tmp_path, behaviour, grid=None, **settings):
     run = RunConfig.from_run_config(
         {
             "num-rounds": 2,
@@ -98,7 +98,8 @@ def federate(tmp_path, behaviour, **settings):
     store = RunStore(tmp_path)
     store.start({})
     strategy = build_strategy(run, "", LAYOUT)
-    final = run_federation(Grid(behaviour), run, strategy, packed_record(START, LAYOUT), store)
+    grid = (grid or Grid)(behaviour)
+    final = run_federation(grid, run, strategy, packed_record(START, LAYOUT), store)
     rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
     return final[PACKED_KEY].numpy(), rounds
 
@@ -166,21 +167,7 @@ class GoneInRoundTwo(Grid):
     "the others' updates",
 )
 def test_a_node_the_superlink_reports_unavailable_is_counted_once_under_its_own_name(tmp_path):
-    run = RunConfig.from_run_config(
-        {
-            "num-rounds": 2,
-            "secagg.enabled": False,
-            "server.fraction-evaluate": 0.0,
-            "server.min-hospitals": 1,
-            "server.round-timeout": 1.0,
-        }
-    )
-    store = RunStore(tmp_path)
-    store.start({})
-    grid = GoneInRoundTwo({11: "ok", 12: "ok", 13: "ok"})
-    strategy = build_strategy(run, "", LAYOUT)
-    run_federation(grid, run, strategy, packed_record(START, LAYOUT), store)
-    first, second = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
+    _, (first, second) = federate(tmp_path, {11: "ok", 12: "ok", 13: "ok"}, GoneInRoundTwo)
     assert first["failures"] == 0
     assert second["failures"] == 1 and not second["skipped"]  # not also counted as silent
     failed = [(h["hospital"], h["reason"]) for h in second["hospitals"] if h["status"] == "failed"]

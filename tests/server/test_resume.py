@@ -279,3 +279,35 @@ def test_a_resumed_federation_continues_from_the_checkpoint_not_from_the_start(t
     rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
     assert (tmp_path / "checkpoints" / "round-0002.safetensors").read_bytes() == round_two
+
+
+def test_fedfusion_simulate_resumes_only_its_own_unfinished_run(tmp_path):
+    """`fedfusion simulate --out DIR` on a DIR that is not new (server/simulation.py)."""
+    from server.simulation import _resumable
+    from shared_model.config import ConfigError
+
+    out = tmp_path / "run"
+    run = RunConfig.from_run_config({"output-dir": str(out)})
+    assert _resumable(out, run, "base", 3) == ""  # new
+    out.mkdir()
+    (out / "simulation.json").write_text('{"hospitals": 3}')
+    assert "afresh" in _resumable(out, run, "base", 3)  # an attempt that never started
+    store = RunStore(out)
+    store.begin(run.to_run_config(), "base")
+    store.save_round(record(1), {"w": torch.ones(4)})
+    store.release()
+    assert "resuming it after round 1" in _resumable(out, run, "base", 3)
+    with pytest.raises(ConfigError, match="--hospitals 3"):
+        _resumable(out, run, "base", 4)
+    with pytest.raises(ConfigError, match="other settings"):
+        _resumable(out, RunConfig.from_run_config({"output-dir": str(out), "seed": 1}), "base", 3)
+    store = RunStore(out)
+    store.begin(run.to_run_config(), "base")
+    store.finish("completed")
+    with pytest.raises(ConfigError, match="already completed"):
+        _resumable(out, run, "base", 3)
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"x")
+    with pytest.raises(ConfigError, match="holds no fedfusion run"):
+        _resumable(other, run, "base", 3)
