@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+
 from server.checkpoint import RunDirError, RunFinishedError, RunStore
 from server.simulation import SimulationResult, _to_toml, app_dir, judge_run, submit_run
 from shared_model.config import ConfigError, RunConfig, ServerDeployConfig
@@ -192,6 +194,7 @@ def run_server(
     RunConfig.from_run_config(full)
     env = _environment(cfg)
     log = state / "superlink.log"
+    restarted = (state / "superlink.db").exists()
     started = time.monotonic()
     with log.open("a", encoding="utf-8") as handle:
         superlink = subprocess.Popen(
@@ -209,6 +212,16 @@ def run_server(
         for key in cfg.hospital_keys():
             _register(env, key, superlink, log)
             echo(f"  registered {Path(key).stem}")
+        if restarted:
+            # The database still says who was online when the SuperLink stopped; that
+            # status expires two heartbeat intervals later. Until then a hospital still
+            # reconnecting counts as online, and a round would start without it.
+            settle = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
+            echo(
+                f"  restarted on its old database: waiting {settle}s for the hospitals' "
+                "online status to be current"
+            )
+            time.sleep(max(settle - (time.monotonic() - started), 0))
         _wait_online(env, run.server.min_hospitals, run.server.wait_for_hospitals_timeout, echo)
         rc, status, timed_out = submit_run(
             app_dir(), config_file, _CONNECTION, env, out, cfg.timeout, verbose, echo

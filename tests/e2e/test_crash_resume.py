@@ -167,6 +167,7 @@ def test_simulation_server_killed_mid_round_resumes_after_the_last_complete_roun
     ),
     "checkpoints, metrics history, every ledger, the killed round counted in full",
 )
+@pytest.mark.timeout(1200)  # two heartbeat expiries (60 s each) and three server starts
 def test_deployment_hospital_and_superlink_killed_mid_round_both_recover(tmp_path):
     d = LoopbackDeployment(tmp_path)
     names = ["hospital-0", "hospital-1", "hospital-2"]
@@ -179,7 +180,7 @@ def test_deployment_hospital_and_superlink_killed_mid_round_both_recover(tmp_pat
     server_toml = d.server_file(
         names,
         "num-rounds = 4\nserver.min-hospitals = 3\nserver.wait-for-hospitals-timeout = 120.0\n"
-        "secagg.stage-timeout = 60.0\nprivacy.target-epsilon = 3.0\n",
+        "secagg.stage-timeout = 60.0\nprivacy.target-epsilon = 3.0\nserver.round-timeout = 120.0\n",
     )
     server_cmd = [str(BIN / "fedfusion"), "server", "--config", str(server_toml)]
     server_log = tmp_path / "fedfusion-server.log"
@@ -226,6 +227,7 @@ def test_deployment_hospital_and_superlink_killed_mid_round_both_recover(tmp_pat
         code, said = d.run_to_exit(server_cmd, "fedfusion-server-2.log", timeout=600)
         assert code == 0, said[-4000:]
         assert f"resuming the unfinished run in {out}" in said
+        assert "online status to be current" in said  # it let stale statuses expire
         assert [p.name for p in out.parent.iterdir()] == [out.name]  # no new run
         info = json.loads((out / "run.json").read_text())
         assert info["status"] == "completed", info
