@@ -140,6 +140,8 @@ def _after_short_round(
     """
     k = short.record.round
     policy = run.server.short_round
+    latest = store.latest_checkpoint()  # None: no round saved yet (no round-0 evaluation)
+    state = initial if latest is None else _resumed_state(latest[1], initial, store.root)
     if policy == "retry" and retries.get(k, 0) < run.server.round_retries:
         retries[k] = retries.get(k, 0) + 1
         store.note_retry(k, str(short))
@@ -151,22 +153,18 @@ def _after_short_round(
             retries[k],
             run.server.round_retries,
         )
-    elif policy == "skip":
+        return state, 1 if latest is None else latest[0] + 1
+    if policy == "skip":
         log(WARNING, "[fedfusion] %s; round skipped, the model is unchanged", short)
-        latest = store.latest_checkpoint()
-        store.save_round(short.record, initial if latest is None else latest[1])
+        store.save_round(short.record, state)
         progress(short.record)
-    else:
-        if policy == "retry":
-            raise FederationError(
-                f"{short} (round {k} was tried {retries.get(k, 0) + 1} times, "
-                f"server.round-retries {run.server.round_retries})"
-            ) from short
-        raise short
-    latest = store.latest_checkpoint()  # None: no round saved yet (no round-0 evaluation)
-    if latest is None:
-        return initial, 1
-    return _resumed_state(latest[1], initial, store.root), latest[0] + 1
+        return state, k + 1
+    if policy == "retry":
+        raise FederationError(
+            f"{short} (round {k} was tried {retries.get(k, 0) + 1} times, "
+            f"server.round-retries {run.server.round_retries})"
+        ) from short
+    raise short
 
 
 def _resumed_state(
