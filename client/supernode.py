@@ -8,13 +8,15 @@ the round time: about 1.5 s of idle wait per message on average.
 
 This runs Flower's own ``flower-supernode`` with every wait of that loop scaled by
 ``poll-interval / 3``: the idle poll becomes ``poll-interval`` and the reply checks
-shrink in proportion. Nothing else changes. The cost is on the server: one request
-per hospital per interval while idle, hence ``connection.poll-interval`` (default 0.5 s).
-The module imports Flower only, never torch.
+shrink in proportion, and so do the retries for an object of a message that the server
+is still uploading (Flower: after 1 s, doubling up to 10 s). Nothing else changes. The
+cost is on the server: one request per hospital per interval while idle, hence
+``connection.poll-interval`` (default 0.5 s). The module imports Flower only, never torch.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import sys
 import time
@@ -42,8 +44,17 @@ class ScaledTime:
 
 def scale_waits(poll_interval: float) -> ModuleType:
     """Make Flower's SuperNode loop poll every ``poll_interval`` s when idle; returns it."""
+    from flwr.supercore.constant import PULL_BACKOFF_CAP, PULL_INITIAL_BACKOFF
+
     loop = importlib.import_module(_LOOP)
-    loop.time = ScaledTime(poll_interval / FLOWER_IDLE_POLL)  # type: ignore[attr-defined]
+    factor = poll_interval / FLOWER_IDLE_POLL
+    loop.time = ScaledTime(factor)  # type: ignore[attr-defined]
+    pull = getattr(loop.pull_objects, "func", loop.pull_objects)
+    loop.pull_objects = functools.partial(  # type: ignore[attr-defined]
+        pull,
+        initial_backoff=PULL_INITIAL_BACKOFF * factor,
+        backoff_cap=PULL_BACKOFF_CAP * factor,
+    )
     return loop
 
 

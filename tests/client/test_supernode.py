@@ -6,6 +6,8 @@ import importlib
 import inspect
 import time
 
+import pytest
+
 from client.launch import plan_supernode
 from client.supernode import FLOWER_IDLE_POLL, ScaledTime, scale_waits
 from tests.client.test_launch import hospital_file
@@ -23,15 +25,19 @@ def test_the_idle_poll_becomes_the_configured_interval(monkeypatch):
     slept = []
     monkeypatch.setattr(time, "sleep", slept.append)
     loop = importlib.import_module("flwr.supernode.start_client_internal")
-    original = loop.time
+    original = loop.time, loop.pull_objects
     try:
         scaled = scale_waits(0.3)
         scaled.time.sleep(FLOWER_IDLE_POLL)  # the idle poll
         scaled.time.sleep(0.5)  # waiting for a reply
         assert slept == [0.3, 0.3 * 0.5 / FLOWER_IDLE_POLL]
         assert isinstance(loop.time, ScaledTime) and loop.time.monotonic is time.monotonic
+        # an object the server is still uploading: retried after 0.1 s, not 1 s
+        backoffs = loop.pull_objects.keywords
+        assert backoffs == pytest.approx({"initial_backoff": 0.1, "backoff_cap": 1.0})
+        assert scale_waits(0.3).pull_objects.func is original[1]  # not wrapped twice
     finally:
-        loop.time = original
+        loop.time, loop.pull_objects = original
 
 
 def test_the_hospital_command_runs_the_scaled_supernode(tmp_path):

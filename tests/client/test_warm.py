@@ -66,6 +66,14 @@ def test_a_child_inherits_libraries_but_not_the_projects_own_code(warm):
     assert child["threads"] == 1  # the server started no thread a child could lose
 
 
+def test_a_childs_garbage_collector_skips_the_inherited_heap(warm):
+    """Frozen before the fork: a child's full collection does not walk (and copy) it."""
+    child = seen(run(warm))
+    assert child["gc_enabled"]
+    assert child["gc_frozen"] > 100_000  # torch, Opacus, Flower ... as loaded
+    assert child["gc_tracked"] < child["gc_frozen"] / 10  # what the child made itself
+
+
 def test_children_do_not_share_random_state(warm):
     draws = {seen(run(warm))["numpy"] for _ in range(3)}
     assert len(draws) == 3

@@ -1,5 +1,6 @@
 """What a warm-started child sees: run by the fork server in tests/client/test_warm.py."""
 
+import gc
 import json
 import os
 import sys
@@ -26,6 +27,9 @@ def main() -> None:
                     m for m in sys.modules if m.split(".")[0] in ("client", "shared_model")
                 ),
                 "threads": threading.active_count(),
+                "gc_enabled": gc.isenabled(),
+                "gc_frozen": gc.get_freeze_count(),
+                "gc_tracked": len(gc.get_objects()),
             }
         ),
         flush=True,

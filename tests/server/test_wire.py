@@ -125,3 +125,40 @@ def test_metering_leaves_a_pushed_message_untouched():
     for msg, at_push in inner.pushed:
         now = _attributes(msg)
         assert all(now[k] == at_push[k] for k in at_push), "an object changed after its push"
+
+
+def test_a_reply_still_uploading_is_retried_within_the_reply_poll(monkeypatch):
+    """Flower's grid waits 1 s, then 2, 4 ... for a missing object; metered, 20 ms to 0.5 s."""
+    import threading
+    from types import SimpleNamespace
+
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+    from flwr.superlink.grid import http_grid
+
+    from server.wire import MAX_POLL, MIN_POLL
+
+    waits: list[float] = []
+
+    class Recorded(threading.Event):  # pull_objects's early stop: it waits out each backoff
+        def wait(self, timeout=None):
+            waits.append(timeout)
+            return False
+
+    flower_threading = SimpleNamespace(Event=Recorded, Lock=threading.Lock)
+    monkeypatch.setattr(inflatable_utils, "threading", flower_threading)
+    monkeypatch.setattr(http_grid, "pull_objects", http_grid.pull_objects)  # restored after
+    tries = {"a": 0}
+
+    def pull_object(object_id: str) -> bytes:
+        tries[object_id] += 1
+        if tries[object_id] <= 6:  # still uploading
+            raise ObjectUnavailableError(object_id)
+        return b"content"
+
+    metered(EchoGrid())  # what the round loops do with the grid they are given
+    assert http_grid.pull_objects(["a"], pull_object) == {"a": b"content"}
+    assert len(waits) == 6
+    assert waits[0] <= MIN_POLL * 1.2  # Flower's own jitter is +-20 %
+    assert max(waits) <= MAX_POLL * 1.2
+    assert sum(waits) < 1.5  # Flower's defaults: 1 + 2 + 4 + 8 + 10 + 10 s
