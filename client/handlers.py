@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client.privacy import dump_history, load_history
+from client.privacy import dump_history, known_rdp, load_history, remember_rdp
 from client.secagg import (
     delta_ndarrays,
     is_legacy,
@@ -38,6 +38,8 @@ log = logging.getLogger("fedfusion.hospital")
 # A copy of the ledger history in Flower's per-node state: a ledger file that loses
 # rounds this process already recorded is refused (client/privacy.py).
 _LEDGER_COPY = "privacy-ledger"
+# The per-step RDP this node has computed, kept between its messages' processes.
+_RDP_CACHE = "privacy-rdp"
 
 # Opacus's hooks on the first layer fire although the radiograph needs no gradient.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -105,6 +107,7 @@ def train(msg: Message, context: Context) -> Message:
     run = RunConfig.from_run_config(context.run_config)
     hospital = HospitalConfig.from_node_config(context.node_config)
     weights, config, legacy = _request(msg, run, hospital)
+    remember_rdp(context.state.config_records.get(_RDP_CACHE, {}))  # before the ledger opens
     site = open_site(hospital, run)
     seen = context.state.config_records.get(_LEDGER_COPY)
     result = run_local_round(
@@ -118,6 +121,7 @@ def train(msg: Message, context: Context) -> Message:
     )
     if result.ledger_history:
         context.state[_LEDGER_COPY] = ConfigRecord({"history": dump_history(result.ledger_history)})
+    context.state[_RDP_CACHE] = ConfigRecord(known_rdp())
     if not result.trained:
         log.warning("%s %s", site.name, result.reason)
     metrics = {

@@ -23,9 +23,8 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +49,13 @@ __all__ = [
     "compute_epsilon",
     "dump_history",
     "effective_policy",
+    "known_rdp",
     "load_history",
     "make_private",
     "plan_noise_multiplier",
     "plan_round",
     "read_ledger",
+    "remember_rdp",
     "resolve_grad_sample_mode",
 ]
 
@@ -128,12 +129,45 @@ def _epsilon_kwargs(accountant: str) -> dict[str, Any]:
     return {"alphas": RDP_ORDERS} if accountant == "rdp" else {}
 
 
-@lru_cache(maxsize=256)
-def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
-    from opacus.accountants.analysis.rdp import compute_rdp
+# Per-step RDP of each (noise multiplier, sample rate) this process has computed: Opacus
+# takes ~0.1-0.2 s per pair (the 99 fractional orders). A deployed hospital starts a
+# process for every message, so the handlers carry these between messages in Flower's
+# per-node state (``known_rdp`` / ``remember_rdp``), as a long-lived process keeps them.
+_RDP: dict[tuple[float, float], tuple[float, ...]] = {}
 
-    rdp = compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDP_ORDERS)
-    return tuple(float(x) for x in rdp)
+
+def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
+    key = (float(noise_multiplier), float(sample_rate))
+    if key not in _RDP:
+        from opacus.accountants.analysis.rdp import compute_rdp
+
+        rdp = compute_rdp(q=key[1], noise_multiplier=key[0], steps=1, orders=RDP_ORDERS)
+        _RDP[key] = tuple(float(x) for x in rdp)
+    return _RDP[key]
+
+
+def known_rdp() -> dict[str, list[float]]:
+    """The per-step RDP computed so far, keyed exactly (``sigma|q`` in float hex)."""
+    return {f"{s.hex()}|{q.hex()}": list(rdp) for (s, q), rdp in _RDP.items()}
+
+
+def remember_rdp(known: Mapping[str, Any]) -> int:
+    """Take back what :func:`known_rdp` gave; returns how many entries were usable.
+
+    An entry is used only if its key parses and it holds one finite, non-negative value
+    per order; anything else is left out and computed again when needed.
+    """
+    used = 0
+    for key, values in known.items():
+        try:
+            sigma, q = (float.fromhex(part) for part in str(key).split("|"))
+            rdp = tuple(float(v) for v in values)
+        except (TypeError, ValueError):
+            continue
+        if len(rdp) == len(RDP_ORDERS) and all(math.isfinite(v) and v >= 0 for v in rdp):
+            _RDP.setdefault((sigma, q), rdp)
+            used += 1
+    return used
 
 
 def compute_epsilon(

@@ -150,3 +150,23 @@ def test_a_request_in_another_weights_layout_is_refused_before_training(run_conf
     unread = {"data-manifest": str(tmp_path / "missing.csv"), "hospital-id": "h"}
     with pytest.raises(Exception, match=r"laid out as .* disagree on the model settings"):
         train(train_message(global_arrays(run_config), 1, other), make_context(run_config, unread))
+
+
+def test_a_nodes_next_message_reuses_its_per_step_rdp(run_config, monkeypatch):
+    """Each deployed message is a new process: Flower's node state carries the RDP over."""
+    from opacus.accountants.analysis import rdp as opacus_rdp
+
+    from client import privacy
+
+    node = {"partition-id": 0, "num-partitions": 2}
+    context = make_context(run_config, node)
+    monkeypatch.setattr(privacy, "_RDP", {})
+    reply = train(train_message(global_arrays(run_config), 1), context)
+    assert privacy.remember_rdp(context.state.config_records["privacy-rdp"]) == 1
+    monkeypatch.setattr(privacy, "_RDP", {})  # the next message's fresh process
+    computed = []
+    real = opacus_rdp.compute_rdp
+    monkeypatch.setattr(opacus_rdp, "compute_rdp", lambda **kw: computed.append(kw) or real(**kw))
+    reply2 = train(train_message(reply.content["arrays"], 2), context)
+    assert computed == []
+    assert reply2.content["metrics"]["epsilon"] > reply.content["metrics"]["epsilon"]

@@ -253,3 +253,45 @@ def test_budget_holds_while_data_grows_rounds_crash_and_processes_restart(
         assert reopened.epsilon() <= max_eps
         assert reopened.epsilon() >= spent  # never decreases, never resets
         spent = reopened.epsilon()
+
+
+def test_per_step_rdp_carried_between_processes_gives_the_same_epsilon(monkeypatch):
+    """What a deployed hospital's handlers keep in Flower's node state between messages."""
+    from opacus.accountants.analysis import rdp as opacus_rdp
+
+    from client import privacy
+
+    history = [(1.3, 0.05, 40), (1.3, 0.05, 40), (0.9, 0.1, 20)]
+    monkeypatch.setattr(privacy, "_RDP", {})
+    expected = compute_epsilon(history, 1e-5)
+    carried = privacy.known_rdp()
+    assert len(carried) == 2
+    monkeypatch.setattr(privacy, "_RDP", {})  # a fresh process for the next message
+    assert privacy.remember_rdp(carried) == 2
+
+    def not_again(**_kwargs):
+        raise AssertionError("per-step RDP computed again although it was carried over")
+
+    monkeypatch.setattr(opacus_rdp, "compute_rdp", not_again)
+    assert compute_epsilon(history, 1e-5) == expected
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda v: v[:-1],  # an order missing
+        lambda v: [-1.0, *v[1:]],  # negative
+        lambda v: [math.nan, *v[1:]],
+        lambda v: ["x", *v[1:]],
+    ],
+)
+def test_a_damaged_carried_rdp_entry_is_computed_again(monkeypatch, damage):
+    from client import privacy
+
+    monkeypatch.setattr(privacy, "_RDP", {})
+    expected = compute_epsilon([(1.1, 0.2, 10)], 1e-5)
+    ((key, values),) = privacy.known_rdp().items()
+    monkeypatch.setattr(privacy, "_RDP", {})
+    assert privacy.remember_rdp({key: damage(values), "not|a key": values}) == 0
+    assert privacy._RDP == {}
+    assert compute_epsilon([(1.1, 0.2, 10)], 1e-5) == expected

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import itertools
 import time
 
 import pytest
 
 from client.launch import plan_supernode
-from client.supernode import FLOWER_IDLE_POLL, ScaledTime, scale_waits
+from client.supernode import FIRST_POLL, FLOWER_IDLE_POLL, ScaledTime, scale_waits
 from tests.client.test_launch import hospital_file
 
 
@@ -21,23 +22,47 @@ def test_flowers_supernode_loop_still_has_the_waits_we_scale():
     assert "time.sleep(0.5)" in source
 
 
-def test_the_idle_poll_becomes_the_configured_interval(monkeypatch):
+@pytest.fixture
+def loop():
+    """Flower's SuperNode loop module, restored after the test scaled it."""
+    module = importlib.import_module("flwr.supernode.start_client_internal")
+    saved = module.time, module.pull_objects, module._push_messages
+    yield module
+    module.time, module.pull_objects, module._push_messages = saved
+
+
+def test_the_idle_poll_becomes_the_configured_interval(monkeypatch, loop):
     slept = []
     monkeypatch.setattr(time, "sleep", slept.append)
-    loop = importlib.import_module("flwr.supernode.start_client_internal")
-    original = loop.time, loop.pull_objects
-    try:
-        scaled = scale_waits(0.3)
-        scaled.time.sleep(FLOWER_IDLE_POLL)  # the idle poll
-        scaled.time.sleep(0.5)  # waiting for a reply
-        assert slept == [0.3, 0.3 * 0.5 / FLOWER_IDLE_POLL]
-        assert isinstance(loop.time, ScaledTime) and loop.time.monotonic is time.monotonic
-        # an object the server is still uploading: retried after 0.1 s, not 1 s
-        backoffs = loop.pull_objects.keywords
-        assert backoffs == pytest.approx({"initial_backoff": 0.1, "backoff_cap": 1.0})
-        assert scale_waits(0.3).pull_objects.func is original[1]  # not wrapped twice
-    finally:
-        loop.time, loop.pull_objects = original
+    original_pull = loop.pull_objects
+    scaled = scale_waits(0.3)
+    scaled.time.sleep(FLOWER_IDLE_POLL)  # the idle poll
+    scaled.time.sleep(0.5)  # waiting for a reply
+    assert slept == [0.3, 0.3 * 0.5 / FLOWER_IDLE_POLL]
+    assert isinstance(loop.time, ScaledTime) and loop.time.monotonic is time.monotonic
+    # an object the server is still uploading: retried after 0.1 s, not 1 s
+    backoffs = loop.pull_objects.keywords
+    assert backoffs == pytest.approx({"initial_backoff": 0.1, "backoff_cap": 1.0})
+    assert scale_waits(0.3).pull_objects.func is original_pull  # not wrapped twice
+
+
+def test_after_a_reply_the_idle_poll_starts_fast_and_backs_off(monkeypatch, loop):
+    """The next message of a round follows soon: polled for within 50 ms, then less often."""
+    slept, pushed = [], []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    monkeypatch.setattr(loop, "_push_messages", lambda **kw: pushed.append(kw))
+    scaled = scale_waits(0.5)
+    scaled._push_messages(state="s")  # Flower's loop, once it has sent a reply
+    assert pushed == [{"state": "s"}]
+    for _ in range(8):
+        scaled.time.sleep(FLOWER_IDLE_POLL)
+    assert slept[0] == FIRST_POLL
+    assert all(b == pytest.approx(min(a * 1.5, 0.5)) for a, b in itertools.pairwise(slept))
+    assert slept[-1] == 0.5  # an idle node is back to one request per interval
+    scaled.time.sleep(0.5)  # a reply check is not an idle poll: scaled only
+    assert slept[-1] == pytest.approx(0.5 * 0.5 / FLOWER_IDLE_POLL)
+    scale_waits(0.5)._push_messages()  # wrapping again wraps Flower's, not ours
+    assert pushed[-1] == {}
 
 
 def test_the_hospital_command_runs_the_scaled_supernode(tmp_path):
