@@ -121,7 +121,8 @@ def train(msg: Message, context: Context) -> Message:
     )
     if result.ledger_history:
         context.state[_LEDGER_COPY] = ConfigRecord({"history": dump_history(result.ledger_history)})
-    context.state[_RDP_CACHE] = ConfigRecord(known_rdp())
+    used = ((e.noise_multiplier, e.sample_rate) for e in result.ledger_history)
+    context.state[_RDP_CACHE] = ConfigRecord(known_rdp(used))
     if not result.trained:
         log.warning("%s %s", site.name, result.reason)
     metrics = {

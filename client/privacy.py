@@ -23,7 +23,7 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -146,9 +146,14 @@ def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> tuple[float, .
     return _RDP[key]
 
 
-def known_rdp() -> dict[str, list[float]]:
-    """The per-step RDP computed so far, keyed exactly (``sigma|q`` in float hex)."""
-    return {f"{s.hex()}|{q.hex()}": list(rdp) for (s, q), rdp in _RDP.items()}
+def known_rdp(pairs: Iterable[tuple[float, float]]) -> dict[str, list[float]]:
+    """The per-step RDP computed so far for these (noise multiplier, sample rate) pairs.
+
+    Keyed exactly (``sigma|q`` in float hex); a pair not computed yet is left out. A
+    simulation worker serves many hospitals, so each keeps only its own pairs.
+    """
+    wanted = {(float(s), float(q)) for s, q in pairs}
+    return {f"{s.hex()}|{q.hex()}": list(_RDP[s, q]) for s, q in wanted if (s, q) in _RDP}
 
 
 def remember_rdp(known: Mapping[str, Any]) -> int:

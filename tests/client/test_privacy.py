@@ -264,7 +264,8 @@ def test_per_step_rdp_carried_between_processes_gives_the_same_epsilon(monkeypat
     history = [(1.3, 0.05, 40), (1.3, 0.05, 40), (0.9, 0.1, 20)]
     monkeypatch.setattr(privacy, "_RDP", {})
     expected = compute_epsilon(history, 1e-5)
-    carried = privacy.known_rdp()
+    compute_epsilon([(2.0, 0.01, 5)], 1e-5)  # another hospital's, in the same worker
+    carried = privacy.known_rdp((s, q) for s, q, _ in history)
     assert len(carried) == 2
     monkeypatch.setattr(privacy, "_RDP", {})  # a fresh process for the next message
     assert privacy.remember_rdp(carried) == 2
@@ -290,7 +291,7 @@ def test_a_damaged_carried_rdp_entry_is_computed_again(monkeypatch, damage):
 
     monkeypatch.setattr(privacy, "_RDP", {})
     expected = compute_epsilon([(1.1, 0.2, 10)], 1e-5)
-    ((key, values),) = privacy.known_rdp().items()
+    ((key, values),) = privacy.known_rdp([(1.1, 0.2)]).items()
     monkeypatch.setattr(privacy, "_RDP", {})
     assert privacy.remember_rdp({key: damage(values), "not|a key": values}) == 0
     assert privacy._RDP == {}
