@@ -68,7 +68,11 @@ class ScaledTime:
 
 
 def scale_waits(poll_interval: float) -> ModuleType:
-    """Make Flower's SuperNode loop poll every ``poll_interval`` s when idle; returns it."""
+    """Make Flower's SuperNode loop wait in proportion to ``poll_interval``; returns it.
+
+    Its idle poll becomes ``poll_interval`` (from ``FIRST_POLL`` right after each reply),
+    and its reply checks and object-pull retries are scaled by the same factor.
+    """
     from flwr.supercore.constant import PULL_BACKOFF_CAP, PULL_INITIAL_BACKOFF
 
     loop = importlib.import_module(_LOOP)

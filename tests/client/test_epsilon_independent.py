@@ -1,8 +1,11 @@
 """Epsilon checked against Google's dp-accounting, an implementation independent of Opacus.
 
 Histories vary (q, sigma, steps, delta) and change sigma or q between rounds, as when a
-hospital's data grows. RDP is compared with RDP (same orders, within 1%); Opacus's PRV
-with dp-accounting's PLD, within PRV's stated error (eps_error = 0.01) plus 0.1%.
+hospital's data grows. RDP is compared with RDP (same orders): never above
+dp-accounting's, and within 3% of it (at fractional orders dp-accounting's RDP is a
+looser bound, up to ~2% above the exact value, which Opacus computes; checked here
+against the Renyi divergence integrated numerically). Opacus's PRV with dp-accounting's
+PLD, within PRV's stated error (eps_error = 0.01) plus 0.1%.
 The ledger's exported JSON alone is enough to recompute the same epsilon.
 """
 
@@ -13,11 +16,11 @@ import dp_accounting
 import pytest
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from client.privacy import RDP_ORDERS, compute_epsilon
+from client.privacy import RDP_ORDERS, _rdp_per_step, compute_epsilon
 from shared_model.cli import build_app
 from tests.client.test_privacy import POLICY, one_round
 
@@ -55,14 +58,36 @@ round_strategy = st.tuples(
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(round_strategy, min_size=1, max_size=6), st.sampled_from([1e-4, 1e-5, 1e-6]))
-def test_rdp_matches_dp_accounting_within_one_percent(history, delta):
+@example([(2.375, 0.2, 58), (2.0, 0.16796875, 592)], 1e-4)  # found: 1.2% below (order 2.7)
+def test_rdp_matches_dp_accounting(history, delta):
     ours = compute_epsilon(history, delta, "rdp")
     dropped = DROPPED.count
     theirs = dp_accounting_epsilon(history, delta, "rdp")
-    if DROPPED.count == dropped:
-        assert ours == pytest.approx(theirs, rel=0.01)
-    else:  # dp-accounting minimized over fewer orders: its bound can only be looser
-        assert ours <= theirs * 1.01
+    assert ours <= theirs * (1 + 1e-9)  # equal at integer orders, looser at fractional
+    if DROPPED.count == dropped:  # else dp-accounting minimized over fewer orders
+        assert ours >= theirs * 0.97
+
+
+@pytest.mark.parametrize(
+    ("sigma", "q", "order"),
+    [(2.0, 0.16796875, 2.5), (2.0, 0.16796875, 2.7), (0.8, 0.05, 1.5), (1.3, 0.2, 3.0)],
+)
+def test_per_step_rdp_is_the_renyi_divergence_integrated_numerically(sigma, q, order):
+    """The sampled Gaussian's RDP at a (fractional) order, from its definition."""
+    from mpmath import inf, log, mp, mpf, npdf, quad
+
+    mp.dps = 30
+    a, s, q_ = mpf(order), mpf(sigma), mpf(q)
+
+    def mixture(z):
+        return (1 - q_) * npdf(z, 0, s) + q_ * npdf(z, 1, s)
+
+    # both directions; the mechanism's RDP is the larger
+    forward = quad(lambda z: npdf(z, 0, s) * (mixture(z) / npdf(z, 0, s)) ** a, [-inf, 0, 1, inf])
+    backward = quad(lambda z: mixture(z) * (npdf(z, 0, s) / mixture(z)) ** a, [-inf, 0, 1, inf])
+    exact = float(max(log(forward), log(backward)) / (a - 1))
+    ours = _rdp_per_step(sigma, q)[RDP_ORDERS.index(order)]
+    assert ours == pytest.approx(exact, rel=1e-6)
 
 
 @pytest.mark.parametrize(
