@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 TXV_SPEC ?= torchxrayvision==1.5.7
 ARGS ?=
 
-.PHONY: simulate test bench bench-utility audit fault-table lint fmt clean venv
+.PHONY: simulate test bench bench-utility audit doc-tables fault-table lint fmt clean venv
 
 simulate: $(VENV)/.runtime
 	$(BIN)/fedfusion simulate $(ARGS)
@@ -35,9 +35,13 @@ bench-utility: $(VENV)/.runtime
 audit: $(VENV)/.runtime
 	$(BIN)/fedfusion bench --suite audit $(ARGS)
 
-# The README's fault table, from the tests' @pytest.mark.fault markers (tests/fault_table.py).
-fault-table: $(VENV)/.dev
+# The README's tables generated from code: the fault table (the tests' fault markers) and
+# everything a hospital sends (client/outbound.py). A test fails when either is stale.
+doc-tables: $(VENV)/.dev
 	$(BIN)/python -m tests.fault_table README.md
+	$(BIN)/python -m tests.outbound_table README.md
+
+fault-table: doc-tables
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -3,7 +3,7 @@
 Run by ``fedfusion bench`` (server/bench_dp.py), each in a fresh process so that its
 peak memory is its own. It trains the model the spec names on fixed synthetic batches
 shaped like the embedded data, without DP or with one per-example clipping method
-(through :func:`client.privacy.make_private`, noise included), and prints the step
+(through :func:`client.dp.engine.make_private`, noise included), and prints the step
 times and the memory as JSON.
 """
 
@@ -80,7 +80,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     from torch.utils.data import TensorDataset
 
-    from client.privacy import PrivacyPolicy, make_private
+    from client.dp.engine import make_private
+    from client.dp.policy import PrivacyPolicy
     from shared_model.config import RunConfig
     from shared_model.engine import make_loss, make_optimizer, reuse_freed_memory, train_step
     from shared_model.model import initial_model

@@ -107,7 +107,7 @@ def ledger_show(
     """
     import json
 
-    from client.privacy import LedgerError, read_ledger
+    from client.dp.ledger import LedgerError, read_ledger
 
     try:
         view = read_ledger(state_dir).export()
@@ -122,11 +122,16 @@ def ledger_show(
         f"(delta {view['delta']:g}, {view['accountant']} accountant); "
         f"{view['remaining_epsilon']:.3f} left"
     )
-    typer.echo("round  noise multiplier  sample rate  steps  status     epsilon after")
+    if view["public_records"] is not None:
+        typer.echo(f"released record count N̂ = {view['public_records']} (N plus Gaussian noise)")
+    typer.echo(
+        "round  release       noise multiplier  sample rate  steps  status     epsilon after"
+    )
     for e in view["history"]:
         typer.echo(
-            f"{e['round']:5d}  {e['noise_multiplier']:16.4f}  {e['sample_rate']:11.5f}  "
-            f"{e['steps']:5d}  {e['status']:9s}  {e['epsilon_after']:13.3f}"
+            f"{e['round']:5d}  {e['mechanism']:12s}  {e['noise_multiplier']:16.4f}  "
+            f"{e['sample_rate']:11.5f}  {e['steps']:5d}  {e['status']:9s}  "
+            f"{e['epsilon_after']:13.3f}"
         )
 
 

@@ -1,11 +1,14 @@
 """The hospital's Flower ClientApp.
 
 In a deployment Flower starts a fresh ClientApp process for every message, and a
-SecAgg+ round sends five: key setup, key-share exchange, masked upload (which trains),
-unmasking, and evaluation. Only two of them need torch, so this module imports nothing
+SecAgg+ round sends four: key setup, key-share exchange, masked upload (which evaluates
+and trains), and unmasking. Only the upload needs torch, so this module imports nothing
 heavy: the handlers in ``client/handlers.py`` (torch, Opacus, the data) load when a
-message trains or evaluates, and the three key-exchange stages, which Flower's
+message actually trains or evaluates, and the key-exchange stages, which Flower's
 ``secaggplus_mod`` answers by itself, start in well under a second.
+
+Every reply leaves through ``outbound_guard`` (``client/outbound.py``), the outermost
+mod: it sends only fields it lists with their protection.
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from client.outbound import outbound_guard
 from client.secagg import secagg_mod
 
 __all__ = ["app"]
 
-# SecAgg+ messages go through Flower's secaggplus_mod (client/secagg.py); others pass.
-app = ClientApp(mods=[secagg_mod])
+# The guard sees each reply last; SecAgg+ messages go through Flower's secaggplus_mod.
+app = ClientApp(mods=[outbound_guard, secagg_mod])
 
 
 @app.train()

@@ -57,7 +57,7 @@ def _check_budget_left(hospital: HospitalConfig) -> None:
     state = Path(hospital.state_dir).expanduser()
     if not state.is_dir():
         return  # a new hospital: its ledger starts with its first round
-    from client.privacy import LEDGER_FILENAME, LedgerError, read_ledger  # imports torch
+    from client.dp.ledger import LEDGER_FILENAME, LedgerError, read_ledger
 
     ledger_file = state / LEDGER_FILENAME
     if not ledger_file.is_file():

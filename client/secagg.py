@@ -6,14 +6,16 @@ train messages in the legacy ``fitins.*`` format, wrapped in four protocol stage
 The mod calls our train handler once, in the masked-upload stage, and masks the
 parameters of its reply before they leave the hospital.
 
-What the hospital uploads is its **delta** (new weights minus the global ones), scaled by
-its weight n / max-weight, clipped to +-clipping-range and quantized by the mod. Deltas
-stay far inside the range; a delta that would clip is reported with the numbers. A
-hospital that declines for its budget uploads a zero delta with weight 0: it takes part
-in the protocol (so it is not a dropout) but changes nothing.
+What the hospital uploads is one vector (``shared_model/masked_upload.py``): its
+**delta** (new weights minus the global ones) scaled by its public weight N̂ / max-weight,
+the weight itself, its DP-released train loss, and the held-out statistics of the model
+it received; the mod clips it to +-clipping-range and quantizes it. Deltas stay far
+inside the range; an upload that would clip is reported with the numbers. A hospital
+that declines uploads a zero delta with weight 0 (and its evaluation): it takes part in
+the protocol (so it is not a dropout) but changes nothing.
 
-Metrics in the reply (num-examples, loss, epsilon, ...) travel in the clear; the README
-lists them as public.
+What travels in the clear beside the masked vector is listed, with its protection, in
+``client/outbound.py``.
 
 The mod uploads each masked value as an int64, although masking works modulo
 ``modulus_range`` (a power of two, at most 2**32). ``secagg_mod`` re-encodes them as
@@ -40,7 +42,6 @@ from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import (
     Code,
-    EvaluateRes,
     FitRes,
     MessageType,
     Status,
@@ -53,7 +54,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from shared_model import secagg_primitives
-from shared_model.config import SecAggConfig
+from shared_model.errors import ExplainedError
+from shared_model.masked_upload import UploadCodec
 
 if TYPE_CHECKING:
     import torch
@@ -62,11 +64,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "SecAggSchemeError",
+    "UploadError",
     "compact_masked_vector",
     "delta_ndarrays",
     "install_secagg_primitives",
     "is_legacy",
-    "legacy_evaluate_reply",
     "legacy_fit_reply",
     "legacy_request",
     "secagg_mod",
@@ -76,8 +78,12 @@ log = logging.getLogger("fedfusion.hospital")
 StateDict = dict[str, "torch.Tensor"]
 
 
-class SecAggSchemeError(ValueError):
+class SecAggSchemeError(ExplainedError, ValueError):
     """The server's SecAgg+ masks and key shares are not made as this hospital's are."""
+
+
+class UploadError(ExplainedError, ValueError):
+    """An upload that would break the aggregate: the hospital does not send it."""
 
 
 def install_secagg_primitives() -> None:
@@ -171,53 +177,33 @@ def delta_ndarrays(new: StateDict, old: StateDict, layout: WeightLayout) -> list
 
 def legacy_fit_reply(
     msg: Message,
-    delta: list[np.ndarray],
-    num_examples: int,
+    upload: np.ndarray,
+    codec: UploadCodec,
     metrics: dict[str, Scalar],
-    cfg: SecAggConfig,
 ) -> Message:
-    """The fitres reply the SecAgg+ mod masks; warns if the update would be clipped."""
-    for d in delta:  # the server cannot inspect a masked update: check it here
-        bad = int(d.size - np.isfinite(d).sum())
-        if bad:
-            raise ValueError(
-                f"this hospital's update has {bad} NaN or infinite values; it is not uploaded "
-                "(under SecAgg+ the server could not refuse it)"
-            )
-    ratio = num_examples / cfg.max_weight
-    if ratio > 1:
-        raise ValueError(
-            f"{num_examples} training records exceed secagg.max-weight {cfg.max_weight:g}; "
-            "raise secagg.max-weight on the server"
+    """The fitres reply the SecAgg+ mod masks; warns if the update would be clipped.
+
+    ``upload`` is the whole vector (``shared_model/masked_upload.py``). Flower's
+    ``num_examples`` is the same for every hospital (the weight is inside the vector).
+    """
+    bad = int(upload.size - np.isfinite(upload).sum())
+    if bad:  # the server cannot inspect a masked update: check it here
+        raise UploadError(
+            f"this hospital's update has {bad} NaN or infinite values; it is not uploaded "
+            "(under SecAgg+ the server could not refuse it)"
         )
-    peak = max((float(np.abs(d).max()) for d in delta if d.size), default=0.0) * ratio
-    if peak > cfg.clipping_range:
+    peak = float(np.abs(upload).max()) if upload.size else 0.0
+    if peak > codec.clipping_range:
         log.warning(
-            "SecAgg+ will clip this update: its largest weighted value %.4g exceeds "
-            "secagg.clipping-range %.4g (delta peak %.4g x weight %d/%g)",
+            "SecAgg+ will clip this upload: its largest value %.4g exceeds "
+            "secagg.clipping-range %.4g (raise the clipping range or lower the learning rate)",
             peak,
-            cfg.clipping_range,
-            peak / max(ratio, 1e-12),
-            num_examples,
-            cfg.max_weight,
+            codec.clipping_range,
         )
     fitres = FitRes(
         status=Status(code=Code.OK, message="OK"),
-        parameters=ndarrays_to_parameters(delta),
-        num_examples=num_examples,
+        parameters=ndarrays_to_parameters([upload]),
+        num_examples=codec.flower_weight,
         metrics=metrics,
     )
     return Message(compat.fitres_to_recorddict(fitres, keep_input=False), reply_to=msg)
-
-
-def legacy_evaluate_reply(
-    msg: Message, loss: float, num_examples: int, metrics: dict[str, Scalar]
-) -> Message:
-    """The evaluateres reply of the legacy evaluation workflow."""
-    res = EvaluateRes(
-        status=Status(code=Code.OK, message="OK"),
-        loss=loss,
-        num_examples=num_examples,
-        metrics=metrics,
-    )
-    return Message(compat.evaluateres_to_recorddict(res), reply_to=msg)

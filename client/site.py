@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
+from client.dp.ledger import LedgerEntry, PrivacyLedger
+from client.dp.policy import PrivacyPolicy, effective_policy
 from client.features import FeatureCache, frozen_feature_split
-from client.privacy import LedgerEntry, PrivacyLedger, PrivacyPolicy, effective_policy
 from shared_model.config import ConfigError, DataConfig, HospitalConfig, ModelConfig, RunConfig
 from shared_model.data import DataLimits, decode_image, load_manifest, split_train_test
 from shared_model.datasets import HospitalSplit, embedded_hospital

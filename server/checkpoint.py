@@ -6,6 +6,7 @@ Layout (one directory per run, all written atomically)::
       run.json                          config, status, start/end time, error if any,
                                         and every attempt (a restart resumes the run)
       metrics.json                      one record per completed round
+      evaluation.json                   per round, the summed held-out statistics
       checkpoints/round-0001.safetensors  global model after round 1 (metadata: round)
       checkpoints/latest.json           {"round": k, "file": ...}: the resume point
       global_model.safetensors          the final model (exported when the run completes)
@@ -32,6 +33,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from shared_model.evaluation import EvalStats
+
 __all__ = [
     "HospitalRound",
     "ResumePoint",
@@ -39,9 +42,11 @@ __all__ = [
     "RunDirError",
     "RunFinishedError",
     "RunStore",
+    "evaluation_fields",
     "write_json_atomic",
 ]
 
+EVALUATION_FILE = "evaluation.json"
 FINISHED = ("completed", "stopped-early")  # run.json statuses a restart does not resume
 
 
@@ -106,6 +111,15 @@ class RoundRecord:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (NaN and infinity become null)."""
         return _finite(asdict(self))
+
+
+def evaluation_fields(metrics: dict[str, float]) -> dict[str, Any]:
+    """A round record's evaluation fields from global held-out metrics."""
+    return {
+        "eval_loss": metrics.get("loss"),
+        "eval_auroc": metrics.get("auroc"),
+        "eval_metrics": dict(metrics),
+    }
 
 
 def _finite(value: Any) -> Any:
@@ -318,6 +332,29 @@ class RunStore:
         write_json_atomic(self.root / "metrics.json", {"rounds": self.rounds})
         write_json_atomic(self.checkpoints / "latest.json", {"round": record.round, "file": name})
         return self.checkpoints / name
+
+    def save_evaluation(self, server_round: int, stats: EvalStats) -> None:
+        """Keep the summed held-out statistics of the model after ``server_round``.
+
+        ``evaluation.json`` maps each round to the statistics vector (the score
+        histograms the report's ROC curves and decision thresholds are computed from).
+        """
+        data = self._read_json(EVALUATION_FILE) or {"labels": list(stats.labels), "rounds": {}}
+        data["rounds"][str(server_round)] = [float(v) for v in stats.to_vector()]
+        write_json_atomic(self.root / EVALUATION_FILE, data)
+
+    def amend_evaluation(self, server_round: int, metrics: dict[str, float]) -> None:
+        """Add the global evaluation of the model after ``server_round`` to its record.
+
+        Under SecAgg+ a model's evaluation arrives with the next round's upload, after
+        its round was recorded.
+        """
+        for record in self.rounds:
+            if int(record["round"]) == server_round:
+                record.update(_finite(evaluation_fields(metrics)))
+                write_json_atomic(self.root / "metrics.json", {"rounds": self.rounds})
+                return
+        raise RunDirError(f"no record of round {server_round} in {self.root} to add its evaluation")
 
     def latest_checkpoint(self) -> tuple[int, dict[str, torch.Tensor]] | None:
         """The last completed round and its global model, or None."""

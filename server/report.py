@@ -12,6 +12,7 @@ from typing import Any
 
 __all__ = [
     "THREAT_MODEL",
+    "format_evaluation_line",
     "format_round_line",
     "load_rounds",
     "privacy_section",
@@ -52,10 +53,22 @@ def format_round_line(rnd: Round, num_rounds: int) -> str:
             extra += f", {rnd['rejected']} updates refused"
     if rnd.get("skipped"):
         extra += " | skipped: too few updates, model unchanged"
+    if rnd["eval_auroc"] is None and rnd.get("secagg_shares") and not rnd.get("skipped"):
+        evaluation = "evaluated in the next exchange"  # it rides in the next masked upload
+    else:
+        evaluation = f"eval loss {_fmt(rnd['eval_loss'])} | macro AUROC {_fmt(rnd['eval_auroc'])}"
     return (
         f"round {rnd['round']}/{num_rounds} | train loss {_fmt(rnd['train_loss'])} | "
-        f"eval loss {_fmt(rnd['eval_loss'])} | macro AUROC {_fmt(rnd['eval_auroc'])} | "
-        f"epsilon: {eps} | {rnd['seconds']:.1f}s{extra}"
+        f"{evaluation} | epsilon: {eps} | {rnd['seconds']:.1f}s{extra}"
+    )
+
+
+def format_evaluation_line(server_round: int, metrics: dict[str, float], stats: Any) -> str:
+    """One line for a model's global evaluation that arrived after its round's line."""
+    return (
+        f"evaluation of the model after round {server_round}, summed over hospitals: "
+        f"eval loss {_fmt(metrics.get('loss'))} | macro AUROC {_fmt(metrics.get('auroc'))} "
+        f"| {int(stats.examples)} held-out records"
     )
 
 
@@ -88,18 +101,23 @@ def summary_table(rounds: list[Round]) -> str:
 
 THREAT_MODEL = """\
 - **Each patient record at a hospital** is protected by that hospital's (epsilon, delta)
-  differential privacy: whatever anyone learns from everything the hospital sends over
-  the whole run (updates, and so the global model) changes little whether or not the
+  differential privacy (add/remove-one record): whatever anyone learns from everything
+  computed from the hospital's training records (its updates, its released record
+  count and training loss, and so the global model) changes little whether or not the
   record was in its data. epsilon is cumulative over every round and capped by the
   hospital's own max-epsilon. It does not cover a patient with records at several
   hospitals (each hospital protects its own record; the guarantees add up), nor
   anything a hospital sends outside fedfusion.
 - **The server** is assumed honest but curious: it runs the protocol but may try to
   learn from what it receives. With secure aggregation (SecAgg+) it sees only the sum
-  of the hospitals' updates, unless at least the reconstruction threshold of hospitals
-  collude with it.
-- **Public:** the metrics each hospital reports in the clear (examples, losses,
-  epsilon, DP parameters, held-out metrics) and the final model, which is DP-protected.
+  of the hospitals' uploads (updates and held-out evaluation statistics), unless at
+  least the reconstruction threshold of hospitals collude with it.
+- **Held-out records** are never trained on; their evaluation statistics reach the
+  server only summed over the hospitals inside SecAgg+ (or, without it, from hospitals
+  whose config shares them). They are not covered by epsilon.
+- **Public:** each hospital's name, whether it trained or declined and why, its epsilon
+  and DP parameters (functions of public values), and the final model, which is
+  DP-protected.
 - **Not covered:** a server that deviates from the protocol, a hospital's own
   compromised machine, and side channels such as timing and message sizes.
 """
@@ -231,13 +249,14 @@ def write_report(run_dir: Path, config: dict[str, Any]) -> Path:
     ax.axvline(0.5, color="grey", ls=":")
     ax.set(
         xlim=(0, 1),
-        xlabel="AUROC (held-out, averaged over hospitals)",
+        xlabel="AUROC (held-out, summed over hospitals)",
         title="Per-label AUROC, final round",
     )
     fig.tight_layout()
     fig.savefig(run_dir / "per_label_auroc.png", dpi=110)
     plt.close(fig)
 
+    roc = _roc_plot(run_dir)
     final = rounds[-1] if rounds else None
     lines = [
         "# fedfusion run report",
@@ -264,12 +283,44 @@ def write_report(run_dir: Path, config: dict[str, Any]) -> Path:
         "",
         "![per-label AUROC](per_label_auroc.png)",
         "",
+        *([f"![ROC curves]({roc.name})", ""] if roc else []),
     ]
     if final:
-        lines += ["Final held-out metrics (weighted over hospitals):", ""]
+        lines += ["Final held-out metrics (from the statistics summed over hospitals):", ""]
         lines += [
             f"- {k}: {v:.3f}" for k, v in sorted(final["eval_metrics"].items()) if v is not None
         ]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _roc_plot(run_dir: Path) -> Path | None:
+    """ROC curves of the last evaluated model, from its summed score histograms."""
+    from shared_model.evaluation import EvalStats
+
+    path = run_dir / "evaluation.json"
+    if not path.exists():
+        return None
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not data.get("rounds"):
+        return None
+    last = max(data["rounds"], key=int)
+    stats = EvalStats.from_vector(data["labels"], data["rounds"][last])
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    for j, label in enumerate(stats.labels):
+        fpr, tpr = stats.roc_curve(j)
+        auc = stats.auroc(j)
+        if auc == auc:  # defined: both classes present
+            ax.plot(fpr, tpr, lw=1.2, label=f"{label} ({auc:.2f})")
+    ax.plot([0, 1], [0, 1], color="grey", ls=":")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate",
+           title=f"ROC, model after round {last}")  # fmt: skip
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    out = run_dir / "roc_curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

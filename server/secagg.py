@@ -2,10 +2,13 @@
 
 Flower's SecAgg+ exists only in its legacy API (``DefaultWorkflow`` with
 ``SecAggPlusWorkflow``, a ``LegacyContext`` and a legacy strategy). The workflow unmasks
-only the weighted sum of the hospitals' uploads and hands the strategy every hospital's
-``FitRes`` with its parameters replaced by that one aggregate; no individual update is
-ever seen. Hospitals upload deltas, so :class:`SecAggFedAvg` adds the aggregate (the
-example-weighted mean delta) to the global model. Metrics arrive in the clear.
+only the sum of the hospitals' uploads and hands the strategy every hospital's
+``FitRes`` with its parameters replaced by that one aggregate; no individual upload is
+ever seen. Each upload (``shared_model/masked_upload.py``) holds a weighted delta, the
+weight, the DP-released train loss and the held-out statistics of the model the
+hospital received, so :class:`SecAggFedAvg` adds the weighted mean delta to the global
+model and learns the federation's evaluation of the previous model from the same sum.
+What else a hospital sends in the clear is listed in ``client/outbound.py``.
 
 The workflow's mask generator and secret sharing are fedfusion's
 (``shared_model/secagg_primitives.py``), as at the hospitals.
@@ -14,7 +17,6 @@ The workflow's mask generator and secret sharing are fedfusion's
 from __future__ import annotations
 
 import importlib
-import math
 import time
 from collections.abc import Callable
 from logging import INFO, WARNING
@@ -23,7 +25,6 @@ import numpy as np
 import torch
 from flwr.app import Context
 from flwr.common import (
-    EvaluateRes,
     FitRes,
     Parameters,
     Scalar,
@@ -38,17 +39,14 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
 from server.checkpoint import HospitalRound, RoundRecord
-from server.strategy import (
-    ShortRoundError,
-    as_float,
-    finite_weighted_mean,
-    hospital_round,
-    short_reason,
-)
+from server.strategy import ShortRoundError, hospital_round, short_reason
 from server.wire import MeteredGrid, metered
 from shared_model import secagg_primitives
 from shared_model.config import RunConfig
+from shared_model.evaluation import EvalStats
+from shared_model.masked_upload import UploadCodec
 from shared_model.packing import WeightLayout
+from shared_model.protocol import Reply, Request, Status
 
 __all__ = ["SecAggFedAvg", "run_secagg_rounds"]
 
@@ -77,7 +75,12 @@ install_secagg_primitives()
 
 
 class SecAggFedAvg(LegacyFedAvg):
-    """FedAvg over SecAgg+-masked deltas; records each hospital's part in each round."""
+    """FedAvg over SecAgg+-masked uploads; records each hospital's part in each round.
+
+    Each upload also carries the held-out statistics of the model the hospital
+    received, so round k's unmasked sum evaluates the model after round k - 1; a last
+    exchange without training (``evaluate-only``) evaluates the final model.
+    """
 
     def __init__(
         self,
@@ -85,6 +88,8 @@ class SecAggFedAvg(LegacyFedAvg):
         initial: list[np.ndarray],
         on_round: Callable[[RoundRecord, list[np.ndarray]], None],
         meter: MeteredGrid,
+        *,
+        on_evaluation: Callable[[int, EvalStats, list[HospitalRound]], None],
         plan: tuple[int, int, int] = (0, 0, 0),
         base_hash: str = "",
         layout_digest: str = "",
@@ -98,21 +103,23 @@ class SecAggFedAvg(LegacyFedAvg):
         self.sample_size, self.shares, self.threshold = plan
         super().__init__(
             fraction_fit=run.server.fraction_train,
-            fraction_evaluate=run.server.fraction_evaluate,
+            fraction_evaluate=0.0,  # evaluation travels inside the masked uploads
             min_fit_clients=3,
-            min_evaluate_clients=1 if run.server.fraction_evaluate > 0 else 0,
+            min_evaluate_clients=0,
             min_available_clients=max(3, run.server.min_hospitals),
             initial_parameters=ndarrays_to_parameters(initial),
             on_fit_config_fn=self._fit_config,
-            on_evaluate_config_fn=lambda _round: {
-                "base-hash": self.base_hash,
-                "weights-layout": self.layout_digest,
-            },
             accept_failures=True,
         )
         self.run = run
+        self.evaluating = run.server.fraction_evaluate > 0
+        self.codec = UploadCodec(
+            initial[0].size, run.model.labels, run.secagg.clipping_range, run.secagg.max_weight
+        )
         self.current = [np.array(a, copy=True) for a in initial]
         self.on_round = on_round
+        self.on_evaluation = on_evaluation
+        self.known: dict[int, str] = {}  # node id -> the hospital name it replied with
         self._reset()
 
     def _reset(self) -> None:
@@ -127,19 +134,28 @@ class SecAggFedAvg(LegacyFedAvg):
     def _round(self, workflow_round: int) -> int:
         return workflow_round + self.offset if workflow_round > 0 else 0
 
+    def evaluation_only(self, server_round: int) -> bool:
+        """Whether ``server_round`` is the last exchange, which only evaluates."""
+        return server_round > self.run.num_rounds
+
     def _fit_config(self, server_round: int) -> dict[str, Scalar]:
         server_round = self._round(server_round)
         self._reset()
-        log(INFO, "[fedfusion] round %d/%d (SecAgg+)", server_round, self.run.num_rounds)
+        if self.evaluation_only(server_round):
+            log(INFO, "[fedfusion] evaluating the final model (SecAgg+)")
+        else:
+            log(INFO, "[fedfusion] round %d/%d (SecAgg+)", server_round, self.run.num_rounds)
         return {
-            "server-round": server_round,
-            "planned-rounds": self.run.num_rounds,
-            "proximal-mu": self.run.server.proximal_mu
+            Request.SERVER_ROUND: server_round,
+            Request.PLANNED_ROUNDS: self.run.num_rounds,
+            Request.PROXIMAL_MU: self.run.server.proximal_mu
             if self.run.server.strategy == "fedprox"
             else 0.0,
-            "base-hash": self.base_hash,
-            "weights-layout": self.layout_digest,
-            "secagg-scheme": secagg_primitives.SCHEME,
+            Request.BASE_HASH: self.base_hash,
+            Request.WEIGHTS_LAYOUT: self.layout_digest,
+            Request.SECAGG_SCHEME: secagg_primitives.SCHEME,
+            Request.EVALUATE: self.evaluating,
+            Request.EVALUATE_ONLY: self.evaluation_only(server_round),
         }
 
     def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
@@ -164,7 +180,7 @@ class SecAggFedAvg(LegacyFedAvg):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Apply the unmasked mean delta; hospitals that declined had weight 0 in it."""
+        """Read the unmasked sum: evaluate the model sent, apply the mean update."""
         server_round = self._round(server_round)
         self.aggregated = True
         # Flower logs a failure per protocol stage a hospital misses; count hospitals.
@@ -176,78 +192,91 @@ class SecAggFedAvg(LegacyFedAvg):
                 server_round,
                 short_reason(str(failure)),
             )
-        weights, losses = 0, 0.0
         for proxy, res in results:
             m = res.metrics
-            declined = bool(m.get("declined", 0))
+            declined = bool(m.get(Reply.DECLINED, 0))
             self.declined += declined
+            self.known[proxy.node_id] = str(m.get(Status.HOSPITAL_ID, f"node-{proxy.node_id}"))
             self.hospitals[proxy.node_id] = hospital_round(
                 proxy.node_id,
-                str(m.get("hospital-id", f"node-{proxy.node_id}")),
+                str(m.get(Status.HOSPITAL_ID, f"node-{proxy.node_id}")),
                 m,
-                res.num_examples,
-                str(m.get("reason", "")),
+                0,  # the weight travels masked: the server learns only the sum
+                str(m.get(Status.REASON, "")),
             )
             if declined:
                 log(
                     WARNING,
                     "[fedfusion] round %d: %s %s",
                     server_round,
-                    m.get("hospital-id"),
-                    m.get("reason"),
+                    m.get(Status.HOSPITAL_ID),
+                    m.get(Status.REASON),
                 )
-            elif math.isfinite(float(m.get("train-loss", math.nan))):
-                weights += res.num_examples
-                losses += res.num_examples * float(m["train-loss"])
-        if weights == 0:  # nobody trained: the aggregate is all zeros, keep the model
-            if not self.declined:
-                reasons = sorted({short_reason(str(f)) for f in failures})
-                raise self._short(
-                    server_round,
-                    f"round {server_round}: no hospital returned an update through SecAgg+ "
-                    f"({self.failures} failed): " + "; ".join(reasons),
-                )
-            return None, {}
-        self.train_loss = losses / weights
-        mean_delta = parameters_to_ndarrays(results[0][1].parameters)
-        self.current = [
-            c + d.astype(c.dtype) for c, d in zip(self.current, mean_delta, strict=True)
-        ]
-        return ndarrays_to_parameters(self.current), {"train-loss": self.train_loss}
-
-    def aggregate_evaluate(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, EvaluateRes]],
-        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
-    ) -> tuple[float | None, dict[str, Scalar]]:
-        """Average held-out metrics over hospitals (where defined) and record the round."""
-        server_round = self._round(server_round)
-        self.eval_failures = len(failures)
-        for proxy, res in results:
-            entry = self.hospitals.setdefault(
-                proxy.node_id,
-                HospitalRound(
-                    hospital=str(res.metrics.get("hospital-id", f"node-{proxy.node_id}")),
-                    node_id=proxy.node_id,
-                    status="evaluated",
-                ),
-            )
-            entry.eval_loss, entry.eval_auroc = res.loss, as_float(res.metrics.get("auroc"))
-        metrics = finite_weighted_mean(
-            (res.num_examples, {"loss": res.loss, **res.metrics}) for _, res in results
+        if not results:
+            raise self._short(server_round, f"round {server_round}: no hospital uploaded")
+        total = self.codec.decode_sum(
+            parameters_to_ndarrays(results[0][1].parameters)[0], len(results)
         )
-        self._record(server_round, metrics)
-        return metrics.get("loss"), metrics  # type: ignore[return-value]
+        if self.evaluating:
+            evaluated = [
+                HospitalRound(hospital=h.hospital, node_id=h.node_id, status="evaluated")
+                for h in self.hospitals.values()
+            ]
+            self.on_evaluation(server_round - 1, total.evaluation, evaluated)
+        if self.evaluation_only(server_round):
+            return None, {}
+        if total.weight == 0 and not self.declined:
+            reasons = sorted({short_reason(str(f)) for f in failures})
+            raise self._short(
+                server_round,
+                f"round {server_round}: no hospital returned an update through SecAgg+ "
+                f"({self.failures} failed): " + "; ".join(reasons),
+            )
+        if total.weight > 0:
+            self.train_loss = total.train_loss
+            self.current = [c + total.update.astype(c.dtype).reshape(c.shape) for c in self.current]
+        self.on_round(self._round_record(server_round, {}), self.current)
+        return ndarrays_to_parameters(self.current), {}
 
     def evaluate(
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None:
-        """No central data; records the round when there is no federated evaluation."""
+        """No central data. A round that ended before aggregation is a short round."""
         server_round = self._round(server_round)
-        if server_round > 0 and self.run.server.fraction_evaluate == 0:
-            self._record(server_round, {})
+        if self.evaluation_only(server_round) and not self.aggregated:
+            self._record_errors()
+            reasons = sorted({h.reason for h in self.hospitals.values() if h.reason})
+            log(
+                WARNING,
+                "[fedfusion] the final model could not be evaluated: too few hospitals "
+                "completed the SecAgg+ exchange%s",
+                (": " + "; ".join(reasons)) if reasons else "",
+            )
+            return None
+        if server_round > 0 and not self.aggregated:
+            # Flower's SecAgg+ workflow ends a round early, without aggregating, when too
+            # few hospitals answer a stage in time.
+            raise self._short(
+                server_round,
+                f"round {server_round}: SecAgg+ ended before aggregation: fewer than "
+                f"{self.threshold} of {self.sampled} hospitals completed a stage (they "
+                "failed, and Flower's log above holds their errors, or did not answer within "
+                f"secagg.stage-timeout, {self.run.secagg.stage_timeout:g}s; local training "
+                "runs inside a stage, so a slow model needs a longer timeout)",
+            )
         return None
+
+    def _record_errors(self) -> None:
+        """Hospitals whose reply in any stage of this round was an error, with its reason."""
+        for node, reason in self.meter.errors.items():
+            entry = self.hospitals.get(node)
+            if entry is None or entry.status not in ("trained", "declined"):
+                self.hospitals[node] = HospitalRound(
+                    hospital=self.known.get(node, f"node-{node}"),
+                    node_id=node,
+                    status="failed",
+                    reason=short_reason(reason),
+                )
 
     def _short(self, server_round: int, problem: str) -> ShortRoundError:
         """The error that ends a round with too few updates (server.short-round decides)."""
@@ -257,22 +286,8 @@ class SecAggFedAvg(LegacyFedAvg):
         record.failures = max(record.failures, self.sampled - answered)
         return ShortRoundError(problem, record)
 
-    def _record(self, server_round: int, evals: dict[str, float]) -> None:
-        if server_round > 0 and not self.aggregated:
-            # Flower's SecAgg+ workflow ends a round early, without aggregating, when too
-            # few hospitals answer a stage in time; it would then evaluate the unchanged
-            # model as if the round had trained.
-            raise self._short(
-                server_round,
-                f"round {server_round}: SecAgg+ ended before aggregation: fewer than "
-                f"{self.threshold} of {self.sampled} hospitals completed a stage (they "
-                "failed, and Flower's log above holds their errors, or did not answer within "
-                f"secagg.stage-timeout, {self.run.secagg.stage_timeout:g}s; local training "
-                "runs inside a stage, so a slow model needs a longer timeout)",
-            )
-        self.on_round(self._round_record(server_round, evals), self.current)
-
     def _round_record(self, server_round: int, evals: dict[str, float]) -> RoundRecord:
+        self._record_errors()
         self.meter.charge(self.hospitals.values())
         return RoundRecord(
             round=server_round,
@@ -298,6 +313,7 @@ def run_secagg_rounds(
     base_hash: str,
     hospitals: int,
     on_round: Callable[[RoundRecord, StateDict], None],
+    on_evaluation: Callable[[int, EvalStats, list[HospitalRound]], None],
     first_round: int = 1,
 ) -> StateDict:
     """Rounds first_round..num-rounds with every update in SecAgg+; returns the final model.
@@ -305,6 +321,8 @@ def run_secagg_rounds(
     ``hospitals`` is how many are connected; an impossible share/threshold combination
     for the sample is refused here, before any round starts. A resumed run passes the
     round after its checkpoint as ``first_round`` and that checkpoint as ``initial``.
+    With evaluation on, one more exchange evaluates the final model (num-rounds + 1 is
+    that exchange alone, for a run killed just before it).
     """
     sampled, shares, threshold = run.secagg_plan(hospitals)
     layout = WeightLayout.of(initial)  # the weights travel (and are masked) as one array
@@ -329,11 +347,13 @@ def run_secagg_rounds(
         [layout.pack(initial)],
         lambda record, arrays: on_round(record, to_state(arrays)),
         grid,
-        (sampled, shares, threshold),
-        base_hash,
-        layout.digest,
-        first_round - 1,
+        on_evaluation=on_evaluation,
+        plan=(sampled, shares, threshold),
+        base_hash=base_hash,
+        layout_digest=layout.digest,
+        offset=first_round - 1,
     )
+    last = run.num_rounds + (1 if strategy.evaluating else 0)
     workflow = DefaultWorkflow(
         fit_workflow=SecAggPlusWorkflow(
             num_shares=shares,
@@ -346,7 +366,7 @@ def run_secagg_rounds(
     legacy = LegacyContext(
         context,
         config=ServerConfig(
-            num_rounds=run.num_rounds - (first_round - 1), round_timeout=run.server.round_timeout
+            num_rounds=last - (first_round - 1), round_timeout=run.server.round_timeout
         ),
         strategy=strategy,
     )

@@ -11,8 +11,14 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from server.checkpoint import RoundRecord, RunDirError, RunStore
-from server.report import format_round_line, write_report
+from server.checkpoint import (
+    HospitalRound,
+    RoundRecord,
+    RunDirError,
+    RunStore,
+    evaluation_fields,
+)
+from server.report import format_evaluation_line, format_round_line, write_report
 from server.secagg import run_secagg_rounds
 from server.strategy import (
     FederationError,
@@ -24,6 +30,7 @@ from server.strategy import (
     wait_for_hospitals,
 )
 from shared_model.config import RunConfig
+from shared_model.evaluation import EvalStats
 from shared_model.model import base_fingerprint, initial_model, shared_state
 from shared_model.packing import WeightLayout
 
@@ -102,25 +109,50 @@ def _secagg_run(
     progress: Callable[[RoundRecord], None],
     first_round: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """The round-0 baseline in the clear (no update is sent), then rounds in SecAgg+."""
+    """Rounds in SecAgg+; each model's evaluation arrives inside the next round's sum.
+
+    Round 1's uploads evaluate the initial model (recorded as round 0), and one last
+    exchange evaluates the final model.
+    """
     hospitals = wait_for_hospitals(
         grid, run.server.min_hospitals, run.server.wait_for_hospitals_timeout
     )
-    run.secagg_plan(hospitals)  # refuse impossible settings before the baseline round
-    if first_round == 0:
-        strategy = build_strategy(run, base_hash, layout)
-        run_federation(
-            grid, run, strategy, packed_record(initial, layout), store, progress, train_rounds=0
-        )
+    run.secagg_plan(hospitals)  # refuse impossible settings before any round
 
     def on_round(record: RoundRecord, state: dict[str, torch.Tensor]) -> None:
         store.save_round(record, state)
         progress(record)
 
-    if first_round > run.num_rounds:  # killed after its last round was saved
+    def on_evaluation(server_round: int, stats: EvalStats, hospitals: list[HospitalRound]) -> None:
+        metrics = stats.metrics()
+        store.save_evaluation(server_round, stats)
+        if server_round == 0 and not any(r["round"] == 0 for r in store.rounds):
+            baseline = RoundRecord(
+                round=0,
+                train_loss=None,
+                **evaluation_fields(metrics),
+                hospitals=sorted(hospitals, key=lambda h: h.hospital),
+                seconds=0.0,
+            )
+            store.save_round(baseline, initial)
+            progress(baseline)
+            return
+        store.amend_evaluation(server_round, metrics)
+        log(INFO, "[fedfusion] %s", format_evaluation_line(server_round, metrics, stats))
+
+    last = run.num_rounds + (1 if run.server.fraction_evaluate > 0 else 0)
+    if first_round > last:  # killed after its last exchange was saved
         return initial
     return run_secagg_rounds(
-        grid, context, run, initial, base_hash, hospitals, on_round, max(first_round, 1)
+        grid,
+        context,
+        run,
+        initial,
+        base_hash,
+        hospitals,
+        on_round,
+        on_evaluation,
+        max(first_round, 1),
     )
 
 

@@ -31,7 +31,18 @@ from server.checkpoint import HospitalRound, RoundRecord, RunStore
 from server.validation import update_problem
 from server.wire import metered
 from shared_model.config import RunConfig
+from shared_model.evaluation import EvalStats
 from shared_model.packing import PACKED_KEY, LayoutError, WeightLayout
+from shared_model.protocol import (
+    ARRAYS,
+    EVALUATION,
+    EVALUATION_STATISTICS,
+    HOSPITAL,
+    METRICS,
+    Reply,
+    Request,
+    Status,
+)
 
 __all__ = [
     "FederationError",
@@ -77,15 +88,15 @@ def hospital_round(
     return HospitalRound(
         hospital=name,
         node_id=node,
-        status="declined" if metrics.get("declined", 0) else "trained",
+        status="declined" if metrics.get(Reply.DECLINED, 0) else "trained",
         num_examples=num_examples,
-        train_loss=as_float(metrics.get("train-loss")),
-        epsilon=as_float(metrics.get("epsilon")),
-        max_epsilon=as_float(metrics.get("max-epsilon")),
+        train_loss=as_float(metrics.get(Reply.TRAIN_LOSS)),
+        epsilon=as_float(metrics.get(Reply.EPSILON)),
+        max_epsilon=as_float(metrics.get(Reply.MAX_EPSILON)),
         reason=reason,
-        noise_multiplier=as_float(metrics.get("noise-multiplier")),
-        sample_rate=as_float(metrics.get("sample-rate")),
-        steps=int(metrics["steps"]) if isinstance(metrics.get("steps"), int | float) else None,
+        noise_multiplier=as_float(metrics.get(Reply.NOISE_MULTIPLIER)),
+        sample_rate=as_float(metrics.get(Reply.SAMPLE_RATE)),
+        steps=int(steps) if isinstance(steps := metrics.get(Reply.STEPS), int | float) else None,
     )
 
 
@@ -119,8 +130,8 @@ def short_reason(reason: str) -> str:
 
 
 def _hospital_name(msg: Message) -> str:
-    if "hospital" in msg.content.config_records:
-        return str(msg.content["hospital"].get("hospital-id", msg.metadata.src_node_id))
+    if HOSPITAL in msg.content.config_records:
+        return str(msg.content[HOSPITAL].get(Status.HOSPITAL_ID, msg.metadata.src_node_id))
     return f"node-{msg.metadata.src_node_id}"
 
 
@@ -152,6 +163,7 @@ class HospitalFedAvg(FedAvg):
         aggregator: str = "mean",
         trim_fraction: float = 0.2,
         byzantine_hospitals: int = 1,
+        labels: tuple[str, ...] = (),
         **kwargs: object,
     ) -> None:
         super().__init__(
@@ -160,6 +172,7 @@ class HospitalFedAvg(FedAvg):
             **kwargs,  # type: ignore[arg-type]
         )
         self.proximal_mu = proximal_mu
+        self.labels = labels
         self.planned_rounds = planned_rounds
         self.base_hash = base_hash
         self.layout = layout
@@ -174,12 +187,14 @@ class HospitalFedAvg(FedAvg):
         self.declined = 0
         self.eval_failures = 0
         self.rejected = 0
+        self.withheld = 0  # hospitals that kept their evaluation (share-evaluation = false)
+        self.evaluation: EvalStats | None = None  # the last evaluation's summed statistics
         self.skipped = False  # the round ended with too few updates and changed nothing
 
     def begin_round(self) -> None:
         """Forget the previous round's per-hospital record."""
         self.round_hospitals, self.failures, self.declined, self.eval_failures = {}, 0, 0, 0
-        self.rejected, self.skipped = 0, False
+        self.rejected, self.skipped, self.withheld, self.evaluation = 0, False, 0, None
 
     def _record_failure(self, node: int, reason: str) -> None:
         entry = self.round_hospitals.get(node)
@@ -207,11 +222,11 @@ class HospitalFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send the global model's trainable part with this round's settings."""
-        config["planned-rounds"] = self.planned_rounds
-        config["proximal-mu"] = self.proximal_mu
-        config["base-hash"] = self.base_hash
+        config[Request.PLANNED_ROUNDS] = self.planned_rounds
+        config[Request.PROXIMAL_MU] = self.proximal_mu
+        config[Request.BASE_HASH] = self.base_hash
         if self.layout is not None:
-            config["weights-layout"] = self.layout.digest
+            config[Request.WEIGHTS_LAYOUT] = self.layout.digest
         self._sent = arrays[PACKED_KEY].numpy() if PACKED_KEY in arrays else None
         return super().configure_train(server_round, arrays, config, grid)
 
@@ -219,9 +234,9 @@ class HospitalFedAvg(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Send the global model's trainable part to evaluate."""
-        config["base-hash"] = self.base_hash
+        config[Request.BASE_HASH] = self.base_hash
         if self.layout is not None:
-            config["weights-layout"] = self.layout.digest
+            config[Request.WEIGHTS_LAYOUT] = self.layout.digest
         return super().configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_train(
@@ -235,14 +250,14 @@ class HospitalFedAvg(FedAvg):
                 self.failures += 1
                 self._record_failure(node, short_reason(msg.error.reason))
                 continue
-            metrics = msg.content.metric_records.get("metrics", MetricRecord())
-            status = msg.content["hospital"] if "hospital" in msg.content.config_records else {}
+            metrics = msg.content.metric_records.get(METRICS, MetricRecord())
+            status = msg.content[HOSPITAL] if HOSPITAL in msg.content.config_records else {}
             entry = hospital_round(
                 node,
                 _hospital_name(msg),
                 metrics,
-                int(metrics.get("num-examples", 0)),
-                str(status.get("reason", "")),
+                int(metrics.get(Reply.NUM_EXAMPLES, 0)),
+                str(status.get(Status.REASON, "")),
             )
             self.round_hospitals[node] = entry
             self.known[node] = entry.hospital
@@ -294,40 +309,63 @@ class HospitalFedAvg(FedAvg):
         if self.layout is None or self._sent is None:
             return None  # no packed weights to check against (unit tests of the bookkeeping)
         return update_problem(
-            msg.content.array_records.get("arrays"),
+            msg.content.array_records.get(ARRAYS),
             self.layout,
             self._sent,
             server_round=server_round,
-            reply_round=status.get("round"),
+            reply_round=status.get(Status.ROUND),
             max_norm=self.max_update_norm,
         )
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        """Record each hospital's held-out metrics and average them."""
-        replies = list(replies)
+        """Sum the held-out statistics the hospitals shared; global metrics from the sum.
+
+        A hospital whose config keeps its evaluation (share-evaluation = false) replies
+        that it withheld it; malformed statistics count as that hospital's failure.
+        """
+        total = EvalStats.zeros(self.labels)
         for msg in replies:
             node = msg.metadata.src_node_id
+            problem = None
             if msg.has_error():
-                self.eval_failures += 1
-                reason = short_reason(msg.error.reason)
-                self._record_failure(node, f"evaluation: {reason}")
-                log(
-                    WARNING,
-                    "[fedfusion] round %d: node %d failed to evaluate: %s",
-                    server_round,
+                problem = short_reason(msg.error.reason)
+            else:
+                status = msg.content[HOSPITAL] if HOSPITAL in msg.content.config_records else {}
+                entry = self.round_hospitals.setdefault(
                     node,
-                    reason,
+                    HospitalRound(hospital=_hospital_name(msg), node_id=node, status="evaluated"),
                 )
-                continue
-            metrics = msg.content.metric_records.get("metrics", MetricRecord())
-            entry = self.round_hospitals.setdefault(
-                node, HospitalRound(hospital=_hospital_name(msg), node_id=node, status="evaluated")
+                if status.get(Status.STATUS) == Status.WITHHELD:
+                    self.withheld += 1
+                    continue
+                try:
+                    stats = EvalStats.from_vector(
+                        self.labels,
+                        msg.content[EVALUATION][EVALUATION_STATISTICS].numpy(),
+                    )
+                except (KeyError, ValueError) as err:
+                    problem = f"malformed evaluation statistics ({err})"
+                else:
+                    total = total + stats
+                    own = stats.metrics()
+                    entry.eval_loss, entry.eval_auroc = own.get("loss"), own.get("auroc")
+                    continue
+            self.eval_failures += 1
+            self._record_failure(node, f"evaluation: {problem}")
+            log(
+                WARNING,
+                "[fedfusion] round %d: node %d failed to evaluate: %s",
+                server_round,
+                node,
+                problem,
             )
-            entry.eval_loss = as_float(metrics.get("loss"))
-            entry.eval_auroc = as_float(metrics.get("auroc"))
-        return super().aggregate_evaluate(server_round, replies)
+        self.evaluation = total
+        metrics = total.metrics()
+        return (
+            MetricRecord({**metrics, Reply.NUM_EXAMPLES: int(total.examples)}) if metrics else None
+        )
 
 
 def as_float(value: object) -> float | None:
@@ -387,6 +425,7 @@ def build_strategy(run: RunConfig, base_hash: str, layout: WeightLayout) -> Hosp
         aggregator=cfg.aggregator,
         trim_fraction=cfg.trim_fraction,
         byzantine_hospitals=cfg.byzantine_hospitals,
+        labels=run.model.labels,
     )
 
 
@@ -446,6 +485,8 @@ def run_federation(
             return rec
         assert strategy.layout is not None
         store.save_round(rec, unpack_record(arrays, strategy.layout))
+        if strategy.evaluation is not None:
+            store.save_evaluation(server_round, strategy.evaluation)
         if on_round is not None:
             on_round(rec)
         return rec
@@ -507,6 +548,10 @@ def run_federation(
         arrays = new_arrays
         evals = evaluate(server_round, arrays) if run.server.fraction_evaluate > 0 else {}
         record(
-            server_round, as_float((train_metrics or {}).get("train-loss")), evals, started, arrays
+            server_round,
+            as_float((train_metrics or {}).get(Reply.TRAIN_LOSS)),
+            evals,
+            started,
+            arrays,
         )
     return arrays

@@ -73,6 +73,7 @@ class MeteredGrid:
         self.key_up: Counter[int] = Counter()  # node id -> bytes of SecAgg+ key stages
         self._key_requests: set[str] = set()
         self._addressee: dict[str, int] = {}  # message id -> the node it was sent to
+        self.errors: dict[int, str] = {}  # node id -> the reason of its last error reply
 
     def reset(self) -> None:
         """Start counting a new round."""
@@ -81,6 +82,7 @@ class MeteredGrid:
         self.key_up.clear()
         self._key_requests.clear()
         self._addressee.clear()
+        self.errors.clear()
 
     def node_bytes(self, node_id: int) -> tuple[int, int, int]:
         """(bytes up, bytes down, key-stage bytes up) of one node since the last reset."""
@@ -99,6 +101,8 @@ class MeteredGrid:
             addressee = self._addressee.get(msg.metadata.reply_to_message_id)
             if addressee is not None and msg.metadata.src_node_id != addressee:
                 msg.metadata.__dict__["_src_node_id"] = addressee
+            if msg.has_error():
+                self.errors[msg.metadata.src_node_id] = msg.error.reason
             size = message_bytes(msg)
             self.up[msg.metadata.src_node_id] += size
             if msg.metadata.reply_to_message_id in self._key_requests:

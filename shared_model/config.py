@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, get_origin, get_type_hints
 
+from shared_model.errors import ExplainedError
+
 __all__ = [
     "ConfigError",
     "ConnectionConfig",
@@ -71,7 +73,7 @@ AGGREGATORS = ("mean", "median", "trimmed-mean", "krum")
 OPTIMIZERS = ("sgd", "adamw")
 
 
-class ConfigError(ValueError):
+class ConfigError(ExplainedError, ValueError):
     """A setting is unknown, of the wrong type or out of range. The message names it."""
 
 
@@ -549,6 +551,25 @@ class HospitalConfig:
         "Keep CSPRNG noise even if the server asks for privacy.secure-noise = false; "
         "only a hospital's own false lets that through (simulated hospitals follow the server).",
     )
+    allow_non_private: bool | None = _opt(
+        None,
+        "Train without differential privacy when the server asks (privacy.enabled = "
+        "false). Default: false for a hospital with its own data, which then declines "
+        "such rounds; true for a simulated hospital holding the public embedded data.",
+    )
+    require_secagg: bool | None = _opt(
+        None,
+        "Send updates only inside secure aggregation: a plain training request is "
+        "declined. Default: true for a hospital with its own data, false for a "
+        "simulated hospital.",
+    )
+    share_evaluation: bool | None = _opt(
+        None,
+        "Send this hospital's own held-out metrics to the server in the clear, in runs "
+        "without secure aggregation. Default: false for a hospital with its own data "
+        "(the server then learns evaluation results only summed over hospitals, inside "
+        "SecAgg+), true for a simulated hospital.",
+    )
     text_model: str = _opt(
         "",
         "This hospital's copy of the run's model.text-model folder, where its path differs "
@@ -604,6 +625,21 @@ class HospitalConfig:
     def simulated(self) -> bool:
         """True for a simulated hospital holding a partition of the embedded data."""
         return not self.data_manifest and self.partition_id >= 0
+
+    @property
+    def non_private_allowed(self) -> bool:
+        """Whether this hospital may train without DP (allow-non-private, or its default)."""
+        return self.simulated if self.allow_non_private is None else self.allow_non_private
+
+    @property
+    def secagg_required(self) -> bool:
+        """Whether this hospital sends updates only inside SecAgg+."""
+        return not self.simulated if self.require_secagg is None else self.require_secagg
+
+    @property
+    def evaluation_shared(self) -> bool:
+        """Whether this hospital sends its own held-out metrics in the clear."""
+        return self.simulated if self.share_evaluation is None else self.share_evaluation
 
     def torch_threads(self) -> int:
         """Threads torch may use (0: leave torch's default, all cores)."""
@@ -870,7 +906,7 @@ def _coerce(key: str, fld: dataclasses.Field[Any], owner: type, raw: Any) -> Any
         if not isinstance(raw, str):
             raise ConfigError(f"config key '{key}': expected a '|'-separated string, got {raw!r}")
         return tuple(part.strip() for part in raw.split("|") if part.strip())
-    if typ is bool:
+    if typ is bool or typ == bool | None:  # None: a default that depends on the site
         if isinstance(raw, bool):
             return raw
         raise ConfigError(f"config key '{key}': expected true or false, got {raw!r}")

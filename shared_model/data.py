@@ -232,7 +232,13 @@ def _read_dicom(path: Path, max_pixels: int) -> np.ndarray:
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
     if photometric not in {"MONOCHROME1", "MONOCHROME2"}:
         raise ValueError(f"unsupported DICOM photometric interpretation {photometric}")
-    values = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float64)
+    try:
+        values = apply_voi_lut(apply_modality_lut(arr, ds), ds).astype(np.float64)
+    except Exception as err:  # damaged rescale or window attributes (wrong types, lengths)
+        detail = " ".join(str(err).split())
+        raise ValueError(
+            f"cannot apply the DICOM rescale or window settings (modality/VOI LUT): {detail}"
+        ) from err
     if photometric == "MONOCHROME1":  # low values are bright: invert
         values = values.max() - values
     return values

@@ -12,7 +12,7 @@ import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -24,13 +24,16 @@ from shared_model.datasets.iu_reports import PUBLIC_PREVALENCE
 
 __all__ = [
     "EvalResult",
+    "LossTally",
     "MultiLabelBCE",
+    "Predictions",
     "TrainStats",
     "classification_metrics",
     "evaluate",
     "make_loss",
     "make_optimizer",
     "pos_weight_from_config",
+    "predict",
     "reuse_freed_memory",
     "train_one_epoch",
     "train_step",
@@ -64,6 +67,16 @@ def reuse_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(_M_TRIM_THRESHOLD, 1 << 30))
+
+
+class LossTally(Protocol):
+    """Something that sees each training step's outputs and the end of every step."""
+
+    def add(self, outputs: Any, targets: torch.Tensor) -> None:
+        """The model outputs and targets of a (chunk of a) batch."""
+
+    def end_step(self) -> None:
+        """The step is done (called for empty batches too)."""
 
 
 @dataclass(frozen=True)
@@ -153,6 +166,19 @@ class MultiLabelBCE(nn.Module):
         self.reduction = reduction
         self.alignment_weight = alignment_weight
 
+    def per_example(
+        self, outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor
+    ) -> torch.Tensor:
+        """Each example's loss, shape (B,), whatever this module's reduction."""
+        logits, alignment = outputs if isinstance(outputs, tuple) else (outputs, None)
+        per_label = F.binary_cross_entropy_with_logits(
+            logits, targets, pos_weight=self.pos_weight, reduction="none"
+        )  # (B, K)
+        per_example = per_label.mean(dim=1)  # (B,)
+        if alignment is not None:
+            per_example = per_example + self.alignment_weight * alignment
+        return per_example
+
     def forward(
         self, outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor
     ) -> torch.Tensor:
@@ -161,13 +187,7 @@ class MultiLabelBCE(nn.Module):
         ``outputs`` may be ``(logits, alignment)`` (a training model with
         ``return_alignment``): each example's alignment term is then added to its loss.
         """
-        logits, alignment = outputs if isinstance(outputs, tuple) else (outputs, None)
-        per_label = F.binary_cross_entropy_with_logits(
-            logits, targets, pos_weight=self.pos_weight, reduction="none"
-        )  # (B, K)
-        per_example = per_label.mean(dim=1)  # (B,)
-        if alignment is not None:
-            per_example = per_example + self.alignment_weight * alignment
+        per_example = self.per_example(outputs, targets)
         if self.reduction == "none":
             return per_example
         if self.reduction == "sum":
@@ -176,7 +196,7 @@ class MultiLabelBCE(nn.Module):
         return per_example.sum() / max(per_example.shape[0], 1)
 
 
-def make_loss(pos_weight: torch.Tensor | None, alignment_weight: float = 0.0) -> nn.Module:
+def make_loss(pos_weight: torch.Tensor | None, alignment_weight: float = 0.0) -> MultiLabelBCE:
     """The training loss: per-example, imbalance-aware multi-label BCE (+ alignment)."""
     return MultiLabelBCE(pos_weight, alignment_weight=alignment_weight)
 
@@ -215,6 +235,7 @@ def train_one_epoch(
     on_empty_batch: Callable[[], None] | None = None,
     device: torch.device | str = "cpu",
     max_physical_batch: int = 0,
+    loss_release: LossTally | None = None,
 ) -> TrainStats:
     """One pass over ``loader``: one optimizer step per batch.
 
@@ -233,6 +254,9 @@ def train_one_epoch(
     An empty batch (Poisson sampling yields them) calls ``on_empty_batch``, which for DP
     training takes the noise-only step the accountant counts. Batches come from the
     loader on the CPU and move to ``device`` (where the model is) after modality dropout.
+
+    ``loss_release`` sees every step's model outputs and its end (empty steps too): DP
+    training releases the training loss through it (``client/dp/release.py``).
     """
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -240,11 +264,13 @@ def train_one_epoch(
     for image, report_ids, present, labels in loader:
         if labels.shape[0] == 0 and on_empty_batch is not None:
             on_empty_batch()
+            if loss_release is not None:
+                loss_release.end_step()
             steps += 1
             continue
         present = _drop_modalities(present, modality_dropout, generator)
         batch = _to_device(device, image, report_ids, present, labels)
-        total_loss += train_step(model, optimizer, loss_fn, batch, max_physical_batch)
+        total_loss += train_step(model, optimizer, loss_fn, batch, max_physical_batch, loss_release)
         if proximal_mu > 0 and global_params is not None:
             with torch.no_grad():
                 for group in optimizer.param_groups:
@@ -262,10 +288,11 @@ def train_step(
     loss_fn: nn.Module,
     batch: tuple[torch.Tensor, ...],
     max_physical_batch: int,
+    loss_release: LossTally | None = None,
 ) -> float:
     """One optimizer step on ``batch``, in chunks if it is larger than allowed.
 
-    Returns the batch's summed per-example loss.
+    Returns the batch's summed per-example loss (exact: for the non-private path).
     """
     size = batch[-1].shape[0]  # the labels
     chunk = max_physical_batch if 0 < max_physical_batch < size else size
@@ -277,7 +304,10 @@ def train_step(
         image, report_ids, present, labels = (
             t if t is None else t[start : start + chunk] for t in batch
         )
-        loss = loss_fn(model(image, report_ids, present), labels)
+        outputs = model(image, report_ids, present)
+        loss = loss_fn(outputs, labels)
+        if loss_release is not None:
+            loss_release.add(_detached(outputs), labels)
         total += float(loss.detach()) * labels.shape[0]
         last = k == len(starts) - 1
         if dp:  # clipping and summing per chunk; noise and the step after the last one
@@ -290,35 +320,64 @@ def train_step(
             (loss * (labels.shape[0] / size)).backward()
             if last:
                 optimizer.step()
+    if loss_release is not None:
+        loss_release.end_step()
     return total
 
 
+def _detached(outputs: Any) -> Any:
+    """Model outputs (logits, or logits and alignment) cut from the autograd graph."""
+    if isinstance(outputs, tuple):
+        return tuple(o.detach() for o in outputs)
+    return outputs.detach()
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """A model's outputs over a split, on the CPU."""
+
+    logits: np.ndarray  # (n, K)
+    targets: np.ndarray  # (n, K) multi-hot
+    losses: np.ndarray  # (n,) per-example loss
+
+
 @torch.no_grad()
+def predict(
+    model: nn.Module,
+    loader: Iterable[tuple[torch.Tensor, ...]],
+    loss_fn: MultiLabelBCE,
+    device: torch.device | str = "cpu",
+) -> Predictions:
+    """Logits, targets and per-example losses of ``model`` (on ``device``) over ``loader``."""
+    model.eval()
+    losses, logits, targets = [], [], []
+    for batch in loader:
+        image, report_ids, present, y = _to_device(device, *batch)
+        out = model(image, report_ids, present)
+        losses.append(loss_fn.per_example(out, y).cpu())
+        logits.append(out.cpu())
+        targets.append(y.cpu())
+    if sum(t.shape[0] for t in targets) == 0:
+        raise ValueError("evaluation split is empty")
+    return Predictions(
+        torch.cat(logits).numpy(), torch.cat(targets).numpy(), torch.cat(losses).numpy()
+    )
+
+
 def evaluate(
     model: nn.Module,
     loader: Iterable[tuple[torch.Tensor, ...]],
-    loss_fn: nn.Module,
+    loss_fn: MultiLabelBCE,
     labels: Sequence[str],
     device: torch.device | str = "cpu",
 ) -> EvalResult:
     """Loss and classification metrics of ``model`` (on ``device``) over ``loader``."""
-    model.eval()
-    losses, scores, targets = [], [], []
-    for batch in loader:
-        image, report_ids, present, y = _to_device(device, *batch)
-        logits = model(image, report_ids, present)
-        losses.append(float(loss_fn(logits, y)) * y.shape[0])
-        scores.append(torch.sigmoid(logits).cpu())
-        targets.append(y.cpu())
-    n = sum(t.shape[0] for t in targets)
-    if n == 0:
-        raise ValueError("evaluation split is empty")
-    y_score = torch.cat(scores).numpy()
-    y_true = torch.cat(targets).numpy()
+    out = predict(model, loader, loss_fn, device)
+    scores = 1.0 / (1.0 + np.exp(-out.logits.astype(np.float64)))
     return EvalResult(
-        loss=sum(losses) / n,
-        examples=n,
-        metrics=classification_metrics(y_true, y_score, labels),
+        loss=float(out.losses.mean()),
+        examples=len(out.targets),
+        metrics=classification_metrics(out.targets, scores, labels),
     )
 
 

@@ -23,12 +23,14 @@ from functools import cached_property
 import numpy as np
 import torch
 
+from shared_model.errors import ExplainedError
+
 __all__ = ["PACKED_KEY", "LayoutError", "WeightLayout"]
 
 PACKED_KEY = "weights"  # the one entry of a packed ArrayRecord
 
 
-class LayoutError(ValueError):
+class LayoutError(ExplainedError, ValueError):
     """Weights that do not fit the expected layout: names, shapes, dtype or size."""
 
 

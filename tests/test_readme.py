@@ -34,3 +34,11 @@ def test_the_fault_table_is_the_one_the_tests_produce():
     assert {r.kept for r in rows} and all(r.injected and r.outcome for r in rows)
     current = BEGIN + README.split(BEGIN, 1)[1].split(END, 1)[0] + END
     assert current == render(rows), "the README's fault table is stale: run `make fault-table`"
+
+
+def test_the_table_of_what_a_hospital_sends_is_current():
+    """`make doc-tables` regenerates it from client/outbound.py."""
+    from tests.outbound_table import BEGIN, END, render
+
+    current = BEGIN + README.split(BEGIN, 1)[1].split(END, 1)[0] + END
+    assert current == render(), "the README's table is stale: run `make doc-tables`"

@@ -11,7 +11,7 @@ from opacus import GradSampleModule
 from shared_model.config import ModelConfig, RunConfig
 from shared_model.engine import MultiLabelBCE
 from shared_model.model import FusionModel, alignment_loss
-from tests.client.test_opacus import CFG, batch
+from tests.client.dp.test_opacus import CFG, batch
 
 N = 6
 

@@ -1,7 +1,6 @@
 """The ClientApp handlers, called with hand-built Message and Context (Flower-style)."""
 
 import json
-import math
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ from flwr.common import MessageType
 from client.client_app import evaluate, train
 from server.strategy import unpack_record
 from shared_model.config import RunConfig
+from shared_model.evaluation import EvalStats
 from shared_model.model import hospital_layout, initial_model, shared_state
 from tests.flower_helpers import global_request, make_context, make_message
 
@@ -60,7 +60,9 @@ def test_train_replies_with_raw_weights_and_cumulative_epsilon(run_config, tmp_p
     reply2 = train(train_message(reply.content["arrays"], 2), make_context(run_config, node))
     assert reply2.content["metrics"]["epsilon"] > metrics["epsilon"]
     ledger = json.loads((tmp_path / "hospitals/hospital-0/privacy_ledger.json").read_text())
-    assert [e["round"] for e in ledger["history"]] == [1, 2]
+    released = [(e["mechanism"], e["round"]) for e in ledger["history"]]
+    assert released == [("record-count", 1), ("dp-sgd", 1), ("dp-sgd", 2)]
+    assert metrics["num-examples"] == ledger["plan"]["public_records"]  # N̂, not N
     assert all(e["status"] == "completed" for e in ledger["history"])
 
 
@@ -78,23 +80,31 @@ def test_hospital_declines_a_round_beyond_its_budget(run_config):
     assert second.content["hospital"]["status"] == "declined" and "max-epsilon 2" in reason
 
 
-def test_evaluate_reports_metrics_on_the_held_out_split(run_config):
+def test_evaluate_sends_summable_statistics_and_keeps_the_exact_metrics(run_config, tmp_path):
     reply = evaluate(
         make_message(
             RecordDict(
                 {
                     "arrays": global_arrays(run_config),
-                    "config": ConfigRecord(CHECKS),
+                    "config": ConfigRecord({"server-round": 0, **CHECKS}),
                 }
             ),
             MessageType.EVALUATE,
         ),
         make_context(run_config, {"partition-id": 0, "num-partitions": 2}),
     )
-    m = reply.content["metrics"]
-    assert m["num-examples"] > 0 and math.isfinite(m["loss"])
-    for key in ("accuracy", "precision", "recall", "f1", "auroc"):
-        assert key in m
+    n = reply.content["metrics"]["num-examples"]
+    stats = EvalStats.from_vector(
+        RunConfig.from_run_config(run_config).model.labels,
+        reply.content["evaluation"]["statistics"].numpy(),
+    )
+    assert n > 0 and stats.examples == n
+    assert stats.positives.sum(1)[0] + stats.negatives.sum(1)[0] == n  # each record once
+    for key in ("loss", "accuracy", "precision", "recall", "f1", "auroc"):
+        assert key in stats.metrics()
+    own = [json.loads(line) for line in (tmp_path / "hospitals/hospital-0/evaluation.jsonl").open()]
+    assert own[-1]["round"] == 0 and own[-1]["examples"] == n
+    assert own[-1]["loss"] == pytest.approx(stats.metrics()["loss"], rel=1e-6)
 
 
 def test_frozen_weights_are_not_received_and_a_different_copy_is_refused(run_config, tmp_path):
@@ -132,7 +142,7 @@ def test_a_ledger_file_rolled_back_behind_the_nodes_state_is_refused(run_config,
     train(train_message(arrays, 1), context)
     assert "privacy-ledger" in context.state.config_records
     (tmp_path / "hospitals/hospital-0/privacy_ledger.json").unlink()  # "reset epsilon"
-    with pytest.raises(Exception, match="no longer holds the 1 round"):
+    with pytest.raises(Exception, match=r"no longer holds the 2 release\(s\)"):
         train(train_message(arrays, 2), context)
 
 
@@ -156,17 +166,18 @@ def test_a_nodes_next_message_reuses_its_per_step_rdp(run_config, monkeypatch):
     """Each deployed message is a new process: Flower's node state carries the RDP over."""
     from opacus.accountants.analysis import rdp as opacus_rdp
 
-    from client import privacy
+    from client.dp import accounting
 
     node = {"partition-id": 0, "num-partitions": 2}
     context = make_context(run_config, node)
-    monkeypatch.setattr(privacy, "_RDP", {})
+    monkeypatch.setattr(accounting, "RDP", accounting.RdpTable())
     reply = train(train_message(global_arrays(run_config), 1), context)
-    assert privacy.remember_rdp(context.state.config_records["privacy-rdp"]) == 1
-    monkeypatch.setattr(privacy, "_RDP", {})  # the next message's fresh process
+    carried = context.state.config_records["privacy-rdp"]
+    assert accounting.RdpTable().absorb(carried) == 2  # the record count and the round
+    monkeypatch.setattr(accounting, "RDP", accounting.RdpTable())  # the next message's process
     computed = []
     real = opacus_rdp.compute_rdp
     monkeypatch.setattr(opacus_rdp, "compute_rdp", lambda **kw: computed.append(kw) or real(**kw))
     reply2 = train(train_message(reply.content["arrays"], 2), context)
-    assert computed == []
+    assert [kw for kw in computed if len(kw["orders"]) == len(accounting.RDP_ORDERS)] == []
     assert reply2.content["metrics"]["epsilon"] > reply.content["metrics"]["epsilon"]

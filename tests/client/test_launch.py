@@ -198,7 +198,8 @@ def test_a_gpu_that_is_not_there_fails_at_start(tmp_path):
     "the ledger",
 )
 def test_a_spent_budget_or_an_untrusted_ledger_is_refused_at_start(tmp_path):
-    from client.privacy import LedgerEntry, PrivacyLedger, PrivacyPolicy
+    from client.dp.ledger import LedgerEntry, PrivacyLedger
+    from client.dp.policy import PrivacyPolicy
 
     path = hospital_file(tmp_path)  # max-epsilon = 3.0, state-dir = "state"
     plan_supernode(path)  # a new hospital (no state-dir yet) starts

@@ -29,7 +29,7 @@ import pytest
 
 from server.loopback import BIN, LoopbackDeployment
 from shared_model.datasets.export import write_manifest
-from tests.client.test_epsilon_independent import dp_accounting_epsilon
+from tests.client.dp.test_epsilon_independent import dp_accounting_epsilon
 
 pytestmark = pytest.mark.slow
 

@@ -46,7 +46,11 @@ def test_three_hospitals_train_over_tls(deployment):
         assert "warm ClientApp starts ready" in hospital_log  # forked, not cold-started
         assert "warm start unavailable" not in hospital_log
         ledger = json.loads((d.tmp / f"{name}-state" / "privacy_ledger.json").read_text())
-        assert [e["round"] for e in ledger["history"]] == [1, 2]
+        assert [(e["mechanism"], e["round"]) for e in ledger["history"]] == [
+            ("record-count", 1),
+            ("dp-sgd", 1),
+            ("dp-sgd", 2),
+        ]
         reported = [h["epsilon"] for h in rounds[2]["hospitals"] if h["hospital"] == name]
         assert 0 < ledger["epsilon"] <= 6.0  # the hospital's own cap, below the server's 8
         assert reported == [pytest.approx(ledger["epsilon"])]

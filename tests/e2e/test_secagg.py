@@ -18,10 +18,14 @@ from flwr.common import bytes_to_ndarray
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
+from client.outbound import outbound_guard, unlisted_fields
 from client.secagg import legacy_fit_reply, legacy_request, secagg_mod
 from server.secagg import run_secagg_rounds
 from shared_model.config import RunConfig, SecAggConfig
+from shared_model.evaluation import EvalStats
+from shared_model.masked_upload import UploadCodec
 from shared_model.packing import WeightLayout
+from shared_model.protocol import Request
 
 pytestmark = pytest.mark.slow
 # Large enough that a chance correlation with a masked upload is ~0.005 (sd 1/sqrt(n)).
@@ -40,35 +44,36 @@ def packed_delta(hospital: int) -> np.ndarray:
     return np.concatenate([d.ravel() for d in true_delta(hospital)])
 
 
+LABELS = RunConfig().model.labels
+CODEC = UploadCodec(SIZE, LABELS, SecAggConfig().clipping_range, SecAggConfig().max_weight)
+
+
+def held_out(hospital: int) -> EvalStats:
+    """A fake hospital's evaluation of whatever model it receives: known, per hospital."""
+    rng = np.random.default_rng(200 + hospital)
+    n = 40 + 10 * hospital
+    targets = (rng.random((n, len(LABELS))) < 0.3).astype(float)
+    logits = rng.normal(size=targets.shape) + 2 * targets
+    return EvalStats.from_predictions(LABELS, logits, targets, rng.random(n))
+
+
 def fake_hospitals(failing: int | None, declining: bool = False) -> ClientApp:
-    app = ClientApp(mods=[secagg_mod])
+    app = ClientApp(mods=[outbound_guard, secagg_mod])
 
     @app.train()
     def train(msg: Message, ctx: Context) -> Message:
         hospital = int(ctx.node_config["partition-id"])
         if hospital == failing:  # called in the masked-upload stage: after the key exchange
             raise RuntimeError("hospital lost power")
-        legacy_request(msg, LAYOUT)
-        if declining:  # a spent budget: a zero update with weight 0, as client/handlers.py
-            return legacy_fit_reply(
-                msg,
-                [np.zeros(SIZE, np.float32)],
-                0,
-                {"hospital-id": f"hospital-{hospital}", "declined": 1, "reason": "budget"},
-                SecAggConfig(),
-            )
-        return legacy_fit_reply(
-            msg,
-            [packed_delta(hospital)],
-            WEIGHTS[hospital],
-            {
-                "hospital-id": f"hospital-{hospital}",
-                "declined": 0,
-                "train-loss": 0.5,
-                "epsilon": 1.0,
-            },
-            SecAggConfig(),
-        )
+        _, config = legacy_request(msg, LAYOUT)
+        evaluation = held_out(hospital) if config.get(Request.EVALUATE) else EvalStats.zeros(LABELS)
+        public = {"hospital-id": f"hospital-{hospital}", "epsilon": 1.0}
+        if declining or config.get(Request.EVALUATE_ONLY):  # as client/handlers.py does
+            upload = CODEC.encode(np.zeros(SIZE), 0.0, float("nan"), evaluation)
+            return legacy_fit_reply(msg, upload, CODEC, {**public, "declined": int(declining)})
+        weight = WEIGHTS[hospital] / CODEC.max_weight
+        upload = CODEC.encode(packed_delta(hospital), weight, 0.5, evaluation)
+        return legacy_fit_reply(msg, upload, CODEC, {**public, "declined": 0})
 
     return app
 
@@ -110,20 +115,28 @@ def received_arrays(replies) -> list[np.ndarray]:
     return found
 
 
-def run_round(failing: int | None, declining: bool = False):
-    outcome = {}
+def run_round(failing: int | None, declining: bool = False, evaluate: bool = False):
+    outcome = {"evaluations": {}}
     server = ServerApp()
 
     @server.main()
     def main(grid: Grid, ctx: Context) -> None:
         recording = RecordingGrid(grid)
         run = RunConfig.from_run_config(
-            {"num-rounds": 1, "server.fraction-evaluate": 0.0, "server.min-hospitals": 4}
+            {
+                "num-rounds": 1,
+                "server.fraction-evaluate": 1.0 if evaluate else 0.0,
+                "server.min-hospitals": 4,
+            }
         )
         initial = {k: torch.zeros(s) for k, s in SHAPES.items()}
         rounds = []
+
+        def evaluated(server_round, stats, _hospitals):
+            outcome["evaluations"][server_round] = stats
+
         final = run_secagg_rounds(
-            recording, ctx, run, initial, "", 4, lambda rec, state: rounds.append(rec)
+            recording, ctx, run, initial, "", 4, lambda rec, state: rounds.append(rec), evaluated
         )
         outcome.update(final=final, replies=recording.replies, rounds=rounds)
 
@@ -144,7 +157,7 @@ def fedavg(hospitals: list[int]) -> list[np.ndarray]:
 
 
 def test_server_sees_only_the_sum():
-    outcome = run_round(failing=None)
+    outcome = run_round(failing=None, evaluate=True)
     expected = fedavg([0, 1, 2, 3])
     for got, want in zip(outcome["final"].values(), expected, strict=True):
         np.testing.assert_allclose(got.numpy(), want, atol=1e-4)  # quantization error only
@@ -153,21 +166,32 @@ def test_server_sees_only_the_sum():
         for a in received_arrays(outcome["replies"])
         if np.issubdtype(a.dtype, np.number)
     ]
-    uploads = [a for a in arrays if a.size == SIZE]
-    assert len(uploads) >= 4, "the recording did not capture every hospital's masked upload"
-    raw = [a for a in received_arrays(outcome["replies"]) if a.size == SIZE]
+    uploads = [a for a in arrays if a.size == CODEC.size]
+    assert len(uploads) >= 8, "the recording did not capture every hospital's masked uploads"
+    raw = [a for a in received_arrays(outcome["replies"]) if a.size == CODEC.size]
     assert all(a.dtype == np.uint32 for a in raw)  # compact masked uploads (client/secagg.py)
+    # Everything the server received in the clear is in the hospital's table of fields.
+    assert all(unlisted_fields(m) == [] for m in outcome["replies"])
     (record,) = outcome["rounds"]
-    plain_update = 4 * sum(int(np.prod(s)) for s in SHAPES.values())  # float32
+    plain_update = 4 * SIZE  # float32
     assert sorted(h.hospital for h in record.hospitals) == [f"hospital-{i}" for i in range(4)]
     for h in record.hospitals:  # every stage's upload: keys, shares, masked vector, unmask
         assert 0 < h.key_bytes_up < 0.05 * plain_update, h
         assert plain_update < h.bytes_up - h.key_bytes_up <= 1.1 * plain_update, h
+        assert h.num_examples == 0 and h.train_loss is None  # inside the sum only
     for hospital in range(4):
-        t = packed_delta(hospital).astype(np.float64)
-        for arr in uploads:
-            assert not np.allclose(arr, t, atol=1e-3)  # no plain update, ever
-            assert abs(np.corrcoef(arr, t)[0, 1]) < 0.05  # a chance correlation: ~1/sqrt(size)
+        delta, own = packed_delta(hospital), held_out(hospital).to_vector()
+        for arr in uploads:  # chance correlations: ~1/sqrt(size)
+            assert abs(np.corrcoef(arr[:SIZE], delta)[0, 1]) < 0.05
+            assert abs(np.corrcoef(arr[SIZE + 2 :], own)[0, 1]) < 0.1
+    # The evaluation of each model comes out summed over the hospitals, and only so.
+    total = held_out(0) + held_out(1) + held_out(2) + held_out(3)
+    assert sorted(outcome["evaluations"]) == [0, 1]  # the initial and the final model
+    for stats in outcome["evaluations"].values():
+        np.testing.assert_array_equal(stats.positives, total.positives)
+        np.testing.assert_array_equal(stats.negatives, total.negatives)
+        assert stats.metrics()["auroc"] == pytest.approx(total.metrics()["auroc"])
+        assert stats.loss_sum == pytest.approx(total.loss_sum, rel=1e-3)
 
 
 @pytest.mark.fault(
@@ -178,6 +202,8 @@ def test_server_sees_only_the_sum():
 def test_round_survives_a_hospital_dropping_out_after_the_key_exchange():
     outcome = run_round(failing=3)
     assert outcome["rounds"] and outcome["rounds"][0].failures == 1
+    failed = [h for h in outcome["rounds"][0].hospitals if h.status == "failed"]
+    assert len(failed) == 1 and "RuntimeError" in failed[0].reason
     expected = fedavg([0, 1, 2])  # the survivors only
     for got, want in zip(outcome["final"].values(), expected, strict=True):
         np.testing.assert_allclose(got.numpy(), want, atol=1e-4)

@@ -92,4 +92,8 @@ def test_two_hospitals_two_rounds_learn_under_dp(tmp_path: Path) -> None:
     for name, series in eps.items():
         ledger = json.loads((out / "hospitals" / name / "privacy_ledger.json").read_text())
         assert ledger["epsilon"] == pytest.approx(series[-1])
-        assert [e["round"] for e in ledger["history"]] == [1, 2]
+        assert [(e["mechanism"], e["round"]) for e in ledger["history"]] == [
+            ("record-count", 1),
+            ("dp-sgd", 1),
+            ("dp-sgd", 2),
+        ]

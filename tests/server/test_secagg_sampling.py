@@ -25,7 +25,16 @@ def strategy(planned: int, timeout: float) -> SecAggFedAvg:
     run = RunConfig.from_run_config(
         {"server.min-hospitals": 3, "server.wait-for-hospitals-timeout": timeout}
     )
-    return SecAggFedAvg(run, [np.zeros(2)], lambda *_: None, MagicMock(), (planned, 4, 3))
+    meter = MagicMock()
+    meter.errors = {}
+    return SecAggFedAvg(
+        run,
+        [np.zeros(2)],
+        lambda *_: None,
+        meter,
+        on_evaluation=lambda *_: None,
+        plan=(planned, 4, 3),
+    )
 
 
 def test_a_hospital_registering_late_is_still_sampled():
@@ -52,21 +61,24 @@ def test_a_round_secagg_ended_before_aggregation_is_a_short_round_naming_the_tim
     """Too few hospitals in time: Flower skips aggregation; fedfusion must not carry on as
     if the round trained. The ServerApp then applies server.short-round to it."""
     import pytest
-    from flwr.common import Code, EvaluateRes, Status
 
     from server.strategy import ShortRoundError
 
     s = strategy(3, timeout=30)
     s._fit_config(1)  # round 1 starts; no aggregate_fit follows
     s.sampled = 3
-    evaluated = EvaluateRes(Status(Code.OK, ""), 0.5, 10, {"hospital-id": "h0"})
+    s.meter.errors = {7: "<class 'ValueError'>:<'boom at the hospital'>"}
     with pytest.raises(ShortRoundError, match=r"round 1: SecAgg\+ ended .*stage-timeout") as e:
-        s.aggregate_evaluate(1, [(Hospital(0), evaluated)], [])
+        s.evaluate(1, ndarrays_to_parameters([]))
     assert e.value.record.round == 1 and e.value.record.skipped
-    # none of the 3 sampled hospitals got an update through (one only evaluated)
-    assert e.value.record.failures == 3
+    assert e.value.record.failures == 3  # none of the 3 sampled got an update through
+    (failed,) = e.value.record.hospitals  # the error a hospital replied with, by name
+    assert failed.status == "failed" and failed.reason == "ValueError: boom at the hospital"
+    s.meter.errors = {}
     s._fit_config(2)
-    with pytest.raises(ShortRoundError, match="no hospital returned an update") as e:
+    with pytest.raises(ShortRoundError, match="no hospital uploaded") as e:
         s.aggregate_fit(2, [], [])  # aggregation reached, with nothing to aggregate
     assert e.value.record.round == 2 and e.value.record.skipped
-    s.aggregate_evaluate(2, [], [])  # so no stage-timeout error when the round is recorded
+    # the last exchange only evaluates: failing it records no round, and raises nothing
+    s._fit_config(s.run.num_rounds + 1)
+    assert s.evaluate(s.run.num_rounds + 1, ndarrays_to_parameters([])) is None

@@ -112,3 +112,48 @@ def test_short_reason_strips_remote_tracebacks():
     assert short_reason(ray) == "cannot split 15 records"
     assert short_reason("<class 'ValueError'>:<'bad label'>") == "ValueError: bad label"
     assert short_reason("Traceback\n  x\nKeyError: 'k'\n") == "KeyError: 'k'"
+
+
+def evaluation_reply(node: int, stats=None, *, withheld: bool = False, vector=None) -> Message:
+    status = {"hospital-id": f"h{node}", "status": "withheld" if withheld else "evaluated"}
+    content = RecordDict(
+        {"metrics": MetricRecord({"num-examples": 0}), "hospital": ConfigRecord(status)}
+    )
+    if stats is not None or vector is not None:
+        values = stats.to_vector() if stats is not None else vector
+        content["evaluation"] = ArrayRecord({"statistics": Array(values)})
+    return Message(content, reply_to=make_message(RecordDict(), MessageType.EVALUATE, node))
+
+
+def test_evaluation_is_summed_over_the_hospitals_that_share_it():
+    from shared_model.evaluation import EvalStats
+
+    labels = ("a", "b")
+    rng = np.random.default_rng(0)
+
+    def stats(n):
+        targets = (rng.random((n, 2)) < 0.4).astype(float)
+        return EvalStats.from_predictions(
+            labels, rng.normal(size=(n, 2)) + targets, targets, rng.random(n)
+        )
+
+    one, two = stats(60), stats(90)
+    strategy = HospitalFedAvg(planned_rounds=1, labels=labels)
+    strategy.begin_round()
+    bad = np.full(EvalStats.vector_size(2), -1.0)  # counts below zero: not statistics
+    metrics = strategy.aggregate_evaluate(
+        1,
+        [
+            evaluation_reply(1, one),
+            evaluation_reply(2, two),
+            evaluation_reply(3, withheld=True),
+            evaluation_reply(4, vector=bad),
+        ],
+    )
+    assert metrics["auroc"] == pytest.approx((one + two).metrics()["auroc"])
+    assert metrics["num-examples"] == 150
+    assert strategy.withheld == 1 and strategy.eval_failures == 1
+    by_name = {h.hospital: h for h in strategy.round_hospitals.values()}
+    assert by_name["h4"].status == "failed" and "malformed evaluation" in by_name["h4"].reason
+    assert by_name["h3"].eval_auroc is None  # withheld: the server knows nothing of it
+    np.testing.assert_array_equal(strategy.evaluation.to_vector(), (one + two).to_vector())

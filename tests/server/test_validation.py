@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 from client.secagg import legacy_fit_reply
 from server.strategy import FederationError, HospitalFedAvg
 from server.validation import update_problem
-from shared_model.config import ConfigError, RunConfig, SecAggConfig
+from shared_model.config import ConfigError, RunConfig
+from shared_model.evaluation import EvalStats
+from shared_model.masked_upload import UploadCodec
 from shared_model.packing import PACKED_KEY, WeightLayout
 from tests.flower_helpers import make_message
 
@@ -209,8 +211,9 @@ def test_robust_aggregators_are_refused_with_secagg():
     "the round's sum",
 )
 def test_under_secagg_a_hospital_refuses_to_upload_a_non_finite_update():
-    delta = np.zeros(LAYOUT.size, np.float32)
-    delta[5] = np.inf
+    codec = UploadCodec(LAYOUT.size, ("normal", "other"), 0.5, 10_000)
+    upload = codec.encode(np.zeros(LAYOUT.size), 0.01, 0.3, EvalStats.zeros(codec.labels))
+    upload[5] = np.inf
     msg = make_message(RecordDict(), MessageType.TRAIN)
     with pytest.raises(ValueError, match="1 NaN or infinite values; it is not uploaded"):
-        legacy_fit_reply(msg, [delta], 10, {}, SecAggConfig())
+        legacy_fit_reply(msg, upload, codec, {})

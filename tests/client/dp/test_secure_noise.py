@@ -9,8 +9,9 @@ from scipy import stats
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from client.privacy import PrivacyPolicy, effective_policy, make_private
-from client.secure_noise import secure_gaussian
+from client.dp.engine import make_private
+from client.dp.policy import PrivacyPolicy, effective_policy
+from client.dp.secure_noise import secure_gaussian
 from shared_model.config import HospitalConfig, PrivacyConfig, RunConfig
 
 N_PARAMS = 200_000
@@ -132,7 +133,7 @@ def test_one_draw_per_step_gives_every_parameter_its_own_noise():
 
 def test_noise_drawn_in_chunks_fills_every_value_at_the_right_scale(monkeypatch):
     """Large models draw their noise a chunk at a time: every value, none repeated."""
-    import client.secure_noise as secure_noise
+    import client.dp.secure_noise as secure_noise
 
     monkeypatch.setattr(secure_noise, "_CHUNK", 1000)
     noise = secure_noise.secure_gaussian(torch.zeros(20_500), std=3.0)

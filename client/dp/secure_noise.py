@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-__all__ = ["secure_gaussian", "secure_torch_generator", "use_secure_noise"]
+__all__ = ["secure_gaussian", "secure_normal", "secure_torch_generator", "use_secure_noise"]
 
 _SAMPLES = 4  # sum of 4 samples / 2: Opacus's secure-mode mitigation (n = 2)
 
@@ -91,6 +91,11 @@ def secure_gaussian(reference: torch.Tensor, std: float) -> torch.Tensor:
         return torch.zeros_like(reference)
     noise = _gaussian(reference.numel(), std)
     return noise.to(device=reference.device, dtype=reference.dtype).view_as(reference)
+
+
+def secure_normal(std: float) -> float:
+    """One value N(0, std^2), in float64, made as :func:`secure_gaussian` makes each."""
+    return float(_gaussian_chunk(1)[0]) * std
 
 
 def _secure_add_noise(self: Any) -> None:

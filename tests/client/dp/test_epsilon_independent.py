@@ -20,9 +20,9 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from client.privacy import RDP_ORDERS, _rdp_per_step, compute_epsilon
+from client.dp.accounting import RDP, RDP_ORDERS, compute_epsilon
 from shared_model.cli import build_app
-from tests.client.test_privacy import POLICY, one_round
+from tests.client.dp.test_privacy import POLICY, one_round
 
 
 class DroppedOrders(logging.Handler):
@@ -86,7 +86,7 @@ def test_per_step_rdp_is_the_renyi_divergence_integrated_numerically(sigma, q, o
     forward = quad(lambda z: npdf(z, 0, s) * (mixture(z) / npdf(z, 0, s)) ** a, [-inf, 0, 1, inf])
     backward = quad(lambda z: mixture(z) * (npdf(z, 0, s) / mixture(z)) ** a, [-inf, 0, 1, inf])
     exact = float(max(log(forward), log(backward)) / (a - 1))
-    ours = _rdp_per_step(sigma, q)[RDP_ORDERS.index(order)]
+    ours = RDP.per_step(sigma, q)[RDP_ORDERS.index(order)]
     assert ours == pytest.approx(exact, rel=1e-6)
 
 
@@ -120,7 +120,9 @@ def test_the_exported_json_alone_recomputes_the_recorded_epsilon(tmp_path):
     view = json.loads(result.output)
     assert set(view) >= {"hospital", "accountant", "delta", "max_epsilon", "epsilon", "history"}
     history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in view["history"]]
-    assert len({q for _, q, _ in history}) == 3  # the sample rate changed every round
+    # N grew every round; the sample rate did not: it comes from the released N̂ alone
+    assert [e["mechanism"] for e in view["history"]] == ["record-count", *["dp-sgd"] * 3]
+    assert len({q for _, q, _ in history[1:]}) == 1 and view["public_records"] > 0
     # Any accountant, from the JSON alone: RDP agrees with the record; PLD is tighter.
     assert dp_accounting_epsilon(history, view["delta"], "rdp") == pytest.approx(
         view["epsilon"], rel=0.01
@@ -143,7 +145,7 @@ def test_ledger_show_is_readable_and_refuses_a_tampered_ledger(tmp_path):
     assert shown.exit_code == 0 and "st-mary: epsilon" in shown.output and "left" in shown.output
     path = tmp_path / "privacy_ledger.json"
     data = json.loads(path.read_text())
-    data["history"][0]["steps"] = 1  # someone lowers the recorded spend
+    data["history"][1]["steps"] = 1  # someone lowers the recorded spend
     path.write_text(json.dumps(data))
     refused = runner.invoke(build_app(), ["ledger", "show", str(tmp_path)])
     assert refused.exit_code == 2 and "cannot be trusted" in refused.output

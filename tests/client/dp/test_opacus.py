@@ -10,7 +10,8 @@ from opacus import GradSampleModule
 from opacus.validators import ModuleValidator
 from torch.utils.data import TensorDataset
 
-from client.privacy import PrivacyPolicy, make_private
+from client.dp.engine import make_private
+from client.dp.policy import PrivacyPolicy
 from shared_model.config import FUSION_MODES, ModelConfig
 from shared_model.engine import make_loss
 from shared_model.model import FusionModel

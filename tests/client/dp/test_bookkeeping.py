@@ -10,12 +10,12 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from client.bookkeeping import BookKeeping, bookkeeping_unsupported
-from client.privacy import make_private, resolve_grad_sample_mode
+from client.dp.bookkeeping import BookKeeping, bookkeeping_unsupported
+from client.dp.engine import make_private, resolve_grad_sample_mode
 from shared_model.config import PRESETS, ModelConfig, RunConfig
 from shared_model.engine import MultiLabelBCE, make_loss
 from shared_model.model import FusionModel, initial_model
-from tests.client.test_opacus import CFG, batch, one_dp_epoch, policy
+from tests.client.dp.test_opacus import CFG, batch, one_dp_epoch, policy
 
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
@@ -206,7 +206,7 @@ def test_every_layer_path_clips_each_examples_own_gradient(limit, monkeypatch):
     """Materialized per-example gradients (the batch as convolution groups) and the
     memory-bounded paths (ghost norm, patches) both give each example's clipped sum."""
     if limit == "bounded":
-        monkeypatch.setattr("client.bookkeeping._MATERIALIZE_LIMIT", 0)
+        monkeypatch.setattr("client.dp.bookkeeping._MATERIALIZE_LIMIT", 0)
     torch.manual_seed(3)
     model = LayerZoo()
     x = torch.randn(5, 3, 8, 8) * torch.tensor([0.1, 1.0, 3.0, 0.5, 8.0])[:, None, None, None]

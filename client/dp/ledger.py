@@ -1,0 +1,306 @@
+"""The privacy ledger: every release a hospital has made from its records, on disk.
+
+Each entry is one Gaussian mechanism applied ``steps`` times: a round of DP-SGD (the
+clipped gradient sum and the clipped training-loss sum, released together), or the
+hospital's record count (once). Epsilon is always recomputed from the whole history, so
+it composes over every round this hospital has joined, across process restarts.
+
+The file is written atomically and carries a SHA-256 checksum of its content, so a
+truncated or corrupted ledger is refused rather than read as a smaller epsilon. A copy
+of the history in Flower's per-node state catches a ledger rolled back behind it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from client.dp.accounting import compute_epsilon
+from client.dp.policy import PrivacyPolicy
+from shared_model.errors import ExplainedError
+
+__all__ = [
+    "DP_SGD",
+    "LEDGER_EXPORT_FORMAT",
+    "LEDGER_FILENAME",
+    "LEDGER_FORMAT",
+    "RECORD_COUNT",
+    "LedgerEntry",
+    "LedgerError",
+    "PrivacyLedger",
+    "dump_history",
+    "load_history",
+    "read_ledger",
+]
+
+LEDGER_FORMAT = "fedfusion-privacy-ledger/2"
+_OLD_FORMATS = ("fedfusion-privacy-ledger/1",)  # read, then written as the current one
+LEDGER_FILENAME = "privacy_ledger.json"
+# `fedfusion ledger show --json`: the stable, documented form anyone can recompute from.
+LEDGER_EXPORT_FORMAT = "fedfusion-ledger-export/2"
+# The mechanisms an entry can record.
+DP_SGD = "dp-sgd"  # one round: clipped gradient sum + clipped loss sum, Poisson-sampled
+RECORD_COUNT = "record-count"  # the number of training records, once
+
+
+class LedgerError(ExplainedError, RuntimeError):
+    """The privacy ledger cannot be trusted; the hospital refuses to train."""
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One release: ``steps`` Gaussian mechanisms at this noise multiplier and rate."""
+
+    round: int
+    noise_multiplier: float  # noise std / sensitivity of the whole release
+    sample_rate: float  # Poisson rate; 1.0 for a release computed on every record
+    steps: int
+    status: str = "started"  # "started" is written before training, "completed" after
+    mechanism: str = DP_SGD
+
+
+@dataclass
+class PrivacyLedger:
+    """Everything needed to recompute this hospital's epsilon, persisted as JSON."""
+
+    path: Path
+    hospital: str
+    accountant: str
+    delta: float
+    max_epsilon: float
+    noise_multiplier: float | None = None  # of a DP-SGD round, planned once, then fixed
+    planned_rounds: int | None = None
+    target_epsilon: float | None = None
+    public_records: int | None = None  # the released (noisy) record count
+    history: list[LedgerEntry] = field(default_factory=list)
+
+    # ---------------------------------------------------------------- persistence
+    @classmethod
+    def open(
+        cls,
+        state_dir: Path,
+        hospital: str,
+        policy: PrivacyPolicy,
+        seen: Sequence[LedgerEntry] = (),
+    ) -> PrivacyLedger:
+        """Load this hospital's ledger, or start an empty one if none exists yet.
+
+        ``seen`` is the history this hospital's process already recorded (Flower keeps a
+        copy in ``context.state``). A ledger file that no longer holds it was deleted,
+        rolled back or replaced, and is refused rather than trusted.
+        """
+        path = Path(state_dir) / LEDGER_FILENAME
+        if not path.exists():
+            ledger = cls(
+                path=path,
+                hospital=hospital,
+                accountant=policy.accountant,
+                delta=policy.delta,
+                max_epsilon=policy.max_epsilon,
+            )
+            ledger._check_holds(seen)
+            return ledger
+        ledger = cls.from_json(path.read_bytes(), path)
+        ledger._check_holds(seen)
+        if ledger.hospital != hospital:
+            raise LedgerError(
+                f"privacy ledger {path} belongs to '{ledger.hospital}', not '{hospital}'"
+            )
+        # The hospital's current policy governs; the history is what it is.
+        ledger.accountant, ledger.delta = policy.accountant, policy.delta
+        ledger.max_epsilon = policy.max_epsilon
+        return ledger
+
+    def _check_holds(self, seen: Sequence[LedgerEntry]) -> None:
+        def key(e: LedgerEntry) -> tuple[int, float, float, int, str]:
+            return (e.round, e.noise_multiplier, e.sample_rate, e.steps, e.mechanism)
+
+        if [key(e) for e in self.history[: len(seen)]] != [key(e) for e in seen]:
+            raise LedgerError(
+                f"privacy ledger {self.path} no longer holds the {len(seen)} release(s) this "
+                f"hospital already recorded (it holds {len(self.history)}): it was deleted, "
+                "rolled back or replaced. This hospital refuses to train; restore the ledger."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stable JSON form (documented in the README)."""
+        body = {
+            "format": LEDGER_FORMAT,
+            "hospital": self.hospital,
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "max_epsilon": self.max_epsilon,
+            "epsilon": self.epsilon(),
+            "plan": {
+                "noise_multiplier": self.noise_multiplier,
+                "planned_rounds": self.planned_rounds,
+                "target_epsilon": self.target_epsilon,
+                "public_records": self.public_records,
+            },
+            "history": [asdict(e) for e in self.history],
+        }
+        return {**body, "checksum": _checksum(body)}
+
+    @classmethod
+    def from_json(cls, text: str | bytes, path: Path) -> PrivacyLedger:
+        """Parse and verify a ledger file; raises LedgerError if it cannot be trusted."""
+        refuse = (
+            f"privacy ledger {path} cannot be trusted, so this hospital refuses to train "
+            "(deleting it would reset epsilon to zero; restore it from a backup instead)"
+        )
+        try:
+            data = json.loads(text)
+            checksum = data.pop("checksum")
+            if checksum != _checksum(data):
+                raise LedgerError(f"{refuse}: checksum mismatch (edited or corrupted)")
+            if data.get("format") not in (LEDGER_FORMAT, *_OLD_FORMATS):
+                raise LedgerError(f"{refuse}: unknown format {data.get('format')!r}")
+            plan = data["plan"]
+            ledger = cls(
+                path=path,
+                hospital=str(data["hospital"]),
+                accountant=str(data["accountant"]),
+                delta=float(data["delta"]),
+                max_epsilon=float(data["max_epsilon"]),
+                noise_multiplier=plan["noise_multiplier"],
+                planned_rounds=plan["planned_rounds"],
+                target_epsilon=plan["target_epsilon"],
+                public_records=plan.get("public_records"),
+                history=[LedgerEntry(**e) for e in data["history"]],
+            )
+        except LedgerError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # incl. bad UTF-8
+            raise LedgerError(f"{refuse}: {type(err).__name__}: {err}") from err
+        recorded = float(data["epsilon"])
+        if not math.isclose(recorded, ledger.epsilon(), rel_tol=1e-6, abs_tol=1e-9):
+            raise LedgerError(
+                f"{refuse}: recorded epsilon {recorded} does not match its history "
+                f"({ledger.epsilon()})"
+            )
+        return ledger
+
+    def save(self) -> None:
+        """Write atomically: a temporary file in the same directory, fsync, rename."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps(self.to_dict(), indent=2)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            Path(tmp).replace(self.path)
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def export(self) -> dict[str, Any]:
+        """The public, stable form of this ledger (``fedfusion ledger show --json``).
+
+        ``history`` holds everything epsilon depends on, release by release: the
+        mechanism, its noise multiplier, its Poisson sample rate (1.0: every record)
+        and how many times it ran. A round whose status is ``started`` crashed after it
+        began and counts in full. From this alone any accountant recomputes epsilon for
+        any delta; ``epsilon`` is the value recorded with ``accountant`` at ``delta``,
+        and ``epsilon_after`` the cumulative value after each release.
+        """
+        history = self.accountant_history()
+        return {
+            "format": LEDGER_EXPORT_FORMAT,
+            "hospital": self.hospital,
+            "accountant": self.accountant,
+            "delta": self.delta,
+            "max_epsilon": self.max_epsilon,
+            "epsilon": self.epsilon(),
+            "remaining_epsilon": max(self.max_epsilon - self.epsilon(), 0.0),
+            "public_records": self.public_records,
+            "history": [
+                {
+                    "round": e.round,
+                    "mechanism": e.mechanism,
+                    "noise_multiplier": e.noise_multiplier,
+                    "sample_rate": e.sample_rate,
+                    "steps": e.steps,
+                    "status": e.status,
+                    "epsilon_after": compute_epsilon(history[: i + 1], self.delta, self.accountant),
+                }
+                for i, e in enumerate(self.history)
+            ],
+        }
+
+    # ---------------------------------------------------------------- accounting
+    def accountant_history(self) -> list[tuple[float, float, int]]:
+        """The (noise_multiplier, sample_rate, steps) of every release, in order."""
+        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.history]
+
+    def epsilon(self, extra: LedgerEntry | None = None) -> float:
+        """Cumulative epsilon of the whole history (plus ``extra``, if given)."""
+        history = self.accountant_history()
+        if extra is not None:
+            history.append((extra.noise_multiplier, extra.sample_rate, extra.steps))
+        return compute_epsilon(history, self.delta, self.accountant)
+
+    def record_release(self, entry: LedgerEntry) -> None:
+        """Record a one-off release as completed, and save, before it leaves."""
+        self.history.append(replace(entry, status="completed"))
+        self.save()
+
+    def begin_round(self, entry: LedgerEntry) -> None:
+        """Record a round before training touches data (write-ahead), and save."""
+        self.history.append(replace(entry, status="started"))
+        self.save()
+
+    def complete_round(self, server_round: int, steps_taken: int) -> None:
+        """Mark the round's entry completed. More steps than planned is a bug: refuse."""
+        last = self.history[-1]
+        if last.round != server_round or last.status != "started":
+            raise LedgerError(f"no started entry for round {server_round} in {self.path}")
+        if steps_taken > last.steps:
+            raise LedgerError(
+                f"round {server_round} took {steps_taken} steps but only {last.steps} were "
+                "recorded before training"
+            )
+        self.history[-1] = replace(last, status="completed")
+        self.save()
+
+
+def read_ledger(path: Path) -> PrivacyLedger:
+    """Read and verify a hospital's ledger (its state directory or the file itself).
+
+    Read-only: nothing is written. LedgerError if it is missing or cannot be trusted.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / LEDGER_FILENAME
+    if not path.is_file():
+        raise LedgerError(
+            f"no privacy ledger at {path}: give the hospital's state-dir (hospital.state-dir)"
+        )
+    return PrivacyLedger.from_json(path.read_bytes(), path)
+
+
+def dump_history(entries: Sequence[LedgerEntry]) -> str:
+    """A ledger history as JSON (the copy kept in Flower's ``context.state``)."""
+    return json.dumps([asdict(e) for e in entries])
+
+
+def load_history(text: str) -> list[LedgerEntry]:
+    """Inverse of :func:`dump_history`."""
+    return [LedgerEntry(**e) for e in json.loads(text)]
+
+
+def _checksum(body: dict[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()

@@ -1,0 +1,187 @@
+"""Held-out evaluation as sums, so that the server learns only the federation's results.
+
+Every figure the server reports is computed from statistics that add up across
+hospitals: per label, histograms of the predicted scores of the positive and of the
+negative examples over fixed public bins, plus the example count, the loss sum and the
+count of exact matches. Inside secure aggregation the server unmasks only the sum of
+these vectors, never one hospital's, and derives global AUROC, ROC curves, accuracy,
+precision, recall and F1 from it (:meth:`EvalStats.metrics`).
+
+The bins are uniform in logit space, 0.1 wide from -10 to 10 (scores from 4.5e-5 to
+0.99995; scores beyond fall in the end bins). AUROC from the histogram counts pairs in
+the same bin as ties (one half), so it is within the share of such pairs of the exact
+value; the decision threshold 0.5 (logit 0) is a bin edge, so the threshold metrics are
+exact.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["EVAL_LOSS_CLIP", "SCORE_BINS", "EvalStats"]
+
+SCORE_BINS = 200
+_LOGIT_RANGE = 10.0
+# Per-example held-out losses are clipped to this before summing, which bounds the sum
+# (secure aggregation needs a bound on every value); an honest loss never comes close.
+EVAL_LOSS_CLIP = 20.0
+_HEADER = 3  # examples, loss sum, exact matches
+
+
+def score_bins(logits: np.ndarray) -> np.ndarray:
+    """The bin index of each logit: 0.1-wide bins from -10 to 10, the ends open."""
+    index = np.floor((np.asarray(logits, dtype=np.float64) + _LOGIT_RANGE) * SCORE_BINS / 20.0)
+    return np.clip(index, 0, SCORE_BINS - 1).astype(np.int64)
+
+
+@dataclass
+class EvalStats:
+    """Summable held-out statistics of one model on one or more hospitals' test splits."""
+
+    labels: tuple[str, ...]
+    examples: float
+    loss_sum: float
+    exact_matches: float
+    positives: np.ndarray  # (labels, SCORE_BINS): count of positive examples per score bin
+    negatives: np.ndarray  # (labels, SCORE_BINS): count of negative examples per score bin
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_predictions(
+        cls,
+        labels: Sequence[str],
+        logits: np.ndarray,
+        targets: np.ndarray,
+        losses: np.ndarray,
+    ) -> EvalStats:
+        """Statistics of predictions ``logits`` (n, K) against multi-hot ``targets`` (n, K).
+
+        ``losses`` (n,) are the per-example losses (clipped to EVAL_LOSS_CLIP here).
+        """
+        logits, targets = np.asarray(logits, np.float64), np.asarray(targets) > 0.5
+        k = len(labels)
+        if logits.ndim != 2 or logits.shape[1] != k or targets.shape != logits.shape:
+            raise ValueError(f"expected (n, {k}) logits and targets, got {logits.shape}")
+        bins = score_bins(logits)
+        positives = np.zeros((k, SCORE_BINS))
+        negatives = np.zeros((k, SCORE_BINS))
+        for j in range(k):
+            positives[j] = np.bincount(bins[targets[:, j], j], minlength=SCORE_BINS)
+            negatives[j] = np.bincount(bins[~targets[:, j], j], minlength=SCORE_BINS)
+        exact = ((logits >= 0) == targets).all(axis=1).sum()
+        clipped = np.clip(np.asarray(losses, np.float64), 0.0, EVAL_LOSS_CLIP)
+        return cls(tuple(labels), float(len(logits)), float(clipped.sum()), float(exact),
+                   positives, negatives)  # fmt: skip
+
+    @classmethod
+    def zeros(cls, labels: Sequence[str]) -> EvalStats:
+        """No examples: what a hospital that does not evaluate adds."""
+        k = len(labels)
+        return cls(tuple(labels), 0.0, 0.0, 0.0, np.zeros((k, SCORE_BINS)),
+                   np.zeros((k, SCORE_BINS)))  # fmt: skip
+
+    @staticmethod
+    def vector_size(num_labels: int) -> int:
+        """Length of :meth:`to_vector` for ``num_labels`` labels."""
+        return _HEADER + 2 * num_labels * SCORE_BINS
+
+    def to_vector(self) -> np.ndarray:
+        """The statistics as one float64 vector: what is summed across hospitals."""
+        header = np.array([self.examples, self.loss_sum, self.exact_matches])
+        return np.concatenate([header, self.positives.ravel(), self.negatives.ravel()])
+
+    @classmethod
+    def from_vector(cls, labels: Sequence[str], vector: np.ndarray) -> EvalStats:
+        """Inverse of :meth:`to_vector`; ValueError if the length does not fit ``labels``."""
+        k = len(labels)
+        vector = np.asarray(vector, dtype=np.float64).ravel()
+        if vector.size != cls.vector_size(k):
+            raise ValueError(
+                f"evaluation statistics of {vector.size} values, expected "
+                f"{cls.vector_size(k)} for {k} labels"
+            )
+        if not np.isfinite(vector).all() or (vector < 0).any():
+            raise ValueError("evaluation statistics must be finite and non-negative")
+        hist = vector[_HEADER:].reshape(2, k, SCORE_BINS)
+        return cls(tuple(labels), *map(float, vector[:_HEADER]), hist[0].copy(), hist[1].copy())
+
+    def __add__(self, other: EvalStats) -> EvalStats:
+        if other.labels != self.labels:
+            raise ValueError("cannot add evaluation statistics of different labels")
+        return EvalStats(
+            self.labels,
+            self.examples + other.examples,
+            self.loss_sum + other.loss_sum,
+            self.exact_matches + other.exact_matches,
+            self.positives + other.positives,
+            self.negatives + other.negatives,
+        )
+
+    def rounded(self) -> EvalStats:
+        """Counts rounded to whole examples (a secure sum carries quantization noise)."""
+        return EvalStats(
+            self.labels,
+            float(round(self.examples)),
+            max(self.loss_sum, 0.0),
+            float(round(self.exact_matches)),
+            np.maximum(np.round(self.positives), 0.0),
+            np.maximum(np.round(self.negatives), 0.0),
+        )
+
+    # ------------------------------------------------------------------ figures
+    def auroc(self, j: int) -> float:
+        """Label ``j``'s AUROC from the histograms; same-bin pairs count one half.
+
+        NaN when the examples hold only one class of the label.
+        """
+        pos, neg = self.positives[j], self.negatives[j]
+        n_pos, n_neg = pos.sum(), neg.sum()
+        if n_pos <= 0 or n_neg <= 0:
+            return math.nan
+        below = np.cumsum(neg) - neg  # negatives in lower bins
+        return float((pos * (below + 0.5 * neg)).sum() / (n_pos * n_neg))
+
+    def roc_curve(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """(false positive rates, true positive rates) of label ``j`` at every bin edge."""
+        pos, neg = self.positives[j][::-1], self.negatives[j][::-1]  # highest scores first
+        tpr = np.concatenate([[0.0], np.cumsum(pos)]) / max(pos.sum(), 1.0)
+        fpr = np.concatenate([[0.0], np.cumsum(neg)]) / max(neg.sum(), 1.0)
+        return fpr, tpr
+
+    def metrics(self) -> dict[str, float]:
+        """Loss, macro accuracy, precision, recall, F1, exact match and AUROC.
+
+        AUROC per label and macro; the others at the decision threshold 0.5; NaN where
+        undefined.
+        """
+        n = self.examples
+        if n <= 0:
+            return {}
+        half = SCORE_BINS // 2  # bins from here up have logit >= 0: predicted positive
+        tp = self.positives[:, half:].sum(1)
+        fn = self.positives[:, :half].sum(1)
+        fp = self.negatives[:, half:].sum(1)
+        tn = self.negatives[:, :half].sum(1)
+        precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=(tp + fp) > 0)
+        recall = np.divide(tp, tp + fn, out=np.zeros_like(tp), where=(tp + fn) > 0)
+        f1 = np.divide(
+            2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=(2 * tp + fp + fn) > 0
+        )
+        out = {
+            "loss": self.loss_sum / n,
+            "accuracy": float(np.mean((tp + tn) / n)),
+            "exact-match": self.exact_matches / n,
+            "precision": float(precision.mean()),
+            "recall": float(recall.mean()),
+            "f1": float(f1.mean()),
+        }
+        aurocs = [self.auroc(j) for j in range(len(self.labels))]
+        for label, value in zip(self.labels, aurocs, strict=True):
+            out[f"auroc.{label}"] = value
+        defined = [a for a in aurocs if not math.isnan(a)]
+        out["auroc"] = float(np.mean(defined)) if defined else math.nan
+        return out

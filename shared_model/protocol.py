@@ -1,0 +1,66 @@
+"""Every record and key that crosses the wire between the server and a hospital.
+
+Both sides import these names; neither spells a key as a string literal. What each
+field a hospital sends is protected by is listed in ``client/outbound.py``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ARRAYS",
+    "CONFIG",
+    "EVALUATION",
+    "EVALUATION_STATISTICS",
+    "HOSPITAL",
+    "METRICS",
+    "Reply",
+    "Request",
+    "Status",
+]
+
+# Records of a message (Message API).
+ARRAYS = "arrays"  # ArrayRecord: the packed trainable weights (shared_model/packing.py)
+CONFIG = "config"  # ConfigRecord: the server's settings for this request
+METRICS = "metrics"  # MetricRecord: a hospital's public figures
+HOSPITAL = "hospital"  # ConfigRecord: who replied, and what it did
+EVALUATION = "evaluation"  # ArrayRecord: held-out statistics (shared_model/evaluation.py)
+EVALUATION_STATISTICS = "statistics"  # its one array
+
+
+class Request:
+    """Keys of the server's config record (plain requests and SecAgg+ ``fitins.config``)."""
+
+    SERVER_ROUND = "server-round"
+    PLANNED_ROUNDS = "planned-rounds"
+    PROXIMAL_MU = "proximal-mu"
+    BASE_HASH = "base-hash"  # the frozen weights every hospital must hold
+    WEIGHTS_LAYOUT = "weights-layout"  # the digest of the packed layout
+    SECAGG_SCHEME = "secagg-scheme"
+    EVALUATE = "evaluate"  # SecAgg+: evaluate the received model inside this upload
+    EVALUATE_ONLY = "evaluate-only"  # SecAgg+: the run's last exchange: evaluate, no training
+
+
+class Reply:
+    """Keys of a hospital's metrics record."""
+
+    NUM_EXAMPLES = "num-examples"
+    TRAIN_LOSS = "train-loss"
+    EPSILON = "epsilon"
+    MAX_EPSILON = "max-epsilon"
+    NOISE_MULTIPLIER = "noise-multiplier"
+    SAMPLE_RATE = "sample-rate"
+    STEPS = "steps"
+    DECLINED = "declined"
+
+
+class Status:
+    """Keys of a hospital's ``hospital`` record, and the statuses it reports."""
+
+    HOSPITAL_ID = "hospital-id"
+    STATUS = "status"
+    REASON = "reason"
+    ROUND = "round"
+    TRAINED = "trained"
+    DECLINED = "declined"
+    EVALUATED = "evaluated"
+    WITHHELD = "withheld"  # evaluated, but keeps its figures (share-evaluation = false)
