@@ -28,7 +28,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 
 from client.dp import accounting
 from client.dp.ledger import dump_history, load_history
-from client.secagg import UploadError, is_legacy, legacy_fit_reply, legacy_request
+from client.secagg import (
+    UploadError,
+    inside_masked_upload,
+    is_legacy,
+    legacy_fit_reply,
+    legacy_request,
+)
 from client.site import Site, open_site
 from client.trainer import LocalRound, run_local_evaluation, run_local_round
 from shared_model.config import HospitalConfig, RunConfig
@@ -66,8 +72,12 @@ class BaseMismatchError(ExplainedError, RuntimeError):
     """The hospital's frozen weights differ from the server's: it must not train."""
 
 
+class MalformedRequestError(ExplainedError, ValueError):
+    """A request that makes no sense, or came the wrong way: refused before any data is read."""
+
+
 def _request(
-    msg: Message, run: RunConfig, hospital: HospitalConfig
+    msg: Message, context: Context, run: RunConfig, hospital: HospitalConfig
 ) -> tuple[dict[str, torch.Tensor], Any, bool]:
     """The global weights and config of a request, in either record format.
 
@@ -79,6 +89,11 @@ def _request(
     model = hospital.local_model(run.model)
     layout = hospital_layout(model, run.seed)
     if is_legacy(msg.content):  # SecAgg+ runs in Flower's legacy records
+        if not inside_masked_upload(context):
+            raise MalformedRequestError(
+                "refused a request in SecAgg+'s record format that did not come through "
+                "SecAgg+'s masked-upload stage: its reply would leave unmasked"
+            )
         weights, config = legacy_request(msg, layout)
         legacy = True
     else:
@@ -124,15 +139,15 @@ def train(msg: Message, context: Context) -> Message:
     """
     run = RunConfig.from_run_config(context.run_config)
     hospital = HospitalConfig.from_node_config(context.node_config)
-    weights, config, legacy = _request(msg, run, hospital)
-    accounting.RDP.absorb(
-        context.state.config_records.get(_RDP_CACHE, {})
-    )  # before the ledger opens
+    weights, config, legacy = _request(msg, context, run, hospital)
+    server_round, planned_rounds = _round_numbers(config, run)
+    # the per-step RDP this node computed in earlier messages, before the ledger opens
+    accounting.RDP.absorb(context.state.config_records.get(_RDP_CACHE, {}))
     site = open_site(hospital, run)
-    server_round = int(config[Request.SERVER_ROUND])
     evaluation = EvalStats.zeros(run.model.labels)
     if legacy and bool(config.get(Request.EVALUATE, False)):
-        evaluation = run_local_evaluation(weights, site, run, server_round).stats
+        bound = int(run.secagg.max_weight)  # what one upload can hold
+        evaluation = run_local_evaluation(weights, site, run, server_round, bound).stats
     if legacy and bool(config.get(Request.EVALUATE_ONLY, False)):
         result = _evaluated_only(weights, site, context)
     else:
@@ -142,7 +157,7 @@ def train(msg: Message, context: Context) -> Message:
             site,
             run,
             server_round=server_round,
-            planned_rounds=int(config.get(Request.PLANNED_ROUNDS, run.num_rounds)),
+            planned_rounds=planned_rounds,
             secure_aggregation=legacy,
             proximal_mu=float(config.get(Request.PROXIMAL_MU, 0.0)),
             ledger_seen=load_history(str(seen["history"])) if seen else (),
@@ -176,6 +191,25 @@ def train(msg: Message, context: Context) -> Message:
 
 
 _EVALUATED_ONLY = "evaluated the final model (the run's last exchange); no training"
+
+
+def _round_numbers(config: Any, run: RunConfig) -> tuple[int, int]:
+    """(server round, planned rounds) of a training request, checked.
+
+    The noise is planned once, from the first request's planned rounds: a request with
+    fewer than one round would fix a plan that declines every round after it.
+    """
+    try:
+        server_round = int(config[Request.SERVER_ROUND])
+        planned = int(config.get(Request.PLANNED_ROUNDS, run.num_rounds))
+    except (KeyError, TypeError, ValueError) as err:
+        raise MalformedRequestError(f"the request's round numbers cannot be read ({err})") from err
+    if server_round < 1 or planned < 1:
+        raise MalformedRequestError(
+            f"refused a training request for round {server_round} of {planned} planned: "
+            "both must be at least 1"
+        )
+    return server_round, planned
 
 
 def _evaluated_only(weights: dict[str, torch.Tensor], site: Site, context: Context) -> LocalRound:
@@ -222,12 +256,11 @@ def _masked_upload(
     """The SecAgg+ reply: one vector, masked by the mod, and the public figures."""
     codec = UploadCodec(layout.size, run.model.labels, run.secagg.clipping_range,
                         run.secagg.max_weight)  # fmt: skip
-    for what, count in (("training", result.num_examples), ("held-out", evaluation.examples)):
-        if count > run.secagg.max_weight:
-            raise UploadError(
-                f"this hospital's {what} records exceed secagg.max-weight "
-                f"{run.secagg.max_weight:g}; raise secagg.max-weight on the server"
-            )
+    if result.num_examples > run.secagg.max_weight:  # N̂, public: saying so leaks nothing
+        raise UploadError(
+            f"this hospital's released record count {result.num_examples} exceeds "
+            f"secagg.max-weight {run.secagg.max_weight:g}; raise secagg.max-weight on the server"
+        )
     if result.trained:
         update = layout.pack(result.weights).astype(np.float64) - layout.pack(received)
         weight = result.num_examples / run.secagg.max_weight
@@ -250,7 +283,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """
     run = RunConfig.from_run_config(context.run_config)
     hospital = HospitalConfig.from_node_config(context.node_config)
-    weights, config, legacy = _request(msg, run, hospital)
+    weights, config, legacy = _request(msg, context, run, hospital)
     if legacy:
         raise ValueError(
             "a separate evaluation inside SecAgg+ is not part of this fedfusion version: "

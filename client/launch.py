@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.pinned import cold_clientapp
 from client.warm import WarmStart, forkable
 from shared_model.config import ConfigError, ConnectionConfig, HospitalConfig
 from shared_model.processes import stop_processes
@@ -240,9 +242,12 @@ def run_supernode(launch: SuperNodeLaunch) -> tuple[int, str]:
             warm = WarmStart.start(supernode_environment(), label=f"SuperNode runtime {runtime}")
         except OSError as err:  # slower, never fatal: Flower starts each ClientApp afresh
             print(f"fedfusion: warm ClientApp starts unavailable ({err}); starting cold")
+    # Either way, ClientApps run this hospital's own installed code (client/pinned.py).
+    cold = None if warm else cold_clientapp().parent
+    first = warm.bin_dir if warm else cold
     proc = subprocess.Popen(
         launch.command,
-        env=supernode_environment(warm.bin_dir if warm else None),
+        env=supernode_environment(first),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -269,5 +274,7 @@ def run_supernode(launch: SuperNodeLaunch) -> tuple[int, str]:
         stop_processes(proc.pid, [f"--runtime-api-address {runtime}"])
         if warm is not None:
             warm.stop()
+        if cold is not None:
+            shutil.rmtree(cold, ignore_errors=True)
     reader.join(timeout=5)
     return code, "".join(tail)

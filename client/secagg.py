@@ -32,12 +32,14 @@ ClientApp process each in a deployment.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import (
@@ -50,7 +52,7 @@ from flwr.common import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
 from shared_model import secagg_primitives
@@ -65,9 +67,12 @@ if TYPE_CHECKING:
 __all__ = [
     "SecAggSchemeError",
     "UploadError",
+    "check_stage_request",
     "compact_masked_vector",
     "delta_ndarrays",
+    "inside_masked_upload",
     "install_secagg_primitives",
+    "instruction_digest",
     "is_legacy",
     "legacy_fit_reply",
     "legacy_request",
@@ -101,7 +106,8 @@ def install_secagg_primitives() -> None:
     mod.public_key_to_bytes = secagg_primitives.public_key_to_bytes  # type: ignore[attr-defined]
     mod.bytes_to_private_key = secagg_primitives.bytes_to_private_key  # type: ignore[attr-defined]
     mod.bytes_to_public_key = secagg_primitives.bytes_to_public_key  # type: ignore[attr-defined]
-    mod.generate_shared_key = secagg_primitives.generate_shared_key  # type: ignore[attr-defined]
+    # Pairwise masks bound to the instruction this hospital received (see MASKS below).
+    mod.generate_shared_key = MASKS.shared_key  # type: ignore[attr-defined]
     mod.pseudo_rand_gen = secagg_primitives.pseudo_rand_gen  # type: ignore[attr-defined]
     mod.create_shares = secagg_primitives.create_shares  # type: ignore[attr-defined]
     # The mod adds n - 1 pairwise masks into a vector it owns: in place, not a copy each.
@@ -109,6 +115,7 @@ def install_secagg_primitives() -> None:
     mod.parameters_subtraction = secagg_primitives.subtract_masks  # type: ignore[attr-defined]
 
 
+MASKS = secagg_primitives.MaskBinding()  # pairwise masks bound to the instruction received
 install_secagg_primitives()
 Scalar = bool | int | float | str
 _UINT32_LIMIT = 2**32
@@ -120,8 +127,93 @@ def secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Mes
         msg.metadata.message_type == MessageType.TRAIN
         and RECORD_KEY_CONFIGS in msg.content.config_records
     ):
-        return compact_masked_vector(secaggplus_mod(msg, ctxt, call_next))
+        check_stage_request(msg, ctxt)
+        configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+        if configs.get(Key.STAGE) != Stage.COLLECT_MASKED_VECTORS:
+            return secaggplus_mod(msg, ctxt, call_next)
+        with MASKS.bound(instruction_digest(msg)), masked_upload(ctxt):
+            return compact_masked_vector(secaggplus_mod(msg, ctxt, call_next))
     return call_next(msg, ctxt)
+
+
+def instruction_digest(msg: Message) -> bytes:
+    """The digest of the training instruction a masked-upload message carries."""
+    ins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+    return secagg_primitives.round_binding(ins.config, ins.parameters.tensors)
+
+
+_UPLOAD_STATE = "fedfusion-secagg"  # this node's SecAgg+ facts, in Flower's node state
+
+
+@contextlib.contextmanager
+def masked_upload(ctxt: Context) -> Iterator[None]:
+    """Mark the training call Flower's mod makes as one whose reply it masks."""
+    ctxt.state.config_records.setdefault(_UPLOAD_STATE, ConfigRecord())["masking"] = True
+    try:
+        yield
+    finally:
+        ctxt.state.config_records[_UPLOAD_STATE]["masking"] = False
+
+
+def inside_masked_upload(ctxt: Context) -> bool:
+    """Whether a training call comes from SecAgg+'s masked-upload stage.
+
+    A request in SecAgg+'s record format that arrives any other way would be answered
+    in the clear; it is refused (``client/handlers.py``).
+    """
+    record = ctxt.state.config_records.get(_UPLOAD_STATE)
+    return bool(record and record.get("masking", False))
+
+
+def check_stage_request(msg: Message, ctxt: Context) -> None:
+    """Refuse SecAgg+ instructions that would let the server unmask one hospital.
+
+    Flower's mod follows whatever the server sends. A hospital here refuses:
+
+    - at key setup, a round of fewer than 3 hospitals or shares, or a reconstruction
+      threshold below 2 or not above half the shares: the server could then gather
+      both halves of a hospital's secrets (its mask seed from neighbours told it is
+      active, its key from neighbours told it dropped out);
+    - at key sharing, a key list that is not exactly the announced number of shares
+      (a server could leave out real hospitals and add keys of its own);
+    - at unmasking, a hospital listed as both active and dropped out (each neighbour
+      would hand over both), or this hospital listed as dropped out.
+
+    A server that invents whole participants is beyond these checks (README: threat
+    model); the masks' binding to the instruction stops one that instructs hospitals
+    differently.
+    """
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    stage = configs.get(Key.STAGE)
+    state = ctxt.state.config_records.setdefault(_UPLOAD_STATE, ConfigRecord())
+    if stage == Stage.SETUP:
+        sample = int(configs.get(Key.SAMPLE_NUMBER, 0))  # type: ignore[arg-type]
+        shares = int(configs.get(Key.SHARE_NUMBER, 0))  # type: ignore[arg-type]
+        threshold = int(configs.get(Key.THRESHOLD, 0))  # type: ignore[arg-type]
+        if sample < 3 or shares < 3 or threshold < 2 or 2 * threshold <= shares:
+            raise SecAggSchemeError(
+                f"refused SecAgg+ parameters: {sample} hospitals, {shares} shares, threshold "
+                f"{threshold}; this hospital takes part only with at least 3 hospitals and "
+                "shares and a threshold of at least 2 and above half the shares (otherwise "
+                "the server could unmask one hospital's upload)"
+            )
+        state["shares"] = shares
+    elif stage == Stage.SHARE_KEYS:
+        keys = [k for k in configs if k != Key.STAGE]
+        if len(keys) != int(state.get("shares", -1)):  # type: ignore[arg-type]
+            raise SecAggSchemeError(
+                f"refused a key list of {len(keys)} hospitals where {state.get('shares')} "
+                "shares were announced: the server could replace real hospitals with its own"
+            )
+    elif stage == Stage.UNMASK:
+        active = set(configs.get(Key.ACTIVE_NODE_ID_LIST, []))  # type: ignore[arg-type]
+        dead = set(configs.get(Key.DEAD_NODE_ID_LIST, []))  # type: ignore[arg-type]
+        if active & dead or msg.metadata.dst_node_id in dead:
+            raise SecAggSchemeError(
+                "refused an unmasking request that lists a hospital as both active and "
+                "dropped out, or this hospital as dropped out: answering it would let the "
+                "server unmask one hospital's upload"
+            )
 
 
 def compact_masked_vector(reply: Message) -> Message:

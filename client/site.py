@@ -144,25 +144,21 @@ def hospital_data(
 ) -> HospitalSplit:
     """The hospital's train/test records, decoded once per process and cached.
 
-    A hospital with a state directory also keeps the decoded images there
+    A hospital with its own data also keeps the decoded images in its state directory
     (:class:`DecodedImages`), for the next message's process.
     """
     if hospital.data_manifest:
-        images = (
-            DecodedImages(Path(hospital.state_dir).expanduser() / "image-cache", model.image_size)
-            if hospital.state_dir
-            else None
-        )
+        state = Path(hospital.state_dir).expanduser()  # required with a manifest
+        images = DecodedImages(state / "image-cache", model.image_size)
         records, _report = load_manifest(
             hospital.data_manifest,
             model.labels,
             tokenizer_for(model),
             model.image_size,
-            decode=images.decode if images else decode_image,
+            decode=images.decode,
             limits=DataLimits(data.max_image_pixels, data.max_report_chars),
         )
-        if images is not None:
-            images.flush()
+        images.flush()
         train, test = split_train_test(records, data.test_fraction, seed)
         return HospitalSplit(train=train, test=test)
     return embedded_hospital(hospital.partition_id, hospital.num_partitions, model, data, seed)

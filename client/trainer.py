@@ -251,27 +251,41 @@ def run_local_round(
 
 
 def _normal(secure: bool, generator: torch.Generator | None) -> Callable[[float], float]:
-    """One Gaussian draw of a given std: the OS CSPRNG, or (tests only) ``generator``."""
-    if secure:
-        from client.dp.secure_noise import secure_normal
+    """One Gaussian draw of a given std, from the OS CSPRNG.
 
+    Without secure noise: torch's generator seeded from the OS (in tests, ``generator``).
+    """
+    from client.dp.secure_noise import secure_normal, secure_torch_generator
+
+    if secure:
         return secure_normal
-    rng = generator or torch.Generator().manual_seed(0)
+    rng = generator or secure_torch_generator()
     return lambda std: float(torch.randn((), generator=rng, dtype=torch.float64)) * std
 
 
 def run_local_evaluation(
-    weights: StateDict, site: Site, run: RunConfig, server_round: int | None = None
+    weights: StateDict,
+    site: Site,
+    run: RunConfig,
+    server_round: int | None = None,
+    max_records: int | None = None,
 ) -> LocalEvaluation:
     """The global model on this hospital's held-out split.
 
     Returns summable statistics to send and exact metrics for the hospital itself
-    (logged, and kept in its state directory).
+    (logged, and kept in its state directory). A split larger than ``max_records`` (what
+    one SecAgg+ upload holds) is kept here whole, and nothing of it is sent: the
+    split's size never shows in an error, and no setting makes the hospital send the
+    statistics of a chosen few records.
     """
+    test = site.data.test
+    if len(test) == 0:
+        log.warning("%s: no held-out records; nothing to evaluate", site.name)
+        return LocalEvaluation(EvalStats.zeros(run.model.labels), {})
     reuse_freed_memory()
     model = _model_from(weights, site, run)
     loss_fn = make_loss(pos_weight_from_config(run.train, run.model.labels)).to(site.device)
-    loader = DataLoader(site.data.test, batch_size=256)
+    loader = DataLoader(test, batch_size=256)
     out = predict(model, loader, loss_fn, device=site.device)
     stats = EvalStats.from_predictions(run.model.labels, out.logits, out.targets, out.losses)
     scores = 1.0 / (1.0 + torch.exp(-torch.from_numpy(out.logits).double())).numpy()
@@ -280,6 +294,13 @@ def run_local_evaluation(
         **classification_metrics(out.targets, scores, run.model.labels),
     }
     _keep_own_metrics(site, server_round, len(out.targets), metrics)
+    if max_records is not None and len(test) > max_records:
+        log.warning(
+            "%s: the held-out split exceeds secagg.max-weight %d: its evaluation stays here",
+            site.name,
+            max_records,
+        )
+        stats = EvalStats.zeros(run.model.labels)
     return LocalEvaluation(stats, metrics)
 
 

@@ -15,9 +15,9 @@ directory and standard streams, and reports its exit status back.
 
 What a child runs is what a cold start runs:
 
-- the project's own packages (client, server, shared_model) are not kept in the fork
-  server, so the ClientApp is imported from the FAB the server sent, as Flower does;
-  only third-party libraries are inherited;
+- the hospital's own installed ClientApp and shared code (``client``, ``shared_model``)
+  are imported in the fork server, so the child runs them, never the code of the app
+  bundle (FAB) the server sent (``client/pinned.py``); the server's package is not kept;
 - the fork server never runs a torch operation or starts a thread, so a child's thread
   pools start fresh; Python's ``random`` reseeds itself after fork and NumPy's global
   generator is reseeded in the child;
@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client import warm_stub
+from client.pinned import cold_clientapp, pin
 
 __all__ = ["PRELOAD", "WarmStart", "forkable", "preload", "serve"]
 
@@ -81,8 +82,8 @@ PRELOAD = (
     "safetensors.torch",
     "cryptography.hazmat.primitives.ciphers",
 )
-# The project's own packages: never inherited, so the FAB's copy is the one that runs.
-_PROJECT = ("client", "server", "shared_model")
+# The server's package is never kept: a hospital has no use for it.
+_DROPPED = ("server",)
 _ANSWER = warm_stub._PID
 CLIENTAPP = "flwr.supernode.cli.flwr_clientapp:flwr_clientapp"  # what a child runs
 _MAX_REQUEST = 1 << 20
@@ -94,7 +95,11 @@ def forkable() -> bool:
 
 
 def preload(modules: tuple[str, ...] = PRELOAD) -> list[str]:
-    """Import ``modules`` (those installed), then drop the project's own; returns those loaded."""
+    """Import ``modules`` (those installed) and pin the hospital's own ClientApp.
+
+    Returns the libraries loaded. The hospital's ``client`` and ``shared_model`` stay
+    imported (``client/pinned.py``); the server's package is dropped.
+    """
     loaded = []
     for name in modules:
         try:
@@ -102,8 +107,9 @@ def preload(modules: tuple[str, ...] = PRELOAD) -> list[str]:
         except Exception:  # not installed, or broken: the child imports it itself
             continue
         loaded.append(name)
+    pin()  # a failure here is a broken installation: the fork server does not start
     for name in list(sys.modules):
-        if name.split(".", 1)[0] in _PROJECT:
+        if name.split(".", 1)[0] in _DROPPED:
             del sys.modules[name]
     return loaded
 
@@ -291,12 +297,14 @@ class WarmStart:
         """Start the fork server with ``env`` and write the stand-in; the caller stops it.
 
         ``entry`` (``module:function``) is what each child runs: Flower's ``flwr-clientapp``.
+        When the fork server cannot take a request, the stand-in starts the pinned cold
+        ClientApp (``client/pinned.py``).
         """
         directory = Path(tempfile.mkdtemp(prefix="fedfusion-warm-"))  # mode 0700
         bin_dir = directory / "bin"
         bin_dir.mkdir()
         sock = directory / "clientapp.sock"
-        cold = Path(sys.executable).parent / "flwr-clientapp"
+        cold = cold_clientapp(directory / "cold")
         stub = bin_dir / "flwr-clientapp"
         stub.write_text(
             "#!/bin/sh\n"

@@ -66,11 +66,14 @@ def install_secagg_primitives() -> None:
     # X25519 key agreement with raw 32-byte keys, instead of P-384 and PEM.
     workflow.bytes_to_private_key = secagg_primitives.bytes_to_private_key  # type: ignore[attr-defined]
     workflow.bytes_to_public_key = secagg_primitives.bytes_to_public_key  # type: ignore[attr-defined]
-    workflow.generate_shared_key = secagg_primitives.generate_shared_key  # type: ignore[attr-defined]
+    # Unmasking a dropped hospital's pairwise masks: bound to the instruction sent (MASKS).
+    workflow.generate_shared_key = MASKS.shared_key  # type: ignore[attr-defined]
     workflow.pseudo_rand_gen = secagg_primitives.pseudo_rand_gen  # type: ignore[attr-defined]
     workflow.combine_shares = secagg_primitives.combine_shares  # type: ignore[attr-defined]
 
 
+# The server's pairwise-mask keys, bound to the round's instruction (configure_fit).
+MASKS = secagg_primitives.MaskBinding()
 install_secagg_primitives()
 
 
@@ -172,6 +175,14 @@ class SecAggFedAvg(LegacyFedAvg):
             )
         instructions = super().configure_fit(server_round, parameters, client_manager)
         self.sampled = len(instructions)
+        # Every hospital gets the same instruction, and the masks are bound to it.
+        digests = {
+            secagg_primitives.round_binding(ins.config, ins.parameters.tensors)
+            for _, ins in instructions
+        }
+        if len(digests) > 1:  # pragma: no cover - FedAvg sends one FitIns to all
+            raise RuntimeError("SecAgg+ instructions differ between hospitals")
+        MASKS.digest = next(iter(digests), None)
         return instructions
 
     def aggregate_fit(

@@ -384,7 +384,8 @@ class SecAggConfig:
     reconstruction_threshold: int = _opt(
         0,
         "Shares needed to unmask a dropped hospital; 0: max(2, ceil(2/3 of the shares)). "
-        "Higher resists more colluding hospitals, lower tolerates more dropouts.",
+        "Higher resists more colluding hospitals, lower tolerates more dropouts; it must "
+        "be above half the shares (hospitals refuse less).",
         min=0,
     )
     clipping_range: float = _opt(
@@ -435,6 +436,12 @@ class SecAggConfig:
             raise ConfigError(
                 f"secagg.reconstruction-threshold: {threshold} would let a single neighbour "
                 "unmask a hospital; use at least 2"
+            )
+        if 2 * threshold <= shares:
+            raise ConfigError(
+                f"secagg.reconstruction-threshold: {threshold} is not above half of the "
+                f"{shares} shares, so a server could gather both halves of one hospital's "
+                f"secrets; hospitals refuse it (use at least {shares // 2 + 1})"
             )
         return shares, threshold
 
@@ -527,7 +534,9 @@ class HospitalConfig:
         "", "CSV/JSONL manifest of this hospital's records; empty: the embedded partition."
     )
     state_dir: str = _opt(
-        "", "Directory for the privacy ledger (default: <output-dir>/hospitals/<id>)."
+        "",
+        "Directory for the privacy ledger; required with a data-manifest (default for a "
+        "simulated hospital: <output-dir>/hospitals/<id>).",
     )
     max_epsilon: float = _opt(
         10.0, "Hard cap on cumulative epsilon at this hospital.", min=0.0, min_exclusive=True
@@ -609,6 +618,13 @@ class HospitalConfig:
             raise ConfigError(
                 "node config: give 'data-manifest' (a hospital's own data) or "
                 "'partition-id' and 'num-partitions' (the embedded simulation data)"
+            )
+        if cfg.data_manifest and not cfg.state_dir:
+            raise ConfigError(
+                "node config 'state-dir': a hospital with its own data (data-manifest) needs "
+                "a state directory of its own for its privacy ledger; without one the ledger "
+                "would live under the server's output-dir, which the server chooses (a new "
+                "output-dir would start it again from zero)"
             )
         if not cfg.data_manifest and not 0 <= cfg.partition_id < cfg.num_partitions:
             raise ConfigError(

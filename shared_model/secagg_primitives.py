@@ -37,13 +37,26 @@ Both sides of fedfusion install these drop-in replacements instead
 A server and hospitals must use the same generator, or the masks would not cancel:
 ``SCHEME`` travels in every SecAgg+ training request, and a hospital refuses a request
 for another scheme with the reason.
+
+**Masks bound to the round's instruction** (:class:`MaskBinding`). Flower lets a server
+send each hospital its own instruction. One that told all but one hospital to upload
+nothing (zero update, no evaluation) would unmask a "sum" that is that hospital's upload
+alone, with no protocol step out of place. So each pairwise mask key is derived from
+the agreed key *and* a digest of the instruction the hospital received (the fit config
+and the weights sent, :func:`round_binding`): two hospitals given different
+instructions make masks that do not cancel, and the server unmasks noise. The server
+binds its own unmasking (of hospitals that dropped out) to the instruction it sent.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import json
 import secrets
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes
@@ -53,6 +66,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 __all__ = [
     "SCHEME",
+    "MaskBinding",
     "add_masks",
     "bytes_to_private_key",
     "bytes_to_public_key",
@@ -63,10 +77,11 @@ __all__ = [
     "private_key_to_bytes",
     "pseudo_rand_gen",
     "public_key_to_bytes",
+    "round_binding",
     "subtract_masks",
 ]
 
-SCHEME = "fedfusion-secagg/aes256ctr-prg+shamir-m521+x25519"
+SCHEME = "fedfusion-secagg/aes256ctr-prg+shamir-m521+x25519+bound-masks"
 _PRIME = 2**521 - 1
 _CHUNK = 64  # secret bytes per field element (512 bits < 521)
 _VALUE = 66  # bytes of one share value (521 bits)
@@ -128,6 +143,47 @@ def generate_shared_key(private_key: X25519PrivateKey, public_key: X25519PublicK
         secret
     )
     return base64.urlsafe_b64encode(derived)
+
+
+def round_binding(config: Mapping[str, Any], tensors: Sequence[bytes]) -> bytes:
+    """A digest of one round's instruction: its fit config and the weights sent."""
+    digest = hashlib.sha256(b"fedfusion-round|")
+    canonical = json.dumps(dict(config), sort_keys=True, separators=(",", ":"), default=repr)
+    digest.update(canonical.encode("utf-8"))
+    for tensor in tensors:
+        digest.update(hashlib.sha256(tensor).digest())
+    return digest.digest()
+
+
+class MaskBinding:
+    """Pairwise mask keys bound to the instruction of the round being masked.
+
+    :meth:`shared_key` replaces :func:`generate_shared_key` where Flower derives the
+    pairwise masks; while :meth:`bound` is active the key is mixed with the round's
+    digest, otherwise it is the agreed key unchanged (the key-share encryption).
+    """
+
+    def __init__(self) -> None:
+        self.digest: bytes | None = None
+
+    @contextlib.contextmanager
+    def bound(self, digest: bytes) -> Iterator[None]:
+        """Bind the mask keys derived inside this block to ``digest``."""
+        self.digest = digest
+        try:
+            yield
+        finally:
+            self.digest = None
+
+    def shared_key(self, private_key: X25519PrivateKey, public_key: X25519PublicKey) -> bytes:
+        """The agreed key, bound to the current round's digest when one is set."""
+        key = generate_shared_key(private_key, public_key)
+        if self.digest is None:
+            return key
+        bound = HKDF(
+            algorithm=hashes.SHA256(), length=32, salt=None, info=b"fedfusion-mask|" + self.digest
+        ).derive(base64.urlsafe_b64decode(key))
+        return base64.urlsafe_b64encode(bound)
 
 
 def pseudo_rand_gen(

@@ -33,7 +33,7 @@ History = Sequence[tuple[float, float, int]]
 # tighter, still valid, bound. Used for everything a hospital reports.
 RDP_ORDERS: tuple[float, ...] = (
     *(1 + x / 10.0 for x in range(1, 100)),
-    *range(12, 64),
+    *range(11, 64),
     *(64, 80, 96, 128, 160, 192, 256, 384, 512, 768, 1024),
 )
 # The noise is planned at integer orders only. There Opacus's RDP and Google's
@@ -42,6 +42,7 @@ RDP_ORDERS: tuple[float, ...] = (
 # plan that keeps epsilon <= target here keeps it <= target under either accountant,
 # and the reported epsilon (over more orders) can only be lower.
 PLAN_ORDERS: tuple[int, ...] = (*range(2, 64), 128, 256, 512, 1024)
+assert set(PLAN_ORDERS) <= set(RDP_ORDERS)  # the reported epsilon is at most the planned
 
 
 class RdpTable:
@@ -160,6 +161,8 @@ def plan_noise_multiplier(
     spends the target.
     """
     prior = list(prior)
+    if steps < 1 or not 0 < sample_rate <= 1:
+        raise ValueError(f"cannot plan {steps} steps at sample rate {sample_rate:g}")
 
     def eps(sigma: float) -> float:
         return _planning_epsilon([*prior, (sigma, sample_rate, steps)], delta, accountant)

@@ -41,7 +41,9 @@ __all__ = [
 ]
 
 LEDGER_FORMAT = "fedfusion-privacy-ledger/2"
-_OLD_FORMATS = ("fedfusion-privacy-ledger/1",)  # read, then written as the current one
+# Written by versions that sent each round's exact record count and mean training loss
+# in the clear: releases no epsilon covers, so such a ledger cannot be continued.
+_UNACCOUNTED_FORMATS = ("fedfusion-privacy-ledger/1",)
 LEDGER_FILENAME = "privacy_ledger.json"
 # `fedfusion ledger show --json`: the stable, documented form anyone can recompute from.
 LEDGER_EXPORT_FORMAT = "fedfusion-ledger-export/2"
@@ -160,7 +162,16 @@ class PrivacyLedger:
             checksum = data.pop("checksum")
             if checksum != _checksum(data):
                 raise LedgerError(f"{refuse}: checksum mismatch (edited or corrupted)")
-            if data.get("format") not in (LEDGER_FORMAT, *_OLD_FORMATS):
+            if data.get("format") in _UNACCOUNTED_FORMATS:
+                raise LedgerError(
+                    f"privacy ledger {path} was written by an earlier fedfusion, which sent "
+                    "each round's exact record count and training loss outside the DP "
+                    "accounting, so the epsilon it records does not bound what was released. "
+                    "This hospital refuses to continue it: keep it as a record, and start a "
+                    "new state directory only if your privacy officer accepts that those "
+                    "earlier releases are not covered"
+                )
+            if data.get("format") != LEDGER_FORMAT:
                 raise LedgerError(f"{refuse}: unknown format {data.get('format')!r}")
             plan = data["plan"]
             ledger = cls(
@@ -172,7 +183,7 @@ class PrivacyLedger:
                 noise_multiplier=plan["noise_multiplier"],
                 planned_rounds=plan["planned_rounds"],
                 target_epsilon=plan["target_epsilon"],
-                public_records=plan.get("public_records"),
+                public_records=plan["public_records"],
                 history=[LedgerEntry(**e) for e in data["history"]],
             )
         except LedgerError:

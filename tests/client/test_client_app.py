@@ -120,7 +120,11 @@ def test_frozen_weights_are_not_received_and_a_different_copy_is_refused(run_con
     with pytest.raises(Exception, match=r"frozen model weights here .* differ from the server"):
         train(train_message(arrays, 2, other), make_context(frozen, node))
     # refused before any data is read: a manifest that does not exist is never opened
-    unread = {"data-manifest": str(tmp_path / "missing.csv"), "hospital-id": "h"}
+    unread = {
+        "data-manifest": str(tmp_path / "missing.csv"),
+        "hospital-id": "h",
+        "state-dir": str(tmp_path / "s"),
+    }
     with pytest.raises(Exception, match=r"frozen model weights here .* differ from the server"):
         train(train_message(arrays, 2, other), make_context(frozen, unread))
 
@@ -157,7 +161,11 @@ def test_a_request_in_another_weights_layout_is_refused_before_training(run_conf
     """A server built from other model settings packs its weights otherwise: say so."""
     other = {**CHECKS, "weights-layout": checks({"model.fusion": "concat"})["weights-layout"]}
     assert other != CHECKS
-    unread = {"data-manifest": str(tmp_path / "missing.csv"), "hospital-id": "h"}
+    unread = {
+        "data-manifest": str(tmp_path / "missing.csv"),
+        "hospital-id": "h",
+        "state-dir": str(tmp_path / "s"),
+    }
     with pytest.raises(Exception, match=r"laid out as .* disagree on the model settings"):
         train(train_message(global_arrays(run_config), 1, other), make_context(run_config, unread))
 

@@ -54,6 +54,15 @@ def secagg_upload_request(run_config, server_round=1, **extra):
     return make_message(compat.fitins_to_recorddict(ins, keep_input=True), MessageType.TRAIN)
 
 
+def as_the_mod_calls(request, context):
+    """The handler, called as secaggplus_mod calls it in the masked-upload stage."""
+    from client import handlers
+    from client.secagg import masked_upload
+
+    with masked_upload(context):
+        return handlers.train(request, context)
+
+
 def ledger_file(run_config):
     from pathlib import Path
 
@@ -78,13 +87,20 @@ def test_a_server_asking_to_drop_dp_is_declined_and_nothing_is_charged(run_confi
 
 
 def test_a_hospital_with_its_own_data_needs_its_own_word_to_drop_dp_or_secagg(tmp_path):
-    own = HospitalConfig.from_node_config({"data-manifest": str(tmp_path / "m.csv")})
+    own = HospitalConfig.from_node_config(
+        {"data-manifest": str(tmp_path / "m.csv"), "state-dir": str(tmp_path)}
+    )
     assert not own.non_private_allowed and own.secagg_required and not own.evaluation_shared
     simulated = HospitalConfig.from_node_config(NODE)
     assert simulated.non_private_allowed and not simulated.secagg_required
     assert simulated.evaluation_shared
     said = HospitalConfig.from_node_config(
-        {"data-manifest": "m.csv", "allow-non-private": True, "require-secagg": False}
+        {
+            "data-manifest": "m.csv",
+            "state-dir": "s",
+            "allow-non-private": True,
+            "require-secagg": False,
+        }
     )
     assert said.non_private_allowed and not said.secagg_required
     with pytest.raises(ConfigError, match="allow-non-private"):
@@ -160,7 +176,7 @@ def test_an_error_says_only_what_the_hospital_wrote_itself(error, told):
     def failing(_msg: Message, _ctx: Context) -> Message:
         raise error
 
-    own_data = {"data-manifest": "records.csv", "hospital-id": "st-mary"}
+    own_data = {"data-manifest": "records.csv", "hospital-id": "st-mary", "state-dir": "s"}
     reply = guarded(failing)(
         make_message(RecordDict(), MessageType.TRAIN), make_context({}, own_data)
     )
@@ -175,7 +191,6 @@ def test_an_error_says_only_what_the_hospital_wrote_itself(error, told):
 
 def test_every_field_of_every_reply_is_listed(run_config):
     """Real replies through the handlers, in every mode; the table lists each field."""
-    from client import handlers
 
     evaluate = plain(run_config, MessageType.EVALUATE)
     replies = [
@@ -188,7 +203,7 @@ def test_every_field_of_every_reply_is_listed(run_config):
         app(evaluate, make_context(run_config, {**NODE, "share-evaluation": False})),
     ]
     for extra in ({}, {Request.EVALUATE_ONLY: True}):  # what secaggplus_mod gets to mask
-        upload = handlers.train(
+        upload = as_the_mod_calls(
             secagg_upload_request(run_config, 3, **extra), make_context(run_config, NODE)
         )
         for record in upload.content.array_records.values():
@@ -211,18 +226,20 @@ def test_every_field_of_every_reply_is_listed(run_config):
 
 
 def test_an_upload_the_secagg_mod_did_not_mask_is_not_sent(run_config):
-    """The plaintext vector never leaves: only the mod's masked record is listed."""
+    """A SecAgg+-format request outside SecAgg+ is refused before training; were a reply
+    built anyway, its plaintext vector would not leave: only the masked record is listed."""
     reply = app(secagg_upload_request(run_config), make_context(run_config, NODE))
-    assert reply.has_error() and "array:fitres.parameters" in reply.error.reason
+    assert reply.has_error() and "did not come through SecAgg+" in reply.error.reason
+    assert not ledger_file(run_config).exists()  # nothing trained, nothing charged
+    unmasked = as_the_mod_calls(secagg_upload_request(run_config), make_context(run_config, NODE))
+    assert "array:fitres.parameters/0" in unlisted_fields(unmasked)
 
 
 def test_the_masked_upload_holds_the_update_weight_loss_and_evaluation(run_config):
     from flwr.common import bytes_to_ndarray
 
-    from client import handlers
-
     run = RunConfig.from_run_config(run_config)
-    reply = handlers.train(secagg_upload_request(run_config), make_context(run_config, NODE))
+    reply = as_the_mod_calls(secagg_upload_request(run_config), make_context(run_config, NODE))
     (upload,) = compat.recorddict_to_fitres(reply.content, keep_input=True).parameters.tensors
     layout = hospital_layout(run.model, run.seed)
     codec = UploadCodec(layout.size, run.model.labels, run.secagg.clipping_range,
@@ -238,3 +255,104 @@ def test_the_masked_upload_holds_the_update_weight_loss_and_evaluation(run_confi
     assert "train-loss" not in metrics and "num-examples" not in metrics
     assert reply.content["fitres.num_examples"]["num_examples"] == codec.flower_weight
     assert isinstance(total.evaluation, EvalStats)
+
+
+# ------------------------------------------------------------------ a deviating server
+
+
+def secagg_stage(stage: str, dst: int = 5, **values) -> Message:
+    from flwr.common.secure_aggregation.secaggplus_constants import Key
+
+    configs = ConfigRecord({Key.STAGE: stage, **values})
+    return make_message(RecordDict({RECORD_KEY_CONFIGS: configs}), MessageType.TRAIN, dst)
+
+
+@pytest.mark.parametrize(
+    ("sample", "shares", "threshold"),
+    [(1, 1, 1), (3, 3, 1), (4, 4, 2), (9, 7, 3), (2, 3, 2)],
+)
+def test_secagg_parameters_that_let_the_server_unmask_one_hospital_are_refused(
+    sample, shares, threshold
+):
+    """A round of one, a threshold of 1, or one at most half the shares: the server could
+    then collect a hospital's mask seed and its key from disjoint neighbours."""
+    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+
+    from client.secagg import SecAggSchemeError, check_stage_request
+
+    setup = secagg_stage(
+        Stage.SETUP,
+        **{Key.SAMPLE_NUMBER: sample, Key.SHARE_NUMBER: shares, Key.THRESHOLD: threshold},
+    )
+    with pytest.raises(SecAggSchemeError, match="refused SecAgg"):
+        check_stage_request(setup, make_context({}, {}))
+    fine = secagg_stage(
+        Stage.SETUP, **{Key.SAMPLE_NUMBER: 4, Key.SHARE_NUMBER: 4, Key.THRESHOLD: 3}
+    )
+    check_stage_request(fine, make_context({}, {}))  # the defaults for 4 hospitals pass
+
+
+def test_an_unmasking_request_naming_a_hospital_both_active_and_dropped_is_refused():
+    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+
+    from client.secagg import SecAggSchemeError, check_stage_request
+
+    both = secagg_stage(
+        Stage.UNMASK, **{Key.ACTIVE_NODE_ID_LIST: [5, 6, 7], Key.DEAD_NODE_ID_LIST: [6]}
+    )
+    with pytest.raises(SecAggSchemeError, match="both active and"):
+        check_stage_request(both, make_context({}, {}))
+    me_dead = secagg_stage(
+        Stage.UNMASK, **{Key.ACTIVE_NODE_ID_LIST: [6, 7], Key.DEAD_NODE_ID_LIST: [5]}
+    )
+    with pytest.raises(SecAggSchemeError):
+        check_stage_request(me_dead, make_context({}, {}))
+    honest = secagg_stage(
+        Stage.UNMASK, **{Key.ACTIVE_NODE_ID_LIST: [5, 6], Key.DEAD_NODE_ID_LIST: [7]}
+    )
+    check_stage_request(honest, make_context({}, {}))
+
+
+def test_a_request_with_no_planned_round_is_refused_before_anything_is_charged(run_config):
+    """planned-rounds = 0 would fix a noise plan that declines every later round."""
+    with pytest.raises(Exception, match="both must be at least 1"):
+        as_the_mod_calls(
+            secagg_upload_request(run_config, 1, **{Request.PLANNED_ROUNDS: 0}),
+            make_context(run_config, NODE),
+        )
+    assert not ledger_file(run_config).exists()
+
+
+def test_the_held_out_count_never_shows_in_an_error(run_config):
+    """Probing secagg.max-weight below the held-out count once revealed the count."""
+
+    small = {**run_config, "secagg.max-weight": 5.0}  # fewer than the held-out records
+    reply = as_the_mod_calls(
+        secagg_upload_request(small, 1, **{Request.EVALUATE_ONLY: True}), make_context(small, NODE)
+    )
+    assert not reply.has_error()
+    (upload,) = compat.recorddict_to_fitres(reply.content, keep_input=True).parameters.tensors
+    from flwr.common import bytes_to_ndarray
+
+    run = RunConfig.from_run_config(small)
+    layout = hospital_layout(run.model, run.seed)
+    codec = UploadCodec(layout.size, run.model.labels, 0.5, 5.0)
+    assert codec.decode_sum(bytes_to_ndarray(upload), 1).evaluation.examples == 0  # withheld
+    own = json.loads((ledger_file(run_config).parent / "evaluation.jsonl").read_text())
+    assert own["examples"] > 5  # the hospital evaluated its whole split, for itself
+
+
+def test_a_key_list_other_than_the_announced_shares_is_refused():
+    """The server leaves real hospitals out and puts keys of its own in their place."""
+    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
+
+    from client.secagg import SecAggSchemeError, check_stage_request
+
+    context = make_context({}, {})
+    setup = {Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3, Key.THRESHOLD: 2}
+    check_stage_request(secagg_stage(Stage.SETUP, **setup), context)
+    two = secagg_stage(Stage.SHARE_KEYS, **{"5": [b"a", b"b"], "6": [b"c", b"d"]})
+    with pytest.raises(SecAggSchemeError, match="key list of 2 hospitals where 3"):
+        check_stage_request(two, context)
+    three = secagg_stage(Stage.SHARE_KEYS, **{str(n): [b"a", b"b"] for n in (5, 6, 7)})
+    check_stage_request(three, context)

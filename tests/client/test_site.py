@@ -26,9 +26,7 @@ def _load(manifest, state_dir):
     from shared_model.config import HospitalConfig, RunConfig
 
     hospital_data.cache_clear()
-    node = {"data-manifest": str(manifest), "hospital-id": "h"}
-    if state_dir is not None:
-        node["state-dir"] = str(state_dir)
+    node = {"data-manifest": str(manifest), "hospital-id": "h", "state-dir": str(state_dir)}
     run = RunConfig()
     split = hospital_data(HospitalConfig.from_node_config(node), run.model, run.data, run.seed)
     return torch.cat([split.train.images, split.test.images])
@@ -66,10 +64,9 @@ def test_decoded_images_are_kept_for_the_next_process_and_redone_when_a_file_cha
     assert len(decoded) == 12
 
 
-def test_without_a_state_directory_nothing_is_kept(tmp_path, monkeypatch):
-    from shared_model.datasets.export import write_manifest
+def test_a_hospital_with_its_own_data_needs_its_own_state_directory(tmp_path):
+    """Else its ledger would live under the server's output-dir: a new one resets it."""
+    from shared_model.config import ConfigError, HospitalConfig
 
-    manifest = write_manifest(tmp_path / "data", 1, 5)
-    monkeypatch.chdir(tmp_path)
-    _load(manifest, None)
-    assert not list(tmp_path.rglob("image-cache"))
+    with pytest.raises(ConfigError, match=r"state-dir.*server's output-dir"):
+        HospitalConfig.from_node_config({"data-manifest": "m.csv", "hospital-id": "h"})

@@ -50,7 +50,7 @@ def test_a_child_gets_the_request_and_returns_its_exit_status(warm, tmp_path):
     result = run(warm, "--exit", "7", cwd=tmp_path, WARM_PROBE="from the SuperExec")
     assert result.returncode == 7, result.stderr
     child = seen(result)
-    assert child["argv"][0] == str(Path(sys.executable).parent / "flwr-clientapp")
+    assert child["argv"][0] == str(warm.directory / "cold" / "flwr-clientapp")  # pinned
     assert child["argv"][1:] == ["--exit", "7"]
     assert child["cwd"] == str(tmp_path)
     assert child["probe"] == "from the SuperExec"
@@ -58,12 +58,39 @@ def test_a_child_gets_the_request_and_returns_its_exit_status(warm, tmp_path):
     assert child["pid"] != warm.process.pid
 
 
-def test_a_child_inherits_libraries_but_not_the_projects_own_code(warm):
-    """torch comes preloaded; client/shared_model are imported afresh (from the FAB)."""
-    child = seen(run(warm))
+def test_a_child_runs_the_hospitals_own_clientapp_not_the_servers_bundle(warm, tmp_path):
+    """torch comes preloaded, and so does the hospital's installed ClientApp: a bundle
+    from the server first on sys.path (as Flower's loader puts it) is not what runs."""
+    bundle = tmp_path / "bundle"
+    (bundle / "client").mkdir(parents=True)
+    (bundle / "client" / "__init__.py").write_text("")
+    (bundle / "client" / "client_app.py").write_text("raise SystemExit('server code ran')\n")
+    child = seen(run(warm, WARM_PROBE_BUNDLE=str(bundle)))
     assert child["torch_preloaded"]
-    assert child["project_inherited"] == []
+    assert "client.client_app" in child["project_inherited"]
+    assert "shared_model" in child["project_inherited"]
+    assert not child["server_inherited"]
+    assert child["clientapp_file"] == str(ROOT / "client" / "client_app.py")
     assert child["threads"] == 1  # the server started no thread a child could lose
+
+
+def test_a_cold_start_runs_the_hospitals_own_clientapp_too(tmp_path):
+    """warm-start = false, or the fork server down: `python -m client.pinned` pins it."""
+    from client.pinned import cold_clientapp
+
+    bundle = tmp_path / "bundle"
+    (bundle / "client").mkdir(parents=True)
+    (bundle / "client" / "__init__.py").write_text("")
+    (bundle / "client" / "client_app.py").write_text("raise SystemExit('server code ran')\n")
+    script = cold_clientapp(tmp_path / "bin")
+    code = (
+        "import sys; sys.argv = ['x']; import client.pinned as p; p.pin(); "
+        f"sys.path.insert(0, {str(bundle)!r}); import importlib; "
+        "print(importlib.import_module('client.client_app').__file__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == str(ROOT / "client" / "client_app.py")
+    assert "-m client.pinned" in script.read_text()
 
 
 def test_a_childs_garbage_collector_skips_the_inherited_heap(warm):
@@ -149,6 +176,6 @@ def test_stopping_ends_running_children_and_removes_the_socket():
 
 
 def test_warm_start_is_on_by_default_and_can_be_turned_off():
-    base = {"hospital-id": "h", "data-manifest": "m.csv"}
+    base = {"hospital-id": "h", "data-manifest": "m.csv", "state-dir": "s"}
     assert HospitalConfig.from_node_config(base).warm_start
     assert not HospitalConfig.from_node_config({**base, "warm-start": False}).warm_start

@@ -11,9 +11,15 @@ from pathlib import Path
 
 def main() -> None:
     """Print what the child inherited and was given; then exit, sleep or fail as asked."""
+    import importlib
+
     import numpy as np
 
     args = sys.argv[1:]
+    bundle = os.environ.get("WARM_PROBE_BUNDLE")
+    if bundle:  # what Flower's loader does with the server's app bundle
+        sys.path.insert(0, bundle)
+    clientapp = importlib.import_module("client.client_app").__file__
     print(
         json.dumps(
             {
@@ -26,6 +32,8 @@ def main() -> None:
                 "project_inherited": sorted(
                     m for m in sys.modules if m.split(".")[0] in ("client", "shared_model")
                 ),
+                "server_inherited": any(m.split(".")[0] == "server" for m in sys.modules),
+                "clientapp_file": clientapp,
                 "threads": threading.active_count(),
                 "gc_enabled": gc.isenabled(),
                 "gc_frozen": gc.get_freeze_count(),

@@ -73,7 +73,7 @@ def test_hospital_config():
     cfg = HospitalConfig.from_node_config({"partition-id": 1, "num-partitions": 3})
     assert cfg.name == "hospital-1"
     own = HospitalConfig.from_node_config(
-        {"hospital-id": "st-mary", "data-manifest": "/d/m.csv", "max-epsilon": 4}
+        {"hospital-id": "st-mary", "data-manifest": "/d/m.csv", "max-epsilon": 4, "state-dir": "/s"}
     )
     assert own.name == "st-mary" and own.max_epsilon == 4.0
     with pytest.raises(ConfigError, match="data-manifest"):
@@ -87,16 +87,23 @@ def test_hospital_config():
 def test_hospital_threads_and_device():
     sim = HospitalConfig.from_node_config({"partition-id": 0, "num-partitions": 2})
     assert sim.simulated and sim.torch_threads() == 1  # simulated hospitals share the machine
-    own = HospitalConfig.from_node_config({"data-manifest": "/d/m.csv"})
+    own = HospitalConfig.from_node_config({"data-manifest": "/d/m.csv", "state-dir": "/s"})
     assert not own.simulated and own.torch_threads() == 0  # all cores of its own machine
-    four = HospitalConfig.from_node_config({"data-manifest": "/d/m.csv", "threads": 4})
+    four = HospitalConfig.from_node_config(
+        {"data-manifest": "/d/m.csv", "state-dir": "/s", "threads": 4}
+    )
     assert four.torch_threads() == 4
     for ok in ("cpu", "cuda", "cuda:1", "auto"):
-        assert HospitalConfig.from_node_config({"data-manifest": "/d", "device": ok}).device == ok
+        assert (
+            HospitalConfig.from_node_config(
+                {"data-manifest": "/d", "state-dir": "/s", "device": ok}
+            ).device
+            == ok
+        )
     with pytest.raises(ConfigError, match=r"'device'.*'gpu'"):
-        HospitalConfig.from_node_config({"data-manifest": "/d", "device": "gpu"})
+        HospitalConfig.from_node_config({"data-manifest": "/d", "state-dir": "/s", "device": "gpu"})
     with pytest.raises(ConfigError, match="threads"):
-        HospitalConfig.from_node_config({"data-manifest": "/d", "threads": -1})
+        HospitalConfig.from_node_config({"data-manifest": "/d", "state-dir": "/s", "threads": -1})
 
 
 def test_every_key_is_documented():
@@ -107,7 +114,7 @@ def test_every_key_is_documented():
 def test_hospital_config_file(tmp_path):
     (tmp_path / "hospital.toml").write_text(
         '[hospital]\nhospital-id = "st-mary"\ndata-manifest = "data/manifest.csv"\n'
-        "max-epsilon = 3.0\n"
+        'max-epsilon = 3.0\nstate-dir = "state"\n'
     )
     cfg = HospitalConfig.from_node_config(
         {"config-file": str(tmp_path / "hospital.toml"), "max-epsilon": 2.0}
@@ -138,7 +145,7 @@ def test_secagg_defaults_are_sane_for_3_to_20_hospitals(settings, hospitals, exp
 
     shares, threshold = SecAggConfig(**settings).resolve(hospitals)
     assert (shares, threshold) == expected
-    assert 2 <= threshold < shares <= hospitals
+    assert 2 <= threshold < shares <= hospitals and 2 * threshold > shares
 
 
 @pytest.mark.parametrize(
@@ -148,6 +155,8 @@ def test_secagg_defaults_are_sane_for_3_to_20_hospitals(settings, hospitals, exp
         ({"num_shares": 6}, 5, "6 shares for only 5"),
         ({"reconstruction_threshold": 4}, 4, "must be below num-shares"),
         ({"num_shares": 5, "reconstruction_threshold": 1}, 8, "at least 2"),
+        # both halves of one hospital's secrets from disjoint neighbours: hospitals refuse
+        ({"num_shares": 7, "reconstruction_threshold": 3}, 9, r"not above half .* at least 4"),
         # Flower 1.41 would build a graph of 21 with 20 shares: IndexError at every hospital
         ({"num_shares": 20}, 50, r"20 is even; .* \(use 21\)"),
     ],

@@ -100,8 +100,8 @@ def test_both_sides_of_secagg_use_these_primitives():
         "flwr.server.workflow.secure_aggregation.secaggplus_workflow"
     )
 
-    import client.secagg  # noqa: F401 - installs on import
-    import server.secagg  # noqa: F401
+    import client.secagg  # installs on import
+    import server.secagg
 
     assert secaggplus_mod.pseudo_rand_gen is pseudo_rand_gen
     assert secaggplus_mod.create_shares is create_shares
@@ -109,12 +109,15 @@ def test_both_sides_of_secagg_use_these_primitives():
     assert secaggplus_mod.parameters_subtraction is subtract_masks
     assert secaggplus_workflow.pseudo_rand_gen is pseudo_rand_gen
     assert secaggplus_workflow.combine_shares is combine_shares
-    keys = ("bytes_to_private_key", "bytes_to_public_key", "generate_shared_key")
+    keys = ("bytes_to_private_key", "bytes_to_public_key")
     for name in (*keys, "generate_key_pairs", "private_key_to_bytes", "public_key_to_bytes"):
         assert getattr(secaggplus_mod, name) is getattr(secagg_primitives, name), name
     for name in keys:  # the server derives a dropped hospital's masks from its shared key
         assert getattr(secaggplus_workflow, name) is getattr(secagg_primitives, name), name
-    assert "aes256ctr" in SCHEME and "x25519" in SCHEME
+    # Pairwise mask keys are bound to the round's instruction on both sides.
+    assert secaggplus_mod.generate_shared_key == client.secagg.MASKS.shared_key
+    assert secaggplus_workflow.generate_shared_key == server.secagg.MASKS.shared_key
+    assert "aes256ctr" in SCHEME and "x25519" in SCHEME and "bound-masks" in SCHEME
 
 
 def test_two_hospitals_agree_a_key_that_others_cannot():
@@ -184,3 +187,19 @@ def test_masking_in_place_gives_flowers_sums():
     frozen.flags.writeable = False  # an array it does not own is never written
     (result,) = add_masks([frozen], [masks[0][1]])
     assert result is not frozen and np.array_equal(frozen, start[1])
+
+
+def test_mask_keys_bound_to_different_instructions_differ_and_unbound_ones_agree():
+    from shared_model.secagg_primitives import MaskBinding, round_binding
+
+    (a, a_pub), (b, b_pub) = generate_key_pairs(), generate_key_pairs()
+    at_a, at_b = MaskBinding(), MaskBinding()
+    same = round_binding({"server-round": 3, "evaluate": True}, [b"weights"])
+    with at_a.bound(same), at_b.bound(same):
+        assert at_a.shared_key(a, b_pub) == at_b.shared_key(b, a_pub)
+    other = round_binding({"server-round": 3, "evaluate": False}, [b"weights"])
+    with at_a.bound(same), at_b.bound(other):
+        assert at_a.shared_key(a, b_pub) != at_b.shared_key(b, a_pub)
+    assert round_binding({"x": 1}, [b"w1"]) != round_binding({"x": 1}, [b"w2"])
+    # outside a bound block (key-share encryption), the agreed key itself
+    assert at_a.shared_key(a, b_pub) == generate_shared_key(a, b_pub)

@@ -291,3 +291,17 @@ def test_a_damaged_carried_rdp_entry_is_computed_again(monkeypatch, damage):
     assert accounting.RDP.absorb({key: damage(values), "not|a key": values}) == 0
     assert len(accounting.RDP) == 0
     assert compute_epsilon([(1.1, 0.2, 10)], 1e-5) == expected
+
+
+def test_a_ledger_of_the_version_that_sent_exact_counts_and_losses_is_not_continued(tmp_path):
+    """Its epsilon does not bound what that version released: continuing would understate."""
+    from client.dp.ledger import _checksum
+
+    run_rounds(tmp_path, 1)
+    path = tmp_path / "privacy_ledger.json"
+    data = json.loads(path.read_text())
+    data.pop("checksum")
+    data["format"] = "fedfusion-privacy-ledger/1"
+    path.write_text(json.dumps({**data, "checksum": _checksum(data)}))
+    with pytest.raises(LedgerError, match=r"earlier fedfusion.*outside the DP accounting"):
+        PrivacyLedger.open(tmp_path, "h0", POLICY)

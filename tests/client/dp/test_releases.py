@@ -242,3 +242,27 @@ def test_the_ledger_charges_the_joint_release(tmp_path):
         result.entry.noise_multiplier * math.sqrt(1 + LOSS_SHARE**2)
     )
     assert result.entry.mechanism == DP_SGD
+
+
+def test_noise_without_the_csprng_is_still_unpredictable():
+    """secure-noise = false (tests and experiments) must not mean a constant seed."""
+    from client.trainer import _normal
+
+    first, second = _normal(False, None), _normal(False, None)
+    assert [first(1.0) for _ in range(3)] != [second(1.0) for _ in range(3)]
+    policy = PrivacyPolicy(**{**POLICY.__dict__, "secure_noise": False})
+    batches = []
+    for _ in range(2):
+        torch.manual_seed(0)  # as model initialisation seeds the global generator
+        model = torch.nn.Linear(3, 2)
+        private = make_private(
+            model,
+            torch.optim.SGD(model.parameters(), lr=0.1),
+            torch.nn.MSELoss(),
+            TensorDataset(torch.randn(200, 3), torch.randn(200, 2)),
+            20,
+            policy,
+            noise_multiplier=1.0,
+        )
+        batches.append([len(x) for x, _ in private.loader])
+    assert batches[0] != batches[1]  # another process would draw other records
