@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# pip takes the local CPU wheel for exactly this spec (shared/FACTS.md). Any other torch
+# pip takes the local CPU wheel for exactly this spec. Any other torch
 # spec, or an unpinned torch pulled in later, downloads the CUDA build: every later
 # install is therefore constrained to the torch that was installed here.
 TORCH_SPEC ?= torch==2.13.0
@@ -25,21 +25,21 @@ test: $(VENV)/.dev
 # DP step cost, SecAgg+ and deployment cost, 10/50/100 hospitals, time to first result,
 # bytes per encoder mode: bench-results/perf-<time>.json and latest-perf.md.
 bench: $(VENV)/.runtime
-	$(BIN)/fedfusion bench $(ARGS)
+	$(BIN)/python -m benchmarks $(ARGS)
 
 # Utility: centralized vs federated vs DP vs SecAgg+, fused vs single branch, 3 seeds.
 bench-utility: $(VENV)/.runtime
-	$(BIN)/fedfusion bench --suite utility $(ARGS)
+	$(BIN)/python -m benchmarks --suite utility $(ARGS)
 
 # Membership-inference audit: an overfitted non-private model vs the DP one.
 audit: $(VENV)/.runtime
-	$(BIN)/fedfusion bench --suite audit $(ARGS)
+	$(BIN)/python -m benchmarks --suite audit $(ARGS)
 
 # The README's tables generated from code: the fault table (the tests' fault markers) and
-# everything a hospital sends (client/outbound.py). A test fails when either is stale.
+# everything a hospital sends (client/app/outbound.py). A test fails when either is stale.
 doc-tables: $(VENV)/.dev
-	$(BIN)/python -m tests.fault_table README.md
-	$(BIN)/python -m tests.outbound_table README.md
+	$(BIN)/python -m tests.support.fault_table README.md
+	$(BIN)/python -m tests.support.outbound_table README.md
 
 fault-table: doc-tables
 

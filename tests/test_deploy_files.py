@@ -112,9 +112,9 @@ def rooted_config(root: Path, container_path: str) -> Path:
 
 @pytest.mark.parametrize("name", ["server", "hospital-0", "hospital-1", "hospital-2"])
 def test_compose_runs_the_tested_command_with_a_config_that_parses(tmp_path, name):
-    from client.launch import plan_supernode
-    from server.certs import create_deployment
-    from shared_model.config import ServerDeployConfig
+    from client.node.launch import plan_supernode
+    from server.commands.certs import create_deployment
+    from server.commands.config import ServerDeployConfig
     from shared_model.datasets.export import write_manifest
 
     certs, data = tmp_path / "certs", tmp_path / "data"

@@ -27,7 +27,7 @@ def test_every_hospital_setting_is_documented():
 
 def test_the_fault_table_is_the_one_the_tests_produce():
     """`make fault-table` regenerates it from the tests' @pytest.mark.fault markers."""
-    from tests.fault_table import BEGIN, END, render, scan
+    from tests.support.fault_table import BEGIN, END, render, scan
 
     rows = scan()
     assert len(rows) >= 30  # markers are found (a broken scan would find none)
@@ -37,8 +37,8 @@ def test_the_fault_table_is_the_one_the_tests_produce():
 
 
 def test_the_table_of_what_a_hospital_sends_is_current():
-    """`make doc-tables` regenerates it from client/outbound.py."""
-    from tests.outbound_table import BEGIN, END, render
+    """`make doc-tables` regenerates it from client/app/outbound.py."""
+    from tests.support.outbound_table import BEGIN, END, render
 
     current = BEGIN + README.split(BEGIN, 1)[1].split(END, 1)[0] + END
     assert current == render(), "the README's table is stale: run `make doc-tables`"

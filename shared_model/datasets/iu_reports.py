@@ -82,7 +82,7 @@ def reports_archive() -> Path:
     """Path of ``NLMCXR_reports.tgz`` inside the installed torchxrayvision package.
 
     The package is located without importing it: its import pulls torchvision, which
-    cannot be installed here (shared/FACTS.md).
+    has no build compatible with the pinned CPU torch.
     """
     spec = importlib.util.find_spec("torchxrayvision")
     if spec is None or not spec.submodule_search_locations:

@@ -1,10 +1,10 @@
-"""Shared loopback deployment (server/loopback.py), stopped by PID even when a test fails."""
+"""Shared loopback deployment (tests/support/loopback.py), stopped by PID even when a test fails."""
 
 from __future__ import annotations
 
 import pytest
 
-from server.loopback import LoopbackDeployment
+from tests.support.loopback import LoopbackDeployment
 
 
 @pytest.fixture

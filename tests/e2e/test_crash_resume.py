@@ -27,9 +27,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from server.loopback import BIN, LoopbackDeployment
 from shared_model.datasets.export import write_manifest
 from tests.client.dp.test_epsilon_independent import dp_accounting_epsilon
+from tests.support.loopback import BIN, LoopbackDeployment
 
 pytestmark = pytest.mark.slow
 

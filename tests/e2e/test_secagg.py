@@ -1,7 +1,7 @@
 """SecAgg+ at protocol level, with hospitals whose deltas are known.
 
 Fake hospitals speak the real protocol (Flower's SecAggPlusWorkflow on the server,
-secaggplus_mod through client/secagg.py) but upload fixed random deltas, so the test
+secaggplus_mod through client/app/secagg.py) but upload fixed random deltas, so the test
 can check what the server received against the truth.
 """
 
@@ -18,9 +18,9 @@ from flwr.common import bytes_to_ndarray
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from client.outbound import outbound_guard, unlisted_fields
-from client.secagg import legacy_fit_reply, legacy_request, secagg_mod
-from server.secagg import run_secagg_rounds
+from client.app.outbound import outbound_guard, unlisted_fields
+from client.app.secagg import legacy_fit_reply, legacy_request, secagg_mod
+from server.app.secagg import run_secagg_rounds
 from shared_model.config import RunConfig, SecAggConfig
 from shared_model.evaluation import EvalStats
 from shared_model.masked_upload import UploadCodec
@@ -68,7 +68,7 @@ def fake_hospitals(failing: int | None, declining: bool = False) -> ClientApp:
         _, config = legacy_request(msg, LAYOUT)
         evaluation = held_out(hospital) if config.get(Request.EVALUATE) else EvalStats.zeros(LABELS)
         public = {"hospital-id": f"hospital-{hospital}", "epsilon": 1.0}
-        if declining or config.get(Request.EVALUATE_ONLY):  # as client/handlers.py does
+        if declining or config.get(Request.EVALUATE_ONLY):  # as client/app/handlers.py does
             upload = CODEC.encode(np.zeros(SIZE), 0.0, float("nan"), evaluation)
             return legacy_fit_reply(msg, upload, CODEC, {**public, "declined": int(declining)})
         weight = WEIGHTS[hospital] / CODEC.max_weight
@@ -89,7 +89,7 @@ class RecordingGrid:
         self.replies.extend(replies)
         return replies
 
-    def pull_messages(self, message_ids):  # what server/wire.py's send_and_receive calls
+    def pull_messages(self, message_ids):  # what server/app/grid.py's send_and_receive calls
         replies = list(self._grid.pull_messages(message_ids))
         self.replies.extend(replies)
         return replies
@@ -169,7 +169,7 @@ def test_server_sees_only_the_sum():
     uploads = [a for a in arrays if a.size == CODEC.size]
     assert len(uploads) >= 8, "the recording did not capture every hospital's masked uploads"
     raw = [a for a in received_arrays(outcome["replies"]) if a.size == CODEC.size]
-    assert all(a.dtype == np.uint32 for a in raw)  # compact masked uploads (client/secagg.py)
+    assert all(a.dtype == np.uint32 for a in raw)  # compact masked uploads (client/app/secagg.py)
     # Everything the server received in the clear is in the hospital's table of fields.
     assert all(unlisted_fields(m) == [] for m in outcome["replies"])
     (record,) = outcome["rounds"]

@@ -12,9 +12,9 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
-from client import client_app
-from client.secagg import secagg_mod
-from server import server_app
+from client.app import client_app
+from client.app.secagg import secagg_mod
+from server.app import server_app
 
 pytestmark = pytest.mark.slow
 

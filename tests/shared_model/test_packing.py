@@ -10,10 +10,10 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.strategy import packed_record, unpack_record
+from server.app.strategy import packed_record, unpack_record
 from shared_model.config import RunConfig
-from shared_model.model import initial_model, shared_state
 from shared_model.packing import LayoutError, WeightLayout
+from shared_model.weights import initial_model, shared_state
 
 
 def default_state() -> dict[str, torch.Tensor]:

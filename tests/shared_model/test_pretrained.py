@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import save_file
 
 from shared_model.config import ConfigError, ModelConfig
-from shared_model.model import FusionModel, initial_model, shared_state
+from shared_model.model import FusionModel
+from shared_model.weights import initial_model, shared_state
 
 SMALL = dict(embed_dim=32, image_size=32, max_report_tokens=16, text_vocab_buckets=256)
 

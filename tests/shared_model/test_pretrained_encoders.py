@@ -11,14 +11,14 @@ import torch
 from opacus import GradSampleModule
 
 from shared_model.config import ConfigError, ModelConfig
-from shared_model.model import (
+from shared_model.text import text_model_path, tokenizer_for
+from shared_model.weights import (
     base_fingerprint,
     hospital_model,
     initial_model,
     load_shared_state,
     shared_state,
 )
-from shared_model.text import text_model_path, tokenizer_for
 
 PRETRAINED = dict(
     image_encoder="efficientnet-lite0",

@@ -100,8 +100,8 @@ def test_both_sides_of_secagg_use_these_primitives():
         "flwr.server.workflow.secure_aggregation.secaggplus_workflow"
     )
 
-    import client.secagg  # installs on import
-    import server.secagg
+    import client.app.secagg  # installs on import
+    import server.app.secagg
 
     assert secaggplus_mod.pseudo_rand_gen is pseudo_rand_gen
     assert secaggplus_mod.create_shares is create_shares
@@ -115,8 +115,8 @@ def test_both_sides_of_secagg_use_these_primitives():
     for name in keys:  # the server derives a dropped hospital's masks from its shared key
         assert getattr(secaggplus_workflow, name) is getattr(secagg_primitives, name), name
     # Pairwise mask keys are bound to the round's instruction on both sides.
-    assert secaggplus_mod.generate_shared_key == client.secagg.MASKS.shared_key
-    assert secaggplus_workflow.generate_shared_key == server.secagg.MASKS.shared_key
+    assert secaggplus_mod.generate_shared_key == client.app.secagg.MASKS.shared_key
+    assert secaggplus_workflow.generate_shared_key == server.app.secagg.MASKS.shared_key
     assert "aes256ctr" in SCHEME and "x25519" in SCHEME and "bound-masks" in SCHEME
 
 
@@ -147,9 +147,9 @@ def test_a_hospital_refuses_masks_made_by_another_scheme():
     from flwr.common import FitIns, MessageType, ndarrays_to_parameters
     from flwr.compat.common import recorddict_compat as compat
 
-    from client.secagg import SecAggSchemeError, legacy_request
+    from client.app.secagg import SecAggSchemeError, legacy_request
     from shared_model.packing import WeightLayout
-    from tests.flower_helpers import make_message
+    from tests.support.flower import make_message
 
     def request(config):
         ins = FitIns(ndarrays_to_parameters([np.zeros(3, np.float32)]), config)

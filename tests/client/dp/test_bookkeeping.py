@@ -14,7 +14,8 @@ from client.dp.bookkeeping import BookKeeping, bookkeeping_unsupported
 from client.dp.engine import make_private, resolve_grad_sample_mode
 from shared_model.config import PRESETS, ModelConfig, RunConfig
 from shared_model.engine import MultiLabelBCE, make_loss
-from shared_model.model import FusionModel, initial_model
+from shared_model.model import FusionModel
+from shared_model.weights import initial_model
 from tests.client.dp.test_opacus import CFG, batch, one_dp_epoch, policy
 
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -24,8 +25,8 @@ MODELS = {
     "concat": {"model.fusion": "concat"},
     "cross-attention": {"model.fusion": "cross_attention"},
     "cnn-lstm": {"model.text-encoder": "lstm", "model.fusion": "concat"},
-    "pretrained frozen": dict(PRESETS["pretrained-concat"]),
-    "pretrained lora": {**PRESETS["pretrained-concat"], "model.encoder-mode": "lora"},
+    "pretrained frozen": dict(PRESETS["efficientnet-minilm-concat"]),
+    "pretrained lora": {**PRESETS["efficientnet-minilm-concat"], "model.encoder-mode": "lora"},
 }
 
 

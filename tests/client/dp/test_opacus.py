@@ -188,20 +188,20 @@ def test_every_grad_sample_mode_trains_through_empty_poisson_batches(mode):
     [
         ("cnn-lstm-concat", "hooks", {}),
         ("cnn-lstm-concat", "functorch", {}),  # ghost refuses layers reused per time step
-        ("pretrained-concat", "hooks", {}),
-        ("pretrained-concat", "ghost", {}),
-        ("pretrained-concat", "hooks", {"model.encoder-mode": "lora"}),
-        ("pretrained-concat", "ghost", {"model.encoder-mode": "lora"}),
-        ("pretrained-concat", "functorch", {"model.encoder-mode": "lora"}),
-        ("cross-attention", "hooks", {}),
-        ("cross-attention", "ghost", {}),
-        ("gated", "hooks", {}),
-        ("gated", "ghost", {}),
+        ("efficientnet-minilm-concat", "hooks", {}),
+        ("efficientnet-minilm-concat", "ghost", {}),
+        ("efficientnet-minilm-concat", "hooks", {"model.encoder-mode": "lora"}),
+        ("efficientnet-minilm-concat", "ghost", {"model.encoder-mode": "lora"}),
+        ("efficientnet-minilm-concat", "functorch", {"model.encoder-mode": "lora"}),
+        ("cnn-transformer-cross-attention", "hooks", {}),
+        ("cnn-transformer-cross-attention", "ghost", {}),
+        ("cnn-transformer-gated", "hooks", {}),
+        ("cnn-transformer-gated", "ghost", {}),
     ],
 )
-def test_every_seed_preset_trains_under_dp(preset, mode, extra):
+def test_every_preset_trains_under_dp(preset, mode, extra):
     from shared_model.config import PRESETS, RunConfig
-    from shared_model.model import initial_model
+    from shared_model.weights import initial_model
 
     model_cfg = RunConfig.from_run_config({**PRESETS[preset], **extra}).model
     cfg = ModelConfig(**{**model_cfg.__dict__, **CFG})
@@ -227,7 +227,7 @@ def test_every_seed_preset_trains_under_dp(preset, mode, extra):
 def test_lstm_per_sample_gradients_are_each_examples_own_and_ghost_is_refused():
     from shared_model.config import ConfigError, RunConfig
     from shared_model.engine import MultiLabelBCE
-    from tests.client.test_alignment import own_grads, per_sample_grads
+    from tests.client.app.test_alignment import own_grads, per_sample_grads
 
     def loss(model, inputs):
         return MultiLabelBCE(None, "sum")(model(*inputs[:3]), inputs[3])

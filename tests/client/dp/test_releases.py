@@ -246,7 +246,7 @@ def test_the_ledger_charges_the_joint_release(tmp_path):
 
 def test_noise_without_the_csprng_is_still_unpredictable():
     """secure-noise = false (tests and experiments) must not mean a constant seed."""
-    from client.trainer import _normal
+    from client.app.trainer import _normal
 
     first, second = _normal(False, None), _normal(False, None)
     assert [first(1.0) for _ in range(3)] != [second(1.0) for _ in range(3)]

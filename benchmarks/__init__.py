@@ -1,0 +1,1 @@
+"""Measurements of speed, memory and utility (``make bench``); never installed."""

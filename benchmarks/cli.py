@@ -1,0 +1,197 @@
+"""``python -m benchmarks``: the measurements of ``make bench``, ``bench-utility`` and ``audit``.
+
+Never installed with fedfusion: it runs from a source checkout, against the installed
+product.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+if TYPE_CHECKING:
+    from benchmarks.suites import Measurement
+
+__all__ = ["app", "bench"]
+
+
+def bench(
+    suite: Annotated[
+        str,
+        typer.Option(
+            help="perf: DP step cost, SecAgg+ and deployment cost, scale, then bytes per "
+            "encoder mode. dp: only the DP step cost (time and memory per clipping method). "
+            "bytes: only bytes per encoder mode. audit: membership inference, "
+            "non-private vs DP (make audit). utility: AUROC of centralized, federated, DP, "
+            "SecAgg+ and single-branch models over 3 seeds (make bench-utility)."
+        ),
+    ] = "perf",
+    hospitals: Annotated[
+        str,
+        typer.Option(
+            help="Simulated vs deployed federation sizes (plain vs SecAgg+), comma-separated."
+        ),
+    ] = "3",
+    rounds: Annotated[
+        int, typer.Option(min=2, help="Rounds per run; round 1 is warm-up and not counted.")
+    ] = 4,
+    reports: Annotated[
+        int, typer.Option(min=50, help="Reports (records) per hospital, simulated and deployed.")
+    ] = 300,
+    deploy: Annotated[
+        bool, typer.Option(help="Also run a loopback TLS deployment of the smallest size.")
+    ] = True,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Results directory.")] = Path(
+        "bench-results"
+    ),
+    modes: Annotated[
+        str,
+        typer.Option(
+            help="--suite utility: the models to compare, comma-separated: small (the "
+            "default model), frozen and lora (pretrained encoders)."
+        ),
+    ] = "small,frozen,lora",
+    device: Annotated[
+        str, typer.Option(help="Where the DP step measurements train: cpu, or cuda[:N].")
+    ] = "cpu",
+    scale: Annotated[
+        str,
+        typer.Option(
+            help="--suite perf or scale: the large simulated federations (DP and SecAgg+ "
+            "on, all embedded data), comma-separated; empty to skip."
+        ),
+    ] = "10,50,100",
+) -> None:
+    """Measure what SecAgg+ and a real deployment cost: round time and bytes per hospital.
+
+    ``python -m benchmarks`` (``make bench``). Plain and SecAgg+ federations of the same
+    hospitals and data run side by side (simulated at each size, and deployed on loopback
+    with TLS at the smallest), and every figure is reported as a median over rounds with
+    its ratio to the baseline measured in the same run. Writes
+    bench-results/perf-<time>.json and latest-perf.md.
+
+    --suite audit trains a deliberately overfitted non-private federation and the default
+    DP one (epsilon = 8) and runs the membership-inference audit against both; it writes
+    audit-<time>.json and latest-audit.md.
+    """
+    from benchmarks.dp import run_dp_bench, run_memory_bench
+    from benchmarks.suites import (
+        UTILITY_CONFIGS,
+        UTILITY_MODES,
+        run_audit_bench,
+        run_first_result_bench,
+        run_mode_bytes_bench,
+        run_scale_bench,
+        run_utility_bench,
+        run_wire_bench,
+        table,
+        write_results,
+        write_utility,
+    )
+
+    if suite not in {"perf", "dp", "scale", "bytes", "audit", "utility"}:
+        typer.secho(
+            f"error: --suite: {suite!r} is not perf, dp, scale, bytes, audit or utility",
+            err=True,
+        )
+        raise typer.Exit(2)
+    if device != "cpu":
+        import torch
+
+        if not device.startswith("cuda") or not torch.cuda.is_available():
+            typer.secho(f"error: --device {device!r}: no CUDA device here; use cpu", err=True)
+            raise typer.Exit(2)
+    if suite == "utility":
+        chosen = [m.strip() for m in modes.split(",") if m.strip()]
+        if not chosen or any(m not in UTILITY_MODES for m in chosen):
+            typer.secho(
+                f"error: --modes: {modes!r}; choose from {', '.join(UTILITY_MODES)}", err=True
+            )
+            raise typer.Exit(2)
+        count = sum(c.mode in chosen for c in UTILITY_CONFIGS)
+        typer.echo(f"bench: utility, {count} configurations x 3 seeds")
+        started = time.monotonic()
+        try:
+            entries = run_utility_bench(echo=typer.echo, modes=chosen)
+        except RuntimeError as err:
+            typer.secho(f"FAILED: {err}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from err
+        paths = write_utility(entries, out)
+        typer.echo("\n" + paths[1].read_text())
+        typer.echo(f"{time.monotonic() - started:.0f}s; results: {', '.join(map(str, paths))}")
+        return
+
+    try:
+        sizes = [int(part) for part in hospitals.split(",") if part.strip()]
+    except ValueError as err:
+        typer.secho(f"error: --hospitals: {hospitals!r} is not a list of numbers", err=True)
+        raise typer.Exit(2) from err
+    try:
+        scale_sizes = [int(part) for part in scale.split(",") if part.strip()]
+    except ValueError as err:
+        typer.secho(f"error: --scale: {scale!r} is not a list of numbers", err=True)
+        raise typer.Exit(2) from err
+    if not sizes or min(sizes + scale_sizes) < 3:
+        typer.secho(
+            "error: --hospitals/--scale: SecAgg+ needs at least 3 hospitals per run", err=True
+        )
+        raise typer.Exit(2)
+    started = time.monotonic()
+    parts: list[tuple[str, Callable[[], list[Measurement]]]]
+    if suite == "audit":
+        typer.echo("bench: membership-inference audit, non-private vs DP")
+        parts = [("audit", lambda: run_audit_bench(min(sizes), echo=typer.echo))]
+    elif suite == "scale":
+        typer.echo(f"bench: {scale_sizes} simulated hospitals, plain vs SecAgg+")
+        parts = [("scale", lambda: run_scale_bench(scale_sizes, echo=typer.echo))]
+    elif suite == "bytes":
+        typer.echo("bench: bytes per round for each encoder mode")
+        parts = [("bytes", lambda: run_mode_bytes_bench(min(sizes), echo=typer.echo))]
+    else:
+        parts = [
+            ("dp", lambda: run_dp_bench(device=device, echo=typer.echo)),
+            ("memory", lambda: run_memory_bench(device=device, echo=typer.echo)),
+        ]
+        if suite == "dp":
+            typer.echo("bench: DP step time and memory per clipping method")
+        else:
+            typer.echo(
+                f"fedfusion bench: DP step cost; plain vs SecAgg+ at {sizes} hospitals, "
+                f"{rounds} rounds each, {reports} reports per hospital, simulated and "
+                f"deployed; {scale_sizes} simulated hospitals; bytes per encoder mode"
+            )
+            parts.append(
+                (
+                    "secagg and deployment",
+                    lambda: run_wire_bench(sizes, rounds, deploy, echo=typer.echo, reports=reports),
+                )
+            )
+            if scale_sizes:
+                parts.append(("scale", lambda: run_scale_bench(scale_sizes, echo=typer.echo)))
+            parts.append(("first result", lambda: run_first_result_bench(echo=typer.echo)))
+            parts.append(("bytes", lambda: run_mode_bytes_bench(min(sizes), echo=typer.echo)))
+    # Each part's figures are written as soon as it ends, and a part that fails is
+    # reported and recorded while the others still run: a late failure loses nothing.
+    measurements: list[Measurement] = []
+    failures: list[str] = []
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    for name, part in parts:
+        try:
+            measurements += part()
+        except RuntimeError as err:
+            failures.append(f"{name}: {err}")
+            typer.secho(f"FAILED ({name}): {err}", fg=typer.colors.RED, err=True)
+        json_path, md_path = write_results(measurements, out, suite, stamp, failures)
+    typer.echo("\n" + table(measurements))
+    typer.echo(f"\n{time.monotonic() - started:.0f}s; results: {json_path} and {md_path}")
+    if failures:
+        typer.secho(f"{len(failures)} part(s) failed: see above", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+
+
+app = typer.Typer(add_completion=False)
+app.command()(bench)

@@ -1,0 +1,141 @@
+"""One DP step measurement at a hospital: ``python -m benchmarks.dp_step '<spec json>'``.
+
+Run by ``fedfusion bench`` (benchmarks/dp.py), each in a fresh process so that its
+peak memory is its own. It trains the model the spec names on fixed synthetic batches
+shaped like the embedded data, without DP or with one per-example clipping method
+(through :func:`client.dp.engine.make_private`, noise included), and prints the step
+times and the memory as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+__all__ = ["measure"]
+
+
+def _batches(cfg: Any, batch: int, count: int, device: str) -> list[tuple[Any, ...]]:
+    """Fixed synthetic batches shaped like the embedded data: 40 of 64 tokens used."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(count):
+        image = torch.rand(batch, 1, cfg.image_size, cfg.image_size, generator=g)
+        ids = torch.randint(4, cfg.text_vocab_buckets, (batch, cfg.max_report_tokens), generator=g)
+        ids[:, (cfg.max_report_tokens * 5) // 8 :] = 0
+        present = torch.ones(batch, 2)
+        labels = torch.randint(0, 2, (batch, len(cfg.labels)), generator=g).float()
+        out.append(tuple(t.to(device) for t in (image, ids, present, labels)))
+    return out
+
+
+def _reset_peak_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        return
+    clear_refs = Path("/proc/self/clear_refs")
+    if clear_refs.exists():
+        clear_refs.write_text("5")  # resets VmHWM, the peak resident set, to the current
+
+
+def _resident_memory(device: str) -> float:
+    """Bytes in use now: CUDA allocations on a GPU, the resident set otherwise."""
+    if device.startswith("cuda"):
+        import torch
+
+        return float(torch.cuda.memory_allocated())
+    return _proc_status("VmRSS:")
+
+
+def _proc_status(key: str) -> float:
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith(key):
+                return float(line.split()[1]) * 1024
+    import resource
+
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _peak_memory(device: str) -> float:
+    """Peak bytes: CUDA allocations on a GPU, the process's resident set otherwise."""
+    if device.startswith("cuda"):
+        import torch
+
+        return float(torch.cuda.max_memory_allocated())
+    return _proc_status("VmHWM:")
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """One measurement (run in its own process): step times and peak memory."""
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from client.dp.engine import make_private
+    from client.dp.policy import PrivacyPolicy
+    from shared_model.config import RunConfig
+    from shared_model.engine import make_loss, make_optimizer, reuse_freed_memory, train_step
+    from shared_model.weights import initial_model
+
+    warnings.filterwarnings("ignore")
+    reuse_freed_memory()  # as a hospital's training does, with and without DP
+    device, mode = spec["device"], spec["mode"]
+    torch.set_num_threads(int(spec["threads"]))
+    torch.manual_seed(0)
+    run = RunConfig.from_run_config(spec["overrides"])
+    model = initial_model(run.model, run.seed).to(device).train()
+    optimizer = make_optimizer(model, run)
+    loss_fn = make_loss(None).to(device)
+    logical, physical = int(spec["batch"]), int(spec.get("physical") or 0)
+    batches = _batches(run.model, logical, int(spec["warmup"]) + int(spec["steps"]), device)
+    result: dict[str, Any] = {"mode": mode}
+    if mode != "none":
+        policy = PrivacyPolicy(
+            True, 8.0, 8.0, 1e-5, 1.0, "rdp", mode, secure_noise=bool(spec["secure_noise"])
+        )
+        data = TensorDataset(*(torch.cat(parts) for parts in zip(*batches, strict=True)))
+        private = make_private(
+            model,
+            optimizer,
+            loss_fn,
+            data,
+            logical,
+            policy,
+            noise_multiplier=1.0,
+            noise_generator=None
+            if spec["secure_noise"]
+            else torch.Generator(device).manual_seed(0),
+        )
+        result["resolved"] = private.grad_sample_mode
+        model, optimizer, loss_fn = private.model, private.optimizer, private.loss_fn
+
+    def step(batch: tuple[Any, ...]) -> None:
+        train_step(model, optimizer, loss_fn, batch, physical)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    _reset_peak_memory(device)  # the peak of training alone, from what is resident now
+    resident = _resident_memory(device)
+    for batch in batches[: int(spec["warmup"])]:
+        step(batch)
+    times = []
+    for batch in batches[int(spec["warmup"]) :]:
+        started = time.perf_counter()
+        step(batch)
+        times.append(time.perf_counter() - started)
+    peak = _peak_memory(device)
+    result.update(times=times, peak_memory=peak, train_memory=max(peak - resident, 0.0))
+    return result
+
+
+if __name__ == "__main__":
+    print(json.dumps(measure(json.loads(sys.argv[1]))))

@@ -1,0 +1,787 @@
+"""`fedfusion bench` (`make bench`): what DP, secure aggregation, scale and deployment cost.
+
+The DP step suite lives in ``benchmarks/dp.py``; this module holds the federation
+suites (SecAgg+ and deployment at 3 hospitals, 10/50/100 simulated hospitals, time to
+first result, bytes per encoder mode), utility and the audit.
+
+Every figure comes from real runs on this machine, in one sitting, side by side: plain
+and SecAgg+ federations of the same hospitals on the same data, simulated and deployed
+on loopback with TLS. A round's time is the server's wall time for it (training,
+aggregation, evaluation); bytes are what each hospital sent and received, metered
+message by message (``server/app/grid.py``). Round 0 (the untrained baseline evaluation)
+and round 1 (warm-up: a simulation's workers load their data once) are left out. Each
+figure is the median over the remaining rounds (and hospitals), with min and max;
+ratios are taken against the baseline measured in the same sitting, because the machine
+is shared and noisy.
+
+Results go to ``bench-results/perf-<time>.json`` (one entry per measurement: name,
+config, median, min, max, unit, baseline, ratio, target) and ``bench-results/latest-perf.md``
+(the printed table, with the machine it came from).
+
+The ``audit`` suite (`make audit`) trains two federations on the embedded data, a
+deliberately overfitted non-private one and the default DP one (epsilon = 8), and runs the
+membership-inference audit (``server/commands/audit.py``) against each: ``audit-<time>.json`` and
+``latest-audit.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared_model.config import PRESETS
+
+__all__ = [
+    "Measurement",
+    "TreeMemory",
+    "UtilityConfig",
+    "run_audit_bench",
+    "run_first_result_bench",
+    "run_scale_bench",
+    "run_utility_bench",
+    "run_wire_bench",
+    "summarize_utility",
+    "write_results",
+]
+
+Echo = Callable[[str], None]
+# Simulated and deployed federations hold the same number of reports per hospital, so
+# that their rounds train on the same amount of data.
+REPORTS_PER_HOSPITAL = 300
+_WARM_UP_ROUNDS = 1
+
+
+@dataclass
+class Measurement:
+    """One benchmark figure: the median over its samples, and its ratio to a baseline."""
+
+    name: str
+    config: dict[str, Any]
+    median: float
+    min: float
+    max: float
+    unit: str
+    samples: int
+    baseline: str | None = None
+    ratio: float | None = None
+    target: str = ""
+    met: bool | None = None
+
+    @classmethod
+    def of(
+        cls, name: str, config: dict[str, Any], values: Sequence[float], unit: str
+    ) -> Measurement:
+        """Summarize ``values`` (at least one)."""
+        if not values:
+            raise ValueError(f"{name}: no samples")
+        return cls(
+            name, config, statistics.median(values), min(values), max(values), unit, len(values)
+        )
+
+    def against(self, baseline: Measurement, limit: float | None = None) -> Measurement:
+        """Set the ratio to ``baseline`` (and whether it meets ``ratio <= limit``)."""
+        self.baseline = baseline.name
+        self.ratio = self.median / baseline.median if baseline.median else None
+        if limit is not None and self.ratio is not None:
+            self.target = f"<= {limit:g}x"
+            self.met = self.ratio <= limit
+        return self
+
+
+@dataclass
+class _Run:
+    """The per-round figures of one federation."""
+
+    seconds: list[float] = field(default_factory=list)
+    up: list[float] = field(default_factory=list)  # per hospital and round
+    down: list[float] = field(default_factory=list)
+    key_up: list[float] = field(default_factory=list)
+
+    @classmethod
+    def from_rounds(cls, rounds: list[dict[str, Any]]) -> _Run:
+        run = cls()
+        for r in rounds:
+            if r["round"] <= _WARM_UP_ROUNDS:
+                continue
+            run.seconds.append(float(r["seconds"]))
+            for h in r["hospitals"]:
+                run.up.append(float(h.get("bytes_up", 0)))
+                run.down.append(float(h.get("bytes_down", 0)))
+                run.key_up.append(float(h.get("key_bytes_up", 0)))
+        if not run.seconds:
+            raise RuntimeError("the run recorded no training round")
+        return run
+
+
+def _simulate_run(
+    out: Path, hospitals: int, rounds: int, overrides: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Run a simulated federation to the end; its rounds (RuntimeError if it failed)."""
+    from server.commands.simulate import run_simulation_cli
+
+    result = run_simulation_cli(
+        hospitals=hospitals,
+        rounds=rounds,
+        overrides={**overrides, "server.min-hospitals": hospitals},
+        out=out,
+        timeout=1800,
+        verbose=False,
+        tolerate_failures=False,
+        echo=lambda _line: None,
+    )
+    if not result.ok:
+        raise RuntimeError(f"simulated run in {out} failed: {'; '.join(result.problems)}")
+    return result.rounds
+
+
+def _simulate(
+    hospitals: int, rounds: int, secagg: bool, work: Path, echo: Echo, reports: int
+) -> _Run:
+    out = work / f"sim-{'secagg' if secagg else 'plain'}-{hospitals}"
+    secagg_state = "on" if secagg else "off"
+    echo(f"  simulated, {hospitals} hospitals, SecAgg+ {secagg_state} ...")
+    overrides = {"secagg.enabled": secagg, "data.max-reports": reports * hospitals}
+    return _Run.from_rounds(_simulate_run(out, hospitals, rounds, overrides))
+
+
+def _deploy(
+    hospitals: int, rounds: int, secagg: bool, work: Path, echo: Echo, reports: int
+) -> _Run:
+    from shared_model.datasets.export import write_manifest
+    from tests.support.loopback import HOSPITALS, LoopbackDeployment
+
+    tmp = work / f"deployed-{'secagg' if secagg else 'plain'}-{hospitals}"
+    tmp.mkdir(parents=True)
+    secagg_state = "on" if secagg else "off"
+    echo(f"  deployed on loopback (TLS), {hospitals} hospitals, SecAgg+ {secagg_state} ...")
+    d = LoopbackDeployment(tmp)
+    try:
+        manifests = {
+            name: write_manifest(tmp / f"{name}-data", i, reports)
+            for i, name in enumerate(HOSPITALS[:hospitals])
+        }
+        code, log, out = d.federate(
+            manifests,
+            f"num-rounds = {rounds}\nsecagg.enabled = {str(secagg).lower()}\n"
+            f"server.min-hospitals = {hospitals}\nserver.wait-for-hospitals-timeout = 120.0\n",
+            timeout=1800,
+        )
+    finally:
+        leftover = d.stop_all()
+    if code != 0 or out is None:
+        raise RuntimeError(f"deployed run in {tmp} failed (exit {code}): {log[-1500:]}")
+    if leftover:
+        raise RuntimeError(f"processes left running after the deployed run: {leftover}")
+    return _Run.from_rounds(json.loads((out / "metrics.json").read_text("utf-8"))["rounds"])
+
+
+def run_wire_bench(
+    hospital_counts: Sequence[int] = (3, 10),
+    rounds: int = 4,
+    deployed: bool = True,
+    echo: Echo = print,
+    reports: int = REPORTS_PER_HOSPITAL,
+) -> list[Measurement]:
+    """Round time and bytes per hospital, plain vs SecAgg+, simulated and deployed."""
+    if rounds <= _WARM_UP_ROUNDS:
+        raise ValueError(f"rounds must exceed the {_WARM_UP_ROUNDS} warm-up round(s)")
+    out: list[Measurement] = []
+    sim_time: dict[tuple[int, bool], Measurement] = {}
+    with tempfile.TemporaryDirectory(prefix="fedfusion-bench-") as tmp:
+        work = Path(tmp)
+        for n in hospital_counts:
+            plain = _simulate(n, rounds, False, work, echo, reports)
+            masked = _simulate(n, rounds, True, work, echo, reports)
+            cfg = {"hospitals": n, "rounds": rounds, "reports": reports, "mode": "simulated"}
+            t_plain = Measurement.of(f"round-time/sim/plain/{n}", cfg, plain.seconds, "s")
+            t_masked = Measurement.of(f"round-time/sim/secagg/{n}", cfg, masked.seconds, "s")
+            sim_time[n, False], sim_time[n, True] = t_plain, t_masked
+            up_plain = Measurement.of(f"bytes-up/sim/plain/{n}", cfg, plain.up, "B")
+            update = [u - k for u, k in zip(masked.up, masked.key_up, strict=True)]
+            down_plain = Measurement.of(f"bytes-down/sim/plain/{n}", cfg, plain.down, "B")
+            out += [
+                t_plain,
+                t_masked.against(t_plain, 1.2),
+                up_plain,
+                Measurement.of(f"bytes-up-update/sim/secagg/{n}", cfg, update, "B").against(
+                    up_plain, 1.1
+                ),
+                Measurement.of(f"bytes-up-keys/sim/secagg/{n}", cfg, masked.key_up, "B"),
+                down_plain,
+                Measurement.of(f"bytes-down/sim/secagg/{n}", cfg, masked.down, "B").against(
+                    down_plain
+                ),
+            ]
+        if deployed:
+            n = min(hospital_counts)
+            cfg = {"hospitals": n, "rounds": rounds, "reports": reports, "mode": "deployed, TLS"}
+            for secagg in (False, True):
+                run = _deploy(n, rounds, secagg, work, echo, reports)
+                name = f"round-time/deployed/{'secagg' if secagg else 'plain'}/{n}"
+                out.append(
+                    Measurement.of(name, cfg, run.seconds, "s").against(sim_time[n, secagg], 2.0)
+                )
+    return out
+
+
+class TreeMemory:
+    """Peak resident memory of this process and all its descendants, sampled twice a second.
+
+    The sum of resident sets counts pages shared between processes (the torch libraries
+    every Ray worker maps) once per process, so it is an upper bound.
+    """
+
+    def __init__(self, interval: float = 0.5, root: int | None = None) -> None:
+        self.interval = interval
+        self.root = root  # a process id; this process by default
+        self.peak = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _total(self) -> float:
+        import psutil
+
+        try:
+            me = psutil.Process(self.root)
+            tree = [me, *me.children(recursive=True)]
+        except psutil.Error:  # the root has ended
+            return 0.0
+        total = 0.0
+        for proc in tree:
+            try:
+                total += proc.memory_info().rss
+            except psutil.Error:  # ended between listing and reading
+                continue
+        return total
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._total())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> TreeMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def run_first_result_bench(repeats: int = 2, echo: Echo = print) -> list[Measurement]:
+    """Time to first result, each in a fresh process.
+
+    ``fedfusion simulate``'s defaults (3 hospitals x 3 rounds) end to end, as ``make
+    simulate`` runs them once .venv exists, and the CLI's import time (``--help``).
+    """
+    import subprocess
+    import sys
+
+    fedfusion = str(Path(sys.executable).parent / "fedfusion")
+    cfg = {"command": "fedfusion simulate", "hospitals": 3, "rounds": 3}
+    imports, runs = [], []
+    with tempfile.TemporaryDirectory(prefix="fedfusion-first-") as tmp:
+        for r in range(repeats):
+            started = time.monotonic()
+            subprocess.run([fedfusion, "--help"], capture_output=True, check=True)
+            imports.append(time.monotonic() - started)
+            echo(f"  time to first result: fedfusion simulate, run {r + 1} ...")
+            started = time.monotonic()
+            proc = subprocess.run(
+                [fedfusion, "simulate", "--out", str(Path(tmp) / f"run-{r}")],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if proc.returncode != 0:
+                raise RuntimeError(f"fedfusion simulate failed: {proc.stderr[-1500:]}")
+            runs.append(time.monotonic() - started)
+    run = Measurement.of("first-result/simulate-3x3", cfg, runs, "s")
+    run.target, run.met = "<= 90 s", run.median <= 90
+    return [run, Measurement.of("first-result/cli-import", cfg, imports, "s")]
+
+
+SCALE_SIZES = (10, 50, 100)
+
+
+def run_scale_bench(
+    sizes: Sequence[int] = SCALE_SIZES, rounds: int = 2, echo: Echo = print
+) -> list[Measurement]:
+    """Round time, peak memory and bytes of large simulated federations, DP on.
+
+    SecAgg+ on and off, on all of the embedded data (3,860 reports: the total stays the
+    same, each hospital's share shrinks as the federation grows).
+
+    Round 1 (each worker loads its data) is reported on its own; the round time is the
+    median of the later rounds, as in :func:`run_wire_bench`.
+    """
+    out: list[Measurement] = []
+    first: dict[bool, Measurement] = {}
+    with tempfile.TemporaryDirectory(prefix="fedfusion-scale-") as tmp:
+        for n in sizes:
+            plain: dict[str, Any] = {}
+            for secagg in (False, True):
+                kind = "secagg" if secagg else "plain"
+                echo(
+                    f"  scale: {n} simulated hospitals, DP on, SecAgg+ {'on' if secagg else 'off'}"
+                )
+                started = time.monotonic()
+                with TreeMemory() as memory:
+                    rounds_done = _simulate_run(
+                        Path(tmp) / f"{kind}-{n}", n, rounds, {"secagg.enabled": secagg}
+                    )
+                wall = time.monotonic() - started
+                run = _Run.from_rounds(rounds_done)
+                cfg = {"hospitals": n, "rounds": rounds, "reports": "all (3,860)", "dp": True}
+                one = [float(r["seconds"]) for r in rounds_done if r["round"] == 1]
+                t = Measurement.of(f"round-time/scale/{kind}/{n}", cfg, run.seconds, "s")
+                t1 = Measurement.of(f"first-round-time/scale/{kind}/{n}", cfg, one, "s")
+                mem = Measurement.of(f"peak-memory/scale/{kind}/{n}", cfg, [memory.peak], "B")
+                whole = Measurement.of(f"run-time/scale/{kind}/{n}", cfg, [wall], "s")
+                if n == max(sizes) and secagg:
+                    t1.target, t1.met = "<= 600 s", t1.median <= 600
+                    mem.target, mem.met = "<= 24 GiB", mem.median <= 24 * 2**30
+                if secagg:
+                    t.against(plain["time"], 1.2)
+                    update = [u - k for u, k in zip(run.up, run.key_up, strict=True)]
+                    up = Measurement.of(f"bytes-up-update/scale/secagg/{n}", cfg, update, "B")
+                    keys = Measurement.of(f"bytes-up-keys/scale/secagg/{n}", cfg, run.key_up, "B")
+                    extra = [up.against(plain["up"], 1.1), keys]
+                else:
+                    up = Measurement.of(f"bytes-up/scale/plain/{n}", cfg, run.up, "B")
+                    plain = {"time": t, "up": up}
+                    extra = [up]
+                if n != min(sizes):  # growth with the federation's size, same total data
+                    whole.against(first[secagg])
+                else:
+                    first[secagg] = whole
+                out += [t, t1, whole, mem, *extra]
+    return out
+
+
+# What crosses the network per model (encoder-mode): the same 3 hospitals and data, with
+# SecAgg+. Full training of the 22.7M-parameter text encoder keeps per-example gradients
+# of every weight, so it runs with batches of 8 to fit in memory.
+WIRE_MODES: dict[str, dict[str, Any]] = {
+    "small/full": {},
+    "pretrained/frozen": dict(PRESETS["efficientnet-minilm-concat"]),
+    "pretrained/lora": {**PRESETS["efficientnet-minilm-concat"], "model.encoder-mode": "lora"},
+    "pretrained-text/full": {
+        "model.text-encoder": "pretrained",
+        "model.fusion": "concat",
+        "train.batch-size": 8,
+    },
+}
+
+
+def _parameter_counts(overrides: dict[str, Any]) -> tuple[int, int]:
+    """(trainable parameters, all parameters) of the model these settings build."""
+    from shared_model.config import RunConfig
+    from shared_model.weights import initial_model, shared_state
+
+    run = RunConfig.from_run_config(overrides)
+    model = initial_model(run.model, run.seed)
+    sent = sum(t.numel() for t in shared_state(model).values())
+    return sent, sum(p.numel() for p in model.parameters())
+
+
+def run_mode_bytes_bench(
+    hospitals: int = 3, rounds: int = 2, reports: int = 100, echo: Echo = print
+) -> list[Measurement]:
+    """Bytes per hospital and round for each encoder mode, measured on the wire (SecAgg+)."""
+    out: list[Measurement] = []
+    baseline: dict[str, Measurement] = {}
+    with tempfile.TemporaryDirectory(prefix="fedfusion-bench-modes-") as tmp:
+        for mode, overrides in WIRE_MODES.items():
+            echo(f"  bytes per round, {mode}, {hospitals} hospitals, SecAgg+ ...")
+            settings = {**overrides, "data.max-reports": reports * hospitals}
+            rounds_done = _simulate_run(
+                Path(tmp) / mode.replace("/", "-"), hospitals, rounds, settings
+            )
+            run = _Run.from_rounds(rounds_done)
+            sent, total = _parameter_counts(settings)
+            cfg = {
+                **overrides,
+                "hospitals": hospitals,
+                "reports": reports,
+                "trainable_parameters": sent,
+                "all_parameters": total,
+            }
+            update = [u - k for u, k in zip(run.up, run.key_up, strict=True)]
+            up = Measurement.of(f"bytes-up-update/{mode}", cfg, update, "B")
+            down = Measurement.of(f"bytes-down/{mode}", cfg, run.down, "B")
+            if baseline:
+                up.against(baseline["up"])
+                down.against(baseline["down"])
+            else:
+                baseline.update(up=up, down=down)
+            out += [up, down]
+    return out
+
+
+# The audit's two models. The non-private one is overfitted on purpose (few records,
+# many local epochs, no modality dropout) to show that the attack works at all.
+AUDIT_MODELS: dict[str, dict[str, Any]] = {
+    "non-private-overfit": {
+        "privacy.enabled": False,
+        "secagg.enabled": False,
+        "train.local-epochs": 30,
+        "train.modality-dropout": 0.0,
+        "data.max-reports": 600,
+    },
+    "dp-eps8": {"privacy.target-epsilon": 8.0},  # the default run (make simulate)
+}
+
+
+def run_audit_bench(hospitals: int = 3, rounds: int = 3, echo: Echo = print) -> list[Measurement]:
+    """Membership-inference AUC (and TPR at 1% FPR) against a non-private and a DP model."""
+    from server.commands.audit import audit_run
+
+    out: list[Measurement] = []
+    with tempfile.TemporaryDirectory(prefix="fedfusion-audit-") as tmp:
+        for name, overrides in AUDIT_MODELS.items():
+            echo(f"  training {name} ({hospitals} hospitals x {rounds} rounds) ...")
+            run_dir = Path(tmp) / name
+            rounds_done = _simulate_run(run_dir, hospitals, rounds, overrides)
+            echo(f"  auditing {name} ...")
+            result = audit_run(run_dir, hospitals)
+            attack, best = result.strongest
+            cfg = {
+                **overrides,
+                "hospitals": hospitals,
+                "rounds": rounds,
+                "attack": attack,
+                "members": result.members,
+                "non_members": result.non_members,
+                "model_macro_auroc": rounds_done[-1]["eval_auroc"],
+                "all_attacks": {k: asdict(v) for k, v in result.attacks.items()},
+            }
+            low, high = best.auc_ci95
+            auc = Measurement(f"mia-auc/{name}", cfg, best.auc, low, high, "AUC", result.members)
+            if name == "non-private-overfit":
+                auc.target, auc.met = "95% CI above 0.5 (the attack works)", low > 0.5
+            else:
+                auc.target, auc.met = "<= 0.55", best.auc <= 0.55
+            tpr = best.tpr_at_fpr["0.01"]
+            out += [auc, Measurement(f"mia-tpr@1%fpr/{name}", cfg, tpr, tpr, tpr, "TPR", 1)]
+    return out
+
+
+@dataclass(frozen=True)
+class UtilityConfig:
+    """One configuration of the utility benchmark."""
+
+    name: str
+    hospitals: int
+    overrides: dict[str, Any]
+    mode: str  # the model: small (from scratch, full) | frozen | lora (pretrained encoders)
+    branch: str  # fused | image | text
+    privacy: str  # none | epsilon
+    secagg: bool
+
+
+_NO_DP = {"privacy.enabled": False, "secagg.enabled": False}
+_DP8 = {"privacy.target-epsilon": 8.0, "secagg.enabled": False}
+_DP3 = {"privacy.target-epsilon": 3.0, "secagg.enabled": False}
+CENTRAL = "centralized, non-private"
+FUSED = "federated, DP eps=8, SecAgg+"
+IMAGE_ONLY = "image only, DP eps=8, SecAgg+"
+TEXT_ONLY = "text only, DP eps=8, SecAgg+"
+# The models compared: the default small model, and the pretrained EfficientNet-
+# Lite0 + all-MiniLM-L6-v2 with frozen encoders or LoRA on the text encoder. LoRA runs the
+# 22.7M-parameter encoder forward and backward at every step, so it trains 1 local epoch
+# per round instead of 2, on reports cut to 32 tokens instead of 64 (the rest is the same).
+UTILITY_MODES: dict[str, dict[str, Any]] = {
+    "small": {},
+    "frozen": dict(PRESETS["efficientnet-minilm-concat"]),
+    "lora": {
+        **PRESETS["efficientnet-minilm-concat"],
+        "model.encoder-mode": "lora",
+        "train.local-epochs": 1,
+        "model.max-report-tokens": 32,
+    },
+}
+
+
+def _configs(mode: str, names: Sequence[str]) -> list[UtilityConfig]:
+    every = [
+        UtilityConfig(CENTRAL, 1, _NO_DP, mode, "fused", "none", False),
+        UtilityConfig("federated, non-private", 5, _NO_DP, mode, "fused", "none", False),
+        UtilityConfig("federated, DP eps=8", 5, _DP8, mode, "fused", "8", False),
+        UtilityConfig("federated, DP eps=3", 5, _DP3, mode, "fused", "3", False),
+        UtilityConfig(FUSED, 5, {}, mode, "fused", "8", True),
+        UtilityConfig(IMAGE_ONLY, 5, {"model.branches": "image"}, mode, "image", "8", True),
+        UtilityConfig(TEXT_ONLY, 5, {"model.branches": "text"}, mode, "text", "8", True),
+    ]
+    return [c for c in every if c.name in names]
+
+
+# Scaled to about 30 minutes on 2 cores: every configuration for the small model; for the
+# pretrained ones, what the two targets need (frozen), or the federated DP model alone
+# (lora, about 2 minutes a seed).
+UTILITY_CONFIGS = (
+    *_configs(
+        "small",
+        (
+            CENTRAL,
+            "federated, non-private",
+            "federated, DP eps=8",
+            "federated, DP eps=3",
+            FUSED,
+            IMAGE_ONLY,
+            TEXT_ONLY,
+        ),
+    ),
+    *_configs("frozen", (CENTRAL, FUSED, IMAGE_ONLY, TEXT_ONLY)),
+    *_configs("lora", (FUSED,)),
+)
+
+
+def summarize_utility(
+    config: UtilityConfig, runs: Sequence[tuple[list[dict[str, Any]], float]]
+) -> dict[str, Any]:
+    """One JSON entry: macro and per-label AUROC of the final round, mean and std over seeds."""
+    finals = [rounds[-1]["eval_metrics"] for rounds, _ in runs]
+    macro = [float(m["auroc"]) for m in finals]
+    labels = sorted(k.split(".", 1)[1] for k in finals[0] if k.startswith("auroc."))
+    per_label = {
+        label: {
+            "mean": float(np.nanmean([m.get(f"auroc.{label}", np.nan) for m in finals])),
+            "std": float(np.nanstd([m.get(f"auroc.{label}", np.nan) for m in finals])),
+        }
+        for label in labels
+    }
+    return {
+        "name": f"{config.mode}: {config.name}",
+        "mode": config.mode,
+        "branch": config.branch,
+        "privacy": config.privacy,
+        "secagg": "on" if config.secagg else "off",
+        "hospitals": config.hospitals,
+        "seeds": len(runs),
+        "macro_auroc_mean": float(np.mean(macro)),
+        "macro_auroc_std": float(np.std(macro)),
+        "per_label_auroc": per_label,
+        "wall_time_s": float(np.mean([seconds for _, seconds in runs])),
+    }
+
+
+def utility_targets(entries: Sequence[dict[str, Any]]) -> list[tuple[str, float | None, bool]]:
+    """(target, value, met) for the two utility targets of each model, from the entries.
+
+    A target whose configurations were not run has value None (reported, never met).
+    """
+    scores = {e["name"]: e["macro_auroc_mean"] for e in entries}
+    out: list[tuple[str, float | None, bool]] = []
+    for mode in dict.fromkeys(e["mode"] for e in entries):
+        central = scores.get(f"{mode}: {CENTRAL}")
+        fused = scores.get(f"{mode}: {FUSED}")
+        ratio = fused / central if fused is not None and central else None
+        singles = [scores.get(f"{mode}: {IMAGE_ONLY}"), scores.get(f"{mode}: {TEXT_ONLY}")]
+        margin = fused - max(singles) if fused is not None and None not in singles else None
+        out += [
+            (
+                f"{mode}: federated DP eps=8 + SecAgg+ >= 0.95x centralized non-private",
+                ratio,
+                ratio is not None and ratio >= 0.95,
+            ),
+            (
+                f"{mode}: fused beats the best single modality (DP eps=8, SecAgg+)",
+                margin,
+                margin is not None and margin > 0,
+            ),
+        ]
+    return out
+
+
+def run_utility_bench(
+    seeds: Sequence[int] = (0, 1, 2),
+    rounds: int = 3,
+    reports: int = 1500,
+    echo: Echo = print,
+    modes: Sequence[str] = tuple(UTILITY_MODES),
+) -> list[dict[str, Any]]:
+    """Every utility configuration of ``modes`` over ``seeds`` on the same data.
+
+    Frozen features are cached once for all runs (the simulated hospitals' shared cache).
+    """
+    entries = []
+    configs = [c for c in UTILITY_CONFIGS if c.mode in modes]
+    with tempfile.TemporaryDirectory(prefix="fedfusion-utility-") as tmp:
+        for config in configs:
+            runs = []
+            for seed in seeds:
+                echo(f"  {config.mode}: {config.name}, seed {seed} ...")
+                out = Path(tmp) / f"{len(entries)}-{seed}"
+                overrides = {
+                    **UTILITY_MODES[config.mode],
+                    **config.overrides,
+                    "seed": seed,
+                    "data.max-reports": reports,
+                }
+                started = time.monotonic()
+                rounds_done = _simulate_run(out, config.hospitals, rounds, overrides)
+                runs.append((rounds_done, time.monotonic() - started))
+            entries.append(summarize_utility(config, runs))
+    return entries
+
+
+def write_utility(entries: Sequence[dict[str, Any]], out_dir: Path) -> tuple[Path, Path, Path]:
+    """bench-results/utility-<time>.json, latest-utility.md and utility.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    targets = utility_targets(entries)
+    json_path = out_dir / f"utility-{stamp}.json"
+    json_path.write_text(
+        json.dumps(
+            {
+                "created": stamp,
+                "machine": _machine(),
+                "entries": list(entries),
+                "targets": [{"target": t, "value": v, "met": m} for t, v, m in targets],
+            },
+            indent=2,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
+    fig, ax = plt.subplots(figsize=(9, 0.9 + 0.32 * len(entries)))
+    names = [e["name"] for e in entries]
+    ax.barh(
+        names,
+        [e["macro_auroc_mean"] for e in entries],
+        xerr=[e["macro_auroc_std"] for e in entries],
+        color="tab:blue",
+    )
+    ax.axvline(0.5, color="grey", ls=":")
+    ax.set(xlim=(0.4, 1.0), xlabel="held-out macro AUROC (mean, std over seeds)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    png_path = out_dir / "utility.png"
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    labels = sorted(entries[0]["per_label_auroc"])
+    rows = [
+        "| configuration | branch | privacy | SecAgg+ | macro AUROC | "
+        + " | ".join(labels)
+        + " | wall time |",
+        "|---|---|---|---|---:|" + "---:|" * len(labels) + "---:|",
+    ]
+    for e in entries:
+        rows.append(
+            f"| {e['name']} | {e['branch']} | {e['privacy']} | {e['secagg']} | "
+            f"{e['macro_auroc_mean']:.3f} ± {e['macro_auroc_std']:.3f} | "
+            + " | ".join(f"{e['per_label_auroc'][lab]['mean']:.2f}" for lab in labels)
+            + f" | {e['wall_time_s']:.0f} s |"
+        )
+    rows.append("")
+    rows += [
+        f"- {t}: {'not measured' if v is None else f'{v:.3f}'}, {'met' if m else 'MISSED'}"
+        for t, v, m in targets
+    ]
+    md_path = out_dir / "latest-utility.md"
+    md_path.write_text(
+        f"# fedfusion utility benchmark, {stamp} UTC\n\n" + "\n".join(rows) + "\n",
+        encoding="utf-8",
+    )
+    return json_path, md_path, png_path
+
+
+def _machine() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    from importlib.metadata import version
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "flwr": version("flwr"),
+        "opacus": version("opacus"),
+        "load-average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+def _fmt(value: float, unit: str) -> str:
+    if unit in {"AUC", "TPR"}:
+        return f"{value:.3f}"
+    if unit == "B":
+        return f"{value / 1e6:.3f} MB" if value >= 1e5 else f"{value / 1e3:.1f} kB"
+    return f"{value:.2f} {unit}"
+
+
+def table(measurements: Sequence[Measurement]) -> str:
+    """A Markdown table of the measurements."""
+    rows = [
+        "| measurement | median | min | max | n | vs. | ratio | target |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | --- |",
+    ]
+    for m in measurements:
+        ratio = f"{m.ratio:.2f}x" if m.ratio is not None else ""
+        target = f"{m.target}: {'met' if m.met else 'MISSED'}" if m.target else ""
+        rows.append(
+            f"| {m.name} | {_fmt(m.median, m.unit)} | {_fmt(m.min, m.unit)} | "
+            f"{_fmt(m.max, m.unit)} | {m.samples} | {m.baseline or ''} | {ratio} | {target} |"
+        )
+    return "\n".join(rows)
+
+
+def write_results(
+    measurements: Sequence[Measurement],
+    out_dir: Path,
+    suite: str = "perf",
+    stamp: str | None = None,
+    failures: Sequence[str] = (),
+) -> tuple[Path, Path]:
+    """Write the JSON results and the Markdown table of one suite; returns both paths.
+
+    The same ``stamp`` rewrites the same files (a run writes after each of its parts);
+    ``failures`` names the parts that failed, and why.
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = stamp or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    machine = _machine()
+    data = {
+        "created": stamp,
+        "machine": machine,
+        "entries": [asdict(m) for m in measurements],
+        "failures": list(failures),
+    }
+    json_path = out_dir / f"{suite}-{stamp}.json"
+    json_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    md_path = out_dir / f"latest-{suite}.md"
+    md_path.write_text(
+        f"# fedfusion benchmark ({suite}), {stamp} UTC\n\n"
+        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['platform']}; "
+        f"torch {machine['torch']}, flwr {machine['flwr']}, opacus {machine['opacus']}.\n\n"
+        f"{table(measurements)}\n\n"
+        + "".join(f"**FAILED** {failure}\n\n" for failure in failures)
+        + f"Raw: `{json_path.name}`\n",
+        encoding="utf-8",
+    )
+    return json_path, md_path

@@ -1,0 +1,164 @@
+"""One hospital: its own settings, privacy policy, ledger location and data.
+
+The hospital's facts come from Flower's ``node_config`` (``--node-config`` on its
+SuperNode, or the simulation's partition). Its privacy policy caps what the server asks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from client.app.features import FeatureCache, frozen_feature_split
+from client.dp.ledger import LedgerEntry, PrivacyLedger
+from client.dp.policy import PrivacyPolicy, effective_policy
+from shared_model.config import ConfigError, DataConfig, HospitalConfig, ModelConfig, RunConfig
+from shared_model.data import DataLimits, decode_image, load_manifest, split_train_test
+from shared_model.datasets import HospitalSplit, embedded_hospital
+from shared_model.text import tokenizer_for
+
+__all__ = ["DecodedImages", "Site", "hospital_data", "open_site", "resolve_device"]
+
+log = logging.getLogger("fedfusion.hospital")
+
+
+@dataclass(frozen=True)
+class Site:
+    """Everything one hospital brings to a round."""
+
+    hospital: HospitalConfig
+    policy: PrivacyPolicy
+    state_dir: Path
+    data: HospitalSplit  # as training reads it: cached features where encoders are frozen
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    model: ModelConfig = field(default_factory=ModelConfig)  # with this hospital's own paths
+
+    @property
+    def name(self) -> str:
+        """The hospital's display name."""
+        return self.hospital.name
+
+    def open_ledger(self, seen: Sequence[LedgerEntry] = ()) -> PrivacyLedger:
+        """The hospital's privacy ledger (new and empty on its first round).
+
+        ``seen``: the history this process already recorded; a ledger without it is refused.
+        """
+        return PrivacyLedger.open(self.state_dir, self.name, self.policy, seen)
+
+
+def open_site(hospital: HospitalConfig, run: RunConfig) -> Site:
+    """Resolve a hospital's policy, state directory, device and data for this run."""
+    device = resolve_device(hospital.device)
+    if hospital.torch_threads():
+        torch.set_num_threads(hospital.torch_threads())
+    model = hospital.local_model(run.model)
+    records = hospital_data(hospital, model, run.data, run.seed)
+    cache = hospital.cache_dir(run.output_dir)
+    return Site(
+        hospital=hospital,
+        policy=effective_policy(run.privacy, hospital),
+        state_dir=hospital.ledger_dir(run.output_dir),
+        data=frozen_feature_split(records, model, run.seed, cache, device),
+        device=device,
+        model=model,
+    )
+
+
+def resolve_device(spec: str) -> torch.device:
+    """The torch device for ``hospital.device``; ConfigError if it is not there."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"hospital.device = {spec!r}, but this torch ({torch.__version__}) sees no "
+                "CUDA GPU: install a CUDA build of torch (deploy/Dockerfile, TORCH_VARIANT) "
+                "or set device = 'cpu'"
+            )
+        index = int(spec.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"hospital.device = {spec!r}, but only {torch.cuda.device_count()} "
+                "CUDA device(s) exist"
+            )
+    return torch.device(spec)
+
+
+class DecodedImages:
+    """A manifest's decoded images, kept in the hospital's state directory.
+
+    Flower starts a ClientApp process for every message (two a round, five under
+    SecAgg+), and each would otherwise decode every image of the manifest again:
+    thousands of DICOMs. An image is keyed by its file's path, size and modification
+    time and the decode size, so a changed file is decoded again. Decoded images are
+    patient data: they stay in the state directory, like the feature cache, and are
+    stored and read as plain tensors (``torch.load(weights_only=True)``).
+    """
+
+    def __init__(self, root: Path, size: int) -> None:
+        self.store = FeatureCache(root, f"images-{size}")
+        self.store.refresh()
+        self.new_keys: list[str] = []
+        self.new: list[torch.Tensor] = []
+
+    def decode(self, path: Path, size: int, max_pixels: int) -> torch.Tensor:
+        """The decoded image: kept, or decoded now (and kept at :meth:`flush`).
+
+        The pixel limit is part of the key: an image kept under a higher limit is
+        checked again when the limit is lowered.
+        """
+        try:
+            info = path.stat()
+        except OSError:  # decode_image says what is wrong with the file
+            return decode_image(path, size, max_pixels)
+        identity = f"{path}\0{info.st_size}\0{info.st_mtime_ns}\0{size}\0{max_pixels}"
+        key = hashlib.sha256(identity.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+        kept = self.store.get(key)
+        if kept is not None:
+            return kept
+        image = decode_image(path, size, max_pixels)
+        self.new_keys.append(key)
+        self.new.append(image)
+        return image
+
+    def flush(self) -> None:
+        """Keep the images decoded since the last flush."""
+        if self.new_keys:
+            self.store.put(self.new_keys, torch.stack(self.new))
+            log.info("image cache: %d images decoded, kept in %s", len(self.new), self.store.dir)
+            self.new_keys, self.new = [], []
+
+
+# A deployed hospital's process serves one hospital. A simulation worker serves many in
+# turn, every round: their records are disjoint parts of one dataset, so keeping them all
+# costs at most that dataset's size per worker.
+@lru_cache(maxsize=256)
+def hospital_data(
+    hospital: HospitalConfig, model: ModelConfig, data: DataConfig, seed: int
+) -> HospitalSplit:
+    """The hospital's train/test records, decoded once per process and cached.
+
+    A hospital with its own data also keeps the decoded images in its state directory
+    (:class:`DecodedImages`), for the next message's process.
+    """
+    if hospital.data_manifest:
+        state = Path(hospital.state_dir).expanduser()  # required with a manifest
+        images = DecodedImages(state / "image-cache", model.image_size)
+        records, _report = load_manifest(
+            hospital.data_manifest,
+            model.labels,
+            tokenizer_for(model),
+            model.image_size,
+            decode=images.decode,
+            limits=DataLimits(data.max_image_pixels, data.max_report_chars),
+        )
+        images.flush()
+        train, test = split_train_test(records, data.test_fraction, seed)
+        return HospitalSplit(train=train, test=test)
+    return embedded_hospital(hospital.partition_id, hospital.num_partitions, model, data, seed)

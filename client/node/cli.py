@@ -1,0 +1,196 @@
+"""Hospital-side subcommands of the ``fedfusion`` CLI (registered via entry points)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = ["register"]
+
+
+def register(app: typer.Typer) -> None:
+    """Add the hospital's subcommands to the CLI."""
+    app.command("hospital")(hospital)
+    app.command("demo-data")(demo_data)
+    ledger = typer.Typer(help="A hospital's privacy ledger.", no_args_is_help=True)
+    ledger.command("show")(ledger_show)
+    app.add_typer(ledger, name="ledger")
+    data = typer.Typer(help="A hospital's own data.", no_args_is_help=True)
+    data.command("check")(data_check)
+    app.add_typer(data, name="data")
+
+
+def data_check(
+    manifest: Annotated[Path, typer.Argument(help="The hospital's manifest (CSV or JSONL).")],
+    run_config: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--run-config",
+            help="The federation's settings, as 'key=value ...' (labels, image size, text "
+            "encoder and data limits come from them; defaults otherwise).",
+        ),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The summary as JSON.")] = False,
+) -> None:
+    """Check a hospital's data before it joins: read every row exactly as training would.
+
+    Every image is decoded and every report tokenized, with the federation's settings.
+    Prints the rows that are fine, the rows that are not and why (file and row), and
+    the records that miss one modality. Exits 1 if any row is bad, 2 if the manifest or
+    the settings cannot be used at all.
+    """
+    import json
+
+    from shared_model.config import ConfigError, RunConfig, parse_overrides
+    from shared_model.data import DataLimits, ManifestError, decode_image, load_manifest
+    from shared_model.text import tokenizer_for
+
+    try:
+        run = RunConfig.from_run_config(parse_overrides(run_config or []))
+        _, report = load_manifest(
+            manifest,
+            run.model.labels,
+            tokenizer_for(run.model),
+            run.model.image_size,
+            strict=False,
+            decode=decode_image,
+            limits=DataLimits(run.data.max_image_pixels, run.data.max_report_chars),
+        )
+    except ManifestError as err:
+        if err.report is None:  # the manifest itself cannot be read
+            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from err
+        report = err.report  # every row is bad: list them all
+    except ConfigError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err
+    if as_json:
+        summary = {
+            "manifest": report.manifest,
+            "rows": report.rows_total,
+            "ok": report.rows_ok,
+            "bad": report.rows_bad,
+            "missing_image": report.missing_image,
+            "missing_report": report.missing_report,
+            "errors": [{"row": e.row, "file": e.file, "reason": e.reason} for e in report.errors],
+        }
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        typer.echo(f"{report.manifest}: {report.rows_total} rows")
+        typer.echo(f"  ok:  {report.rows_ok}")
+        typer.echo(f"  bad: {report.rows_bad}")
+        if report.missing_image or report.missing_report:
+            typer.echo(
+                f"  {report.missing_image} rows have no image and {report.missing_report} no "
+                "report: they train as single-modality records"
+            )
+        for error in report.errors:
+            typer.secho(f"  {error}", fg=typer.colors.RED)
+    if report.rows_bad:
+        raise typer.Exit(1)
+
+
+def ledger_show(
+    state_dir: Annotated[
+        Path, typer.Argument(help="The hospital's state-dir (or its privacy_ledger.json).")
+    ],
+    as_json: Annotated[
+        bool, typer.Option("--json", help="The stable JSON form (documented in the README).")
+    ] = False,
+) -> None:
+    """Show a hospital's privacy ledger: epsilon spent, round by round, against its budget.
+
+    The ledger is verified first (checksum, recorded epsilon against its history); a
+    ledger that cannot be trusted is reported, never shown as if it were fine.
+    """
+    import json
+
+    from client.dp.ledger import LedgerError, read_ledger
+
+    try:
+        view = read_ledger(state_dir).export()
+    except LedgerError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err
+    if as_json:
+        typer.echo(json.dumps(view, indent=2))
+        return
+    typer.echo(
+        f"{view['hospital']}: epsilon {view['epsilon']:.3f} of max {view['max_epsilon']:g} "
+        f"(delta {view['delta']:g}, {view['accountant']} accountant); "
+        f"{view['remaining_epsilon']:.3f} left"
+    )
+    if view["public_records"] is not None:
+        typer.echo(f"released record count N̂ = {view['public_records']} (N plus Gaussian noise)")
+    typer.echo(
+        "round  release       noise multiplier  sample rate  steps  status     epsilon after"
+    )
+    for e in view["history"]:
+        typer.echo(
+            f"{e['round']:5d}  {e['mechanism']:12s}  {e['noise_multiplier']:16.4f}  "
+            f"{e['sample_rate']:11.5f}  {e['steps']:5d}  {e['status']:9s}  "
+            f"{e['epsilon_after']:13.3f}"
+        )
+
+
+def demo_data(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for hospital-N/ subfolders.")],
+    hospitals: Annotated[int, typer.Option(min=1, max=12, help="How many hospitals.")] = 3,
+    records: Annotated[int, typer.Option(min=10, help="Records per hospital.")] = 300,
+) -> None:
+    """Write demo data in the manifest format: out/hospital-N/manifest.csv plus PNG files.
+
+    Each hospital gets its own slice of the embedded data (real Indiana University
+    reports with phantom radiographs drawn from their labels), to rehearse a deployment
+    (deploy/compose.yaml, `fedfusion hospital`) before a hospital's own data is ready.
+    """
+    from shared_model.datasets.export import write_manifest
+
+    for i in range(hospitals):
+        try:
+            manifest = write_manifest(out / f"hospital-{i}", i, records)
+        except ValueError as err:
+            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from err
+        typer.echo(f"  hospital-{i}: {manifest}")
+
+
+def hospital(
+    config: Annotated[
+        Path, typer.Option("--config", "-c", help="The hospital's TOML file (see deploy/).")
+    ],
+    check: Annotated[
+        bool, typer.Option(help="Only check the file and print the SuperNode command.")
+    ] = False,
+) -> None:
+    """Join the federation as one hospital: run its SuperNode from its config file.
+
+    The file's [hospital] table holds the hospital's facts and privacy policy
+    (hospital-id, data-manifest, state-dir, max-epsilon, delta): its limits override
+    whatever the server asks. The [connection] table says how to reach the server
+    (server, root-certificates, private-key, port; insecure only for development).
+    """
+    from client.node.launch import explain_exit, plan_supernode, run_until_joined
+    from shared_model.config import ConfigError
+
+    try:
+        launch = plan_supernode(config)
+    except ConfigError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err
+    if launch.warning:
+        typer.secho(launch.warning, fg=typer.colors.RED, err=True)
+    typer.echo(
+        f"{launch.hospital.hospital_id}: max-epsilon {launch.hospital.max_epsilon:g}, "
+        f"delta {launch.hospital.delta:g}, ledger in {launch.hospital.state_dir}"
+    )
+    if check:
+        typer.echo(" ".join(launch.command))
+        return
+    code, output = run_until_joined(launch, echo=typer.echo)
+    reason = explain_exit(code, output, launch)
+    if reason:
+        typer.secho(f"error: {reason}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)

@@ -1,0 +1,57 @@
+"""Run each ClientApp from this hospital's own installed fedfusion, never the server's code.
+
+Flower's SuperNode runs the ClientApp from the app bundle (FAB) the server sends: the
+server would choose the code that enforces the hospital's privacy policy. A hospital
+started by ``fedfusion hospital`` imports its own installed ``client`` and
+``shared_model`` packages before Flower loads the ClientApp; Flower's loader then finds
+them already imported and uses them (every later import inside them resolves from the
+installed packages too). The server's bundle still supplies the run config defaults,
+and a bundle from another fedfusion version is refused by the weights-layout,
+frozen-weights and SecAgg+ scheme checks of every request.
+
+Both ways a ClientApp starts are pinned: the warm fork server imports these packages
+before it forks (``client/node/warm.py``), and a cold start runs
+``python -m client.node.pinned``, which imports them and then runs Flower's
+``flwr-clientapp``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = ["PINNED", "cold_clientapp", "pin"]
+
+# The hospital's own modules that Flower would otherwise load from the server's bundle.
+PINNED = ("client.app.client_app", "shared_model")
+
+
+def pin() -> list[str]:
+    """Import the hospital's own ClientApp and shared code; returns where they came from."""
+    return [str(Path(importlib.import_module(name).__file__ or "").parent) for name in PINNED]
+
+
+def cold_clientapp(directory: Path | None = None) -> Path:
+    """A ``flwr-clientapp`` for the SuperExec's PATH that runs the pinned cold start."""
+    directory = Path(directory or tempfile.mkdtemp(prefix="fedfusion-clientapp-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    script = directory / "flwr-clientapp"
+    quoted = "'" + sys.executable.replace("'", "'\\''") + "'"
+    script.write_text(f'#!/bin/sh\nexec {quoted} -m client.node.pinned "$@"\n', encoding="utf-8")
+    script.chmod(0o700)
+    return script
+
+
+def main() -> None:
+    """``python -m client.node.pinned [flwr-clientapp arguments]``."""
+    pin()
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+    sys.argv[0] = "flwr-clientapp"
+    flwr_clientapp()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""`python -m client.node.supernode --poll-interval S ARGS`: Flower's SuperNode, waiting less.
+
+Flower 1.41's SuperNode loop (``flwr.supernode.start_client_internal``) has fixed waits:
+an idle SuperNode asks the SuperLink for work every 3 s, and while a ClientApp runs it
+looks for the reply every 0.5 s. A round sends each hospital at least two messages
+(train, evaluate; five under SecAgg+), so on a fast link those waits, not the work, set
+the round time: about 1.5 s of idle wait per message on average.
+
+This runs Flower's own ``flower-supernode`` with every wait of that loop scaled by
+``poll-interval / 3``: the idle poll becomes ``poll-interval`` and the reply checks
+shrink in proportion, and so do the retries for an object of a message that the server
+is still uploading (Flower: after 1 s, doubling up to 10 s). The cost is on the server:
+one request per hospital per interval while idle, hence ``connection.poll-interval``
+(default 0.5 s).
+
+The idle poll is also adaptive. A round's next message usually follows a hospital's
+reply within a second (the server aggregates, then sends the evaluation or the next
+round), and with a fixed poll it waited for the hospital's next poll: measured on
+loopback, 0.3-0.5 s per message, because the polls fall into step with the rounds. After
+each reply the poll starts at ``FIRST_POLL`` (50 ms) and grows by half at each empty
+poll back to ``poll-interval``: about five more requests per reply, within the second
+after it. Nothing else changes. The module imports Flower only, never torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+import time
+from types import ModuleType
+from typing import Any
+
+__all__ = ["FIRST_POLL", "FLOWER_IDLE_POLL", "ScaledTime", "main", "scale_waits"]
+
+FLOWER_IDLE_POLL = 3.0  # seconds: the idle poll of flwr 1.41's SuperNode loop
+FIRST_POLL = 0.05  # seconds: the first idle poll after the node answered a message
+_LOOP = "flwr.supernode.start_client_internal"
+
+
+class ScaledTime:
+    """The ``time`` module for Flower's SuperNode loop: waits scaled, the idle poll adaptive.
+
+    Every ``sleep`` is scaled by ``poll_interval / FLOWER_IDLE_POLL``, except the loop's
+    idle poll once the node has handled a message (``active``): it then starts at
+    ``FIRST_POLL`` and grows by half at each empty poll, back up to ``poll_interval``.
+    """
+
+    def __init__(self, poll_interval: float) -> None:
+        self.poll_interval = poll_interval
+        self.factor = poll_interval / FLOWER_IDLE_POLL
+        self.idle = poll_interval  # the next idle poll
+
+    def active(self) -> None:
+        """The node just answered a message: the next one likely follows within a second."""
+        self.idle = min(FIRST_POLL, self.poll_interval)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep as Flower asked, scaled; an idle poll adaptively."""
+        if seconds != FLOWER_IDLE_POLL:
+            time.sleep(seconds * self.factor)
+            return
+        wait, self.idle = self.idle, min(self.idle * 1.5, self.poll_interval)
+        time.sleep(wait)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+
+def scale_waits(poll_interval: float) -> ModuleType:
+    """Make Flower's SuperNode loop wait in proportion to ``poll_interval``; returns it.
+
+    Its idle poll becomes ``poll_interval`` (from ``FIRST_POLL`` right after each reply),
+    and its reply checks and object-pull retries are scaled by the same factor.
+    """
+    from flwr.supercore.constant import PULL_BACKOFF_CAP, PULL_INITIAL_BACKOFF
+
+    loop = importlib.import_module(_LOOP)
+    clock = ScaledTime(poll_interval)
+    loop.time = clock  # type: ignore[attr-defined]
+    pull = getattr(loop.pull_objects, "func", loop.pull_objects)
+    loop.pull_objects = functools.partial(  # type: ignore[attr-defined]
+        pull,
+        initial_backoff=PULL_INITIAL_BACKOFF * clock.factor,
+        backoff_cap=PULL_BACKOFF_CAP * clock.factor,
+    )
+    push = getattr(loop._push_messages, "__wrapped__", loop._push_messages)
+
+    @functools.wraps(push)
+    def push_then_poll_soon(*args: Any, **kwargs: Any) -> None:
+        push(*args, **kwargs)  # the reply is sent: the loop goes back to polling
+        clock.active()
+
+    loop._push_messages = push_then_poll_soon  # type: ignore[attr-defined]
+    return loop
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse ``--poll-interval S``, then run ``flower-supernode`` with the other arguments."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) < 2 or args[0] != "--poll-interval":
+        raise SystemExit("usage: python -m client.node.supernode --poll-interval S [flower args]")
+    scale_waits(float(args[1]))
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    sys.argv = ["flower-supernode", *args[2:]]
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,385 @@
+"""SecAgg+ at the coordinator: Flower's SecAggPlusWorkflow with a delta-averaging strategy.
+
+Flower's SecAgg+ exists only in its legacy API (``DefaultWorkflow`` with
+``SecAggPlusWorkflow``, a ``LegacyContext`` and a legacy strategy). The workflow unmasks
+only the sum of the hospitals' uploads and hands the strategy every hospital's
+``FitRes`` with its parameters replaced by that one aggregate; no individual upload is
+ever seen. Each upload (``shared_model/masked_upload.py``) holds a weighted delta, the
+weight, the DP-released train loss and the held-out statistics of the model the
+hospital received, so :class:`SecAggFedAvg` adds the weighted mean delta to the global
+model and learns the federation's evaluation of the previous model from the same sum.
+What else a hospital sends in the clear is listed in ``client/app/outbound.py``.
+
+The workflow's mask generator and secret sharing are fedfusion's
+(``shared_model/secagg_primitives.py``), as at the hospitals.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from collections.abc import Callable
+from logging import INFO, WARNING
+
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.common import (
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.logger import log
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg as LegacyFedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.serverapp import Grid
+
+from server.app.grid import MeteredGrid, metered
+from server.app.store import HospitalRound, RoundRecord
+from server.app.strategy import ShortRoundError, hospital_round, short_reason
+from shared_model import secagg_primitives
+from shared_model.config import RunConfig
+from shared_model.evaluation import EvalStats
+from shared_model.masked_upload import UploadCodec
+from shared_model.packing import WeightLayout
+from shared_model.protocol import Reply, Request, Status
+
+__all__ = ["SecAggFedAvg", "run_secagg_rounds"]
+
+StateDict = dict[str, torch.Tensor]
+
+
+def install_secagg_primitives() -> None:
+    """Make Flower's SecAgg+ workflow use fedfusion's mask generator and secret sharing.
+
+    Each hospital installs the same in its mod (``client/app/secagg.py``); see
+    ``shared_model/secagg_primitives.py`` for why.
+    """
+    workflow = importlib.import_module(
+        "flwr.server.workflow.secure_aggregation.secaggplus_workflow"
+    )
+
+    # X25519 key agreement with raw 32-byte keys, instead of P-384 and PEM.
+    workflow.bytes_to_private_key = secagg_primitives.bytes_to_private_key  # type: ignore[attr-defined]
+    workflow.bytes_to_public_key = secagg_primitives.bytes_to_public_key  # type: ignore[attr-defined]
+    # Unmasking a dropped hospital's pairwise masks: bound to the instruction sent (MASKS).
+    workflow.generate_shared_key = MASKS.shared_key  # type: ignore[attr-defined]
+    workflow.pseudo_rand_gen = secagg_primitives.pseudo_rand_gen  # type: ignore[attr-defined]
+    workflow.combine_shares = secagg_primitives.combine_shares  # type: ignore[attr-defined]
+
+
+# The server's pairwise-mask keys, bound to the round's instruction (configure_fit).
+MASKS = secagg_primitives.MaskBinding()
+install_secagg_primitives()
+
+
+class SecAggFedAvg(LegacyFedAvg):
+    """FedAvg over SecAgg+-masked uploads; records each hospital's part in each round.
+
+    Each upload also carries the held-out statistics of the model the hospital
+    received, so round k's unmasked sum evaluates the model after round k - 1; a last
+    exchange without training (``evaluate-only``) evaluates the final model.
+    """
+
+    def __init__(
+        self,
+        run: RunConfig,
+        initial: list[np.ndarray],
+        on_round: Callable[[RoundRecord, list[np.ndarray]], None],
+        meter: MeteredGrid,
+        *,
+        on_evaluation: Callable[[int, EvalStats, list[HospitalRound]], None],
+        plan: tuple[int, int, int] = (0, 0, 0),
+        base_hash: str = "",
+        layout_digest: str = "",
+        offset: int = 0,
+    ) -> None:
+        self.meter = meter
+        # Flower's workflow counts rounds from 1; a resumed run continues after ``offset``.
+        self.offset = offset
+        self.base_hash = base_hash
+        self.layout_digest = layout_digest
+        self.sample_size, self.shares, self.threshold = plan
+        super().__init__(
+            fraction_fit=run.server.fraction_train,
+            fraction_evaluate=0.0,  # evaluation travels inside the masked uploads
+            min_fit_clients=3,
+            min_evaluate_clients=0,
+            min_available_clients=max(3, run.server.min_hospitals),
+            initial_parameters=ndarrays_to_parameters(initial),
+            on_fit_config_fn=self._fit_config,
+            accept_failures=True,
+        )
+        self.run = run
+        self.evaluating = run.server.fraction_evaluate > 0
+        self.codec = UploadCodec(
+            initial[0].size, run.model.labels, run.secagg.clipping_range, run.secagg.max_weight
+        )
+        self.current = [np.array(a, copy=True) for a in initial]
+        self.on_round = on_round
+        self.on_evaluation = on_evaluation
+        self.known: dict[int, str] = {}  # node id -> the hospital name it replied with
+        self._reset()
+
+    def _reset(self) -> None:
+        self.meter.reset()
+        self.hospitals: dict[int, HospitalRound] = {}
+        self.sampled = 0
+        self.failures = self.declined = self.eval_failures = 0
+        self.train_loss: float | None = None
+        self.started = time.monotonic()
+        self.aggregated = False  # set when the SecAgg+ round reached aggregate_fit
+
+    def _round(self, workflow_round: int) -> int:
+        return workflow_round + self.offset if workflow_round > 0 else 0
+
+    def evaluation_only(self, server_round: int) -> bool:
+        """Whether ``server_round`` is the last exchange, which only evaluates."""
+        return server_round > self.run.num_rounds
+
+    def _fit_config(self, server_round: int) -> dict[str, Scalar]:
+        server_round = self._round(server_round)
+        self._reset()
+        if self.evaluation_only(server_round):
+            log(INFO, "[fedfusion] evaluating the final model (SecAgg+)")
+        else:
+            log(INFO, "[fedfusion] round %d/%d (SecAgg+)", server_round, self.run.num_rounds)
+        return {
+            Request.SERVER_ROUND: server_round,
+            Request.PLANNED_ROUNDS: self.run.num_rounds,
+            Request.PROXIMAL_MU: self.run.server.proximal_mu
+            if self.run.server.strategy == "fedprox"
+            else 0.0,
+            Request.BASE_HASH: self.base_hash,
+            Request.WEIGHTS_LAYOUT: self.layout_digest,
+            Request.SECAGG_SCHEME: secagg_primitives.SCHEME,
+            Request.EVALUATE: self.evaluating,
+            Request.EVALUATE_ONLY: self.evaluation_only(server_round),
+        }
+
+    def configure_fit(self, server_round, parameters, client_manager):  # type: ignore[no-untyped-def]
+        """Sample hospitals as FedAvg does, remembering how many were asked.
+
+        FedAvg sizes its sample from the hospitals registered at that moment, so first
+        wait (up to server.wait-for-hospitals-timeout) for the planned number: a hospital
+        registering a moment late would otherwise sit out the round (a race seen in CI).
+        If one never comes, the round goes ahead with those present.
+        """
+        if self.sample_size:
+            client_manager.wait_for(
+                self.sample_size, timeout=int(self.run.server.wait_for_hospitals_timeout)
+            )
+        instructions = super().configure_fit(server_round, parameters, client_manager)
+        self.sampled = len(instructions)
+        # Every hospital gets the same instruction, and the masks are bound to it.
+        digests = {
+            secagg_primitives.round_binding(ins.config, ins.parameters.tensors)
+            for _, ins in instructions
+        }
+        if len(digests) > 1:  # pragma: no cover - FedAvg sends one FitIns to all
+            raise RuntimeError("SecAgg+ instructions differ between hospitals")
+        MASKS.digest = next(iter(digests), None)
+        return instructions
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Read the unmasked sum: evaluate the model sent, apply the mean update."""
+        server_round = self._round(server_round)
+        self.aggregated = True
+        # Flower logs a failure per protocol stage a hospital misses; count hospitals.
+        self.failures = max(self.sampled - len(results), 0)
+        for failure in failures:
+            log(
+                WARNING,
+                "[fedfusion] round %d: a hospital dropped out of SecAgg+: %s",
+                server_round,
+                short_reason(str(failure)),
+            )
+        for proxy, res in results:
+            m = res.metrics
+            declined = bool(m.get(Reply.DECLINED, 0))
+            self.declined += declined
+            self.known[proxy.node_id] = str(m.get(Status.HOSPITAL_ID, f"node-{proxy.node_id}"))
+            self.hospitals[proxy.node_id] = hospital_round(
+                proxy.node_id,
+                str(m.get(Status.HOSPITAL_ID, f"node-{proxy.node_id}")),
+                m,
+                0,  # the weight travels masked: the server learns only the sum
+                str(m.get(Status.REASON, "")),
+            )
+            if declined:
+                log(
+                    WARNING,
+                    "[fedfusion] round %d: %s %s",
+                    server_round,
+                    m.get(Status.HOSPITAL_ID),
+                    m.get(Status.REASON),
+                )
+        if not results:
+            raise self._short(server_round, f"round {server_round}: no hospital uploaded")
+        total = self.codec.decode_sum(
+            parameters_to_ndarrays(results[0][1].parameters)[0], len(results)
+        )
+        if self.evaluating:
+            evaluated = [
+                HospitalRound(hospital=h.hospital, node_id=h.node_id, status="evaluated")
+                for h in self.hospitals.values()
+            ]
+            self.on_evaluation(server_round - 1, total.evaluation, evaluated)
+        if self.evaluation_only(server_round):
+            return None, {}
+        if total.weight == 0 and not self.declined:
+            reasons = sorted({short_reason(str(f)) for f in failures})
+            raise self._short(
+                server_round,
+                f"round {server_round}: no hospital returned an update through SecAgg+ "
+                f"({self.failures} failed): " + "; ".join(reasons),
+            )
+        if total.weight > 0:
+            self.train_loss = total.train_loss
+            self.current = [c + total.update.astype(c.dtype).reshape(c.shape) for c in self.current]
+        self.on_round(self._round_record(server_round, {}), self.current)
+        return ndarrays_to_parameters(self.current), {}
+
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
+        """No central data. A round that ended before aggregation is a short round."""
+        server_round = self._round(server_round)
+        if self.evaluation_only(server_round) and not self.aggregated:
+            self._record_errors()
+            reasons = sorted({h.reason for h in self.hospitals.values() if h.reason})
+            log(
+                WARNING,
+                "[fedfusion] the final model could not be evaluated: too few hospitals "
+                "completed the SecAgg+ exchange%s",
+                (": " + "; ".join(reasons)) if reasons else "",
+            )
+            return None
+        if server_round > 0 and not self.aggregated:
+            # Flower's SecAgg+ workflow ends a round early, without aggregating, when too
+            # few hospitals answer a stage in time.
+            raise self._short(
+                server_round,
+                f"round {server_round}: SecAgg+ ended before aggregation: fewer than "
+                f"{self.threshold} of {self.sampled} hospitals completed a stage (they "
+                "failed, and Flower's log above holds their errors, or did not answer within "
+                f"secagg.stage-timeout, {self.run.secagg.stage_timeout:g}s; local training "
+                "runs inside a stage, so a slow model needs a longer timeout)",
+            )
+        return None
+
+    def _record_errors(self) -> None:
+        """Hospitals whose reply in any stage of this round was an error, with its reason."""
+        for node, reason in self.meter.errors.items():
+            entry = self.hospitals.get(node)
+            if entry is None or entry.status not in ("trained", "declined"):
+                self.hospitals[node] = HospitalRound(
+                    hospital=self.known.get(node, f"node-{node}"),
+                    node_id=node,
+                    status="failed",
+                    reason=short_reason(reason),
+                )
+
+    def _short(self, server_round: int, problem: str) -> ShortRoundError:
+        """The error that ends a round with too few updates (server.short-round decides)."""
+        record = self._round_record(server_round, {})
+        record.skipped = True
+        answered = sum(h.status in ("trained", "declined") for h in self.hospitals.values())
+        record.failures = max(record.failures, self.sampled - answered)
+        return ShortRoundError(problem, record)
+
+    def _round_record(self, server_round: int, evals: dict[str, float]) -> RoundRecord:
+        self._record_errors()
+        self.meter.charge(self.hospitals.values())
+        return RoundRecord(
+            round=server_round,
+            train_loss=self.train_loss,
+            eval_loss=evals.get("loss"),
+            eval_auroc=evals.get("auroc"),
+            eval_metrics=evals,
+            hospitals=sorted(self.hospitals.values(), key=lambda h: h.hospital),
+            seconds=time.monotonic() - self.started,
+            failures=self.failures,
+            declined=self.declined,
+            eval_failures=self.eval_failures,
+            secagg_shares=self.shares,
+            secagg_threshold=self.threshold,
+        )
+
+
+def run_secagg_rounds(
+    grid: Grid,
+    context: Context,
+    run: RunConfig,
+    initial: StateDict,
+    base_hash: str,
+    hospitals: int,
+    on_round: Callable[[RoundRecord, StateDict], None],
+    on_evaluation: Callable[[int, EvalStats, list[HospitalRound]], None],
+    first_round: int = 1,
+) -> StateDict:
+    """Rounds first_round..num-rounds with every update in SecAgg+; returns the final model.
+
+    ``hospitals`` is how many are connected; an impossible share/threshold combination
+    for the sample is refused here, before any round starts. A resumed run passes the
+    round after its checkpoint as ``first_round`` and that checkpoint as ``initial``.
+    With evaluation on, one more exchange evaluates the final model (num-rounds + 1 is
+    that exchange alone, for a run killed just before it).
+    """
+    sampled, shares, threshold = run.secagg_plan(hospitals)
+    layout = WeightLayout.of(initial)  # the weights travel (and are masked) as one array
+    grid = metered(grid)
+    log(
+        INFO,
+        "[fedfusion] SecAgg+: %d hospitals per round, %d shares, threshold %d, "
+        "clipping range %g, max weight %g",
+        sampled,
+        shares,
+        threshold,
+        run.secagg.clipping_range,
+        run.secagg.max_weight,
+    )
+
+    def to_state(arrays: list[np.ndarray]) -> StateDict:
+        (flat,) = arrays
+        return layout.unpack(flat)
+
+    strategy = SecAggFedAvg(
+        run,
+        [layout.pack(initial)],
+        lambda record, arrays: on_round(record, to_state(arrays)),
+        grid,
+        on_evaluation=on_evaluation,
+        plan=(sampled, shares, threshold),
+        base_hash=base_hash,
+        layout_digest=layout.digest,
+        offset=first_round - 1,
+    )
+    last = run.num_rounds + (1 if strategy.evaluating else 0)
+    workflow = DefaultWorkflow(
+        fit_workflow=SecAggPlusWorkflow(
+            num_shares=shares,
+            reconstruction_threshold=threshold,
+            clipping_range=run.secagg.clipping_range,
+            max_weight=run.secagg.max_weight,
+            timeout=run.secagg.stage_timeout,
+        )
+    )
+    legacy = LegacyContext(
+        context,
+        config=ServerConfig(
+            num_rounds=last - (first_round - 1), round_timeout=run.server.round_timeout
+        ),
+        strategy=strategy,
+    )
+    workflow(grid, legacy)
+    return to_state(strategy.current)

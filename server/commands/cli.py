@@ -1,0 +1,277 @@
+"""Coordinator-side subcommands of the ``fedfusion`` CLI (registered via entry points)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = ["register"]
+
+
+def register(app: typer.Typer) -> None:
+    """Add the coordinator's subcommands to the CLI."""
+    app.command("simulate")(simulate)
+    app.command("server")(server)
+    app.command("audit")(audit)
+    certs = typer.Typer(
+        help="Create the CA, the server's TLS certificate and the hospitals' key pairs.",
+        no_args_is_help=True,
+    )
+    certs.command("init")(certs_init)
+    certs.command("server")(certs_server)
+    certs.command("hospital")(certs_hospital)
+    app.add_typer(certs, name="certs")
+
+
+_OUT = typer.Option("--out", "-o", help="Directory for the certificates and keys.")
+_SANS = typer.Option(
+    "--server-name",
+    "-s",
+    help="A DNS name or IP address hospitals use to reach the server (repeatable).",
+)
+
+
+def _run_certs(action: object) -> None:
+    from server.commands.certs import CertError
+
+    try:
+        created = action()  # type: ignore[operator]
+    except CertError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err
+    for role, paths in created.items():
+        typer.echo(f"  {role:14s} {paths.key}  {paths.cert_or_public}")
+
+
+def certs_init(
+    out: Annotated[Path, _OUT] = Path("certs"),
+    server_name: Annotated[list[str] | None, _SANS] = None,
+    hospitals: Annotated[int, typer.Option(min=0, help="Key pairs hospital-0..N-1.")] = 3,
+    hospital: Annotated[
+        list[str] | None, typer.Option(help="Name a hospital's key pair instead (repeatable).")
+    ] = None,
+) -> None:
+    """Create a CA, the SuperLink's certificate and one key pair per hospital.
+
+    Private keys are written 0600 in 0700 directories; nothing is overwritten. Register
+    each hospital's public key on the SuperLink with `flwr supernode register
+    hospitals/NAME/NAME.pub CONNECTION`; give the hospital its NAME.key and ca.crt.
+    """
+    from server.commands.certs import create_deployment
+
+    names = hospital or [f"hospital-{i}" for i in range(hospitals)]
+    sans = server_name or ["127.0.0.1", "localhost"]
+    _run_certs(lambda: create_deployment(out, sans, names))
+    typer.echo(f"created under {out} (server names: {', '.join(sans)})")
+
+
+def certs_server(
+    out: Annotated[Path, _OUT] = Path("certs"),
+    server_name: Annotated[list[str] | None, _SANS] = None,
+) -> None:
+    """Create the SuperLink's TLS key and certificate, signed by the CA in OUT/ca."""
+    from server.commands.certs import create_server_cert
+
+    sans = server_name or ["127.0.0.1", "localhost"]
+    _run_certs(lambda: {"server": create_server_cert(out, sans)})
+
+
+def certs_hospital(
+    name: Annotated[str, typer.Argument(help="The hospital's name, e.g. st-mary.")],
+    out: Annotated[Path, _OUT] = Path("certs"),
+) -> None:
+    """Create one hospital's key pair (run it at the hospital; send only the .pub)."""
+    from server.commands.certs import create_hospital_key
+
+    _run_certs(lambda: {name: create_hospital_key(out, name)})
+
+
+def server(
+    config: Annotated[Path, typer.Option("--config", "-c", help="The server's TOML file.")],
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show Flower's full log.")
+    ] = False,
+    new_run: Annotated[
+        bool,
+        typer.Option(
+            "--new-run", help="Start a new run even if the latest one is unfinished (not resumed)."
+        ),
+    ] = False,
+) -> None:
+    """Run the federation for real: SuperLink, hospital registration, the rounds.
+
+    The file's [server] table gives the address, the state directory, the TLS files
+    from `fedfusion certs` and the hospitals' public keys to register; [run] holds run
+    settings (the keys of `fedfusion simulate -c`). If the state directory's latest run
+    is unfinished (the server was killed, or the run failed), it is resumed after its
+    last complete round. Exits non-zero if the run failed.
+    """
+    from server.app.report import summary_table
+    from server.commands.config import ServerDeployConfig
+    from server.commands.serve import INSECURE_WARNING, run_server
+    from server.commands.simulate import failed_replies
+    from shared_model.config import ConfigError
+    from shared_model.weights import base_fingerprint, initial_model
+
+    try:
+        cfg, run, settings = ServerDeployConfig.from_file(config)
+        # weight files: fail before anything starts
+        base_hash = base_fingerprint(initial_model(run.model, run.seed))
+    except ConfigError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err
+    if cfg.insecure:
+        typer.secho(INSECURE_WARNING, fg=typer.colors.RED, err=True)
+    try:
+        result = run_server(
+            cfg,
+            run,
+            settings,
+            echo=typer.echo,
+            verbose=verbose,
+            base_hash=base_hash,
+            new_run=new_run,
+        )
+    except ConfigError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err
+    if result.rounds:
+        typer.echo("\n" + summary_table(result.rounds))
+        lost = failed_replies(result.rounds)
+        if lost:
+            typer.secho(f"note: {lost}", fg=typer.colors.YELLOW)
+    typer.echo(f"\nrun directory: {result.run_dir}")
+    if not result.ok:
+        for problem in result.problems:
+            typer.secho(f"FAILED: {problem}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+
+
+def simulate(
+    hospitals: Annotated[
+        int, typer.Option("--hospitals", "-n", min=1, help="Simulated hospitals (SuperNodes).")
+    ] = 3,
+    rounds: Annotated[int, typer.Option("--rounds", "-r", min=1, help="Federated rounds.")] = 3,
+    run_config: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--run-config",
+            "-c",
+            help="Override run settings: 'key=value key2=value2' (TOML values; repeatable). "
+            "Keys are those of [tool.flwr.app.config] in pyproject.toml, e.g. "
+            "'model.fusion=\"cross_attention\" privacy.target-epsilon=3'.",
+        ),
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="Named model settings: cnn-transformer-gated (the default model), "
+            "cnn-transformer-cross-attention, cnn-lstm-concat or efficientnet-minilm-concat "
+            "(settings given with -c win).",
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Run directory (default: runs/YYYYmmdd-HHMMSS, in UTC). New or empty, or "
+            "holding an unfinished run (killed or failed), which is then resumed.",
+        ),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Stop the run after this many seconds.")] = 1800,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show Flower's full log, not just progress.")
+    ] = False,
+    tolerate_failures: Annotated[
+        bool, typer.Option(help="Count a run as successful even if some hospital replies failed.")
+    ] = False,
+) -> None:
+    """Simulate a federation of hospitals on this machine, on the embedded default data.
+
+    Each simulated hospital holds a non-IID share of 3,860 real Indiana University chest
+    X-ray reports, paired with synthetic phantom radiographs drawn from each report's
+    labels, and trains the shared fusion model under DP-SGD (Opacus) against its own
+    privacy budget. The server averages the updates (FedAvg). Progress is printed per
+    round; at the end comes a summary table (global loss, macro AUROC, each hospital's
+    cumulative epsilon) and the paths of the report, plots and final model. Exits
+    non-zero if the run failed.
+    """
+    from server.app.report import summary_table
+    from server.commands.simulate import parse_overrides, run_simulation_cli
+    from shared_model.config import PRESETS, ConfigError
+
+    if preset is not None and preset not in PRESETS:
+        typer.secho(f"error: --preset {preset!r} is not one of {', '.join(PRESETS)}", err=True)
+        raise typer.Exit(2)
+    out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    try:
+        overrides = {**PRESETS.get(preset or "", {}), **parse_overrides(run_config or [])}
+        result = run_simulation_cli(
+            hospitals=hospitals,
+            rounds=rounds,
+            overrides=overrides,
+            out=out,
+            timeout=timeout,
+            verbose=verbose,
+            tolerate_failures=tolerate_failures,
+            echo=typer.echo,
+        )
+    except ConfigError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err
+    if result.rounds:
+        typer.echo("\n" + summary_table(result.rounds))
+    typer.echo(f"\nfinished in {result.seconds:.0f}s; run directory: {result.run_dir}")
+    for name in ("report.md", "global_model.safetensors"):
+        if (result.run_dir / name).exists():
+            typer.echo(f"  {name:26s} {result.run_dir / name}")
+    if (result.run_dir / "hospitals").exists():
+        typer.echo(
+            f"  {'privacy ledgers':26s} {result.run_dir / 'hospitals'}/*/privacy_ledger.json"
+        )
+    if not result.ok:
+        for problem in result.problems:
+            typer.secho(f"FAILED: {problem}", fg=typer.colors.RED, err=True)
+        typer.echo(f"full log: {result.run_dir / 'simulation.log'}", err=True)
+        raise typer.Exit(1)
+
+
+def audit(
+    run_dir: Annotated[Path, typer.Argument(help="A finished `fedfusion simulate` run.")],
+    hospitals: Annotated[
+        int | None, typer.Option(min=1, help="Hospitals of the run (default: from its metrics).")
+    ] = None,
+) -> None:
+    """Membership-inference audit of a run's final model: attack AUC and TPR at low FPR.
+
+    Each simulated hospital's training records are the members, its held-out records the
+    non-members. Two attacks score every record: its loss under the final model, and how
+    much training lowered that loss since round 0. The result goes to RUN_DIR/audit.json.
+    """
+    import json
+
+    from server.commands.audit import audit_run
+    from shared_model.config import ConfigError
+
+    try:
+        result = audit_run(run_dir, hospitals)
+    except ConfigError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err
+    typer.echo(
+        f"{result.members} members, {result.non_members} non-members, {result.hospitals} hospitals"
+    )
+    typer.echo("attack            AUC (95% CI)           TPR@1%FPR  TPR@0.1%FPR")
+    for name, r in result.attacks.items():
+        low, high = r.auc_ci95
+        typer.echo(
+            f"{name:16s}  {r.auc:.3f} ({low:.3f}-{high:.3f})    "
+            f"{r.tpr_at_fpr['0.01']:9.3f}  {r.tpr_at_fpr['0.001']:11.3f}"
+        )
+    path = Path(run_dir) / "audit.json"
+    path.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    typer.echo(f"0.5 is a coin toss. Written to {path}")

@@ -1,0 +1,215 @@
+"""One hospital's facts and privacy policy: Flower's ``node_config``, or its own file.
+
+The hospital's policy is its own: whatever the server asks, its ``max-epsilon`` and
+``delta`` cap the budget, and DP, secure aggregation and sharing its evaluation are off
+the table unless its own config says otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from shared_model.config.model import ModelConfig
+from shared_model.config.schema import ConfigError, construct, load_toml, parse_table
+from shared_model.config.schema import option as _opt
+
+__all__ = ["SIM_FEATURE_CACHE_ENV", "HospitalConfig"]
+
+# Where `fedfusion simulate` tells its simulated hospitals to cache frozen features.
+SIM_FEATURE_CACHE_ENV = "FEDFUSION_SIM_FEATURE_CACHE"
+
+
+@dataclass(frozen=True)
+class HospitalConfig:
+    """Facts and policy of one hospital, from Flower's ``node_config``.
+
+    The hospital's privacy policy is its own: ``max_epsilon`` and ``delta`` cap whatever
+    the server asks for, and a round that would exceed ``max_epsilon`` is declined.
+    """
+
+    hospital_id: str = _opt(
+        "", "Name of this hospital in logs and ledgers (default: hospital-<partition>)."
+    )
+    data_manifest: str = _opt(
+        "", "CSV/JSONL manifest of this hospital's records; empty: the embedded partition."
+    )
+    state_dir: str = _opt(
+        "",
+        "Directory for the privacy ledger; required with a data-manifest (default for a "
+        "simulated hospital: <output-dir>/hospitals/<id>).",
+    )
+    max_epsilon: float = _opt(
+        10.0, "Hard cap on cumulative epsilon at this hospital.", min=0.0, min_exclusive=True
+    )
+    delta: float = _opt(
+        1e-5, "Largest delta this hospital accepts.", min=0.0, max=0.1, min_exclusive=True
+    )
+    partition_id: int = _opt(-1, "Simulation: which embedded partition this node holds.", min=-1)
+    num_partitions: int = _opt(
+        0, "Simulation: how many partitions the embedded data is split into.", min=0
+    )
+    threads: int = _opt(
+        0,
+        "CPU threads for training; 0: all cores, or 1 per hospital in a simulation "
+        "(simulated hospitals share one machine).",
+        min=0,
+    )
+    device: str = _opt("cpu", "Where training runs: cpu, cuda, cuda:N, or auto (cuda if any).")
+    secure_noise: bool = _opt(
+        True,
+        "Keep CSPRNG noise even if the server asks for privacy.secure-noise = false; "
+        "only a hospital's own false lets that through (simulated hospitals follow the server).",
+    )
+    allow_non_private: bool | None = _opt(
+        None,
+        "Train without differential privacy when the server asks (privacy.enabled = "
+        "false). Default: false for a hospital with its own data, which then declines "
+        "such rounds; true for a simulated hospital holding the public embedded data.",
+    )
+    require_secagg: bool | None = _opt(
+        None,
+        "Send updates only inside secure aggregation: a plain training request is "
+        "declined. Default: true for a hospital with its own data, false for a "
+        "simulated hospital.",
+    )
+    share_evaluation: bool | None = _opt(
+        None,
+        "Send this hospital's own held-out metrics to the server in the clear, in runs "
+        "without secure aggregation. Default: false for a hospital with its own data "
+        "(the server then learns evaluation results only summed over hospitals, inside "
+        "SecAgg+), true for a simulated hospital.",
+    )
+    text_model: str = _opt(
+        "",
+        "This hospital's copy of the run's model.text-model folder, where its path differs "
+        "from the server's; empty: the run's path.",
+    )
+    image_weights: str = _opt(
+        "",
+        "This hospital's copy of the run's model.image-weights file; empty: the run's path. "
+        "Frozen weights are never sent: each hospital loads its own, checked by hash.",
+    )
+    feature_cache: str = _opt(
+        "",
+        "Directory of the cached features of frozen encoders (never sent); empty: "
+        "<state-dir>/feature-cache.",
+    )
+    warm_start: bool = _opt(
+        True,
+        "Deployment: start each message's ClientApp by forking a process that has already "
+        "imported Flower and torch, instead of Flower's fresh process per message.",
+    )
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> HospitalConfig:
+        """Parse Flower's ``node_config``; ``partition-id``/``num-partitions`` come from Flower.
+
+        ``config-file`` names a TOML file of the hospital's own, with the same keys at its
+        top level or under ``[hospital]``; keys given directly in the node config win.
+        Relative paths in the file are taken relative to the file.
+        """
+        merged = dict(node_config)
+        if "config-file" in merged:
+            from_file = _read_hospital_file(str(merged.pop("config-file")))
+            merged = {**from_file, **merged}
+        values = parse_table(cls, merged, "", "node")
+        cfg = construct(cls, values, prefix="")
+        if not cfg.data_manifest and cfg.partition_id < 0:
+            raise ConfigError(
+                "node config: give 'data-manifest' (a hospital's own data) or "
+                "'partition-id' and 'num-partitions' (the embedded simulation data)"
+            )
+        if cfg.data_manifest and not cfg.state_dir:
+            raise ConfigError(
+                "node config 'state-dir': a hospital with its own data (data-manifest) needs "
+                "a state directory of its own for its privacy ledger; without one the ledger "
+                "would live under the server's output-dir, which the server chooses (a new "
+                "output-dir would start it again from zero)"
+            )
+        if not cfg.data_manifest and not 0 <= cfg.partition_id < cfg.num_partitions:
+            raise ConfigError(
+                f"node config 'partition-id': {cfg.partition_id} is not in "
+                f"[0, num-partitions={cfg.num_partitions})"
+            )
+        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", cfg.device):
+            raise ConfigError(
+                f"hospital 'device': expected cpu, cuda, cuda:N or auto, got {cfg.device!r}"
+            )
+        return cfg
+
+    @property
+    def simulated(self) -> bool:
+        """True for a simulated hospital holding a partition of the embedded data."""
+        return not self.data_manifest and self.partition_id >= 0
+
+    @property
+    def non_private_allowed(self) -> bool:
+        """Whether this hospital may train without DP (allow-non-private, or its default)."""
+        return self.simulated if self.allow_non_private is None else self.allow_non_private
+
+    @property
+    def secagg_required(self) -> bool:
+        """Whether this hospital sends updates only inside SecAgg+."""
+        return not self.simulated if self.require_secagg is None else self.require_secagg
+
+    @property
+    def evaluation_shared(self) -> bool:
+        """Whether this hospital sends its own held-out metrics in the clear."""
+        return self.simulated if self.share_evaluation is None else self.share_evaluation
+
+    def torch_threads(self) -> int:
+        """Threads torch may use (0: leave torch's default, all cores)."""
+        if self.threads:
+            return self.threads
+        return 1 if self.simulated else 0
+
+    @property
+    def name(self) -> str:
+        """The hospital's display name."""
+        return self.hospital_id or f"hospital-{self.partition_id}"
+
+    def ledger_dir(self, output_dir: str) -> Path:
+        """Directory holding this hospital's privacy ledger."""
+        if self.state_dir:
+            return Path(self.state_dir).expanduser()
+        return Path(output_dir).expanduser() / "hospitals" / self.name
+
+    def cache_dir(self, output_dir: str) -> Path:
+        """Directory of this hospital's frozen-feature cache.
+
+        Simulated hospitals share one machine, and `fedfusion simulate` points them all
+        at one cache (``FEDFUSION_SIM_FEATURE_CACHE``) that later runs reuse.
+        """
+        if self.feature_cache:
+            return Path(self.feature_cache).expanduser()
+        shared = os.environ.get(SIM_FEATURE_CACHE_ENV, "")
+        if self.simulated and shared:
+            return Path(shared)
+        return self.ledger_dir(output_dir) / "feature-cache"
+
+    def local_model(self, model: ModelConfig) -> ModelConfig:
+        """The run's model settings with this hospital's own paths to pretrained files."""
+        return dataclasses.replace(
+            model,
+            text_model=self.text_model or model.text_model,
+            image_weights=self.image_weights or model.image_weights,
+        )
+
+
+def _read_hospital_file(path_text: str) -> dict[str, Any]:
+    path = Path(path_text).expanduser().resolve()
+    data = load_toml(path, "node config 'config-file'")
+    table = data.get("hospital", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"{path}: [hospital] must be a table")
+    # relative to the file, not the cwd
+    for key in ("data-manifest", "state-dir", "text-model", "image-weights", "feature-cache"):
+        if isinstance(table.get(key), str) and table[key] and not Path(table[key]).is_absolute():
+            table[key] = str(path.parent / table[key])
+    return table

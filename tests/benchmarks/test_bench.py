@@ -1,0 +1,160 @@
+"""The benchmark's arithmetic: warm-up left out, medians, ratios against the baseline."""
+
+import json
+
+import pytest
+
+from benchmarks.suites import Measurement, _Run, table, write_results
+
+
+def rounds(seconds, up=1000, key=100):
+    return [
+        {
+            "round": i,
+            "seconds": s,
+            "hospitals": [{"bytes_up": up, "bytes_down": 2 * up, "key_bytes_up": key}] * 2,
+        }
+        for i, s in enumerate(seconds)
+    ]
+
+
+def test_baseline_and_warm_up_rounds_are_left_out():
+    run = _Run.from_rounds(rounds([50.0, 40.0, 3.0, 5.0, 4.0]))
+    assert run.seconds == [3.0, 5.0, 4.0]  # round 0 (baseline) and round 1 (warm-up) dropped
+    assert run.up == [1000.0] * 6 and run.key_up == [100.0] * 6
+    with pytest.raises(RuntimeError, match="no training round"):
+        _Run.from_rounds(rounds([50.0, 40.0]))
+
+
+def test_ratio_and_target_against_a_baseline(tmp_path):
+    base = Measurement.of("plain", {}, [2.0, 4.0, 3.0], "s")
+    fast = Measurement.of("secagg", {}, [3.3, 3.6, 10.0], "s").against(base, 1.2)
+    slow = Measurement.of("deployed", {}, [9.0], "s").against(base, 2.0)
+    assert (base.median, base.min, base.max, base.samples) == (3.0, 2.0, 4.0, 3)
+    assert fast.ratio == pytest.approx(1.2) and fast.met
+    assert slow.ratio == pytest.approx(3.0) and slow.met is False
+    text = table([base, fast, slow])
+    assert "<= 2x: MISSED" in text and "<= 1.2x: met" in text
+    json_path, md_path = write_results([base, fast, slow], tmp_path)
+    data = json.loads(json_path.read_text())
+    entry = data["entries"][2]
+    assert {"name", "config", "median", "min", "max", "unit", "ratio", "baseline"} <= set(entry)
+    assert entry["baseline"] == "plain" and data["machine"]["cores"] >= 1
+    assert "MISSED" in md_path.read_text()
+    with pytest.raises(ValueError, match="no samples"):
+        Measurement.of("empty", {}, [], "s")
+
+
+def test_utility_summary_targets_and_files(tmp_path):
+    from benchmarks.suites import UTILITY_CONFIGS, summarize_utility, utility_targets, write_utility
+
+    def run(auroc, normal):
+        metrics = {"auroc": auroc, "auroc.normal": normal, "auroc.effusion": 0.9}
+        return [{"round": 1, "eval_metrics": metrics}], 30.0
+
+    scores = {  # configuration name -> macro AUROC over 3 seeds
+        "small: centralized, non-private": (0.90, 0.92, 0.88),
+        "small: federated, DP eps=8, SecAgg+": (0.86, 0.87, 0.85),
+        "small: image only, DP eps=8, SecAgg+": (0.80, 0.81, 0.79),
+    }
+    entries = [
+        summarize_utility(
+            c, [run(a, 0.7) for a in scores.get(f"{c.mode}: {c.name}", (0.7, 0.7, 0.7))]
+        )
+        for c in UTILITY_CONFIGS
+    ]
+    assert {e["mode"] for e in entries} == {"small", "frozen", "lora"}
+    central = entries[0]
+    assert central["macro_auroc_mean"] == pytest.approx(0.90)
+    assert central["macro_auroc_std"] == pytest.approx(0.01633, rel=1e-3)
+    assert central["per_label_auroc"]["normal"] == {
+        "mean": pytest.approx(0.7),
+        "std": pytest.approx(0),
+    }
+    assert {central["privacy"], central["secagg"], central["branch"]} == {"none", "off", "fused"}
+    targets = utility_targets(entries)
+    (_, ratio, ratio_met), (_, margin, fused_met) = targets[:2]  # the small model's
+    assert ratio == pytest.approx(0.86 / 0.90) and ratio_met  # 0.956
+    assert margin == pytest.approx(0.06) and fused_met
+    frozen = targets[2:4]  # every frozen score 0.7: fused does not beat 0.7
+    assert frozen[0][1] == pytest.approx(1.0) and not frozen[1][2]
+    assert [(v, m) for _, v, m in targets[4:]] == [(None, False), (None, False)]  # lora
+    json_path, md_path, png_path = write_utility(entries, tmp_path)
+    data = json.loads(json_path.read_text())
+    assert len(data["entries"]) == len(UTILITY_CONFIGS) and len(data["targets"]) == 6
+    assert {
+        "name",
+        "mode",
+        "branch",
+        "privacy",
+        "secagg",
+        "macro_auroc_mean",
+        "macro_auroc_std",
+        "wall_time_s",
+    } <= set(data["entries"][0])
+    md = md_path.read_text()
+    assert "0.956, met" in md and "not measured, MISSED" in md
+    assert png_path.stat().st_size > 1000
+
+
+def test_tree_memory_sees_a_grandchild_allocate():
+    import subprocess
+    import sys
+
+    from benchmarks.suites import TreeMemory
+
+    def peak(code: str) -> float:
+        """A small process whose own child runs ``code``: its tree's peak memory."""
+        child = f"import subprocess, sys; subprocess.run([sys.executable, '-c', {code!r}])"
+        proc = subprocess.Popen([sys.executable, "-c", child])
+        with TreeMemory(interval=0.1, root=proc.pid) as memory:
+            proc.wait()
+        return memory.peak
+
+    idle = peak("import time; time.sleep(1.5)")
+    grown = peak("b = b'x' * (300 * 2**20); import time; time.sleep(1.5)")  # pages touched
+    assert grown - idle > 250 * 2**20
+
+
+def test_one_dp_step_measurement_in_its_own_process():
+    from benchmarks.dp import _run_one
+
+    spec = {
+        "model": "default",
+        "overrides": {"model.image-size": 32, "model.embed-dim": 16},
+        "device": "cpu",
+        "threads": 1,
+        "batch": 16,
+        "physical": 8,
+        "warmup": 1,
+        "steps": 2,
+        "secure_noise": True,
+        "mode": "auto",
+    }
+    got = _run_one(spec)
+    assert got["resolved"] == "bk" and len(got["times"]) == 2
+    assert all(t > 0 for t in got["times"]) and got["peak_memory"] > got["train_memory"] > 0
+
+
+def test_a_failed_part_is_recorded_and_the_others_are_kept(tmp_path, monkeypatch):
+    """A part that fails late (here: memory) loses nothing the earlier parts measured."""
+    from typer.testing import CliRunner
+
+    import benchmarks.dp
+    from benchmarks.cli import app
+
+    step = Measurement.of("dp-step/default/none", {}, [0.03], "s")
+    monkeypatch.setattr(benchmarks.dp, "run_dp_bench", lambda **_: [step])
+
+    def broken(**_):
+        raise RuntimeError("the memory run failed: out of luck")
+
+    monkeypatch.setattr(benchmarks.dp, "run_memory_bench", broken)
+    result = CliRunner().invoke(app, ["--suite", "dp", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "FAILED (memory): the memory run failed: out of luck" in result.output
+    (json_path,) = tmp_path.glob("dp-*.json")
+    data = json.loads(json_path.read_text())
+    assert [e["name"] for e in data["entries"]] == ["dp-step/default/none"]
+    assert data["failures"] == ["memory: the memory run failed: out of luck"]
+    assert "**FAILED** memory: the memory run failed" in (tmp_path / "latest-dp.md").read_text()

@@ -1,0 +1,217 @@
+"""`fedfusion hospital`: the hospital file is checked before anything starts."""
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from client.node.launch import (
+    explain_exit,
+    joined_before,
+    plan_supernode,
+    run_until_joined,
+    supernode_environment,
+)
+from shared_model.cli import build_app
+from shared_model.config import ConfigError, HospitalConfig
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def hospital_file(tmp_path, **connection) -> Path:
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs/ca.crt").write_text("ca")
+    (tmp_path / "certs/h.key").write_text("key")
+    (tmp_path / "m.csv").write_text("image,report,labels\n,x,normal\n")
+    conn = {
+        "server": '"127.0.0.1:9092"',
+        "root-certificates": '"certs/ca.crt"',
+        "private-key": '"certs/h.key"',
+        **connection,
+    }
+    lines = [
+        "[hospital]",
+        'hospital-id = "h"',
+        'data-manifest = "m.csv"',
+        'state-dir = "state"',
+        "max-epsilon = 3.0",
+        "",
+        "[connection]",
+    ]
+    lines += [f"{k} = {v}" for k, v in conn.items() if v is not None]
+    path = tmp_path / "hospital.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_good_file_gives_the_supernode_command(tmp_path):
+    launch = plan_supernode(hospital_file(tmp_path))
+    cmd = launch.command
+    assert cmd[cmd.index("--superlink") + 1] == "127.0.0.1:9092"
+    assert cmd[cmd.index("--root-certificates") + 1] == str(tmp_path / "certs/ca.crt")
+    assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(tmp_path / "certs/h.key")
+    assert "--insecure" not in cmd and not launch.warning
+    # the ClientApp reads the same file: its policy is the hospital's
+    node_config = cmd[cmd.index("--node-config") + 1]
+    key, value = node_config.split("=", 1)
+    hospital = HospitalConfig.from_node_config({key: value.strip("'")})
+    assert hospital.max_epsilon == 3.0 and hospital.state_dir == str(tmp_path / "state")
+
+
+@pytest.mark.parametrize(
+    ("connection", "named"),
+    [
+        ({"server": '"no-port"'}, "connection.server"),
+        ({"private-key": '"certs/missing.key"'}, "connection.private-key"),
+        ({"root-certificates": None}, "connection.root-certificates"),
+        ({"insecure": "true"}, "contradicts connection.root-certificates"),
+        ({"colour": '"blue"'}, "connection.colour"),
+        ({"port": '"9094"'}, "connection.port"),
+    ],
+)
+def test_bad_or_contradictory_settings_name_the_key(tmp_path, connection, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        plan_supernode(hospital_file(tmp_path, **connection))
+
+
+def test_plaintext_only_when_asked_and_loudly(tmp_path):
+    launch = plan_supernode(
+        hospital_file(tmp_path, **{"root-certificates": None, "insecure": "true"})
+    )
+    assert "--insecure" in launch.command and "WITHOUT TLS" in launch.warning
+    result = CliRunner().invoke(
+        build_app(), ["hospital", "--config", str(tmp_path / "hospital.toml"), "--check"]
+    )
+    assert result.exit_code == 0 and "WITHOUT TLS" in result.output
+
+
+REFUSED = "ERROR: [code: 2004] Failed to activate SuperNode."
+
+
+def test_an_unregistered_key_is_explained(tmp_path):
+    launch = plan_supernode(hospital_file(tmp_path))
+    reason = explain_exit(1, REFUSED, launch)
+    assert "not registered" in reason and "flwr supernode register h.pub" in reason
+    assert "connection.rejoin-timeout" in reason  # or its previous connection lingers
+
+
+class Attempts:
+    """A SuperNode refused activation ``refusals`` times, then one that joins."""
+
+    def __init__(self, refusals: int, final: tuple[int, str] = (0, "joined; run ended")) -> None:
+        self.refusals, self.final, self.calls = refusals, final, 0
+
+    def __call__(self, launch):
+        self.calls += 1
+        return (1, REFUSED) if self.calls <= self.refusals else self.final
+
+
+def joined(launch, server: str = "127.0.0.1:9092") -> None:
+    """What run_supernode leaves in the state-dir once Flower accepted the hospital."""
+    state = Path(launch.hospital.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "supernode.json").write_text(json.dumps({"server": server, "node_id": "7"}))
+
+
+@pytest.mark.fault(
+    "A hospital restarted while the server still counts it online",
+    "It retries joining for connection.rejoin-timeout, saying why",
+    "its place in the federation",
+)
+def test_a_restarted_hospital_retries_joining_until_the_server_frees_it(tmp_path):
+    launch = plan_supernode(hospital_file(tmp_path))
+    joined(launch)
+    assert joined_before(launch)
+    said: list[str] = []
+    attempts = Attempts(refusals=2)
+    code, output = run_until_joined(launch, said.append, attempts, retry_every=0.01)
+    assert (code, output, attempts.calls) == (0, "joined; run ended", 3)
+    assert len(said) == 2 and "rejoin-timeout" in said[0]
+
+
+def test_a_hospital_that_never_joined_is_refused_at_once(tmp_path):
+    """A refusal before any join means an unregistered key: no point waiting."""
+    launch = plan_supernode(hospital_file(tmp_path))
+    attempts = Attempts(refusals=1000)
+    assert run_until_joined(launch, lambda _: None, attempts, retry_every=0.01)[0] == 1
+    assert attempts.calls == 1
+    joined(launch, server="elsewhere:9092")  # it joined another server: still new here
+    assert not joined_before(launch)
+    assert run_until_joined(launch, lambda _: None, attempts, retry_every=0.01)[0] == 1
+    assert attempts.calls == 2
+
+
+def test_rejoining_gives_up_after_the_rejoin_timeout(tmp_path):
+    launch = plan_supernode(hospital_file(tmp_path, **{"rejoin-timeout": "0.2"}))
+    joined(launch)
+    attempts = Attempts(refusals=1000)
+    started = time.monotonic()
+    code, output = run_until_joined(launch, lambda _: None, attempts, retry_every=0.05)
+    assert code == 1 and output == REFUSED and 2 <= attempts.calls <= 6
+    assert time.monotonic() - started < 2
+    other = Attempts(refusals=0, final=(1, "TLS handshake failed"))  # not retried
+    assert run_until_joined(launch, lambda _: None, other, 0.01) == other.final
+    assert other.calls == 1
+
+
+def test_the_example_file_in_deploy_parses():
+    import tomllib
+
+    data = tomllib.loads((ROOT / "deploy/hospital.toml").read_text())
+    assert HospitalConfig.from_node_config(data["hospital"]).hospital_id == "st-mary"
+    assert set(data["connection"]) <= {
+        "server",
+        "root-certificates",
+        "private-key",
+        "port",
+        "insecure",
+    }
+
+
+def test_the_supernode_finds_flowers_commands_without_the_venv_on_path(monkeypatch):
+    """A service manager's PATH lacks the venv; the SuperNode starts SuperExec by name."""
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    env = supernode_environment()
+    for command in ("flower-superexec", "flwr-clientapp"):
+        found = shutil.which(command, path=env["PATH"])
+        assert found and Path(found).parent == Path(sys.executable).parent
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_gpu_that_is_not_there_fails_at_start(tmp_path):
+    path = hospital_file(tmp_path)
+    path.write_text(
+        path.read_text().replace("max-epsilon = 3.0", 'max-epsilon = 3.0\ndevice = "cuda"')
+    )
+    with pytest.raises(ConfigError, match=r"hospital.device = 'cuda'.*sees no CUDA GPU"):
+        plan_supernode(path)
+
+
+@pytest.mark.fault(
+    "A hospital started with its budget spent or an untrusted ledger",
+    "Refused at start, naming hospital.max-epsilon or hospital.state-dir",
+    "the ledger",
+)
+def test_a_spent_budget_or_an_untrusted_ledger_is_refused_at_start(tmp_path):
+    from client.dp.ledger import LedgerEntry, PrivacyLedger
+    from client.dp.policy import PrivacyPolicy
+
+    path = hospital_file(tmp_path)  # max-epsilon = 3.0, state-dir = "state"
+    plan_supernode(path)  # a new hospital (no state-dir yet) starts
+    policy = PrivacyPolicy(True, 3.0, 3.0, 1e-5, 1.0, "rdp", "bk")
+    ledger = PrivacyLedger.open(tmp_path / "state", "h", policy)
+    ledger.begin_round(LedgerEntry(round=1, noise_multiplier=0.6, sample_rate=0.1, steps=50))
+    ledger.complete_round(1, 50)
+    assert ledger.epsilon() > 3.0
+    with pytest.raises(ConfigError, match=r"hospital\.max-epsilon: .* already spent epsilon"):
+        plan_supernode(path)
+    result = CliRunner().invoke(build_app(), ["hospital", "--config", str(path), "--check"])
+    assert result.exit_code == 2 and "already spent epsilon" in result.output
+    (tmp_path / "state/privacy_ledger.json").write_text("{garbage")
+    with pytest.raises(ConfigError, match=r"hospital\.state-dir: .*refuses to train"):
+        plan_supernode(path)

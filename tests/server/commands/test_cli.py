@@ -1,0 +1,175 @@
+"""The ``fedfusion`` CLI and the simulation launcher."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from typer.testing import CliRunner
+
+from server.commands.simulate import judge_run as _judge
+from server.commands.simulate import parse_overrides
+from shared_model.cli import build_app
+from shared_model.config import ConfigError
+from shared_model.processes import stop_processes
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_every_subcommand_explains_itself():
+    app = build_app()
+    runner = CliRunner()
+    top = runner.invoke(app, ["--help"])
+    assert top.exit_code == 0 and "simulate" in top.output
+    sub = runner.invoke(app, ["simulate", "--help"], terminal_width=200)
+    assert sub.exit_code == 0
+    for option in ("--hospitals", "--rounds", "--run-config", "--out"):
+        assert option in sub.output
+
+
+def test_bad_run_config_is_refused_before_anything_starts(tmp_path):
+    result = CliRunner().invoke(
+        build_app(), ["simulate", "--out", str(tmp_path / "r"), "-c", "privacy.target-epsilon=-1"]
+    )
+    assert result.exit_code == 2
+    assert "privacy.target-epsilon" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_impossible_secagg_settings_are_refused_at_start(tmp_path):
+    runner = CliRunner()
+    two = runner.invoke(build_app(), ["simulate", "--hospitals", "2", "--out", str(tmp_path / "a")])
+    assert two.exit_code == 2 and "at least 3 hospitals" in two.output
+    bad = runner.invoke(
+        build_app(),
+        [
+            "simulate",
+            "--hospitals",
+            "4",
+            "--out",
+            str(tmp_path / "b"),
+            "-c",
+            "secagg.reconstruction-threshold=4",
+        ],
+    )
+    assert bad.exit_code == 2 and "must be below num-shares" in bad.output
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_parse_overrides():
+    parsed = parse_overrides(
+        ['model.fusion="concat" num-rounds=5', "privacy.enabled=false", "train.pos-weight=none"]
+    )
+    assert parsed == {
+        "model.fusion": "concat",
+        "num-rounds": 5,
+        "privacy.enabled": False,
+        "train.pos-weight": "none",
+    }
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["num-rounds"])
+
+
+def test_stop_processes_stops_the_tree_and_marked_strays(tmp_path):
+    marker = str(tmp_path / "private-marker")
+    parent = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess,sys,time;"
+            "subprocess.Popen([sys.executable,'-c','import time;time.sleep(60)']);"
+            "time.sleep(60)",
+        ]
+    )
+    # A daemon that left the tree, recognisable only by a private path on its command line.
+    stray = subprocess.Popen(
+        [sys.executable, "-c", "import time;time.sleep(60)", marker], start_new_session=True
+    )
+    time.sleep(0.5)
+    tree = [parent.pid] + [c.pid for c in psutil.Process(parent.pid).children(recursive=True)]
+    assert len(tree) == 2
+    assert stop_processes(parent.pid, [marker], grace=3) == []
+    parent.wait(5)
+    stray.wait(5)
+    assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in tree)
+
+
+def _run_dir(tmp_path, status="completed", failures=0):
+    tmp_path.mkdir()
+    (tmp_path / "run.json").write_text(json.dumps({"status": status, "error": "boom"}))
+    rounds = [
+        {
+            "round": 1,
+            "failures": failures,
+            "eval_failures": 0,
+            "hospitals": [{"status": "failed", "reason": "ValueError: x"}] * failures,
+        }
+    ]
+    (tmp_path / "metrics.json").write_text(json.dumps({"rounds": rounds}))
+    return tmp_path
+
+
+def test_judge_sees_through_flwr_run_exit_code_zero(tmp_path):
+    ok = _run_dir(tmp_path / "a")
+    assert _judge(0, "finished:completed", ok, tolerate_failures=False) == []
+    assert "Flower reports" in _judge(0, "finished:failed", ok, False)[0]
+    assert "failed: boom" in " ".join(
+        _judge(0, "finished:completed", _run_dir(tmp_path / "b", status="failed"), False)
+    )
+    with_failures = _run_dir(tmp_path / "c", failures=1)
+    assert "1 hospital replies failed" in _judge(0, "finished:completed", with_failures, False)[0]
+    assert _judge(0, "finished:completed", with_failures, tolerate_failures=True) == []
+    (tmp_path / "d").mkdir()
+    assert "never started" in _judge(0, "finished:completed", tmp_path / "d", False)[-1]
+
+
+def _simulate(out: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "fedfusion"), "simulate", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+
+
+def _our_processes(out: Path) -> list[int]:
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if str(out) in " ".join(proc.info.get("cmdline") or []):
+            found.append(proc.pid)
+    return found
+
+
+@pytest.mark.slow
+def test_simulate_command_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    result = _simulate(out, "--hospitals", "3", "--rounds", "1", "-c", "data.max-reports=900")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "round 1/1 (SecAgg+)" in result.stdout and "eps hospital-2" in result.stdout
+    assert "report.md" in result.stdout
+    assert json.loads((out / "run.json").read_text())["status"] == "completed"
+    assert _our_processes(out) == []
+
+
+@pytest.mark.slow
+def test_simulate_command_fails_loudly_when_hospitals_fail(tmp_path):
+    out = tmp_path / "run"
+    # 15 reports cannot give 3 hospitals 10 records each: every hospital raises.
+    result = _simulate(out, "--hospitals", "3", "--rounds", "1", "-c", "data.max-reports=15")
+    assert result.returncode == 1
+    assert "FAILED" in result.stderr and "cannot split 15 records" in result.stderr
+    assert _our_processes(out) == []
+
+
+def test_an_unknown_preset_is_refused_naming_the_known_ones(tmp_path):
+    result = CliRunner().invoke(
+        build_app(), ["simulate", "--preset", "resnet-bert", "--out", str(tmp_path / "r")]
+    )
+    assert result.exit_code == 2
+    names = "cnn-lstm-concat, efficientnet-minilm-concat, cnn-transformer-cross-attention"
+    assert names in result.output
+    assert not (tmp_path / "r").exists()

@@ -1,0 +1,91 @@
+"""`fedfusion server`: the server file is checked before anything starts."""
+
+from pathlib import Path
+
+import pytest
+
+from server.commands.config import ServerDeployConfig
+from server.commands.serve import superlink_command
+from shared_model.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def server_file(tmp_path, server: dict, run: str = "num-rounds = 2\n") -> Path:
+    for name in ("ca.crt", "server.pem", "server.key", "h0.pub"):
+        (tmp_path / name).write_text("x")
+    table = {
+        "address": '"127.0.0.1:9092"',
+        "state-dir": '"state"',
+        "root-certificates": '"ca.crt"',
+        "certificate": '"server.pem"',
+        "private-key": '"server.key"',
+        "hospitals": '["h0.pub"]',
+        **server,
+    }
+    body = "\n".join(f"{k} = {v}" for k, v in table.items() if v is not None)
+    path = tmp_path / "server.toml"
+    path.write_text(f"[server]\n{body}\n\n[run]\n{run}")
+    return path
+
+
+def test_a_good_file_gives_a_tls_superlink_with_authentication(tmp_path):
+    cfg, run, settings = ServerDeployConfig.from_file(server_file(tmp_path, {}))
+    cmd = superlink_command(cfg)
+    assert "--enable-supernode-auth" in cmd and "--disable-runtime-dependency-installation" in cmd
+    assert cmd[cmd.index("--ssl-certfile") + 1] == str(tmp_path / "server.pem")
+    assert cmd[cmd.index("--database") + 1] == str(tmp_path / "state" / "superlink.db")
+    assert cfg.hospital_keys() == [str(tmp_path / "h0.pub")]
+    assert run.num_rounds == 2 and settings == {"num-rounds": 2}
+
+
+@pytest.mark.parametrize(
+    ("server", "run", "named"),
+    [
+        ({"certificate": '"missing.pem"'}, "", "server.certificate"),
+        ({"private-key": None}, "", "server.private-key"),
+        ({"insecure": "true"}, "", "contradicts the TLS files"),
+        ({"address": '"9092"'}, "", "server.address"),
+        ({"hospitals": '["nobody.pub"]'}, "", "server.hospitals"),
+        ({"colour": '"blue"'}, "", "server.colour"),
+        ({}, "privacy.target-epsilonn = 3.0\n", "privacy.target-epsilonn"),
+    ],
+)
+def test_bad_or_contradictory_settings_name_the_key(tmp_path, server, run, named):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        ServerDeployConfig.from_file(server_file(tmp_path, server, run or "num-rounds = 2\n"))
+
+
+def test_plaintext_only_when_asked(tmp_path):
+    cfg, _, _ = ServerDeployConfig.from_file(
+        server_file(
+            tmp_path,
+            {
+                "insecure": "true",
+                "root-certificates": None,
+                "certificate": None,
+                "private-key": None,
+            },
+        )
+    )
+    cmd = superlink_command(cfg)
+    assert "--insecure" in cmd and "--enable-supernode-auth" not in cmd
+
+
+def test_the_example_file_in_deploy_parses_its_run_settings():
+    import tomllib
+
+    data = tomllib.loads((ROOT / "deploy/server.toml").read_text())
+    assert set(data["server"]) <= {
+        "address",
+        "state-dir",
+        "root-certificates",
+        "certificate",
+        "private-key",
+        "hospitals",
+        "timeout",
+        "insecure",
+    }
+    from shared_model.config import RunConfig, flatten_toml
+
+    assert RunConfig.from_run_config(flatten_toml(data["run"])).num_rounds == 10

@@ -1,0 +1,234 @@
+"""A whole deployment on loopback: certificates, TLS SuperLink, hospitals, cleanup.
+
+The end-to-end tests (``tests/e2e``) and the deployment benchmark (``fedfusion bench``)
+run what a real deployment runs, on 127.0.0.1: `fedfusion certs` files, a SuperLink with
+TLS and SuperNode authentication, `fedfusion server --config` and `fedfusion hospital
+--config`. Every process started is recorded with markers that identify it (and the
+SuperExec it spawns) so that ``stop_all`` stops it by PID, whatever happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from server.commands.certs import create_deployment
+from shared_model.processes import free_port, stop_processes
+
+__all__ = ["BIN", "HOSPITALS", "LoopbackDeployment"]
+
+BIN = Path(sys.executable).parent
+HOSPITALS = ["hospital-0", "hospital-1", "hospital-2", "hospital-3"]
+
+
+class LoopbackDeployment:
+    """A TLS SuperLink on loopback, and helpers to run Flower commands against it."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.certs = tmp / "certs"
+        create_deployment(self.certs, ["127.0.0.1"], HOSPITALS)
+        self.port = free_port()
+        home = tmp / "flwr-home"
+        home.mkdir()
+        (home / "config.toml").write_text(
+            f'[superlink]\ndefault = "tls"\n\n[superlink.tls]\n'
+            f'address = "127.0.0.1:{self.port}"\n'
+            f'root-certificates = "{self.certs / "ca/ca.crt"}"\n'
+        )
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(home),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        }
+        self.started: list[tuple[subprocess.Popen, list[str]]] = []
+
+    def start(self, cmd: list[str], log: str, markers: tuple[str, ...] = ()) -> subprocess.Popen:
+        """Start a long-running process, logging to a file (never a pipe: see below)."""
+        with (self.tmp / log).open("w") as handle:
+            proc = subprocess.Popen(
+                cmd,
+                env=self.env,
+                cwd=self.tmp,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        # Flower's SuperExec outlives a SuperNode that fails to activate, in a session of
+        # its own, and would hold a pipe open: only its address identifies it.
+        found = [f"127.0.0.1:{cmd[i + 1]}" for i, a in enumerate(cmd) if a == "--port"]
+        self.started.append((proc, [str(self.tmp), *found, *markers]))
+        return proc
+
+    def start_superlink(self) -> subprocess.Popen:
+        """The SuperLink with TLS and SuperNode authentication."""
+        self.superlink = self.start(
+            [
+                str(BIN / "flower-superlink"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--database",
+                str(self.tmp / "superlink.db"),
+                "--ssl-ca-certfile",
+                str(self.certs / "ca/ca.crt"),
+                "--ssl-certfile",
+                str(self.certs / "server/server.pem"),
+                "--ssl-keyfile",
+                str(self.certs / "server/server.key"),
+                "--enable-supernode-auth",
+                "--disable-runtime-dependency-installation",
+            ],
+            "superlink.log",
+        )
+        return self.superlink
+
+    def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """Run the flwr CLI against the deployment."""
+        return subprocess.run(
+            [str(BIN / "flwr"), *args],
+            env=self.env,
+            cwd=self.tmp,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    def register(self, name: str, deadline_s: float = 60) -> None:
+        """Register a hospital's public key, waiting for the SuperLink to come up."""
+        deadline = time.monotonic() + deadline_s
+        while True:
+            reg = self.flwr(
+                "supernode",
+                "register",
+                str(self.certs / f"hospitals/{name}/{name}.pub"),
+                "tls",
+                "--name",
+                name,
+            )
+            if reg.returncode == 0:
+                return
+            if self.superlink.poll() is not None:
+                raise RuntimeError(
+                    "the SuperLink stopped: " + (self.tmp / "superlink.log").read_text()[-2000:]
+                )
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"could not register {name}: {reg.stdout}{reg.stderr}")
+            time.sleep(1)
+
+    def hospital(
+        self, name: str, manifest: Path | None = None, *, tls: bool = True
+    ) -> tuple[list[str], str]:
+        """A hospital file for `fedfusion hospital`; returns (command, cleanup marker)."""
+        port = free_port()
+        if manifest is None:
+            manifest = self.tmp / f"{name}-empty.csv"
+            manifest.write_text("image,report,labels\n,no data,normal\n")
+        key = self.certs / f"hospitals/{name}/{name}.key"
+        connection = (
+            f'root-certificates = "{self.certs / "ca/ca.crt"}"' if tls else "insecure = true"
+        )
+        path = self.tmp / f"{name}-{'tls' if tls else 'plain'}.toml"
+        path.write_text(
+            f'[hospital]\nhospital-id = "{name}"\ndata-manifest = "{manifest}"\n'
+            f'state-dir = "{self.tmp / f"{name}-state"}"\nmax-epsilon = 6.0\n'
+            # the hospitals share this machine's cores, as simulated ones do
+            "threads = 1\n\n"
+            f'[connection]\nserver = "127.0.0.1:{self.port}"\nprivate-key = "{key}"\n'
+            f"port = {port}\n{connection}\n"
+        )
+        return [str(BIN / "fedfusion"), "hospital", "--config", str(path)], f"127.0.0.1:{port}"
+
+    def server_file(self, hospitals: list[str], run: str) -> Path:
+        """A server.toml for `fedfusion server` on this deployment's port and certificates."""
+        keys = ", ".join(f'"{self.certs / f"hospitals/{h}/{h}.pub"}"' for h in hospitals)
+        path = self.tmp / "server.toml"
+        path.write_text(
+            f'[server]\naddress = "127.0.0.1:{self.port}"\n'
+            f'state-dir = "{self.tmp / "server-state"}"\n'
+            f'root-certificates = "{self.certs / "ca/ca.crt"}"\n'
+            f'certificate = "{self.certs / "server/server.pem"}"\n'
+            f'private-key = "{self.certs / "server/server.key"}"\n'
+            f"hospitals = [{keys}]\ntimeout = 600.0\n\n[run]\n{run}"
+        )
+        return path
+
+    def wait_registered(self, count: int, deadline_s: float = 90) -> None:
+        """Wait until ``count`` hospital keys are registered on the SuperLink."""
+        deadline = time.monotonic() + deadline_s
+        while True:
+            listing = self.flwr("supernode", "list", "tls", "--format", "json")
+            try:
+                nodes = json.loads(listing.stdout).get("nodes", [])
+            except json.JSONDecodeError:
+                nodes = []
+            if len(nodes) >= count:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{count} keys not registered: {listing.stdout}{listing.stderr}")
+            time.sleep(1)
+
+    def wait_online(self, count: int, deadline_s: float = 90) -> None:
+        """Wait until ``count`` SuperNodes are online."""
+        deadline = time.monotonic() + deadline_s
+        while True:
+            listing = self.flwr("supernode", "list", "tls", "--format", "json")
+            nodes = json.loads(listing.stdout).get("nodes", []) if listing.returncode == 0 else []
+            if sum(n.get("status") == "online" for n in nodes) >= count:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{count} hospitals not online: {listing.stdout}")
+            time.sleep(1)
+
+    def run_to_exit(
+        self, cmd: list[str], log: str, timeout: float = 90, markers: tuple[str, ...] = ()
+    ) -> tuple[int | None, str]:
+        """Run a process that should exit by itself; returns (exit code, its log)."""
+        proc = self.start(cmd, log, markers)
+        try:
+            code: int | None = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        return code, (self.tmp / log).read_text()
+
+    def federate(
+        self, manifests: dict[str, Path], run: str, timeout: float = 300
+    ) -> tuple[int | None, str, Path | None]:
+        """`fedfusion server` plus one `fedfusion hospital` per manifest, run to the end.
+
+        ``run`` is the body of server.toml's [run] table. Returns the server's exit code
+        (None if it did not finish within ``timeout``), its log, and the run directory.
+        """
+        names = list(manifests)
+        server_toml = self.server_file(names, run)
+        server = self.start(
+            [str(BIN / "fedfusion"), "server", "--config", str(server_toml)],
+            "fedfusion-server.log",
+        )
+        self.wait_registered(len(names))
+        for name, manifest in manifests.items():
+            cmd, marker = self.hospital(name, manifest)
+            self.start(cmd, f"{name}.log", (marker,))
+        try:
+            code: int | None = server.wait(timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        runs = self.tmp / "server-state" / "runs"
+        out = next(iter(sorted(runs.iterdir())), None) if runs.exists() else None
+        return code, (self.tmp / "fedfusion-server.log").read_text(), out
+
+    def stop_all(self) -> list[int]:
+        """Stop every process started, by PID; returns any that survived."""
+        leftover = []
+        for proc, markers in self.started:
+            leftover += stop_processes(proc.pid, markers, grace=3)
+            proc.wait(10)
+        return leftover
