@@ -15,7 +15,9 @@ evaluation          the held-out statistics (shared_model/evaluation.py) of the
 
 Flower's SecAgg+ mod clips every value to +-``clipping_range`` and quantizes it to 2^22
 levels; each slot is scaled so that its honest values fit (a count of at most
-``max_weight`` records maps to at most the clipping range). Every hospital reports the
+``max_weight`` records maps to at most the clipping range). At the default max-weight of
+10,000 a count is read back exactly (after rounding) and the held-out loss sum to within
+0.1 per hospital. Every hospital reports the
 same Flower weight, so Flower's weighted mean is the plain mean of the vectors, and the
 server multiplies it by the number of uploads to get their sum.
 """

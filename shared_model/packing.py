@@ -19,6 +19,7 @@ import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 import torch
@@ -84,6 +85,15 @@ class WeightLayout:
             return np.zeros(0, dtype=self.numpy_dtype)
         flat = torch.cat([state[n].detach().reshape(-1).to(self.dtype).cpu() for n in self.names])
         return flat.numpy()
+
+    def unpack_record(self, record: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The weights a packed record holds (one ``PACKED_KEY`` array, read by ``.numpy()``).
+
+        LayoutError if the record holds anything else, or an array that does not fit.
+        """
+        if list(record) != [PACKED_KEY]:
+            raise LayoutError(f"expected one packed {PACKED_KEY!r} array, got {list(record)[:3]}")
+        return self.unpack(record[PACKED_KEY].numpy())
 
     def unpack(self, flat: np.ndarray) -> dict[str, torch.Tensor]:
         """The state dict a flat array holds; LayoutError if its size or dtype is wrong."""

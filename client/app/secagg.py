@@ -33,7 +33,6 @@ ClientApp process each in a deployment.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -55,6 +54,7 @@ from flwr.common import (
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
+from client.app.flwr_compat import install_secagg_primitives
 from shared_model import secagg_primitives
 from shared_model.errors import ExplainedError
 from shared_model.masked_upload import UploadCodec
@@ -71,7 +71,6 @@ __all__ = [
     "compact_masked_vector",
     "delta_ndarrays",
     "inside_masked_upload",
-    "install_secagg_primitives",
     "instruction_digest",
     "is_legacy",
     "legacy_fit_reply",
@@ -91,32 +90,8 @@ class UploadError(ExplainedError, ValueError):
     """An upload that would break the aggregate: the hospital does not send it."""
 
 
-def install_secagg_primitives() -> None:
-    """Make Flower's SecAgg+ mod use fedfusion's mask generator and secret sharing.
-
-    The server installs the same in its workflow (``server/app/secagg.py``); see
-    ``shared_model/secagg_primitives.py`` for why.
-    """
-    # The module, not the package's function of the same name.
-    mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
-
-    # X25519 key agreement with raw 32-byte keys, instead of P-384 and PEM.
-    mod.generate_key_pairs = secagg_primitives.generate_key_pairs  # type: ignore[attr-defined]
-    mod.private_key_to_bytes = secagg_primitives.private_key_to_bytes  # type: ignore[attr-defined]
-    mod.public_key_to_bytes = secagg_primitives.public_key_to_bytes  # type: ignore[attr-defined]
-    mod.bytes_to_private_key = secagg_primitives.bytes_to_private_key  # type: ignore[attr-defined]
-    mod.bytes_to_public_key = secagg_primitives.bytes_to_public_key  # type: ignore[attr-defined]
-    # Pairwise masks bound to the instruction this hospital received (see MASKS below).
-    mod.generate_shared_key = MASKS.shared_key  # type: ignore[attr-defined]
-    mod.pseudo_rand_gen = secagg_primitives.pseudo_rand_gen  # type: ignore[attr-defined]
-    mod.create_shares = secagg_primitives.create_shares  # type: ignore[attr-defined]
-    # The mod adds n - 1 pairwise masks into a vector it owns: in place, not a copy each.
-    mod.parameters_addition = secagg_primitives.add_masks  # type: ignore[attr-defined]
-    mod.parameters_subtraction = secagg_primitives.subtract_masks  # type: ignore[attr-defined]
-
-
 MASKS = secagg_primitives.MaskBinding()  # pairwise masks bound to the instruction received
-install_secagg_primitives()
+install_secagg_primitives(MASKS.shared_key)
 Scalar = bool | int | float | str
 _UINT32_LIMIT = 2**32
 

@@ -35,7 +35,14 @@ from shared_model.evaluation import EvalStats
 from shared_model.model import FusionModel
 from shared_model.weights import hospital_model, shared_state
 
-__all__ = ["LocalEvaluation", "LocalRound", "run_local_evaluation", "run_local_round"]
+__all__ = [
+    "EVALUATED_ONLY",
+    "LocalEvaluation",
+    "LocalRound",
+    "evaluated_only",
+    "run_local_evaluation",
+    "run_local_round",
+]
 
 log = logging.getLogger("fedfusion.hospital")
 StateDict = dict[str, torch.Tensor]
@@ -56,6 +63,7 @@ class LocalRound:
     noise_multiplier: float  # as the ledger accounts it
     sample_rate: float
     ledger_history: tuple[LedgerEntry, ...] = ()  # the whole ledger history after the round
+    declined: bool = False  # the hospital declined to train (its budget or its policy)
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,28 @@ def _declined(
         math.nan,
         0,
         ledger.epsilon(),
+        ledger.noise_multiplier or 0.0,
+        0.0,
+        tuple(ledger.history),
+        declined=True,
+    )
+
+
+EVALUATED_ONLY = "evaluated the final model (the run's last exchange); no training"
+
+
+def evaluated_only(weights: StateDict, site: Site, seen: Sequence[LedgerEntry]) -> LocalRound:
+    """The last SecAgg+ exchange: nothing trained, the ledger only read."""
+    ledger = site.open_ledger(seen)
+    no_dp = not site.policy.enabled and site.policy.allow_non_private
+    return LocalRound(
+        False,
+        EVALUATED_ONLY,
+        weights,
+        0,
+        math.nan,
+        0,
+        math.inf if no_dp else ledger.epsilon(),
         ledger.noise_multiplier or 0.0,
         0.0,
         tuple(ledger.history),
@@ -195,6 +225,7 @@ def run_local_round(
             plan.entry.noise_multiplier,
             plan.entry.sample_rate,
             tuple(ledger.history),
+            declined=True,
         )
     ledger.begin_round(plan.entry)  # written before any step touches the data
     private = make_private(

@@ -47,10 +47,10 @@ def cold_clientapp(directory: Path | None = None) -> Path:
 def main() -> None:
     """``python -m client.node.pinned [flwr-clientapp arguments]``."""
     pin()
-    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+    from client.node.flwr_compat import CLIENTAPP, entry
 
     sys.argv[0] = "flwr-clientapp"
-    flwr_clientapp()
+    entry(CLIENTAPP)()
 
 
 if __name__ == "__main__":

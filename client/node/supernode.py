@@ -24,18 +24,16 @@ after it. Nothing else changes. The module imports Flower only, never torch.
 
 from __future__ import annotations
 
-import functools
-import importlib
 import sys
 import time
 from types import ModuleType
-from typing import Any
+
+from client.node import flwr_compat
+from client.node.flwr_compat import FLOWER_IDLE_POLL
 
 __all__ = ["FIRST_POLL", "FLOWER_IDLE_POLL", "ScaledTime", "main", "scale_waits"]
 
-FLOWER_IDLE_POLL = 3.0  # seconds: the idle poll of flwr 1.41's SuperNode loop
 FIRST_POLL = 0.05  # seconds: the first idle poll after the node answered a message
-_LOOP = "flwr.supernode.start_client_internal"
 
 
 class ScaledTime:
@@ -73,26 +71,7 @@ def scale_waits(poll_interval: float) -> ModuleType:
     Its idle poll becomes ``poll_interval`` (from ``FIRST_POLL`` right after each reply),
     and its reply checks and object-pull retries are scaled by the same factor.
     """
-    from flwr.supercore.constant import PULL_BACKOFF_CAP, PULL_INITIAL_BACKOFF
-
-    loop = importlib.import_module(_LOOP)
-    clock = ScaledTime(poll_interval)
-    loop.time = clock  # type: ignore[attr-defined]
-    pull = getattr(loop.pull_objects, "func", loop.pull_objects)
-    loop.pull_objects = functools.partial(  # type: ignore[attr-defined]
-        pull,
-        initial_backoff=PULL_INITIAL_BACKOFF * clock.factor,
-        backoff_cap=PULL_BACKOFF_CAP * clock.factor,
-    )
-    push = getattr(loop._push_messages, "__wrapped__", loop._push_messages)
-
-    @functools.wraps(push)
-    def push_then_poll_soon(*args: Any, **kwargs: Any) -> None:
-        push(*args, **kwargs)  # the reply is sent: the loop goes back to polling
-        clock.active()
-
-    loop._push_messages = push_then_poll_soon  # type: ignore[attr-defined]
-    return loop
+    return flwr_compat.scale_waits(ScaledTime(poll_interval))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,10 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     if len(args) < 2 or args[0] != "--poll-interval":
         raise SystemExit("usage: python -m client.node.supernode --poll-interval S [flower args]")
     scale_waits(float(args[1]))
-    from flwr.supernode.cli.flower_supernode import flower_supernode
-
     sys.argv = ["flower-supernode", *args[2:]]
-    flower_supernode()
+    flwr_compat.entry(flwr_compat.SUPERNODE)()
 
 
 if __name__ == "__main__":

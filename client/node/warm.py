@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.node import warm_stub
+from client.node.flwr_compat import CLIENTAPP
 from client.node.pinned import cold_clientapp, pin
 
 __all__ = ["PRELOAD", "WarmStart", "forkable", "preload", "serve"]
@@ -85,7 +86,6 @@ PRELOAD = (
 # The server's package is never kept: a hospital has no use for it.
 _DROPPED = ("server",)
 _ANSWER = warm_stub._PID
-CLIENTAPP = "flwr.supernode.cli.flwr_clientapp:flwr_clientapp"  # what a child runs
 _MAX_REQUEST = 1 << 20
 
 

@@ -21,13 +21,13 @@ A reply can be listed at the SuperLink while its SuperNode is still uploading it
 objects. Flower's deployed grid then retries each missing object after 1 s, doubling up
 to 10 s (``PULL_INITIAL_BACKOFF``, with no setting), and no other reply is read
 meanwhile: in a deployed round on loopback this held up about one message stage in two
-by 1.0-1.3 s. ``fast_object_pulls`` makes those retries follow the reply polling above
-(20 ms, growing to 0.5 s); it is applied when a grid is metered.
+by 1.0-1.3 s. ``fast_object_pulls`` (``server/app/flwr_compat.py``) makes those retries
+follow the reply polling above (20 ms, growing to 0.5 s); it is applied when a grid is
+metered.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -38,9 +38,10 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
+from server.app.flwr_compat import fast_object_pulls
 from server.app.store import HospitalRound
 
-__all__ = ["MeteredGrid", "fast_object_pulls", "message_bytes", "metered"]
+__all__ = ["MeteredGrid", "message_bytes", "metered"]
 
 MIN_POLL, MAX_POLL = 0.02, 0.5  # seconds between the ServerApp's polls for replies
 
@@ -161,19 +162,7 @@ class MeteredGrid:
         return getattr(self._grid, name)
 
 
-def fast_object_pulls(initial: float = MIN_POLL, cap: float = MAX_POLL) -> None:
-    """Retry an object of a reply that is still uploading after ``initial`` s, up to ``cap``.
-
-    Replaces the ``pull_objects`` Flower's deployed grid calls (defaults 1 s and 10 s)
-    with the same function and these two backoffs; every other argument is Flower's.
-    """
-    from flwr.superlink.grid import http_grid
-
-    pull = getattr(http_grid.pull_objects, "func", http_grid.pull_objects)
-    http_grid.pull_objects = functools.partial(pull, initial_backoff=initial, backoff_cap=cap)
-
-
 def metered(grid: Grid | MeteredGrid) -> MeteredGrid:
     """``grid`` with a meter (itself, if it has one already), and fast object pulls."""
-    fast_object_pulls()
+    fast_object_pulls(MIN_POLL, MAX_POLL)
     return grid if isinstance(grid, MeteredGrid) else MeteredGrid(grid)

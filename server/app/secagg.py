@@ -16,7 +16,6 @@ The workflow's mask generator and secret sharing are fedfusion's
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Callable
 from logging import INFO, WARNING
@@ -38,6 +37,7 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
+from server.app.flwr_compat import install_secagg_primitives
 from server.app.grid import MeteredGrid, metered
 from server.app.store import HospitalRound, RoundRecord
 from server.app.strategy import ShortRoundError, hospital_round, short_reason
@@ -53,28 +53,9 @@ __all__ = ["SecAggFedAvg", "run_secagg_rounds"]
 StateDict = dict[str, torch.Tensor]
 
 
-def install_secagg_primitives() -> None:
-    """Make Flower's SecAgg+ workflow use fedfusion's mask generator and secret sharing.
-
-    Each hospital installs the same in its mod (``client/app/secagg.py``); see
-    ``shared_model/secagg_primitives.py`` for why.
-    """
-    workflow = importlib.import_module(
-        "flwr.server.workflow.secure_aggregation.secaggplus_workflow"
-    )
-
-    # X25519 key agreement with raw 32-byte keys, instead of P-384 and PEM.
-    workflow.bytes_to_private_key = secagg_primitives.bytes_to_private_key  # type: ignore[attr-defined]
-    workflow.bytes_to_public_key = secagg_primitives.bytes_to_public_key  # type: ignore[attr-defined]
-    # Unmasking a dropped hospital's pairwise masks: bound to the instruction sent (MASKS).
-    workflow.generate_shared_key = MASKS.shared_key  # type: ignore[attr-defined]
-    workflow.pseudo_rand_gen = secagg_primitives.pseudo_rand_gen  # type: ignore[attr-defined]
-    workflow.combine_shares = secagg_primitives.combine_shares  # type: ignore[attr-defined]
-
-
 # The server's pairwise-mask keys, bound to the round's instruction (configure_fit).
 MASKS = secagg_primitives.MaskBinding()
-install_secagg_primitives()
+install_secagg_primitives(MASKS.shared_key)
 
 
 class SecAggFedAvg(LegacyFedAvg):

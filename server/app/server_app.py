@@ -26,7 +26,6 @@ from server.app.strategy import (
     build_strategy,
     packed_record,
     run_federation,
-    unpack_record,
     wait_for_hospitals,
 )
 from shared_model.config import RunConfig
@@ -75,7 +74,7 @@ def main(grid: Grid, context: Context) -> None:
         done = run_federation(
             grid, run, strategy, packed_record(state, layout), store, progress, first_round=first
         )
-        return unpack_record(done, layout)
+        return layout.unpack_record(done)
 
     retries: dict[int, int] = {}
     try:

@@ -32,7 +32,7 @@ from server.app.store import HospitalRound, RoundRecord, RunStore
 from server.app.validation import update_problem
 from shared_model.config import RunConfig
 from shared_model.evaluation import EvalStats
-from shared_model.packing import PACKED_KEY, LayoutError, WeightLayout
+from shared_model.packing import PACKED_KEY, WeightLayout
 from shared_model.protocol import (
     ARRAYS,
     EVALUATION,
@@ -394,13 +394,6 @@ def packed_record(state: StateDict, layout: WeightLayout) -> ArrayRecord:
     return ArrayRecord({PACKED_KEY: Array(layout.pack(state))})
 
 
-def unpack_record(record: ArrayRecord, layout: WeightLayout) -> StateDict:
-    """The weights a packed record holds; LayoutError if it is not one that fits ``layout``."""
-    if list(record) != [PACKED_KEY]:
-        raise LayoutError(f"expected one packed {PACKED_KEY!r} array, got {list(record)[:3]}")
-    return layout.unpack(record[PACKED_KEY].numpy())
-
-
 def build_strategy(run: RunConfig, base_hash: str, layout: WeightLayout) -> HospitalFedAvg:
     """The configured strategy (FedAvg, or FedProx as FedAvg plus a proximal weight).
 
@@ -484,7 +477,7 @@ def run_federation(
         if not save:
             return rec
         assert strategy.layout is not None
-        store.save_round(rec, unpack_record(arrays, strategy.layout))
+        store.save_round(rec, strategy.layout.unpack_record(arrays))
         if strategy.evaluation is not None:
             store.save_evaluation(server_round, strategy.evaluation)
         if on_round is not None:

@@ -10,7 +10,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from server.app.strategy import packed_record, unpack_record
+from server.app.strategy import packed_record
 from shared_model.config import RunConfig
 from shared_model.packing import LayoutError, WeightLayout
 from shared_model.weights import initial_model, shared_state
@@ -64,7 +64,7 @@ def test_fedavg_over_packed_weights_equals_fedavg_tensor_by_tensor(shapes, weigh
         ]
 
     by_tensor = aggregate_arrayrecords(replies(False), "num-examples").to_torch_state_dict()
-    packed = unpack_record(aggregate_arrayrecords(replies(True), "num-examples"), layout)
+    packed = layout.unpack_record(aggregate_arrayrecords(replies(True), "num-examples"))
     assert list(packed) == names
     for name in names:
         assert torch.equal(packed[name], by_tensor[name])
@@ -86,7 +86,7 @@ def test_weights_that_do_not_fit_are_refused_naming_the_problem():
     with pytest.raises(LayoutError, match="one floating-point dtype"):
         WeightLayout.of({"a": torch.zeros(2), "n": torch.zeros(2, dtype=torch.int64)})
     with pytest.raises(LayoutError, match="one packed 'weights' array"):
-        unpack_record(ArrayRecord(state), layout)
+        layout.unpack_record(ArrayRecord(state))
 
 
 def test_the_digest_tells_layouts_apart():

@@ -9,7 +9,6 @@ from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 from flwr.common import MessageType
 
 from client.app.client_app import evaluate, train
-from server.app.strategy import unpack_record
 from shared_model.config import RunConfig
 from shared_model.evaluation import EvalStats
 from shared_model.weights import hospital_layout, initial_model, shared_state
@@ -39,7 +38,7 @@ def train_message(arrays: ArrayRecord, server_round: int, sent: dict | None = No
 
 def weights(reply, run_config) -> dict:
     run = RunConfig.from_run_config(run_config)
-    return unpack_record(reply.content["arrays"], hospital_layout(run.model, run.seed))
+    return hospital_layout(run.model, run.seed).unpack_record(reply.content["arrays"])
 
 
 CHECKS = checks({})

@@ -9,7 +9,6 @@ from flwr.common import MessageType
 
 from client.app.client_app import train
 from client.app.features import FeatureCache
-from server.app.strategy import unpack_record
 from shared_model.config import PRESETS, RunConfig
 from shared_model.packing import WeightLayout
 from shared_model.weights import initial_model, shared_state
@@ -75,7 +74,7 @@ def test_a_frozen_pretrained_round_trains_on_cached_features_and_sends_no_frozen
         make_context(flat, node),
     )
     assert reply.content["metrics"]["declined"] == 0
-    sent = unpack_record(reply.content["arrays"], WeightLayout.of(shared_state(server)))
+    sent = WeightLayout.of(shared_state(server)).unpack_record(reply.content["arrays"])
     assert list(sent) == list(shared_state(server))
     assert not any(".backbone." in k for k in sent)
     total = sum(p.numel() for p in server.parameters())

@@ -8,7 +8,6 @@ own instruction, they do not cancel, and the "sum" is noise.
 """
 
 import numpy as np
-import pytest
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -123,5 +122,6 @@ def test_instructing_all_but_one_to_upload_nothing_unmasks_noise():
     alone = upload_of(11, target) / 3  # what the server would have read
     assert not np.allclose(got, alone, atol=1e-2)
     assert abs(np.corrcoef(got, alone)[0, 1]) < 0.1
-    with pytest.raises(ValueError):  # and the statistics are not even readable as counts
-        EvalStats.from_vector(LABELS, got[LAYOUT.size + 2 :] * 3 / CODEC._units()[2:])
+    # and the held-out count it would read is not the target's 20 records, but noise
+    examples = got[LAYOUT.size + 2] * 3 / CODEC._units()[2]
+    assert abs(examples - 20) > 1000

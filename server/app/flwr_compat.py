@@ -1,0 +1,66 @@
+"""Every patch of Flower internals the ServerApp makes, written for Flower 1.41.
+
+Each entry of :data:`PATCHED` is a Flower symbol fedfusion replaces, with the parameter
+names it had in that version; ``tests/test_flwr_compat.py`` fails when one disappears or
+changes its parameters, so an upgrade shows which workaround to check.
+
+- :func:`fast_object_pulls`: the deployed grid retries an object still uploading after
+  1 s, doubling to 10 s, with no setting (``server/app/grid.py`` says why that matters).
+- :func:`install_secagg_primitives`: the SecAgg+ workflow's key agreement, mask
+  generator and secret sharing (``shared_model/secagg_primitives.py`` says why).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+
+from shared_model import secagg_primitives
+
+__all__ = ["FLOWER_VERSION", "PATCHED", "fast_object_pulls", "install_secagg_primitives"]
+
+FLOWER_VERSION = "1.41"
+_WORKFLOW = "flwr.server.workflow.secure_aggregation.secaggplus_workflow"
+PATCHED: dict[str, tuple[str, ...]] = {
+    "flwr.superlink.grid.http_grid:pull_objects": (
+        "object_ids",
+        "pull_object_fn",
+        "max_concurrent_pulls",
+        "max_time",
+        "max_tries_per_object",
+        "initial_backoff",
+        "backoff_cap",
+    ),
+    f"{_WORKFLOW}:bytes_to_private_key": ("private_key_bytes",),
+    f"{_WORKFLOW}:bytes_to_public_key": ("public_key_bytes",),
+    f"{_WORKFLOW}:generate_shared_key": ("private_key", "public_key"),
+    f"{_WORKFLOW}:pseudo_rand_gen": ("seed", "num_range", "dimensions_list"),
+    f"{_WORKFLOW}:combine_shares": ("share_list",),
+}
+
+
+def fast_object_pulls(initial: float, cap: float) -> None:
+    """Retry an object of a reply that is still uploading after ``initial`` s, up to ``cap``.
+
+    Replaces the ``pull_objects`` Flower's deployed grid calls (defaults 1 s and 10 s)
+    with the same function and these two backoffs; every other argument is Flower's.
+    """
+    from flwr.superlink.grid import http_grid
+
+    pull = getattr(http_grid.pull_objects, "func", http_grid.pull_objects)
+    http_grid.pull_objects = functools.partial(pull, initial_backoff=initial, backoff_cap=cap)
+
+
+def install_secagg_primitives(shared_key: Callable[..., bytes]) -> None:
+    """Make Flower's SecAgg+ workflow use fedfusion's primitives on the server's side.
+
+    ``shared_key`` derives the pairwise mask keys the server needs to unmask hospitals
+    that dropped out (bound to the round's instruction).
+    """
+    workflow = importlib.import_module(_WORKFLOW)
+    workflow.bytes_to_private_key = secagg_primitives.bytes_to_private_key  # type: ignore[attr-defined]
+    workflow.bytes_to_public_key = secagg_primitives.bytes_to_public_key  # type: ignore[attr-defined]
+    workflow.generate_shared_key = shared_key  # type: ignore[attr-defined]
+    workflow.pseudo_rand_gen = secagg_primitives.pseudo_rand_gen  # type: ignore[attr-defined]
+    workflow.combine_shares = secagg_primitives.combine_shares  # type: ignore[attr-defined]

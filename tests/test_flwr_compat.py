@@ -1,0 +1,63 @@
+"""Every patch of Flower internals still finds what it was written for.
+
+Each flwr_compat module lists the Flower symbols it replaces or runs by name, with the
+parameter names they had in the Flower version it names. This reads them in a fresh
+interpreter, before anything fedfusion patches them, and fails when a symbol is gone or
+its parameters changed: after a Flower upgrade, the failure names the workaround to
+check. It also fails when Flower is another version than the one the patches name.
+"""
+
+import json
+import subprocess
+import sys
+from importlib.metadata import version
+
+import pytest
+
+COMPAT = ("server.app.flwr_compat", "client.app.flwr_compat", "client.node.flwr_compat")
+_PROBE = """
+import importlib, inspect, json, sys
+found = {}
+for ref in json.loads(sys.argv[1]):
+    module, _, name = ref.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        found[ref] = "missing: " + str(err)
+        continue
+    obj = getattr(obj, "func", obj)
+    try:
+        found[ref] = list(inspect.signature(obj).parameters)
+    except (TypeError, ValueError):
+        found[ref] = None
+print(json.dumps(found))
+"""
+
+
+@pytest.mark.parametrize("compat", COMPAT)
+def test_every_patched_flower_symbol_is_as_the_patch_expects(compat):
+    import importlib
+
+    module = importlib.import_module(compat)
+    assert module.PATCHED, "an empty list would check nothing"
+    refs = sorted(module.PATCHED)
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(refs)], capture_output=True, text=True, check=True
+    )
+    found = json.loads(out.stdout)
+    for ref in refs:
+        assert not str(found[ref]).startswith("missing"), f"{compat}: {ref} {found[ref]}"
+        expected = module.PATCHED[ref]
+        if expected is not None:
+            assert found[ref] == list(expected), f"{compat}: {ref} now takes {found[ref]}"
+
+
+@pytest.mark.parametrize("compat", COMPAT)
+def test_the_patches_name_the_installed_flower(compat):
+    import importlib
+
+    written_for = importlib.import_module(compat).FLOWER_VERSION
+    assert version("flwr").startswith(written_for + "."), (
+        f"{compat} was written for Flower {written_for}; {version('flwr')} is installed: "
+        "check each patch against its source, then update FLOWER_VERSION"
+    )
