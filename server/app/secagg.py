@@ -1,7 +1,8 @@
 """SecAgg+ at the coordinator: Flower's SecAggPlusWorkflow with a delta-averaging strategy.
 
-Flower's SecAgg+ exists only in its legacy API (``DefaultWorkflow`` with
-``SecAggPlusWorkflow``, a ``LegacyContext`` and a legacy strategy). The workflow unmasks
+Flower's SecAgg+ exists only in its legacy API (``SecAggPlusWorkflow``, a
+``LegacyContext`` and a legacy strategy), driven here one round at a time
+(:class:`SecAggRounds`, a driver of ``server/app/rounds.py``). The workflow unmasks
 only the sum of the hospitals' uploads and hands the strategy every hospital's
 ``FitRes`` with its parameters replaced by that one aggregate; no individual upload is
 ever seen. Each upload (``shared_model/masked_upload.py``) holds a weighted delta, the
@@ -17,7 +18,6 @@ The workflow's mask generator and secret sharing are fedfusion's
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from logging import INFO, WARNING
 
 import numpy as np
@@ -34,11 +34,12 @@ from flwr.common.logger import log
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg as LegacyFedAvg
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from server.app.flwr_compat import install_secagg_primitives
+from server.app.flwr_compat import LegacyRounds, install_secagg_primitives
 from server.app.grid import MeteredGrid, metered
+from server.app.rounds import AllDeclinedError, RoundOutcome
 from server.app.store import HospitalRound, RoundRecord
 from server.app.strategy import ShortRoundError, hospital_round, short_reason
 from shared_model import secagg_primitives
@@ -48,10 +49,10 @@ from shared_model.masked_upload import UploadCodec
 from shared_model.packing import WeightLayout
 from shared_model.protocol import Reply, Request, Status
 
-__all__ = ["SecAggFedAvg", "run_secagg_rounds"]
+__all__ = ["SecAggFedAvg", "SecAggRounds"]
 
 StateDict = dict[str, torch.Tensor]
-
+Evaluations = dict[int, tuple[EvalStats, list[HospitalRound]]]
 
 # The server's pairwise-mask keys, bound to the round's instruction (configure_fit).
 MASKS = secagg_primitives.MaskBinding()
@@ -59,7 +60,7 @@ install_secagg_primitives(MASKS.shared_key)
 
 
 class SecAggFedAvg(LegacyFedAvg):
-    """FedAvg over SecAgg+-masked uploads; records each hospital's part in each round.
+    """FedAvg over SecAgg+-masked uploads; records each hospital's part in a round.
 
     Each upload also carries the held-out statistics of the model the hospital
     received, so round k's unmasked sum evaluates the model after round k - 1; a last
@@ -70,18 +71,13 @@ class SecAggFedAvg(LegacyFedAvg):
         self,
         run: RunConfig,
         initial: list[np.ndarray],
-        on_round: Callable[[RoundRecord, list[np.ndarray]], None],
         meter: MeteredGrid,
         *,
-        on_evaluation: Callable[[int, EvalStats, list[HospitalRound]], None],
         plan: tuple[int, int, int] = (0, 0, 0),
         base_hash: str = "",
         layout_digest: str = "",
-        offset: int = 0,
     ) -> None:
         self.meter = meter
-        # Flower's workflow counts rounds from 1; a resumed run continues after ``offset``.
-        self.offset = offset
         self.base_hash = base_hash
         self.layout_digest = layout_digest
         self.sample_size, self.shares, self.threshold = plan
@@ -101,30 +97,27 @@ class SecAggFedAvg(LegacyFedAvg):
             initial[0].size, run.model.labels, run.secagg.clipping_range, run.secagg.max_weight
         )
         self.current = [np.array(a, copy=True) for a in initial]
-        self.on_round = on_round
-        self.on_evaluation = on_evaluation
         self.known: dict[int, str] = {}  # node id -> the hospital name it replied with
-        self._reset()
+        self.begin(1, self.current)
 
-    def _reset(self) -> None:
+    def begin(self, server_round: int, current: list[np.ndarray]) -> None:
+        """Start round ``server_round`` from the model ``current``."""
         self.meter.reset()
+        self.server_round = server_round
+        self.current = [np.array(a, copy=True) for a in current]
         self.hospitals: dict[int, HospitalRound] = {}
         self.sampled = 0
-        self.failures = self.declined = self.eval_failures = 0
+        self.failures = self.declined = 0
         self.train_loss: float | None = None
         self.started = time.monotonic()
         self.aggregated = False  # set when the SecAgg+ round reached aggregate_fit
-
-    def _round(self, workflow_round: int) -> int:
-        return workflow_round + self.offset if workflow_round > 0 else 0
+        self.evaluations: Evaluations = {}
 
     def evaluation_only(self, server_round: int) -> bool:
         """Whether ``server_round`` is the last exchange, which only evaluates."""
         return server_round > self.run.num_rounds
 
     def _fit_config(self, server_round: int) -> dict[str, Scalar]:
-        server_round = self._round(server_round)
-        self._reset()
         if self.evaluation_only(server_round):
             log(INFO, "[fedfusion] evaluating the final model (SecAgg+)")
         else:
@@ -173,7 +166,6 @@ class SecAggFedAvg(LegacyFedAvg):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Read the unmasked sum: evaluate the model sent, apply the mean update."""
-        server_round = self._round(server_round)
         self.aggregated = True
         # Flower logs a failure per protocol stage a hospital misses; count hospitals.
         self.failures = max(self.sampled - len(results), 0)
@@ -188,24 +180,15 @@ class SecAggFedAvg(LegacyFedAvg):
             m = res.metrics
             declined = bool(m.get(Reply.DECLINED, 0))
             self.declined += declined
-            self.known[proxy.node_id] = str(m.get(Status.HOSPITAL_ID, f"node-{proxy.node_id}"))
-            self.hospitals[proxy.node_id] = hospital_round(
-                proxy.node_id,
-                str(m.get(Status.HOSPITAL_ID, f"node-{proxy.node_id}")),
-                m,
-                0,  # the weight travels masked: the server learns only the sum
-                str(m.get(Status.REASON, "")),
-            )
+            name = str(m.get(Status.HOSPITAL_ID, f"node-{proxy.node_id}"))
+            self.known[proxy.node_id] = name
+            # the weight travels masked: the server learns only the sum
+            reason = str(m.get(Status.REASON, ""))
+            self.hospitals[proxy.node_id] = hospital_round(proxy.node_id, name, m, 0, reason)
             if declined:
-                log(
-                    WARNING,
-                    "[fedfusion] round %d: %s %s",
-                    server_round,
-                    m.get(Status.HOSPITAL_ID),
-                    m.get(Status.REASON),
-                )
+                log(WARNING, "[fedfusion] round %d: %s %s", server_round, name, reason)
         if not results:
-            raise self._short(server_round, f"round {server_round}: no hospital uploaded")
+            raise self.short(f"round {server_round}: no hospital uploaded")
         total = self.codec.decode_sum(
             parameters_to_ndarrays(results[0][1].parameters)[0], len(results)
         )
@@ -214,49 +197,40 @@ class SecAggFedAvg(LegacyFedAvg):
                 HospitalRound(hospital=h.hospital, node_id=h.node_id, status="evaluated")
                 for h in self.hospitals.values()
             ]
-            self.on_evaluation(server_round - 1, total.evaluation, evaluated)
+            self.evaluations[server_round - 1] = (total.evaluation, evaluated)
         if self.evaluation_only(server_round):
             return None, {}
         if total.weight == 0 and not self.declined:
             reasons = sorted({short_reason(str(f)) for f in failures})
-            raise self._short(
-                server_round,
+            raise self.short(
                 f"round {server_round}: no hospital returned an update through SecAgg+ "
-                f"({self.failures} failed): " + "; ".join(reasons),
+                f"({self.failures} failed): " + "; ".join(reasons)
             )
         if total.weight > 0:
             self.train_loss = total.train_loss
             self.current = [c + total.update.astype(c.dtype).reshape(c.shape) for c in self.current]
-        self.on_round(self._round_record(server_round, {}), self.current)
         return ndarrays_to_parameters(self.current), {}
 
-    def evaluate(
-        self, server_round: int, parameters: Parameters
-    ) -> tuple[float, dict[str, Scalar]] | None:
-        """No central data. A round that ended before aggregation is a short round."""
-        server_round = self._round(server_round)
-        if self.evaluation_only(server_round) and not self.aggregated:
-            self._record_errors()
-            reasons = sorted({h.reason for h in self.hospitals.values() if h.reason})
-            log(
-                WARNING,
-                "[fedfusion] the final model could not be evaluated: too few hospitals "
-                "completed the SecAgg+ exchange%s",
-                (": " + "; ".join(reasons)) if reasons else "",
-            )
-            return None
-        if server_round > 0 and not self.aggregated:
-            # Flower's SecAgg+ workflow ends a round early, without aggregating, when too
-            # few hospitals answer a stage in time.
-            raise self._short(
-                server_round,
-                f"round {server_round}: SecAgg+ ended before aggregation: fewer than "
-                f"{self.threshold} of {self.sampled} hospitals completed a stage (they "
-                "failed, and Flower's log above holds their errors, or did not answer within "
-                f"secagg.stage-timeout, {self.run.secagg.stage_timeout:g}s; local training "
-                "runs inside a stage, so a slow model needs a longer timeout)",
-            )
-        return None
+    def not_aggregated(self) -> ShortRoundError:
+        """The error for a round Flower's workflow ended before aggregating.
+
+        It does so when too few hospitals answer a stage in time.
+        """
+        return self.short(
+            f"round {self.server_round}: SecAgg+ ended before aggregation: fewer than "
+            f"{self.threshold} of {self.sampled} hospitals completed a stage (they "
+            "failed, and Flower's log above holds their errors, or did not answer within "
+            f"secagg.stage-timeout, {self.run.secagg.stage_timeout:g}s; local training "
+            "runs inside a stage, so a slow model needs a longer timeout)"
+        )
+
+    def short(self, problem: str) -> ShortRoundError:
+        """The error that ends a round with too few updates (server.short-round decides)."""
+        record = self.round_record()
+        record.skipped = True
+        answered = sum(h.status in ("trained", "declined") for h in self.hospitals.values())
+        record.failures = max(record.failures, self.sampled - answered)
+        return ShortRoundError(problem, record)
 
     def _record_errors(self) -> None:
         """Hospitals whose reply in any stage of this round was an error, with its reason."""
@@ -270,97 +244,116 @@ class SecAggFedAvg(LegacyFedAvg):
                     reason=short_reason(reason),
                 )
 
-    def _short(self, server_round: int, problem: str) -> ShortRoundError:
-        """The error that ends a round with too few updates (server.short-round decides)."""
-        record = self._round_record(server_round, {})
-        record.skipped = True
-        answered = sum(h.status in ("trained", "declined") for h in self.hospitals.values())
-        record.failures = max(record.failures, self.sampled - answered)
-        return ShortRoundError(problem, record)
-
-    def _round_record(self, server_round: int, evals: dict[str, float]) -> RoundRecord:
+    def round_record(self) -> RoundRecord:
+        """The record of the current round (its evaluation arrives with the next one)."""
         self._record_errors()
         self.meter.charge(self.hospitals.values())
         return RoundRecord(
-            round=server_round,
+            round=self.server_round,
             train_loss=self.train_loss,
-            eval_loss=evals.get("loss"),
-            eval_auroc=evals.get("auroc"),
-            eval_metrics=evals,
+            eval_loss=None,
+            eval_auroc=None,
+            eval_metrics={},
             hospitals=sorted(self.hospitals.values(), key=lambda h: h.hospital),
             seconds=time.monotonic() - self.started,
             failures=self.failures,
             declined=self.declined,
-            eval_failures=self.eval_failures,
             secagg_shares=self.shares,
             secagg_threshold=self.threshold,
         )
 
 
-def run_secagg_rounds(
-    grid: Grid,
-    context: Context,
-    run: RunConfig,
-    initial: StateDict,
-    base_hash: str,
-    hospitals: int,
-    on_round: Callable[[RoundRecord, StateDict], None],
-    on_evaluation: Callable[[int, EvalStats, list[HospitalRound]], None],
-    first_round: int = 1,
-) -> StateDict:
-    """Rounds first_round..num-rounds with every update in SecAgg+; returns the final model.
+class SecAggRounds:
+    """The SecAgg+ round driver (``server/app/rounds.py``): one workflow round at a time."""
 
-    ``hospitals`` is how many are connected; an impossible share/threshold combination
-    for the sample is refused here, before any round starts. A resumed run passes the
-    round after its checkpoint as ``first_round`` and that checkpoint as ``initial``.
-    With evaluation on, one more exchange evaluates the final model (num-rounds + 1 is
-    that exchange alone, for a run killed just before it).
-    """
-    sampled, shares, threshold = run.secagg_plan(hospitals)
-    layout = WeightLayout.of(initial)  # the weights travel (and are masked) as one array
-    grid = metered(grid)
-    log(
-        INFO,
-        "[fedfusion] SecAgg+: %d hospitals per round, %d shares, threshold %d, "
-        "clipping range %g, max weight %g",
-        sampled,
-        shares,
-        threshold,
-        run.secagg.clipping_range,
-        run.secagg.max_weight,
-    )
-
-    def to_state(arrays: list[np.ndarray]) -> StateDict:
-        (flat,) = arrays
-        return layout.unpack(flat)
-
-    strategy = SecAggFedAvg(
-        run,
-        [layout.pack(initial)],
-        lambda record, arrays: on_round(record, to_state(arrays)),
-        grid,
-        on_evaluation=on_evaluation,
-        plan=(sampled, shares, threshold),
-        base_hash=base_hash,
-        layout_digest=layout.digest,
-        offset=first_round - 1,
-    )
-    last = run.num_rounds + (1 if strategy.evaluating else 0)
-    workflow = DefaultWorkflow(
-        fit_workflow=SecAggPlusWorkflow(
+    def __init__(
+        self,
+        grid: Grid,
+        context: Context,
+        run: RunConfig,
+        layout: WeightLayout,
+        base_hash: str,
+        hospitals: int,
+    ) -> None:
+        """``hospitals`` connected; impossible share/threshold settings are refused here."""
+        sampled, shares, threshold = run.secagg_plan(hospitals)
+        self.run, self.layout = run, layout
+        self.grid = metered(grid)
+        log(
+            INFO,
+            "[fedfusion] SecAgg+: %d hospitals per round, %d shares, threshold %d, "
+            "clipping range %g, max weight %g",
+            sampled,
+            shares,
+            threshold,
+            run.secagg.clipping_range,
+            run.secagg.max_weight,
+        )
+        self.strategy = SecAggFedAvg(
+            run,
+            [np.zeros(layout.size, layout.numpy_dtype)],
+            self.grid,
+            plan=(sampled, shares, threshold),
+            base_hash=base_hash,
+            layout_digest=layout.digest,
+        )
+        self.workflow = SecAggPlusWorkflow(
             num_shares=shares,
             reconstruction_threshold=threshold,
             clipping_range=run.secagg.clipping_range,
             max_weight=run.secagg.max_weight,
             timeout=run.secagg.stage_timeout,
         )
-    )
-    legacy = LegacyContext(
-        context,
-        config=ServerConfig(
-            num_rounds=last - (first_round - 1), round_timeout=run.server.round_timeout
-        ),
-        strategy=strategy,
-    )
-    workflow(grid, legacy)
-    return to_state(strategy.current)
+        legacy = LegacyContext(
+            context,
+            config=ServerConfig(
+                num_rounds=run.num_rounds + 1, round_timeout=run.server.round_timeout
+            ),
+            strategy=self.strategy,
+        )
+        self.rounds = LegacyRounds(self.grid, legacy)
+
+    def baseline(self, state: StateDict) -> RoundOutcome | None:
+        """Nothing: round 1's uploads evaluate the initial model."""
+        return None
+
+    def _exchange(self, server_round: int, state: StateDict) -> None:
+        packed = [self.layout.pack(state)]
+        self.strategy.begin(server_round, packed)
+        self.rounds.run(self.workflow, server_round, ndarrays_to_parameters(packed))
+
+    def train_round(self, server_round: int, state: StateDict) -> RoundOutcome:
+        """One SecAgg+ round: masked uploads, the sum, the mean update."""
+        self._exchange(server_round, state)
+        strategy = self.strategy
+        if not strategy.aggregated:
+            raise strategy.not_aggregated()
+        record = strategy.round_record()
+        new_state = self.layout.unpack(strategy.current[0])
+        outcome = RoundOutcome(record, new_state, dict(strategy.evaluations))
+        trained = any(h.status == "trained" for h in record.hospitals)
+        if strategy.declined and not trained and not strategy.failures:
+            raise AllDeclinedError(
+                f"round {server_round}: every sampled hospital declined (privacy budgets spent)",
+                outcome,
+            )
+        return outcome
+
+    def finish(self, state: StateDict) -> Evaluations:
+        """One last exchange that evaluates the final model (evaluation on)."""
+        try:
+            if not self.strategy.evaluating:
+                return {}
+            self._exchange(self.run.num_rounds + 1, state)
+            if not self.strategy.aggregated:
+                self.strategy._record_errors()
+                reasons = sorted({h.reason for h in self.strategy.hospitals.values() if h.reason})
+                log(
+                    WARNING,
+                    "[fedfusion] the final model could not be evaluated: too few hospitals "
+                    "completed the SecAgg+ exchange%s",
+                    (": " + "; ".join(reasons)) if reasons else "",
+                )
+            return dict(self.strategy.evaluations)
+        finally:
+            self.rounds.close()

@@ -43,6 +43,7 @@ __all__ = [
     "RunFinishedError",
     "RunStore",
     "evaluation_fields",
+    "fitting_state",
     "write_json_atomic",
 ]
 
@@ -408,3 +409,18 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fitting_state(
+    saved: dict[str, torch.Tensor], fresh: dict[str, torch.Tensor], root: Path
+) -> dict[str, torch.Tensor]:
+    """A checkpoint's weights, refused unless they fit the model this run builds."""
+    mismatch = [k for k in fresh if k not in saved or saved[k].shape != fresh[k].shape] + [
+        k for k in saved if k not in fresh
+    ]
+    if mismatch:
+        raise RunDirError(
+            f"the checkpoint in {root} does not fit this model ({len(mismatch)} tensors differ, "
+            f"e.g. {mismatch[0]}): it was written by another fedfusion version"
+        )
+    return {k: saved[k].to(fresh[k].dtype) for k in fresh}

@@ -1,15 +1,12 @@
-"""Aggregation and round logic at the coordinator.
+"""Aggregation at the coordinator without SecAgg+: each update seen, checked, averaged.
 
 :class:`HospitalFedAvg` is Flower's weighted FedAvg plus what a hospital federation
 needs: replies from hospitals that declined for their privacy budget are set aside (and
-logged as declines, not failures), every hospital's part in a round is recorded, and
-metrics that some hospitals cannot define (an AUROC for a label none of their test
-patients has) are averaged over the hospitals that can. FedProx is the same strategy
-with a proximal weight sent to the hospitals, which apply it after each DP step.
-
-:func:`run_federation` drives the rounds. It is Flower's ``Strategy.start`` loop made
-explicit, so that each round is checkpointed as it completes, a run can later resume
-from its last checkpoint, and waiting for hospitals always has a timeout.
+logged as declines, not failures), every update is checked before it is averaged
+(``server/app/validation.py``), every hospital's part in a round is recorded, and the
+held-out statistics the hospitals share are summed. FedProx is the same strategy with a
+proximal weight sent to the hospitals, which apply it after each DP step. The rounds
+are driven by ``server/app/rounds.py``.
 """
 
 from __future__ import annotations
@@ -17,8 +14,8 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
-from logging import INFO, WARNING
+from collections.abc import Iterable, Mapping
+from logging import WARNING
 
 import numpy as np
 import torch
@@ -27,8 +24,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
 
-from server.app.grid import metered
-from server.app.store import HospitalRound, RoundRecord, RunStore
+from server.app.store import HospitalRound, RoundRecord
 from server.app.validation import update_problem
 from shared_model.config import RunConfig
 from shared_model.evaluation import EvalStats
@@ -49,7 +45,6 @@ __all__ = [
     "HospitalFedAvg",
     "ShortRoundError",
     "nan_aware_weighted_mean",
-    "run_federation",
 ]
 
 
@@ -420,131 +415,3 @@ def build_strategy(run: RunConfig, base_hash: str, layout: WeightLayout) -> Hosp
         byzantine_hospitals=cfg.byzantine_hospitals,
         labels=run.model.labels,
     )
-
-
-def run_federation(
-    grid: Grid,
-    run: RunConfig,
-    strategy: HospitalFedAvg,
-    initial_arrays: ArrayRecord,
-    store: RunStore,
-    on_round: Callable[[RoundRecord], None] | None = None,
-    train_rounds: int | None = None,
-    first_round: int = 0,
-) -> ArrayRecord:
-    """Run all rounds: train, aggregate, evaluate, checkpoint. Returns the final model.
-
-    Round 0 evaluates the initial model at every hospital: the baseline each later
-    round is compared against. Training rounds follow up to ``train_rounds`` (default:
-    num-rounds); 0 runs the baseline alone (the SecAgg+ path trains in its own
-    workflow). A resumed run starts at ``first_round`` from that round's input model.
-    """
-    grid = metered(grid)
-
-    def evaluate(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
-        metrics = strategy.aggregate_evaluate(
-            server_round,
-            grid.send_and_receive(
-                strategy.configure_evaluate(server_round, arrays, ConfigRecord(), grid),
-                timeout=run.server.round_timeout,
-            ),
-        )
-        return {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, int | float)}
-
-    def record(
-        server_round: int,
-        train_loss: float | None,
-        evals: dict[str, float],
-        started: float,
-        arrays: ArrayRecord,
-        save: bool = True,
-    ) -> RoundRecord:
-        grid.charge(strategy.round_hospitals.values())
-        rec = RoundRecord(
-            round=server_round,
-            train_loss=train_loss,
-            eval_loss=evals.get("loss"),
-            eval_auroc=evals.get("auroc"),
-            eval_metrics=evals,
-            hospitals=sorted(strategy.round_hospitals.values(), key=lambda h: h.hospital),
-            seconds=time.monotonic() - started,
-            failures=strategy.failures,
-            declined=strategy.declined,
-            eval_failures=strategy.eval_failures,
-            rejected=strategy.rejected,
-            skipped=strategy.skipped,
-        )
-        if not save:
-            return rec
-        assert strategy.layout is not None
-        store.save_round(rec, strategy.layout.unpack_record(arrays))
-        if strategy.evaluation is not None:
-            store.save_evaluation(server_round, strategy.evaluation)
-        if on_round is not None:
-            on_round(rec)
-        return rec
-
-    wait_for_hospitals(grid, run.server.min_hospitals, run.server.wait_for_hospitals_timeout)
-    arrays = initial_arrays
-    if first_round == 0 and run.server.fraction_evaluate > 0:
-        started = time.monotonic()
-        strategy.begin_round()
-        grid.reset()
-        record(0, None, evaluate(0, arrays), started, arrays)
-    rounds = run.num_rounds if train_rounds is None else train_rounds
-    for server_round in range(max(first_round, 1), rounds + 1):
-        started = time.monotonic()
-        strategy.begin_round()
-        grid.reset()
-        log(INFO, "[fedfusion] round %d/%d", server_round, run.num_rounds)
-        wait_for_hospitals(grid, run.server.min_hospitals, run.server.wait_for_hospitals_timeout)
-        messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), grid))
-        replies = list(grid.send_and_receive(messages, timeout=run.server.round_timeout))
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
-        sampled = {m.metadata.dst_node_id for m in messages}
-        strategy.record_silent(
-            sampled - {r.metadata.src_node_id for r in replies}, run.server.round_timeout
-        )
-        lost = strategy.failures + strategy.rejected
-        if sampled and lost > len(sampled) * (1.0 - run.server.min_update_fraction) + 1e-9:
-            problem = (
-                f"round {server_round}: {lost} of {len(sampled)} sampled hospitals failed, "
-                f"did not answer or were refused, more than server.min-update-fraction "
-                f"{run.server.min_update_fraction:g} allows: "
-                + "; ".join(strategy.failure_reasons())
-            )
-            if run.server.short_round == "fail":
-                raise FederationError(problem)
-            if run.server.short_round == "retry":  # server_app runs the round again
-                strategy.skipped = True
-                raise ShortRoundError(
-                    problem, record(server_round, None, {}, started, arrays, False)
-                )
-            log(WARNING, "[fedfusion] %s; round skipped, the model is unchanged", problem)
-            strategy.skipped = True
-            record(server_round, None, {}, started, arrays)
-            continue
-        if new_arrays is None:
-            if strategy.declined and not (strategy.failures or strategy.rejected):
-                log(
-                    WARNING,
-                    "[fedfusion] round %d: every sampled hospital declined (privacy budgets "
-                    "spent); stopping the run early",
-                    server_round,
-                )
-                break
-            raise FederationError(
-                f"round {server_round}: no hospital returned an update "
-                f"({strategy.failures} failed, {strategy.declined} declined, "
-                f"{strategy.rejected} refused): " + "; ".join(strategy.failure_reasons())
-            )
-        arrays = new_arrays
-        evals = evaluate(server_round, arrays) if run.server.fraction_evaluate > 0 else {}
-        record(
-            server_round,
-            as_float((train_metrics or {}).get(Reply.TRAIN_LOSS)),
-            evals,
-            started,
-            arrays,
-        )
-    return arrays

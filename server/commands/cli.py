@@ -112,7 +112,7 @@ def server(
     from server.app.report import summary_table
     from server.commands.config import ServerDeployConfig
     from server.commands.serve import INSECURE_WARNING, run_server
-    from server.commands.simulate import failed_replies
+    from server.commands.superlink import failed_replies
     from shared_model.config import ConfigError
     from shared_model.weights import base_fingerprint, initial_model
 
@@ -201,8 +201,8 @@ def simulate(
     non-zero if the run failed.
     """
     from server.app.report import summary_table
-    from server.commands.simulate import parse_overrides, run_simulation_cli
-    from shared_model.config import PRESETS, ConfigError
+    from server.commands.simulate import run_simulation_cli
+    from shared_model.config import PRESETS, ConfigError, parse_overrides
 
     if preset is not None and preset not in PRESETS:
         typer.secho(f"error: --preset {preset!r} is not one of {', '.join(PRESETS)}", err=True)

@@ -12,9 +12,7 @@ report) and the logs.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,16 @@ from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 
 from server.app.store import RunDirError, RunFinishedError, RunStore
 from server.commands.config import ServerDeployConfig
-from server.commands.simulate import SimulationResult, _to_toml, app_dir, judge_run, submit_run
+from server.commands.superlink import (
+    BIN,
+    RunResult,
+    app_dir,
+    flower_env,
+    flwr,
+    judge_run,
+    submit_run,
+    to_toml,
+)
 from shared_model.config import ConfigError, RunConfig
 from shared_model.processes import stop_processes
 
@@ -42,7 +49,7 @@ def superlink_command(cfg: ServerDeployConfig) -> list[str]:
     """The flower-superlink command line for this deployment."""
     host, port = cfg.address.rsplit(":", 1)
     cmd = [
-        str(Path(sys.executable).parent / "flower-superlink"),
+        str(BIN / "flower-superlink"),
         "--host",
         host,
         "--port",
@@ -66,37 +73,11 @@ def superlink_command(cfg: ServerDeployConfig) -> list[str]:
 
 
 def _environment(cfg: ServerDeployConfig) -> dict[str, str]:
+    """Flower's environment for this deployment, its connection the local SuperLink."""
     host, port = cfg.address.rsplit(":", 1)
     local = "127.0.0.1" if host in {"0.0.0.0", "::", ""} else host
-    home = Path(cfg.state_dir) / "flwr-home"
-    home.mkdir(parents=True, exist_ok=True)
-    security = (
-        "insecure = true" if cfg.insecure else f'root-certificates = "{cfg.root_certificates}"'
-    )
-    (home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{_CONNECTION}"\n\n[superlink.{_CONNECTION}]\n'
-        f'address = "{local}:{port}"\n{security}\n',
-        encoding="utf-8",
-    )
-    bin_dir = Path(sys.executable).parent
-    return {
-        **os.environ,
-        "FLWR_HOME": str(home),
-        "FLWR_TELEMETRY_ENABLED": "0",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-    }
-
-
-def _flwr(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [str(Path(sys.executable).parent / "flwr"), *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    root_ca = "" if cfg.insecure else cfg.root_certificates
+    return flower_env(Path(cfg.state_dir) / "flwr-home", (_CONNECTION, f"{local}:{port}", root_ca))
 
 
 def _register(env: dict[str, str], key: str, superlink: subprocess.Popen, log: Path) -> None:
@@ -104,7 +85,7 @@ def _register(env: dict[str, str], key: str, superlink: subprocess.Popen, log: P
     name = Path(key).stem
     deadline = time.monotonic() + 90
     while True:
-        reg = _flwr(env, "supernode", "register", key, _CONNECTION, "--name", name)
+        reg = flwr(env, "supernode", "register", key, _CONNECTION, "--name", name)
         said = reg.stdout + reg.stderr
         if reg.returncode == 0 or "already" in said.lower():
             return
@@ -120,7 +101,7 @@ def _register(env: dict[str, str], key: str, superlink: subprocess.Popen, log: P
 def _wait_online(env: dict[str, str], count: int, timeout: float, echo: Any) -> None:
     deadline, last = time.monotonic() + timeout, -1
     while True:
-        listing = _flwr(env, "supernode", "list", _CONNECTION, "--format", "json")
+        listing = flwr(env, "supernode", "list", _CONNECTION, "--format", "json")
         try:
             nodes = json.loads(listing.stdout).get("nodes", [])
         except json.JSONDecodeError:
@@ -180,7 +161,7 @@ def run_server(
     *,
     base_hash: str = "",
     new_run: bool = False,
-) -> SimulationResult:
+) -> RunResult:
     """Start the SuperLink, register hospitals, run the federation, stop; judge the run.
 
     If the state directory's latest run is unfinished (its server was killed, or it
@@ -191,7 +172,7 @@ def run_server(
     out = _run_dir(state, {**run.to_run_config(), **run_settings}, base_hash, new_run, echo)
     config_file = out / "run-config.toml"
     full = {**run.to_run_config(), **run_settings, "output-dir": str(out)}
-    config_file.write_text(_to_toml(full), encoding="utf-8")
+    config_file.write_text(to_toml(full), encoding="utf-8")
     RunConfig.from_run_config(full)
     env = _environment(cfg)
     log = state / "superlink.log"
@@ -205,7 +186,7 @@ def run_server(
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    result = SimulationResult(run_dir=out)
+    result = RunResult(run_dir=out)
     try:
         echo(
             f"fedfusion server: SuperLink on {cfg.address} (pid {superlink.pid}); state in {state}"

@@ -8,6 +8,9 @@ can check what the server received against the truth.
 from __future__ import annotations
 
 import contextlib
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,7 +23,9 @@ from flwr.simulation import run_simulation
 
 from client.app.outbound import outbound_guard, unlisted_fields
 from client.app.secagg import legacy_fit_reply, legacy_request, secagg_mod
-from server.app.secagg import run_secagg_rounds
+from server.app.rounds import run_rounds
+from server.app.secagg import SecAggRounds
+from server.app.store import RoundRecord, RunStore
 from shared_model.config import RunConfig, SecAggConfig
 from shared_model.evaluation import EvalStats
 from shared_model.masked_upload import UploadCodec
@@ -115,8 +120,26 @@ def received_arrays(replies) -> list[np.ndarray]:
     return found
 
 
+class KeepingStore(RunStore):
+    """A run directory that also keeps what the rounds recorded, as objects."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.records: list[RoundRecord] = []
+        self.evaluations: dict[int, EvalStats] = {}
+        self.start({})
+
+    def save_round(self, record, state):  # type: ignore[no-untyped-def]
+        self.records.append(record)
+        return super().save_round(record, state)
+
+    def save_evaluation(self, server_round, stats):  # type: ignore[no-untyped-def]
+        self.evaluations[server_round] = stats
+        super().save_evaluation(server_round, stats)
+
+
 def run_round(failing: int | None, declining: bool = False, evaluate: bool = False):
-    outcome = {"evaluations": {}}
+    outcome = {}
     server = ServerApp()
 
     @server.main()
@@ -130,15 +153,17 @@ def run_round(failing: int | None, declining: bool = False, evaluate: bool = Fal
             }
         )
         initial = {k: torch.zeros(s) for k, s in SHAPES.items()}
-        rounds = []
-
-        def evaluated(server_round, stats, _hospitals):
-            outcome["evaluations"][server_round] = stats
-
-        final = run_secagg_rounds(
-            recording, ctx, run, initial, "", 4, lambda rec, state: rounds.append(rec), evaluated
+        store = KeepingStore(Path(tempfile.mkdtemp(prefix="secagg-e2e-")))
+        driver = SecAggRounds(recording, ctx, run, LAYOUT, "", 4)
+        final = run_rounds(driver, run, store, initial)
+        trained = [r for r in store.records if r.round > 0]
+        outcome.update(
+            final=final,
+            replies=recording.replies,
+            rounds=trained,
+            evaluations=store.evaluations,
         )
-        outcome.update(final=final, replies=recording.replies, rounds=rounds)
+        shutil.rmtree(store.root, ignore_errors=True)
 
     run_simulation(
         server_app=server,

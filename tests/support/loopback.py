@@ -10,18 +10,16 @@ SuperExec it spawns) so that ``stop_all`` stops it by PID, whatever happened.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from server.commands.certs import create_deployment
+from server.commands.superlink import BIN, flower_env, flwr
 from shared_model.processes import free_port, stop_processes
 
 __all__ = ["BIN", "HOSPITALS", "LoopbackDeployment"]
 
-BIN = Path(sys.executable).parent
 HOSPITALS = ["hospital-0", "hospital-1", "hospital-2", "hospital-3"]
 
 
@@ -33,21 +31,10 @@ class LoopbackDeployment:
         self.certs = tmp / "certs"
         create_deployment(self.certs, ["127.0.0.1"], HOSPITALS)
         self.port = free_port()
-        home = tmp / "flwr-home"
-        home.mkdir()
-        (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "tls"\n\n[superlink.tls]\n'
-            f'address = "127.0.0.1:{self.port}"\n'
-            f'root-certificates = "{self.certs / "ca/ca.crt"}"\n'
+        self.env = flower_env(
+            tmp / "flwr-home",
+            ("tls", f"127.0.0.1:{self.port}", str(self.certs / "ca/ca.crt")),
         )
-        self.env = {
-            **os.environ,
-            "FLWR_HOME": str(home),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        }
         self.started: list[tuple[subprocess.Popen, list[str]]] = []
 
     def start(self, cmd: list[str], log: str, markers: tuple[str, ...] = ()) -> subprocess.Popen:
@@ -93,14 +80,7 @@ class LoopbackDeployment:
 
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """Run the flwr CLI against the deployment."""
-        return subprocess.run(
-            [str(BIN / "flwr"), *args],
-            env=self.env,
-            cwd=self.tmp,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
+        return flwr(self.env, *args, timeout=timeout, cwd=self.tmp)
 
     def register(self, name: str, deadline_s: float = 60) -> None:
         """Register a hospital's public key, waiting for the SuperLink to come up."""

@@ -16,8 +16,9 @@ import torch
 from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from server.app.rounds import PlainRounds, run_rounds
 from server.app.store import RunStore
-from server.app.strategy import FederationError, build_strategy, packed_record, run_federation
+from server.app.strategy import FederationError, build_strategy, packed_record
 from shared_model.config import RunConfig
 from shared_model.packing import PACKED_KEY, WeightLayout
 
@@ -99,9 +100,9 @@ def federate(tmp_path, behaviour, grid=None, **settings):
     store.start({})
     strategy = build_strategy(run, "", LAYOUT)
     grid = (grid or Grid)(behaviour)
-    final = run_federation(grid, run, strategy, packed_record(START, LAYOUT), store)
+    final = run_rounds(PlainRounds(grid, run, strategy), run, store, START)
     rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
-    return final[PACKED_KEY].numpy(), rounds
+    return LAYOUT.pack(final), rounds
 
 
 @pytest.mark.fault(

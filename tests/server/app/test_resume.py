@@ -22,10 +22,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from server.app.rounds import PlainRounds, run_rounds
 from server.app.store import RoundRecord, RunDirError, RunFinishedError, RunStore
-from server.app.strategy import build_strategy, packed_record, run_federation
+from server.app.strategy import build_strategy
 from shared_model.config import RunConfig
-from shared_model.packing import PACKED_KEY
 from tests.server.app.test_dropout import LAYOUT, START, Grid
 from tests.server.app.test_dropout import _task as _task  # the autouse fixture
 
@@ -255,9 +255,7 @@ def test_a_resumed_federation_continues_from_the_checkpoint_not_from_the_start(t
     store.begin(flat, "")
     first = CrashingGrid(3, crash=3)
     with pytest.raises(SystemExit):
-        run_federation(
-            first, run, build_strategy(run, "", LAYOUT), packed_record(START, LAYOUT), store
-        )
+        run_rounds(PlainRounds(first, run, build_strategy(run, "", LAYOUT)), run, store, START)
     assert sorted(set(first.rounds_sent)) == [1, 2]
     round_two = (tmp_path / "checkpoints" / "round-0002.safetensors").read_bytes()
     store.release()
@@ -266,16 +264,10 @@ def test_a_resumed_federation_continues_from_the_checkpoint_not_from_the_start(t
     point = store.begin(flat, "")
     assert point is not None and point.round == 2
     second = CrashingGrid(3)
-    final = run_federation(
-        second,
-        run,
-        build_strategy(run, "", LAYOUT),
-        packed_record(point.state, LAYOUT),
-        store,
-        first_round=point.round + 1,
-    )
+    driver = PlainRounds(second, run, build_strategy(run, "", LAYOUT))
+    final = run_rounds(driver, run, store, point.state, first_round=point.round + 1)
     assert sorted(set(second.rounds_sent)) == [3, 4]  # rounds 1 and 2 are not run again
-    np.testing.assert_allclose(final[PACKED_KEY].numpy(), 4.0)  # +1 in each of 4 rounds
+    np.testing.assert_allclose(LAYOUT.pack(final), 4.0)  # +1 in each of 4 rounds
     rounds = json.loads((tmp_path / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [1, 2, 3, 4]
     assert (tmp_path / "checkpoints" / "round-0002.safetensors").read_bytes() == round_two

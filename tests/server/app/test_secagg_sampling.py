@@ -27,14 +27,7 @@ def strategy(planned: int, timeout: float) -> SecAggFedAvg:
     )
     meter = MagicMock()
     meter.errors = {}
-    return SecAggFedAvg(
-        run,
-        [np.zeros(2)],
-        lambda *_: None,
-        meter,
-        on_evaluation=lambda *_: None,
-        plan=(planned, 4, 3),
-    )
+    return SecAggFedAvg(run, [np.zeros(2)], meter, plan=(planned, 4, 3))
 
 
 def test_a_hospital_registering_late_is_still_sampled():
@@ -59,26 +52,23 @@ def test_a_hospital_that_never_comes_does_not_stall_the_round():
 
 def test_a_round_secagg_ended_before_aggregation_is_a_short_round_naming_the_timeout():
     """Too few hospitals in time: Flower skips aggregation; fedfusion must not carry on as
-    if the round trained. The ServerApp then applies server.short-round to it."""
+    if the round trained. The round driver then applies server.short-round to it."""
     import pytest
 
-    from server.app.strategy import ShortRoundError
-
     s = strategy(3, timeout=30)
-    s._fit_config(1)  # round 1 starts; no aggregate_fit follows
+    s.begin(1, s.current)  # round 1 starts; no aggregate_fit follows
     s.sampled = 3
     s.meter.errors = {7: "<class 'ValueError'>:<'boom at the hospital'>"}
-    with pytest.raises(ShortRoundError, match=r"round 1: SecAgg\+ ended .*stage-timeout") as e:
-        s.evaluate(1, ndarrays_to_parameters([]))
-    assert e.value.record.round == 1 and e.value.record.skipped
-    assert e.value.record.failures == 3  # none of the 3 sampled got an update through
-    (failed,) = e.value.record.hospitals  # the error a hospital replied with, by name
+    short = s.not_aggregated()
+    assert "round 1: SecAgg+ ended" in str(short) and "stage-timeout" in str(short)
+    assert short.record.round == 1 and short.record.skipped
+    assert short.record.failures == 3  # none of the 3 sampled got an update through
+    (failed,) = short.record.hospitals  # the error a hospital replied with, by name
     assert failed.status == "failed" and failed.reason == "ValueError: boom at the hospital"
     s.meter.errors = {}
-    s._fit_config(2)
+    s.begin(2, s.current)
+    from server.app.strategy import ShortRoundError
+
     with pytest.raises(ShortRoundError, match="no hospital uploaded") as e:
         s.aggregate_fit(2, [], [])  # aggregation reached, with nothing to aggregate
     assert e.value.record.round == 2 and e.value.record.skipped
-    # the last exchange only evaluates: failing it records no round, and raises nothing
-    s._fit_config(s.run.num_rounds + 1)
-    assert s.evaluate(s.run.num_rounds + 1, ndarrays_to_parameters([])) is None

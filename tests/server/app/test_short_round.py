@@ -25,6 +25,7 @@ from flwr.app import (
 )
 
 from server.app import server_app
+from server.app.rounds import after_short_round
 from server.app.store import RoundRecord, RunStore
 from server.app.strategy import FederationError, ShortRoundError
 from shared_model.config import RunConfig
@@ -143,7 +144,7 @@ def test_skip_under_secagg_records_the_round_and_keeps_the_model(tmp_path):
     store.save_round(RoundRecord(1, 0.5, None, None, {}, [], 0.1), kept)
     short = RoundRecord(2, None, None, None, {}, [], 0.1, failures=2, skipped=True)
     shown: list[RoundRecord] = []
-    state, next_round = server_app._after_short_round(
+    state, next_round = after_short_round(
         ShortRoundError("round 2: too few", short), run, store, {}, shown.append, fresh
     )
     assert next_round == 3 and torch.equal(state["w"], kept["w"])
@@ -153,6 +154,6 @@ def test_skip_under_secagg_records_the_round_and_keeps_the_model(tmp_path):
     assert shown == [short]
     fail = RunConfig.from_run_config({"server.short-round": "fail"})
     with pytest.raises(ShortRoundError):
-        server_app._after_short_round(
+        after_short_round(
             ShortRoundError("round 3: too few", short), fail, store, {}, shown.append, fresh
         )

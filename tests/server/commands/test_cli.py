@@ -10,10 +10,9 @@ import psutil
 import pytest
 from typer.testing import CliRunner
 
-from server.commands.simulate import judge_run as _judge
-from server.commands.simulate import parse_overrides
+from server.commands.superlink import judge_run as _judge
 from shared_model.cli import build_app
-from shared_model.config import ConfigError
+from shared_model.config import ConfigError, parse_overrides
 from shared_model.processes import stop_processes
 
 ROOT = Path(__file__).resolve().parents[3]
