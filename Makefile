@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 TXV_SPEC ?= torchxrayvision==1.5.7
 ARGS ?=
 
-.PHONY: simulate test bench bench-utility audit doc-tables fault-table lint fmt clean venv
+.PHONY: simulate test bench bench-utility audit docs lint fmt clean venv
 
 simulate: $(VENV)/.runtime
 	$(BIN)/fedfusion simulate $(ARGS)
@@ -23,7 +23,7 @@ test: $(VENV)/.dev
 	$(BIN)/python -m pytest $(ARGS)
 
 # DP step cost, SecAgg+ and deployment cost, 10/50/100 hospitals, time to first result,
-# bytes per encoder mode: bench-results/perf-<time>.json and latest-perf.md.
+# bytes per encoder mode: benchmarks/results/perf.json and perf.md (the latest run only).
 bench: $(VENV)/.runtime
 	$(BIN)/python -m benchmarks $(ARGS)
 
@@ -35,13 +35,11 @@ bench-utility: $(VENV)/.runtime
 audit: $(VENV)/.runtime
 	$(BIN)/python -m benchmarks --suite audit $(ARGS)
 
-# The README's tables generated from code: the fault table (the tests' fault markers) and
-# everything a hospital sends (client/app/outbound.py). A test fails when either is stale.
-doc-tables: $(VENV)/.dev
-	$(BIN)/python -m tests.support.fault_table README.md
-	$(BIN)/python -m tests.support.outbound_table README.md
-
-fault-table: doc-tables
+# The doc tables that mirror code: docs/configuration.md (every key and its help), the
+# fault table in docs/faults.md and what a hospital sends in docs/privacy.md.
+# tests/test_docs.py fails when one is stale.
+docs: $(VENV)/.dev
+	$(BIN)/python -m tests.support.docs
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
-    from benchmarks.suites import Measurement
+    from benchmarks.report import Measurement
 
 __all__ = ["app", "bench"]
 
@@ -46,7 +46,7 @@ def bench(
         bool, typer.Option(help="Also run a loopback TLS deployment of the smallest size.")
     ] = True,
     out: Annotated[Path, typer.Option("--out", "-o", help="Results directory.")] = Path(
-        "bench-results"
+        "benchmarks/results"
     ),
     modes: Annotated[
         str,
@@ -72,26 +72,23 @@ def bench(
     hospitals and data run side by side (simulated at each size, and deployed on loopback
     with TLS at the smallest), and every figure is reported as a median over rounds with
     its ratio to the baseline measured in the same run. Writes
-    bench-results/perf-<time>.json and latest-perf.md.
+    benchmarks/results/perf.json and perf.md (the latest
+    run only; earlier runs are in git history).
 
     --suite audit trains a deliberately overfitted non-private federation and the default
     DP one (epsilon = 8) and runs the membership-inference audit against both; it writes
-    audit-<time>.json and latest-audit.md.
+    audit.json and audit.md.
     """
     from benchmarks.dp import run_dp_bench, run_memory_bench
-    from benchmarks.suites import (
-        UTILITY_CONFIGS,
-        UTILITY_MODES,
+    from benchmarks.federation import (
         run_audit_bench,
         run_first_result_bench,
         run_mode_bytes_bench,
         run_scale_bench,
-        run_utility_bench,
         run_wire_bench,
-        table,
-        write_results,
-        write_utility,
     )
+    from benchmarks.report import table, write_results
+    from benchmarks.utility import UTILITY_CONFIGS, UTILITY_MODES, run_utility_bench, write_utility
 
     if suite not in {"perf", "dp", "scale", "bytes", "audit", "utility"}:
         typer.secho(
@@ -160,7 +157,7 @@ def bench(
             typer.echo("bench: DP step time and memory per clipping method")
         else:
             typer.echo(
-                f"fedfusion bench: DP step cost; plain vs SecAgg+ at {sizes} hospitals, "
+                f"bench: DP step cost; plain vs SecAgg+ at {sizes} hospitals, "
                 f"{rounds} rounds each, {reports} reports per hospital, simulated and "
                 f"deployed; {scale_sizes} simulated hospitals; bytes per encoder mode"
             )

@@ -24,7 +24,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from benchmarks.suites import WIRE_MODES, Measurement
+from benchmarks.federation import WIRE_MODES
+from benchmarks.report import Measurement
 
 __all__ = ["DP_MODELS", "DP_MODES", "run_dp_bench", "run_memory_bench"]
 

@@ -1,6 +1,6 @@
 """One DP step measurement at a hospital: ``python -m benchmarks.dp_step '<spec json>'``.
 
-Run by ``fedfusion bench`` (benchmarks/dp.py), each in a fresh process so that its
+Run by ``make bench`` (benchmarks/dp.py), each in a fresh process so that its
 peak memory is its own. It trains the model the spec names on fixed synthetic batches
 shaped like the embedded data, without DP or with one per-example clipping method
 (through :func:`client.dp.engine.make_private`, noise included), and prints the step

@@ -1,6 +1,6 @@
 """The ``fedfusion`` command line: one entry point whose subcommands register themselves.
 
-Subcommands live with the code they drive (``server/commands/cli.py``, later ``client/node/cli.py``)
+Subcommands live with the code they drive (``server/commands/cli.py``, ``client/node/cli.py``)
 and are declared in ``pyproject.toml`` under ``[project.entry-points."fedfusion.commands"]``.
 Each entry point is a ``register(app: typer.Typer) -> None`` function. This root never
 imports ``server`` or ``client``, so the import direction server -> shared_model <- client

@@ -8,7 +8,8 @@ that costs about 130 s a round on top of 20 s of training: 0.45 s per hospital t
 share its keys, 0.47 s per hospital at the server to recombine them, 8 ms per mask.
 
 Both sides of fedfusion install these drop-in replacements instead
-(:func:`install` in ``client/app/secagg.py`` and ``server/app/secagg.py``):
+(``install_secagg_primitives`` in ``client/app/flwr_compat.py`` and
+``server/app/flwr_compat.py``):
 
 - :func:`pseudo_rand_gen`: AES-256 in counter mode, keyed by SHA-256 of the whole seed
   (no 32-bit folding), read as uint32 and reduced modulo the (power-of-two) range,

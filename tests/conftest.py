@@ -1,5 +1,5 @@
 """Shared test plumbing, printed at the end of the run: the fuzz targets' input counts,
-and how the tests behind the README's fault table (tests/support/fault_table.py) fared."""
+and how the tests behind the fault table in docs/faults.md (tests/support/fault_table.py) fared."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         from tests.support.fault_table import scan
 
         counts = Counter(_FAULT_OUTCOMES.values())
-        terminalreporter.section("faults injected (README fault table)")
+        terminalreporter.section("faults injected (the fault table, docs/faults.md)")
         terminalreporter.write_line(
             f"{len(_FAULT_OUTCOMES)} of {len(scan())} fault tests ran: "
             + ", ".join(f"{n} {outcome}" for outcome, n in sorted(counts.items()))

@@ -3,7 +3,7 @@
 :data:`FIELDS` lists every field of every message a hospital sends, and says how it is
 protected: inside SecAgg+ (the server learns only the sum over hospitals), charged to
 the hospital's epsilon (and by which release), or public by design (and why). The
-README's table is generated from it.
+docs/privacy.md's table is generated from it.
 
 :func:`outbound_guard` is the ClientApp's outermost mod. It checks every reply against
 :data:`FIELDS` and refuses to send one that holds anything else: a field added to a

@@ -69,7 +69,6 @@ __all__ = [
     "UploadError",
     "check_stage_request",
     "compact_masked_vector",
-    "delta_ndarrays",
     "inside_masked_upload",
     "instruction_digest",
     "is_legacy",
@@ -134,7 +133,7 @@ def inside_masked_upload(ctxt: Context) -> bool:
     """Whether a training call comes from SecAgg+'s masked-upload stage.
 
     A request in SecAgg+'s record format that arrives any other way would be answered
-    in the clear; it is refused (``client/app/handlers.py``).
+    in the clear; it is refused (``read_request`` in ``client/app/request.py``).
     """
     record = ctxt.state.config_records.get(_UPLOAD_STATE)
     return bool(record and record.get("masking", False))
@@ -154,7 +153,7 @@ def check_stage_request(msg: Message, ctxt: Context) -> None:
     - at unmasking, a hospital listed as both active and dropped out (each neighbour
       would hand over both), or this hospital listed as dropped out.
 
-    A server that invents whole participants is beyond these checks (README: threat
+    A server that invents whole participants is beyond these checks (docs/privacy.md: threat
     model); the masks' binding to the instruction stops one that instructs hospitals
     differently.
     """
@@ -235,11 +234,6 @@ def legacy_request(msg: Message, layout: WeightLayout) -> tuple[StateDict, dict[
                 "this hospital does not upload; run the same fedfusion version on both sides"
             )
     return layout.unpack(arrays[0]), config
-
-
-def delta_ndarrays(new: StateDict, old: StateDict, layout: WeightLayout) -> list[np.ndarray]:
-    """The update ``new - old``, packed into one array by ``layout``."""
-    return [layout.pack(new) - layout.pack(old)]
 
 
 def legacy_fit_reply(

@@ -93,7 +93,7 @@ def resolve_device(spec: str) -> torch.device:
 class DecodedImages:
     """A manifest's decoded images, kept in the hospital's state directory.
 
-    Flower starts a ClientApp process for every message (two a round, five under
+    Flower starts a ClientApp process for every message (two a round, four under
     SecAgg+), and each would otherwise decode every image of the manifest again:
     thousands of DICOMs. An image is keyed by its file's path, size and modification
     time and the decode size, so a changed file is decoded again. Decoded images are

@@ -8,5 +8,7 @@
 - ``release``: the training loss, released in the same Gaussian mechanism.
 - ``bookkeeping``, ``secure_noise``: per-example clipping in one pass; CSPRNG noise.
 
-Nothing outside this package (and the two SecAgg+ modules) touches Opacus or the noise.
+Nothing outside this package (and the two SecAgg+ modules) touches Opacus; the one noise
+drawn outside it (the record count's, in ``client/app/trainer.py``) comes from
+``secure_noise`` here.
 """

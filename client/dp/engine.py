@@ -209,7 +209,7 @@ def resolve_grad_sample_mode(requested: str, model: nn.Module) -> str:
 
     ``auto`` is the fastest method that handles every trainable layer.
 
-    Measured by ``fedfusion bench --suite dp``: book-keeping is the fastest on the
+    Measured by the DP suite of ``make bench``: book-keeping is the fastest on the
     default model by far, and on the LoRA model within noise of Opacus's ``ew`` (which
     is not checked per example there). A model with a layer book-keeping cannot clip
     falls back to Opacus's hooks, which handle any layer Opacus supports.

@@ -132,7 +132,7 @@ class PrivacyLedger:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """The stable JSON form (documented in the README)."""
+        """The stable JSON form (documented in docs/privacy.md)."""
         body = {
             "format": LEDGER_FORMAT,
             "hospital": self.hospital,

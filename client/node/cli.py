@@ -97,7 +97,7 @@ def ledger_show(
         Path, typer.Argument(help="The hospital's state-dir (or its privacy_ledger.json).")
     ],
     as_json: Annotated[
-        bool, typer.Option("--json", help="The stable JSON form (documented in the README).")
+        bool, typer.Option("--json", help="The stable JSON form (documented in docs/privacy.md).")
     ] = False,
 ) -> None:
     """Show a hospital's privacy ledger: epsilon spent, round by round, against its budget.

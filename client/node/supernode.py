@@ -3,7 +3,7 @@
 Flower 1.41's SuperNode loop (``flwr.supernode.start_client_internal``) has fixed waits:
 an idle SuperNode asks the SuperLink for work every 3 s, and while a ClientApp runs it
 looks for the reply every 0.5 s. A round sends each hospital at least two messages
-(train, evaluate; five under SecAgg+), so on a fast link those waits, not the work, set
+(train, evaluate; four under SecAgg+), so on a fast link those waits, not the work, set
 the round time: about 1.5 s of idle wait per message on average.
 
 This runs Flower's own ``flower-supernode`` with every wait of that loop scaled by

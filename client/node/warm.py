@@ -1,7 +1,7 @@
 """Warm ClientApp starts for a deployed hospital: fork a ready process, don't re-import.
 
 Flower's SuperExec starts a fresh ``flwr-clientapp`` process for every message a hospital
-receives: a plain round sends two (train, evaluate), a SecAgg+ round five. Each cold start
+receives: a plain round sends two (train, evaluate), a SecAgg+ round four. Each cold start
 imports Flower and torch again, about 3 s of CPU, which made a deployed round many times
 slower than a simulated one.
 

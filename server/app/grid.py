@@ -7,15 +7,16 @@ a few bytes more). Flower stores an object that several messages share (the glob
 sent to every hospital) once at the SuperLink, but each hospital downloads it, so each
 hospital is charged for it.
 
-The round loops (``server/app/strategy.py``, ``server/app/secagg.py``) reset the meter when a
-round starts and record each hospital's ``bytes_up``/``bytes_down`` when it ends, and
+The round driver (``server/app/rounds.py``, and ``SecAggFedAvg.begin`` in
+``server/app/secagg.py``) resets the meter when a round starts and records each hospital's
+``bytes_up``/``bytes_down`` when it ends, and
 ``key_bytes_up``: the part of ``bytes_up`` that answered SecAgg+'s key stages (public
 keys, encrypted key shares, unmasking shares) rather than carrying the masked update.
 
 ``send_and_receive`` also polls for replies with a backoff from 20 ms to 0.5 s (back to
 20 ms whenever a reply arrives), where Flower's deployed grid sleeps 3 s between polls:
-a SecAgg+ round waits for five message stages, so that sleep alone added up to 15 s to a
-round on loopback, and a simulated stage that takes 50 ms no longer waits 0.1-0.2 s.
+a SecAgg+ round waits for four message stages, so that sleep alone would add up to 12 s
+to a round on loopback, and a simulated stage that takes 50 ms no longer waits 0.1-0.2 s.
 
 A reply can be listed at the SuperLink while its SuperNode is still uploading its
 objects. Flower's deployed grid then retries each missing object after 1 s, doubling up

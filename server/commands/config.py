@@ -29,7 +29,9 @@ class ServerDeployConfig:
     root_certificates: str = _opt("", "The federation's CA certificate.")
     certificate: str = _opt("", "The SuperLink's TLS certificate (from `fedfusion certs`).")
     private_key: str = _opt("", "The SuperLink's TLS private key.")
-    hospitals: str = _opt("", "Hospitals' public keys to register, '|'-separated paths.")
+    hospitals: str = _opt(
+        "", "The hospitals' public key files to register: a TOML list (or '|'-separated)."
+    )
     insecure: bool = _opt(False, "Plaintext, no TLS, no hospital authentication: development only.")
     timeout: float = _opt(86400.0, "Stop the run after this many seconds.", min=1.0)
 

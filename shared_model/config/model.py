@@ -31,7 +31,12 @@ class ModelConfig:
         ("normal", "cardiomegaly", "opacity", "atelectasis", "effusion", "nodule", "other"),
         "Finding labels the head predicts, '|'-separated in the run config.",
     )
-    fusion: str = _opt("gated", "How image and report are fused.", choices=FUSION_MODES)
+    fusion: str = _opt(
+        "gated",
+        "How image and report are fused: concat, gated (learned per-modality weights, "
+        "Z = sum of w_i * phi(M_i)) or cross_attention (report tokens attend to image patches).",
+        choices=FUSION_MODES,
+    )
     image_encoder: str = _opt(
         "cnn",
         "Radiograph encoder: cnn (small GroupNorm CNN, from scratch or image-weights) or "
@@ -42,14 +47,16 @@ class ModelConfig:
     text_encoder: str = _opt(
         "transformer",
         "Report encoder: transformer (linear attention blocks) or lstm (bidirectional, "
-        "built from linear layers as Opacus's DPLSTM is), both from scratch or "
-        "text-weights; or pretrained (a Hugging Face encoder folder, model.text-model).",
+        "built from linear layers as Opacus's DPLSTM is; grad-sample-mode bk, hooks or "
+        "functorch), both from scratch or text-weights; or pretrained (a Hugging Face "
+        "encoder folder, model.text-model, followed by a trained projection).",
         choices=TEXT_ENCODERS,
     )
     text_model: str = _opt(
         "",
         "Hugging Face encoder folder (config, weights, tokenizer) for text-encoder = "
-        "pretrained, loaded offline; empty: the bundled all-MiniLM-L6-v2.",
+        "pretrained, loaded offline; empty: the bundled all-MiniLM-L6-v2. A clinical BERT "
+        "folder works the same way.",
     )
     image_weights: str = _opt(
         "",

@@ -60,7 +60,8 @@ class TrainConfig:
     optimizer: str = _opt(
         "sgd",
         "Local optimizer. SGD with momentum is the default: measured side by side on the "
-        "default run it reached a higher macro AUROC under DP noise than AdamW (README).",
+        "default run it reached a higher macro AUROC under DP noise than AdamW "
+        "(docs/benchmarks.md).",
         choices=OPTIMIZERS,
     )
     learning_rate: float = _opt(0.05, "Learning rate.", min=0.0, min_exclusive=True)
@@ -162,8 +163,9 @@ class ServerConfig:
     )
     min_update_fraction: float = _opt(
         0.66,
-        "A round needs updates from at least this share of its sampled hospitals (the rest "
-        "may fail, not answer or be refused); otherwise server.short-round decides.",
+        "Without SecAgg+, a round needs updates from at least this share of its sampled "
+        "hospitals (the rest may fail, not answer or be refused); otherwise "
+        "server.short-round decides. With SecAgg+, the reconstruction threshold decides.",
         min=0.0,
         max=1.0,
     )
@@ -289,8 +291,10 @@ class RunConfig:
         "server",
     )
 
-    num_rounds: int = _opt(3, "Federated rounds.", min=1)
-    output_dir: str = _opt("runs/latest", "Where the server writes checkpoints and metrics.")
+    num_rounds: int = _opt(3, "Federated rounds (fedfusion simulate --rounds sets it).", min=1)
+    output_dir: str = _opt(
+        "runs/latest", "Where the server writes checkpoints and metrics (--out sets it)."
+    )
     seed: int = _opt(0, "Seed of the data generation, partitioning and model init.")
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -375,6 +379,6 @@ def _known_run_keys() -> dict[str, _Key]:
 
 
 def describe_run_config() -> list[tuple[str, Any, str]]:
-    """(key, default, help) for every run key, for ``--help`` texts and the README."""
+    """(key, default, help) for every run key, for ``--help`` texts and the docs."""
     defaults = RunConfig().to_run_config()
     return [(k, defaults[k], f.metadata["help"]) for k, (_, f, _o) in _known_run_keys().items()]

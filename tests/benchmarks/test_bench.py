@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from benchmarks.suites import Measurement, _Run, table, write_results
+from benchmarks.federation import _Run
+from benchmarks.report import Measurement, table, write_results
 
 
 def rounds(seconds, up=1000, key=100):
@@ -46,7 +47,12 @@ def test_ratio_and_target_against_a_baseline(tmp_path):
 
 
 def test_utility_summary_targets_and_files(tmp_path):
-    from benchmarks.suites import UTILITY_CONFIGS, summarize_utility, utility_targets, write_utility
+    from benchmarks.utility import (
+        UTILITY_CONFIGS,
+        summarize_utility,
+        utility_targets,
+        write_utility,
+    )
 
     def run(auroc, normal):
         metrics = {"auroc": auroc, "auroc.normal": normal, "auroc.effusion": 0.9}
@@ -101,7 +107,7 @@ def test_tree_memory_sees_a_grandchild_allocate():
     import subprocess
     import sys
 
-    from benchmarks.suites import TreeMemory
+    from benchmarks.federation import TreeMemory
 
     def peak(code: str) -> float:
         """A small process whose own child runs ``code``: its tree's peak memory."""
@@ -153,8 +159,8 @@ def test_a_failed_part_is_recorded_and_the_others_are_kept(tmp_path, monkeypatch
     result = CliRunner().invoke(app, ["--suite", "dp", "--out", str(tmp_path)])
     assert result.exit_code == 1
     assert "FAILED (memory): the memory run failed: out of luck" in result.output
-    (json_path,) = tmp_path.glob("dp-*.json")
+    json_path = tmp_path / "dp.json"
     data = json.loads(json_path.read_text())
     assert [e["name"] for e in data["entries"]] == ["dp-step/default/none"]
     assert data["failures"] == ["memory: the memory run failed: out of luck"]
-    assert "**FAILED** memory: the memory run failed" in (tmp_path / "latest-dp.md").read_text()
+    assert "**FAILED** memory: the memory run failed" in (tmp_path / "dp.md").read_text()

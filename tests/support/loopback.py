@@ -1,6 +1,6 @@
 """A whole deployment on loopback: certificates, TLS SuperLink, hospitals, cleanup.
 
-The end-to-end tests (``tests/e2e``) and the deployment benchmark (``fedfusion bench``)
+The end-to-end tests (``tests/e2e``) and the deployment benchmark (``make bench``)
 run what a real deployment runs, on 127.0.0.1: `fedfusion certs` files, a SuperLink with
 TLS and SuperNode authentication, `fedfusion server --config` and `fedfusion hospital
 --config`. Every process started is recorded with markers that identify it (and the

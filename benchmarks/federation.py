@@ -1,8 +1,8 @@
-"""`fedfusion bench` (`make bench`): what DP, secure aggregation, scale and deployment cost.
+"""``make bench``: what secure aggregation, scale and a deployment cost; the audit runs.
 
-The DP step suite lives in ``benchmarks/dp.py``; this module holds the federation
-suites (SecAgg+ and deployment at 3 hospitals, 10/50/100 simulated hospitals, time to
-first result, bytes per encoder mode), utility and the audit.
+The DP step suite lives in ``benchmarks/dp.py`` and utility in ``benchmarks/utility.py``;
+this module holds the federation suites (SecAgg+ and deployment at 3 hospitals, 10/50/100
+simulated hospitals, time to first result, bytes per encoder mode) and the audit.
 
 Every figure comes from real runs on this machine, in one sitting, side by side: plain
 and SecAgg+ federations of the same hospitals on the same data, simulated and deployed
@@ -14,89 +14,46 @@ figure is the median over the remaining rounds (and hospitals), with min and max
 ratios are taken against the baseline measured in the same sitting, because the machine
 is shared and noisy.
 
-Results go to ``bench-results/perf-<time>.json`` (one entry per measurement: name,
-config, median, min, max, unit, baseline, ratio, target) and ``bench-results/latest-perf.md``
+Results go to ``benchmarks/results/perf.json`` (one entry per measurement: name,
+config, median, min, max, unit, baseline, ratio, target) and ``benchmarks/results/perf.md``
 (the printed table, with the machine it came from).
 
 The ``audit`` suite (`make audit`) trains two federations on the embedded data, a
 deliberately overfitted non-private one and the default DP one (epsilon = 8), and runs the
-membership-inference audit (``server/commands/audit.py``) against each: ``audit-<time>.json`` and
-``latest-audit.md``.
+membership-inference audit (``server/commands/audit.py``) against each:
+``benchmarks/results/audit.json`` and ``audit.md``.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import platform
-import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from benchmarks.report import Echo, Measurement
 from shared_model.config import PRESETS
 
 __all__ = [
-    "Measurement",
+    "REPORTS_PER_HOSPITAL",
+    "WIRE_MODES",
     "TreeMemory",
-    "UtilityConfig",
     "run_audit_bench",
     "run_first_result_bench",
+    "run_mode_bytes_bench",
     "run_scale_bench",
-    "run_utility_bench",
     "run_wire_bench",
-    "summarize_utility",
-    "write_results",
+    "simulate_run",
 ]
 
-Echo = Callable[[str], None]
 # Simulated and deployed federations hold the same number of reports per hospital, so
 # that their rounds train on the same amount of data.
 REPORTS_PER_HOSPITAL = 300
 _WARM_UP_ROUNDS = 1
-
-
-@dataclass
-class Measurement:
-    """One benchmark figure: the median over its samples, and its ratio to a baseline."""
-
-    name: str
-    config: dict[str, Any]
-    median: float
-    min: float
-    max: float
-    unit: str
-    samples: int
-    baseline: str | None = None
-    ratio: float | None = None
-    target: str = ""
-    met: bool | None = None
-
-    @classmethod
-    def of(
-        cls, name: str, config: dict[str, Any], values: Sequence[float], unit: str
-    ) -> Measurement:
-        """Summarize ``values`` (at least one)."""
-        if not values:
-            raise ValueError(f"{name}: no samples")
-        return cls(
-            name, config, statistics.median(values), min(values), max(values), unit, len(values)
-        )
-
-    def against(self, baseline: Measurement, limit: float | None = None) -> Measurement:
-        """Set the ratio to ``baseline`` (and whether it meets ``ratio <= limit``)."""
-        self.baseline = baseline.name
-        self.ratio = self.median / baseline.median if baseline.median else None
-        if limit is not None and self.ratio is not None:
-            self.target = f"<= {limit:g}x"
-            self.met = self.ratio <= limit
-        return self
 
 
 @dataclass
@@ -124,7 +81,7 @@ class _Run:
         return run
 
 
-def _simulate_run(
+def simulate_run(
     out: Path, hospitals: int, rounds: int, overrides: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """Run a simulated federation to the end; its rounds (RuntimeError if it failed)."""
@@ -152,7 +109,7 @@ def _simulate(
     secagg_state = "on" if secagg else "off"
     echo(f"  simulated, {hospitals} hospitals, SecAgg+ {secagg_state} ...")
     overrides = {"secagg.enabled": secagg, "data.max-reports": reports * hospitals}
-    return _Run.from_rounds(_simulate_run(out, hospitals, rounds, overrides))
+    return _Run.from_rounds(simulate_run(out, hospitals, rounds, overrides))
 
 
 def _deploy(
@@ -338,7 +295,7 @@ def run_scale_bench(
                 )
                 started = time.monotonic()
                 with TreeMemory() as memory:
-                    rounds_done = _simulate_run(
+                    rounds_done = simulate_run(
                         Path(tmp) / f"{kind}-{n}", n, rounds, {"secagg.enabled": secagg}
                     )
                 wall = time.monotonic() - started
@@ -406,7 +363,7 @@ def run_mode_bytes_bench(
         for mode, overrides in WIRE_MODES.items():
             echo(f"  bytes per round, {mode}, {hospitals} hospitals, SecAgg+ ...")
             settings = {**overrides, "data.max-reports": reports * hospitals}
-            rounds_done = _simulate_run(
+            rounds_done = simulate_run(
                 Path(tmp) / mode.replace("/", "-"), hospitals, rounds, settings
             )
             run = _Run.from_rounds(rounds_done)
@@ -453,7 +410,7 @@ def run_audit_bench(hospitals: int = 3, rounds: int = 3, echo: Echo = print) -> 
         for name, overrides in AUDIT_MODELS.items():
             echo(f"  training {name} ({hospitals} hospitals x {rounds} rounds) ...")
             run_dir = Path(tmp) / name
-            rounds_done = _simulate_run(run_dir, hospitals, rounds, overrides)
+            rounds_done = simulate_run(run_dir, hospitals, rounds, overrides)
             echo(f"  auditing {name} ...")
             result = audit_run(run_dir, hospitals)
             attack, best = result.strongest
@@ -476,312 +433,3 @@ def run_audit_bench(hospitals: int = 3, rounds: int = 3, echo: Echo = print) -> 
             tpr = best.tpr_at_fpr["0.01"]
             out += [auc, Measurement(f"mia-tpr@1%fpr/{name}", cfg, tpr, tpr, tpr, "TPR", 1)]
     return out
-
-
-@dataclass(frozen=True)
-class UtilityConfig:
-    """One configuration of the utility benchmark."""
-
-    name: str
-    hospitals: int
-    overrides: dict[str, Any]
-    mode: str  # the model: small (from scratch, full) | frozen | lora (pretrained encoders)
-    branch: str  # fused | image | text
-    privacy: str  # none | epsilon
-    secagg: bool
-
-
-_NO_DP = {"privacy.enabled": False, "secagg.enabled": False}
-_DP8 = {"privacy.target-epsilon": 8.0, "secagg.enabled": False}
-_DP3 = {"privacy.target-epsilon": 3.0, "secagg.enabled": False}
-CENTRAL = "centralized, non-private"
-FUSED = "federated, DP eps=8, SecAgg+"
-IMAGE_ONLY = "image only, DP eps=8, SecAgg+"
-TEXT_ONLY = "text only, DP eps=8, SecAgg+"
-# The models compared: the default small model, and the pretrained EfficientNet-
-# Lite0 + all-MiniLM-L6-v2 with frozen encoders or LoRA on the text encoder. LoRA runs the
-# 22.7M-parameter encoder forward and backward at every step, so it trains 1 local epoch
-# per round instead of 2, on reports cut to 32 tokens instead of 64 (the rest is the same).
-UTILITY_MODES: dict[str, dict[str, Any]] = {
-    "small": {},
-    "frozen": dict(PRESETS["efficientnet-minilm-concat"]),
-    "lora": {
-        **PRESETS["efficientnet-minilm-concat"],
-        "model.encoder-mode": "lora",
-        "train.local-epochs": 1,
-        "model.max-report-tokens": 32,
-    },
-}
-
-
-def _configs(mode: str, names: Sequence[str]) -> list[UtilityConfig]:
-    every = [
-        UtilityConfig(CENTRAL, 1, _NO_DP, mode, "fused", "none", False),
-        UtilityConfig("federated, non-private", 5, _NO_DP, mode, "fused", "none", False),
-        UtilityConfig("federated, DP eps=8", 5, _DP8, mode, "fused", "8", False),
-        UtilityConfig("federated, DP eps=3", 5, _DP3, mode, "fused", "3", False),
-        UtilityConfig(FUSED, 5, {}, mode, "fused", "8", True),
-        UtilityConfig(IMAGE_ONLY, 5, {"model.branches": "image"}, mode, "image", "8", True),
-        UtilityConfig(TEXT_ONLY, 5, {"model.branches": "text"}, mode, "text", "8", True),
-    ]
-    return [c for c in every if c.name in names]
-
-
-# Scaled to about 30 minutes on 2 cores: every configuration for the small model; for the
-# pretrained ones, what the two targets need (frozen), or the federated DP model alone
-# (lora, about 2 minutes a seed).
-UTILITY_CONFIGS = (
-    *_configs(
-        "small",
-        (
-            CENTRAL,
-            "federated, non-private",
-            "federated, DP eps=8",
-            "federated, DP eps=3",
-            FUSED,
-            IMAGE_ONLY,
-            TEXT_ONLY,
-        ),
-    ),
-    *_configs("frozen", (CENTRAL, FUSED, IMAGE_ONLY, TEXT_ONLY)),
-    *_configs("lora", (FUSED,)),
-)
-
-
-def summarize_utility(
-    config: UtilityConfig, runs: Sequence[tuple[list[dict[str, Any]], float]]
-) -> dict[str, Any]:
-    """One JSON entry: macro and per-label AUROC of the final round, mean and std over seeds."""
-    finals = [rounds[-1]["eval_metrics"] for rounds, _ in runs]
-    macro = [float(m["auroc"]) for m in finals]
-    labels = sorted(k.split(".", 1)[1] for k in finals[0] if k.startswith("auroc."))
-    per_label = {
-        label: {
-            "mean": float(np.nanmean([m.get(f"auroc.{label}", np.nan) for m in finals])),
-            "std": float(np.nanstd([m.get(f"auroc.{label}", np.nan) for m in finals])),
-        }
-        for label in labels
-    }
-    return {
-        "name": f"{config.mode}: {config.name}",
-        "mode": config.mode,
-        "branch": config.branch,
-        "privacy": config.privacy,
-        "secagg": "on" if config.secagg else "off",
-        "hospitals": config.hospitals,
-        "seeds": len(runs),
-        "macro_auroc_mean": float(np.mean(macro)),
-        "macro_auroc_std": float(np.std(macro)),
-        "per_label_auroc": per_label,
-        "wall_time_s": float(np.mean([seconds for _, seconds in runs])),
-    }
-
-
-def utility_targets(entries: Sequence[dict[str, Any]]) -> list[tuple[str, float | None, bool]]:
-    """(target, value, met) for the two utility targets of each model, from the entries.
-
-    A target whose configurations were not run has value None (reported, never met).
-    """
-    scores = {e["name"]: e["macro_auroc_mean"] for e in entries}
-    out: list[tuple[str, float | None, bool]] = []
-    for mode in dict.fromkeys(e["mode"] for e in entries):
-        central = scores.get(f"{mode}: {CENTRAL}")
-        fused = scores.get(f"{mode}: {FUSED}")
-        ratio = fused / central if fused is not None and central else None
-        singles = [scores.get(f"{mode}: {IMAGE_ONLY}"), scores.get(f"{mode}: {TEXT_ONLY}")]
-        margin = fused - max(singles) if fused is not None and None not in singles else None
-        out += [
-            (
-                f"{mode}: federated DP eps=8 + SecAgg+ >= 0.95x centralized non-private",
-                ratio,
-                ratio is not None and ratio >= 0.95,
-            ),
-            (
-                f"{mode}: fused beats the best single modality (DP eps=8, SecAgg+)",
-                margin,
-                margin is not None and margin > 0,
-            ),
-        ]
-    return out
-
-
-def run_utility_bench(
-    seeds: Sequence[int] = (0, 1, 2),
-    rounds: int = 3,
-    reports: int = 1500,
-    echo: Echo = print,
-    modes: Sequence[str] = tuple(UTILITY_MODES),
-) -> list[dict[str, Any]]:
-    """Every utility configuration of ``modes`` over ``seeds`` on the same data.
-
-    Frozen features are cached once for all runs (the simulated hospitals' shared cache).
-    """
-    entries = []
-    configs = [c for c in UTILITY_CONFIGS if c.mode in modes]
-    with tempfile.TemporaryDirectory(prefix="fedfusion-utility-") as tmp:
-        for config in configs:
-            runs = []
-            for seed in seeds:
-                echo(f"  {config.mode}: {config.name}, seed {seed} ...")
-                out = Path(tmp) / f"{len(entries)}-{seed}"
-                overrides = {
-                    **UTILITY_MODES[config.mode],
-                    **config.overrides,
-                    "seed": seed,
-                    "data.max-reports": reports,
-                }
-                started = time.monotonic()
-                rounds_done = _simulate_run(out, config.hospitals, rounds, overrides)
-                runs.append((rounds_done, time.monotonic() - started))
-            entries.append(summarize_utility(config, runs))
-    return entries
-
-
-def write_utility(entries: Sequence[dict[str, Any]], out_dir: Path) -> tuple[Path, Path, Path]:
-    """bench-results/utility-<time>.json, latest-utility.md and utility.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    targets = utility_targets(entries)
-    json_path = out_dir / f"utility-{stamp}.json"
-    json_path.write_text(
-        json.dumps(
-            {
-                "created": stamp,
-                "machine": _machine(),
-                "entries": list(entries),
-                "targets": [{"target": t, "value": v, "met": m} for t, v, m in targets],
-            },
-            indent=2,
-        )
-        + "\n",
-        encoding="utf-8",
-    )
-    fig, ax = plt.subplots(figsize=(9, 0.9 + 0.32 * len(entries)))
-    names = [e["name"] for e in entries]
-    ax.barh(
-        names,
-        [e["macro_auroc_mean"] for e in entries],
-        xerr=[e["macro_auroc_std"] for e in entries],
-        color="tab:blue",
-    )
-    ax.axvline(0.5, color="grey", ls=":")
-    ax.set(xlim=(0.4, 1.0), xlabel="held-out macro AUROC (mean, std over seeds)")
-    ax.invert_yaxis()
-    fig.tight_layout()
-    png_path = out_dir / "utility.png"
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-    labels = sorted(entries[0]["per_label_auroc"])
-    rows = [
-        "| configuration | branch | privacy | SecAgg+ | macro AUROC | "
-        + " | ".join(labels)
-        + " | wall time |",
-        "|---|---|---|---|---:|" + "---:|" * len(labels) + "---:|",
-    ]
-    for e in entries:
-        rows.append(
-            f"| {e['name']} | {e['branch']} | {e['privacy']} | {e['secagg']} | "
-            f"{e['macro_auroc_mean']:.3f} ± {e['macro_auroc_std']:.3f} | "
-            + " | ".join(f"{e['per_label_auroc'][lab]['mean']:.2f}" for lab in labels)
-            + f" | {e['wall_time_s']:.0f} s |"
-        )
-    rows.append("")
-    rows += [
-        f"- {t}: {'not measured' if v is None else f'{v:.3f}'}, {'met' if m else 'MISSED'}"
-        for t, v, m in targets
-    ]
-    md_path = out_dir / "latest-utility.md"
-    md_path.write_text(
-        f"# fedfusion utility benchmark, {stamp} UTC\n\n" + "\n".join(rows) + "\n",
-        encoding="utf-8",
-    )
-    return json_path, md_path, png_path
-
-
-def _machine() -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    from importlib.metadata import version
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "flwr": version("flwr"),
-        "opacus": version("opacus"),
-        "load-average": os.getloadavg() if hasattr(os, "getloadavg") else None,
-    }
-
-
-def _fmt(value: float, unit: str) -> str:
-    if unit in {"AUC", "TPR"}:
-        return f"{value:.3f}"
-    if unit == "B":
-        return f"{value / 1e6:.3f} MB" if value >= 1e5 else f"{value / 1e3:.1f} kB"
-    return f"{value:.2f} {unit}"
-
-
-def table(measurements: Sequence[Measurement]) -> str:
-    """A Markdown table of the measurements."""
-    rows = [
-        "| measurement | median | min | max | n | vs. | ratio | target |",
-        "| --- | ---: | ---: | ---: | ---: | --- | ---: | --- |",
-    ]
-    for m in measurements:
-        ratio = f"{m.ratio:.2f}x" if m.ratio is not None else ""
-        target = f"{m.target}: {'met' if m.met else 'MISSED'}" if m.target else ""
-        rows.append(
-            f"| {m.name} | {_fmt(m.median, m.unit)} | {_fmt(m.min, m.unit)} | "
-            f"{_fmt(m.max, m.unit)} | {m.samples} | {m.baseline or ''} | {ratio} | {target} |"
-        )
-    return "\n".join(rows)
-
-
-def write_results(
-    measurements: Sequence[Measurement],
-    out_dir: Path,
-    suite: str = "perf",
-    stamp: str | None = None,
-    failures: Sequence[str] = (),
-) -> tuple[Path, Path]:
-    """Write the JSON results and the Markdown table of one suite; returns both paths.
-
-    The same ``stamp`` rewrites the same files (a run writes after each of its parts);
-    ``failures`` names the parts that failed, and why.
-    """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stamp = stamp or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    machine = _machine()
-    data = {
-        "created": stamp,
-        "machine": machine,
-        "entries": [asdict(m) for m in measurements],
-        "failures": list(failures),
-    }
-    json_path = out_dir / f"{suite}-{stamp}.json"
-    json_path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    md_path = out_dir / f"latest-{suite}.md"
-    md_path.write_text(
-        f"# fedfusion benchmark ({suite}), {stamp} UTC\n\n"
-        f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['platform']}; "
-        f"torch {machine['torch']}, flwr {machine['flwr']}, opacus {machine['opacus']}.\n\n"
-        f"{table(measurements)}\n\n"
-        + "".join(f"**FAILED** {failure}\n\n" for failure in failures)
-        + f"Raw: `{json_path.name}`\n",
-        encoding="utf-8",
-    )
-    return json_path, md_path
