@@ -100,7 +100,14 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     result: dict[str, Any] = {"mode": mode}
     if mode != "none":
         policy = PrivacyPolicy(
-            True, 8.0, 8.0, 1e-5, 1.0, "rdp", mode, secure_noise=bool(spec["secure_noise"])
+            enabled=True,
+            target_epsilon=8.0,
+            max_epsilon=8.0,
+            delta=1e-5,
+            max_grad_norm=1.0,
+            accountant="rdp",
+            grad_sample_mode=mode,
+            secure_noise=bool(spec["secure_noise"]),
         )
         data = TensorDataset(*(torch.cat(parts) for parts in zip(*batches, strict=True)))
         private = make_private(

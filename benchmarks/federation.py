@@ -425,11 +425,30 @@ def run_audit_bench(hospitals: int = 3, rounds: int = 3, echo: Echo = print) -> 
                 "all_attacks": {k: asdict(v) for k, v in result.attacks.items()},
             }
             low, high = best.auc_ci95
-            auc = Measurement(f"mia-auc/{name}", cfg, best.auc, low, high, "AUC", result.members)
+            auc = Measurement(
+                name=f"mia-auc/{name}",
+                config=cfg,
+                median=best.auc,
+                min=low,
+                max=high,
+                unit="AUC",
+                samples=result.members,
+            )
             if name == "non-private-overfit":
                 auc.target, auc.met = "95% CI above 0.5 (the attack works)", low > 0.5
             else:
                 auc.target, auc.met = "<= 0.55", best.auc <= 0.55
             tpr = best.tpr_at_fpr["0.01"]
-            out += [auc, Measurement(f"mia-tpr@1%fpr/{name}", cfg, tpr, tpr, tpr, "TPR", 1)]
+            out += [
+                auc,
+                Measurement(
+                    name=f"mia-tpr@1%fpr/{name}",
+                    config=cfg,
+                    median=tpr,
+                    min=tpr,
+                    max=tpr,
+                    unit="TPR",
+                    samples=1,
+                ),
+            ]
     return out

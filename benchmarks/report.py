@@ -24,7 +24,7 @@ __all__ = ["Echo", "Measurement", "machine_facts", "table", "write_results"]
 Echo = Callable[[str], None]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Measurement:
     """One benchmark figure: the median over its samples, and its ratio to a baseline."""
 
@@ -48,7 +48,13 @@ class Measurement:
         if not values:
             raise ValueError(f"{name}: no samples")
         return cls(
-            name, config, statistics.median(values), min(values), max(values), unit, len(values)
+            name=name,
+            config=config,
+            median=statistics.median(values),
+            min=min(values),
+            max=max(values),
+            unit=unit,
+            samples=len(values),
         )
 
     def against(self, baseline: Measurement, limit: float | None = None) -> Measurement:

@@ -38,7 +38,7 @@ def score_bins(logits: np.ndarray) -> np.ndarray:
     return np.clip(index, 0, SCORE_BINS - 1).astype(np.int64)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EvalStats:
     """Summable held-out statistics of one model on one or more hospitals' test splits."""
 
@@ -74,15 +74,27 @@ class EvalStats:
             negatives[j] = np.bincount(bins[~targets[:, j], j], minlength=SCORE_BINS)
         exact = ((logits >= 0) == targets).all(axis=1).sum()
         clipped = np.clip(np.asarray(losses, np.float64), 0.0, EVAL_LOSS_CLIP)
-        return cls(tuple(labels), float(len(logits)), float(clipped.sum()), float(exact),
-                   positives, negatives)  # fmt: skip
+        return cls(
+            labels=tuple(labels),
+            examples=float(len(logits)),
+            loss_sum=float(clipped.sum()),
+            exact_matches=float(exact),
+            positives=positives,
+            negatives=negatives,
+        )
 
     @classmethod
     def zeros(cls, labels: Sequence[str]) -> EvalStats:
         """No examples: what a hospital that does not evaluate adds."""
         k = len(labels)
-        return cls(tuple(labels), 0.0, 0.0, 0.0, np.zeros((k, SCORE_BINS)),
-                   np.zeros((k, SCORE_BINS)))  # fmt: skip
+        return cls(
+            labels=tuple(labels),
+            examples=0.0,
+            loss_sum=0.0,
+            exact_matches=0.0,
+            positives=np.zeros((k, SCORE_BINS)),
+            negatives=np.zeros((k, SCORE_BINS)),
+        )
 
     @staticmethod
     def vector_size(num_labels: int) -> int:
@@ -107,29 +119,37 @@ class EvalStats:
         if not np.isfinite(vector).all() or (vector < 0).any():
             raise ValueError("evaluation statistics must be finite and non-negative")
         hist = vector[_HEADER:].reshape(2, k, SCORE_BINS)
-        return cls(tuple(labels), *map(float, vector[:_HEADER]), hist[0].copy(), hist[1].copy())
+        examples, loss_sum, exact_matches = map(float, vector[:_HEADER])
+        return cls(
+            labels=tuple(labels),
+            examples=examples,
+            loss_sum=loss_sum,
+            exact_matches=exact_matches,
+            positives=hist[0].copy(),
+            negatives=hist[1].copy(),
+        )
 
     def __add__(self, other: EvalStats) -> EvalStats:
         if other.labels != self.labels:
             raise ValueError("cannot add evaluation statistics of different labels")
         return EvalStats(
-            self.labels,
-            self.examples + other.examples,
-            self.loss_sum + other.loss_sum,
-            self.exact_matches + other.exact_matches,
-            self.positives + other.positives,
-            self.negatives + other.negatives,
+            labels=self.labels,
+            examples=self.examples + other.examples,
+            loss_sum=self.loss_sum + other.loss_sum,
+            exact_matches=self.exact_matches + other.exact_matches,
+            positives=self.positives + other.positives,
+            negatives=self.negatives + other.negatives,
         )
 
     def rounded(self) -> EvalStats:
         """Counts rounded to whole examples (a secure sum carries quantization noise)."""
         return EvalStats(
-            self.labels,
-            float(round(self.examples)),
-            max(self.loss_sum, 0.0),
-            float(round(self.exact_matches)),
-            np.maximum(np.round(self.positives), 0.0),
-            np.maximum(np.round(self.negatives), 0.0),
+            labels=self.labels,
+            examples=float(round(self.examples)),
+            loss_sum=max(self.loss_sum, 0.0),
+            exact_matches=float(round(self.exact_matches)),
+            positives=np.maximum(np.round(self.positives), 0.0),
+            negatives=np.maximum(np.round(self.negatives), 0.0),
         )
 
     # ------------------------------------------------------------------ figures

@@ -49,7 +49,7 @@ StateDict = dict[str, torch.Tensor]
 EVALUATION_LOG = "evaluation.jsonl"  # the hospital's own held-out metrics, round by round
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LocalRound:
     """The outcome of one local round. ``weights`` are the incoming ones if declined."""
 
@@ -90,16 +90,16 @@ def _declined(
     """A round this hospital does not train, with its epsilon so far."""
     ledger = site.open_ledger(seen)
     return LocalRound(
-        False,
-        reason,
-        weights,
-        0,
-        math.nan,
-        0,
-        ledger.epsilon(),
-        ledger.noise_multiplier or 0.0,
-        0.0,
-        tuple(ledger.history),
+        trained=False,
+        reason=reason,
+        weights=weights,
+        num_examples=0,
+        train_loss=math.nan,
+        steps=0,
+        epsilon=ledger.epsilon(),
+        noise_multiplier=ledger.noise_multiplier or 0.0,
+        sample_rate=0.0,
+        ledger_history=tuple(ledger.history),
         declined=True,
     )
 
@@ -112,16 +112,16 @@ def evaluated_only(weights: StateDict, site: Site, seen: Sequence[LedgerEntry]) 
     ledger = site.open_ledger(seen)
     no_dp = not site.policy.enabled and site.policy.allow_non_private
     return LocalRound(
-        False,
-        EVALUATED_ONLY,
-        weights,
-        0,
-        math.nan,
-        0,
-        math.inf if no_dp else ledger.epsilon(),
-        ledger.noise_multiplier or 0.0,
-        0.0,
-        tuple(ledger.history),
+        trained=False,
+        reason=EVALUATED_ONLY,
+        weights=weights,
+        num_examples=0,
+        train_loss=math.nan,
+        steps=0,
+        epsilon=math.inf if no_dp else ledger.epsilon(),
+        noise_multiplier=ledger.noise_multiplier or 0.0,
+        sample_rate=0.0,
+        ledger_history=tuple(ledger.history),
     )
 
 
@@ -191,15 +191,15 @@ def run_local_round(
         )
         loss, steps = epochs(model, loader, optimizer, loss_fn)
         return LocalRound(
-            True,
-            "trained without DP (privacy.enabled = false; this hospital allows it)",
-            _on_cpu(shared_state(model)),
-            len(train_set),
-            loss,
-            steps,
-            math.inf,
-            0.0,
-            0.0,
+            trained=True,
+            reason="trained without DP (privacy.enabled = false; this hospital allows it)",
+            weights=_on_cpu(shared_state(model)),
+            num_examples=len(train_set),
+            train_loss=loss,
+            steps=steps,
+            epsilon=math.inf,
+            noise_multiplier=0.0,
+            sample_rate=0.0,
         )
 
     ledger = site.open_ledger(ledger_seen)
@@ -215,16 +215,16 @@ def run_local_round(
     )
     if not plan.train:
         return LocalRound(
-            False,
-            plan.reason,
-            weights,
-            0,
-            math.nan,
-            0,
-            plan.epsilon_before,
-            plan.entry.noise_multiplier,
-            plan.entry.sample_rate,
-            tuple(ledger.history),
+            trained=False,
+            reason=plan.reason,
+            weights=weights,
+            num_examples=0,
+            train_loss=math.nan,
+            steps=0,
+            epsilon=plan.epsilon_before,
+            noise_multiplier=plan.entry.noise_multiplier,
+            sample_rate=plan.entry.sample_rate,
+            ledger_history=tuple(ledger.history),
             declined=True,
         )
     ledger.begin_round(plan.entry)  # written before any step touches the data
@@ -269,16 +269,16 @@ def run_local_round(
             f"steps; Opacus counted epsilon {opacus_epsilon}, the ledger {epsilon}"
         )
     return LocalRound(
-        True,
-        "trained",
-        _on_cpu(shared_state(private.raw_model)),
-        plan.public_records,
-        release.value(),
-        steps,
-        epsilon,
-        plan.entry.noise_multiplier,
-        plan.entry.sample_rate,
-        tuple(ledger.history),
+        trained=True,
+        reason="trained",
+        weights=_on_cpu(shared_state(private.raw_model)),
+        num_examples=plan.public_records,
+        train_loss=release.value(),
+        steps=steps,
+        epsilon=epsilon,
+        noise_multiplier=plan.entry.noise_multiplier,
+        sample_rate=plan.entry.sample_rate,
+        ledger_history=tuple(ledger.history),
     )
 
 

@@ -35,7 +35,7 @@ __all__ = [
 log = logging.getLogger("fedfusion.hospital")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PrivateTraining:
     """What :func:`make_private` returns, the same shape in every grad-sample mode."""
 
@@ -201,7 +201,15 @@ def make_private(
     )
     if policy.secure_noise:
         use_secure_noise(dp_optimizer)
-    return PrivateTraining(dp_model, model, dp_optimizer, dp_loss, dp_loader, engine, mode)
+    return PrivateTraining(
+        model=dp_model,
+        raw_model=model,
+        optimizer=dp_optimizer,
+        loss_fn=dp_loss,
+        loader=dp_loader,
+        engine=engine,
+        grad_sample_mode=mode,
+    )
 
 
 def resolve_grad_sample_mode(requested: str, model: nn.Module) -> str:

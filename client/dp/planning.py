@@ -26,7 +26,7 @@ from client.dp.policy import LOSS_SHARE, RECORD_COUNT_NOISE, PrivacyPolicy
 __all__ = ["RoundPlan", "plan_round", "round_shape"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RoundPlan:
     """Whether this hospital trains this round, and with what privacy parameters."""
 
@@ -116,7 +116,14 @@ def plan_round(
     after = ledger.epsilon(entry)
     if after > policy.max_epsilon:
         return _decline(ledger, policy, entry, before, server_round, public)
-    return RoundPlan(True, "trained", entry, before, after, public)
+    return RoundPlan(
+        train=True,
+        reason="trained",
+        entry=entry,
+        epsilon_before=before,
+        epsilon_after=after,
+        public_records=public,
+    )
 
 
 def _decline(
@@ -140,7 +147,14 @@ def _decline(
         f"declined: {what} would raise epsilon from {before:.3f} to {after:.3f}, above this "
         f"hospital's max-epsilon {policy.max_epsilon:g} (delta {policy.delta:g})"
     )
-    return RoundPlan(False, reason, entry, before, after, public)
+    return RoundPlan(
+        train=False,
+        reason=reason,
+        entry=entry,
+        epsilon_before=before,
+        epsilon_after=after,
+        public_records=public,
+    )
 
 
 def _secure_normal(std: float) -> float:
