@@ -25,6 +25,8 @@ def bench(
         typer.Option(
             help="perf: DP step cost, SecAgg+ and deployment cost, scale, then bytes per "
             "encoder mode. dp: only the DP step cost (time and memory per clipping method). "
+            "secagg: only SecAgg+ and deployment cost (plain vs SecAgg+, simulated vs "
+            "deployed). scale: only the large simulated federations. "
             "bytes: only bytes per encoder mode. audit: membership inference, "
             "non-private vs DP (make audit). utility: AUROC of centralized, federated, DP, "
             "SecAgg+ and single-branch models over 3 seeds (make bench-utility)."
@@ -90,9 +92,9 @@ def bench(
     from benchmarks.report import table, write_results
     from benchmarks.utility import UTILITY_CONFIGS, UTILITY_MODES, run_utility_bench, write_utility
 
-    if suite not in {"perf", "dp", "scale", "bytes", "audit", "utility"}:
+    if suite not in {"perf", "dp", "secagg", "scale", "bytes", "audit", "utility"}:
         typer.secho(
-            f"error: --suite: {suite!r} is not perf, dp, scale, bytes, audit or utility",
+            f"error: --suite: {suite!r} is not perf, dp, secagg, scale, bytes, audit or utility",
             err=True,
         )
         raise typer.Exit(2)
@@ -139,9 +141,16 @@ def bench(
         raise typer.Exit(2)
     started = time.monotonic()
     parts: list[tuple[str, Callable[[], list[Measurement]]]]
+    wire = (
+        "secagg and deployment",
+        lambda: run_wire_bench(sizes, rounds, deploy, echo=typer.echo, reports=reports),
+    )
     if suite == "audit":
         typer.echo("bench: membership-inference audit, non-private vs DP")
         parts = [("audit", lambda: run_audit_bench(min(sizes), echo=typer.echo))]
+    elif suite == "secagg":
+        typer.echo(f"bench: plain vs SecAgg+ at {sizes} hospitals, simulated and deployed")
+        parts = [wire]
     elif suite == "scale":
         typer.echo(f"bench: {scale_sizes} simulated hospitals, plain vs SecAgg+")
         parts = [("scale", lambda: run_scale_bench(scale_sizes, echo=typer.echo))]
@@ -161,12 +170,7 @@ def bench(
                 f"{rounds} rounds each, {reports} reports per hospital, simulated and "
                 f"deployed; {scale_sizes} simulated hospitals; bytes per encoder mode"
             )
-            parts.append(
-                (
-                    "secagg and deployment",
-                    lambda: run_wire_bench(sizes, rounds, deploy, echo=typer.echo, reports=reports),
-                )
-            )
+            parts.append(wire)
             if scale_sizes:
                 parts.append(("scale", lambda: run_scale_bench(scale_sizes, echo=typer.echo)))
             parts.append(("first result", lambda: run_first_result_bench(echo=typer.echo)))

@@ -77,7 +77,14 @@ class _Run:
                 run.down.append(float(h.get("bytes_down", 0)))
                 run.key_up.append(float(h.get("key_bytes_up", 0)))
         if not run.seconds:
-            raise RuntimeError("the run recorded no training round")
+            declined = {
+                h.get("reason", "")
+                for r in rounds
+                for h in r["hospitals"]
+                if h.get("status") == "declined"
+            }
+            why = f": every hospital declined ({'; '.join(sorted(declined))})" if declined else ""
+            raise RuntimeError(f"the run recorded no training round after warm-up{why}")
         return run
 
 
@@ -133,6 +140,8 @@ def _deploy(
             f"num-rounds = {rounds}\nsecagg.enabled = {str(secagg).lower()}\n"
             f"server.min-hospitals = {hospitals}\nserver.wait-for-hospitals-timeout = 120.0\n",
             timeout=1800,
+            # a hospital with its own data sends plain updates only if its file allows it
+            policy="" if secagg else "require-secagg = false",
         )
     finally:
         leftover = d.stop_all()

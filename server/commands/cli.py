@@ -236,7 +236,7 @@ def simulate(
     if not result.ok:
         for problem in result.problems:
             typer.secho(f"FAILED: {problem}", fg=typer.colors.RED, err=True)
-        typer.echo(f"full log: {result.run_dir / 'simulation.log'}", err=True)
+        typer.echo(f"full log: {result.run_dir / 'flwr-run.log'}", err=True)
         raise typer.Exit(1)
 
 

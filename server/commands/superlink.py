@@ -215,7 +215,7 @@ def _show(line: str, verbose: bool) -> str | None:
         return text
     if "[fedfusion]" in text:
         return text.split("[fedfusion]", 1)[1].strip()
-    return None  # in simulation.log; failures reach the user through fedfusion's lines
+    return None  # in flwr-run.log; failures reach the user through fedfusion's lines
 
 
 def submit_run(
@@ -229,7 +229,7 @@ def submit_run(
     echo: Any,
     extra: tuple[str, ...] = (),
 ) -> tuple[int, str, bool]:
-    """``flwr run`` the app on ``connection``, streaming progress into ``out/simulation.log``.
+    """``flwr run`` the app on ``connection``, streaming progress into ``out/flwr-run.log``.
 
     Returns (exit code, the run status `flwr ls` reports, whether it timed out).
     """
@@ -243,7 +243,7 @@ def submit_run(
         "--run-config",
         str(config_file),
     ]
-    with (out / "simulation.log").open("a", encoding="utf-8") as log:  # a resumed run appends
+    with (out / "flwr-run.log").open("a", encoding="utf-8") as log:  # a resumed run appends
         proc = subprocess.Popen(
             cmd,
             env=env,
@@ -290,12 +290,12 @@ def judge_run(rc: int, status: str, out: Path, tolerate_failures: bool) -> list[
     """Every reason to call the run failed (flwr run's exit code alone says nothing)."""
     problems = []
     if rc != 0:
-        problems.append(f"`flwr run` exited with code {rc} (see {out / 'simulation.log'})")
+        problems.append(f"`flwr run` exited with code {rc} (see {out / 'flwr-run.log'})")
     if status != "finished:completed":
         problems.append(f"Flower reports the run as {status!r}")
     run_file = out / "run.json"
     if not run_file.exists():
-        problems.append(f"the ServerApp never started (no run.json); see {out / 'simulation.log'}")
+        problems.append(f"the ServerApp never started (no run.json); see {out / 'flwr-run.log'}")
         return problems
     info = json.loads(run_file.read_text("utf-8"))
     rounds = json.loads((out / "metrics.json").read_text("utf-8"))["rounds"]
@@ -307,7 +307,7 @@ def judge_run(rc: int, status: str, out: Path, tolerate_failures: bool) -> list[
     if info["status"] == "running":
         problems.append(
             "the server process ended without recording how the run ended (it was killed or "
-            f"crashed; see {out / 'simulation.log'}): {resume}"
+            f"crashed; see {out / 'flwr-run.log'}): {resume}"
         )
     elif info["status"] not in {"completed", "stopped-early"}:
         problems.append(

@@ -105,9 +105,12 @@ class LoopbackDeployment:
             time.sleep(1)
 
     def hospital(
-        self, name: str, manifest: Path | None = None, *, tls: bool = True
+        self, name: str, manifest: Path | None = None, *, tls: bool = True, policy: str = ""
     ) -> tuple[list[str], str]:
-        """A hospital file for `fedfusion hospital`; returns (command, cleanup marker)."""
+        """A hospital file for `fedfusion hospital`; returns (command, cleanup marker).
+
+        ``policy``: more lines of its [hospital] table (e.g. ``require-secagg = false``).
+        """
         port = free_port()
         if manifest is None:
             manifest = self.tmp / f"{name}-empty.csv"
@@ -121,7 +124,7 @@ class LoopbackDeployment:
             f'[hospital]\nhospital-id = "{name}"\ndata-manifest = "{manifest}"\n'
             f'state-dir = "{self.tmp / f"{name}-state"}"\nmax-epsilon = 6.0\n'
             # the hospitals share this machine's cores, as simulated ones do
-            "threads = 1\n\n"
+            f"threads = 1\n{policy}\n\n"
             f'[connection]\nserver = "127.0.0.1:{self.port}"\nprivate-key = "{key}"\n'
             f"port = {port}\n{connection}\n"
         )
@@ -180,11 +183,12 @@ class LoopbackDeployment:
         return code, (self.tmp / log).read_text()
 
     def federate(
-        self, manifests: dict[str, Path], run: str, timeout: float = 300
+        self, manifests: dict[str, Path], run: str, timeout: float = 300, policy: str = ""
     ) -> tuple[int | None, str, Path | None]:
         """`fedfusion server` plus one `fedfusion hospital` per manifest, run to the end.
 
-        ``run`` is the body of server.toml's [run] table. Returns the server's exit code
+        ``run`` is the body of server.toml's [run] table, ``policy`` more lines of every
+        hospital's [hospital] table. Returns the server's exit code
         (None if it did not finish within ``timeout``), its log, and the run directory.
         """
         names = list(manifests)
@@ -195,7 +199,7 @@ class LoopbackDeployment:
         )
         self.wait_registered(len(names))
         for name, manifest in manifests.items():
-            cmd, marker = self.hospital(name, manifest)
+            cmd, marker = self.hospital(name, manifest, policy=policy)
             self.start(cmd, f"{name}.log", (marker,))
         try:
             code: int | None = server.wait(timeout)
