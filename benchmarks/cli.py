@@ -26,7 +26,8 @@ def bench(
             help="perf: DP step cost, SecAgg+ and deployment cost, scale, then bytes per "
             "encoder mode. dp: only the DP step cost (time and memory per clipping method). "
             "secagg: only SecAgg+ and deployment cost (plain vs SecAgg+, simulated vs "
-            "deployed). scale: only the large simulated federations. "
+            "deployed). scale: only the large simulated federations. phantoms: how hard "
+            "the synthetic radiographs are (a centralized image-only model, 3 seeds). "
             "bytes: only bytes per encoder mode. audit: membership inference, "
             "non-private vs DP (make audit). utility: AUROC of centralized, federated, DP, "
             "SecAgg+ and single-branch models over 3 seeds (make bench-utility)."
@@ -89,14 +90,13 @@ def bench(
         run_scale_bench,
         run_wire_bench,
     )
+    from benchmarks.phantoms import run_phantom_calibration
     from benchmarks.report import table, write_results
     from benchmarks.utility import UTILITY_CONFIGS, UTILITY_MODES, run_utility_bench, write_utility
 
-    if suite not in {"perf", "dp", "secagg", "scale", "bytes", "audit", "utility"}:
-        typer.secho(
-            f"error: --suite: {suite!r} is not perf, dp, secagg, scale, bytes, audit or utility",
-            err=True,
-        )
+    suites = ("perf", "dp", "secagg", "scale", "bytes", "phantoms", "audit", "utility")
+    if suite not in suites:
+        typer.secho(f"error: --suite: {suite!r} is not one of {', '.join(suites)}", err=True)
         raise typer.Exit(2)
     if device != "cpu":
         import torch
@@ -151,6 +151,9 @@ def bench(
     elif suite == "secagg":
         typer.echo(f"bench: plain vs SecAgg+ at {sizes} hospitals, simulated and deployed")
         parts = [wire]
+    elif suite == "phantoms":
+        typer.echo("bench: phantom difficulty, a centralized image-only model over 3 seeds")
+        parts = [("phantoms", lambda: run_phantom_calibration(echo=typer.echo))]
     elif suite == "scale":
         typer.echo(f"bench: {scale_sizes} simulated hospitals, plain vs SecAgg+")
         parts = [("scale", lambda: run_scale_bench(scale_sizes, echo=typer.echo))]

@@ -93,7 +93,7 @@ def machine_facts() -> dict[str, Any]:
 
 
 def _fmt(value: float, unit: str) -> str:
-    if unit in {"AUC", "TPR"}:
+    if unit in {"AUC", "AUROC", "TPR"}:
         return f"{value:.3f}"
     if unit == "B":
         return f"{value / 1e6:.3f} MB" if value >= 1e5 else f"{value / 1e3:.1f} kB"

@@ -139,18 +139,26 @@ def demo_data(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for hospital-N/ subfolders.")],
     hospitals: Annotated[int, typer.Option(min=1, max=12, help="How many hospitals.")] = 3,
     records: Annotated[int, typer.Option(min=10, help="Records per hospital.")] = 300,
+    text_source: Annotated[
+        str,
+        typer.Option(
+            help="The report column: indication (the clinical question, for diagnosis) or "
+            "report (the radiologist's findings, which the labels were indexed from)."
+        ),
+    ] = "indication",
 ) -> None:
     """Write demo data in the manifest format: out/hospital-N/manifest.csv plus PNG files.
 
     Each hospital gets its own slice of the embedded data (real Indiana University
-    reports with phantom radiographs drawn from their labels), to rehearse a deployment
-    (deploy/compose.yaml, `fedfusion hospital`) before a hospital's own data is ready.
+    reports' clinical indications and labels, with phantom radiographs drawn from the
+    labels), to rehearse a deployment (deploy/compose.yaml, `fedfusion hospital`) before
+    a hospital's own data is ready.
     """
     from shared_model.datasets.export import write_manifest
 
     for i in range(hospitals):
         try:
-            manifest = write_manifest(out / f"hospital-{i}", i, records)
+            manifest = write_manifest(out / f"hospital-{i}", i, records, text_source=text_source)
         except ValueError as err:
             typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2) from err

@@ -126,6 +126,14 @@ class PrivacyConfig:
 class DataConfig:
     """The embedded default data, used in simulation, and limits on a hospital's own data."""
 
+    text_source: str = _opt(
+        "indication",
+        "The embedded data's text input: indication (the patient's history and the "
+        "referring physician's question, written before the image was read) or report "
+        "(the radiologist's FINDINGS and IMPRESSION, which the labels were indexed from: "
+        "a report labeller, not a diagnostic task).",
+        choices=("indication", "report"),
+    )
     max_reports: int = _opt(0, "Use at most this many reports (0: all 3,860 labelled).", min=0)
     dirichlet_alpha: float = _opt(
         1.0, "Label skew across hospitals; smaller is more non-IID.", min=0.0, min_exclusive=True

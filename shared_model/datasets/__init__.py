@@ -1,8 +1,10 @@
 """The embedded default data: real report text with synthetic phantoms, split into hospitals.
 
-What is real: the report text and its labels (3,860 labelled Indiana University chest
-X-ray reports). What is synthetic: every image (a phantom drawn from the report's labels,
-see :mod:`shared_model.datasets.phantoms`). Everything is deterministic from the seed.
+What is real: the clinical text and the labels (3,860 labelled Indiana University chest
+X-ray reports; the text input is each report's indication, see
+:mod:`shared_model.datasets.iu_reports`). What is synthetic: every image (a phantom drawn
+from the report's labels, see :mod:`shared_model.datasets.phantoms`). Everything is
+deterministic from the seed.
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def embedded_hospital(
             ]
         )[:, None]
     )
-    report_ids, has_report = tokenizer_for(model).encode([r.text for r in mine])
+    report_ids, has_report = tokenizer_for(model).encode([r.text(data.text_source) for r in mine])
     present = torch.stack([torch.ones(len(mine)), has_report.float()], dim=1)
     labels = torch.from_numpy(
         np.stack(

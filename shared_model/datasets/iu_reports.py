@@ -2,13 +2,26 @@
 
 3,955 de-identified reports ship inside the ``torchxrayvision==1.5.7`` package. They are
 licensed CC BY-NC-ND 4.0, so they are read from the installed package at run time and
-never copied into this repository. Each report's FINDINGS and IMPRESSION sections become
-the report text; its MeSH ``<major>`` terms map to the label set below.
+never copied into this repository. Each report's MeSH ``<major>`` terms map to the label
+set below.
+
+The text input is the report's INDICATION by default: the patient's history and the
+referring physician's question, written before anyone read the image (3,775 of the 3,860
+labelled reports have one, 3,556 once redactions are removed; the rest are records
+without text). The FINDINGS and IMPRESSION sections are what the MeSH terms were indexed
+from, so a model given them re-reads its labels; they are used only when asked for
+(``data.text-source = report``).
+
+The collection's de-identification replaced ages, dates and names with ``XXXX``. Every
+such token is removed, not kept as a special token: it is the same string wherever
+anything was redacted, so it carries no information, and no hospital's own text has it.
+An indication left with no word once it is removed ("XXXX.") counts as missing.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import re
 import tarfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
@@ -18,7 +31,9 @@ from pathlib import Path
 __all__ = [
     "EMBEDDED_LABELS",
     "PUBLIC_PREVALENCE",
+    "TEXT_SOURCES",
     "Report",
+    "clean_text",
     "label_prevalence",
     "load_reports",
     "reports_archive",
@@ -68,14 +83,35 @@ _MESH_TO_LABEL = {
 }
 _UNLABELLED = "no indexing"
 
+# Which text of a report is the model's text input (data.text-source).
+TEXT_SOURCES = ("indication", "report")
+_REDACTED = re.compile(r"X{2,}")  # the collection's de-identification token, "XXXX"
+
+
+def clean_text(text: str) -> str:
+    """``text`` with every de-identification token removed; "" if no word is left."""
+    text = _REDACTED.sub(" ", text)
+    text = re.sub(r"(^|\s)[-/]+", r"\1", text)  # "XXXX-year-old" -> "year-old"
+    text = re.sub(r"\s+([.,;:])", r"\1", " ".join(text.split()))  # "male, ." -> "male,."
+    return text if re.search(r"[A-Za-z]{2}", text) else ""
+
 
 @dataclass(frozen=True)
 class Report:
-    """One real report: its id, text (may be empty) and label names."""
+    """One real report: its id, its sections (each may be empty) and its label names."""
 
     uid: str
-    text: str
+    indication: str  # history and question, written before the image was read
+    findings: str  # FINDINGS and IMPRESSION: what the labels were indexed from
     labels: tuple[str, ...]
+
+    def text(self, source: str = "indication") -> str:
+        """The model's text input for ``data.text-source``."""
+        if source == "indication":
+            return self.indication
+        if source == "report":
+            return self.findings
+        raise ValueError(f"text source {source!r} is not one of {', '.join(TEXT_SOURCES)}")
 
 
 def reports_archive() -> Path:
@@ -124,8 +160,17 @@ def load_reports() -> tuple[Report, ...]:
             if labels is None:
                 continue  # unlabelled ("no indexing"); counted by embedded_summary()
             sections = {e.get("Label"): (e.text or "").strip() for e in root.iter("AbstractText")}
-            text = " ".join(s for s in (sections.get("FINDINGS"), sections.get("IMPRESSION")) if s)
-            reports.append(Report(uid=Path(member.name).stem, text=text, labels=labels))
+            findings = " ".join(
+                s for s in (sections.get("FINDINGS"), sections.get("IMPRESSION")) if s
+            )
+            reports.append(
+                Report(
+                    uid=Path(member.name).stem,
+                    indication=clean_text(sections.get("INDICATION") or ""),
+                    findings=clean_text(findings),
+                    labels=labels,
+                )
+            )
     reports.sort(key=lambda r: int(r.uid) if r.uid.isdigit() else r.uid)
     return tuple(reports)
 

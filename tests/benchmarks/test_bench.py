@@ -164,3 +164,28 @@ def test_a_failed_part_is_recorded_and_the_others_are_kept(tmp_path, monkeypatch
     assert [e["name"] for e in data["entries"]] == ["dp-step/default/none"]
     assert data["failures"] == ["memory: the memory run failed: out of luck"]
     assert "**FAILED** memory: the memory run failed" in (tmp_path / "dp.md").read_text()
+
+
+def test_phantom_calibration_judges_the_anchor_band(monkeypatch):
+    """The macro AUROC's median is checked against 0.80-0.90; per-label figures follow."""
+    import benchmarks.phantoms as phantoms
+
+    finals = iter([0.78, 0.84, 0.95])
+    seen = []
+
+    def fake_run(out, hospitals, rounds, overrides):
+        seen.append((hospitals, overrides))
+        auroc = next(finals)
+        return [{"eval_metrics": {"auroc": auroc, "auroc.nodule": auroc - 0.1}}]
+
+    monkeypatch.setattr(phantoms, "simulate_run", fake_run)
+    macro, nodule = phantoms.run_phantom_calibration(echo=lambda _: None)
+    assert all(h == 1 and o["model.branches"] == "image" for h, o in seen)
+    assert not any(o["privacy.enabled"] or o["secagg.enabled"] for _, o in seen)
+    assert [o["seed"] for _, o in seen] == [0, 1, 2]
+    assert macro.median == 0.84 and macro.met and macro.target == "0.80 to 0.90"
+    assert nodule.name.endswith("auroc/nodule") and nodule.median == pytest.approx(0.74)
+
+    finals = iter([0.91, 0.93, 0.95])
+    (macro, _) = phantoms.run_phantom_calibration(echo=lambda _: None)
+    assert macro.median == 0.93 and macro.met is False

@@ -9,6 +9,7 @@ from shared_model.datasets import dirichlet_partition, embedded_hospital
 from shared_model.datasets.iu_reports import (
     EMBEDDED_LABELS,
     PUBLIC_PREVALENCE,
+    clean_text,
     label_prevalence,
     load_reports,
     map_mesh_terms,
@@ -19,7 +20,8 @@ from shared_model.datasets.phantoms import Acquisition, hospital_acquisition, re
 def test_reports_are_real_and_labelled():
     reports = load_reports()
     assert len(reports) == 3860
-    assert sum(bool(r.text) for r in reports) > 3800
+    assert sum(bool(r.indication) for r in reports) == 3556  # the rest: text missing
+    assert sum(bool(r.findings) for r in reports) > 3800
     assert all(set(r.labels) <= set(EMBEDDED_LABELS) for r in reports)
     assert "normal" not in {lab for r in reports if len(r.labels) > 1 for lab in r.labels}
 
@@ -94,3 +96,101 @@ def test_embedded_hospital_split():
     assert h0.train.labels.shape[1] == len(cfg.labels)
     again = embedded_hospital(0, 2, cfg, data, seed=0)
     assert torch.equal(again.train.images, h0.train.images)
+
+
+def test_redactions_are_removed_and_an_empty_remainder_is_missing_text():
+    assert clean_text("XXXX-year-old male, chest pain.") == "year-old male, chest pain."
+    assert clean_text("XXXX-year-old with XXXX for one month.") == "year-old with for one month."
+    assert clean_text("XXXX.") == ""  # nothing but a redaction: a record without text
+    assert clean_text(",786.05 XXXX XXXX to XXXX") == ",786.05 to"
+    assert "XXXX" not in " ".join(r.indication + r.findings for r in load_reports())
+
+
+def _indexed_sections() -> dict[str, list[str]]:
+    """Each labelled report's FINDINGS and IMPRESSION, read from the archive here.
+
+    An independent reading of the corpus: the text the MeSH labels were indexed from,
+    as the sentences of five or more words a model could re-read its labels in (shorter
+    ones, such as "left and right ribs", also name the exam in an indication).
+    """
+    import re
+    import tarfile
+    import xml.etree.ElementTree as ET
+    from pathlib import Path
+
+    from shared_model.datasets.iu_reports import reports_archive
+
+    sections = {}
+    with tarfile.open(reports_archive()) as archive:
+        for member in archive:
+            if member.name.endswith(".xml"):
+                root = ET.fromstring(archive.extractfile(member).read())
+                text = " ".join(
+                    (e.text or "")
+                    for e in root.iter("AbstractText")
+                    if e.get("Label") in {"FINDINGS", "IMPRESSION"}
+                )
+                sentences = [s.strip() for s in re.split(r"[.;]", text.replace("XXXX", " "))]
+                sections[Path(member.name).stem] = [
+                    " ".join(s.lower().split()) for s in sentences if len(s.split()) >= 5
+                ]
+    return sections
+
+
+def _texts_reaching_the_model(monkeypatch, data: DataConfig) -> dict[str, str]:
+    """Every text the embedded hospitals hand to the tokenizer, by report id."""
+    import shared_model.datasets as datasets
+
+    seen: list[str] = []
+    real = datasets.tokenizer_for
+
+    def spying(model):
+        tokenizer = real(model)
+        encode = tokenizer.encode
+
+        def record(texts):
+            seen.extend(texts)
+            return encode(texts)
+
+        monkeypatch.setattr(tokenizer, "encode", record)
+        return tokenizer
+
+    monkeypatch.setattr(datasets, "tokenizer_for", spying)
+    reports = load_reports()
+    parts = dirichlet_partition([r.labels for r in reports], 3, data.dirichlet_alpha, 0)
+    uids = []  # the order each hospital encodes its records in
+    for partition in range(3):
+        embedded_hospital(partition, 3, ModelConfig(), data, seed=0)
+        uids += [reports[i].uid for i in parts[partition]]
+    assert len(seen) == len(uids) == 3860
+    return dict(zip(uids, seen, strict=True))
+
+
+def _leaked(texts: dict[str, str]) -> list[str]:
+    indexed = _indexed_sections()
+    normalized = {uid: " ".join(t.lower().split()) for uid, t in texts.items()}
+    return [uid for uid, t in normalized.items() if any(s in t for s in indexed[uid])]
+
+
+def test_no_text_the_labels_were_indexed_from_reaches_the_model_by_default(monkeypatch):
+    texts = _texts_reaching_the_model(monkeypatch, DataConfig())
+    assert sum(bool(t) for t in texts.values()) == 3556  # indications, the rest missing
+    assert _leaked(texts) == []
+
+
+def test_the_leak_check_catches_the_report_text(monkeypatch):
+    """The same check flags nearly every record when the report is the input."""
+    texts = _texts_reaching_the_model(monkeypatch, DataConfig(text_source="report"))
+    assert len(_leaked(texts)) > 3500
+
+
+def test_demo_data_holds_the_indication_not_the_findings(tmp_path):
+    import csv
+
+    from shared_model.datasets.export import write_manifest
+
+    manifest = write_manifest(tmp_path, hospital=0, records=50)
+    rows = list(csv.DictReader(manifest.open(encoding="utf-8")))
+    by_id = {r.uid: r for r in load_reports()}
+    assert [row["report"] for row in rows] == [by_id[row["patient_id"]].indication for row in rows]
+    assert _leaked({row["patient_id"]: row["report"] for row in rows}) == []
