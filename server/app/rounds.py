@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 
 from server.app.grid import metered
 from server.app.report import format_evaluation_line
+from server.app.server_optimizer import ServerOptimizer
 from server.app.store import (
     HospitalRound,
     RoundRecord,
@@ -93,13 +94,17 @@ def run_rounds(
     state: StateDict,
     first_round: int = 0,
     progress: Callable[[RoundRecord], None] | None = None,
+    optimizer: ServerOptimizer | None = None,
 ) -> StateDict:
     """Run rounds ``first_round..num-rounds`` (0: with the baseline); return the model.
 
-    A resumed run passes the round after its checkpoint as ``first_round`` and that
-    checkpoint as ``state``.
+    A resumed run passes the round after its checkpoint as ``first_round``, that
+    checkpoint as ``state`` and the server optimizer restored from it. Without one, the
+    server optimizer is fresh (from server.momentum and server.learning-rate).
     """
     show = progress or (lambda _record: None)
+    if optimizer is None:
+        optimizer = ServerOptimizer(run.server.momentum, run.server.learning_rate)
     initial = state
     if first_round == 0 and (baseline := driver.baseline(state)) is not None:
         _save(store, baseline, show)
@@ -115,17 +120,25 @@ def run_rounds(
             _save(store, declined.outcome, show)
             log(WARNING, "[fedfusion] %s; stopping the run early", declined)
             break
+        # The driver's state is the round's average; the server optimizer takes its step
+        # (FedAvg: the average itself). A round with no update leaves the model as it was.
+        outcome.state = optimizer.step(state, outcome.state)
         state = outcome.state
-        _save(store, outcome, show)
+        _save(store, outcome, show, optimizer.state())
         server_round += 1
     _record_evaluations(store, run.num_rounds + 1, driver.finish(state), state, show)
     return state
 
 
-def _save(store: RunStore, outcome: RoundOutcome, show: Callable[[RoundRecord], None]) -> None:
+def _save(
+    store: RunStore,
+    outcome: RoundOutcome,
+    show: Callable[[RoundRecord], None],
+    optimizer: StateDict | None = None,
+) -> None:
     """Record the models evaluated in this round, then the round itself."""
     _record_evaluations(store, outcome.record.round, outcome.evaluations, outcome.state, show)
-    store.save_round(outcome.record, outcome.state)
+    store.save_round(outcome.record, outcome.state, optimizer)
     for server_round, (stats, _) in outcome.evaluations.items():
         if server_round == outcome.record.round:
             store.save_evaluation(server_round, stats)

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from server.app.report import format_round_line, write_report
 from server.app.rounds import PlainRounds, RoundDriver, run_rounds
 from server.app.secagg import SecAggRounds
+from server.app.server_optimizer import ServerOptimizer
 from server.app.store import RoundRecord, RunStore, fitting_state
 from server.app.strategy import build_strategy, wait_for_hospitals
 from shared_model.config import RunConfig
@@ -42,8 +43,10 @@ def main(grid: Grid, context: Context) -> None:
     layout = WeightLayout.of(state)  # the weights travel as one array: shared_model/packing.py
     resume = store.begin(flat, base_hash)  # a killed or failed run resumes where it stopped
     first_round = 0
+    optimizer = ServerOptimizer(run.server.momentum, run.server.learning_rate)
     if resume is not None:
         state = fitting_state(resume.state, state, store.root)
+        optimizer.restore(resume.optimizer, state)
         first_round = resume.round + 1
         log(
             WARNING,
@@ -59,7 +62,7 @@ def main(grid: Grid, context: Context) -> None:
 
     try:
         driver = _driver(grid, context, run, layout, base_hash)
-        final = run_rounds(driver, run, store, state, first_round, progress)
+        final = run_rounds(driver, run, store, state, first_round, progress, optimizer)
     except Exception as err:
         log(ERROR, "[fedfusion] run failed: %s", err)
         store.finish("failed", error=f"{type(err).__name__}: {err}")

@@ -8,6 +8,8 @@ Layout (one directory per run, all written atomically)::
       metrics.json                      one record per completed round
       evaluation.json                   per round, the summed held-out statistics
       checkpoints/round-0001.safetensors  global model after round 1 (metadata: round)
+      checkpoints/round-0001.server-optimizer.safetensors  server momentum after round 1
+                                        (only with server.momentum or learning-rate set)
       checkpoints/latest.json           {"round": k, "file": ...}: the resume point
       global_model.safetensors          the final model (exported when the run completes)
       .lock                             held by the server process writing the run
@@ -66,6 +68,8 @@ class ResumePoint:
     round: int
     state: dict[str, torch.Tensor]
     attempt: int  # 2 for the first restart
+    # the server optimizer's state after that round (momentum); empty for plain FedAvg
+    optimizer: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -246,11 +250,16 @@ class RunStore:
                 f"checkpoint {path} of the last complete round cannot be read ({err}): "
                 "restore it from a backup or choose a new output-dir"
             ) from err
+        optimizer_path = self._optimizer_checkpoint(last)
+        optimizer = load_file(str(optimizer_path)) if optimizer_path.exists() else {}
         write_json_atomic(self.checkpoints / "latest.json", {"round": last, "file": path.name})
-        return ResumePoint(round=last, state=state, attempt=attempt)
+        return ResumePoint(round=last, state=state, attempt=attempt, optimizer=optimizer)
 
     def _checkpoint(self, server_round: int) -> Path:
         return self.checkpoints / f"round-{server_round:04d}.safetensors"
+
+    def _optimizer_checkpoint(self, server_round: int) -> Path:
+        return self.checkpoints / f"round-{server_round:04d}.server-optimizer.safetensors"
 
     def _read_json(self, name: str) -> dict[str, Any] | None:
         path = self.root / name
@@ -316,19 +325,23 @@ class RunStore:
         )
         write_json_atomic(self.root / "metrics.json", {"rounds": []})
 
-    def save_round(self, record: RoundRecord, state_dict: dict[str, torch.Tensor]) -> Path:
-        """Checkpoint the global model after a round, then append the round's metrics."""
+    def save_round(
+        self,
+        record: RoundRecord,
+        state_dict: dict[str, torch.Tensor],
+        optimizer: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
+        """Checkpoint the global model after a round, then append the round's metrics.
+
+        ``optimizer``: the server optimizer's state after the round (momentum), kept
+        beside the model so that a resumed run steps on as an uninterrupted one would.
+        """
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        if optimizer:
+            self._write(self._optimizer_checkpoint(record.round), optimizer, record.round)
         path = self._checkpoint(record.round)
         name = path.name
-        tmp = self.checkpoints / f".{name}.tmp"
-        save_file(
-            {k: v.contiguous() for k, v in state_dict.items()},
-            str(tmp),
-            metadata={"round": str(record.round)},
-        )
-        _fsync(tmp)
-        tmp.replace(path)
+        self._write(path, state_dict, record.round)
         self.rounds.append(record.to_dict())
         write_json_atomic(self.root / "metrics.json", {"rounds": self.rounds})
         write_json_atomic(self.checkpoints / "latest.json", {"round": record.round, "file": name})
@@ -356,6 +369,17 @@ class RunStore:
                 write_json_atomic(self.root / "metrics.json", {"rounds": self.rounds})
                 return
         raise RunDirError(f"no record of round {server_round} in {self.root} to add its evaluation")
+
+    def _write(self, path: Path, tensors: dict[str, torch.Tensor], server_round: int) -> None:
+        """Write ``tensors`` to ``path`` atomically, on disk before this returns."""
+        tmp = self.checkpoints / f".{path.name}.tmp"
+        save_file(
+            {k: v.contiguous() for k, v in tensors.items()},
+            str(tmp),
+            metadata={"round": str(server_round)},
+        )
+        _fsync(tmp)
+        tmp.replace(path)
 
     def latest_checkpoint(self) -> tuple[int, dict[str, torch.Tensor]] | None:
         """The last completed round and its global model, or None."""

@@ -158,6 +158,22 @@ class ServerConfig:
 
     strategy: str = _opt("fedavg", "Aggregation strategy.", choices=STRATEGIES)
     proximal_mu: float = _opt(0.0, "FedProx proximal weight (strategy fedprox).", min=0.0)
+    momentum: float = _opt(
+        0.0,
+        "Server momentum (FedAvgM): the global model moves by learning-rate times a running "
+        "sum of the averaged updates, each round's earlier sum scaled by this. 0: plain "
+        "averaging. It acts on the aggregate alone, so no hospital spends privacy on it.",
+        min=0.0,
+        max=0.99,
+    )
+    learning_rate: float = _opt(
+        1.0,
+        "Server learning rate: the global model moves by this times the (momentum) "
+        "averaged update; 1 with momentum 0 is FedAvg.",
+        min=0.0,
+        max=10.0,
+        min_exclusive=True,
+    )
     fraction_train: float = _opt(
         1.0, "Share of hospitals sampled to train per round.", min=0.0, max=1.0, min_exclusive=True
     )

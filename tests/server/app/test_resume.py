@@ -303,3 +303,58 @@ def test_fedfusion_simulate_resumes_only_its_own_unfinished_run(tmp_path):
     (other / "cat.jpg").write_bytes(b"x")
     with pytest.raises(ConfigError, match="holds no fedfusion run"):
         _resumable(other, run, "base", 3)
+
+
+@pytest.mark.fault(
+    "The server killed mid-run with server momentum (FedAvgM) on",
+    "The run resumes with the momentum it had, landing on the uninterrupted run's model",
+    "the server optimizer's state, with every round's checkpoint",
+)
+def test_server_momentum_resumes_exactly_as_an_uninterrupted_run(tmp_path):
+    """FedAvgM's velocity is checkpointed: a killed run continues on the same trajectory."""
+    settings = {
+        "num-rounds": 4,
+        "secagg.enabled": False,
+        "server.fraction-evaluate": 0.0,
+        "server.min-hospitals": 1,
+        "server.round-timeout": 1.0,
+        "server.momentum": 0.5,
+    }
+    run = RunConfig.from_run_config(settings)
+    flat = run.to_run_config()
+
+    whole = tmp_path / "whole"
+    store = RunStore(whole)
+    store.begin(flat, "")
+    driver = PlainRounds(CrashingGrid(3), run, build_strategy(run, "", LAYOUT))
+    uninterrupted = run_rounds(driver, run, store, START)
+    # each round averages to +1: velocity 1, 1.5, 1.75, 1.875 -> the model moves 6.125
+    np.testing.assert_allclose(LAYOUT.pack(uninterrupted), 6.125)
+
+    killed = tmp_path / "killed"
+    store = RunStore(killed)
+    store.begin(flat, "")
+    first = CrashingGrid(3, crash=3)
+    with pytest.raises(SystemExit):
+        run_rounds(PlainRounds(first, run, build_strategy(run, "", LAYOUT)), run, store, START)
+    store.release()
+    assert (killed / "checkpoints" / "round-0002.server-optimizer.safetensors").exists()
+
+    from server.app.server_optimizer import ServerOptimizer
+
+    store = RunStore(killed)
+    point = store.begin(flat, "")
+    assert point is not None and point.round == 2
+    optimizer = ServerOptimizer(run.server.momentum, run.server.learning_rate)
+    optimizer.restore(point.optimizer, point.state)
+    driver = PlainRounds(CrashingGrid(3), run, build_strategy(run, "", LAYOUT))
+    resumed = run_rounds(driver, run, store, point.state, point.round + 1, optimizer=optimizer)
+    for name in uninterrupted:
+        assert torch.equal(resumed[name], uninterrupted[name]), name
+
+    # a fresh optimizer on resume (the velocity lost) would land elsewhere
+    store = RunStore(tmp_path / "lost")
+    store.begin(flat, "")
+    driver = PlainRounds(CrashingGrid(3), run, build_strategy(run, "", LAYOUT))
+    lost = run_rounds(driver, run, store, point.state, point.round + 1)
+    assert not np.allclose(LAYOUT.pack(lost), 6.125)
