@@ -26,7 +26,8 @@ def bench(
             help="perf: DP step cost, SecAgg+ and deployment cost, scale, then bytes per "
             "encoder mode. dp: only the DP step cost (time and memory per clipping method). "
             "secagg: only SecAgg+ and deployment cost (plain vs SecAgg+, simulated vs "
-            "deployed). scale: only the large simulated federations. phantoms: how hard "
+            "deployed). scale: only the large simulated federations. first: only the time "
+            "to a first result. phantoms: how hard "
             "the synthetic radiographs are (a centralized image-only model, 3 seeds). "
             "bytes: only bytes per encoder mode. audit: membership inference, "
             "non-private vs DP (make audit). utility: AUROC of centralized, federated, DP, "
@@ -94,7 +95,7 @@ def bench(
     from benchmarks.report import table, write_results
     from benchmarks.utility import UTILITY_CONFIGS, UTILITY_MODES, run_utility_bench, write_utility
 
-    suites = ("perf", "dp", "secagg", "scale", "bytes", "phantoms", "audit", "utility")
+    suites = ("perf", "dp", "secagg", "scale", "first", "bytes", "phantoms", "audit", "utility")
     if suite not in suites:
         typer.secho(f"error: --suite: {suite!r} is not one of {', '.join(suites)}", err=True)
         raise typer.Exit(2)
@@ -157,6 +158,9 @@ def bench(
     elif suite == "scale":
         typer.echo(f"bench: {scale_sizes} simulated hospitals, plain vs SecAgg+")
         parts = [("scale", lambda: run_scale_bench(scale_sizes, echo=typer.echo))]
+    elif suite == "first":
+        typer.echo("bench: time to first result (fedfusion simulate with its defaults)")
+        parts = [("first result", lambda: run_first_result_bench(echo=typer.echo))]
     elif suite == "bytes":
         typer.echo("bench: bytes per round for each encoder mode")
         parts = [("bytes", lambda: run_mode_bytes_bench(min(sizes), echo=typer.echo))]

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from client.app.site import Site
 from client.dp.accounting import compute_epsilon
 from client.dp.engine import make_private
-from client.dp.ledger import LedgerEntry, LedgerError
+from client.dp.ledger import LedgerEntry, LedgerError, PrivacyLedger
 from client.dp.planning import plan_round
 from client.dp.release import LossRelease
 from shared_model.config import RunConfig
@@ -84,11 +84,10 @@ def _on_cpu(state: StateDict) -> StateDict:
     return {k: v.detach().cpu() for k, v in state.items()}
 
 
-def _declined(
-    reason: str, weights: StateDict, site: Site, seen: Sequence[LedgerEntry]
+def _untrained(
+    reason: str, weights: StateDict, ledger: PrivacyLedger, epsilon: float, declined: bool
 ) -> LocalRound:
-    """A round this hospital does not train, with its epsilon so far."""
-    ledger = site.open_ledger(seen)
+    """A round in which nothing trains: the weights as received, the ledger as it stands."""
     return LocalRound(
         trained=False,
         reason=reason,
@@ -96,12 +95,20 @@ def _declined(
         num_examples=0,
         train_loss=math.nan,
         steps=0,
-        epsilon=ledger.epsilon(),
+        epsilon=epsilon,
         noise_multiplier=ledger.noise_multiplier or 0.0,
         sample_rate=0.0,
         ledger_history=tuple(ledger.history),
-        declined=True,
+        declined=declined,
     )
+
+
+def _declined(
+    reason: str, weights: StateDict, site: Site, seen: Sequence[LedgerEntry]
+) -> LocalRound:
+    """A round this hospital does not train, with its epsilon so far."""
+    ledger = site.open_ledger(seen)
+    return _untrained(reason, weights, ledger, ledger.epsilon(), declined=True)
 
 
 EVALUATED_ONLY = "evaluated the final model (the run's last exchange); no training"
@@ -111,18 +118,8 @@ def evaluated_only(weights: StateDict, site: Site, seen: Sequence[LedgerEntry]) 
     """The last SecAgg+ exchange: nothing trained, the ledger only read."""
     ledger = site.open_ledger(seen)
     no_dp = not site.policy.enabled and site.policy.allow_non_private
-    return LocalRound(
-        trained=False,
-        reason=EVALUATED_ONLY,
-        weights=weights,
-        num_examples=0,
-        train_loss=math.nan,
-        steps=0,
-        epsilon=math.inf if no_dp else ledger.epsilon(),
-        noise_multiplier=ledger.noise_multiplier or 0.0,
-        sample_rate=0.0,
-        ledger_history=tuple(ledger.history),
-    )
+    epsilon = math.inf if no_dp else ledger.epsilon()
+    return _untrained(EVALUATED_ONLY, weights, ledger, epsilon, declined=False)
 
 
 def run_local_round(

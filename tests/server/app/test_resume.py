@@ -241,15 +241,18 @@ class CrashingGrid(Grid):
         return super().push_messages(messages)
 
 
+# A plain federation of scripted hospitals, each adding 1 to every weight a round.
+FOUR_PLAIN_ROUNDS = {
+    "num-rounds": 4,
+    "secagg.enabled": False,
+    "server.fraction-evaluate": 0.0,
+    "server.min-hospitals": 1,
+    "server.round-timeout": 1.0,
+}
+
+
 def test_a_resumed_federation_continues_from_the_checkpoint_not_from_the_start(tmp_path):
-    settings = {
-        "num-rounds": 4,
-        "secagg.enabled": False,
-        "server.fraction-evaluate": 0.0,
-        "server.min-hospitals": 1,
-        "server.round-timeout": 1.0,
-    }
-    run = RunConfig.from_run_config(settings)
+    run = RunConfig.from_run_config(FOUR_PLAIN_ROUNDS)
     flat = run.to_run_config()
     store = RunStore(tmp_path)
     store.begin(flat, "")
@@ -312,15 +315,7 @@ def test_fedfusion_simulate_resumes_only_its_own_unfinished_run(tmp_path):
 )
 def test_server_momentum_resumes_exactly_as_an_uninterrupted_run(tmp_path):
     """FedAvgM's velocity is checkpointed: a killed run continues on the same trajectory."""
-    settings = {
-        "num-rounds": 4,
-        "secagg.enabled": False,
-        "server.fraction-evaluate": 0.0,
-        "server.min-hospitals": 1,
-        "server.round-timeout": 1.0,
-        "server.momentum": 0.5,
-    }
-    run = RunConfig.from_run_config(settings)
+    run = RunConfig.from_run_config({**FOUR_PLAIN_ROUNDS, "server.momentum": 0.5})
     flat = run.to_run_config()
 
     whole = tmp_path / "whole"
