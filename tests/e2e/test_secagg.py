@@ -129,9 +129,9 @@ class KeepingStore(RunStore):
         self.evaluations: dict[int, EvalStats] = {}
         self.start({})
 
-    def save_round(self, record, state):  # type: ignore[no-untyped-def]
+    def save_round(self, record, state, optimizer=None):  # type: ignore[no-untyped-def]
         self.records.append(record)
-        return super().save_round(record, state)
+        return super().save_round(record, state, optimizer)
 
     def save_evaluation(self, server_round, stats):  # type: ignore[no-untyped-def]
         self.evaluations[server_round] = stats
@@ -216,7 +216,8 @@ def test_server_sees_only_the_sum():
         np.testing.assert_array_equal(stats.positives, total.positives)
         np.testing.assert_array_equal(stats.negatives, total.negatives)
         assert stats.metrics()["auroc"] == pytest.approx(total.metrics()["auroc"])
-        assert stats.loss_sum == pytest.approx(total.loss_sum, rel=1e-3)
+        # quantized in the masked vector: within 0.1 per hospital (shared_model/masked_upload.py)
+        assert stats.loss_sum == pytest.approx(total.loss_sum, abs=0.1 * 4)
 
 
 @pytest.mark.fault(
