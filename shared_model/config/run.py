@@ -27,6 +27,7 @@ __all__ = [
     "GRAD_SAMPLE_MODES",
     "OPTIMIZERS",
     "STRATEGIES",
+    "TEXT_SOURCES",
     "DataConfig",
     "PrivacyConfig",
     "RunConfig",
@@ -41,6 +42,8 @@ GRAD_SAMPLE_MODES = ("auto", "bk", "hooks", "ghost", "functorch", "ew")
 STRATEGIES = ("fedavg", "fedprox")
 AGGREGATORS = ("mean", "median", "trimmed-mean", "krum")
 OPTIMIZERS = ("sgd", "adamw")
+# Which text of an embedded report the model reads (data.text-source).
+TEXT_SOURCES = ("indication", "report")
 
 
 @dataclass(frozen=True)
@@ -132,7 +135,7 @@ class DataConfig:
         "referring physician's question, written before the image was read) or report "
         "(the radiologist's FINDINGS and IMPRESSION, which the labels were indexed from: "
         "a report labeller, not a diagnostic task).",
-        choices=("indication", "report"),
+        choices=TEXT_SOURCES,
     )
     max_reports: int = _opt(0, "Use at most this many reports (0: all 3,860 labelled).", min=0)
     dirichlet_alpha: float = _opt(

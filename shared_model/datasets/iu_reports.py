@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from shared_model.config.run import TEXT_SOURCES
+
 __all__ = [
     "EMBEDDED_LABELS",
     "PUBLIC_PREVALENCE",
@@ -83,8 +85,6 @@ _MESH_TO_LABEL = {
 }
 _UNLABELLED = "no indexing"
 
-# Which text of a report is the model's text input (data.text-source).
-TEXT_SOURCES = ("indication", "report")
 _REDACTED = re.compile(r"X{2,}")  # the collection's de-identification token, "XXXX"
 
 

@@ -80,7 +80,11 @@ def test_the_server_reads_the_weighted_mean_update_and_the_summed_evaluation(
     got = codec.decode_sum(through_secagg(uploads, codec), hospitals)
     w = np.array([sizes[i] if i >= declined else 0 for i in range(hospitals)], float)
     want = sum(w[i] * deltas[i] for i in range(hospitals)) / w.sum()
-    np.testing.assert_allclose(got.update, want, atol=1e-4)
+    # Stochastic quantization errs by under one level (2 * clipping / TARGET) per value and
+    # hospital; dividing the weighted sum by the summed weight scales that error up.
+    level = 2 * clipping / TARGET
+    bound = 2 * hospitals * level / (w.sum() / codec.max_weight)
+    np.testing.assert_allclose(got.update, want, atol=max(1e-4, bound))
     assert got.weight * codec.max_weight == pytest.approx(w.sum(), abs=0.5)
     assert got.train_loss == pytest.approx((w * losses).sum() / w.sum(), abs=1e-3)
     summed = evals[0]
