@@ -19,8 +19,8 @@ from client.app.features import FeatureCache, frozen_feature_split
 from client.dp.ledger import LedgerEntry, PrivacyLedger
 from client.dp.policy import PrivacyPolicy, effective_policy
 from shared_model.config import ConfigError, DataConfig, HospitalConfig, ModelConfig, RunConfig
-from shared_model.data import DataLimits, decode_image, load_manifest, split_train_test
-from shared_model.datasets import HospitalSplit, embedded_hospital
+from shared_model.data import DataLimits, decode_image, load_manifest
+from shared_model.datasets import HospitalSplit, embedded_hospital, hospital_split
 from shared_model.text import tokenizer_for
 
 __all__ = ["DecodedImages", "Site", "hospital_data", "open_site", "resolve_device"]
@@ -159,6 +159,5 @@ def hospital_data(
             limits=DataLimits(data.max_image_pixels, data.max_report_chars),
         )
         images.flush()
-        train, test = split_train_test(records, data.test_fraction, seed)
-        return HospitalSplit(train=train, test=test)
+        return hospital_split(records, data, seed)
     return embedded_hospital(hospital.partition_id, hospital.num_partitions, model, data, seed)

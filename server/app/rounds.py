@@ -74,14 +74,23 @@ class RoundOutcome:
     evaluations: dict[int, tuple[EvalStats, list[HospitalRound]]] = field(default_factory=dict)
 
 
+# the server optimizer's step: (the global model, the round's average) -> the new model
+ServerStep = Callable[[StateDict, StateDict], StateDict]
+
+
 class RoundDriver(Protocol):
     """How rounds run in one mode (plain or SecAgg+)."""
 
     def baseline(self, state: StateDict) -> RoundOutcome | None:
         """Round 0, the initial model's evaluation, when the mode does it on its own."""
 
-    def train_round(self, server_round: int, state: StateDict) -> RoundOutcome:
-        """One training round from ``state``; ShortRoundError when too few updates came."""
+    def train_round(self, server_round: int, state: StateDict, step: ServerStep) -> RoundOutcome:
+        """One training round from ``state``; ShortRoundError when too few updates came.
+
+        ``step(state, average)`` is the new global model from the round's averaged one
+        (the server optimizer's step); the driver applies it before evaluating the round's
+        model, and only to a round that averaged an update.
+        """
 
     def finish(self, state: StateDict) -> dict[int, tuple[EvalStats, list[HospitalRound]]]:
         """What the mode does after the last round (evaluations that arrive there)."""
@@ -112,7 +121,7 @@ def run_rounds(
     server_round = max(first_round, 1)
     while server_round <= run.num_rounds:
         try:
-            outcome = driver.train_round(server_round, state)
+            outcome = driver.train_round(server_round, state, optimizer.step)
         except ShortRoundError as short:
             state, server_round = after_short_round(short, run, store, retries, show, initial)
             continue
@@ -120,9 +129,6 @@ def run_rounds(
             _save(store, declined.outcome, show)
             log(WARNING, "[fedfusion] %s; stopping the run early", declined)
             break
-        # The driver's state is the round's average; the server optimizer takes its step
-        # (FedAvg: the average itself). A round with no update leaves the model as it was.
-        outcome.state = optimizer.step(state, outcome.state)
         state = outcome.state
         _save(store, outcome, show, optimizer.state())
         server_round += 1
@@ -241,8 +247,8 @@ class PlainRounds:
         evals = self._evaluate(0, packed_record(state, self.layout))
         return self._outcome(0, None, evals, started, state)
 
-    def train_round(self, server_round: int, state: StateDict) -> RoundOutcome:
-        """Send the model, average the updates, evaluate the new model."""
+    def train_round(self, server_round: int, state: StateDict, step: ServerStep) -> RoundOutcome:
+        """Send the model, average the updates, step the server optimizer, evaluate."""
         run, strategy = self.run, self.strategy
         started = self._begin()
         log(INFO, "[fedfusion] round %d/%d", server_round, run.num_rounds)
@@ -282,11 +288,13 @@ class PlainRounds:
                 f"({strategy.failures} failed, {strategy.declined} declined, "
                 f"{strategy.rejected} refused): " + "; ".join(strategy.failure_reasons())
             )
-        evals = self._evaluate(server_round, new_arrays) if run.server.fraction_evaluate > 0 else {}
-        train_loss = as_float((train_metrics or {}).get(Reply.TRAIN_LOSS))
-        return self._outcome(
-            server_round, train_loss, evals, started, self.layout.unpack_record(new_arrays)
+        new_state = step(state, self.layout.unpack_record(new_arrays))
+        evaluate = run.server.fraction_evaluate > 0
+        evals = (
+            self._evaluate(server_round, packed_record(new_state, self.layout)) if evaluate else {}
         )
+        train_loss = as_float((train_metrics or {}).get(Reply.TRAIN_LOSS))
+        return self._outcome(server_round, train_loss, evals, started, new_state)
 
     def finish(self, state: StateDict) -> dict[int, tuple[EvalStats, list[HospitalRound]]]:
         """Nothing: each model was evaluated in its own round."""

@@ -39,7 +39,7 @@ from flwr.serverapp import Grid
 
 from server.app.flwr_compat import LegacyRounds, install_secagg_primitives
 from server.app.grid import MeteredGrid, metered
-from server.app.rounds import AllDeclinedError, RoundOutcome
+from server.app.rounds import AllDeclinedError, RoundOutcome, ServerStep
 from server.app.store import HospitalRound, RoundRecord
 from server.app.strategy import ShortRoundError, hospital_round, short_reason
 from shared_model import secagg_primitives
@@ -322,14 +322,18 @@ class SecAggRounds:
         self.strategy.begin(server_round, packed)
         self.rounds.run(self.workflow, server_round, ndarrays_to_parameters(packed))
 
-    def train_round(self, server_round: int, state: StateDict) -> RoundOutcome:
-        """One SecAgg+ round: masked uploads, the sum, the mean update."""
+    def train_round(self, server_round: int, state: StateDict, step: ServerStep) -> RoundOutcome:
+        """One SecAgg+ round: masked uploads, the sum, the mean update, the server's step.
+
+        The new model is evaluated by the next exchange's uploads.
+        """
         self._exchange(server_round, state)
         strategy = self.strategy
         if not strategy.aggregated:
             raise strategy.not_aggregated()
         record = strategy.round_record()
-        new_state = self.layout.unpack(strategy.current[0])
+        averaged = strategy.train_loss is not None  # set only when an update was summed
+        new_state = step(state, self.layout.unpack(strategy.current[0])) if averaged else state
         outcome = RoundOutcome(record, new_state, dict(strategy.evaluations))
         trained = any(h.status == "trained" for h in record.hospitals)
         if strategy.declined and not trained and not strategy.failures:

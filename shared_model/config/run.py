@@ -25,6 +25,7 @@ __all__ = [
     "ACCOUNTANTS",
     "AGGREGATORS",
     "GRAD_SAMPLE_MODES",
+    "HOLDOUTS",
     "OPTIMIZERS",
     "STRATEGIES",
     "TEXT_SOURCES",
@@ -44,6 +45,7 @@ AGGREGATORS = ("mean", "median", "trimmed-mean", "krum")
 OPTIMIZERS = ("sgd", "adamw")
 # Which text of an embedded report the model reads (data.text-source).
 TEXT_SOURCES = ("indication", "report")
+HOLDOUTS = ("test", "validation")
 
 
 @dataclass(frozen=True)
@@ -143,6 +145,13 @@ class DataConfig:
     )
     test_fraction: float = _opt(
         0.2, "Share of each hospital's records held out for evaluation.", min=0.05, max=0.5
+    )
+    holdout: str = _opt(
+        "test",
+        "What the run evaluates on: test (each hospital's held-out test split) or "
+        "validation (a split of the same size carved from each hospital's training records; "
+        "the test split is then neither trained nor evaluated on: for tuning).",
+        choices=HOLDOUTS,
     )
     max_image_pixels: int = _opt(
         100_000_000,

@@ -21,7 +21,13 @@ from shared_model.datasets.iu_reports import EMBEDDED_LABELS, PUBLIC_PREVALENCE,
 from shared_model.datasets.phantoms import hospital_acquisition, render_phantom
 from shared_model.text import tokenizer_for
 
-__all__ = ["EMBEDDED_LABELS", "HospitalSplit", "dirichlet_partition", "embedded_hospital"]
+__all__ = [
+    "EMBEDDED_LABELS",
+    "HospitalSplit",
+    "dirichlet_partition",
+    "embedded_hospital",
+    "hospital_split",
+]
 
 
 @dataclass(frozen=True)
@@ -30,6 +36,18 @@ class HospitalSplit:
 
     train: FusionTensors
     test: FusionTensors
+
+
+def hospital_split(records: FusionTensors, data: DataConfig, seed: int) -> HospitalSplit:
+    """Split by patient into training and held-out records, as ``data.holdout`` says.
+
+    ``validation``: the held-out records are a split of the training ones, the same share
+    of them, so a tuning run never sees the test split.
+    """
+    train, test = split_train_test(records, data.test_fraction, seed)
+    if data.holdout == "validation":
+        train, test = split_train_test(train, data.test_fraction, seed + 7919)
+    return HospitalSplit(train=train, test=test)
 
 
 def dirichlet_partition(
@@ -123,5 +141,4 @@ def embedded_hospital(
         )
     )
     records = FusionTensors(images, report_ids, present, labels, [r.uid for r in mine])
-    train, test = split_train_test(records, data.test_fraction, seed + partition_id)
-    return HospitalSplit(train=train, test=test)
+    return hospital_split(records, data, seed + partition_id)

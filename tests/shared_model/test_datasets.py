@@ -98,6 +98,18 @@ def test_embedded_hospital_split():
     assert torch.equal(again.train.images, h0.train.images)
 
 
+def test_a_validation_holdout_never_touches_the_test_split():
+    cfg = ModelConfig(max_report_tokens=32)
+    test_run = embedded_hospital(0, 2, cfg, DataConfig(max_reports=400), seed=3)
+    tuning = embedded_hospital(0, 2, cfg, DataConfig(max_reports=400, holdout="validation"), 3)
+    test_ids = set(test_run.test.patient_ids)
+    train_ids, val_ids = set(tuning.train.patient_ids), set(tuning.test.patient_ids)
+    assert not test_ids & (train_ids | val_ids)  # the test records are nowhere
+    assert not train_ids & val_ids
+    assert train_ids | val_ids == set(test_run.train.patient_ids)
+    assert len(val_ids) == round(len(test_run.train.patient_ids) * 0.2)
+
+
 def test_redactions_are_removed_and_an_empty_remainder_is_missing_text():
     assert clean_text("XXXX-year-old male, chest pain.") == "year-old male, chest pain."
     assert clean_text("XXXX-year-old with XXXX for one month.") == "year-old with for one month."

@@ -1,0 +1,159 @@
+"""A federation in one process, for the utility benchmark's many long runs.
+
+It runs what a simulated federation runs, call for call: each hospital's
+``run_local_round`` (its privacy policy, DP-SGD through Opacus, its ledger, the released
+count and loss) and ``run_local_evaluation``; at the server, the weighted mean of the
+updates and the ``ServerOptimizer``. Under SecAgg+ each hospital's upload goes through
+the same codec (``shared_model/masked_upload.py``) and Flower's own quantization, and the
+server decodes the sum; the pairwise masks are left out because they cancel exactly in
+that sum. What it leaves out is Flower's processes and messages, about 2 s a round here,
+which would make the benchmark's 40-round, many-seed grid take hours. A test
+(tests/benchmarks/test_inprocess.py) checks that it lands on the model a Flower
+simulation of the same run trains.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.common.secure_aggregation.quantization import dequantize, quantize
+from safetensors.torch import save_file
+
+from client.app.site import Site, open_site
+from client.app.trainer import LocalRound, run_local_evaluation, run_local_round
+from client.dp.ledger import LedgerEntry
+from server.app.server_optimizer import ServerOptimizer
+from shared_model.config import HospitalConfig, RunConfig
+from shared_model.config.hospital import SIM_FEATURE_CACHE_ENV
+from shared_model.evaluation import EvalStats
+from shared_model.masked_upload import UploadCodec
+from shared_model.packing import WeightLayout
+from shared_model.weights import initial_model, shared_state
+
+__all__ = ["federate"]
+
+StateDict = dict[str, torch.Tensor]
+TARGET_RANGE = 1 << 22  # the SecAgg+ workflow's quantization levels (server/app/secagg.py)
+
+
+def _sites(run: RunConfig, hospitals: int, threads: int) -> list[Site]:
+    return [
+        open_site(HospitalConfig(partition_id=i, num_partitions=hospitals, threads=threads), run)
+        for i in range(hospitals)
+    ]
+
+
+def _evaluate(state: StateDict, sites: list[Site], run: RunConfig) -> dict[str, float]:
+    """The global model's held-out metrics, from statistics summed over the hospitals."""
+    total = EvalStats.zeros(run.model.labels)
+    for site in sites:
+        total = total + run_local_evaluation(state, site, run).stats
+    return total.metrics()
+
+
+def _secagg_mean(
+    results: list[LocalRound], state: StateDict, layout: WeightLayout, run: RunConfig
+) -> np.ndarray | None:
+    """The weighted mean update as the server reads it from the SecAgg+ sum (None: nobody)."""
+    codec = UploadCodec(layout.size, run.model.labels, run.secagg.clipping_range,
+                        run.secagg.max_weight)  # fmt: skip
+    before = layout.pack(state).astype(np.float64)
+    summed = np.zeros(codec.size)
+    for r in results:
+        trained = r.trained
+        update = layout.pack(r.weights).astype(np.float64) - before if trained else 0 * before
+        weight = r.num_examples / run.secagg.max_weight if trained else 0.0
+        vector = codec.encode(update, weight, r.train_loss, EvalStats.zeros(run.model.labels))
+        c = run.secagg.clipping_range
+        summed += dequantize(quantize([vector], c, TARGET_RANGE), c, TARGET_RANGE)[0]
+    total = codec.decode_sum(summed / len(results), len(results))
+    return total.update if total.weight > 0 else None
+
+
+def _plain_mean(
+    results: list[LocalRound], state: StateDict, layout: WeightLayout
+) -> np.ndarray | None:
+    """FedAvg's mean update, weighted by each hospital's (released) record count."""
+    trained = [r for r in results if r.trained]
+    if not trained:
+        return None
+    before = layout.pack(state).astype(np.float64)
+    weights = np.array([r.num_examples for r in trained], dtype=np.float64)
+    updates = np.stack([layout.pack(r.weights).astype(np.float64) - before for r in trained])
+    return (weights[:, None] * updates).sum(0) / weights.sum()
+
+
+def federate(
+    overrides: Mapping[str, Any],
+    hospitals: int,
+    rounds: int,
+    out: Path,
+    *,
+    feature_cache: Path | None = None,
+    threads: int = 0,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run ``rounds`` federated rounds of ``hospitals`` embedded hospitals in this process.
+
+    ``overrides`` are run-config keys, as ``fedfusion simulate -c`` takes them; SecAgg+ is
+    on where the run config says so. Returns one record per evaluation (round 0 is the
+    initial model): round, seconds, train_loss, each hospital's epsilon and
+    ``eval_metrics``, the shape `fedfusion simulate` writes to metrics.json. The final
+    model is written to ``out/global_model.safetensors``, as a run directory holds it.
+    """
+    run = RunConfig.from_run_config({**overrides, "num-rounds": rounds, "output-dir": str(out)})
+    if feature_cache is not None:
+        os.environ[SIM_FEATURE_CACHE_ENV] = str(feature_cache)
+    sites = _sites(run, hospitals, threads or torch.get_num_threads())
+    state = shared_state(initial_model(run.model, run.seed))
+    layout = WeightLayout.of(state)
+    optimizer = ServerOptimizer(run.server.momentum, run.server.learning_rate)
+    seen: list[tuple[LedgerEntry, ...]] = [() for _ in sites]
+    history = [{"round": 0, "seconds": 0.0, "eval_metrics": _evaluate(state, sites, run)}]
+    for server_round in range(1, rounds + 1):
+        started = time.monotonic()
+        results = []
+        for i, site in enumerate(sites):
+            result = run_local_round(
+                state,
+                site,
+                run,
+                server_round=server_round,
+                planned_rounds=rounds,
+                secure_aggregation=run.secagg.enabled,
+                proximal_mu=run.server.proximal_mu,
+                ledger_seen=seen[i],
+            )
+            seen[i] = result.ledger_history
+            results.append(result)
+        if run.secagg.enabled:
+            mean = _secagg_mean(results, state, layout, run)
+        else:
+            mean = _plain_mean(results, state, layout)
+        if mean is not None:
+            packed = layout.pack(state)
+            averaged = layout.unpack((packed.astype(np.float64) + mean).astype(packed.dtype))
+            state = optimizer.step(state, averaged)
+        trained = [r for r in results if r.trained]
+        history.append(
+            {
+                "round": server_round,
+                "seconds": time.monotonic() - started,
+                "train_loss": float(np.mean([r.train_loss for r in trained]))
+                if trained
+                else math.nan,
+                "epsilon": {s.name: r.epsilon for s, r in zip(sites, results, strict=True)},
+                "eval_metrics": _evaluate(state, sites, run),
+            }
+        )
+        if on_round is not None:
+            on_round(history[-1])
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "global_model.safetensors"))
+    return history
