@@ -31,7 +31,8 @@ def bench(
             "the synthetic radiographs are (a centralized image-only model, 3 seeds). "
             "bytes: only bytes per encoder mode. audit: membership inference, "
             "non-private vs DP (make audit). utility: AUROC of centralized, federated, DP, "
-            "SecAgg+ and single-branch models over 3 seeds (make bench-utility)."
+            "SecAgg+ and single-branch models at convergence, tuned, over 3 seeds (make "
+            "bench-utility)."
         ),
     ] = "perf",
     hospitals: Annotated[
@@ -55,10 +56,32 @@ def bench(
     modes: Annotated[
         str,
         typer.Option(
-            help="--suite utility: the models to compare, comma-separated: small (the "
-            "default model), frozen and lora (pretrained encoders)."
+            help="--suite utility: the models to compare, comma-separated: frozen (pretrained "
+            "encoders, frozen, features cached: about 30 minutes), small (the default model, "
+            "trained from scratch: hours) and lora."
         ),
-    ] = "small,frozen,lora",
+    ] = "frozen",
+    configs: Annotated[
+        str,
+        typer.Option(
+            help="--suite utility: which configurations, comma-separated: central, "
+            "federated, dp1, dp3, dp8, dp8-secagg, image, text (default: all)."
+        ),
+    ] = "",
+    grid: Annotated[
+        str,
+        typer.Option(
+            help="--suite utility: the search, e.g. 'train.learning-rate=0.1/0.4 "
+            "privacy.max-grad-norm=1' (keys not given keep the default grid)."
+        ),
+    ] = "",
+    quick: Annotated[
+        bool,
+        typer.Option(
+            help="--suite utility: a smoke run (3 rounds, 1 seed, 600 reports, one search "
+            "point, four configurations), to check the pipeline, not to read its numbers."
+        ),
+    ] = False,
     device: Annotated[
         str, typer.Option(help="Where the DP step measurements train: cpu, or cuda[:N].")
     ] = "cpu",
@@ -93,7 +116,17 @@ def bench(
     )
     from benchmarks.phantoms import run_phantom_calibration
     from benchmarks.report import table, write_results
-    from benchmarks.utility import UTILITY_CONFIGS, UTILITY_MODES, run_utility_bench, write_utility
+    from benchmarks.utility import (
+        CONFIG_KEYS,
+        SEEDS,
+        UTILITY_CONFIGS,
+        UTILITY_MODES,
+        parse_grid,
+        quick_plan,
+        run_utility_bench,
+        utility_settings,
+        write_utility,
+    )
 
     suites = ("perf", "dp", "secagg", "scale", "first", "bytes", "phantoms", "audit", "utility")
     if suite not in suites:
@@ -112,15 +145,33 @@ def bench(
                 f"error: --modes: {modes!r}; choose from {', '.join(UTILITY_MODES)}", err=True
             )
             raise typer.Exit(2)
-        count = sum(c.mode in chosen for c in UTILITY_CONFIGS)
-        typer.echo(f"bench: utility, {count} configurations x 3 seeds")
+        plan = quick_plan() if quick else {}
+        try:
+            if grid:
+                plan["grid"] = parse_grid(grid)
+            if configs:
+                keys = {v: k for k, v in CONFIG_KEYS.items()}
+                wanted = [c.strip() for c in configs.split(",") if c.strip()]
+                unknown = [c for c in wanted if c not in keys]
+                if unknown:
+                    raise ValueError(f"unknown {unknown}; choose from {', '.join(keys)}")
+                plan["names"] = [keys[c] for c in wanted]
+        except ValueError as err:
+            typer.secho(f"error: --grid/--configs: {err}", err=True)
+            raise typer.Exit(2) from err
+        names = plan.get("names")
+        count = sum(c.mode in chosen and (not names or c.name in names) for c in UTILITY_CONFIGS)
+        typer.echo(
+            f"bench: utility, {count} configurations, each searched on a validation split, "
+            f"then {len(plan.get('seeds', SEEDS))} seeds"
+        )
         started = time.monotonic()
         try:
-            entries = run_utility_bench(echo=typer.echo, modes=chosen)
+            entries = run_utility_bench(echo=typer.echo, modes=chosen, **plan)
         except RuntimeError as err:
             typer.secho(f"FAILED: {err}", fg=typer.colors.RED, err=True)
             raise typer.Exit(1) from err
-        paths = write_utility(entries, out)
+        paths = write_utility(entries, out, settings=utility_settings(plan))
         typer.echo("\n" + paths[1].read_text())
         typer.echo(f"{time.monotonic() - started:.0f}s; results: {', '.join(map(str, paths))}")
         return

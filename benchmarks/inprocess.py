@@ -109,8 +109,8 @@ def federate(
     model is written to ``out/global_model.safetensors``, as a run directory holds it.
     """
     run = RunConfig.from_run_config({**overrides, "num-rounds": rounds, "output-dir": str(out)})
-    if feature_cache is not None:
-        os.environ[SIM_FEATURE_CACHE_ENV] = str(feature_cache)
+    # frozen encoders' features: cached beside the run, as `fedfusion simulate` caches them
+    os.environ[SIM_FEATURE_CACHE_ENV] = str(feature_cache or out.parent / ".feature-cache")
     sites = _sites(run, hospitals, threads or torch.get_num_threads())
     state = shared_state(initial_model(run.model, run.seed))
     layout = WeightLayout.of(state)

@@ -48,7 +48,9 @@ def test_ratio_and_target_against_a_baseline(tmp_path):
 
 def test_utility_summary_targets_and_files(tmp_path):
     from benchmarks.utility import (
+        GRID,
         UTILITY_CONFIGS,
+        search_grid,
         summarize_utility,
         utility_targets,
         write_utility,
@@ -56,20 +58,27 @@ def test_utility_summary_targets_and_files(tmp_path):
 
     def run(auroc, normal):
         metrics = {"auroc": auroc, "auroc.normal": normal, "auroc.effusion": 0.9}
-        return [{"round": 1, "eval_metrics": metrics}], 30.0
+        early = {"auroc": 0.5, "auroc.normal": 0.5, "auroc.effusion": 0.5}
+        return [{"round": 0, "eval_metrics": early}, {"round": 1, "eval_metrics": metrics}], 30.0
 
     scores = {  # configuration name -> macro AUROC over 3 seeds
         "small: centralized, non-private": (0.90, 0.92, 0.88),
         "small: federated, DP eps=8, SecAgg+": (0.86, 0.87, 0.85),
         "small: image only, DP eps=8, SecAgg+": (0.80, 0.81, 0.79),
+        "frozen: federated, DP eps=8, SecAgg+": (0.74, 0.77, 0.71),  # +0.03, spreads overlap
+        "frozen: text only, DP eps=8, SecAgg+": (0.71, 0.72, 0.70),
     }
+    tuning = [{"point": {"train.learning-rate": 0.1}, "validation_auroc": 0.7}]
     entries = [
         summarize_utility(
-            c, [run(a, 0.7) for a in scores.get(f"{c.mode}: {c.name}", (0.7, 0.7, 0.7))]
+            c,
+            [run(a, 0.7) for a in scores.get(f"{c.mode}: {c.name}", (0.7, 0.7, 0.7))],
+            {"train.learning-rate": 0.1},
+            tuning,
         )
         for c in UTILITY_CONFIGS
     ]
-    assert {e["mode"] for e in entries} == {"small", "frozen", "lora"}
+    assert {e["model"] for e in entries} == {"small", "frozen", "lora"}
     central = entries[0]
     assert central["macro_auroc_mean"] == pytest.approx(0.90)
     assert central["macro_auroc_std"] == pytest.approx(0.01633, rel=1e-3)
@@ -77,30 +86,41 @@ def test_utility_summary_targets_and_files(tmp_path):
         "mean": pytest.approx(0.7),
         "std": pytest.approx(0),
     }
+    assert central["rounds"] == 1 and central["auroc_by_round"] == [0.5, 0.9]
     assert {central["privacy"], central["secagg"], central["branch"]} == {"none", "off", "fused"}
     targets = utility_targets(entries)
     (_, ratio, ratio_met), (_, margin, fused_met) = targets[:2]  # the small model's
     assert ratio == pytest.approx(0.86 / 0.90) and ratio_met  # 0.956
     assert margin == pytest.approx(0.06) and fused_met
-    frozen = targets[2:4]  # every frozen score 0.7: fused does not beat 0.7
-    assert frozen[0][1] == pytest.approx(1.0) and not frozen[1][2]
-    assert [(v, m) for _, v, m in targets[4:]] == [(None, False), (None, False)]  # lora
-    json_path, md_path, png_path = write_utility(entries, tmp_path)
+    frozen = targets[2:4]
+    assert frozen[0][1] == pytest.approx(0.74 / 0.7) and frozen[0][2]
+    assert frozen[1][1] == pytest.approx(0.03) and not frozen[1][2]  # 0.740 - 0.024 < 0.718
+    json_path, md_path, png_path = write_utility(entries, tmp_path, {"rounds": 1})
     data = json.loads(json_path.read_text())
     assert len(data["entries"]) == len(UTILITY_CONFIGS) and len(data["targets"]) == 6
+    assert data["settings"] == {"rounds": 1}
     assert {
         "name",
-        "mode",
+        "model",
         "branch",
         "privacy",
         "secagg",
+        "rounds",
         "macro_auroc_mean",
         "macro_auroc_std",
         "wall_time_s",
+        "tuned",
+        "tuning",
     } <= set(data["entries"][0])
     md = md_path.read_text()
-    assert "0.956, met" in md and "not measured, MISSED" in md
+    assert "0.956, met" in md and "lr 0.1: 0.700" in md
     assert png_path.stat().st_size > 1000
+    # the search: learning rate x clipping norm with DP, the learning rate alone without
+    dp = next(c for c in UTILITY_CONFIGS if c.privacy == "8")
+    assert len(search_grid(dp, GRID)) == 4
+    assert search_grid(UTILITY_CONFIGS[0], GRID) == [
+        {"train.learning-rate": lr} for lr in GRID["train.learning-rate"]
+    ]
 
 
 def test_tree_memory_sees_a_grandchild_allocate():
@@ -189,3 +209,21 @@ def test_phantom_calibration_judges_the_anchor_band(monkeypatch):
     finals = iter([0.91, 0.93, 0.95])
     (macro, _) = phantoms.run_phantom_calibration(echo=lambda _: None)
     assert macro.median == 0.93 and macro.met is False
+
+
+def test_the_quick_utility_run_end_to_end(tmp_path):
+    """`make bench-utility ARGS=--quick`: search, seeds, results files, on real training."""
+    from benchmarks.utility import quick_plan, run_utility_bench, utility_settings, write_utility
+
+    plan = quick_plan()
+    lines = []
+    entries = run_utility_bench(modes=("frozen",), echo=lines.append, **plan)
+    assert [e["name"].split(": ", 1)[1] for e in entries] == list(plan["names"])
+    assert any("validation split" in line for line in lines)
+    central = entries[0]
+    assert central["rounds"] == 3 and len(central["auroc_by_round"]) == 4
+    assert central["macro_auroc_mean"] > 0.6  # 3 non-private rounds learn something
+    assert all(len(e["tuning"]) == 1 and e["tuning"][0]["validation_auroc"] for e in entries)
+    json_path, md_path, png_path = write_utility(entries, tmp_path, utility_settings(plan))
+    assert json.loads(json_path.read_text())["settings"]["rounds"] == 3
+    assert png_path.stat().st_size > 1000 and "MISSED" in md_path.read_text()
