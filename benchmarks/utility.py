@@ -435,11 +435,15 @@ def write_utility(
     out_dir: Path,
     settings: dict[str, Any] | None = None,
 ) -> tuple[Path, Path, Path]:
-    """benchmarks/results/utility.json, utility.md and utility.png (the latest run only)."""
+    """utility-<models>.json, .md and .png in ``out_dir`` (the latest run of those models).
+
+    ``<models>``: the models the entries cover, e.g. ``frozen`` or ``small-frozen``.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "utility-" + "-".join(dict.fromkeys(e["model"] for e in entries))
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     targets = utility_targets(entries)
-    json_path = out_dir / "utility.json"
+    json_path = out_dir / f"{stem}.json"
     json_path.write_text(
         json.dumps(
             {
@@ -454,7 +458,7 @@ def write_utility(
         + "\n",
         encoding="utf-8",
     )
-    png_path = out_dir / "utility.png"
+    png_path = out_dir / f"{stem}.png"
     _plot(entries, png_path)
     labels = sorted(entries[0]["per_label_auroc"])
     rows = [
@@ -483,7 +487,7 @@ def write_utility(
         f"- {t}: {'not measured' if v is None else f'{v:.3f}'}, {'met' if m else 'MISSED'}"
         for t, v, m in targets
     ]
-    md_path = out_dir / "utility.md"
+    md_path = out_dir / f"{stem}.md"
     md_path.write_text(
         f"# fedfusion utility benchmark, {stamp} UTC\n\n" + "\n".join(rows) + "\n",
         encoding="utf-8",
