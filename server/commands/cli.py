@@ -168,9 +168,9 @@ def simulate(
     preset: Annotated[
         str | None,
         typer.Option(
-            help="Named model settings: cnn-transformer-gated (the default model), "
-            "cnn-transformer-cross-attention, cnn-lstm-concat or efficientnet-minilm-concat "
-            "(settings given with -c win).",
+            help="Named model settings: cnn-transformer-concat (the default model), "
+            "cnn-transformer-gated, cnn-transformer-cross-attention, cnn-lstm-concat or "
+            "efficientnet-minilm-concat (settings given with -c win).",
         ),
     ] = None,
     out: Annotated[

@@ -32,7 +32,7 @@ class ModelConfig:
         "Finding labels the head predicts, '|'-separated in the run config.",
     )
     fusion: str = _opt(
-        "gated",
+        "concat",
         "How image and report are fused: concat, gated (learned per-modality weights, "
         "Z = sum of w_i * phi(M_i)) or cross_attention (report tokens attend to image patches).",
         choices=FUSION_MODES,

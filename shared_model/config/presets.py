@@ -20,6 +20,8 @@ PRESETS: dict[str, dict[str, str]] = {
         "model.text-encoder": "transformer",
         "model.fusion": "cross_attention",
     },
-    # a CNN and a transformer, with learned modality weights (the default model)
+    # a CNN and a transformer, concatenated (the default model)
+    "cnn-transformer-concat": {"model.text-encoder": "transformer", "model.fusion": "concat"},
+    # a CNN and a transformer, with learned modality weights (a gated multimodal unit)
     "cnn-transformer-gated": {"model.text-encoder": "transformer", "model.fusion": "gated"},
 }

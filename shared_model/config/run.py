@@ -54,7 +54,10 @@ class TrainConfig:
 
     local_epochs: int = _opt(2, "Passes over the hospital's training split per round.", min=1)
     batch_size: int = _opt(
-        64, "Expected batch size; with Poisson sampling the rate is batch/N.", min=1
+        256,
+        "Expected batch size; with Poisson sampling the rate is batch/N. DP noise is "
+        "added per step, so a larger batch carries less of it per record.",
+        min=1,
     )
     max_physical_batch_size: int = _opt(
         0,
@@ -69,7 +72,7 @@ class TrainConfig:
         "(docs/benchmarks.md).",
         choices=OPTIMIZERS,
     )
-    learning_rate: float = _opt(0.05, "Learning rate.", min=0.0, min_exclusive=True)
+    learning_rate: float = _opt(0.2, "Learning rate.", min=0.0, min_exclusive=True)
     momentum: float = _opt(0.9, "SGD momentum (optimizer sgd).", min=0.0, max=0.99)
     weight_decay: float = _opt(0.0, "Weight decay.", min=0.0)
     modality_dropout: float = _opt(
@@ -171,7 +174,7 @@ class ServerConfig:
     strategy: str = _opt("fedavg", "Aggregation strategy.", choices=STRATEGIES)
     proximal_mu: float = _opt(0.0, "FedProx proximal weight (strategy fedprox).", min=0.0)
     momentum: float = _opt(
-        0.0,
+        0.5,
         "Server momentum (FedAvgM): the global model moves by learning-rate times a running "
         "sum of the averaged updates, each round's earlier sum scaled by this. 0: plain "
         "averaging. It acts on the aggregate alone, so no hospital spends privacy on it.",

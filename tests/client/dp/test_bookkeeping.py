@@ -21,7 +21,7 @@ from tests.client.dp.test_opacus import CFG, batch, one_dp_epoch, policy
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
 MODELS = {
-    "default (gated)": {},
+    "default (concat)": {},
     "concat": {"model.fusion": "concat"},
     "cross-attention": {"model.fusion": "cross_attention"},
     "cnn-lstm": {"model.text-encoder": "lstm", "model.fusion": "concat"},
@@ -63,7 +63,7 @@ def reference(model, inputs, c, alignment):
 def test_clipped_sum_is_each_examples_own_clipped_gradient(name, seed, scale, clip_quantile):
     torch.manual_seed(seed)
     model = small_model(MODELS[name], seed)
-    alignment = 0.5 if name == "default (gated)" else 0.0
+    alignment = 0.5 if name == "default (concat)" else 0.0
     model.return_alignment = alignment > 0
     inputs = batch(model.cfg, 6, seed=seed, scale=scale)
     probe = copy.deepcopy(model)

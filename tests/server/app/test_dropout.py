@@ -93,6 +93,7 @@ def federate(tmp_path, behaviour, grid=None, **settings):
             "server.fraction-evaluate": 0.0,
             "server.min-hospitals": 1,
             "server.round-timeout": 1.0,
+            "server.momentum": 0.0,  # plain FedAvg: the updates' arithmetic is checked
             **settings,
         }
     )

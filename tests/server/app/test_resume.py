@@ -248,6 +248,7 @@ FOUR_PLAIN_ROUNDS = {
     "server.fraction-evaluate": 0.0,
     "server.min-hospitals": 1,
     "server.round-timeout": 1.0,
+    "server.momentum": 0.0,  # plain FedAvg: the updates' arithmetic is checked
 }
 
 

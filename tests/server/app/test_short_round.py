@@ -68,6 +68,7 @@ def serve(tmp_path, grid: Grid, **settings) -> tuple[dict, list[dict]]:
         "server.fraction-evaluate": 0.0,
         "server.min-hospitals": 1,
         "server.round-timeout": 1.0,
+        "server.momentum": 0.0,  # plain FedAvg: the updates' arithmetic is checked
         "output-dir": str(tmp_path),
         **settings,
     }
