@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
@@ -110,8 +111,9 @@ def federate(
     """
     run = RunConfig.from_run_config({**overrides, "num-rounds": rounds, "output-dir": str(out)})
     # frozen encoders' features: cached beside the run, as `fedfusion simulate` caches them
-    os.environ[SIM_FEATURE_CACHE_ENV] = str(feature_cache or out.parent / ".feature-cache")
-    sites = _sites(run, hospitals, threads or torch.get_num_threads())
+    cache = str(feature_cache or out.parent / ".feature-cache")
+    with mock.patch.dict(os.environ, {SIM_FEATURE_CACHE_ENV: cache}):
+        sites = _sites(run, hospitals, threads or torch.get_num_threads())
     state = shared_state(initial_model(run.model, run.seed))
     layout = WeightLayout.of(state)
     optimizer = ServerOptimizer(run.server.momentum, run.server.learning_rate)

@@ -160,7 +160,7 @@ def test_the_client_app_module_does_not_import_torch():
 
 def test_a_request_in_another_weights_layout_is_refused_before_training(run_config, tmp_path):
     """A server built from other model settings packs its weights otherwise: say so."""
-    other = {**CHECKS, "weights-layout": checks({"model.fusion": "concat"})["weights-layout"]}
+    other = {**CHECKS, "weights-layout": checks({"model.fusion": "gated"})["weights-layout"]}
     assert other != CHECKS
     unread = {
         "data-manifest": str(tmp_path / "missing.csv"),
