@@ -195,10 +195,10 @@ def simulate(
     Each simulated hospital holds a non-IID share of 3,860 real Indiana University chest
     X-ray reports, paired with synthetic phantom radiographs drawn from each report's
     labels, and trains the shared fusion model under DP-SGD (Opacus) against its own
-    privacy budget. The server averages the updates (FedAvg). Progress is printed per
-    round; at the end comes a summary table (global loss, macro AUROC, each hospital's
-    cumulative epsilon) and the paths of the report, plots and final model. Exits
-    non-zero if the run failed.
+    privacy budget. The server averages the updates and steps with server momentum
+    (FedAvgM). Progress is printed per round; at the end comes a summary table (global
+    loss, macro AUROC, each hospital's cumulative epsilon) and the paths of the report,
+    plots and final model. Exits non-zero if the run failed.
     """
     from server.app.report import summary_table
     from server.commands.simulate import run_simulation_cli
