@@ -311,9 +311,10 @@ def _train(
     return history, time.monotonic() - started
 
 
-def _score(history: list[dict[str, Any]]) -> float:
+def _score(history: list[dict[str, Any]]) -> float | None:
+    """The last round's macro AUROC; None where it is undefined (a failed run)."""
     value = float(_final(history).get("auroc", math.nan))
-    return value if math.isfinite(value) else -math.inf
+    return value if math.isfinite(value) else None
 
 
 def run_utility_bench(
@@ -341,16 +342,16 @@ def run_utility_bench(
             for point in search_grid(config, grid):
                 echo(f"{label}: searching {point} on the validation split ...")
                 history, _ = _train(config, point, TUNING_SEED, "validation", rounds, reports, work)
-                score = _score(history)
-                tuning.append(
-                    {"point": point, "validation_auroc": score if math.isfinite(score) else None}
-                )
-            best = max(tuning, key=lambda t: t["validation_auroc"] or -math.inf)["point"]
+                tuning.append({"point": point, "validation_auroc": _score(history)})
+            scored = [t for t in tuning if t["validation_auroc"] is not None] or tuning
+            best = max(scored, key=lambda t: t["validation_auroc"] or 0.0)["point"]
             runs = []
             for seed in seeds:
                 echo(f"{label}: seed {seed} with {best} ...")
                 runs.append(_train(config, best, seed, "test", rounds, reports, work))
-                echo(f"{label}: seed {seed}: test macro AUROC {_score(runs[-1][0]):.3f}")
+                auroc = _score(runs[-1][0])
+                shown = "undefined" if auroc is None else f"{auroc:.3f}"
+                echo(f"{label}: seed {seed}: test macro AUROC {shown}")
             entries.append(summarize_utility(config, runs, best, tuning))
     return entries
 

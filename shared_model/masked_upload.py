@@ -31,9 +31,10 @@ import numpy as np
 
 from shared_model.evaluation import EVAL_LOSS_CLIP, EvalStats
 
-__all__ = ["UploadCodec", "UploadSum"]
+__all__ = ["QUANTIZATION_RANGE", "UploadCodec", "UploadSum"]
 
 _TRAIN_LOSS_RANGE = (-2.0, 4.0)  # a released (noisy) train loss is clipped to this
+QUANTIZATION_RANGE = 1 << 22  # levels each value is quantized to (the server sets it)
 
 
 @dataclass(frozen=True)

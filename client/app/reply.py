@@ -40,7 +40,7 @@ from shared_model.protocol import (
 )
 from shared_model.weights import hospital_layout
 
-__all__ = ["evaluate_reply", "packed_record", "train_reply"]
+__all__ = ["evaluate_reply", "masked_upload_vector", "packed_record", "train_reply"]
 
 StateDict = dict[str, torch.Tensor]
 
@@ -93,6 +93,33 @@ def _public_figures(result: LocalRound, site: Site) -> dict[str, int | float]:
     }
 
 
+def masked_upload_vector(
+    result: LocalRound,
+    sent: StateDict,
+    layout: WeightLayout,
+    evaluation: EvalStats,
+    run: RunConfig,
+) -> tuple[UploadCodec, np.ndarray]:
+    """What one SecAgg+ upload holds (shared_model/masked_upload.py), and its codec.
+
+    ``sent``: the global weights the round started from. A declined round takes part with
+    a zero update and no weight.
+    """
+    codec = UploadCodec(layout.size, run.model.labels, run.secagg.clipping_range,
+                        run.secagg.max_weight)  # fmt: skip
+    if result.num_examples > run.secagg.max_weight:  # N̂, public: saying so leaks nothing
+        raise UploadError(
+            f"this hospital's released record count {result.num_examples} exceeds "
+            f"secagg.max-weight {run.secagg.max_weight:g}; raise secagg.max-weight on the server"
+        )
+    if result.trained:
+        update = layout.pack(result.weights).astype(np.float64) - layout.pack(sent)
+        weight = result.num_examples / run.secagg.max_weight
+    else:
+        update, weight = np.zeros(layout.size), 0.0
+    return codec, codec.encode(update, weight, result.train_loss, evaluation)
+
+
 def _masked_upload(
     msg: Message,
     request: RoundRequest,
@@ -103,19 +130,7 @@ def _masked_upload(
     run: RunConfig,
 ) -> Message:
     """The SecAgg+ reply: one vector, masked by the mod, and the public figures."""
-    codec = UploadCodec(layout.size, run.model.labels, run.secagg.clipping_range,
-                        run.secagg.max_weight)  # fmt: skip
-    if result.num_examples > run.secagg.max_weight:  # N̂, public: saying so leaks nothing
-        raise UploadError(
-            f"this hospital's released record count {result.num_examples} exceeds "
-            f"secagg.max-weight {run.secagg.max_weight:g}; raise secagg.max-weight on the server"
-        )
-    if result.trained:
-        update = layout.pack(result.weights).astype(np.float64) - layout.pack(request.weights)
-        weight = result.num_examples / run.secagg.max_weight
-    else:  # a decline takes part with a zero update and no weight
-        update, weight = np.zeros(layout.size), 0.0
-    upload = codec.encode(update, weight, result.train_loss, evaluation)
+    codec, upload = masked_upload_vector(result, request.weights, layout, evaluation, run)
     status = {
         Status.HOSPITAL_ID: site.name,
         Status.REASON: result.reason,

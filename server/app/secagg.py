@@ -45,7 +45,7 @@ from server.app.strategy import ShortRoundError, hospital_round, short_reason
 from shared_model import secagg_primitives
 from shared_model.config import RunConfig
 from shared_model.evaluation import EvalStats
-from shared_model.masked_upload import UploadCodec
+from shared_model.masked_upload import QUANTIZATION_RANGE, UploadCodec
 from shared_model.packing import WeightLayout
 from shared_model.protocol import Reply, Request, Status
 
@@ -301,6 +301,7 @@ class SecAggRounds:
             num_shares=shares,
             reconstruction_threshold=threshold,
             clipping_range=run.secagg.clipping_range,
+            quantization_range=QUANTIZATION_RANGE,
             max_weight=run.secagg.max_weight,
             timeout=run.secagg.stage_timeout,
         )

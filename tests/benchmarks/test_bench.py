@@ -95,6 +95,8 @@ def test_utility_summary_targets_and_files(tmp_path):
     frozen = targets[2:4]
     assert frozen[0][1] == pytest.approx(0.74 / 0.7) and frozen[0][2]
     assert frozen[1][1] == pytest.approx(0.03) and not frozen[1][2]  # 0.740 - 0.024 < 0.718
+    # a target whose configurations were not run is reported, never met
+    assert [(v, m) for _, v, m in utility_targets(entries[:1])] == [(None, False), (None, False)]
     json_path, md_path, png_path = write_utility(entries, tmp_path, {"rounds": 1})
     data = json.loads(json_path.read_text())
     assert len(data["entries"]) == len(UTILITY_CONFIGS) and len(data["targets"]) == 6
