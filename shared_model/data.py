@@ -48,6 +48,7 @@ __all__ = [
     "decode_image",
     "labels_to_multi_hot",
     "load_manifest",
+    "read_manifest_rows",
     "split_train_test",
 ]
 
@@ -272,7 +273,10 @@ def _read_raster(path: Path, max_pixels: int) -> np.ndarray:
 # ------------------------------------------------------------------------ manifests
 
 
-def _read_rows(manifest: Path) -> list[dict[str, str]]:
+def read_manifest_rows(
+    manifest: Path, required: Sequence[str] = REQUIRED_COLUMNS
+) -> list[dict[str, str]]:
+    """The manifest's rows as text; ManifestError if the file or its columns are unusable."""
     if not manifest.is_file():
         raise ManifestError(f"manifest {manifest} does not exist")
     suffix = manifest.suffix.lower()
@@ -308,11 +312,11 @@ def _read_rows(manifest: Path) -> list[dict[str, str]]:
         raise ManifestError(f"manifest {manifest}: expected a .csv or .jsonl file")
     if not rows:
         raise ManifestError(f"manifest {manifest} has no records")
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    missing = [c for c in required if c not in columns]
     if missing:
         raise ManifestError(
             f"manifest {manifest} lacks column(s) {', '.join(missing)} "
-            f"(required: {', '.join(REQUIRED_COLUMNS)})"
+            f"(required: {', '.join(required)})"
         )
     return rows
 
@@ -348,6 +352,8 @@ def load_manifest(
     strict: bool = True,
     decode: Decode | None = None,
     limits: DataLimits = DataLimits(),
+    for_training: bool = True,
+    progress: Callable[[], None] | None = None,
 ) -> tuple[FusionTensors, LoadReport]:
     """Read and decode every row of a manifest.
 
@@ -355,10 +361,13 @@ def load_manifest(
     naming the manifest, the row and the file. With ``strict=False`` bad rows are left
     out and listed in the returned :class:`LoadReport`. ``decode`` (default
     :func:`decode_image`) turns an image file into a tensor; a cache may stand in.
-    The module docstring lists what makes a row bad.
+    The module docstring lists what makes a row bad. ``for_training=False`` (a model
+    applied to records): the labels column may be absent, and a repeated row or image
+    is allowed. ``progress`` is called once per row read.
     """
     manifest = Path(manifest).expanduser().resolve()
-    rows = _read_rows(manifest)
+    required = REQUIRED_COLUMNS if for_training else ("image", "report")
+    rows = read_manifest_rows(manifest, required)
     report = LoadReport(manifest=str(manifest), rows_total=len(rows))
     images, texts, has_image, labels, patients = [], [], [], [], []
     seen_rows: dict[tuple[tuple[str, str], ...], int] = {}
@@ -378,12 +387,12 @@ def load_manifest(
             names = [s.strip() for s in fields.get("labels", "").split("|") if s.strip()]
             multi_hot = labels_to_multi_hot(names, label_set)
             same = tuple(sorted((k or "", v or "") for k, v in row.items() if k is not None))
-            if same in seen_rows:
+            if same in seen_rows and for_training:
                 raise ValueError(
                     f"repeats row {seen_rows[same]} (counted twice, a record "
                     "would get half its privacy guarantee)"
                 )
-            if path is not None and path in seen_images:
+            if path is not None and path in seen_images and for_training:
                 raise ValueError(f"uses the same image file as row {seen_images[path]}")
             if path is None:
                 image = torch.zeros(1, image_size, image_size)
@@ -399,6 +408,9 @@ def load_manifest(
                 raise ManifestError(f"manifest {manifest}, {error}") from err
             report.errors.append(error)
             continue
+        finally:
+            if progress is not None:
+                progress()
         images.append(image)
         texts.append(text)
         has_image.append(path is not None)

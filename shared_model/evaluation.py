@@ -22,10 +22,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["EVAL_LOSS_CLIP", "SCORE_BINS", "EvalStats"]
+__all__ = ["EVAL_LOSS_CLIP", "SCORE_BINS", "SCORE_EDGES", "EvalStats"]
 
 SCORE_BINS = 200
 _LOGIT_RANGE = 10.0
+# The logits at the bins' edges (SCORE_BINS + 1 of them); bin i spans edges i and i + 1.
+SCORE_EDGES = np.linspace(-_LOGIT_RANGE, _LOGIT_RANGE, SCORE_BINS + 1)
 # Per-example held-out losses are clipped to this before summing, which bounds the sum
 # (secure aggregation needs a bound on every value); an honest loss never comes close.
 EVAL_LOSS_CLIP = 20.0

@@ -47,6 +47,7 @@ class Reply:
     TRAIN_LOSS = "train-loss"
     EPSILON = "epsilon"
     MAX_EPSILON = "max-epsilon"
+    DELTA = "delta"  # the delta its epsilon is stated for
     NOISE_MULTIPLIER = "noise-multiplier"
     SAMPLE_RATE = "sample-rate"
     STEPS = "steps"

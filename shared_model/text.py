@@ -11,6 +11,7 @@ same row.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Sequence
 from functools import lru_cache
@@ -30,6 +31,7 @@ __all__ = [
     "public_vocab_path",
     "text_model_path",
     "tokenizer_for",
+    "tokenizer_identity",
 ]
 
 PAD_ID = 0
@@ -95,6 +97,41 @@ def _special_ids() -> dict[int, int]:
         vocab["[CLS]"]: _CLS_ID,
         vocab["[SEP]"]: _SEP_ID,
         vocab["[UNK]"]: _UNK_ID,
+    }
+
+
+# The files that decide a Hugging Face tokenizer's ids (those present are hashed).
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
+
+
+def tokenizer_identity(cfg: ModelConfig) -> dict[str, str | int]:
+    """What decides the model's token ids: the tokenizer kind, its settings, a file hash.
+
+    Two installs with the same identity turn any text into the same ids; a model bundle
+    stores it and checks it on load.
+    """
+    if cfg.text_encoder == "pretrained":
+        folder = text_model_path(cfg)
+        files = [folder / name for name in _TOKENIZER_FILES if (folder / name).is_file()]
+        kind = "huggingface"
+        settings: dict[str, str | int] = {}
+    else:
+        files = [public_vocab_path()]
+        kind = "hashed-wordpiece"
+        settings = {"buckets": cfg.text_vocab_buckets, "hash-multiplier": _HASH_MULTIPLIER}
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return {
+        "kind": kind,
+        **settings,
+        "max-tokens": cfg.max_report_tokens,
+        "files-sha256": digest.hexdigest(),
     }
 
 

@@ -81,6 +81,7 @@ FIELDS: tuple[Field, ...] = (
           "clipped per-example losses, noised in the same release as the gradients"),
     Field(_TRAIN, "metric", METRICS, Reply.EPSILON, PUBLIC, _DERIVED),
     Field(_TRAIN, "metric", METRICS, Reply.MAX_EPSILON, PUBLIC, "the hospital's own cap"),
+    Field(_TRAIN, "metric", METRICS, Reply.DELTA, PUBLIC, "its policy's delta, set in config"),
     Field(_TRAIN, "metric", METRICS, Reply.NOISE_MULTIPLIER, PUBLIC, _DERIVED),
     Field(_TRAIN, "metric", METRICS, Reply.SAMPLE_RATE, PUBLIC, _DERIVED),
     Field(_TRAIN, "metric", METRICS, Reply.STEPS, PUBLIC, _DERIVED),
@@ -122,6 +123,7 @@ FIELDS: tuple[Field, ...] = (
         for key, why in (
             (Reply.EPSILON, _DERIVED),
             (Reply.MAX_EPSILON, "the hospital's own cap"),
+            (Reply.DELTA, "its policy's delta, set in config"),
             (Reply.NOISE_MULTIPLIER, _DERIVED),
             (Reply.SAMPLE_RATE, _DERIVED),
             (Reply.STEPS, _DERIVED),

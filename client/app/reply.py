@@ -86,6 +86,7 @@ def _public_figures(result: LocalRound, site: Site) -> dict[str, int | float]:
     return {
         Reply.EPSILON: result.epsilon,
         Reply.MAX_EPSILON: site.policy.max_epsilon,
+        Reply.DELTA: site.policy.delta,
         Reply.NOISE_MULTIPLIER: result.noise_multiplier,
         Reply.SAMPLE_RATE: result.sample_rate,
         Reply.STEPS: result.steps,

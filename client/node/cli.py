@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -146,23 +146,55 @@ def demo_data(
             "report (the radiologist's findings, which the labels were indexed from)."
         ),
     ] = "indication",
+    held_out_of: Annotated[
+        Path | None,
+        typer.Option(
+            help="A `fedfusion simulate` run: write each of its hospitals' held-out test "
+            "records instead (never trained on; a test set for `fedfusion evaluate`)."
+        ),
+    ] = None,
 ) -> None:
     """Write demo data in the manifest format: out/hospital-N/manifest.csv plus PNG files.
 
     Each hospital gets its own slice of the embedded data (real Indiana University
     reports' clinical indications and labels, with phantom radiographs drawn from the
     labels), to rehearse a deployment (deploy/compose.yaml, `fedfusion hospital`) before
-    a hospital's own data is ready.
+    a hospital's own data is ready. With --held-out-of RUN, the slices are that
+    simulated run's held-out records, rendered as its hospitals held them.
     """
-    from shared_model.datasets.export import write_manifest
+    from shared_model.datasets.export import write_held_out, write_manifest
 
-    for i in range(hospitals):
-        try:
-            manifest = write_manifest(out / f"hospital-{i}", i, records, text_source=text_source)
-        except ValueError as err:
-            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-            raise typer.Exit(2) from err
+    try:
+        if held_out_of is not None:
+            run, count = _simulated_run(held_out_of)
+            manifests = write_held_out(out, run, count)
+        else:
+            manifests = [
+                write_manifest(out / f"hospital-{i}", i, records, text_source=text_source)
+                for i in range(hospitals)
+            ]
+    except ValueError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err
+    for i, manifest in enumerate(manifests):
         typer.echo(f"  hospital-{i}: {manifest}")
+
+
+def _simulated_run(run_dir: Path) -> tuple[Any, int]:
+    """A simulated run's settings and hospital count; ValueError if it is not one."""
+    import json
+
+    from shared_model.config import RunConfig
+
+    try:
+        info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
+        count = int(json.loads((run_dir / "simulation.json").read_text("utf-8"))["hospitals"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(
+            f"{run_dir} is not a `fedfusion simulate` run directory (run.json and "
+            f"simulation.json): {err}"
+        ) from err
+    return RunConfig.from_run_config(info.get("config", {})), count
 
 
 def hospital(

@@ -12,6 +12,7 @@ Layout (one directory per run, all written atomically)::
                                         (only with server.momentum or learning-rate set)
       checkpoints/latest.json           {"round": k, "file": ...}: the resume point
       global_model.safetensors          the final model (exported when the run completes)
+      best.json, best_model.safetensors the best trained round so far (server/app/best.py)
       .lock                             held by the server process writing the run
 
 Weights are stored with safetensors, never pickled. A round is complete once its record
@@ -35,6 +36,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from server.app.best import refresh_best
 from shared_model.evaluation import EvalStats
 
 __all__ = [
@@ -83,6 +85,7 @@ class HospitalRound:
     train_loss: float | None = None
     epsilon: float | None = None  # cumulative, reported by the hospital
     max_epsilon: float | None = None
+    delta: float | None = None  # the delta its epsilon is stated for (its own policy)
     eval_loss: float | None = None
     eval_auroc: float | None = None
     reason: str = ""
@@ -238,6 +241,7 @@ class RunStore:
             kept.append(record)
         self.rounds = kept
         write_json_atomic(self.root / "metrics.json", {"rounds": kept})
+        self._refresh_best()
         if not kept:
             (self.checkpoints / "latest.json").unlink(missing_ok=True)
             return None
@@ -345,6 +349,7 @@ class RunStore:
         self.rounds.append(record.to_dict())
         write_json_atomic(self.root / "metrics.json", {"rounds": self.rounds})
         write_json_atomic(self.checkpoints / "latest.json", {"round": record.round, "file": name})
+        self._refresh_best()
         return self.checkpoints / name
 
     def save_evaluation(self, server_round: int, stats: EvalStats) -> None:
@@ -356,6 +361,17 @@ class RunStore:
         data = self._read_json(EVALUATION_FILE) or {"labels": list(stats.labels), "rounds": {}}
         data["rounds"][str(server_round)] = [float(v) for v in stats.to_vector()]
         write_json_atomic(self.root / EVALUATION_FILE, data)
+        self._refresh_best()
+
+    def _refresh_best(self) -> None:
+        """Keep best.json and best_model.safetensors on the best complete round."""
+        config = (self._read_json("run.json") or {}).get("config", {})
+        refresh_best(
+            self.root,
+            self._checkpoint,
+            {int(r["round"]) for r in self.rounds},
+            str(config.get("data.holdout", "test")),
+        )
 
     def amend_evaluation(self, server_round: int, metrics: dict[str, float]) -> None:
         """Add the global evaluation of the model after ``server_round`` to its record.

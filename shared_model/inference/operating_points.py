@@ -1,0 +1,162 @@
+"""Decision thresholds and headline figures from the federation's pooled evaluation statistics.
+
+The server holds, per round, the sum over hospitals of each label's score histograms
+(:class:`~shared_model.evaluation.EvalStats`: 0.1-wide logit bins). Everything here
+reads only that sum, so no threshold or figure depends on one hospital's records. A
+threshold is a bin edge, so the sensitivity and specificity stated for it are exact on
+the pooled held-out records.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from shared_model.evaluation import SCORE_EDGES, EvalStats
+
+__all__ = [
+    "OPERATING_POINT_HELP",
+    "PooledLabel",
+    "choose_thresholds",
+    "parse_operating_point",
+    "pooled_figures",
+]
+
+OPERATING_POINT_HELP = (
+    "How each label's decision threshold is chosen on the federation's pooled held-out "
+    "statistics: youden (maximise sensitivity + specificity - 1), sensitivity=0.9 (the "
+    "highest threshold keeping at least that sensitivity), specificity=0.9, or "
+    "probability=0.5 (a fixed threshold)."
+)
+_EDGES = SCORE_EDGES  # threshold at edge i: bins i and above are positive
+
+
+def parse_operating_point(text: str) -> tuple[str, float]:
+    """('youden', nan) or (kind, value); ValueError explains the accepted forms."""
+    rule = text.strip().lower()
+    if rule == "youden":
+        return rule, math.nan
+    kind, sep, raw = rule.partition("=")
+    try:
+        value = float(raw) if sep else math.nan
+    except ValueError:
+        value = math.nan
+    if kind in {"sensitivity", "specificity"} and 0.0 < value <= 1.0:
+        return kind, value
+    if kind == "probability" and 0.0 < value < 1.0:
+        return kind, value
+    raise ValueError(f"operating point {text!r}: {OPERATING_POINT_HELP}")
+
+
+def _rates(stats: EvalStats, j: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sensitivity and specificity of label ``j`` at every edge (index i: bins >= i positive)."""
+    pos, neg = stats.positives[j], stats.negatives[j]
+    tp = np.concatenate([np.cumsum(pos[::-1])[::-1], [0.0]])  # positives in bins >= i
+    tn = np.concatenate([[0.0], np.cumsum(neg)])  # negatives in bins < i
+    return tp / max(pos.sum(), 1.0), tn / max(neg.sum(), 1.0)
+
+
+def choose_thresholds(stats: EvalStats, rule: str) -> tuple[np.ndarray, list[str]]:
+    """Per-label threshold logits by ``rule`` (:data:`OPERATING_POINT_HELP`), and notes.
+
+    A label whose pooled statistics lack positives or negatives cannot be tuned: it gets
+    probability 0.5, and a note says so.
+    """
+    kind, value = parse_operating_point(rule)
+    thresholds, notes = np.zeros(len(stats.labels)), []
+    for j, label in enumerate(stats.labels):
+        sens, spec = _rates(stats, j)
+        if kind == "probability":
+            thresholds[j] = math.log(value / (1.0 - value))
+            continue
+        if stats.positives[j].sum() == 0 or stats.negatives[j].sum() == 0:
+            notes.append(f"{label}: one class only in the pooled held-out records; threshold 0.5")
+            continue
+        if kind == "youden":
+            i = int(np.argmax(sens + spec - 1.0))  # ties: the lowest, most sensitive one
+        elif kind == "sensitivity":
+            i = int(np.flatnonzero(sens >= value - 1e-12).max())
+        else:
+            i = int(np.flatnonzero(spec >= value - 1e-12).min())
+        thresholds[j] = _EDGES[i]
+    return thresholds, notes
+
+
+@dataclass(frozen=True, kw_only=True)
+class PooledLabel:
+    """One label's figures on the pooled held-out records, at its threshold."""
+
+    label: str
+    positives: int
+    negatives: int
+    auroc: float
+    auroc_ci95: tuple[float, float]
+    sensitivity: float
+    specificity: float
+    ppv: float
+    npv: float
+
+
+def _auroc(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
+    """AUROC from histograms (..., bins), same-bin pairs one half (as EvalStats.auroc)."""
+    below = np.cumsum(neg, axis=-1) - neg
+    n = pos.sum(-1) * neg.sum(-1)
+    return np.divide(
+        (pos * (below + 0.5 * neg)).sum(-1), n, out=np.full(n.shape, np.nan), where=n > 0
+    )
+
+
+def pooled_figures(
+    stats: EvalStats, threshold_logits: np.ndarray, bootstrap: int = 2000, seed: int = 0
+) -> tuple[list[PooledLabel], tuple[float, float, float]]:
+    """Per-label figures and (macro AUROC, 95% CI low, high), from the histograms only.
+
+    The CI resamples each label's positives and negatives from their histograms (the
+    stratified bootstrap of the records, as far as the histograms tell it). The macro
+    CI resamples labels independently: the histograms do not keep which records share
+    labels, so it ignores the correlation between labels.
+    """
+    stats = stats.rounded()
+    rng = np.random.default_rng(seed)
+    out, samples = [], []
+    for j, label in enumerate(stats.labels):
+        pos, neg = stats.positives[j], stats.negatives[j]
+        n_pos, n_neg = int(pos.sum()), int(neg.sum())
+        i = int(np.searchsorted(_EDGES, threshold_logits[j] - 1e-9))
+        tp, fn = pos[i:].sum(), pos[:i].sum()
+        tn, fp = neg[:i].sum(), neg[i:].sum()
+        if n_pos and n_neg:
+            draws = _auroc(
+                rng.multinomial(n_pos, pos / n_pos, size=bootstrap),
+                rng.multinomial(n_neg, neg / n_neg, size=bootstrap),
+            )
+            samples.append(draws)
+            low, high = np.percentile(draws, [2.5, 97.5])
+        else:
+            low = high = math.nan
+        out.append(
+            PooledLabel(
+                label=label,
+                positives=n_pos,
+                negatives=n_neg,
+                auroc=stats.auroc(j),
+                auroc_ci95=(float(low), float(high)),
+                sensitivity=_ratio(tp, tp + fn),
+                specificity=_ratio(tn, tn + fp),
+                ppv=_ratio(tp, tp + fp),
+                npv=_ratio(tn, tn + fn),
+            )
+        )
+    defined = [p.auroc for p in out if not math.isnan(p.auroc)]
+    macro = float(np.mean(defined)) if defined else math.nan
+    if samples:
+        low, high = np.percentile(np.mean(samples, axis=0), [2.5, 97.5])
+    else:
+        low = high = math.nan
+    return out, (macro, float(low), float(high))
+
+
+def _ratio(a: float, b: float) -> float:
+    return float(a / b) if b > 0 else math.nan

@@ -1,0 +1,138 @@
+"""Applying a bundle's model to records: one record, or every row of a manifest.
+
+Records are read by the training code's own loader (:func:`shared_model.data.load_manifest`,
+:func:`shared_model.data.decode_image`) and tokenizer, so a record is preprocessed
+exactly as the federation's held-out records were. A row that cannot be read is never
+skipped silently: it comes back with its error, naming the row and the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared_model.data import (
+    DataLimits,
+    FusionTensors,
+    LoadReport,
+    decode_image,
+    load_manifest,
+    read_manifest_rows,
+)
+from shared_model.inference.bundle import LoadedModel
+
+__all__ = ["Prediction", "predict_manifest", "predict_record", "read_records"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prediction:
+    """One record's result: probabilities and decisions per label, or why it failed."""
+
+    row: int  # 1-based manifest row (0 for a single record)
+    image: str  # as the manifest names it ("" when missing)
+    patient_id: str
+    probabilities: dict[str, float] | None  # None when the row could not be read
+    decisions: dict[str, bool] | None
+    error: str = ""
+
+    @property
+    def findings(self) -> list[str]:
+        """The labels decided positive."""
+        return [k for k, v in (self.decisions or {}).items() if v]
+
+
+def read_records(
+    loaded: LoadedModel,
+    manifest: Path,
+    *,
+    with_labels: bool,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[FusionTensors, LoadReport, list[dict[str, str]]]:
+    """Every usable row of ``manifest`` as the model reads it, the load report, the raw rows.
+
+    Bad rows are listed in the report (never dropped silently). ``with_labels``: the
+    labels column is required and a repeated row or image refused (an evaluation would
+    count it twice).
+    """
+    cfg = loaded.bundle.model
+    records, report = load_manifest(
+        manifest,
+        cfg.labels,
+        loaded.tokenizer,
+        cfg.image_size,
+        strict=False,
+        limits=DataLimits(),
+        for_training=with_labels,
+        progress=None if progress is None else lambda: progress(1),
+    )
+    rows = read_manifest_rows(Path(manifest).expanduser().resolve(), ("image", "report"))
+    return records, report, rows
+
+
+def _results(
+    loaded: LoadedModel, logits: np.ndarray
+) -> tuple[list[dict[str, float]], list[dict[str, bool]]]:
+    labels = loaded.bundle.labels
+    probs, decided = loaded.probabilities(logits), loaded.decisions(logits)
+    return (
+        [dict(zip(labels, map(float, p), strict=True)) for p in probs],
+        [dict(zip(labels, map(bool, d), strict=True)) for d in decided],
+    )
+
+
+def predict_manifest(
+    loaded: LoadedModel,
+    manifest: Path,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[Prediction], LoadReport]:
+    """A prediction for every row of ``manifest``, in its order; bad rows carry their error.
+
+    ``progress(n)`` is told of each row read and of each batch of n records predicted.
+    """
+    records, report, rows = read_records(loaded, manifest, with_labels=False, progress=progress)
+    logits = loaded.logits(records, progress)
+    probabilities, decisions = _results(loaded, logits)
+    errors = {e.row: e.reason for e in report.errors}
+    out, used = [], iter(range(len(records)))
+    for n, row in enumerate(rows, start=1):
+        common = {
+            "row": n,
+            "image": row.get("image") or "",
+            "patient_id": row.get("patient_id") or "",
+        }
+        if n in errors:
+            out.append(Prediction(**common, probabilities=None, decisions=None, error=errors[n]))
+            continue
+        i = next(used)
+        out.append(Prediction(**common, probabilities=probabilities[i], decisions=decisions[i]))
+    return out, report
+
+
+def predict_record(loaded: LoadedModel, image: Path | None, text: str) -> Prediction:
+    """The prediction for one record; ValueError names the image file and the problem."""
+    cfg = loaded.bundle.model
+    text = text.strip()
+    if image is None and not text:
+        raise ValueError("give an image (--image), a clinical text (--text), or both")
+    if image is None:
+        pixels = torch.zeros(1, 1, cfg.image_size, cfg.image_size)
+    else:
+        try:
+            pixels = decode_image(Path(image).expanduser(), cfg.image_size)[None]
+        except ValueError as err:
+            raise ValueError(f"image {image}: {err}") from err
+    report_ids, has_report = loaded.tokenizer.encode([text])
+    present = torch.tensor([[float(image is not None), float(has_report[0])]])
+    records = FusionTensors(pixels, report_ids, present, torch.zeros(1, len(cfg.labels)))
+    probabilities, decisions = _results(loaded, loaded.logits(records))
+    return Prediction(
+        row=0,
+        image=str(image or ""),
+        patient_id="",
+        probabilities=probabilities[0],
+        decisions=decisions[0],
+    )

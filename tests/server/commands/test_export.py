@@ -1,0 +1,153 @@
+"""`fedfusion export`: the chosen round, thresholds from pooled statistics only, a model card."""
+
+import json
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from server.commands.export import export_run, read_run
+from shared_model.cli import build_app
+from shared_model.evaluation import EvalStats
+from shared_model.inference.bundle import BundleError, load_bundle
+from shared_model.inference.operating_points import (
+    choose_thresholds,
+    parse_operating_point,
+    pooled_figures,
+)
+from tests.support.runs import fake_run, round_stats
+
+LABELS = ("normal", "cardiomegaly", "opacity")
+SMALL = {"model.labels": "|".join(LABELS), "model.embed-dim": 16, "model.text-heads": 2}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run")
+    fake_run(root, [None, 0.5, 2.5, 1.0], SMALL)
+    return root
+
+
+def _weights_equal(a, b):
+    return set(a) == set(b) and all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+
+
+@pytest.mark.parametrize(("which", "expected"), [("best", 2), ("final", 3), ("1", 1)])
+def test_export_ships_the_chosen_rounds_model(run_dir, tmp_path, which, expected):
+    bundle = load_bundle(export_run(run_dir, tmp_path / "b", which))
+    assert bundle.info["source"]["round"] == expected
+    shipped = load_file(str(tmp_path / "b" / "weights.safetensors"))
+    saved = load_file(str(run_dir / "checkpoints" / f"round-{expected:04d}.safetensors"))
+    assert _weights_equal(shipped, saved)
+
+
+def test_thresholds_are_the_rule_applied_to_that_rounds_pooled_statistics(run_dir, tmp_path):
+    bundle = load_bundle(export_run(run_dir, tmp_path / "b", "best", "sensitivity=0.8"))
+    pooled = read_run(run_dir).stats(2)
+    expected, _ = choose_thresholds(pooled, "sensitivity=0.8")
+    assert np.allclose(bundle.threshold_logits, expected)
+    figures, _ = pooled_figures(pooled, bundle.threshold_logits)
+    assert all(f.sensitivity >= 0.8 for f in figures)
+    # and not the other rounds': round 1's statistics give other thresholds
+    other, _ = choose_thresholds(read_run(run_dir).stats(1), "sensitivity=0.8")
+    assert not np.allclose(other, expected)
+
+
+def test_the_model_card_states_use_privacy_and_figures_with_intervals(run_dir, tmp_path):
+    export_run(run_dir, tmp_path / "b")
+    card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
+    assert "Not a medical device" in card
+    assert "synthetic phantom radiographs" in card
+    # each hospital's epsilon at the exported round (2) and at the end (3), and its delta
+    assert "| hospital-0 | 2.00 | 3.00 | 8 | 1e-05 |" in card
+    assert "| hospital-1 | 2.10 | 3.10 | 8 | 1e-06 |" in card
+    _, (macro, low, high) = pooled_figures(read_run(run_dir).stats(2), np.zeros(3))
+    assert f"Macro AUROC {macro:.3f} (95% CI {low:.3f}-{high:.3f})" in card
+    assert "optimistic by that selection" in card  # chosen on the reported split
+    assert "output-dir" not in card  # no path of the machine that trained it
+
+
+def test_export_refuses_what_it_cannot_ship(run_dir, tmp_path):
+    with pytest.raises(BundleError, match="no model of round 9"):
+        export_run(run_dir, tmp_path / "a", "9")
+    with pytest.raises(BundleError, match="not a fedfusion run"):
+        export_run(tmp_path, tmp_path / "b")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "x").write_text("keep me")
+    with pytest.raises(BundleError, match="not empty"):
+        export_run(run_dir, tmp_path / "c")
+    assert (tmp_path / "c" / "x").read_text() == "keep me"
+
+
+def test_a_run_without_pooled_evaluation_has_no_best_but_exports_its_final_round(tmp_path):
+    fake_run(tmp_path / "run", [None, None], SMALL)
+    with pytest.raises(BundleError, match="use --round final"):
+        export_run(tmp_path / "run", tmp_path / "a")
+    bundle = load_bundle(export_run(tmp_path / "run", tmp_path / "b", "final"))
+    assert np.allclose(bundle.threshold_logits, 0.0)  # probability 0.5, and it says so
+    assert bundle.info["decision"]["notes"]
+    assert "kept their held-out evaluations" in (tmp_path / "b" / "MODEL_CARD.md").read_text()
+
+
+def test_the_cli_prints_the_round_and_thresholds(run_dir, tmp_path):
+    result = CliRunner().invoke(build_app(), ["export", str(run_dir), "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert "round 2 (best)" in result.output and "normal" in result.output
+    bad = CliRunner().invoke(
+        build_app(), ["export", str(tmp_path / "nope"), "-o", str(tmp_path / "c")]
+    )
+    assert bad.exit_code == 2 and "is not a directory" in bad.output
+
+
+# ---------------------------------------------------------------- operating points
+
+
+def _brute_youden(stats: EvalStats, j: int) -> float:
+    """Youden's J at the best bin edge, by trying every edge."""
+    pos, neg = stats.positives[j], stats.negatives[j]
+    return max(
+        pos[i:].sum() / pos.sum() + neg[:i].sum() / neg.sum() - 1 for i in range(len(pos) + 1)
+    )
+
+
+def test_youden_thresholds_maximise_j_on_the_histograms():
+    stats = round_stats(LABELS, 1.5, n=300, seed=4)
+    thresholds, notes = choose_thresholds(stats, "youden")
+    figures, _ = pooled_figures(stats, thresholds)
+    assert not notes
+    for j, f in enumerate(figures):
+        assert f.sensitivity + f.specificity - 1 == pytest.approx(_brute_youden(stats, j))
+
+
+def test_specificity_rule_and_fixed_probability():
+    stats = round_stats(LABELS, 1.0, n=300, seed=5)
+    spec, _ = choose_thresholds(stats, "specificity=0.9")
+    figures, _ = pooled_figures(stats, spec)
+    assert all(f.specificity >= 0.9 for f in figures)
+    fixed, _ = choose_thresholds(stats, "probability=0.25")
+    assert np.allclose(fixed, np.log(0.25 / 0.75))
+
+
+def test_a_label_with_one_class_gets_probability_one_half_and_a_note():
+    stats = round_stats(LABELS, 1.0, n=50)
+    stats.negatives[1] += stats.positives[1]
+    stats.positives[1] = 0
+    thresholds, notes = choose_thresholds(stats, "youden")
+    assert thresholds[1] == 0.0 and "cardiomegaly" in notes[0]
+
+
+@pytest.mark.parametrize("rule", ["", "best", "sensitivity=1.5", "probability=1", "sensitivity"])
+def test_an_unknown_operating_point_is_refused_with_the_accepted_forms(rule):
+    with pytest.raises(ValueError, match="youden"):
+        parse_operating_point(rule)
+
+
+def test_pooled_auroc_matches_the_histograms_and_its_interval_contains_it():
+    stats = round_stats(LABELS, 1.0, n=500, seed=2)
+    figures, (macro, low, high) = pooled_figures(stats, np.zeros(3))
+    for j, f in enumerate(figures):
+        assert f.auroc == pytest.approx(stats.auroc(j))
+        assert f.auroc_ci95[0] < f.auroc < f.auroc_ci95[1]
+    assert low < macro < high
+    assert json.dumps([f.auroc for f in figures])  # plain floats

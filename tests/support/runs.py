@@ -1,0 +1,80 @@
+"""A run directory written by the server's own RunStore, without running a federation.
+
+Each round's model is the initial model moved by a seeded step, and each round's
+pooled held-out statistics are built from synthetic scores whose separation (and so
+AUROC) the test chooses. Export reads it exactly as it reads a real run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from server.app.store import HospitalRound, RoundRecord, RunStore
+from shared_model.config import RunConfig
+from shared_model.evaluation import EvalStats
+from shared_model.weights import base_fingerprint, initial_model, shared_state
+
+__all__ = ["fake_run", "round_stats"]
+
+
+def round_stats(labels: Sequence[str], separation: float, n: int = 400, seed: int = 0) -> EvalStats:
+    """Pooled statistics of ``n`` synthetic records: positives score ``separation`` higher."""
+    rng = np.random.default_rng(seed)
+    targets = rng.random((n, len(labels))) < 0.3
+    logits = rng.normal(-1.0, 1.0, (n, len(labels))) + separation * targets
+    return EvalStats.from_predictions(labels, logits, targets.astype(float), np.zeros(n))
+
+
+def fake_run(
+    root: Path,
+    separations: Sequence[float | None],
+    overrides: dict[str, object] | None = None,
+    hospitals: int = 2,
+) -> RunConfig:
+    """A completed simulated run of rounds 0..len-1; round r evaluated at ``separations[r]``.
+
+    A separation of None leaves that round without a pooled evaluation.
+    """
+    config = {"num-rounds": len(separations) - 1, "output-dir": str(root), **(overrides or {})}
+    run = RunConfig.from_run_config(config)
+    model = initial_model(run.model, run.seed)
+    store = RunStore(root)
+    store.start(run.to_run_config(), base_fingerprint(model))
+    generator = torch.Generator().manual_seed(1)
+    state = {k: v.clone() for k, v in shared_state(model).items()}
+    for r, separation in enumerate(separations):
+        if r:
+            state = {
+                k: v + 0.01 * torch.randn(v.shape, generator=generator) for k, v in state.items()
+            }
+        names = [f"hospital-{i}" for i in range(hospitals)]
+        record = RoundRecord(
+            round=r,
+            train_loss=None,
+            eval_loss=None,
+            eval_auroc=None,
+            eval_metrics={},
+            hospitals=[
+                HospitalRound(
+                    hospital=name,
+                    node_id=i,
+                    status="trained" if r else "evaluated",
+                    epsilon=float(r) + i / 10 if r else None,
+                    max_epsilon=8.0,
+                    delta=1e-5 if i == 0 else 1e-6,
+                )
+                for i, name in enumerate(names)
+            ],
+            seconds=1.0,
+        )
+        store.save_round(record, state)
+        if separation is not None:
+            store.save_evaluation(r, round_stats(run.model.labels, separation, seed=r))
+    store.finish("completed", state)
+    (root / "simulation.json").write_text(json.dumps({"hospitals": hospitals}), "utf-8")
+    return run
