@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 if TYPE_CHECKING:
+    from rich.progress import TaskID
+
     from shared_model.inference.bundle import LoadedModel
     from shared_model.inference.predict import Prediction
 
@@ -64,25 +67,44 @@ def _load(bundle: Path, device: str, text_model: str, image_weights: str) -> Loa
         raise _fail(str(err)) from err
 
 
+_PROGRESS_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
+
+
 @contextmanager
-def _progress(total: int, what: str) -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr (a line at the end when stderr is not a terminal)."""
+def _progress(total: int) -> Iterator[Callable[[str, int], None]]:
+    """Progress bars on stderr, one per stage; lines every tenth when not a terminal."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
     console = Console(stderr=True)
+    if not console.is_terminal:  # a log file or a pipe: a line every few seconds
+        done: dict[str, int] = {}
+        last = [time.monotonic()]
+
+        def line(stage: str, n: int) -> None:
+            done[stage] = done.get(stage, 0) + n
+            if time.monotonic() - last[0] >= _PROGRESS_EVERY:
+                last[0] = time.monotonic()
+                typer.echo(f"{stage}: {done[stage]}/{total} records", err=True)
+
+        yield line
+        return
     with Progress(
-        f"[bold]{what}",
+        "[bold]{task.description}",
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
         console=console,
-        disable=not console.is_terminal,
-    ) as bar:
-        task = bar.add_task(what, total=total)
-        yield lambda n: bar.advance(task, n)
-    if not console.is_terminal:
-        console.print(f"{what}: {total} steps done")
+        transient=True,
+    ) as bars:
+        tasks: dict[str, TaskID] = {}
+
+        def advance(stage: str, n: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(stage, total=total)
+            bars.advance(tasks[stage], n)
+
+        yield advance
 
 
 def _manifest_rows(manifest: Path) -> int:
@@ -176,7 +198,7 @@ def predict(
             _show_record(predictions[0], loaded)
     else:
         try:
-            with _progress(2 * total, "predicting") as advance:
+            with _progress(total) as advance:
                 predictions, _report = predict_manifest(loaded, manifest, advance)
         except ManifestError as err:
             raise _manifest_failure(err) from err
@@ -238,7 +260,7 @@ def evaluate(
     total = _manifest_rows(manifest)
     loaded = _load(bundle, device, text_model, image_weights)
     try:
-        with _progress(2 * total, "evaluating") as advance:
+        with _progress(total) as advance:
             run = evaluate_bundle(
                 loaded,
                 manifest,

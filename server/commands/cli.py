@@ -179,7 +179,8 @@ def simulate(
         typer.Option(
             "--out",
             "-o",
-            help="Run directory (default: runs/YYYYmmdd-HHMMSS, in UTC). New or empty, or "
+            help="Run directory (default: runs/YYYYmmdd-HHMMSS, in UTC, with runs/latest "
+            "pointing at it). New or empty, or "
             "holding an unfinished run (killed or failed), which is then resumed.",
         ),
     ] = None,
@@ -208,7 +209,9 @@ def simulate(
     if preset is not None and preset not in PRESETS:
         typer.secho(f"error: --preset {preset!r} is not one of {', '.join(PRESETS)}", err=True)
         raise typer.Exit(2)
-    out = out or Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    if out is None:
+        out = Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+        _point_latest_at(out)
     try:
         overrides = {**PRESETS.get(preset or "", {}), **parse_overrides(run_config or [])}
         result = run_simulation_cli(
@@ -239,6 +242,8 @@ def simulate(
             typer.secho(f"FAILED: {problem}", fg=typer.colors.RED, err=True)
         typer.echo(f"full log: {result.run_dir / 'flwr-run.log'}", err=True)
         raise typer.Exit(1)
+    if (result.run_dir / "global_model.safetensors").exists():
+        typer.echo(f"use the model: fedfusion export {out} --out model (then predict, evaluate)")
 
 
 def audit(
@@ -276,6 +281,15 @@ def audit(
     path = Path(run_dir) / "audit.json"
     path.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
     typer.echo(f"0.5 is a coin toss. Written to {path}")
+
+
+def _point_latest_at(run_dir: Path) -> None:
+    """Make ``runs/latest`` a link to the newest default run directory (atomically)."""
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    link, tmp = run_dir.parent / "latest", run_dir.parent / ".latest.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run_dir.name)
+    tmp.replace(link)
 
 
 def export(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from shared_model.inference.bundle import CARD_FILE, WEIGHTS_FILE, LoadedModel, 
 from shared_model.inference.calibration import fit_temperatures
 from shared_model.inference.metrics import LocalEvaluation, evaluate_predictions
 from shared_model.inference.plots import write_reliability_diagram, write_roc_curves
-from shared_model.inference.predict import read_records
+from shared_model.inference.predict import Progress, read_records
 from shared_model.inference.report import render_report
 
 __all__ = ["EvaluationRun", "evaluate_bundle"]
@@ -63,7 +62,7 @@ def evaluate_bundle(
     bootstrap: int = 1000,
     seed: int = 0,
     recalibrate: bool = False,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> EvaluationRun:
     """Evaluate ``loaded`` on ``manifest``'s labelled records; write the results to ``out``.
 
@@ -72,7 +71,9 @@ def evaluate_bundle(
     """
     bundle = loaded.bundle
     records, load, _rows = read_records(loaded, manifest, with_labels=True, progress=progress)
-    logits = loaded.logits(records, progress)
+    logits = loaded.logits(
+        records, None if progress is None else lambda n: progress("predicting", n)
+    )
     targets = records.labels.numpy().astype(np.float64)
     evaluation = evaluate_predictions(
         bundle.labels,

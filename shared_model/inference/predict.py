@@ -25,7 +25,10 @@ from shared_model.data import (
 )
 from shared_model.inference.bundle import LoadedModel
 
-__all__ = ["Prediction", "predict_manifest", "predict_record", "read_records"]
+__all__ = ["Prediction", "Progress", "predict_manifest", "predict_record", "read_records"]
+
+# progress(stage, n): n more records done in stage "reading" (decoding) or "predicting"
+Progress = Callable[[str, int], None]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,7 +53,7 @@ def read_records(
     manifest: Path,
     *,
     with_labels: bool,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[FusionTensors, LoadReport, list[dict[str, str]]]:
     """Every usable row of ``manifest`` as the model reads it, the load report, the raw rows.
 
@@ -67,7 +70,7 @@ def read_records(
         strict=False,
         limits=DataLimits(),
         for_training=with_labels,
-        progress=None if progress is None else lambda: progress(1),
+        progress=None if progress is None else lambda: progress("reading", 1),
     )
     rows = read_manifest_rows(Path(manifest).expanduser().resolve(), ("image", "report"))
     return records, report, rows
@@ -87,14 +90,11 @@ def _results(
 def predict_manifest(
     loaded: LoadedModel,
     manifest: Path,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[list[Prediction], LoadReport]:
-    """A prediction for every row of ``manifest``, in its order; bad rows carry their error.
-
-    ``progress(n)`` is told of each row read and of each batch of n records predicted.
-    """
+    """A prediction for every row of ``manifest``, in its order; bad rows carry their error."""
     records, report, rows = read_records(loaded, manifest, with_labels=False, progress=progress)
-    logits = loaded.logits(records, progress)
+    logits = loaded.logits(records, _stage(progress, "predicting"))
     probabilities, decisions = _results(loaded, logits)
     errors = {e.row: e.reason for e in report.errors}
     out, used = [], iter(range(len(records)))
@@ -136,3 +136,8 @@ def predict_record(loaded: LoadedModel, image: Path | None, text: str) -> Predic
         probabilities=probabilities[0],
         decisions=decisions[0],
     )
+
+
+def _stage(progress: Progress | None, stage: str) -> Callable[[int], None] | None:
+    """``progress`` bound to one stage (None stays None)."""
+    return None if progress is None else lambda n: progress(stage, n)
