@@ -28,7 +28,7 @@ from __future__ import annotations
 import csv
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +44,7 @@ __all__ = [
     "FusionTensors",
     "LoadReport",
     "ManifestError",
+    "ManifestReader",
     "RowError",
     "decode_image",
     "labels_to_multi_hot",
@@ -365,17 +366,93 @@ def load_manifest(
     applied to records): the labels column may be absent, and a repeated row or image
     is allowed. ``progress`` is called once per row read.
     """
-    manifest = Path(manifest).expanduser().resolve()
-    required = REQUIRED_COLUMNS if for_training else ("image", "report")
-    rows = read_manifest_rows(manifest, required)
-    report = LoadReport(manifest=str(manifest), rows_total=len(rows))
-    images, texts, has_image, labels, patients = [], [], [], [], []
-    seen_rows: dict[tuple[tuple[str, str], ...], int] = {}
-    seen_images: dict[Path, int] = {}
-    for n, row in enumerate(rows, start=1):
+    reader = ManifestReader(
+        manifest,
+        label_set,
+        tokenizer,
+        image_size,
+        strict=strict,
+        decode=decode,
+        limits=limits,
+        for_training=for_training,
+    )
+    parts = list(reader.chunks(progress=progress))
+    records = FusionTensors(
+        torch.cat([p.images for p in parts]),
+        torch.cat([p.report_ids for p in parts]),
+        torch.cat([p.present for p in parts]),
+        torch.cat([p.labels for p in parts]),
+        [pid for p in parts for pid in p.patient_ids or []],
+    )
+    return records, reader.report
+
+
+class ManifestReader:
+    """Reads a manifest's rows in chunks (:func:`load_manifest` reads them all at once).
+
+    A model applied to a long manifest holds one chunk of decoded images at a time.
+    Repeated rows and images are found across chunks. :attr:`report` grows as the rows
+    are read; the arguments are those of :func:`load_manifest`.
+    """
+
+    def __init__(
+        self,
+        manifest: str | Path,
+        label_set: Sequence[str],
+        tokenizer: Tokenizer,
+        image_size: int,
+        *,
+        strict: bool = True,
+        decode: Decode | None = None,
+        limits: DataLimits = DataLimits(),
+        for_training: bool = True,
+    ) -> None:
+        self.manifest = Path(manifest).expanduser().resolve()
+        required = REQUIRED_COLUMNS if for_training else ("image", "report")
+        self.rows = read_manifest_rows(self.manifest, required)
+        self.report = LoadReport(manifest=str(self.manifest), rows_total=len(self.rows))
+        self._labels, self._tokenizer, self._size = tuple(label_set), tokenizer, image_size
+        self._strict, self._decode, self._limits = strict, decode or decode_image, limits
+        self._for_training = for_training
+        self._seen_rows: dict[tuple[tuple[str, str], ...], int] = {}
+        self._seen_images: dict[Path, int] = {}
+
+    def chunks(
+        self, chunk_rows: int | None = None, progress: Callable[[], None] | None = None
+    ) -> Iterator[FusionTensors]:
+        """The usable records, ``chunk_rows`` at a time (None: all in one).
+
+        ManifestError (with the report) at the end when no row at all was usable.
+        """
+        batch: list[tuple[torch.Tensor, str, bool, np.ndarray, str]] = []
+        for n, row in enumerate(self.rows, start=1):
+            try:
+                record = self._read(n, row)
+            finally:
+                if progress is not None:
+                    progress()
+            if record is None:
+                continue
+            batch.append(record)
+            if chunk_rows is not None and len(batch) >= chunk_rows:
+                yield self._tensors(batch)
+                batch = []
+        if batch:
+            yield self._tensors(batch)
+        elif not self.report.rows_ok:
+            raise ManifestError(
+                f"manifest {self.manifest}: no usable records ({self.report.rows_bad} bad)",
+                self.report,
+            )
+
+    def _read(
+        self, n: int, row: dict[str, str]
+    ) -> tuple[torch.Tensor, str, bool, np.ndarray, str] | None:
+        """Row ``n`` as (image, text, has image, multi-hot, patient), or None if refused."""
+        limits = self._limits
         try:
             fields = _row_texts(row)  # every column, not only the ones read below
-            path = _row_image_path(manifest.parent, fields.get("image", ""))
+            path = _row_image_path(self.manifest.parent, fields.get("image", ""))
             text = fields.get("report", "")
             if len(text) > limits.max_report_chars:
                 raise ValueError(
@@ -385,50 +462,47 @@ def load_manifest(
             if path is None and not text:
                 raise ValueError("row has neither an image nor a report")
             names = [s.strip() for s in fields.get("labels", "").split("|") if s.strip()]
-            multi_hot = labels_to_multi_hot(names, label_set)
+            multi_hot = labels_to_multi_hot(names, self._labels)
             same = tuple(sorted((k or "", v or "") for k, v in row.items() if k is not None))
-            if same in seen_rows and for_training:
+            if same in self._seen_rows and self._for_training:
                 raise ValueError(
-                    f"repeats row {seen_rows[same]} (counted twice, a record "
+                    f"repeats row {self._seen_rows[same]} (counted twice, a record "
                     "would get half its privacy guarantee)"
                 )
-            if path is not None and path in seen_images and for_training:
-                raise ValueError(f"uses the same image file as row {seen_images[path]}")
+            if path is not None and path in self._seen_images and self._for_training:
+                raise ValueError(f"uses the same image file as row {self._seen_images[path]}")
             if path is None:
-                image = torch.zeros(1, image_size, image_size)
+                image = torch.zeros(1, self._size, self._size)
             else:
-                image = (decode or decode_image)(path, image_size, limits.max_pixels)
-            seen_rows[same] = n
+                image = self._decode(path, self._size, limits.max_pixels)
+            self._seen_rows[same] = n
             if path is not None:
-                seen_images[path] = n
+                self._seen_images[path] = n
         except ValueError as err:
             shown = (row.get("image") or "-").encode("utf-8", "backslashreplace").decode()
             error = RowError(row=n, file=shown, reason=str(err))
-            if strict:
-                raise ManifestError(f"manifest {manifest}, {error}") from err
-            report.errors.append(error)
-            continue
-        finally:
-            if progress is not None:
-                progress()
-        images.append(image)
-        texts.append(text)
-        has_image.append(path is not None)
-        labels.append(multi_hot)
-        patients.append(fields.get("patient_id") or f"row-{n}")
-        report.missing_image += path is None
-        report.missing_report += not text
-    if not images:
-        raise ManifestError(
-            f"manifest {manifest}: no usable records ({report.rows_bad} bad)", report
+            if self._strict:
+                raise ManifestError(f"manifest {self.manifest}, {error}") from err
+            self.report.errors.append(error)
+            return None
+        self.report.rows_ok += 1
+        self.report.missing_image += path is None
+        self.report.missing_report += not text
+        return image, text, path is not None, multi_hot, fields.get("patient_id") or f"row-{n}"
+
+    def _tensors(
+        self, batch: list[tuple[torch.Tensor, str, bool, np.ndarray, str]]
+    ) -> FusionTensors:
+        images, texts, has_image, labels, patients = zip(*batch, strict=True)
+        report_ids, has_report = self._tokenizer.encode(list(texts))
+        present = torch.stack([torch.tensor(has_image, dtype=torch.float32), has_report.float()], 1)
+        return FusionTensors(
+            torch.stack(images),
+            report_ids,
+            present,
+            torch.from_numpy(np.stack(labels)),
+            list(patients),
         )
-    report.rows_ok = len(images)
-    report_ids, has_report = tokenizer.encode(texts)
-    present = torch.stack([torch.tensor(has_image, dtype=torch.float32), has_report.float()], 1)
-    data = FusionTensors(
-        torch.stack(images), report_ids, present, torch.from_numpy(np.stack(labels)), patients
-    )
-    return data, report
 
 
 def _row_image_path(root: Path, rel: str) -> Path | None:

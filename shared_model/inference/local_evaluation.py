@@ -20,7 +20,7 @@ from shared_model.inference.bundle import CARD_FILE, WEIGHTS_FILE, LoadedModel, 
 from shared_model.inference.calibration import fit_temperatures
 from shared_model.inference.metrics import LocalEvaluation, evaluate_predictions
 from shared_model.inference.plots import write_reliability_diagram, write_roc_curves
-from shared_model.inference.predict import Progress, read_records
+from shared_model.inference.predict import Progress, manifest_outputs
 from shared_model.inference.report import render_report
 
 __all__ = ["EvaluationRun", "evaluate_bundle"]
@@ -70,11 +70,8 @@ def evaluate_bundle(
     and the JSON. ManifestError when no row is usable.
     """
     bundle = loaded.bundle
-    records, load, _rows = read_records(loaded, manifest, with_labels=True, progress=progress)
-    logits = loaded.logits(
-        records, None if progress is None else lambda n: progress("predicting", n)
-    )
-    targets = records.labels.numpy().astype(np.float64)
+    outputs = manifest_outputs(loaded, manifest, with_labels=True, progress=progress)
+    logits, targets, load = outputs.logits, outputs.targets, outputs.report
     evaluation = evaluate_predictions(
         bundle.labels,
         logits,

@@ -15,17 +15,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared_model.data import (
-    DataLimits,
-    FusionTensors,
-    LoadReport,
-    decode_image,
-    load_manifest,
-    read_manifest_rows,
-)
+from shared_model.data import FusionTensors, LoadReport, ManifestReader, decode_image
 from shared_model.inference.bundle import LoadedModel
 
-__all__ = ["Prediction", "Progress", "predict_manifest", "predict_record", "read_records"]
+__all__ = [
+    "ManifestOutputs",
+    "Prediction",
+    "Progress",
+    "manifest_outputs",
+    "predict_manifest",
+    "predict_record",
+]
 
 # progress(stage, n): n more records done in stage "reading" (decoding) or "predicting"
 Progress = Callable[[str, int], None]
@@ -48,32 +48,53 @@ class Prediction:
         return [k for k, v in (self.decisions or {}).items() if v]
 
 
-def read_records(
+# Records decoded and held at once: a long manifest never sits in memory whole.
+CHUNK_ROWS = 1024
+
+
+@dataclass(frozen=True, kw_only=True)
+class ManifestOutputs:
+    """The model's logits for a manifest's usable rows, their labels, and what was refused."""
+
+    logits: np.ndarray  # (n, K), the usable rows in manifest order
+    targets: np.ndarray  # (n, K) multi-hot (zeros where the manifest has no labels)
+    report: LoadReport
+    rows: list[dict[str, str]]  # every manifest row, as text
+
+
+def manifest_outputs(
     loaded: LoadedModel,
     manifest: Path,
     *,
     with_labels: bool,
     progress: Progress | None = None,
-) -> tuple[FusionTensors, LoadReport, list[dict[str, str]]]:
-    """Every usable row of ``manifest`` as the model reads it, the load report, the raw rows.
+) -> ManifestOutputs:
+    """The model's outputs for every usable row of ``manifest``, read in chunks.
 
     Bad rows are listed in the report (never dropped silently). ``with_labels``: the
     labels column is required and a repeated row or image refused (an evaluation would
-    count it twice).
+    count it twice). ManifestError when the manifest or every row is unusable.
     """
     cfg = loaded.bundle.model
-    records, report = load_manifest(
+    reader = ManifestReader(
         manifest,
         cfg.labels,
         loaded.tokenizer,
         cfg.image_size,
         strict=False,
-        limits=DataLimits(),
         for_training=with_labels,
-        progress=None if progress is None else lambda: progress("reading", 1),
     )
-    rows = read_manifest_rows(Path(manifest).expanduser().resolve(), ("image", "report"))
-    return records, report, rows
+    read = None if progress is None else lambda: progress("reading", 1)
+    logits, targets = [], []
+    for chunk in reader.chunks(CHUNK_ROWS, progress=read):
+        logits.append(loaded.logits(chunk, _stage(progress, "predicting")))
+        targets.append(chunk.labels.numpy().astype(np.float64))
+    return ManifestOutputs(
+        logits=np.concatenate(logits),
+        targets=np.concatenate(targets),
+        report=reader.report,
+        rows=reader.rows,
+    )
 
 
 def _results(
@@ -93,23 +114,24 @@ def predict_manifest(
     progress: Progress | None = None,
 ) -> tuple[list[Prediction], LoadReport]:
     """A prediction for every row of ``manifest``, in its order; bad rows carry their error."""
-    records, report, rows = read_records(loaded, manifest, with_labels=False, progress=progress)
-    logits = loaded.logits(records, _stage(progress, "predicting"))
-    probabilities, decisions = _results(loaded, logits)
-    errors = {e.row: e.reason for e in report.errors}
-    out, used = [], iter(range(len(records)))
-    for n, row in enumerate(rows, start=1):
+    out = manifest_outputs(loaded, manifest, with_labels=False, progress=progress)
+    probabilities, decisions = _results(loaded, out.logits)
+    errors = {e.row: e.reason for e in out.report.errors}
+    results, used = [], iter(range(len(out.logits)))
+    for n, row in enumerate(out.rows, start=1):
         common = {
             "row": n,
             "image": row.get("image") or "",
             "patient_id": row.get("patient_id") or "",
         }
         if n in errors:
-            out.append(Prediction(**common, probabilities=None, decisions=None, error=errors[n]))
+            results.append(
+                Prediction(**common, probabilities=None, decisions=None, error=errors[n])
+            )
             continue
         i = next(used)
-        out.append(Prediction(**common, probabilities=probabilities[i], decisions=decisions[i]))
-    return out, report
+        results.append(Prediction(**common, probabilities=probabilities[i], decisions=decisions[i]))
+    return results, out.report
 
 
 def predict_record(loaded: LoadedModel, image: Path | None, text: str) -> Prediction:

@@ -111,6 +111,27 @@ def test_predict_reproduces_the_training_codes_outputs(bundle_dir, site):
     )
 
 
+def test_a_manifest_read_in_chunks_gives_the_same_predictions(bundle_dir, site, monkeypatch):
+    loaded = load_bundle(bundle_dir).load_model()
+    whole, _ = predict_manifest(loaded, site / "site.csv")
+    monkeypatch.setattr("shared_model.inference.predict.CHUNK_ROWS", 3)
+    chunked, _ = predict_manifest(loaded, site / "site.csv")
+    matrix = [[p.probabilities[x] for x in LABELS] for p in whole]
+    assert np.allclose([[p.probabilities[x] for x in LABELS] for p in chunked], matrix, atol=1e-6)
+
+
+def test_a_repeated_record_is_refused_across_chunks(bundle_dir, site, monkeypatch):
+    """An evaluation would count it twice, whichever chunk it falls in."""
+    from shared_model.inference.predict import manifest_outputs
+
+    rows = list(csv.DictReader((site / "site.csv").open()))[:5]
+    manifest = write_csv(site / "repeat.csv", [*rows, rows[0]])
+    monkeypatch.setattr("shared_model.inference.predict.CHUNK_ROWS", 2)
+    out = manifest_outputs(load_bundle(bundle_dir).load_model(), manifest, with_labels=True)
+    assert [(e.row, e.reason.split(" (")[0]) for e in out.report.errors] == [(6, "repeats row 1")]
+    assert len(out.logits) == 5
+
+
 def test_one_record_gives_the_same_answer_as_its_manifest_row(bundle_dir, site):
     loaded = load_bundle(bundle_dir).load_model()
     rows, _ = predict_manifest(loaded, site / "site.csv")
