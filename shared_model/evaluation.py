@@ -2,10 +2,12 @@
 
 Every figure the server reports is computed from statistics that add up across
 hospitals: per label, histograms of the predicted scores of the positive and of the
-negative examples over fixed public bins, plus the example count, the loss sum and the
-count of exact matches. Inside secure aggregation the server unmasks only the sum of
-these vectors, never one hospital's, and derives global AUROC, ROC curves, accuracy,
-precision, recall and F1 from it (:meth:`EvalStats.metrics`).
+negative examples over fixed public bins, plus the example count, the loss sum, the
+count of exact matches and the count of hospitals (1 from each hospital with held-out
+records), so that the sum says how many hospitals it pools. Inside secure aggregation
+the server unmasks only the sum of these vectors, never one hospital's, and derives
+global AUROC, ROC curves, accuracy, precision, recall and F1 from it
+(:meth:`EvalStats.metrics`).
 
 The bins are uniform in logit space, 0.1 wide from -10 to 10 (scores from 4.5e-5 to
 0.99995; scores beyond fall in the end bins). AUROC from the histogram counts pairs in
@@ -31,7 +33,8 @@ SCORE_EDGES = np.linspace(-_LOGIT_RANGE, _LOGIT_RANGE, SCORE_BINS + 1)
 # Per-example held-out losses are clipped to this before summing, which bounds the sum
 # (secure aggregation needs a bound on every value); an honest loss never comes close.
 EVAL_LOSS_CLIP = 20.0
-_HEADER = 3  # examples, loss sum, exact matches
+_HEADER = 4  # examples, loss sum, exact matches, hospitals
+_LEGACY_HEADER = 3  # statistics saved before the hospital count was summed
 
 
 def score_bins(logits: np.ndarray) -> np.ndarray:
@@ -50,6 +53,7 @@ class EvalStats:
     exact_matches: float
     positives: np.ndarray  # (labels, SCORE_BINS): count of positive examples per score bin
     negatives: np.ndarray  # (labels, SCORE_BINS): count of negative examples per score bin
+    hospitals: float = 0.0  # hospitals whose records are in the sum (NaN: not recorded)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -83,6 +87,7 @@ class EvalStats:
             exact_matches=float(exact),
             positives=positives,
             negatives=negatives,
+            hospitals=1.0 if len(logits) else 0.0,
         )
 
     @classmethod
@@ -105,23 +110,28 @@ class EvalStats:
 
     def to_vector(self) -> np.ndarray:
         """The statistics as one float64 vector: what is summed across hospitals."""
-        header = np.array([self.examples, self.loss_sum, self.exact_matches])
+        header = np.array([self.examples, self.loss_sum, self.exact_matches, self.hospitals])
         return np.concatenate([header, self.positives.ravel(), self.negatives.ravel()])
 
     @classmethod
     def from_vector(cls, labels: Sequence[str], vector: np.ndarray) -> EvalStats:
-        """Inverse of :meth:`to_vector`; ValueError if the length does not fit ``labels``."""
+        """Inverse of :meth:`to_vector`; ValueError if the length does not fit ``labels``.
+
+        A vector saved before the hospital count was summed (one value shorter) reads
+        with ``hospitals`` NaN: not recorded.
+        """
         k = len(labels)
         vector = np.asarray(vector, dtype=np.float64).ravel()
-        if vector.size != cls.vector_size(k):
+        header = _HEADER if vector.size == cls.vector_size(k) else _LEGACY_HEADER
+        if vector.size != header + 2 * k * SCORE_BINS:
             raise ValueError(
                 f"evaluation statistics of {vector.size} values, expected "
                 f"{cls.vector_size(k)} for {k} labels"
             )
         if not np.isfinite(vector).all() or (vector < 0).any():
             raise ValueError("evaluation statistics must be finite and non-negative")
-        hist = vector[_HEADER:].reshape(2, k, SCORE_BINS)
-        examples, loss_sum, exact_matches = map(float, vector[:_HEADER])
+        hist = vector[header:].reshape(2, k, SCORE_BINS)
+        examples, loss_sum, exact_matches = map(float, vector[:_LEGACY_HEADER])
         return cls(
             labels=tuple(labels),
             examples=examples,
@@ -129,6 +139,7 @@ class EvalStats:
             exact_matches=exact_matches,
             positives=hist[0].copy(),
             negatives=hist[1].copy(),
+            hospitals=float(vector[3]) if header == _HEADER else math.nan,
         )
 
     def __add__(self, other: EvalStats) -> EvalStats:
@@ -141,6 +152,7 @@ class EvalStats:
             exact_matches=self.exact_matches + other.exact_matches,
             positives=self.positives + other.positives,
             negatives=self.negatives + other.negatives,
+            hospitals=self.hospitals + other.hospitals,
         )
 
     def rounded(self) -> EvalStats:
@@ -152,6 +164,7 @@ class EvalStats:
             exact_matches=float(round(self.exact_matches)),
             positives=np.maximum(np.round(self.positives), 0.0),
             negatives=np.maximum(np.round(self.negatives), 0.0),
+            hospitals=float(round(self.hospitals)) if math.isfinite(self.hospitals) else math.nan,
         )
 
     # ------------------------------------------------------------------ figures

@@ -252,8 +252,13 @@ def _load_hf_encoder(path: Path) -> nn.Module:
         )
     hf_logging.disable_progress_bar()
     try:
-        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-        model = AutoModel.from_pretrained(str(path), config=config, local_files_only=True)
+        # never the folder's own Python code (a config's auto_map): weights and config only
+        config = AutoConfig.from_pretrained(
+            str(path), local_files_only=True, trust_remote_code=False
+        )
+        model = AutoModel.from_pretrained(
+            str(path), config=config, local_files_only=True, trust_remote_code=False
+        )
     except Exception as err:  # unreadable or incomplete folder: say which, and why
         raise ConfigError(
             f"model.text-model: cannot load {path}: {type(err).__name__}: {err}"

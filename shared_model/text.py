@@ -188,7 +188,9 @@ class PretrainedTokenizer:
         from transformers import AutoTokenizer
 
         try:
-            self._tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            self._tok = AutoTokenizer.from_pretrained(
+                str(folder), local_files_only=True, trust_remote_code=False
+            )
         except Exception as err:  # no tokenizer files, or unreadable ones
             raise ConfigError(
                 f"model.text-model: cannot load a tokenizer from {folder}: "

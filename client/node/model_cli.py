@@ -18,7 +18,7 @@ import typer
 if TYPE_CHECKING:
     from rich.progress import TaskID
 
-    from shared_model.inference.bundle import LoadedModel
+    from shared_model.inference.loaded import LoadedModel
     from shared_model.inference.predict import Prediction
 
 __all__ = ["register"]
@@ -38,6 +38,10 @@ _TEXT_MODEL = typer.Option(
 _IMAGE_WEIGHTS = typer.Option(
     help="Where this machine keeps the pretrained image weights, if not where the bundle says."
 )
+_EXPECT = typer.Option(
+    help="Refuse the bundle unless its digest starts with this (the digest `fedfusion "
+    "export` printed, at least 16 characters)."
+)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -53,18 +57,32 @@ def _manifest_failure(err: Exception) -> typer.Exit:
     return _fail(str(err))
 
 
-def _load(bundle: Path, device: str, text_model: str, image_weights: str) -> LoadedModel:
+def _load(
+    bundle: Path, device: str, text_model: str, image_weights: str, expect: str
+) -> LoadedModel:
     from client.app.site import resolve_device
     from shared_model.config import ConfigError
     from shared_model.inference.bundle import BundleError, load_bundle
 
     try:
         where = str(resolve_device(device))
-        return load_bundle(bundle).load_model(
-            text_model=text_model, image_weights=image_weights, device=where
-        )
+        found = load_bundle(bundle)
+        if expect and (len(expect) < 16 or not found.digest.startswith(expect.lower())):
+            raise BundleError(
+                f"{bundle}: digest {found.digest} is not the expected {expect} (give at least "
+                "16 characters): this is not the bundle the coordinator announced"
+            )
+        loaded = found.load_model(text_model=text_model, image_weights=image_weights, device=where)
     except (BundleError, ConfigError) as err:
         raise _fail(str(err)) from err
+    typer.echo(f"bundle {loaded.bundle.describe()}, digest {found.digest[:16]}", err=True)
+    if not found.shareable:
+        typer.secho(
+            "note: this bundle is recalibrated on one hospital's records: keep it there",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    return loaded
 
 
 _PROGRESS_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
@@ -117,6 +135,8 @@ def _manifest_rows(manifest: Path) -> int:
 
 
 def _write_predictions(predictions: list[Prediction], labels: tuple[str, ...], out: Path) -> None:
+    """Write the results, readable by their owner only (they name patients)."""
+    out.touch(mode=0o600)
     suffix = out.suffix.lower()
     if suffix == ".json":
         rows = [
@@ -171,6 +191,7 @@ def predict(
     device: Annotated[str, _DEVICE] = "cpu",
     text_model: Annotated[str, _TEXT_MODEL] = "",
     image_weights: Annotated[str, _IMAGE_WEIGHTS] = "",
+    expect_digest: Annotated[str, _EXPECT] = "",
 ) -> None:
     """Apply a model bundle to one record (--image, --text) or to a manifest (--manifest).
 
@@ -187,7 +208,7 @@ def predict(
     if out is not None and out.suffix.lower() not in {".csv", ".json"}:
         raise _fail(f"--out {out}: use a .csv or .json file name")
     total = _manifest_rows(manifest) if manifest is not None else 0
-    loaded = _load(bundle, device, text_model, image_weights)
+    loaded = _load(bundle, device, text_model, image_weights, expect_digest)
     labels = loaded.bundle.labels
     if manifest is None:
         try:
@@ -245,6 +266,7 @@ def evaluate(
     device: Annotated[str, _DEVICE] = "cpu",
     text_model: Annotated[str, _TEXT_MODEL] = "",
     image_weights: Annotated[str, _IMAGE_WEIGHTS] = "",
+    expect_digest: Annotated[str, _EXPECT] = "",
 ) -> None:
     """Evaluate a model bundle on this hospital's own labelled records; nothing leaves.
 
@@ -258,7 +280,7 @@ def evaluate(
     from shared_model.inference.local_evaluation import evaluate_bundle
 
     total = _manifest_rows(manifest)
-    loaded = _load(bundle, device, text_model, image_weights)
+    loaded = _load(bundle, device, text_model, image_weights, expect_digest)
     try:
         with _progress(total) as advance:
             run = evaluate_bundle(
@@ -290,7 +312,12 @@ def evaluate(
     )
     typer.echo(f"report: {run.out / 'report.md'}")
     if run.recalibrated is not None:
-        typer.echo(f"recalibrated bundle (this hospital only): {run.recalibrated}")
+        typer.echo(f"recalibrated bundle: {run.recalibrated}")
+        typer.secho(
+            "  for this hospital only, do not share: its calibration is fitted on your "
+            "records without differential privacy",
+            fg=typer.colors.YELLOW,
+        )
     if run.rows_refused:
         for r in run.rows_refused:
             typer.secho(

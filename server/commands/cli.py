@@ -307,6 +307,14 @@ def export(
     operating_point: Annotated[
         str, typer.Option(help="Decision thresholds: youden, sensitivity=0.9, ...")
     ] = "youden",
+    min_hospitals: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Publish pooled figures and thresholds only from at least this many "
+            "hospitals' held-out statistics (with two, each could subtract its own).",
+        ),
+    ] = 3,
 ) -> None:
     """Export a trained model as a bundle a hospital can use: weights, settings, model card.
 
@@ -315,18 +323,20 @@ def export(
     the federation's pooled held-out statistics (youden: maximise sensitivity +
     specificity - 1; or sensitivity=X, specificity=X, probability=X), and MODEL_CARD.md.
     Frozen pretrained parts are named by their SHA-256, checked when the bundle loads.
+    Prints the bundle's digest: hospitals can check it with --expect-digest.
     """
     from server.commands.export import export_run
     from shared_model.config import ConfigError
     from shared_model.inference.bundle import BundleError, load_bundle
 
     try:
-        bundle = load_bundle(export_run(run_dir, out, round_, operating_point))
+        bundle = load_bundle(export_run(run_dir, out, round_, operating_point, min_hospitals))
     except (BundleError, ConfigError, ValueError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from err
     decision = bundle.info["decision"]
     typer.echo(f"exported {bundle.describe()}")
+    typer.echo(f"  digest: {bundle.digest}")
     metric = bundle.info["source"]["selection-metric"]
     if metric.get("value") is not None:
         typer.echo(f"  {metric['name']} ({metric['split']} split): {metric['value']:.3f}")

@@ -29,7 +29,12 @@ from shared_model.evaluation import EvalStats
 from shared_model.inference.bundle import BundleError, model_settings, write_bundle
 from shared_model.inference.operating_points import choose_thresholds, pooled_figures
 
-__all__ = ["RunFacts", "export_run", "read_run"]
+__all__ = ["MIN_POOLED_HOSPITALS", "RunFacts", "export_run", "pooled_enough", "read_run"]
+
+# Pooled figures and thresholds are published only from the sum of at least this many
+# hospitals: with two, a hospital receiving the bundle subtracts its own statistics and
+# reads the other's.
+MIN_POOLED_HOSPITALS = 3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,7 +109,7 @@ def choose_round(facts: RunFacts, which: str) -> ChosenRound:
     root, checkpoints = facts.root, facts.root / "checkpoints"
     if which == "best":
         best = _read_json(root / BEST_FILE, required=False)
-        if best and (root / BEST_MODEL).exists():
+        if best and (root / BEST_MODEL).exists() and _round_of(root / BEST_MODEL) == best["round"]:
             weights = _load_weights(root / BEST_MODEL, best["round"])
             return ChosenRound(int(best["round"]), "best", weights, best.get("value"))
         recorded = {int(r["round"]) for r in facts.rounds}
@@ -133,6 +138,31 @@ def choose_round(facts: RunFacts, which: str) -> ChosenRound:
         shown = f"{min(done)}-{max(done)}" if done else "none"
         raise BundleError(f"{root} has no model of round {server_round} (rounds kept: {shown})")
     return ChosenRound(server_round, how, _load_weights(path, server_round))
+
+
+def _round_of(path: Path) -> int | None:
+    """The round a model file says it holds (its safetensors metadata), if it says."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as handle:
+            return int((handle.metadata() or {}).get("round", ""))
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
+def pooled_enough(stats: EvalStats | None, minimum: int) -> str:
+    """Why ``stats`` may not be published (fewer than ``minimum`` hospitals); "" if they may."""
+    if stats is None or stats.examples <= 0:
+        return "no pooled held-out statistics reached the coordinator"
+    if math.isnan(stats.hospitals):
+        return "the run did not record how many hospitals its held-out statistics pool"
+    if stats.hospitals < minimum:
+        return (
+            f"the held-out statistics pool {int(stats.hospitals)} hospital(s), fewer than "
+            f"the {minimum} needed to publish pooled figures"
+        )
+    return ""
 
 
 def _frozen_parts(run: RunConfig) -> list[dict[str, str]]:
@@ -166,7 +196,9 @@ def _frozen_parts(run: RunConfig) -> list[dict[str, str]]:
     return parts
 
 
-def bundle_info(facts: RunFacts, chosen: ChosenRound, rule: str) -> dict[str, Any]:
+def bundle_info(
+    facts: RunFacts, chosen: ChosenRound, rule: str, min_hospitals: int = MIN_POOLED_HOSPITALS
+) -> dict[str, Any]:
     """bundle.json for the chosen round's model (all but the weights' hash)."""
     from shared_model.text import tokenizer_identity
     from shared_model.weights import base_fingerprint, initial_model, load_shared_state
@@ -186,8 +218,8 @@ def bundle_info(facts: RunFacts, chosen: ChosenRound, rule: str) -> dict[str, An
         )
     stats = facts.stats(server_round)
     k = len(run.model.labels)
-    if stats is None or stats.examples <= 0:
-        thresholds, notes = [0.0] * k, ["no pooled held-out statistics: thresholds at 0.5"]
+    if why := pooled_enough(stats, min_hospitals):
+        thresholds, notes = [0.0] * k, [f"{why}: thresholds at probability 0.5"]
         rule = "probability=0.5"
     else:
         picked, notes = choose_thresholds(stats, rule)
@@ -199,6 +231,7 @@ def bundle_info(facts: RunFacts, chosen: ChosenRound, rule: str) -> dict[str, An
             "run": facts.root.resolve().name,
             "round": server_round,
             "selection": chosen.selection,
+            "pooled-hospitals": None if stats is None else _count(stats.hospitals),
             "rounds-completed": max((int(r["round"]) for r in facts.rounds), default=0),
             "selection-metric": {
                 "name": "pooled held-out macro AUROC",
@@ -232,14 +265,28 @@ def bundle_info(facts: RunFacts, chosen: ChosenRound, rule: str) -> dict[str, An
     }
 
 
-def export_run(run_dir: Path, out: Path, which: str = "best", rule: str = "youden") -> Path:
-    """Write the bundle of ``run_dir``'s round ``which`` to ``out``; returns ``out``."""
+def _count(value: float) -> int | None:
+    return None if math.isnan(value) else int(value)
+
+
+def export_run(
+    run_dir: Path,
+    out: Path,
+    which: str = "best",
+    rule: str = "youden",
+    min_hospitals: int = MIN_POOLED_HOSPITALS,
+) -> Path:
+    """Write the bundle of ``run_dir``'s round ``which`` to ``out``; returns ``out``.
+
+    Thresholds and the card's figures come from the round's pooled held-out statistics
+    only when they pool at least ``min_hospitals`` hospitals.
+    """
     facts = read_run(run_dir)
     chosen = choose_round(facts, which)
-    info = bundle_info(facts, chosen, rule)
+    info = bundle_info(facts, chosen, rule, min_hospitals)
     stats = facts.stats(chosen.round)
     figures = None
-    if stats is not None and stats.examples > 0:
+    if stats is not None and not pooled_enough(stats, min_hospitals):
         figures = pooled_figures(stats, np.asarray(info["decision"]["threshold-logits"]))
     card = render_model_card(facts, info, figures, Path(out).name)
     return write_bundle(out, info, chosen.weights, card)

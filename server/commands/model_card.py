@@ -75,22 +75,30 @@ def _evaluation_section(
     source = info["source"]
     split = facts.run.data.holdout
     if figures is None:
+        why = "; ".join(info["decision"]["notes"]) or "no pooled held-out statistics"
         return [
             "## Evaluation",
             "",
-            "The hospitals kept their held-out evaluations (none reached the coordinator): "
-            "evaluate the model on your own records with `fedfusion evaluate`.",
+            f"No pooled figures are published for this round ({why}); the decision "
+            "thresholds are at probability 0.5. Evaluate the model on your own records with "
+            "`fedfusion evaluate`.",
         ]
     per_label, (macro, low, high) = figures
     n = per_label[0].positives + per_label[0].negatives if per_label else 0
+    summed = (
+        "summed inside secure aggregation"
+        if facts.run.secagg.enabled
+        else "each sent by its hospital in the clear (its own choice) and summed by the server"
+    )
     lines = [
         "## Evaluation",
         "",
         f"On the pooled held-out {'test' if split == 'test' else 'validation'} records of "
-        f"the hospitals that took part ({n:,} records; each hospital split its own records "
-        "by patient and never trained on these), from the score histograms that secure "
-        "aggregation summed. 95% confidence intervals: stratified bootstrap over the "
-        "histograms.",
+        f"{source['pooled-hospitals']} hospitals ({n:,} records; each hospital split its own "
+        "records by patient and never trained on these), from their score histograms, "
+        f"{summed}. 95% confidence intervals: stratified bootstrap over the histograms. "
+        "These figures and the thresholds are computed from held-out records, which "
+        "differential privacy does not cover.",
         "",
         f"**Macro AUROC {_f(macro)} (95% CI {_f(low)}-{_f(high)})** "
         "(labels resampled independently: the histograms do not keep which records "

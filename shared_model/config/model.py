@@ -76,7 +76,7 @@ class ModelConfig:
         "rest under DP. Frozen weights never cross the network.",
         choices=ENCODER_MODES,
     )
-    lora_rank: int = _opt(8, "Rank r of the LoRA adapters (encoder-mode = lora).", min=1)
+    lora_rank: int = _opt(8, "Rank r of the LoRA adapters (encoder-mode = lora).", min=1, max=1024)
     lora_alpha: float = _opt(
         16.0, "LoRA scaling alpha (the update is scaled by alpha / r).", min=0.0, min_exclusive=True
     )
@@ -86,14 +86,21 @@ class ModelConfig:
         "model has no encoder for the other modality at all.",
         choices=BRANCHES,
     )
-    image_size: int = _opt(64, "Radiographs are resized to image-size x image-size.", min=32)
-    embed_dim: int = _opt(64, "Width of both encoders and the fusion block.", min=8)
-    text_layers: int = _opt(1, "Transformer blocks in the report encoder.", min=1)
-    text_heads: int = _opt(4, "Attention heads (embed-dim must divide by it).", min=1)
-    text_vocab_buckets: int = _opt(
-        4096, "Rows of the report embedding; WordPiece ids are hashed into them.", min=16
+    image_size: int = _opt(
+        64, "Radiographs are resized to image-size x image-size.", min=32, max=2048
     )
-    max_report_tokens: int = _opt(64, "Reports are truncated/padded to this many tokens.", min=8)
+    embed_dim: int = _opt(64, "Width of both encoders and the fusion block.", min=8, max=4096)
+    text_layers: int = _opt(1, "Transformer blocks in the report encoder.", min=1, max=48)
+    text_heads: int = _opt(4, "Attention heads (embed-dim must divide by it).", min=1, max=64)
+    text_vocab_buckets: int = _opt(
+        4096,
+        "Rows of the report embedding; WordPiece ids are hashed into them.",
+        min=16,
+        max=1 << 20,
+    )
+    max_report_tokens: int = _opt(
+        64, "Reports are truncated/padded to this many tokens.", min=8, max=4096
+    )
     dropout: float = _opt(0.0, "Dropout inside the encoders and fusion block.", min=0.0, max=0.9)
 
     def __post_init__(self) -> None:

@@ -22,16 +22,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from shared_model.config import ConfigError, ModelConfig, RunConfig
-from shared_model.data import FusionTensors
+
+if TYPE_CHECKING:
+    from shared_model.inference.loaded import LoadedModel
 
 __all__ = [
     "BUNDLE_FILE",
@@ -40,7 +42,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "Bundle",
     "BundleError",
-    "LoadedModel",
+    "bundle_digest",
     "file_sha256",
     "load_bundle",
     "model_settings",
@@ -103,112 +105,77 @@ class Bundle:
             f"{source.get('run', '?')}{recal}"
         )
 
+    @property
+    def digest(self) -> str:
+        """SHA-256 of bundle.json's content and so, through its hash, of the weights."""
+        return str(self.info["digest"])
+
+    @property
+    def shareable(self) -> bool:
+        """False for a bundle recalibrated on one hospital's records: it stays there."""
+        return bool(self.info["calibration"].get("shareable", True))
+
     def load_model(
         self, *, text_model: str = "", image_weights: str = "", device: str = "cpu"
     ) -> LoadedModel:
-        """The model ready to predict, after every check; BundleError says what failed.
+        """The model ready to predict, after every check (:func:`load_model`)."""
+        from shared_model.inference.loaded import load_model
 
-        ``text_model`` / ``image_weights``: where this machine keeps the frozen
-        pretrained files, when not where the bundle says (model.text-model,
-        model.image-weights).
-        """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        from shared_model.text import tokenizer_for, tokenizer_identity
-        from shared_model.weights import base_fingerprint, initial_model, load_shared_state
-
-        weights = self.root / WEIGHTS_FILE
-        expected = self.info["weights"]["sha256"]
-        if not weights.is_file():
-            raise BundleError(f"{self.root}: {WEIGHTS_FILE} is missing")
-        if file_sha256(weights) != expected:
-            raise BundleError(
-                f"{weights}: SHA-256 differs from the one in {BUNDLE_FILE} ({expected[:12]}): "
-                "the file was changed or damaged; export the bundle again"
-            )
-        cfg = replace(
-            self.model,
-            text_model=text_model or self.model.text_model,
-            image_weights=image_weights or self.model.image_weights,
-        )
-        try:
-            model = initial_model(cfg, self.seed, load_trained_weights=False)
-            state = load_file(str(weights))
-            load_shared_state(model, state)
-            tokenizer = tokenizer_for(cfg)
-            identity = tokenizer_identity(cfg)
-        except (ConfigError, ValueError, SafetensorError, OSError) as err:
-            raise BundleError(f"{self.root}: cannot build its model here: {err}") from err
-        base = self.info["frozen-base"]["sha256"]
-        if base_fingerprint(model) != base:
-            raise BundleError(
-                f"{self.root}: the frozen pretrained weights on this machine differ from the "
-                f"ones the model was trained with (SHA-256 {base[:12]}, here "
-                f"{base_fingerprint(model)[:12]}); point --text-model / --image-weights at "
-                "the files the federation used"
-            )
-        stored = self.info["preprocessing"]["text"]["tokenizer"]
-        if identity != stored:
-            raise BundleError(
-                f"{self.root}: the tokenizer here differs from the one the model was trained "
-                f"with ({_difference(stored, identity)}); install the same fedfusion version "
-                "or point --text-model at the federation's text model"
-            )
-        return LoadedModel(
-            bundle=self, model=model.to(device).eval(), tokenizer=tokenizer, device=device
-        )
+        return load_model(self, text_model=text_model, image_weights=image_weights, device=device)
 
 
-@dataclass(frozen=True, kw_only=True)
-class LoadedModel:
-    """A bundle's model, checked and ready: logits and probabilities for records."""
-
-    bundle: Bundle
-    model: torch.nn.Module
-    tokenizer: Any  # shared_model.text.Tokenizer
-    device: str = "cpu"
-    batch_size: int = field(default=64)
-
-    @torch.no_grad()
-    def logits(
-        self, records: FusionTensors, progress: Callable[[int], None] | None = None
-    ) -> np.ndarray:
-        """(n, K) logits: the model's forward pass, exactly as held-out evaluation runs it."""
-        out = []
-        for start in range(0, len(records), self.batch_size):
-            stop = min(start + self.batch_size, len(records))
-            batch = [
-                t[start:stop].to(self.device)
-                for t in (records.images, records.report_ids, records.present)
-            ]
-            out.append(self.model(*batch).double().cpu())
-            if progress is not None:
-                progress(stop - start)
-        return torch.cat(out).numpy() if out else np.zeros((0, len(self.bundle.labels)))
-
-    def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities: sigmoid(logit / T) per label."""
-        from shared_model.inference.calibration import probabilities
-
-        return probabilities(logits, self.bundle.temperatures)
-
-    def decisions(self, logits: np.ndarray) -> np.ndarray:
-        """(n, K) bool: positive where the logit reaches the label's threshold."""
-        return np.asarray(logits) >= self.bundle.threshold_logits
-
-
-def _difference(stored: Mapping[str, Any], here: Mapping[str, Any]) -> str:
-    keys = sorted(k for k in stored.keys() | here.keys() if stored.get(k) != here.get(k))
-    return ", ".join(f"{k}: {stored.get(k)} in the bundle, {here.get(k)} here" for k in keys)
-
-
-_REQUIRED = (
-    ("seed",),
-    ("weights", "sha256"),
-    ("frozen-base", "sha256"),
-    ("preprocessing", "text", "tokenizer"),
+# Every field a loader reads, and its JSON type: anything else is refused by name.
+_SCHEMA: tuple[tuple[tuple[str, ...], type | tuple[type, ...]], ...] = (
+    (("digest",), str),
+    (("seed",), int),
+    (("labels",), list),
+    (("model",), dict),
+    (("model", "model.labels"), list),
+    (("source",), dict),
+    (("weights",), dict),
+    (("weights", "sha256"), str),
+    (("frozen-base",), dict),
+    (("frozen-base", "sha256"), str),
+    (("preprocessing", "text", "tokenizer"), dict),
+    (("decision",), dict),
+    (("decision", "rule"), str),
+    (("decision", "threshold-logits"), list),
+    (("decision", "thresholds"), list),
+    (("decision", "notes"), list),
+    (("calibration",), dict),
+    (("calibration", "temperatures"), list),
 )
+# Thresholds beyond this logit (probability 1 - 4e-44) decide nothing: a damaged bundle.
+_MAX_THRESHOLD_LOGIT = 100.0
+_TEMPERATURES = (0.01, 100.0)
+
+
+def bundle_digest(info: Mapping[str, Any]) -> str:
+    """SHA-256 of ``info`` (bundle.json without its digest) as canonical JSON.
+
+    ``info`` holds the weights' SHA-256, so the digest names the whole bundle: the
+    coordinator announces it, a hospital checks it (``--expect-digest``).
+    """
+    body = {k: v for k, v in info.items() if k != "digest"}
+    text = json.dumps(_json_ready(body), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _check_schema(info: dict[str, Any], meta: Path) -> None:
+    for keys, kind in _SCHEMA:
+        node: Any = info
+        for key in keys:
+            if not isinstance(node, dict) or key not in node:
+                raise BundleError(f"{meta} is incomplete or damaged: no {'.'.join(keys)}")
+            node = node[key]
+        if not isinstance(node, kind) or isinstance(node, bool):
+            raise BundleError(
+                f"{meta} is damaged: {'.'.join(keys)} is a {type(node).__name__}, "
+                f"not a {getattr(kind, '__name__', kind)}"
+            )
+    labels = info["model"]["model.labels"]
+    if not labels or not all(isinstance(x, str) and x for x in labels) or labels != info["labels"]:
+        raise BundleError(f"{meta} is damaged: model.labels must be the list of label names")
 
 
 def load_bundle(path: str | Path) -> Bundle:
@@ -226,25 +193,28 @@ def load_bundle(path: str | Path) -> Bundle:
     if not isinstance(info, dict) or info.get("format") != FORMAT:
         found = info.get("format") if isinstance(info, dict) else type(info).__name__
         raise BundleError(f"{meta}: format {found!r}, this fedfusion reads {FORMAT!r}")
+    _check_schema(info, meta)
+    if bundle_digest(info) != info["digest"]:
+        raise BundleError(
+            f"{meta} was changed after export (its digest no longer matches): export the "
+            "bundle again, or ask the coordinator for an unchanged copy"
+        )
     try:
-        for keys in _REQUIRED:
-            node = info
-            for key in keys:
-                node = node[key]
         settings = dict(info["model"])
         settings["model.labels"] = "|".join(settings["model.labels"])
         model = RunConfig.from_run_config(settings).model
-        k = len(model.labels)
         thresholds = np.asarray(info["decision"]["threshold-logits"], dtype=np.float64)
         temperatures = np.asarray(info["calibration"]["temperatures"], dtype=np.float64)
-    except (KeyError, TypeError, ValueError, ConfigError) as err:
-        raise BundleError(f"{meta} is incomplete or damaged ({type(err).__name__}: {err})") from err
+    except (TypeError, ValueError, ConfigError) as err:
+        raise BundleError(f"{meta} is damaged ({type(err).__name__}: {err})") from err
+    k = len(model.labels)
     if thresholds.shape != (k,) or temperatures.shape != (k,):
         raise BundleError(f"{meta}: thresholds and temperatures need one value per label ({k})")
-    if not (np.isfinite(thresholds).all() and np.isfinite(temperatures).all()):
-        raise BundleError(f"{meta}: thresholds and temperatures must be finite numbers")
-    if (temperatures <= 0).any():
-        raise BundleError(f"{meta}: temperatures must be positive")
+    if not np.all(np.abs(thresholds) <= _MAX_THRESHOLD_LOGIT):
+        raise BundleError(f"{meta}: thresholds must be finite logits within +-100")
+    low, high = _TEMPERATURES
+    if not np.all((temperatures >= low) & (temperatures <= high)):
+        raise BundleError(f"{meta}: temperatures must lie in [{low}, {high}]")
     return Bundle(
         root=root, info=info, model=model, threshold_logits=thresholds, temperatures=temperatures
     )
@@ -255,17 +225,21 @@ def write_bundle(
     info: dict[str, Any],
     weights: dict[str, torch.Tensor],
     card: str,
+    *,
+    private: bool = False,
 ) -> Path:
     """Write a bundle folder (refusing to overwrite one); ``info`` lacks only the weights' hash.
 
-    The weights file is written first, its hash then goes into ``bundle.json``.
+    The weights file is written first, its hash then goes into ``bundle.json``, and the
+    digest of it all last. ``private``: the folder is readable by its owner only (a
+    bundle holding statistics of one hospital's records).
     """
     from safetensors.torch import save_file
 
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise BundleError(f"{out} exists and is not empty: choose a new --out")
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o777)
     path = out / WEIGHTS_FILE
     save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, str(path))
     info = {
@@ -277,6 +251,7 @@ def write_bundle(
             "parameters": int(sum(v.numel() for v in weights.values())),
         },
     }
+    info["digest"] = bundle_digest(info)
     (out / BUNDLE_FILE).write_text(json.dumps(_json_ready(info), indent=2) + "\n", "utf-8")
     (out / CARD_FILE).write_text(card, encoding="utf-8")
     return out

@@ -16,14 +16,22 @@ from typing import Any
 
 import numpy as np
 
-from shared_model.inference.bundle import CARD_FILE, WEIGHTS_FILE, LoadedModel, write_bundle
+from shared_model.inference.bundle import CARD_FILE, write_bundle
 from shared_model.inference.calibration import fit_temperatures
+from shared_model.inference.loaded import LoadedModel
 from shared_model.inference.metrics import LocalEvaluation, evaluate_predictions
 from shared_model.inference.plots import write_reliability_diagram, write_roc_curves
 from shared_model.inference.predict import Progress, manifest_outputs
 from shared_model.inference.report import render_report
 
-__all__ = ["EvaluationRun", "evaluate_bundle"]
+__all__ = ["NOT_SHAREABLE", "EvaluationRun", "evaluate_bundle"]
+
+NOT_SHAREABLE = (
+    "> **For this hospital only: do not share.** This copy's calibration was fitted on "
+    "this hospital's own labelled records: its temperatures are statistics of those "
+    "records, not differentially private and not covered by the federation's "
+    "(epsilon, delta)."
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,7 +90,7 @@ def evaluate_bundle(
         seed=seed,
     )
     out = Path(out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True, mode=0o700)  # figures of this hospital's records
     write_roc_curves(
         bundle.labels, logits, targets, bundle.threshold_logits, out / "roc_curves.png"
     )
@@ -127,27 +135,32 @@ def _recalibrate(
     result: dict[str, Any],
     facts: list[tuple[str, str]],
 ) -> EvaluationRun:
-    """Fit per-label temperatures here; write the recalibrated bundle beside the report."""
-    from safetensors.torch import load_file
+    """Fit per-label temperatures here; write the recalibrated bundle beside the report.
 
+    The temperatures are computed from this hospital's records without DP: the bundle
+    is marked not shareable, and its card says so first.
+    """
     bundle = loaded.bundle
     temps = fit_temperatures(logits, targets)
     cross = _cross_fitted_ece(logits, targets, seed)
     before = [f.ece for f in run.evaluation.per_label]
-    info = {k: v for k, v in bundle.info.items() if k not in {"format", "weights"}}
+    info = {k: v for k, v in bundle.info.items() if k not in {"format", "weights", "digest"}}
     info["calibration"] = {
         "temperatures": temps.tolist(),
         "fitted-on": f"{len(logits)} labelled records at this hospital",
         "fitted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "shareable": False,
     }
-    card = (bundle.root / CARD_FILE).read_text(encoding="utf-8") + (
+    card = bundle.root.joinpath(CARD_FILE).read_text(encoding="utf-8")
+    title, _, rest = card.partition("\n")
+    card = f"{title}\n\n{NOT_SHAREABLE}\n{rest}" + (
         "\n## Local recalibration\n\nThis copy's probabilities are recalibrated for one "
         f"hospital: per-label temperatures {', '.join(f'{t:.2f}' for t in temps)} fitted "
         f"on {len(logits)} of its labelled records. Decisions are unchanged (the thresholds "
-        "are on the model's scores); use this copy at that hospital only.\n"
+        "are on the model's scores).\n"
     )
     target = run.out / "recalibrated-bundle"
-    write_bundle(target, info, load_file(str(bundle.root / WEIGHTS_FILE)), card)
+    write_bundle(target, info, loaded.weights, card, private=True)
     result["recalibration"] = {
         "temperatures": dict(zip(bundle.labels, temps.tolist(), strict=True)),
         "ece-before": dict(zip(bundle.labels, before, strict=True)),

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from shared_model.data import FusionTensors, LoadReport, ManifestReader, decode_image
-from shared_model.inference.bundle import LoadedModel
+from shared_model.inference.loaded import LoadedModel
 
 __all__ = [
     "ManifestOutputs",

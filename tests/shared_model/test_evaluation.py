@@ -49,6 +49,8 @@ def test_the_sum_of_two_hospitals_is_the_statistics_of_their_union():
     union = tuple(np.concatenate([x, y]) for x, y in zip(a, b, strict=True))
     summed = EvalStats.from_predictions(LABELS, *a) + EvalStats.from_predictions(LABELS, *b)
     whole = EvalStats.from_predictions(LABELS, *union)
+    assert (summed.hospitals, whole.hospitals) == (2.0, 1.0)  # the sum counts its hospitals
+    whole.hospitals = 2.0
     np.testing.assert_allclose(summed.to_vector(), whole.to_vector())
     assert summed.metrics() == pytest.approx(whole.metrics(), nan_ok=True)
 
@@ -57,9 +59,12 @@ def test_a_vector_round_trips_and_a_malformed_one_is_refused():
     stats = EvalStats.from_predictions(LABELS, *predictions(50, 3))
     again = EvalStats.from_vector(LABELS, stats.to_vector())
     np.testing.assert_array_equal(again.to_vector(), stats.to_vector())
-    assert EvalStats.vector_size(len(LABELS)) == stats.to_vector().size == 3 + 6 * SCORE_BINS
+    assert EvalStats.vector_size(len(LABELS)) == stats.to_vector().size == 4 + 6 * SCORE_BINS
+    legacy = EvalStats.from_vector(LABELS, np.delete(stats.to_vector(), 3))  # an older run's
+    assert math.isnan(legacy.hospitals) and legacy.metrics() == stats.metrics()
+    assert math.isnan(legacy.rounded().hospitals)
     with pytest.raises(ValueError, match="expected"):
-        EvalStats.from_vector(LABELS, stats.to_vector()[:-1])
+        EvalStats.from_vector(LABELS, stats.to_vector()[:-2])
     for bad in (np.nan, -1.0, np.inf):
         vector = stats.to_vector()
         vector[5] = bad

@@ -22,23 +22,35 @@ from shared_model.weights import base_fingerprint, initial_model, shared_state
 __all__ = ["fake_run", "round_stats"]
 
 
-def round_stats(labels: Sequence[str], separation: float, n: int = 400, seed: int = 0) -> EvalStats:
-    """Pooled statistics of ``n`` synthetic records: positives score ``separation`` higher."""
+def round_stats(
+    labels: Sequence[str], separation: float, n: int = 400, seed: int = 0, hospitals: int = 3
+) -> EvalStats:
+    """Statistics of ``n`` synthetic records pooled over ``hospitals``.
+
+    Positives score ``separation`` higher than negatives.
+    """
     rng = np.random.default_rng(seed)
     targets = rng.random((n, len(labels))) < 0.3
     logits = rng.normal(-1.0, 1.0, (n, len(labels))) + separation * targets
-    return EvalStats.from_predictions(labels, logits, targets.astype(float), np.zeros(n))
+    parts = np.array_split(np.arange(n), hospitals)
+    stats = [
+        EvalStats.from_predictions(labels, logits[i], targets[i].astype(float), np.zeros(len(i)))
+        for i in parts
+    ]
+    return sum(stats[1:], stats[0])
 
 
 def fake_run(
     root: Path,
     separations: Sequence[float | None],
     overrides: dict[str, object] | None = None,
-    hospitals: int = 2,
+    hospitals: int = 3,
+    pooled: int | None = None,
 ) -> RunConfig:
     """A completed simulated run of rounds 0..len-1; round r evaluated at ``separations[r]``.
 
-    A separation of None leaves that round without a pooled evaluation.
+    A separation of None leaves that round without a pooled evaluation; ``pooled``
+    hospitals' statistics are in each sum (default: all of them).
     """
     config = {"num-rounds": len(separations) - 1, "output-dir": str(root), **(overrides or {})}
     run = RunConfig.from_run_config(config)
@@ -74,7 +86,8 @@ def fake_run(
         )
         store.save_round(record, state)
         if separation is not None:
-            store.save_evaluation(r, round_stats(run.model.labels, separation, seed=r))
+            stats = round_stats(run.model.labels, separation, seed=r, hospitals=pooled or hospitals)
+            store.save_evaluation(r, stats)
     store.finish("completed", state)
     (root / "simulation.json").write_text(json.dumps({"hospitals": hospitals}), "utf-8")
     return run

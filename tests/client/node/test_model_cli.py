@@ -24,7 +24,7 @@ from shared_model.cli import build_app
 from shared_model.data import load_manifest
 from shared_model.datasets.export import write_manifest
 from shared_model.engine import make_loss, predict
-from shared_model.inference.bundle import BundleError, load_bundle
+from shared_model.inference.bundle import BundleError, bundle_digest, load_bundle
 from shared_model.inference.predict import predict_manifest, predict_record
 from shared_model.text import tokenizer_for
 from shared_model.weights import hospital_model
@@ -171,8 +171,9 @@ def test_predict_cli_shows_one_record_as_a_table(bundle_dir, site):
     result = run_cli("predict", bundle_dir, "--image", site / "chest.dcm", "--text", "Cough.")
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].split() == ["finding", "probability", "threshold", "decision"]
-    assert [line.split()[0] for line in lines[1:]] == list(LABELS)
+    assert lines[0].startswith("bundle bundle: round 2 (best)") and "digest" in lines[0]
+    assert lines[1].split() == ["finding", "probability", "threshold", "decision"]
+    assert [line.split()[0] for line in lines[2:]] == list(LABELS)
 
 
 @pytest.mark.fault(
@@ -239,16 +240,39 @@ def test_changed_weights_are_refused(bundle_dir, tmp_path):
         load_bundle(copy).load_model()
 
 
+def _rewrite(bundle: Path, info: dict) -> None:
+    """bundle.json edited by someone who also puts in a fresh digest."""
+    info["digest"] = bundle_digest(info)
+    (bundle / "bundle.json").write_text(json.dumps(info))
+
+
+def test_an_edited_bundle_json_is_refused_and_a_digest_can_be_pinned(bundle_dir, tmp_path):
+    # an edit that leaves the digest as exported: found on load
+    copy = _copy(bundle_dir, tmp_path)
+    info = json.loads((copy / "bundle.json").read_text())
+    info["decision"]["threshold-logits"][0] += 1.0
+    (copy / "bundle.json").write_text(json.dumps(info))
+    with pytest.raises(BundleError, match="changed after export"):
+        load_bundle(copy)
+    # an edit with a fresh digest loads, but not when the announced digest is pinned
+    _rewrite(copy, info)
+    exported = load_bundle(bundle_dir).digest
+    result = run_cli("predict", copy, "--text", "x", "--expect-digest", exported[:16])
+    assert result.exit_code == 2 and "not the expected" in result.output
+    result = run_cli("predict", bundle_dir, "--text", "x", "--expect-digest", exported[:16])
+    assert result.exit_code == 0, result.output
+
+
 def test_other_frozen_weights_or_tokenizer_are_refused(bundle_dir, tmp_path):
     copy = _copy(bundle_dir, tmp_path)
     info = json.loads((copy / "bundle.json").read_text())
     info["frozen-base"]["sha256"] = "0" * 64
-    (copy / "bundle.json").write_text(json.dumps(info))
+    _rewrite(copy, info)
     with pytest.raises(BundleError, match="frozen pretrained weights on this machine differ"):
         load_bundle(copy).load_model()
     info = json.loads((bundle_dir / "bundle.json").read_text())
     info["preprocessing"]["text"]["tokenizer"]["files-sha256"] = "f" * 64
-    (copy / "bundle.json").write_text(json.dumps(info))
+    _rewrite(copy, info)
     with pytest.raises(BundleError, match="tokenizer here differs"):
         load_bundle(copy).load_model()
 
@@ -259,12 +283,17 @@ def test_a_damaged_bundle_json_is_named(bundle_dir, tmp_path):
     for damage, message in (
         (lambda i: i.update(format="other/9"), "this fedfusion reads"),
         (lambda i: i["decision"].update({"threshold-logits": [0.0]}), "one value per label"),
-        (lambda i: i["calibration"].update(temperatures=[-1.0] * 4), "positive"),
-        (lambda i: i.pop("seed"), "incomplete or damaged"),
+        (lambda i: i["decision"].update({"threshold-logits": [1e300] * 4}), "within"),
+        (lambda i: i["calibration"].update(temperatures=[-1.0] * 4), "temperatures must lie"),
+        (lambda i: i.pop("seed"), "incomplete or damaged: no seed"),
+        (lambda i: i["weights"].update(sha256=5), "weights.sha256 is a int"),
+        (lambda i: i["model"].update({"model.labels": "abc"}), "model.labels is a str"),
+        (lambda i: i["model"].update({"model.labels": list(reversed(LABELS))}), "label names"),
+        (lambda i: i["model"].update({"model.embed-dim": 10**6}), "model.embed-dim"),
     ):
         broken = json.loads(json.dumps(info))
         damage(broken)
-        (copy / "bundle.json").write_text(json.dumps(broken))
+        _rewrite(copy, broken)
         with pytest.raises(BundleError, match=message):
             load_bundle(copy)
 

@@ -1,6 +1,7 @@
 """`fedfusion export`: the chosen round, thresholds from pooled statistics only, a model card."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -87,7 +88,42 @@ def test_a_run_without_pooled_evaluation_has_no_best_but_exports_its_final_round
     bundle = load_bundle(export_run(tmp_path / "run", tmp_path / "b", "final"))
     assert np.allclose(bundle.threshold_logits, 0.0)  # probability 0.5, and it says so
     assert bundle.info["decision"]["notes"]
-    assert "kept their held-out evaluations" in (tmp_path / "b" / "MODEL_CARD.md").read_text()
+    card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
+    assert "No pooled figures are published" in card and "reached the coordinator" in card
+
+
+@pytest.mark.parametrize("pooled", [1, 2])
+def test_statistics_of_fewer_than_three_hospitals_are_not_published(tmp_path, pooled):
+    """With two, a hospital holding the bundle would subtract its own and read the other's."""
+    fake_run(tmp_path / "run", [None, 1.0, 2.0], SMALL, pooled=pooled)
+    bundle = load_bundle(export_run(tmp_path / "run", tmp_path / "b"))
+    assert np.allclose(bundle.threshold_logits, 0.0)
+    assert bundle.info["source"]["pooled-hospitals"] == pooled
+    card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
+    assert f"pool {pooled} hospital(s), fewer than the 3 needed" in card
+    assert "AUROC (95% CI)" not in card
+    # a consortium that accepts it says so explicitly
+    opted = load_bundle(export_run(tmp_path / "run", tmp_path / "c", min_hospitals=pooled))
+    assert not np.allclose(opted.threshold_logits, 0.0)
+    assert f"records of {pooled} hospitals" in (tmp_path / "c" / "MODEL_CARD.md").read_text()
+
+
+def test_a_plain_run_says_the_statistics_were_sent_in_the_clear(tmp_path):
+    fake_run(tmp_path / "run", [None, 1.0], {**SMALL, "secagg.enabled": False})
+    card = (export_run(tmp_path / "run", tmp_path / "b") / "MODEL_CARD.md").read_text()
+    assert "in the clear (its own choice) and summed by the server" in card
+    assert "secure aggregation" not in card.split("## Evaluation")[1].split("##")[0]
+
+
+def test_best_export_ships_the_round_it_names_even_if_best_files_disagree(tmp_path):
+    """A server killed between writing best_model and best.json leaves them out of step."""
+    fake_run(tmp_path / "run", [None, 0.5, 2.5, 1.0], SMALL)
+    run = tmp_path / "run"
+    shutil.copy(run / "checkpoints" / "round-0003.safetensors", run / "best_model.safetensors")
+    bundle = load_bundle(export_run(run, tmp_path / "b"))
+    assert bundle.info["source"]["round"] == 2
+    shipped = load_file(str(tmp_path / "b" / "weights.safetensors"))
+    assert _weights_equal(shipped, load_file(str(run / "checkpoints" / "round-0002.safetensors")))
 
 
 def test_the_cli_prints_the_round_and_thresholds(run_dir, tmp_path):
