@@ -168,6 +168,8 @@ def decode_image(path: Path, size: int, max_pixels: int = DataLimits.max_pixels)
     more than ``max_pixels`` pixels is refused before its pixels are decoded. Raises
     ValueError with the reason.
     """
+    if path.is_dir():
+        raise ValueError("is a folder, not an image file")
     if not path.is_file():
         raise ValueError("file not found")
     if path.stat().st_size == 0:
@@ -363,7 +365,7 @@ def load_manifest(
     out and listed in the returned :class:`LoadReport`. ``decode`` (default
     :func:`decode_image`) turns an image file into a tensor; a cache may stand in.
     The module docstring lists what makes a row bad. ``for_training=False`` (a model
-    applied to records): the labels column may be absent, and a repeated row or image
+    applied to records): the labels column is not read, and a repeated row or image
     is allowed. ``progress`` is called once per row read.
     """
     reader = ManifestReader(
@@ -461,7 +463,8 @@ class ManifestReader:
                 )
             if path is None and not text:
                 raise ValueError("row has neither an image nor a report")
-            names = [s.strip() for s in fields.get("labels", "").split("|") if s.strip()]
+            labels = fields.get("labels", "") if self._for_training else ""  # predict: unread
+            names = [s.strip() for s in labels.split("|") if s.strip()]
             multi_hot = labels_to_multi_hot(names, self._labels)
             same = tuple(sorted((k or "", v or "") for k, v in row.items() if k is not None))
             if same in self._seen_rows and self._for_training:

@@ -137,8 +137,12 @@ def ledger_show(
 
 def demo_data(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for hospital-N/ subfolders.")],
-    hospitals: Annotated[int, typer.Option(min=1, max=12, help="How many hospitals.")] = 3,
-    records: Annotated[int, typer.Option(min=10, help="Records per hospital.")] = 300,
+    hospitals: Annotated[
+        int | None, typer.Option(min=1, max=12, help="How many hospitals (default 3).")
+    ] = None,
+    records: Annotated[
+        int | None, typer.Option(min=10, help="Records per hospital (default 300).")
+    ] = None,
     text_source: Annotated[
         str,
         typer.Option(
@@ -150,7 +154,8 @@ def demo_data(
         Path | None,
         typer.Option(
             help="A `fedfusion simulate` run: write each of its hospitals' held-out test "
-            "records instead (never trained on; a test set for `fedfusion evaluate`)."
+            "records instead (never trained on; a test set for `fedfusion evaluate`). The "
+            "run decides the hospitals and records."
         ),
     ] = None,
 ) -> None:
@@ -166,12 +171,17 @@ def demo_data(
 
     try:
         if held_out_of is not None:
+            if hospitals is not None or records is not None:
+                raise ValueError(
+                    "--held-out-of takes the run's hospitals and records: drop "
+                    "--hospitals and --records"
+                )
             run, count = _simulated_run(held_out_of)
             manifests = write_held_out(out, run, count)
         else:
             manifests = [
-                write_manifest(out / f"hospital-{i}", i, records, text_source=text_source)
-                for i in range(hospitals)
+                write_manifest(out / f"hospital-{i}", i, records or 300, text_source=text_source)
+                for i in range(hospitals or 3)
             ]
     except ValueError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)

@@ -174,7 +174,10 @@ def _show_record(prediction: Prediction, loaded: LoadedModel) -> None:
     for label, t in zip(bundle.labels, thresholds, strict=True):
         p = prediction.probabilities[label]  # type: ignore[index]
         decided = "POSITIVE" if prediction.decisions[label] else "negative"  # type: ignore[index]
-        typer.echo(f"{label:14s} {p:11.3f} {t:9.3f}  {decided}")
+        typer.echo(f"{label:14s} {p:11.4f} {t:9.4f}  {decided}")
+    typer.echo(
+        "(each finding is decided on its own: positive when its probability reaches its threshold)"
+    )
 
 
 def predict(
@@ -207,6 +210,8 @@ def predict(
         raise _fail("give either --manifest or --image/--text, not both")
     if out is not None and out.suffix.lower() not in {".csv", ".json"}:
         raise _fail(f"--out {out}: use a .csv or .json file name")
+    if out is not None and out.exists():
+        raise _fail(f"--out {out} exists: choose another name or remove it first")
     total = _manifest_rows(manifest) if manifest is not None else 0
     loaded = _load(bundle, device, text_model, image_weights, expect_digest)
     labels = loaded.bundle.labels
@@ -229,16 +234,20 @@ def predict(
                 shown = (
                     p.error
                     or ", ".join(
-                        f"{x} ({p.probabilities[x]:.2f})"
+                        f"{x} ({p.probabilities[x]:.3f})"
                         for x in p.findings  # type: ignore[index]
                     )
                     or "none"
                 )
                 typer.echo(f"{p.row:>3d}  {shown}")
+    bad = [p for p in predictions if p.error]
     if out is not None:
         _write_predictions(predictions, labels, out)
-        typer.echo(f"{len(predictions)} predictions written to {out}")
-    bad = [p for p in predictions if p.error]
+        unread = f", {len(bad)} could not be read (see the error column)" if bad else ""
+        typer.echo(
+            f"{len(predictions)} rows written to {out}: {len(predictions) - len(bad)} "
+            f"predicted{unread}"
+        )
     if bad:
         for p in bad:
             typer.secho(f"row {p.row} ({p.image or '-'}): {p.error}", fg=typer.colors.RED, err=True)
@@ -310,9 +319,19 @@ def evaluate(
         f"{'macro':14s} {_ci(m.auroc, m.auroc_ci95):>22s} {_n(m.sensitivity)} "
         f"{_n(m.specificity)} {_n(m.ppv)} {_n(m.npv)} {_n(m.ece)}"
     )
+    recal = run.recalibration
+    if recal is not None:
+        typer.echo(f"\n{'finding':14s} {'temperature':>11s} {'ECE before':>10s} {'after*':>7s}")
+        for label, t, before, after in zip(
+            recal.labels, recal.temperatures, recal.ece_before, recal.ece_after, strict=True
+        ):
+            typer.echo(f"{label:14s} {t:11.2f} {before:10.3f} {after:7.3f}")
+        typer.echo("* cross-fitted: each half of the records with the other half's fit")
+    for caution in run.cautions:
+        typer.secho(f"caution: {caution}", fg=typer.colors.YELLOW)
     typer.echo(f"report: {run.out / 'report.md'}")
-    if run.recalibrated is not None:
-        typer.echo(f"recalibrated bundle: {run.recalibrated}")
+    if recal is not None:
+        typer.echo(f"recalibrated bundle: {recal.bundle}")
         typer.secho(
             "  for this hospital only, do not share: its calibration is fitted on your "
             "records without differential privacy",
@@ -334,4 +353,6 @@ def _n(value: float) -> str:
 def _ci(value: float, ci: tuple[float, float]) -> str:
     if value != value:
         return "undefined (one class)"
+    if ci[0] != ci[0]:
+        return f"{value:.3f} (no CI)"
     return f"{value:.3f} ({ci[0]:.3f}-{ci[1]:.3f})"

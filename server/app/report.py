@@ -286,7 +286,12 @@ def write_report(run_dir: Path, config: dict[str, Any]) -> Path:
         *([f"![ROC curves]({roc.name})", ""] if roc else []),
     ]
     if final:
-        lines += ["Final held-out metrics (from the statistics summed over hospitals):", ""]
+        lines += [
+            "Final held-out metrics (from the statistics summed over hospitals; accuracy, "
+            "precision, recall, F1 and exact match at probability 0.5 for every label: "
+            "`fedfusion export` chooses per-label thresholds):",
+            "",
+        ]
         lines += [
             f"- {k}: {v:.3f}" for k, v in sorted(final["eval_metrics"].items()) if v is not None
         ]

@@ -305,7 +305,11 @@ def export(
         ),
     ] = "best",
     operating_point: Annotated[
-        str, typer.Option(help="Decision thresholds: youden, sensitivity=0.9, ...")
+        str,
+        typer.Option(
+            help="Decision thresholds: youden, sensitivity=X, specificity=X or probability=X "
+            "(X between 0 and 1)."
+        ),
     ] = "youden",
     min_hospitals: Annotated[
         int,
@@ -337,9 +341,14 @@ def export(
     decision = bundle.info["decision"]
     typer.echo(f"exported {bundle.describe()}")
     typer.echo(f"  digest: {bundle.digest}")
-    metric = bundle.info["source"]["selection-metric"]
-    if metric.get("value") is not None:
-        typer.echo(f"  {metric['name']} ({metric['split']} split): {metric['value']:.3f}")
+    pooled = bundle.info.get("pooled-evaluation")
+    if pooled:
+        low, high = pooled["macro-auroc-ci95"]
+        typer.echo(
+            f"  pooled held-out macro AUROC {pooled['macro-auroc']:.3f} ({low:.3f}-{high:.3f}), "
+            f"{pooled['records']} records of {pooled['hospitals']} hospitals "
+            f"({bundle.info['source']['selection-metric']['split']} split)"
+        )
     typer.echo(f"  thresholds ({decision['rule']}):")
     for label, t in zip(bundle.labels, decision["thresholds"], strict=True):
         typer.echo(f"    {label:14s} {t:.3f}")

@@ -27,7 +27,11 @@ from server.commands.model_card import render_model_card
 from shared_model.config import RunConfig
 from shared_model.evaluation import EvalStats
 from shared_model.inference.bundle import BundleError, model_settings, write_bundle
-from shared_model.inference.operating_points import choose_thresholds, pooled_figures
+from shared_model.inference.operating_points import (
+    PooledLabel,
+    choose_thresholds,
+    pooled_figures,
+)
 
 __all__ = ["MIN_POOLED_HOSPITALS", "RunFacts", "export_run", "pooled_enough", "read_run"]
 
@@ -224,6 +228,9 @@ def bundle_info(
     else:
         picked, notes = choose_thresholds(stats, rule)
         thresholds = picked.tolist()
+        notes += _degenerate(pooled_figures(stats, picked, bootstrap=0)[0])
+    if server_round == 0:
+        notes.append("round 0 is the initial, untrained model")
     return {
         "fedfusion-version": version("fedfusion"),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -265,6 +272,17 @@ def bundle_info(
     }
 
 
+def _degenerate(figures: list[PooledLabel]) -> list[str]:
+    """Notes for thresholds that never or always fire on the pooled records."""
+    notes = []
+    for f in figures:
+        if f.sensitivity == 0.0:
+            notes.append(f"{f.label}: the threshold fires on no pooled record (sensitivity 0)")
+        elif f.specificity == 0.0:
+            notes.append(f"{f.label}: the threshold fires on every pooled record (specificity 0)")
+    return notes
+
+
 def _count(value: float) -> int | None:
     return None if math.isnan(value) else int(value)
 
@@ -288,5 +306,13 @@ def export_run(
     figures = None
     if stats is not None and not pooled_enough(stats, min_hospitals):
         figures = pooled_figures(stats, np.asarray(info["decision"]["threshold-logits"]))
-    card = render_model_card(facts, info, figures, Path(out).name)
+        per_label, (macro, low, high) = figures
+        info["pooled-evaluation"] = {
+            "hospitals": _count(stats.hospitals),
+            "records": int(stats.examples),
+            "macro-auroc": macro,
+            "macro-auroc-ci95": [low, high],
+            "auroc": {f.label: f.auroc for f in per_label},
+        }
+    card = render_model_card(facts, info, figures)
     return write_bundle(out, info, chosen.weights, card)

@@ -40,6 +40,19 @@ def _f(value: float | None, spec: str = ".3f") -> str:
     )
 
 
+def _secagg_plan(facts: RunFacts) -> str:
+    """The SecAgg+ shares and reconstruction threshold the rounds used."""
+    plans = sorted(
+        {
+            (r["secagg_shares"], r["secagg_threshold"])
+            for r in facts.rounds
+            if r.get("secagg_shares") and r.get("secagg_threshold")
+        }
+    )
+    used = ", ".join(f"{n} shares, reconstruction threshold {t}" for n, t in plans)
+    return "inside SecAgg+ secure aggregation" + (f" ({used})" if used else "")
+
+
 def _privacy_rows(facts: RunFacts, server_round: int) -> list[str]:
     """Per hospital: epsilon spent by the exported round and by the run's end, cap, delta."""
     at_round: dict[str, dict[str, Any]] = {}
@@ -138,7 +151,6 @@ def render_model_card(
     facts: RunFacts,
     info: dict[str, Any],
     figures: tuple[list[PooledLabel], tuple[float, float, float]] | None,
-    name: str,
 ) -> str:
     """MODEL_CARD.md for a bundle (``info`` is its bundle.json without the weights' hash)."""
     run, source, model = facts.run, info["source"], info["model"]
@@ -150,10 +162,18 @@ def render_model_card(
     )
     parts = info["frozen-base"]["parts"]
     frozen = (
-        "; ".join(f"{p['part']}: {p['source']}" for p in parts) if parts else "none (all trained)"
+        "frozen pretrained parts (not shipped; every hospital holds them, and loading checks "
+        f"their SHA-256, {info['frozen-base']['sha256'][:16]}...): "
+        + "; ".join(f"{p['part']}: {p['source']}" for p in parts)
+        if parts
+        else "no frozen parts: every parameter trained and ships in weights.safetensors"
+    )
+    title = (
+        f"{model['model.image-encoder']} + {model['model.text-encoder']} text encoder, "
+        f"{model['model.fusion'].replace('_', ' ')} fusion"
     )
     lines = [
-        f"# Model card: {name}",
+        f"# Model card: {title}",
         "",
         f"fedfusion {info['fedfusion-version']} · exported {info['created']} · round "
         f"{source['round']} ({source['selection']}) of run `{source['run']}`",
@@ -179,9 +199,7 @@ def render_model_card(
         f"- image encoder: {model['model.image-encoder']}; text encoder: "
         f"{model['model.text-encoder']}; fusion: {model['model.fusion']}; branches: "
         f"{model['model.branches']}; encoder mode: {model['model.encoder-mode']}",
-        f"- trained parameters: shipped in weights.safetensors; frozen pretrained parts: "
-        f"{frozen} (SHA-256 of the frozen base {info['frozen-base']['sha256'][:16]}..., "
-        "checked on load)",
+        f"- {frozen}",
         f"- input: {run.model.image_size} x {run.model.image_size} grayscale; text up to "
         f"{run.model.max_report_tokens} tokens",
         "",
@@ -195,16 +213,19 @@ def render_model_card(
         f"averaging with server momentum {run.server.momentum} "
         f"({run.train.local_epochs} local epochs, batch {run.train.batch_size}, learning "
         f"rate {run.train.learning_rate}); updates "
-        + ("inside SecAgg+ secure aggregation" if run.secagg.enabled else "sent in the clear")
+        + (_secagg_plan(facts) if run.secagg.enabled else "sent in the clear")
         + ".",
         "",
         "## Privacy",
         "",
         "Each hospital trained with DP-SGD (Opacus): every patient record there has the "
         "(epsilon, delta) guarantee below, add/remove-one record, cumulative over every "
-        "round it trained in, capped by its own maximum. The model of round "
-        f"{source['round']} depends only on the rounds up to it; everyone who saw the "
-        "whole run saw the later rounds too.",
+        "round it trained in, capped by its own maximum. The run asked each hospital to "
+        f"spend at most epsilon = {run.privacy.target_epsilon:g} over its rounds "
+        "(privacy.target-epsilon); a hospital's own max epsilon is the hard cap. The "
+        f"model of round {source['round']} depends only on the rounds up to it; everyone "
+        "who saw the whole run saw the later rounds too. Held-out records are never "
+        "trained on and are not covered by these guarantees (see Evaluation).",
         "",
         f"| hospital | epsilon by round {source['round']} | epsilon at the end | max epsilon "
         "| delta |",

@@ -47,7 +47,12 @@ def parse_operating_point(text: str) -> tuple[str, float]:
         return kind, value
     if kind == "probability" and 0.0 < value < 1.0:
         return kind, value
-    raise ValueError(f"operating point {text!r}: {OPERATING_POINT_HELP}")
+    if kind in {"sensitivity", "specificity", "probability"}:
+        bound = "at most 1" if kind != "probability" else "below 1"
+        problem = f"{kind} needs a number above 0 and {bound} ({kind}=0.9)"
+    else:
+        problem = "use youden, sensitivity=X, specificity=X or probability=X"
+    raise ValueError(f"operating point {text!r}: {problem}")
 
 
 def _rates(stats: EvalStats, j: int) -> tuple[np.ndarray, np.ndarray]:
@@ -114,7 +119,8 @@ def pooled_figures(
     """Per-label figures and (macro AUROC, 95% CI low, high), from the histograms only.
 
     The CI resamples each label's positives and negatives from their histograms (the
-    stratified bootstrap of the records, as far as the histograms tell it). The macro
+    stratified bootstrap of the records, as far as the histograms tell it; NaN with
+    ``bootstrap=0``). A threshold between bin edges is read at the next edge up. The macro
     CI resamples labels independently: the histograms do not keep which records share
     labels, so it ignores the correlation between labels.
     """
@@ -127,7 +133,7 @@ def pooled_figures(
         i = int(np.searchsorted(_EDGES, threshold_logits[j] - 1e-9))
         tp, fn = pos[i:].sum(), pos[:i].sum()
         tn, fp = neg[:i].sum(), neg[i:].sum()
-        if n_pos and n_neg:
+        if n_pos and n_neg and bootstrap:
             draws = _auroc(
                 rng.multinomial(n_pos, pos / n_pos, size=bootstrap),
                 rng.multinomial(n_neg, neg / n_neg, size=bootstrap),

@@ -139,7 +139,10 @@ def predict_record(loaded: LoadedModel, image: Path | None, text: str) -> Predic
     cfg = loaded.bundle.model
     text = text.strip()
     if image is None and not text:
-        raise ValueError("give an image (--image), a clinical text (--text), or both")
+        raise ValueError(
+            "no input: give an image (--image), a clinical text (--text), or both "
+            "(an empty text is a missing one)"
+        )
     if image is None:
         pixels = torch.zeros(1, 1, cfg.image_size, cfg.image_size)
     else:

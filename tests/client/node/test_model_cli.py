@@ -173,7 +173,8 @@ def test_predict_cli_shows_one_record_as_a_table(bundle_dir, site):
     lines = result.output.splitlines()
     assert lines[0].startswith("bundle bundle: round 2 (best)") and "digest" in lines[0]
     assert lines[1].split() == ["finding", "probability", "threshold", "decision"]
-    assert [line.split()[0] for line in lines[2:]] == list(LABELS)
+    assert [line.split()[0] for line in lines[2 : 2 + len(LABELS)]] == list(LABELS)
+    assert "each finding is decided on its own" in lines[-1]
 
 
 @pytest.mark.fault(
@@ -372,3 +373,66 @@ def test_a_manifest_with_no_readable_row_still_names_every_row(bundle_dir, tmp_p
         assert result.exit_code == 2 and "no usable records" in result.output
         assert "row 1 (gone-1.png): file not found" in result.output
         assert "row 2 (gone-2.png): file not found" in result.output
+
+
+def test_evaluate_and_predict_never_overwrite(bundle_dir, site, tmp_path):
+    (tmp_path / "ev").mkdir()
+    (tmp_path / "ev" / "notes.txt").write_text("keep")
+    result = run_cli("evaluate", bundle_dir, site / "site.csv", "-o", tmp_path / "ev")
+    assert result.exit_code == 2 and "exists and is not empty" in result.output
+    (tmp_path / "p.csv").write_text("keep")
+    result = run_cli(
+        "predict", bundle_dir, "--manifest", site / "site.csv", "-o", tmp_path / "p.csv"
+    )
+    assert result.exit_code == 2 and "exists" in result.output
+    assert (tmp_path / "ev" / "notes.txt").read_text() == (tmp_path / "p.csv").read_text() == "keep"
+
+
+def test_predict_does_not_read_labels(bundle_dir, site, tmp_path):
+    rows = list(csv.DictReader((site / "site.csv").open()))[:2]
+    rows[0]["labels"] = "not-a-finding"
+    manifest = write_csv(site / "odd-labels.csv", rows)
+    result = run_cli("predict", bundle_dir, "--manifest", manifest, "-o", tmp_path / "p.json")
+    assert result.exit_code == 0, result.output
+    assert "2 rows written" in result.output and "2 predicted" in result.output
+
+
+def test_evaluate_warns_when_its_figures_say_little(bundle_dir, site, tmp_path):
+    rows = list(csv.DictReader((site / "site.csv").open()))[:12]
+    manifest = write_csv(site / "few.csv", rows)
+    result = run_cli("evaluate", bundle_dir, manifest, "-o", tmp_path / "ev", "--recalibrate")
+    assert result.exit_code == 0, result.output
+    assert "caution: only 12 records" in result.output
+    report = (tmp_path / "ev" / "report.md").read_text()
+    assert "## Cautions" in report and "only 12 records" in report
+    # an untrained-like model on 12 records: its AUROC interval covers chance
+    ev = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    low, high = ev["figures"]["macro"]["auroc_ci95"]
+    assert (low <= 0.5 <= high) == ("does not rank better than chance" in report)
+
+
+def test_demo_data_writes_exactly_the_held_out_records_of_a_run(tmp_path):
+    from shared_model.config import RunConfig
+    from shared_model.datasets import embedded_hospital
+
+    overrides = {
+        "model.labels": "|".join(LABELS),
+        "data.max-reports": 300,
+        **MODELS["cnn-transformer"],
+    }
+    fake_run(tmp_path / "run", [None, 1.0], overrides)
+    result = run_cli("demo-data", "--held-out-of", tmp_path / "run", "--out", tmp_path / "h")
+    assert result.exit_code == 0, result.output
+    run = RunConfig.from_run_config(
+        json.loads((tmp_path / "run" / "run.json").read_text())["config"]
+    )
+    for i in range(3):
+        written = [
+            r["patient_id"]
+            for r in csv.DictReader((tmp_path / "h" / f"hospital-{i}" / "manifest.csv").open())
+        ]
+        assert written == embedded_hospital(i, 3, run.model, run.data, run.seed).test.patient_ids
+    both = run_cli(
+        "demo-data", "--held-out-of", tmp_path / "run", "--out", tmp_path / "x", "--hospitals", "2"
+    )
+    assert both.exit_code == 2 and "drop --hospitals" in both.output

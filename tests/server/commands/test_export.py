@@ -173,9 +173,18 @@ def test_a_label_with_one_class_gets_probability_one_half_and_a_note():
     assert thresholds[1] == 0.0 and "cardiomegaly" in notes[0]
 
 
-@pytest.mark.parametrize("rule", ["", "best", "sensitivity=1.5", "probability=1", "sensitivity"])
-def test_an_unknown_operating_point_is_refused_with_the_accepted_forms(rule):
-    with pytest.raises(ValueError, match="youden"):
+@pytest.mark.parametrize(
+    ("rule", "problem"),
+    [
+        ("", "use youden, sensitivity=X"),
+        ("best", "use youden, sensitivity=X"),
+        ("sensitivity=1.5", "sensitivity needs a number above 0 and at most 1"),
+        ("sensitivity", "sensitivity needs a number"),
+        ("probability=1", "probability needs a number above 0 and below 1"),
+    ],
+)
+def test_an_unknown_operating_point_is_refused_saying_what_is_wrong(rule, problem):
+    with pytest.raises(ValueError, match=problem):
         parse_operating_point(rule)
 
 
@@ -187,3 +196,10 @@ def test_pooled_auroc_matches_the_histograms_and_its_interval_contains_it():
         assert f.auroc_ci95[0] < f.auroc < f.auroc_ci95[1]
     assert low < macro < high
     assert json.dumps([f.auroc for f in figures])  # plain floats
+
+
+def test_a_threshold_that_never_or_always_fires_is_named(tmp_path):
+    fake_run(tmp_path / "run", [None, 0.0], SMALL)
+    bundle = load_bundle(export_run(tmp_path / "run", tmp_path / "b", "1", "specificity=1.0"))
+    notes = bundle.info["decision"]["notes"]
+    assert notes and all("fires on no pooled record" in n for n in notes)
