@@ -209,9 +209,11 @@ def simulate(
     if preset is not None and preset not in PRESETS:
         typer.secho(f"error: --preset {preset!r} is not one of {', '.join(PRESETS)}", err=True)
         raise typer.Exit(2)
+    shown = out
     if out is None:
         out = Path("runs") / time.strftime("%Y%m%d-%H%M%S", time.gmtime())
         _point_latest_at(out)
+        shown = out.parent / "latest"
     try:
         overrides = {**PRESETS.get(preset or "", {}), **parse_overrides(run_config or [])}
         result = run_simulation_cli(
@@ -243,7 +245,7 @@ def simulate(
         typer.echo(f"full log: {result.run_dir / 'flwr-run.log'}", err=True)
         raise typer.Exit(1)
     if (result.run_dir / "global_model.safetensors").exists():
-        typer.echo(f"use the model: fedfusion export {out} --out model (then predict, evaluate)")
+        typer.echo(f"use the model: fedfusion export {shown} --out model (then predict, evaluate)")
 
 
 def audit(
