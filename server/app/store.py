@@ -48,6 +48,7 @@ __all__ = [
     "RunStore",
     "evaluation_fields",
     "fitting_state",
+    "read_run_file",
     "write_json_atomic",
 ]
 
@@ -266,16 +267,7 @@ class RunStore:
         return self.checkpoints / f"round-{server_round:04d}.server-optimizer.safetensors"
 
     def _read_json(self, name: str) -> dict[str, Any] | None:
-        path = self.root / name
-        if not path.exists():
-            return None
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise RunDirError(f"{path} cannot be read ({err}): it is not a fedfusion run") from err
-        if not isinstance(data, dict):
-            raise RunDirError(f"{path} is not a fedfusion run file")
-        return data
+        return read_run_file(self.root / name)
 
     def lock(self, wait: float = 30.0) -> None:
         """Hold this run's lock for the life of the process; refuse if another holds it.
@@ -440,6 +432,19 @@ class RunStore:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
+
+
+def read_run_file(path: Path) -> dict[str, Any] | None:
+    """A run directory's JSON file (None if absent); RunDirError if it is not one."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise RunDirError(f"{path} cannot be read ({err}): it is not a fedfusion run") from err
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path} is not a fedfusion run file")
+    return data
 
 
 def _fsync(path: Path) -> None:

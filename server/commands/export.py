@@ -9,7 +9,6 @@ statistics (shared_model/inference/operating_points.py), never from one hospital
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from server.app.best import BEST_FILE, BEST_MODEL, best_round
+from server.app.store import RunDirError, read_run_file
 from server.commands.model_card import render_model_card
 from shared_model.config import RunConfig
 from shared_model.evaluation import EvalStats
@@ -61,17 +61,13 @@ class RunFacts:
 
 
 def _read_json(path: Path, required: bool = True) -> dict[str, Any]:
-    if not path.exists():
-        if required:
-            raise BundleError(f"{path.parent} has no {path.name}: it is not a fedfusion run")
-        return {}
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise BundleError(f"{path} cannot be read: {err}") from err
-    if not isinstance(data, dict):
-        raise BundleError(f"{path} is not a fedfusion run file")
-    return data
+        data = read_run_file(path)
+    except RunDirError as err:
+        raise BundleError(str(err)) from err
+    if data is None and required:
+        raise BundleError(f"{path.parent} has no {path.name}: it is not a fedfusion run")
+    return data or {}
 
 
 def read_run(run_dir: Path) -> RunFacts:

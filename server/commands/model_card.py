@@ -15,7 +15,10 @@ from shared_model.inference.operating_points import PooledLabel
 if TYPE_CHECKING:
     from server.commands.export import RunFacts
 
-__all__ = ["render_model_card"]
+__all__ = ["PooledFigures", "render_model_card"]
+
+# Per-label figures, and (macro AUROC, its 95% CI low, high): operating_points.pooled_figures
+PooledFigures = tuple[list[PooledLabel], tuple[float, float, float]]
 
 _EMBEDDED_DATA = (
     "The embedded demonstration data: 3,860 labelled chest X-ray reports from Indiana "
@@ -83,7 +86,7 @@ def _privacy_rows(facts: RunFacts, server_round: int) -> list[str]:
 def _evaluation_section(
     facts: RunFacts,
     info: dict[str, Any],
-    figures: tuple[list[PooledLabel], tuple[float, float, float]] | None,
+    figures: PooledFigures | None,
 ) -> list[str]:
     source = info["source"]
     split = facts.run.data.holdout
@@ -150,7 +153,7 @@ def _evaluation_section(
 def render_model_card(
     facts: RunFacts,
     info: dict[str, Any],
-    figures: tuple[list[PooledLabel], tuple[float, float, float]] | None,
+    figures: PooledFigures | None,
 ) -> str:
     """MODEL_CARD.md for a bundle (``info`` is its bundle.json without the weights' hash)."""
     run, source, model = facts.run, info["source"], info["model"]
