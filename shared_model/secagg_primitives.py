@@ -1,6 +1,6 @@
 """SecAgg+'s mask generator and secret sharing, fast enough for 100 hospitals.
 
-Flower 1.41's SecAgg+ (``secaggplus_mod`` at each hospital, ``SecAggPlusWorkflow`` at
+Flower 1.42's SecAgg+ (``secaggplus_mod`` at each hospital, ``SecAggPlusWorkflow`` at
 the server) expands every mask seed with numpy's Mersenne Twister seeded with 32 bits
 (the seed's bytes XOR-folded), and splits keys with PyCryptodome's Shamir over
 GF(2^128) in pure Python. Measured on 2 cores, with a complete graph of 100 hospitals

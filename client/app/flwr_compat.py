@@ -1,4 +1,4 @@
-"""Every patch of Flower internals the ClientApp makes, written for Flower 1.41.
+"""Every patch of Flower internals the ClientApp makes, written for Flower 1.42.
 
 Each entry of :data:`PATCHED` is a Flower symbol fedfusion replaces, with the parameter
 names it had in that version; ``tests/test_flwr_compat.py`` fails when one disappears or
@@ -19,7 +19,7 @@ from shared_model import secagg_primitives
 
 __all__ = ["FLOWER_VERSION", "PATCHED", "install_secagg_primitives"]
 
-FLOWER_VERSION = "1.41"
+FLOWER_VERSION = "1.42"
 _MOD = "flwr.client.mod.secure_aggregation.secaggplus_mod"
 _PAIR = ("parameters1", "parameters2")
 PATCHED: dict[str, tuple[str, ...]] = {

@@ -1,4 +1,4 @@
-"""Every patch of Flower internals the hospital's node runtime makes, for Flower 1.41.
+"""Every patch of Flower internals the hospital's node runtime makes, for Flower 1.42.
 
 Each entry of :data:`PATCHED` is a Flower symbol fedfusion replaces or runs by name, with
 the parameter names it had in that version (``None``: it must only exist);
@@ -30,8 +30,8 @@ __all__ = [
     "scale_waits",
 ]
 
-FLOWER_VERSION = "1.41"
-FLOWER_IDLE_POLL = 3.0  # seconds: the idle poll of flwr 1.41's SuperNode loop
+FLOWER_VERSION = "1.42"
+FLOWER_IDLE_POLL = 3.0  # seconds: the idle poll of flwr 1.42's SuperNode loop
 _LOOP = "flwr.supernode.start_client_internal"
 CLIENTAPP = "flwr.supernode.cli.flwr_clientapp:flwr_clientapp"  # a ClientApp process
 SUPERNODE = "flwr.supernode.cli.flower_supernode:flower_supernode"  # the SuperNode

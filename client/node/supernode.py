@@ -1,6 +1,6 @@
 """`python -m client.node.supernode --poll-interval S ARGS`: Flower's SuperNode, waiting less.
 
-Flower 1.41's SuperNode loop (``flwr.supernode.start_client_internal``) has fixed waits:
+Flower 1.42's SuperNode loop (``flwr.supernode.start_client_internal``) has fixed waits:
 an idle SuperNode asks the SuperLink for work every 3 s, and while a ClientApp runs it
 looks for the reply every 0.5 s. A round sends each hospital at least two messages
 (train, evaluate; four under SecAgg+), so on a fast link those waits, not the work, set

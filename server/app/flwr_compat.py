@@ -1,4 +1,4 @@
-"""Every patch of Flower internals the ServerApp makes, written for Flower 1.41.
+"""Every patch of Flower internals the ServerApp makes, written for Flower 1.42.
 
 Each entry of :data:`PATCHED` is a Flower symbol fedfusion replaces, with the parameter
 names it had in that version; ``tests/test_flwr_compat.py`` fails when one disappears or
@@ -30,7 +30,7 @@ __all__ = [
     "install_secagg_primitives",
 ]
 
-FLOWER_VERSION = "1.41"
+FLOWER_VERSION = "1.42"
 _WORKFLOW = "flwr.server.workflow.secure_aggregation.secaggplus_workflow"
 PATCHED: dict[str, tuple[str, ...] | None] = {
     "flwr.superlink.grid.http_grid:pull_objects": (

@@ -291,7 +291,7 @@ class SecAggConfig:
         if shares < 3:
             raise ConfigError(f"secagg.num-shares: must be at least 3, got {shares}")
         if shares < hospitals and shares % 2 == 0:
-            # Flower 1.41 tells the hospitals to make `shares` key shares, then builds the
+            # Flower 1.42 tells the hospitals to make `shares` key shares, then builds the
             # neighbour graph with one more: every hospital fails with an IndexError.
             raise ConfigError(
                 f"secagg.num-shares: {shares} is even; below the number of hospitals "

@@ -157,7 +157,7 @@ def test_secagg_defaults_are_sane_for_3_to_20_hospitals(settings, hospitals, exp
         ({"num_shares": 5, "reconstruction_threshold": 1}, 8, "at least 2"),
         # both halves of one hospital's secrets from disjoint neighbours: hospitals refuse
         ({"num_shares": 7, "reconstruction_threshold": 3}, 9, r"not above half .* at least 4"),
-        # Flower 1.41 would build a graph of 21 with 20 shares: IndexError at every hospital
+        # Flower 1.42 would build a graph of 21 with 20 shares: IndexError at every hospital
         ({"num_shares": 20}, 50, r"20 is even; .* \(use 21\)"),
     ],
 )

@@ -61,7 +61,7 @@ def test_shares_are_fresh_and_malformed_sets_are_refused():
 
 
 def test_masks_use_the_whole_seed():
-    """Flower 1.41 folds the seed to 32 bits, so two seeds with the same fold get the
+    """Flower 1.42 folds the seed to 32 bits, so two seeds with the same fold get the
     same mask; here every bit of the seed matters."""
     from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen as flowers
 
