@@ -44,20 +44,30 @@ def data_check(
     import json
 
     from shared_model.config import ConfigError, RunConfig, parse_overrides
-    from shared_model.data import DataLimits, ManifestError, decode_image, load_manifest
+    from shared_model.data import (
+        DataLimits,
+        ManifestError,
+        decode_image,
+        load_manifest,
+        read_manifest_rows,
+    )
+    from shared_model.progress import progress
     from shared_model.text import tokenizer_for
 
     try:
         run = RunConfig.from_run_config(parse_overrides(run_config or []))
-        _, report = load_manifest(
-            manifest,
-            run.model.labels,
-            tokenizer_for(run.model),
-            run.model.image_size,
-            strict=False,
-            decode=decode_image,
-            limits=DataLimits(run.data.max_image_pixels, run.data.max_report_chars),
-        )
+        total = len(read_manifest_rows(manifest.expanduser().resolve()))
+        with progress(total, "rows") as advance:
+            _, report = load_manifest(
+                manifest,
+                run.model.labels,
+                tokenizer_for(run.model),
+                run.model.image_size,
+                strict=False,
+                decode=decode_image,
+                limits=DataLimits(run.data.max_image_pixels, run.data.max_report_chars),
+                progress=lambda: advance("checking", 1),
+            )
     except ManifestError as err:
         if err.report is None:  # the manifest itself cannot be read
             typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)

@@ -7,17 +7,14 @@ from __future__ import annotations
 
 import csv
 import json
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-if TYPE_CHECKING:
-    from rich.progress import TaskID
+from shared_model.progress import progress
 
+if TYPE_CHECKING:
     from shared_model.inference.loaded import LoadedModel
     from shared_model.inference.predict import Prediction
 
@@ -83,46 +80,6 @@ def _load(
             err=True,
         )
     return loaded
-
-
-_PROGRESS_EVERY = 5.0  # seconds between progress lines when stderr is not a terminal
-
-
-@contextmanager
-def _progress(total: int) -> Iterator[Callable[[str, int], None]]:
-    """Progress bars on stderr, one per stage; lines every tenth when not a terminal."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    if not console.is_terminal:  # a log file or a pipe: a line every few seconds
-        done: dict[str, int] = {}
-        last = [time.monotonic()]
-
-        def line(stage: str, n: int) -> None:
-            done[stage] = done.get(stage, 0) + n
-            if time.monotonic() - last[0] >= _PROGRESS_EVERY:
-                last[0] = time.monotonic()
-                typer.echo(f"{stage}: {done[stage]}/{total} records", err=True)
-
-        yield line
-        return
-    with Progress(
-        "[bold]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    ) as bars:
-        tasks: dict[str, TaskID] = {}
-
-        def advance(stage: str, n: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bars.add_task(stage, total=total)
-            bars.advance(tasks[stage], n)
-
-        yield advance
 
 
 def _manifest_rows(manifest: Path) -> int:
@@ -224,7 +181,7 @@ def predict(
             _show_record(predictions[0], loaded)
     else:
         try:
-            with _progress(total) as advance:
+            with progress(total) as advance:
                 predictions, _report = predict_manifest(loaded, manifest, advance)
         except ManifestError as err:
             raise _manifest_failure(err) from err
@@ -291,7 +248,7 @@ def evaluate(
     total = _manifest_rows(manifest)
     loaded = _load(bundle, device, text_model, image_weights, expect_digest)
     try:
-        with _progress(total) as advance:
+        with progress(total) as advance:
             run = evaluate_bundle(
                 loaded,
                 manifest,

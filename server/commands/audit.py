@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ import torch
 
 from shared_model.config import ConfigError, RunConfig
 
-__all__ = ["AttackResult", "AuditResult", "attack_metrics", "audit_run"]
+__all__ = ["AttackResult", "AuditResult", "attack_metrics", "audit_run", "hospital_count"]
 
 LOW_FPRS = (0.01, 0.001)
 
@@ -102,7 +103,8 @@ def _negative_losses(model: torch.nn.Module, records: Any, loss_fn: torch.nn.Mod
     return torch.cat(out).numpy()
 
 
-def _hospital_count(run_dir: Path) -> int:
+def hospital_count(run_dir: Path) -> int:
+    """How many simulated hospitals a run had, from the names in its metrics (0 if none)."""
     metrics = run_dir / "metrics.json"
     if not metrics.exists():
         return 0
@@ -115,7 +117,11 @@ def _hospital_count(run_dir: Path) -> int:
     return max(ids) + 1 if ids else 0
 
 
-def audit_run(run_dir: Path, hospitals: int | None = None) -> AuditResult:
+def audit_run(
+    run_dir: Path,
+    hospitals: int | None = None,
+    progress: Callable[[str, int], None] | None = None,
+) -> AuditResult:
     """Attack the final global model of a simulated run with its hospitals' own records.
 
     The run directory must hold ``run.json`` and ``global_model.safetensors`` of a run on
@@ -133,7 +139,7 @@ def audit_run(run_dir: Path, hospitals: int | None = None) -> AuditResult:
         if not (run_dir / name).exists():
             raise ConfigError(f"{run_dir} has no {name}: audit a finished `fedfusion simulate` run")
     run = RunConfig.from_run_config(json.loads((run_dir / "run.json").read_text())["config"])
-    count = hospitals or _hospital_count(run_dir)
+    count = hospitals or hospital_count(run_dir)
     if count < 1:
         raise ConfigError(f"cannot tell how many hospitals {run_dir} had: pass --hospitals")
     # Checkpoints hold the trainable parameters; the frozen rest is rebuilt as the
@@ -153,6 +159,8 @@ def audit_run(run_dir: Path, hospitals: int | None = None) -> AuditResult:
             before = _negative_losses(initial, records, loss_fn)
             scores["loss-threshold"][member].append(after)
             scores["calibrated-loss"][member].append(after - before)
+        if progress is not None:
+            progress("scoring hospitals' records", 1)
     attacks = {
         name: attack_metrics(np.concatenate(s[True]), np.concatenate(s[False]), seed=run.seed)
         for name, s in scores.items()

@@ -262,11 +262,13 @@ def audit(
     """
     import json
 
-    from server.commands.audit import audit_run
+    from server.commands.audit import audit_run, hospital_count
     from shared_model.config import ConfigError
+    from shared_model.progress import progress
 
     try:
-        result = audit_run(run_dir, hospitals)
+        with progress(hospitals or hospital_count(run_dir), "hospitals") as advance:
+            result = audit_run(run_dir, hospitals, advance)
     except ConfigError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from err

@@ -10,6 +10,7 @@ it returns.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -97,7 +98,7 @@ def run_simulation_cli(
                 out,
                 timeout,
                 verbose,
-                echo,
+                with_eta(echo, rounds),
                 ("--federation-config", f"num-supernodes={hospitals} client-resources-num-cpus=1"),
             )
     finally:
@@ -150,3 +151,36 @@ def _resumable(out: Path, run: RunConfig, base_hash: str, hospitals: int) -> str
         f"{out} holds an unfinished run ({info.get('status')}); resuming it {last}, "
         "with the hospitals' privacy ledgers as they are"
     )
+
+
+_ROUND_LINE = re.compile(r"^round (\d+)/(\d+) \|")
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    return f"{minutes}:{secs:02d}"
+
+
+def with_eta(echo: Any, rounds: int, clock: Any = time.monotonic) -> Any:
+    """``echo`` that adds the elapsed time and an estimate of the time left to round lines.
+
+    The estimate is the mean time of the rounds finished so far (round 0, the initial
+    evaluation, excluded) times the rounds left.
+    """
+    started = clock()
+    first: list[float] = []  # when round 1 began: the end of round 0
+
+    def show(text: str) -> None:
+        match = _ROUND_LINE.match(text.strip())
+        if match:
+            done, now = int(match.group(1)), clock()
+            if done == 0:
+                first.append(now)
+            if first and 0 < done < rounds:
+                left = (now - first[0]) / done * (rounds - done)
+                text += f" | {_clock(now - started)} elapsed, about {_clock(left)} left"
+            else:
+                text += f" | {_clock(now - started)} elapsed"
+        echo(text)
+
+    return show

@@ -203,17 +203,3 @@ def test_a_threshold_that_never_or_always_fires_is_named(tmp_path):
     bundle = load_bundle(export_run(tmp_path / "run", tmp_path / "b", "1", "specificity=1.0"))
     notes = bundle.info["decision"]["notes"]
     assert notes and all("fires on no pooled record" in n for n in notes)
-
-
-def test_runs_latest_follows_the_newest_default_run(tmp_path):
-    from server.commands.cli import _point_latest_at
-
-    for name in ("20261201-000000", "20261202-000000"):
-        (tmp_path / "runs" / name).mkdir(parents=True)
-        _point_latest_at(tmp_path / "runs" / name)
-        assert (tmp_path / "runs" / "latest").resolve() == (tmp_path / "runs" / name).resolve()
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == [
-        "20261201-000000",
-        "20261202-000000",
-        "latest",
-    ]
