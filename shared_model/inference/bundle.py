@@ -14,7 +14,9 @@ are not copied: every hospital already holds them, as it did for training. The b
 names them and their SHA-256 (``frozen-base``); loading rebuilds them from the local
 files and refuses a model whose hash differs, as the server refuses such a hospital.
 The tokenizer is checked the same way. Weights are read with safetensors only, and their
-own SHA-256 is checked first.
+own SHA-256 is checked first (:mod:`shared_model.inference.loaded`). ``bundle.json`` ends
+with a digest over all of it, checked on read; a hospital can pin the digest the
+coordinator announced. No path written in a bundle is ever followed.
 """
 
 from __future__ import annotations
