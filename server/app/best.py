@@ -15,7 +15,6 @@ file is written first and carries its round, so a reader can check that they agr
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 from collections.abc import Callable
@@ -54,19 +53,20 @@ def refresh_best(
     """Point best.json and best_model.safetensors at the best recorded round.
 
     ``checkpoint`` gives a round's checkpoint path; ``recorded`` the rounds whose records
-    are complete. A round without both
-    an evaluation and a checkpoint is not a candidate yet; nothing is rewritten when the
-    best did not change.
+    are complete. A round without both an evaluation and a checkpoint is not a candidate
+    yet; nothing is rewritten when the best did not change.
     """
-    from server.app.store import write_json_atomic  # the store imports this module
+    from server.app.store import RunDirError, read_run_file, write_json_atomic  # imports us
 
-    path = root / "evaluation.json"
-    if not path.exists():
+    evaluation = read_run_file(root / "evaluation.json")
+    if evaluation is None:
         return
-    evaluation = json.loads(path.read_text(encoding="utf-8"))
     candidates = {r for r in recorded if checkpoint(r).exists()}
     found = best_round(evaluation, candidates)
-    current = _read(root / BEST_FILE)
+    try:
+        current = read_run_file(root / BEST_FILE)
+    except RunDirError:  # damaged: rewritten below
+        current = None
     if found is None:
         for name in (BEST_FILE, BEST_MODEL):  # a resumed run dropped the rounds they named
             (root / name).unlink(missing_ok=True)
@@ -82,10 +82,3 @@ def refresh_best(
         {"round": server_round, "metric": METRIC, "value": value, "split": holdout},
     )
 
-
-def _read(path: Path) -> dict[str, Any] | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
