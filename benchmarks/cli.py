@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from shared_model.progress import progress
+
 if TYPE_CHECKING:
     from benchmarks.report import Measurement
 
@@ -238,13 +240,15 @@ def bench(
     measurements: list[Measurement] = []
     failures: list[str] = []
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    for name, part in parts:
-        try:
-            measurements += part()
-        except RuntimeError as err:
-            failures.append(f"{name}: {err}")
-            typer.secho(f"FAILED ({name}): {err}", fg=typer.colors.RED, err=True)
-        json_path, md_path = write_results(measurements, out, suite, stamp, failures)
+    with progress(len(parts), "parts") as advance:
+        for name, part in parts:
+            try:
+                measurements += part()
+            except RuntimeError as err:
+                failures.append(f"{name}: {err}")
+                typer.secho(f"FAILED ({name}): {err}", fg=typer.colors.RED, err=True)
+            json_path, md_path = write_results(measurements, out, suite, stamp, failures)
+            advance(f"bench {suite}", 1)
     typer.echo("\n" + table(measurements))
     typer.echo(f"\n{time.monotonic() - started:.0f}s; results: {json_path} and {md_path}")
     if failures:

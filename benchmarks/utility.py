@@ -24,6 +24,7 @@ import numpy as np
 from benchmarks.inprocess import federate
 from benchmarks.report import Echo, machine_facts
 from shared_model.config import PRESETS
+from shared_model.progress import progress
 
 __all__ = [
     "COMMON",
@@ -334,7 +335,11 @@ def run_utility_bench(
     """
     configs = [c for c in UTILITY_CONFIGS if c.mode in modes and (names is None or c.name in names)]
     entries = []
-    with tempfile.TemporaryDirectory(prefix="fedfusion-utility-") as tmp:
+    trainings = sum(len(search_grid(c, grid)) + len(seeds) for c in configs)
+    with (
+        tempfile.TemporaryDirectory(prefix="fedfusion-utility-") as tmp,
+        progress(trainings, "trainings") as advance,
+    ):
         work = Path(tmp)
         for n, config in enumerate(configs, start=1):
             label = f"[{n}/{len(configs)}] {config.mode}: {config.name}"
@@ -343,6 +348,7 @@ def run_utility_bench(
                 echo(f"{label}: searching {point} on the validation split ...")
                 history, _ = _train(config, point, TUNING_SEED, "validation", rounds, reports, work)
                 tuning.append({"point": point, "validation_auroc": _score(history)})
+                advance("configurations and seeds", 1)
             scored = [t for t in tuning if t["validation_auroc"] is not None] or tuning
             best = max(scored, key=lambda t: t["validation_auroc"] or 0.0)["point"]
             runs = []
@@ -352,6 +358,7 @@ def run_utility_bench(
                 auroc = _score(runs[-1][0])
                 shown = "undefined" if auroc is None else f"{auroc:.3f}"
                 echo(f"{label}: seed {seed}: test macro AUROC {shown}")
+                advance("configurations and seeds", 1)
             entries.append(summarize_utility(config, runs, best, tuning))
     return entries
 

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 __all__ = ["LINE_EVERY", "Advance", "progress"]
 
@@ -38,6 +39,9 @@ def progress(total: int, unit: str = "records") -> Iterator[Advance]:
 
         yield line
         return
+    if _live:  # inside another bar (a benchmark's part, say): more bars in the same display
+        yield from _bars(_live[-1], total)
+        return
     with Progress(
         "[bold]{task.description}",
         BarColumn(),
@@ -46,11 +50,27 @@ def progress(total: int, unit: str = "records") -> Iterator[Advance]:
         console=console,
         transient=True,
     ) as bars:
-        tasks: dict[str, object] = {}
+        _live.append(bars)
+        try:
+            yield from _bars(bars, total)
+        finally:
+            _live.pop()
 
-        def advance(stage: str, n: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bars.add_task(stage, total=total)
-            bars.advance(tasks[stage], n)  # type: ignore[arg-type]
 
+_live: list[Any] = []  # the rich Progress showing now (rich allows one live display)
+
+
+def _bars(bars: Any, total: int) -> Iterator[Advance]:
+    """Yield ``advance`` adding one bar per stage to ``bars``; remove them afterwards."""
+    tasks: dict[str, Any] = {}
+
+    def advance(stage: str, n: int) -> None:
+        if stage not in tasks:
+            tasks[stage] = bars.add_task(stage, total=total)
+        bars.advance(tasks[stage], n)
+
+    try:
         yield advance
+    finally:
+        for task in tasks.values():
+            bars.remove_task(task)

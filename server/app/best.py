@@ -81,4 +81,3 @@ def refresh_best(
         root / BEST_FILE,
         {"round": server_round, "metric": METRIC, "value": value, "split": holdout},
     )
-

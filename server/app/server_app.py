@@ -8,6 +8,7 @@ report when the run ends.
 
 from __future__ import annotations
 
+from importlib.metadata import version
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from server.app.secagg import SecAggRounds
 from server.app.server_optimizer import ServerOptimizer
 from server.app.store import RoundRecord, RunStore, fitting_state
 from server.app.strategy import build_strategy, wait_for_hospitals
+from server.app.tracking import RunTracker, TrackingSettings
 from shared_model.config import RunConfig
 from shared_model.packing import WeightLayout
 from shared_model.weights import base_fingerprint, initial_model, shared_state
@@ -57,8 +59,12 @@ def main(grid: Grid, context: Context) -> None:
             resume.round,
         )
 
+    tracker = _tracker(store.root, flat)
+
     def progress(record: RoundRecord) -> None:
         log(INFO, "[fedfusion] %s", format_round_line(record.to_dict(), run.num_rounds))
+        if tracker is not None:
+            tracker.sync(store.rounds)
 
     try:
         driver = _driver(grid, context, run, layout, base_hash)
@@ -66,12 +72,36 @@ def main(grid: Grid, context: Context) -> None:
     except Exception as err:
         log(ERROR, "[fedfusion] run failed: %s", err)
         store.finish("failed", error=f"{type(err).__name__}: {err}")
+        if tracker is not None:
+            tracker.finish("failed", store.rounds)
         raise
     trained_rounds = sum(r["round"] > 0 for r in store.rounds)
     status = "completed" if trained_rounds == run.num_rounds else "stopped-early"
     store.finish(status, final)
     report = write_report(store.root, flat)
     log(INFO, "[fedfusion] report: %s", report)
+    if tracker is not None:
+        tracker.finish(status, store.rounds)
+        if tracker.active:
+            uri, run_id = tracker.settings.uri, tracker.run_id
+            log(INFO, "[fedfusion] tracked in %s (MLflow run %s)", uri, run_id)
+
+
+def _tracker(root: Path, flat: dict[str, object]) -> RunTracker | None:
+    """The run's MLflow logger as the coordinator's environment sets it (None: off)."""
+    settings = TrackingSettings.from_env(root)
+    if settings is None:
+        return None
+    tracker = RunTracker(settings, root)
+    tracker.start(
+        flat,
+        {
+            "fedfusion.version": version("fedfusion"),
+            "flwr.version": version("flwr"),
+            "fedfusion.run-dir": str(root),
+        },
+    )
+    return tracker
 
 
 def _driver(

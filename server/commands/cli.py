@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Annotated
@@ -101,6 +102,18 @@ def server(
             "--new-run", help="Start a new run even if the latest one is unfinished (not resumed)."
         ),
     ] = False,
+    tracking: Annotated[
+        bool | None,
+        typer.Option(
+            "--tracking/--no-tracking",
+            help="Log the run to MLflow (default: server.tracking in the file, on).",
+            show_default=False,
+        ),
+    ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(help="MLflow tracking URI (default: server.tracking-uri in the file)."),
+    ] = None,
 ) -> None:
     """Run the federation for real: SuperLink, hospital registration, the rounds.
 
@@ -111,6 +124,7 @@ def server(
     last complete round. Exits non-zero if the run failed.
     """
     from server.app.report import summary_table
+    from server.app.tracking import tracking_env
     from server.commands.config import ServerDeployConfig
     from server.commands.serve import INSECURE_WARNING, run_server
     from server.commands.superlink import failed_replies
@@ -135,6 +149,11 @@ def server(
             verbose=verbose,
             base_hash=base_hash,
             new_run=new_run,
+            tracking=tracking_env(
+                cfg.tracking_uri if tracking_uri is None else tracking_uri,
+                cfg.tracking_experiment,
+                cfg.tracking if tracking is None else tracking,
+            ),
         )
     except ConfigError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
@@ -145,10 +164,33 @@ def server(
         if lost:
             typer.secho(f"note: {lost}", fg=typer.colors.YELLOW)
     typer.echo(f"\nrun directory: {result.run_dir}")
+    _show_tracking(result.run_dir)
     if not result.ok:
         for problem in result.problems:
             typer.secho(f"FAILED: {problem}", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
+
+
+_TRACKING = typer.Option(
+    "--tracking/--no-tracking", help="Log the run to MLflow (parameters, rounds, artifacts)."
+)
+_TRACKING_URI = typer.Option(
+    help="MLflow tracking URI; default: the SQLite store mlflow.db beside the run directory."
+)
+_EXPERIMENT = typer.Option(help="MLflow experiment the run is logged under.")
+
+
+def _show_tracking(run_dir: Path) -> None:
+    """Where the run was logged, and how to look at it."""
+    from server.app.tracking import TRACKING_FILE
+
+    path = run_dir / TRACKING_FILE
+    try:
+        info = json.loads(path.read_text("utf-8")) if path.is_file() else None
+    except (OSError, ValueError):
+        info = None
+    if info:
+        typer.echo(f"  {'MLflow run':26s} {info.get('run_id')} in {info.get('uri')}")
 
 
 def simulate(
@@ -191,6 +233,9 @@ def simulate(
     tolerate_failures: Annotated[
         bool, typer.Option(help="Count a run as successful even if some hospital replies failed.")
     ] = False,
+    tracking: Annotated[bool, _TRACKING] = True,
+    tracking_uri: Annotated[str, _TRACKING_URI] = "",
+    experiment: Annotated[str, _EXPERIMENT] = "fedfusion",
 ) -> None:
     """Simulate a federation of hospitals on this machine, on the embedded default data.
 
@@ -203,6 +248,7 @@ def simulate(
     plots and final model. Exits non-zero if the run failed.
     """
     from server.app.report import summary_table
+    from server.app.tracking import tracking_env
     from server.commands.simulate import run_simulation_cli
     from shared_model.config import PRESETS, ConfigError, parse_overrides
 
@@ -225,6 +271,8 @@ def simulate(
             verbose=verbose,
             tolerate_failures=tolerate_failures,
             echo=typer.echo,
+            tracking=tracking_env(tracking_uri, experiment, tracking),
+            live=True,
         )
     except ConfigError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
@@ -239,6 +287,7 @@ def simulate(
         typer.echo(
             f"  {'privacy ledgers':26s} {result.run_dir / 'hospitals'}/*/privacy_ledger.json"
         )
+    _show_tracking(result.run_dir)
     if not result.ok:
         for problem in result.problems:
             typer.secho(f"FAILED: {problem}", fg=typer.colors.RED, err=True)

@@ -34,6 +34,11 @@ class ServerDeployConfig:
     )
     insecure: bool = _opt(False, "Plaintext, no TLS, no hospital authentication: development only.")
     timeout: float = _opt(86400.0, "Stop the run after this many seconds.", min=1.0)
+    tracking: bool = _opt(True, "Log each run to MLflow (parameters, rounds, artifacts).")
+    tracking_uri: str = _opt(
+        "", "MLflow tracking URI; empty: the SQLite store runs/mlflow.db in the state directory."
+    )
+    tracking_experiment: str = _opt("fedfusion", "MLflow experiment the runs are logged under.")
 
     @classmethod
     def from_file(cls, path: Path) -> tuple[ServerDeployConfig, RunConfig, dict[str, Any]]:

@@ -20,6 +20,7 @@ from typing import Any
 from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 
 from server.app.store import RunDirError, RunFinishedError, RunStore
+from server.app.tracking import tracking_env
 from server.commands.config import ServerDeployConfig
 from server.commands.superlink import (
     BIN,
@@ -161,12 +162,14 @@ def run_server(
     *,
     base_hash: str = "",
     new_run: bool = False,
+    tracking: dict[str, str] | None = None,
 ) -> RunResult:
     """Start the SuperLink, register hospitals, run the federation, stop; judge the run.
 
     If the state directory's latest run is unfinished (its server was killed, or it
     failed), it is resumed after its last complete round, unless ``new_run``.
     ``base_hash`` is the frozen weights' fingerprint, which a resumed run must share.
+    ``tracking`` (:func:`server.app.tracking.tracking_env`) says where the run is logged.
     """
     state = Path(cfg.state_dir)
     out = _run_dir(state, {**run.to_run_config(), **run_settings}, base_hash, new_run, echo)
@@ -174,7 +177,7 @@ def run_server(
     full = {**run.to_run_config(), **run_settings, "output-dir": str(out)}
     config_file.write_text(to_toml(full), encoding="utf-8")
     RunConfig.from_run_config(full)
-    env = _environment(cfg)
+    env = {**_environment(cfg), **(tracking or tracking_env())}
     log = state / "superlink.log"
     restarted = (state / "superlink.db").exists()
     started = time.monotonic()

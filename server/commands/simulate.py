@@ -14,10 +14,13 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from server.app.store import RunDirError, RunStore, write_json_atomic
+from server.app.tracking import tracking_env
 from server.commands.superlink import (
     LocalSuperLink,
     RunResult,
@@ -47,11 +50,16 @@ def run_simulation_cli(
     tolerate_failures: bool,
     echo: Any = print,
     feature_cache: Path | None = None,
+    tracking: dict[str, str] | None = None,
+    live: bool = False,
 ) -> RunResult:
     """Run a local federation of ``hospitals`` x ``rounds`` and judge how it went.
 
     Frozen pretrained encoders' features are cached in ``feature_cache`` (default:
     ``.feature-cache`` beside ``out``), shared by the simulated hospitals and later runs.
+    ``tracking`` (:func:`server.app.tracking.tracking_env`; default: the SQLite store
+    beside ``out``) says where the run is logged to MLflow. ``live``: a progress bar of
+    the rounds when the output is a terminal.
     """
     started = time.monotonic()
     out = out.expanduser().resolve()
@@ -84,12 +92,13 @@ def run_simulation_cli(
         RAY_DEDUP_LOGS="0",
         RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",  # also silences Ray's tip about it
         **{SIM_FEATURE_CACHE_ENV: str(feature_cache or out.parent / ".feature-cache")},
+        **(tracking or tracking_env()),
     )
     result = RunResult(run_dir=out)
     echo(f"fedfusion: {hospitals} hospitals x {rounds} rounds on the embedded data -> {out}")
     link = LocalSuperLink(env, port, out / "superlink.log")
     try:
-        with link:
+        with link, round_progress(echo, rounds, live) as show:
             rc, status, timed_out = submit_run(
                 project,
                 config_file,
@@ -98,7 +107,7 @@ def run_simulation_cli(
                 out,
                 timeout,
                 verbose,
-                with_eta(echo, rounds),
+                show,
                 ("--federation-config", f"num-supernodes={hospitals} client-resources-num-cpus=1"),
             )
     finally:
@@ -153,7 +162,8 @@ def _resumable(out: Path, run: RunConfig, base_hash: str, hospitals: int) -> str
     )
 
 
-_ROUND_LINE = re.compile(r"^round (\d+)/(\d+) \|")
+_ROUND_LINE = re.compile(r"^round (\d+)/(\d+) (\||\(SecAgg\+\))")
+RoundTick = Callable[[int, float, float | None], None]  # (rounds done, elapsed, left or None)
 
 
 def _clock(seconds: float) -> str:
@@ -161,26 +171,69 @@ def _clock(seconds: float) -> str:
     return f"{minutes}:{secs:02d}"
 
 
-def with_eta(echo: Any, rounds: int, clock: Any = time.monotonic) -> Any:
+def with_eta(
+    echo: Any, rounds: int, clock: Any = time.monotonic, tick: RoundTick | None = None
+) -> Any:
     """``echo`` that adds the elapsed time and an estimate of the time left to round lines.
 
-    The estimate is the mean time of the rounds finished so far (round 0, the initial
-    evaluation, excluded) times the rounds left.
+    The estimate is the mean time of the training rounds finished so far, timed from the
+    start of the first one this command saw (a resumed run starts later), times the
+    rounds left. A round starts when its SecAgg+ exchange does (``round k/N (SecAgg+)``)
+    or, without SecAgg+, when the round before it finished (``round k-1/N | ...``).
+    ``tick`` is told each finished round, for a progress bar.
     """
     started = clock()
-    first: list[float] = []  # when round 1 began: the end of round 0
+    first: list[tuple[float, int]] = []  # (when, rounds done by then) at the first start
 
     def show(text: str) -> None:
         match = _ROUND_LINE.match(text.strip())
         if match:
-            done, now = int(match.group(1)), clock()
-            if done == 0:
-                first.append(now)
-            if first and 0 < done < rounds:
-                left = (now - first[0]) / done * (rounds - done)
-                text += f" | {_clock(now - started)} elapsed, about {_clock(left)} left"
-            else:
+            k, now, finished = int(match.group(1)), clock(), match.group(3) == "|"
+            if not first:
+                first.append((now, k if finished else k - 1))
+            t0, base = first[0]
+            left = None
+            if finished and base < k < rounds:
+                left = (now - t0) / (k - base) * (rounds - k)
+            if finished:
                 text += f" | {_clock(now - started)} elapsed"
+                text += f", about {_clock(left)} left" if left is not None else ""
+                if tick is not None:
+                    tick(k, now - started, left)
         echo(text)
 
     return show
+
+
+@contextmanager
+def round_progress(echo: Any, rounds: int, live: bool) -> Iterator[Any]:
+    """The run's ``echo``: in a terminal (``live``), lines above a rich bar of the rounds.
+
+    Elsewhere (a log, CI, a test) each round line carries the elapsed time and time left.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    console = Console()
+    if not (live and console.is_terminal):
+        yield with_eta(echo, rounds)
+        return
+    with Progress(
+        "[bold]rounds",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[clock]}"),
+        console=console,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("rounds", total=rounds, clock="")
+
+        def tick(done: int, elapsed: float, left: float | None) -> None:
+            clock = f"{_clock(elapsed)} elapsed" + (f", ~{_clock(left)} left" if left else "")
+            bar.update(task, completed=done, clock=clock)
+            bar.refresh()
+
+        def line(text: str) -> None:
+            bar.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+        yield with_eta(line, rounds, tick=tick)

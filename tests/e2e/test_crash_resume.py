@@ -30,6 +30,7 @@ import pytest
 from shared_model.datasets.export import write_manifest
 from tests.client.dp.test_epsilon_independent import dp_accounting_epsilon
 from tests.support.loopback import BIN, LoopbackDeployment
+from tests.support.tracking import read_tracked_run
 
 pytestmark = pytest.mark.slow
 
@@ -147,6 +148,10 @@ def test_simulation_server_killed_mid_round_resumes_after_the_last_complete_roun
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]  # each once, the history intact
     assert (out / "checkpoints" / "round-0001.safetensors").read_bytes() == checkpoint
+    tracked = read_tracked_run(out)  # the same MLflow run, continued; each round once
+    assert tracked.runs_in_experiment == 1 and tracked.status == "FINISHED"
+    assert tracked.history["eval/auroc"] == [(r["round"], r["eval_auroc"]) for r in rounds]
+    assert [s for s, _ in tracked.history["train/loss"]] == [1, 2, 3]
     assert len(ledgers) == 3
     for name, before in ledgers.items():
         path = out / "hospitals" / name / "privacy_ledger.json"
@@ -210,7 +215,7 @@ def test_deployment_hospital_and_superlink_killed_mid_round_both_recover(tmp_pat
         # 2. the SuperLink is killed in round 3; `fedfusion server` stops, reporting it
         wait_for(lambda: "round 3/4 (SecAgg+)" in server_log.read_text(), 300, "round 3")
         time.sleep(1.0)
-        out = next((tmp_path / "server-state" / "runs").iterdir())
+        (out,) = d.runs()
         checkpoint = (out / "checkpoints" / "round-0002.safetensors").read_bytes()
         (superlink,) = [
             p
@@ -228,7 +233,7 @@ def test_deployment_hospital_and_superlink_killed_mid_round_both_recover(tmp_pat
         assert code == 0, said[-4000:]
         assert f"resuming the unfinished run in {out}" in said
         assert "online status to be current" in said  # it let stale statuses expire
-        assert [p.name for p in out.parent.iterdir()] == [out.name]  # no new run
+        assert d.runs() == [out]  # no new run
         info = json.loads((out / "run.json").read_text())
         assert info["status"] == "completed", info
         assert [a["resumed_after_round"] for a in info["attempts"]] == [2]

@@ -14,6 +14,7 @@ import json
 import pytest
 
 from shared_model.datasets.export import write_manifest
+from tests.support.tracking import read_tracked_run
 
 pytestmark = pytest.mark.slow
 RECORDS = 160
@@ -30,7 +31,7 @@ def test_three_hospitals_train_over_tls(deployment):
     )
     assert code == 0, log[-4000:]
     assert "round 2/2 (SecAgg+)" in log  # updates travelled masked (the default)
-    assert out is not None and len(list(out.parent.iterdir())) == 1
+    assert out is not None and d.runs() == [out]
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "completed", info
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
@@ -41,6 +42,11 @@ def test_three_hospitals_train_over_tls(deployment):
     assert (out / "checkpoints" / "round-0002.safetensors").exists()
     assert (out / "global_model.safetensors").exists()
     assert (d.tmp / "server-state" / "superlink.db").exists()
+    tracked = read_tracked_run(out)  # logged by the deployed server, in its default store
+    assert tracked.uri == f"sqlite:///{d.tmp / 'server-state' / 'runs' / 'mlflow.db'}"
+    assert tracked.status == "FINISHED" and tracked.params["num-rounds"] == "2"
+    assert [s for s, _ in tracked.history["eval/auroc"]] == [0, 1, 2]
+    assert "model/global_model.safetensors" in tracked.artifacts
     for name in names:
         hospital_log = (d.tmp / f"{name}.log").read_text()
         assert "warm ClientApp starts ready" in hospital_log  # forked, not cold-started
@@ -54,3 +60,4 @@ def test_three_hospitals_train_over_tls(deployment):
         reported = [h["epsilon"] for h in rounds[2]["hospitals"] if h["hospital"] == name]
         assert 0 < ledger["epsilon"] <= 6.0  # the hospital's own cap, below the server's 8
         assert reported == [pytest.approx(ledger["epsilon"])]
+        assert tracked.history[f"epsilon/{name}"][-1] == (2, pytest.approx(ledger["epsilon"]))

@@ -205,9 +205,13 @@ class LoopbackDeployment:
             code: int | None = server.wait(timeout)
         except subprocess.TimeoutExpired:
             code = None
-        runs = self.tmp / "server-state" / "runs"
-        out = next(iter(sorted(runs.iterdir())), None) if runs.exists() else None
+        out = next(iter(self.runs()), None)
         return code, (self.tmp / "fedfusion-server.log").read_text(), out
+
+    def runs(self) -> list[Path]:
+        """The server's run directories, oldest first (beside them: the MLflow store)."""
+        runs = self.tmp / "server-state" / "runs"
+        return sorted(p.parent for p in runs.glob("*/run.json"))
 
     def stop_all(self) -> list[int]:
         """Stop every process started, by PID; returns any that survived."""

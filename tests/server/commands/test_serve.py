@@ -1,5 +1,6 @@
 """`fedfusion server`: the server file is checked before anything starts."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -76,16 +77,43 @@ def test_the_example_file_in_deploy_parses_its_run_settings():
     import tomllib
 
     data = tomllib.loads((ROOT / "deploy/server.toml").read_text())
-    assert set(data["server"]) <= {
-        "address",
-        "state-dir",
-        "root-certificates",
-        "certificate",
-        "private-key",
-        "hospitals",
-        "timeout",
-        "insecure",
-    }
+    keys = {f.name.replace("_", "-") for f in dataclasses.fields(ServerDeployConfig)}
+    assert set(data["server"]) <= keys and "tracking" in data["server"]
     from shared_model.config import RunConfig, flatten_toml
 
     assert RunConfig.from_run_config(flatten_toml(data["run"])).num_rounds == 10
+
+
+@pytest.mark.parametrize(
+    ("file_says", "flags", "expected"),
+    [
+        ({}, [], ""),  # the default store beside the runs
+        ({"tracking": "false"}, [], "off"),
+        ({"tracking-uri": '"http://mlflow.internal:5000"'}, [], "http://mlflow.internal:5000"),
+        ({"tracking-uri": '"http://mlflow.internal:5000"'}, ["--no-tracking"], "off"),
+        (
+            {"tracking": "false"},
+            ["--tracking", "--tracking-uri", "sqlite:///t.db"],
+            "sqlite:///t.db",
+        ),
+    ],
+)
+def test_where_a_deployed_run_is_tracked(tmp_path, monkeypatch, file_says, flags, expected):
+    """server.toml's tracking keys, overridden by the flags, reach the server's processes."""
+    from typer.testing import CliRunner
+
+    from server.app.tracking import TRACKING_ENV
+    from server.commands import serve
+    from server.commands.superlink import RunResult
+    from shared_model.cli import build_app
+
+    seen = {}
+
+    def fake_run_server(*args, tracking=None, **kwargs):
+        seen.update(tracking or {})
+        return RunResult(run_dir=tmp_path)
+
+    monkeypatch.setattr(serve, "run_server", fake_run_server)
+    path = server_file(tmp_path, file_says)
+    CliRunner().invoke(build_app(), ["server", "--config", str(path), *flags])
+    assert seen[TRACKING_ENV] == expected

@@ -15,15 +15,57 @@ def test_runs_latest_follows_the_newest_default_run(tmp_path):
     ]
 
 
-def test_simulate_round_lines_show_elapsed_time_and_time_left():
+def _shown(lines: list[str], times: list[float], rounds: int = 3) -> list[str]:
     from server.commands.simulate import with_eta
 
-    shown, times = [], iter([0.0, 10.0, 40.0, 70.0, 100.0])
-    echo = with_eta(shown.append, rounds=3, clock=lambda: next(times))
-    for line in ("  round 0/3 | x", "  round 1/3 (SecAgg+)", "  round 1/3 | y", "  round 2/3 | z"):
+    shown: list[str] = []
+    clock = iter(times)
+    echo = with_eta(shown.append, rounds=rounds, clock=lambda: next(clock))
+    for line in lines:
         echo(line)
-    echo("  round 3/3 | w")
-    assert shown[0].endswith("0:10 elapsed") and shown[1] == "  round 1/3 (SecAgg+)"
-    assert shown[2].endswith("0:40 elapsed, about 1:00 left")  # 30 s a round, 2 to go
-    assert shown[3].endswith("1:10 elapsed, about 0:30 left")
-    assert shown[4].endswith("1:40 elapsed")
+    return shown
+
+
+def test_simulate_round_lines_show_elapsed_time_and_time_left():
+    lines = ["  round 0/3 | x", "  round 1/3 | y", "  round 2/3 | z", "  round 3/3 | w"]
+    shown = _shown(lines, [0.0, 10.0, 40.0, 70.0, 100.0])
+    assert shown[0].endswith("0:10 elapsed")  # round 1 starts now
+    assert shown[1].endswith("0:40 elapsed, about 1:00 left")  # 30 s a round, 2 to go
+    assert shown[2].endswith("1:10 elapsed, about 0:30 left")
+    assert shown[3].endswith("1:40 elapsed")
+
+
+def test_with_secagg_the_clock_starts_with_the_first_exchange():
+    """Round 0's evaluation comes back with round 1's SecAgg+ exchange, after it began."""
+    lines = ["  round 1/3 (SecAgg+)", "  round 0/3 | x", "  round 1/3 | y", "  round 2/3 (SecAgg+)"]
+    shown = _shown(lines, [0.0, 5.0, 35.0, 35.0, 36.0])
+    assert shown[0] == "  round 1/3 (SecAgg+)"  # a start line: no clock
+    assert shown[1].endswith("0:35 elapsed")
+    assert shown[2].endswith("0:35 elapsed, about 1:00 left")  # 30 s since round 1 began
+    assert shown[3] == "  round 2/3 (SecAgg+)"
+
+
+def test_a_resumed_run_is_timed_from_the_round_it_resumes_with():
+    lines = ["  round 3/5 (SecAgg+)", "  round 3/5 | y", "  round 4/5 | z"]
+    shown = _shown(lines, [0.0, 1.0, 21.0, 41.0], rounds=5)
+    assert shown[1].endswith("0:21 elapsed, about 0:40 left")  # 20 s a round, 2 to go
+    assert shown[2].endswith("0:41 elapsed, about 0:20 left")
+
+
+def test_the_round_bar_counts_rounds_in_a_terminal(monkeypatch):
+    """With a terminal, lines go above a rich bar that counts the finished rounds."""
+    import io
+
+    from rich.console import Console
+
+    from server.commands import simulate
+
+    out = io.StringIO()
+    monkeypatch.setattr("rich.console.Console", lambda: Console(file=out, force_terminal=True))
+    ticks = []
+    with simulate.round_progress(print, 2, live=True) as show:
+        show("round 0/2 | a")
+        show("round 1/2 | b")
+        ticks.append(out.getvalue())
+    text = out.getvalue()
+    assert "round 1/2 | b" in text and "rounds" in text and "1/2" in ticks[0]
