@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 TXV_SPEC ?= torchxrayvision==1.5.7
 ARGS ?=
 
-.PHONY: simulate test bench bench-utility audit docs lint fmt clean venv
+.PHONY: simulate test bench bench-utility audit docs lint fmt clean venv wheelhouse container-test mlflow-ui
 
 simulate: $(VENV)/.runtime
 	$(BIN)/fedfusion simulate $(ARGS)
@@ -34,6 +34,30 @@ bench-utility: $(VENV)/.runtime
 # Membership-inference audit: an overfitted non-private model vs the DP one.
 audit: $(VENV)/.runtime
 	$(BIN)/python -m benchmarks --suite audit $(ARGS)
+
+# Every wheel the container images need (torch's CPU build included) in deploy/wheelhouse,
+# so that `docker build -f deploy/Dockerfile` installs from there and reaches no network.
+wheelhouse: $(VENV)/.runtime
+	$(BIN)/pip wheel --quiet --wheel-dir deploy/wheelhouse -c $(VENV)/constraints.txt $(TORCH_SPEC) .
+	$(BIN)/pip wheel --quiet --wheel-dir deploy/wheelhouse --no-deps $(TXV_SPEC)
+	$(BIN)/pip wheel --quiet --wheel-dir deploy/wheelhouse $$($(BIN)/python -c \
+	  "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires'])")
+	rm -f deploy/wheelhouse/fedfusion-*.whl
+
+# Builds the server and hospital images and runs a TLS federation of them on loopback
+# (3 hospitals, DP, SecAgg+, one hospital container killed in the last round). Needs a
+# running Docker engine; takes 15-40 minutes; not part of `make test`. Summary:
+# benchmarks/results/containers.json and docs/containers.md.
+container-test: $(VENV)/.dev wheelhouse
+	$(BIN)/python -m tests.support.container_test $(ARGS)
+
+# Open the MLflow UI on the runs `make simulate` logged (runs/mlflow.db), at
+# http://127.0.0.1:5000. Its own environment (.venv-mlflow): the UI's server needs far
+# more than fedfusion's MLflow client does.
+mlflow-ui: $(VENV)/.runtime
+	test -x .venv-mlflow/bin/mlflow || ($(PYTHON) -m venv .venv-mlflow && \
+	  .venv-mlflow/bin/pip install --quiet "mlflow==$$($(BIN)/python -c 'import mlflow; print(mlflow.__version__)')")
+	.venv-mlflow/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --host 127.0.0.1 --port 5000 $(ARGS)
 
 # The doc tables that mirror code: docs/configuration.md (every key and its help), the
 # fault table in docs/faults.md and what a hospital sends in docs/privacy.md.
@@ -68,4 +92,4 @@ $(VENV)/.dev: $(VENV)/.runtime pyproject.toml
 	touch $@
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .venv-mlflow runs .pytest_cache .ruff_cache .hypothesis deploy/wheelhouse/*.whl

@@ -212,7 +212,13 @@ def round_progress(echo: Any, rounds: int, live: bool) -> Iterator[Any]:
     Elsewhere (a log, CI, a test) each round line carries the elapsed time and time left.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     console = Console()
     if not (live and console.is_terminal):
@@ -222,15 +228,15 @@ def round_progress(echo: Any, rounds: int, live: bool) -> Iterator[Any]:
         "[bold]rounds",
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("{task.fields[clock]}"),
+        TimeElapsedColumn(),
+        TextColumn("{task.fields[left]}"),
         console=console,
         transient=True,
     ) as bar:
-        task = bar.add_task("rounds", total=rounds, clock="")
+        task = bar.add_task("rounds", total=rounds, left="")
 
         def tick(done: int, elapsed: float, left: float | None) -> None:
-            clock = f"{_clock(elapsed)} elapsed" + (f", ~{_clock(left)} left" if left else "")
-            bar.update(task, completed=done, clock=clock)
+            bar.update(task, completed=done, left=f"about {_clock(left)} left" if left else "")
             bar.refresh()
 
         def line(text: str) -> None:

@@ -204,6 +204,11 @@ def test_a_tracking_uri_and_off(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.fault(
+    "The MLflow tracking store unreachable, or failing mid-run",
+    "A warning naming the store and the error; the run goes on untracked",
+    "the run, its directory and every ledger (tracking never fails a federation)",
+)
 def test_an_unreachable_store_never_stops_the_run(run_dir, caplog, monkeypatch) -> None:
     root, run, store = run_dir
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
