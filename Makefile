@@ -57,7 +57,7 @@ container-test: $(VENV)/.dev wheelhouse
 mlflow-ui: $(VENV)/.runtime
 	test -x .venv-mlflow/bin/mlflow || ($(PYTHON) -m venv .venv-mlflow && \
 	  .venv-mlflow/bin/pip install --quiet "mlflow==$$($(BIN)/python -c 'import mlflow; print(mlflow.__version__)')")
-	.venv-mlflow/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --host 127.0.0.1 --port 5000 $(ARGS)
+	MLFLOW_DISABLE_TELEMETRY=true DO_NOT_TRACK=true .venv-mlflow/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --host 127.0.0.1 --port 5000 $(ARGS)
 
 # The doc tables that mirror code: docs/configuration.md (every key and its help), the
 # fault table in docs/faults.md and what a hospital sends in docs/privacy.md.

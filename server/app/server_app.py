@@ -22,7 +22,7 @@ from server.app.secagg import SecAggRounds
 from server.app.server_optimizer import ServerOptimizer
 from server.app.store import RoundRecord, RunStore, fitting_state
 from server.app.strategy import build_strategy, wait_for_hospitals
-from server.app.tracking import RunTracker, TrackingSettings
+from server.app.tracking import RunTracker, TrackingSettings, redact
 from shared_model.config import RunConfig
 from shared_model.packing import WeightLayout
 from shared_model.weights import base_fingerprint, initial_model, shared_state
@@ -83,7 +83,7 @@ def main(grid: Grid, context: Context) -> None:
     if tracker is not None:
         tracker.finish(status, store.rounds)
         if tracker.active:
-            uri, run_id = tracker.settings.uri, tracker.run_id
+            uri, run_id = redact(tracker.settings.uri), tracker.run_id
             log(INFO, "[fedfusion] tracked in %s (MLflow run %s)", uri, run_id)
 
 

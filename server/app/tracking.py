@@ -22,6 +22,7 @@ goes on untracked.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import time
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from logging import WARNING
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from flwr.common.logger import log
 
@@ -92,10 +94,28 @@ class TrackingSettings:
         if uri.lower() == OFF:
             return None
         experiment = env.get(EXPERIMENT_ENV, "").strip() or DEFAULT_EXPERIMENT
-        if uri:
-            return cls(uri, experiment, "")
-        parent = Path(run_dir).resolve().parent
-        return cls(default_store(run_dir), experiment, (parent / "mlartifacts").as_uri())
+        if not uri:
+            uri = default_store(run_dir)
+        local = _local_store(uri)
+        # A local store keeps its artifacts beside it (MLflow's default is ./mlruns in the
+        # server's working directory); a tracking server decides for itself.
+        return cls(uri, experiment, (local.parent / "mlartifacts").as_uri() if local else "")
+
+
+def _local_store(uri: str) -> Path | None:
+    """The file of a SQLite tracking URI, or None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def redact(uri: str) -> str:
+    """``uri`` fit to print: a user name, password or query string replaced by ``***``."""
+    parts = urlsplit(uri)
+    netloc = parts.netloc
+    if "@" not in netloc and not parts.query:
+        return uri  # (urlunsplit would also drop the empty host of sqlite:////path)
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=netloc, query="***" if parts.query else ""))
 
 
 _NAME = re.compile(r"[^A-Za-z0-9_\-. /]")
@@ -108,7 +128,11 @@ def metric_name(text: str) -> str:
 
 
 def round_metrics(record: dict[str, Any]) -> dict[str, float]:
-    """A round record's training side: loss, bookkeeping, each hospital's epsilon."""
+    """A round record's training side: loss, bookkeeping, each hospital's epsilon.
+
+    A hospital names itself: the name is reduced to a plain word, an empty one becomes
+    its node id, and two hospitals whose names collide both get their node ids.
+    """
     hospitals = record.get("hospitals", [])
     out: dict[str, float] = {
         "round/seconds": record.get("seconds"),
@@ -119,8 +143,11 @@ def round_metrics(record: dict[str, Any]) -> dict[str, float]:
         "round/skipped": float(bool(record.get("skipped"))),
         "train/loss": record.get("train_loss"),
     }
-    for h in hospitals:  # a hospital names itself: nothing but a plain word reaches MLflow
-        out[f"epsilon/{_HOSPITAL.sub('_', str(h['hospital']))[:100]}"] = h.get("epsilon")
+    keys = [_HOSPITAL.sub("_", str(h.get("hospital", "")))[:100] for h in hospitals]
+    for key, h in zip(keys, hospitals, strict=True):
+        if not key.strip("_") or keys.count(key) > 1:
+            key = f"{key}-node-{h.get('node_id')}" if key.strip("_") else f"node-{h.get('node_id')}"
+        out[f"epsilon/{key}"] = h.get("epsilon")
     return {k: float(v) for k, v in out.items() if isinstance(v, int | float)}
 
 
@@ -155,11 +182,12 @@ class RunTracker:
         return bool(self.run_id) and not self.failed
 
     def _stop(self, what: str, err: Exception) -> None:
-        self.failed = f"{what}: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+        first = (str(err).splitlines() or [""])[0][:300]
+        self.failed = f"{what}: {type(err).__name__}" + (f": {first}" if first else "")
         log(
             WARNING,
             "[fedfusion] experiment tracking (%s) stopped, the run goes on untracked: %s",
-            self.settings.uri,
+            redact(self.settings.uri),
             self.failed,
         )
 
@@ -167,20 +195,21 @@ class RunTracker:
         """Open the run's MLflow run: a new one with the config, or the one it had."""
         try:
             self._start(config, tags)
+            _private(_local_store(self.settings.uri), self.settings.artifacts)
         except Exception as err:  # tracking must never stop a federation
             self._stop("start", err)
 
     def _start(self, config: dict[str, Any], tags: dict[str, str]) -> None:
+        for key, value in _MLFLOW_DEFAULTS.items():  # before MLflow is imported
+            os.environ.setdefault(key, value)
         from mlflow.entities import Param, RunStatus
 
         from server.app.store import read_run_file
 
-        for key, value in _MLFLOW_DEFAULTS.items():
-            os.environ.setdefault(key, value)
         factory = self._factory or _mlflow_client
         self._client = factory(self.settings.uri)
         known = read_run_file(self.run_dir / TRACKING_FILE) or {}
-        if known.get("run_id") and known.get("uri") == self.settings.uri:
+        if known.get("run_id") and known.get("uri_sha256") == _digest(self.settings.uri):
             self.run_id = str(known["run_id"])
             self._logged = {k: set(known.get(k, [])) for k in self._logged}
             self._client.update_run(self.run_id, status=RunStatus.to_string(RunStatus.RUNNING))
@@ -205,7 +234,8 @@ class RunTracker:
         write_json_atomic(
             self.run_dir / TRACKING_FILE,
             {
-                "uri": self.settings.uri,
+                "uri": redact(self.settings.uri),  # credentials never on disk here
+                "uri_sha256": _digest(self.settings.uri),
                 "experiment": self.settings.experiment,
                 "run_id": self.run_id,
                 **{kind: sorted(steps) for kind, steps in self._logged.items()},
@@ -276,6 +306,20 @@ class RunTracker:
         self._client.set_tag(self.run_id, "fedfusion.status", status)
         final = RunStatus.FAILED if status == "failed" else RunStatus.FINISHED
         self._client.set_terminated(self.run_id, RunStatus.to_string(final))
+
+
+def _digest(uri: str) -> str:
+    return hashlib.sha256(uri.encode()).hexdigest()
+
+
+def _private(store: Path | None, artifacts: str) -> None:
+    """A local store and its artifacts readable by this user only (0600 / 0700)."""
+    if store is not None and store.exists():
+        store.chmod(0o600)
+    if artifacts.startswith("file://"):
+        folder = Path(artifacts.removeprefix("file://"))
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.chmod(0o700)
 
 
 def _mlflow_client(uri: str) -> Any:

@@ -261,3 +261,54 @@ def test_tracking_is_the_coordinators_alone() -> None:
                     names = [node.module or ""]
                 for name in names:
                     assert not name.startswith(("mlflow", "server")), (path, name)
+
+
+def test_hospitals_cannot_hide_or_erase_each_others_epsilon(run_dir) -> None:
+    """An empty name, or two names that sanitize alike, keep every hospital's epsilon."""
+    root, run, store = run_dir
+    record = _record(run, 1)
+    record.hospitals[0].hospital = "st.marys"
+    record.hospitals[1].hospital = "st_marys"
+    record.hospitals[2].hospital = ""
+    store.save_round(record, shared_state(initial_model(run.model, run.seed)))
+    tracker = RunTracker(_settings(root), root)
+    tracker.start(run.to_run_config(), {})
+    tracker.sync(store.rounds)
+    assert tracker.active
+    history = read_tracked_run(root).history
+    assert history["epsilon/st_marys-node-0"] == [(1, 1.0)]
+    assert history["epsilon/st_marys-node-1"] == [(1, 1.1)]
+    assert history["epsilon/node-2"] == [(1, pytest.approx(1.2))]
+
+
+def test_credentials_in_a_tracking_uri_stay_out_of_files_and_logs(run_dir, caplog) -> None:
+    from server.app.tracking import redact
+
+    uri = "https://user:S3cret@mlflow.internal:5000/?token=abc"
+    assert "S3cret" not in redact(uri) and "abc" not in redact(uri)
+    assert redact("sqlite:////data/mlflow.db") == "sqlite:////data/mlflow.db"
+    root, run, _ = run_dir
+
+    class Refusing:
+        def __init__(self, uri: str) -> None:
+            raise TimeoutError()  # an exception without a message
+
+    tracker = RunTracker(_settings(root, **{TRACKING_ENV: uri}), root, client_factory=Refusing)
+    with caplog.at_level(logging.WARNING):
+        tracker.start(run.to_run_config(), {})
+    assert tracker.failed == "start: TimeoutError" and not tracker.active
+    assert "S3cret" not in caplog.text and "mlflow.internal" in caplog.text
+
+
+def test_a_local_store_keeps_its_artifacts_beside_it_and_private(tmp_path, run_dir) -> None:
+    root, run, _ = run_dir
+    db = tmp_path / "elsewhere" / "mlflow.db"
+    db.parent.mkdir()
+    settings = _settings(root, **{TRACKING_ENV: f"sqlite:///{db}"})
+    assert settings.artifacts == (db.parent / "mlartifacts").as_uri()  # never ./mlruns
+    tracker = RunTracker(settings, root)
+    tracker.start(run.to_run_config(), {})
+    assert tracker.active
+    assert db.stat().st_mode & 0o777 == 0o600
+    assert (db.parent / "mlartifacts").stat().st_mode & 0o777 == 0o700
+    assert json.loads((root / "tracking.json").read_text())["uri"] == f"sqlite:///{db}"
