@@ -141,26 +141,12 @@ class SecAggFedAvg(LegacyFedAvg):
         FedAvg sizes its sample from the hospitals registered at that moment, so first
         wait (up to server.wait-for-hospitals-timeout) for the planned number: a hospital
         registering a moment late would otherwise sit out the round (a race seen in CI).
-        If one never comes, the round goes ahead with those present; with fewer than the
-        3 SecAgg+ needs (a hospital lost for good), nobody is asked and the exchange
-        ends at once (a short round, or a final model left unevaluated): FedAvg's own
-        sampling would otherwise wait a day for a third hospital.
+        If one never comes, the round goes ahead with those present.
         """
-        timeout = int(self.run.server.wait_for_hospitals_timeout)
         if self.sample_size:
-            client_manager.wait_for(self.sample_size, timeout=timeout)
-        if (present := client_manager.num_available()) < self.min_fit_clients:
-            log(
-                WARNING,
-                "[fedfusion] round %d: only %d hospitals connected after %ds "
-                "(server.wait-for-hospitals-timeout); SecAgg+ needs at least %d",
-                server_round,
-                present,
-                timeout,
-                self.min_fit_clients,
+            client_manager.wait_for(
+                self.sample_size, timeout=int(self.run.server.wait_for_hospitals_timeout)
             )
-            self.sampled = 0
-            return []
         instructions = super().configure_fit(server_round, parameters, client_manager)
         self.sampled = len(instructions)
         # Every hospital gets the same instruction, and the masks are bound to it.

@@ -50,16 +50,6 @@ def test_a_hospital_that_never_comes_does_not_stall_the_round():
     assert len(sampled) == 3 and time.monotonic() - started < 10
 
 
-def test_two_hospitals_left_end_the_exchange_instead_of_waiting_a_day():
-    """SecAgg+ needs 3: with 2 left after the wait, nobody is asked (FedAvg would wait 24h)."""
-    manager = SimpleClientManager()
-    for node in range(2):
-        manager.register(Hospital(node))
-    started = time.monotonic()
-    sampled = strategy(3, timeout=1).configure_fit(1, ndarrays_to_parameters([]), manager)
-    assert sampled == [] and time.monotonic() - started < 10
-
-
 def test_a_round_secagg_ended_before_aggregation_is_a_short_round_naming_the_timeout():
     """Too few hospitals in time: Flower skips aggregation; fedfusion must not carry on as
     if the round trained. The round driver then applies server.short-round to it."""
