@@ -41,7 +41,7 @@ from server.app.flwr_compat import LegacyRounds, install_secagg_primitives
 from server.app.grid import MeteredGrid, metered
 from server.app.rounds import AllDeclinedError, RoundOutcome, ServerStep
 from server.app.store import HospitalRound, RoundRecord
-from server.app.strategy import ShortRoundError, hospital_round, short_reason
+from server.app.strategy import FederationError, ShortRoundError, hospital_round, short_reason
 from shared_model import secagg_primitives
 from shared_model.config import RunConfig
 from shared_model.evaluation import EvalStats
@@ -49,7 +49,7 @@ from shared_model.masked_upload import QUANTIZATION_RANGE, UploadCodec
 from shared_model.packing import WeightLayout
 from shared_model.protocol import Reply, Request, Status
 
-__all__ = ["SecAggFedAvg", "SecAggRounds"]
+__all__ = ["SecAggFedAvg", "SecAggRounds", "TooFewHospitalsError"]
 
 StateDict = dict[str, torch.Tensor]
 Evaluations = dict[int, tuple[EvalStats, list[HospitalRound]]]
@@ -57,6 +57,10 @@ Evaluations = dict[int, tuple[EvalStats, list[HospitalRound]]]
 # The server's pairwise-mask keys, bound to the round's instruction (configure_fit).
 MASKS = secagg_primitives.MaskBinding()
 install_secagg_primitives(MASKS.shared_key)
+
+
+class TooFewHospitalsError(FederationError):
+    """Fewer hospitals are connected than a SecAgg+ exchange needs."""
 
 
 class SecAggFedAvg(LegacyFedAvg):
@@ -141,12 +145,19 @@ class SecAggFedAvg(LegacyFedAvg):
         FedAvg sizes its sample from the hospitals registered at that moment, so first
         wait (up to server.wait-for-hospitals-timeout) for the planned number: a hospital
         registering a moment late would otherwise sit out the round (a race seen in CI).
-        If one never comes, the round goes ahead with those present.
+        If one never comes, the round goes ahead with those present, as long as SecAgg+'s
+        minimum is there; otherwise the run fails (FedAvg would wait a day), naming the
+        hospitals missing, and `fedfusion server` resumes it after the last round saved.
         """
-        if self.sample_size:
-            client_manager.wait_for(
-                self.sample_size, timeout=int(self.run.server.wait_for_hospitals_timeout)
-            )
+        timeout = self.run.server.wait_for_hospitals_timeout
+        deadline = time.monotonic() + timeout
+        client_manager.wait_for(max(self.sample_size, self.min_available_clients), int(timeout))
+        # a hospital that stopped may be unregistered just after that wait returned
+        while client_manager.num_available() < self.min_available_clients:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TooFewHospitalsError(self._too_few(server_round, client_manager, timeout))
+            client_manager.wait_for(self.min_available_clients, max(int(left), 1))
         instructions = super().configure_fit(server_round, parameters, client_manager)
         self.sampled = len(instructions)
         # Every hospital gets the same instruction, and the masks are bound to it.
@@ -158,6 +169,23 @@ class SecAggFedAvg(LegacyFedAvg):
             raise RuntimeError("SecAgg+ instructions differ between hospitals")
         MASKS.digest = next(iter(digests), None)
         return instructions
+
+    def _too_few(self, server_round: int, client_manager, timeout: float) -> str:  # type: ignore[no-untyped-def]
+        """Why exchange ``server_round`` cannot start: who is connected, who is missing."""
+        connected = {proxy.node_id for proxy in client_manager.all().values()}
+        present = {self.known.get(node, f"node-{node}") for node in connected}
+        missing = sorted(set(self.known.values()) - present)
+        what = (
+            f"round {server_round}/{self.run.num_rounds}"
+            if not self.evaluation_only(server_round)
+            else "the final evaluation"
+        )
+        return (
+            f"{what}: only {len(connected)} hospitals connected after {timeout:g}s "
+            f"(server.wait-for-hospitals-timeout); SecAgg+ needs at least "
+            f"{self.min_available_clients} (3, or server.min-hospitals if higher)"
+            + (f"; not connected: {', '.join(missing)}" if missing else "")
+        )
 
     def aggregate_fit(
         self,
@@ -349,7 +377,11 @@ class SecAggRounds:
         try:
             if not self.strategy.evaluating:
                 return {}
-            self._exchange(self.run.num_rounds + 1, state)
+            try:
+                self._exchange(self.run.num_rounds + 1, state)
+            except TooFewHospitalsError as too_few:  # training is done; only this is lost
+                log(WARNING, "[fedfusion] the final model could not be evaluated: %s", too_few)
+                return {}
             if not self.strategy.aggregated:
                 self.strategy._record_errors()
                 reasons = sorted({h.reason for h in self.strategy.hospitals.values() if h.reason})

@@ -35,6 +35,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 from flwr.common.logger import log
 
+from server.app.best import BEST_FILE, BEST_MODEL
+
 __all__ = [
     "EXPERIMENT_ENV",
     "TRACKING_ENV",
@@ -50,8 +52,9 @@ EXPERIMENT_ENV = "FEDFUSION_TRACKING_EXPERIMENT"
 TRACKING_FILE = "tracking.json"
 DEFAULT_EXPERIMENT = "fedfusion"
 OFF = "off"
-ARTIFACTS = ("report.md", "metrics.json", "evaluation.json", "run-config.toml", "best.json")
-MODELS = ("global_model.safetensors", "best_model.safetensors")
+ARTIFACTS = ("report.md", "metrics.json", "evaluation.json", "run-config.toml", BEST_FILE)
+MODELS = ("global_model.safetensors", BEST_MODEL)
+# server.app.store imports torch and the commands import this module: it is imported late.
 # MLflow's defaults retry an unreachable server for minutes; a federation waits on it.
 _MLFLOW_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -143,12 +146,23 @@ def round_metrics(record: dict[str, Any]) -> dict[str, float]:
         "round/skipped": float(bool(record.get("skipped"))),
         "train/loss": record.get("train_loss"),
     }
-    keys = [_HOSPITAL.sub("_", str(h.get("hospital", "")))[:100] for h in hospitals]
-    for key, h in zip(keys, hospitals, strict=True):
-        if not key.strip("_") or keys.count(key) > 1:
-            key = f"{key}-node-{h.get('node_id')}" if key.strip("_") else f"node-{h.get('node_id')}"
+    for key, h in zip(_hospital_keys(hospitals), hospitals, strict=True):
         out[f"epsilon/{key}"] = h.get("epsilon")
     return {k: float(v) for k, v in out.items() if isinstance(v, int | float)}
+
+
+def _hospital_keys(hospitals: list[dict[str, Any]]) -> list[str]:
+    """Each hospital's name as a metric-name word, unique: its node id where needed."""
+    keys = [_HOSPITAL.sub("_", str(h.get("hospital", "")))[:100] for h in hospitals]
+    unique = []
+    for key, h in zip(keys, hospitals, strict=True):
+        node = f"node-{h.get('node_id')}"
+        if not key.strip("_"):
+            key = node
+        elif keys.count(key) > 1:
+            key = f"{key}-{node}"
+        unique.append(key)
+    return unique
 
 
 def evaluation_metrics(record: dict[str, Any]) -> dict[str, float]:
@@ -252,7 +266,6 @@ class RunTracker:
             self._stop("logging a round", err)
 
     def _sync(self, rounds: list[dict[str, Any]]) -> None:
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -299,7 +312,7 @@ class RunTracker:
         for name in MODELS:
             if (root / name).is_file():
                 self._client.log_artifact(self.run_id, str(root / name), "model")
-        best = read_run_file(root / "best.json")
+        best = read_run_file(root / BEST_FILE)
         if best and isinstance(best.get("value"), int | float):
             self._client.set_tag(self.run_id, "fedfusion.best-round", str(best["round"]))
             self._client.log_metric(self.run_id, "best/auroc", float(best["value"]))

@@ -198,7 +198,10 @@ class ServerConfig:
     min_hospitals: int = _opt(2, "Hospitals that must be connected before a round starts.", min=1)
     round_timeout: float = _opt(600.0, "Seconds to wait for replies in one round stage.", min=1.0)
     wait_for_hospitals_timeout: float = _opt(
-        120.0, "Seconds to wait for min-hospitals to connect before failing the run.", min=1.0
+        120.0,
+        "Seconds to wait for min-hospitals (with SecAgg+ at least 3) to be connected, at the "
+        "start and before each round, before failing the run (a later run resumes it).",
+        min=1.0,
     )
     min_update_fraction: float = _opt(
         0.66,

@@ -1,15 +1,17 @@
 """SecAgg+ rounds sample every planned hospital, even one that registers a moment late."""
 
+import logging
 import threading
 import time
 from unittest.mock import MagicMock
 
 import numpy as np
+import pytest
 from flwr.common import ndarrays_to_parameters
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
-from server.app.secagg import SecAggFedAvg
+from server.app.secagg import SecAggFedAvg, SecAggRounds, TooFewHospitalsError
 from shared_model.config import RunConfig
 
 
@@ -53,8 +55,6 @@ def test_a_hospital_that_never_comes_does_not_stall_the_round():
 def test_a_round_secagg_ended_before_aggregation_is_a_short_round_naming_the_timeout():
     """Too few hospitals in time: Flower skips aggregation; fedfusion must not carry on as
     if the round trained. The round driver then applies server.short-round to it."""
-    import pytest
-
     s = strategy(3, timeout=30)
     s.begin(1, s.current)  # round 1 starts; no aggregate_fit follows
     s.sampled = 3
@@ -72,3 +72,63 @@ def test_a_round_secagg_ended_before_aggregation_is_a_short_round_naming_the_tim
     with pytest.raises(ShortRoundError, match="no hospital uploaded") as e:
         s.aggregate_fit(2, [], [])  # aggregation reached, with nothing to aggregate
     assert e.value.record.round == 2 and e.value.record.skipped
+
+
+@pytest.mark.fault(
+    "A hospital is lost for good and fewer than 3 remain for SecAgg+",
+    "After server.wait-for-hospitals-timeout the run fails, naming who is missing; "
+    "restartable later",
+    "rounds before it, the run's record",
+)
+def test_fewer_hospitals_than_secagg_needs_fail_the_round_naming_who_is_missing():
+    manager = SimpleClientManager()
+    for node in range(2):
+        manager.register(Hospital(node))
+    s = strategy(3, timeout=1)
+    s.known = {0: "hospital-0", 1: "hospital-1", 2: "hospital-2"}  # from earlier rounds
+    started = time.monotonic()
+    with pytest.raises(TooFewHospitalsError) as e:
+        s.configure_fit(2, ndarrays_to_parameters([]), manager)
+    assert time.monotonic() - started < 10
+    said = str(e.value)
+    assert "round 2/" in said and "only 2 hospitals connected after 1s" in said
+    assert "wait-for-hospitals-timeout" in said and "needs at least 3" in said
+    assert said.endswith("not connected: hospital-2")
+    manager.register(Hospital(5))  # it came back (under a new node id): the round goes on
+    assert len(s.configure_fit(2, ndarrays_to_parameters([]), manager)) == 3
+
+
+def test_a_hospital_dropped_just_after_the_wait_is_waited_for_again():
+    """Flower unregisters a dead hospital on its own thread, possibly right after the
+    wait saw it; the round then waits for its return instead of failing at once."""
+
+    class Racing(SimpleClientManager):
+        def wait_for(self, num_clients: int, timeout: int = 86400) -> bool:
+            seen = super().wait_for(num_clients, timeout)
+            if "2" in self.clients:  # its heartbeat expired just now
+                self.unregister(self.clients["2"])
+                threading.Timer(0.5, lambda: self.register(Hospital(5))).start()  # rejoins
+            return seen
+
+    manager = Racing()
+    for node in range(3):
+        manager.register(Hospital(node))
+    sampled = strategy(3, timeout=30).configure_fit(2, ndarrays_to_parameters([]), manager)
+    assert sorted(proxy.node_id for proxy, _ in sampled) == [0, 1, 5]
+
+
+def test_too_few_hospitals_for_the_final_evaluation_only_loses_that_evaluation(caplog):
+    """Training is done when the last exchange (evaluation only) lacks hospitals."""
+    rounds = SecAggRounds.__new__(SecAggRounds)
+    rounds.strategy = strategy(3, timeout=1)
+    rounds.run, rounds.layout = rounds.strategy.run, MagicMock()
+    rounds.rounds, rounds.workflow = MagicMock(), MagicMock()
+
+    def refuse(workflow, server_round, parameters):
+        rounds.strategy.configure_fit(server_round, parameters, SimpleClientManager())
+
+    rounds.rounds.run.side_effect = refuse
+    with caplog.at_level(logging.WARNING):
+        assert rounds.finish({}) == {}
+    assert "final model could not be evaluated: the final evaluation: only 0" in caplog.text
+    rounds.rounds.close.assert_called_once()

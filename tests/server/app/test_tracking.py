@@ -180,16 +180,22 @@ def test_an_evaluation_that_arrives_a_round_later_is_logged_when_it_does(run_dir
     assert [s for s, _ in tracked.history["train/loss"]] == [1]
 
 
-def test_a_hospital_cannot_choose_what_its_metric_is_called(run_dir) -> None:
+def _tracked_history(run_dir: tuple[Path, RunConfig, RunStore], record: RoundRecord) -> dict:
+    """Track a run holding ``record``; the metric histories MLflow gives back."""
     root, run, store = run_dir
-    record = _record(run, 1)
-    record.hospitals[0].hospital = "../../experiments/0 x\n"
     store.save_round(record, shared_state(initial_model(run.model, run.seed)))
     tracker = RunTracker(_settings(root), root)
     tracker.start(run.to_run_config(), {})
     tracker.sync(store.rounds)
     assert tracker.active
-    names = set(read_tracked_run(root).history)
+    return read_tracked_run(root).history
+
+
+def test_a_hospital_cannot_choose_what_its_metric_is_called(run_dir) -> None:
+    run = run_dir[1]
+    record = _record(run, 1)
+    record.hospitals[0].hospital = "../../experiments/0 x\n"
+    names = set(_tracked_history(run_dir, record))
     assert "epsilon/______experiments_0_x_" in names
     assert not [n for n in names if ".." in n]
 
@@ -265,17 +271,12 @@ def test_tracking_is_the_coordinators_alone() -> None:
 
 def test_hospitals_cannot_hide_or_erase_each_others_epsilon(run_dir) -> None:
     """An empty name, or two names that sanitize alike, keep every hospital's epsilon."""
-    root, run, store = run_dir
+    run = run_dir[1]
     record = _record(run, 1)
     record.hospitals[0].hospital = "st.marys"
     record.hospitals[1].hospital = "st_marys"
     record.hospitals[2].hospital = ""
-    store.save_round(record, shared_state(initial_model(run.model, run.seed)))
-    tracker = RunTracker(_settings(root), root)
-    tracker.start(run.to_run_config(), {})
-    tracker.sync(store.rounds)
-    assert tracker.active
-    history = read_tracked_run(root).history
+    history = _tracked_history(run_dir, record)
     assert history["epsilon/st_marys-node-0"] == [(1, 1.0)]
     assert history["epsilon/st_marys-node-1"] == [(1, 1.1)]
     assert history["epsilon/node-2"] == [(1, pytest.approx(1.2))]
