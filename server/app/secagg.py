@@ -151,7 +151,17 @@ class SecAggFedAvg(LegacyFedAvg):
         """
         timeout = self.run.server.wait_for_hospitals_timeout
         deadline = time.monotonic() + timeout
-        client_manager.wait_for(max(self.sample_size, self.min_available_clients), int(timeout))
+        planned = max(self.sample_size, self.min_available_clients)
+        if (connected := client_manager.num_available()) < planned:
+            log(
+                INFO,
+                "[fedfusion] waiting up to %gs for %d hospitals, %d connected "
+                "(server.wait-for-hospitals-timeout)",
+                timeout,
+                planned,
+                connected,
+            )
+        client_manager.wait_for(planned, int(timeout))
         # a hospital that stopped may be unregistered just after that wait returned
         while client_manager.num_available() < self.min_available_clients:
             left = deadline - time.monotonic()

@@ -80,15 +80,16 @@ def test_a_round_secagg_ended_before_aggregation_is_a_short_round_naming_the_tim
     "restartable later",
     "rounds before it, the run's record",
 )
-def test_fewer_hospitals_than_secagg_needs_fail_the_round_naming_who_is_missing():
+def test_fewer_hospitals_than_secagg_needs_fail_the_round_naming_who_is_missing(caplog):
     manager = SimpleClientManager()
     for node in range(2):
         manager.register(Hospital(node))
     s = strategy(3, timeout=1)
     s.known = {0: "hospital-0", 1: "hospital-1", 2: "hospital-2"}  # from earlier rounds
     started = time.monotonic()
-    with pytest.raises(TooFewHospitalsError) as e:
+    with pytest.raises(TooFewHospitalsError) as e, caplog.at_level(logging.INFO):
         s.configure_fit(2, ndarrays_to_parameters([]), manager)
+    assert "waiting up to 1s for 3 hospitals, 2 connected" in caplog.text  # said at once
     assert time.monotonic() - started < 10
     said = str(e.value)
     assert "round 2/" in said and "only 2 hospitals connected after 1s" in said
