@@ -13,7 +13,8 @@ TORCH_SPEC ?= torch==2.13.0
 TXV_SPEC ?= torchxrayvision==1.5.7
 ARGS ?=
 
-.PHONY: simulate test bench bench-utility audit docs lint fmt clean venv wheelhouse container-test mlflow-ui
+.PHONY: simulate test bench bench-utility audit docs lint fmt clean venv wheelhouse wheelhouse-cuda \
+	container-test mlflow-ui
 
 simulate: $(VENV)/.runtime
 	$(BIN)/fedfusion simulate $(ARGS)
@@ -37,16 +38,27 @@ audit: $(VENV)/.runtime
 
 # Every wheel the container images need (torch's CPU build included) in deploy/wheelhouse,
 # so that `docker build -f deploy/Dockerfile` installs from there and reaches no network.
-wheelhouse: $(VENV)/.runtime
-	$(BIN)/pip wheel --quiet --wheel-dir deploy/wheelhouse -c $(VENV)/constraints.txt $(TORCH_SPEC) .
-	$(BIN)/pip wheel --quiet --wheel-dir deploy/wheelhouse --no-deps $(TXV_SPEC)
-	$(BIN)/pip wheel --quiet --wheel-dir deploy/wheelhouse $$($(BIN)/python -c \
+# wheelhouse-cuda: the same in deploy/wheelhouse-cuda for a hospital with NVIDIA GPUs, with
+# the package index's own torch 2.13.0 (built for CUDA 13.0) and its NVIDIA libraries
+# (`docker build ... --build-arg WHEELHOUSE=deploy/wheelhouse-cuda`).
+WHEELHOUSE := deploy/wheelhouse
+WHEELHOUSE_TORCH = -c $(VENV)/constraints.txt $(TORCH_SPEC)
+wheelhouse-cuda: WHEELHOUSE := deploy/wheelhouse-cuda
+# `===`, and no find-links: only the index's build, never the local CPU wheel
+wheelhouse-cuda: WHEELHOUSE_TORCH = "torch===2.13.0"
+wheelhouse-cuda: export PIP_FIND_LINKS =
+wheelhouse wheelhouse-cuda: $(VENV)/.runtime
+	$(BIN)/pip wheel --quiet --wheel-dir $(WHEELHOUSE) $(WHEELHOUSE_TORCH) .
+	$(BIN)/pip wheel --quiet --wheel-dir $(WHEELHOUSE) --no-deps $(TXV_SPEC)
+	$(BIN)/pip wheel --quiet --wheel-dir $(WHEELHOUSE) $$($(BIN)/python -c \
 	  "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires'])")
-	rm -f deploy/wheelhouse/fedfusion-*.whl
+	rm -f $(WHEELHOUSE)/fedfusion-*.whl
 
 # Builds the server and hospital images and runs a TLS federation of them on loopback
 # (3 hospitals, DP, SecAgg+, one hospital container killed in the last round). Needs a
-# running Docker engine; takes 15-40 minutes; not part of `make test`. Summary:
+# running Docker engine; takes 15-40 minutes; not part of `make test`. ARGS=--cuda-hospital
+# also builds the CUDA hospital image (make wheelhouse-cuda first) and runs one hospital
+# from it. Summary:
 # benchmarks/results/containers.json and docs/containers.md.
 container-test: $(VENV)/.dev wheelhouse
 	$(BIN)/python -m tests.support.container_test $(ARGS)

@@ -71,7 +71,9 @@ def test_images_pin_the_makefiles_torch_and_run_the_tested_commands():
     stages = dockerfile_stages()
     assert stages["server"]["ENTRYPOINT"] == ["fedfusion", "server"]
     assert stages["hospital"]["ENTRYPOINT"] == ["fedfusion", "hospital"]
+    defaults = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M))
     for src in re.findall(r"^COPY (?!--from)(\S+) ", text, re.M):
+        src = re.sub(r"\$\{(\w+)\}", lambda m: defaults[m.group(1)], src)
         assert (DEPLOY.parent / src).exists(), src
 
 

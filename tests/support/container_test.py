@@ -9,7 +9,10 @@ status, checkpoints, each hospital's ledger and its epsilon, the MLflow run), th
 one hospital's container while it trains the third round and checks that the round
 completes with the other two; the container is then started again, as its restart
 policy would after a crash, and rejoins for the final evaluation. Everything it
-started is stopped and removed; the images too unless ``--keep-images``.
+started is stopped and removed; the images too unless ``--keep-images``. With
+``--cuda-hospital`` it also builds the CUDA hospital image (from the wheelhouse
+``make wheelhouse-cuda`` fills) and runs one hospital from it, on the CPU where there is
+no GPU.
 
 The compose file is the shipped one, adapted for a machine without a bridge network:
 every service on the host's network (the server on a free loopback port), the state
@@ -51,6 +54,8 @@ RECORDS = {"hospital-0": 160, "hospital-1": 160, VICTIM: 480}  # the victim trai
 UID = 10001  # the images' user
 PROJECT = "fedfusion-container-test"
 TAG = "container-test"
+WHEELHOUSE, CUDA_WHEELHOUSE = "deploy/wheelhouse", "deploy/wheelhouse-cuda"
+CUDA_HOSPITAL = "hospital-1"  # with --cuda-hospital, it runs the CUDA image (on CPU here)
 RUN = {
     "num-rounds": 3,
     "server.min-hospitals": 3,
@@ -148,15 +153,57 @@ def ensure_base_image(name: str, work: Path) -> bool:
     return True
 
 
-def build_images(base: str) -> dict[str, dict[str, float]]:
-    """Build the server and hospital images; seconds and bytes of each."""
+def stage_context(work: Path, wheelhouse: str) -> Path:
+    """A build context holding only what deploy/Dockerfile.dockerignore lets in.
+
+    The legacy builder (DOCKER_BUILDKIT=0) reads only a .dockerignore at the context's
+    root, not the Dockerfile's own, and would send the whole checkout (virtual
+    environment, runs, keys) to the engine. The source is copied (an edit during a build
+    cannot reach it); the wheels are hard-linked where possible.
+    """
+    context = work / f"context-{Path(wheelhouse).name}"
+    shutil.rmtree(context, ignore_errors=True)
+    rules = (DEPLOY / "Dockerfile.dockerignore").read_text("utf-8").splitlines()
+    kept = [r[1:].rstrip("/") for r in rules if r.startswith("!")]
+    skipped = [r.removeprefix("**/") for r in rules if r.startswith("**/")]
+    ignore = shutil.ignore_patterns(*skipped)
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:  # another file system
+            shutil.copy2(src, dst)
+
+    for rel in [*(k for k in kept if not k.startswith("deploy/wheelhouse")), wheelhouse]:
+        source, target = ROOT / rel, context / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        copy = link if rel == wheelhouse else shutil.copy2
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=ignore, copy_function=copy)
+        elif source.exists():
+            copy(str(source), str(target))
+    shutil.copy2(DEPLOY / "Dockerfile", context / "deploy" / "Dockerfile")
+    return context
+
+
+def build_images(base: str, work: Path, cuda: bool) -> dict[str, dict[str, Any]]:
+    """Build the server and hospital images (and the CUDA hospital's); seconds and bytes."""
     if not list((DEPLOY / "wheelhouse").glob("*.whl")):
         log("no wheels in deploy/wheelhouse: the build installs from the package indexes")
-    built: dict[str, dict[str, float]] = {}
-    for target in ("server", "hospital"):
-        tag = f"fedfusion-{target}:{TAG}"
-        log(f"building {tag} (--target {target}, base {base})")
+    builds = [("server", "server", WHEELHOUSE), ("hospital", "hospital", WHEELHOUSE)]
+    if cuda:
+        if not list((ROOT / CUDA_WHEELHOUSE).glob("torch-*.whl")):
+            raise ContainerTestError(
+                f"no wheels in {CUDA_WHEELHOUSE}: `make wheelhouse-cuda` first"
+            )
+        builds.append(("hospital-cuda", "hospital", CUDA_WHEELHOUSE))
+    built: dict[str, dict[str, Any]] = {}
+    for image, target, wheelhouse in builds:
+        tag = f"fedfusion-{image}:{TAG}"
+        log(f"building {tag} (--target {target}, base {base}, {wheelhouse})")
         started = time.monotonic()
+        context = stage_context(work, wheelhouse)
+        args = ["--build-arg", f"BASE_IMAGE={base}", "--build-arg", f"WHEELHOUSE={wheelhouse}"]
         sh(
             [
                 "docker",
@@ -164,21 +211,51 @@ def build_images(base: str) -> dict[str, dict[str, float]]:
                 "--network",
                 "host",
                 "-f",
-                str(DEPLOY / "Dockerfile"),
+                str(context / "deploy" / "Dockerfile"),
                 "--target",
                 target,
-                "--build-arg",
-                f"BASE_IMAGE={base}",
+                *args,
                 "-t",
                 tag,
-                str(ROOT),
+                str(context),
             ],
             env={**os.environ, "DOCKER_BUILDKIT": "0"},
         )
         size = int(sh(["docker", "image", "inspect", "-f", "{{.Size}}", tag]).stdout.strip())
-        built[target] = {"seconds": round(time.monotonic() - started, 1), "bytes": size}
-        log(f"  {tag}: {size / 1e9:.2f} GB in {built[target]['seconds']:.0f}s")
+        built[image] = {"seconds": round(time.monotonic() - started, 1), "bytes": size}
+        log(f"  {tag}: {size / 1e9:.2f} GB in {built[image]['seconds']:.0f}s")
+        if image != "server":  # the hospital's build reused the server's build stage
+            prune_build_stage()
     return built
+
+
+def prune_build_stage() -> None:
+    """Remove the build stage's images (vfs keeps every layer whole)."""
+    sh(["docker", "image", "prune", "-f", "--filter", "label=fedfusion.stage=build"], check=False)
+
+
+def torch_in(image: str) -> dict[str, Any]:
+    """The torch build inside ``image``: its version, its CUDA, and whether a GPU is seen."""
+    probe = (
+        "import json, torch; print(json.dumps({'version': torch.__version__, "
+        "'cuda': torch.version.cuda, 'gpu_available': torch.cuda.is_available()}))"
+    )
+    done = sh(
+        ["docker", "run", "--rm", "--network", "host", "--entrypoint", "python", image, "-c", probe]
+    )
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def cuda_hospital(checked: list[str]) -> dict[str, Any]:
+    """The CUDA hospital image holds torch built for CUDA, and runs where no GPU is."""
+    found = torch_in(f"fedfusion-hospital-cuda:{TAG}")
+    check(
+        bool(found["cuda"]),
+        f"the CUDA hospital image's torch {found['version']} is built for CUDA {found['cuda']}"
+        f" ({'a GPU' if found['gpu_available'] else 'no GPU: CPU'} here); {CUDA_HOSPITAL} runs it",
+        checked,
+    )
+    return {"hospital": CUDA_HOSPITAL, **found}
 
 
 def free_port() -> int:
@@ -206,7 +283,7 @@ def toml_text(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def prepare(work: Path, port: int) -> Path:
+def prepare(work: Path, port: int, cuda: bool = False) -> Path:
     """Certificates, data, TOML files and the compose file of the federation in ``work``."""
     from shared_model.datasets.export import write_manifest
 
@@ -233,6 +310,8 @@ def prepare(work: Path, port: int) -> Path:
             continue
         spec = {k: v for k, v in spec.items() if k not in {"build", "ports", "depends_on"}}
         spec["image"] = spec["image"].rsplit(":", 1)[0] + f":{TAG}"
+        if cuda and service == CUDA_HOSPITAL:
+            spec["image"] = f"fedfusion-hospital-cuda:{TAG}"
         spec["network_mode"] = "host"  # no bridge network here: loopback, as the e2e test
         volumes = []
         for volume in spec["volumes"]:
@@ -427,15 +506,28 @@ def judge(work: Path, checked: list[str]) -> dict[str, Any]:
     }
 
 
-def cleanup(compose: list[str], work: Path, keep_images: bool, made_base: str) -> None:
-    """Stop and remove the containers, the build's leftovers, and (unless kept) the images."""
+def dangling() -> set[str]:
+    """The engine's untagged images."""
+    return set(sh(["docker", "images", "-q", "-f", "dangling=true"], check=False).stdout.split())
+
+
+def cleanup(
+    compose: list[str], work: Path, keep_images: bool, made_base: str, before: set[str]
+) -> None:
+    """Stop and remove the containers, the build's leftovers, and (unless kept) the images.
+
+    Leftovers are the untagged images that were not there ``before``: the legacy builder
+    also builds every stage ahead of the target (the CUDA build's server stage).
+    """
     sh([*compose, "down", "--remove-orphans", "--timeout", "5"], check=False)
-    sh(["docker", "image", "prune", "-f", "--filter", "label=fedfusion.stage=build"], check=False)
+    prune_build_stage()
     if not keep_images:
-        for target in ("server", "hospital"):
+        for target in ("server", "hospital", "hospital-cuda"):
             sh(["docker", "image", "rm", "-f", f"fedfusion-{target}:{TAG}"], check=False)
         if made_base:
             sh(["docker", "image", "rm", "-f", made_base], check=False)
+    for image in sorted(dangling() - before):
+        sh(["docker", "image", "rm", "-f", image], check=False)
     sh(["rm", "-rf", str(work)], check=False)
 
 
@@ -445,6 +537,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--base-image", default="fedfusion-base:bookworm")
     parser.add_argument("--keep-images", action="store_true", help="Keep the images built.")
     parser.add_argument("--skip-build", action="store_true", help="Use images built before.")
+    parser.add_argument(
+        "--cuda-hospital",
+        action="store_true",
+        help=f"Also build the CUDA hospital image ({CUDA_WHEELHOUSE}) and run {CUDA_HOSPITAL} "
+        "from it (on CPU where there is no GPU).",
+    )
     args = parser.parse_args(argv)
     # Creating a container copies its whole image on some storage drivers (vfs): minutes.
     os.environ.setdefault("COMPOSE_HTTP_TIMEOUT", "900")
@@ -454,14 +552,18 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="fedfusion-containers-"))
     compose: list[str] = []
     made_base = ""
+    before: set[str] = set()
     try:
         ensure_engine()
+        before = dangling()
         compose = [*compose_command(), "-p", PROJECT, "-f", str(work / "compose.yaml")]
         if ensure_base_image(args.base_image, work):
             made_base = "" if args.keep_images else args.base_image
         if not args.skip_build:
-            summary["images"] = build_images(args.base_image)
-        prepare(work, free_port())
+            summary["images"] = build_images(args.base_image, work, args.cuda_hospital)
+        if args.cuda_hospital:
+            summary["cuda_hospital"] = cuda_hospital(checked)
+        prepare(work, free_port(), args.cuda_hospital)
         summary["federation"] = federate(compose, work, checked)
         summary.update(judge(work, checked))
         summary["ok"] = True
@@ -474,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         summary["checked"] = checked
         if compose:
-            cleanup(compose, work, args.keep_images, made_base)
+            cleanup(compose, work, args.keep_images, made_base, before)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(summary, indent=2) + "\n", "utf-8")
     print_summary(summary)
