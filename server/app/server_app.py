@@ -11,6 +11,7 @@ from __future__ import annotations
 from importlib.metadata import version
 from logging import ERROR, INFO, WARNING
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context
 from flwr.common.logger import log
@@ -67,7 +68,7 @@ def main(grid: Grid, context: Context) -> None:
             tracker.sync(store.rounds)
 
     try:
-        driver = _driver(grid, context, run, layout, base_hash)
+        driver = _driver(grid, context, run, layout, base_hash, store.rounds)
         final = run_rounds(driver, run, store, state, first_round, progress, optimizer)
     except Exception as err:
         log(ERROR, "[fedfusion] run failed: %s", err)
@@ -105,12 +106,24 @@ def _tracker(root: Path, flat: dict[str, object]) -> RunTracker | None:
 
 
 def _driver(
-    grid: Grid, context: Context, run: RunConfig, layout: WeightLayout, base_hash: str
+    grid: Grid,
+    context: Context,
+    run: RunConfig,
+    layout: WeightLayout,
+    base_hash: str,
+    rounds: list[dict[str, Any]],
 ) -> RoundDriver:
-    """Plain rounds, or SecAgg+ rounds sized to the hospitals connected."""
+    """Plain rounds, or SecAgg+ rounds sized to the hospitals connected.
+
+    ``rounds``, the records so far (a resumed run's), name the hospitals by node id.
+    """
     if not run.secagg.enabled:
         return PlainRounds(grid, run, build_strategy(run, base_hash, layout))
     hospitals = wait_for_hospitals(
         grid, run.server.min_hospitals, run.server.wait_for_hospitals_timeout
     )
-    return SecAggRounds(grid, context, run, layout, base_hash, hospitals)
+    driver = SecAggRounds(grid, context, run, layout, base_hash, hospitals)
+    driver.strategy.known.update(
+        {h["node_id"]: h["hospital"] for r in rounds for h in r["hospitals"] if h.get("node_id")}
+    )
+    return driver
