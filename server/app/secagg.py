@@ -312,8 +312,12 @@ class SecAggRounds:
         layout: WeightLayout,
         base_hash: str,
         hospitals: int,
+        known: dict[int, str] | None = None,
     ) -> None:
-        """``hospitals`` connected; impossible share/threshold settings are refused here."""
+        """``hospitals`` connected; impossible share/threshold settings are refused here.
+
+        ``known`` names hospitals by node id (from a resumed run's records).
+        """
         sampled, shares, threshold = run.secagg_plan(hospitals)
         self.run, self.layout = run, layout
         self.grid = metered(grid)
@@ -335,6 +339,7 @@ class SecAggRounds:
             base_hash=base_hash,
             layout_digest=layout.digest,
         )
+        self.strategy.known.update(known or {})
         self.workflow = SecAggPlusWorkflow(
             num_shares=shares,
             reconstruction_threshold=threshold,

@@ -122,8 +122,7 @@ def _driver(
     hospitals = wait_for_hospitals(
         grid, run.server.min_hospitals, run.server.wait_for_hospitals_timeout
     )
-    driver = SecAggRounds(grid, context, run, layout, base_hash, hospitals)
-    driver.strategy.known.update(
-        {h["node_id"]: h["hospital"] for r in rounds for h in r["hospitals"] if h.get("node_id")}
-    )
-    return driver
+    known = {
+        h["node_id"]: h["hospital"] for r in rounds for h in r["hospitals"] if h.get("node_id")
+    }
+    return SecAggRounds(grid, context, run, layout, base_hash, hospitals, known)

@@ -117,13 +117,15 @@ def app_dir() -> Path:
 
 
 def to_toml(config: dict[str, Any]) -> str:
-    """A flat run config as TOML (Flower's ``--run-config`` file)."""
+    """A flat run config as TOML (Flower's ``--run-config`` file; lists for other files)."""
 
     def fmt(value: Any) -> str:
         if isinstance(value, bool):
             return "true" if value else "false"
         if isinstance(value, int | float):
             return repr(value)
+        if isinstance(value, list):
+            return "[" + ", ".join(fmt(v) for v in value) + "]"
         return json.dumps(str(value))  # a TOML basic string
 
     return "".join(f"{key} = {fmt(value)}\n" for key, value in sorted(config.items()))

@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,10 @@ from typing import Any
 
 import yaml
 
+from server.commands.superlink import to_toml
 from shared_model.config import flatten_toml
+from shared_model.processes import free_port
+from tests.support.tracking import read_tracked_run
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -258,29 +260,9 @@ def cuda_hospital(checked: list[str]) -> dict[str, Any]:
     return {"hospital": CUDA_HOSPITAL, **found}
 
 
-def free_port() -> int:
-    """A TCP port free on loopback now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def toml_text(data: dict[str, Any]) -> str:
-    """``data`` (tables of strings, numbers, booleans and lists) as TOML."""
-
-    def value(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return json.dumps(v) if isinstance(v, str) else repr(v)
-
-    lines = []
-    for table, body in data.items():
-        lines.append(f"[{table}]")
-        lines += [f"{k} = {value(v)}" for k, v in flatten_toml(body).items()]  # dotted keys
-        lines.append("")
-    return "\n".join(lines)
+    """``data`` (tables of settings) as TOML, dotted keys within each table."""
+    return "\n".join(f"[{table}]\n{to_toml(flatten_toml(body))}" for table, body in data.items())
 
 
 def prepare(work: Path, port: int, cuda: bool = False) -> Path:
@@ -446,8 +428,6 @@ def federate(compose: list[str], work: Path, checked: list[str]) -> dict[str, An
 
 def judge(work: Path, checked: list[str]) -> dict[str, Any]:
     """The run directory, the ledgers and the MLflow run after the federation."""
-    from mlflow.tracking import MlflowClient
-
     (out,) = run_dirs(work)
     info = json.loads((out / "run.json").read_text("utf-8"))
     check(info["status"] == "completed", f"run status completed (got {info['status']})", checked)
@@ -491,12 +471,10 @@ def judge(work: Path, checked: list[str]) -> dict[str, Any]:
                 f"> {reported[-1]:.2f} reported after round 2)",
                 checked,
             )
-    tracking = json.loads((out / "tracking.json").read_text("utf-8"))
-    store = work / "state" / "server" / "runs" / "mlflow.db"
-    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
-    mlrun = client.get_run(tracking["run_id"])
-    steps = [m.step for m in client.get_metric_history(mlrun.info.run_id, "eval/auroc")]
-    check(mlrun.info.status == "FINISHED" and steps == [0, 1, 2, 3], "the MLflow run", checked)
+    store = work / "state" / "server" / "runs" / "mlflow.db"  # the container's, seen here
+    tracked = read_tracked_run(out, uri=f"sqlite:///{store}")
+    steps = [step for step, _ in tracked.history["eval/auroc"]]
+    check(tracked.status == "FINISHED" and steps == [0, 1, 2, 3], "the MLflow run", checked)
     return {
         "rounds": [
             {"round": r["round"], "seconds": r["seconds"], "macro_auroc": r["eval_auroc"]}

@@ -39,17 +39,22 @@ def _artifacts(client: MlflowClient, run_id: str, path: str | None = None) -> di
     return found
 
 
-def read_tracked_run(run_dir: Path) -> TrackedRun:
-    """The MLflow run that ``run_dir/tracking.json`` names, read through MlflowClient."""
+def read_tracked_run(run_dir: Path, uri: str = "") -> TrackedRun:
+    """The MLflow run that ``run_dir/tracking.json`` names, read through MlflowClient.
+
+    ``uri`` reads it from another address of the same store (a container's store, mounted
+    here), instead of the one recorded.
+    """
     info: dict[str, Any] = json.loads((Path(run_dir) / TRACKING_FILE).read_text("utf-8"))
-    client = MlflowClient(tracking_uri=info["uri"])
+    uri = uri or info["uri"]
+    client = MlflowClient(tracking_uri=uri)
     run = client.get_run(info["run_id"])
     history = {
         name: sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, name))
         for name in run.data.metrics
     }
     return TrackedRun(
-        uri=info["uri"],
+        uri=uri,
         run_id=run.info.run_id,
         status=run.info.status,
         name=run.info.run_name,
