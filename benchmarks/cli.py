@@ -118,6 +118,7 @@ def bench(
     )
     from benchmarks.phantoms import run_phantom_calibration
     from benchmarks.report import table, write_results
+    from benchmarks.secagg_protocol import run_protocol_bench
     from benchmarks.utility import (
         CONFIG_KEYS,
         SEEDS,
@@ -199,12 +200,16 @@ def bench(
         "secagg and deployment",
         lambda: run_wire_bench(sizes, rounds, deploy, echo=typer.echo, reports=reports),
     )
+    protocol = ("secagg protocol", lambda: run_protocol_bench(echo=typer.echo))
     if suite == "audit":
         typer.echo("bench: membership-inference audit, non-private vs DP")
         parts = [("audit", lambda: run_audit_bench(min(sizes), echo=typer.echo))]
     elif suite == "secagg":
-        typer.echo(f"bench: plain vs SecAgg+ at {sizes} hospitals, simulated and deployed")
-        parts = [wire]
+        typer.echo(
+            f"bench: plain vs SecAgg+ at {sizes} hospitals, simulated and deployed; SecAgg+ "
+            "before and with the defence against a lying server"
+        )
+        parts = [wire, protocol]
     elif suite == "phantoms":
         typer.echo("bench: phantom difficulty, a centralized image-only model over 3 seeds")
         parts = [("phantoms", lambda: run_phantom_calibration(echo=typer.echo))]
@@ -230,7 +235,7 @@ def bench(
                 f"{rounds} rounds each, {reports} reports per hospital, simulated and "
                 f"deployed; {scale_sizes} simulated hospitals; bytes per encoder mode"
             )
-            parts.append(wire)
+            parts += [wire, protocol]
             if scale_sizes:
                 parts.append(("scale", lambda: run_scale_bench(scale_sizes, echo=typer.echo)))
             parts.append(("first result", lambda: run_first_result_bench(echo=typer.echo)))

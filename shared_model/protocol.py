@@ -15,6 +15,7 @@ __all__ = [
     "METRICS",
     "Reply",
     "Request",
+    "SecAggSigned",
     "Status",
 ]
 
@@ -65,3 +66,20 @@ class Status:
     DECLINED = "declined"
     EVALUATED = "evaluated"
     WITHHELD = "withheld"  # evaluated, but keeps its figures (share-evaluation = false)
+
+
+class SecAggSigned:
+    """What fedfusion adds to Flower's SecAgg+ messages: signed keys and survivor sets.
+
+    Flower's four stage messages are unchanged; these travel in records of their own
+    (``client/app/secagg_guard.py`` checks them, ``server/app/flwr_compat.py`` relays them).
+    """
+
+    CONSISTENCY = "fedfusion_consistency"  # the stage between masked upload and unmasking
+    ADVERTS = "fedfusion-secagg-adverts"  # record: the neighbours' signed key advertisements
+    SIGNATURES = "fedfusion-secagg-signatures"  # record: the survivor set and its signatures
+    MEMBER = "fedfusion-member"  # key setup reply: the member name in the members file
+    SIGNATURE = "fedfusion-signature"  # key setup / consistency reply: the signature
+    COMPLETED = "completed"  # node ids that completed the key exchange
+    SURVIVORS = "survivors"  # node ids whose masked uploads are in the sum
+    NODES, MEMBERS, SIGS = "node-ids", "members", "signatures"  # parallel lists

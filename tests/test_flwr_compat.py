@@ -16,22 +16,34 @@ import pytest
 
 COMPAT = ("server.app.flwr_compat", "client.app.flwr_compat", "client.node.flwr_compat")
 _PROBE = """
-import importlib, inspect, json, sys
-found = {}
+import functools, hashlib, importlib, inspect, json, sys
+found, sources = {}, {}
 for ref in json.loads(sys.argv[1]):
     module, _, name = ref.partition(":")
     try:
-        obj = getattr(importlib.import_module(module), name)
+        obj = functools.reduce(getattr, name.split("."), importlib.import_module(module))
     except (ImportError, AttributeError) as err:
         found[ref] = "missing: " + str(err)
         continue
     obj = getattr(obj, "func", obj)
     try:
+        sources[ref] = hashlib.sha256(inspect.getsource(obj).encode()).hexdigest()[:16]
+    except (TypeError, OSError):
+        sources[ref] = None
+    try:
         found[ref] = list(inspect.signature(obj).parameters)
     except (TypeError, ValueError):
         found[ref] = None
-print(json.dumps(found))
+print(json.dumps([found, sources]))
 """
+
+
+def _probe(refs: list[str]) -> tuple[dict, dict]:
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(refs)], capture_output=True, text=True, check=True
+    )
+    found, sources = json.loads(out.stdout)
+    return found, sources
 
 
 @pytest.mark.parametrize("compat", COMPAT)
@@ -41,10 +53,7 @@ def test_every_patched_flower_symbol_is_as_the_patch_expects(compat):
     module = importlib.import_module(compat)
     assert module.PATCHED, "an empty list would check nothing"
     refs = sorted(module.PATCHED)
-    out = subprocess.run(
-        [sys.executable, "-c", _PROBE, json.dumps(refs)], capture_output=True, text=True, check=True
-    )
-    found = json.loads(out.stdout)
+    found, _ = _probe(refs)
     for ref in refs:
         assert not str(found[ref]).startswith("missing"), f"{compat}: {ref} {found[ref]}"
         expected = module.PATCHED[ref]
@@ -61,3 +70,15 @@ def test_the_patches_name_the_installed_flower(compat):
         f"{compat} was written for Flower {written_for}; {version('flwr')} is installed: "
         "check each patch against its source, then update FLOWER_VERSION"
     )
+
+
+def test_flower_code_that_a_subclass_relies_on_is_the_code_it_was_checked_against():
+    """SignedSecAggPlusWorkflow relies on what Flower's SecAgg+ stages do inside."""
+    from server.app import flwr_compat
+
+    _, sources = _probe(sorted(flwr_compat.PATCHED_SOURCES))
+    for ref, digest in flwr_compat.PATCHED_SOURCES.items():
+        assert sources[ref] == digest, (
+            f"{ref} changed in Flower {version('flwr')}: check SignedSecAggPlusWorkflow "
+            "against its new source, then update PATCHED_SOURCES"
+        )

@@ -36,6 +36,7 @@ from shared_model.protocol import (
     HOSPITAL,
     METRICS,
     Reply,
+    SecAggSigned,
     Status,
 )
 
@@ -106,6 +107,11 @@ FIELDS: tuple[Field, ...] = (
           "a fresh X25519 public key for this round"),
     Field("SecAgg+ key setup", "config", RECORD_KEY_CONFIGS, Key.PUBLIC_KEY_2, PUBLIC,
           "a fresh X25519 public key for this round"),
+    Field("SecAgg+ key setup", "config", RECORD_KEY_CONFIGS, SecAggSigned.MEMBER, PUBLIC,
+          "the hospital's name in the federation's members file"),
+    Field("SecAgg+ key setup", "config", RECORD_KEY_CONFIGS, SecAggSigned.SIGNATURE, PUBLIC,
+          "its signature, with its registered key, over the run, round, its node id, the "
+          "SecAgg+ parameters and the two public keys"),
     Field("SecAgg+ key sharing", "config", RECORD_KEY_CONFIGS, Key.DESTINATION_LIST, PUBLIC,
           "which neighbours the encrypted shares are for"),
     Field("SecAgg+ key sharing", "config", RECORD_KEY_CONFIGS, Key.CIPHERTEXT_LIST, PUBLIC,
@@ -133,6 +139,9 @@ FIELDS: tuple[Field, ...] = (
             (Status.REASON, "why it declined: its budget and config keys"),
         )
     ),
+    Field("SecAgg+ consistency", "config", RECORD_KEY_CONFIGS, SecAggSigned.SIGNATURE, PUBLIC,
+          "its signature over the round's survivor set (node ids of the hospitals that "
+          "completed the key exchange and of those whose uploads are in the sum)"),
     Field("SecAgg+ unmasking", "config", RECORD_KEY_CONFIGS, Key.NODE_ID_LIST, PUBLIC,
           "whose shares follow"),
     Field("SecAgg+ unmasking", "config", RECORD_KEY_CONFIGS, Key.SHARE_LIST, PUBLIC,

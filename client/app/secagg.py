@@ -55,9 +55,11 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.compat.common import recorddict_compat as compat
 
 from client.app.flwr_compat import install_secagg_primitives
+from client.app.secagg_guard import SecAggGuard
 from shared_model import secagg_primitives
 from shared_model.errors import ExplainedError
 from shared_model.masked_upload import UploadCodec
+from shared_model.protocol import SecAggSigned
 
 if TYPE_CHECKING:
     import torch
@@ -67,7 +69,6 @@ if TYPE_CHECKING:
 __all__ = [
     "SecAggSchemeError",
     "UploadError",
-    "check_stage_request",
     "compact_masked_vector",
     "inside_masked_upload",
     "instruction_digest",
@@ -96,18 +97,32 @@ _UINT32_LIMIT = 2**32
 
 
 def secagg_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-    """Run Flower's SecAgg+ mod on SecAgg+ messages, pass every other message through."""
+    """Run Flower's SecAgg+ mod behind the hospital's checks; pass other messages through.
+
+    Every SecAgg+ message is first checked by :class:`SecAggGuard`
+    (``client/app/secagg_guard.py``), which refuses by name what a lying server could
+    use; the consistency stage, which Flower's mod does not have, is answered here.
+    """
     if (
-        msg.metadata.message_type == MessageType.TRAIN
-        and RECORD_KEY_CONFIGS in msg.content.config_records
+        msg.metadata.message_type != MessageType.TRAIN
+        or RECORD_KEY_CONFIGS not in msg.content.config_records
     ):
-        check_stage_request(msg, ctxt)
-        configs = msg.content.config_records[RECORD_KEY_CONFIGS]
-        if configs.get(Key.STAGE) != Stage.COLLECT_MASKED_VECTORS:
-            return secaggplus_mod(msg, ctxt, call_next)
-        with MASKS.bound(instruction_digest(msg)), masked_upload(ctxt):
-            return compact_masked_vector(secaggplus_mod(msg, ctxt, call_next))
-    return call_next(msg, ctxt)
+        return call_next(msg, ctxt)
+    guard = SecAggGuard(msg, ctxt)
+    if guard.stage == SecAggSigned.CONSISTENCY:
+        signed = ConfigRecord(guard.sign_survivors())
+        return Message(RecordDict({RECORD_KEY_CONFIGS: signed}), reply_to=msg)
+    guard.before()
+    try:
+        if guard.stage != Stage.COLLECT_MASKED_VECTORS:
+            reply = secaggplus_mod(msg, ctxt, call_next)
+        else:
+            with MASKS.bound(instruction_digest(msg)), masked_upload(ctxt):
+                reply = compact_masked_vector(secaggplus_mod(msg, ctxt, call_next))
+    except Exception:
+        guard.abort()
+        raise
+    return guard.after(reply)
 
 
 def instruction_digest(msg: Message) -> bytes:
@@ -137,57 +152,6 @@ def inside_masked_upload(ctxt: Context) -> bool:
     """
     record = ctxt.state.config_records.get(_UPLOAD_STATE)
     return bool(record and record.get("masking", False))
-
-
-def check_stage_request(msg: Message, ctxt: Context) -> None:
-    """Refuse SecAgg+ instructions that would let the server unmask one hospital.
-
-    Flower's mod follows whatever the server sends. A hospital here refuses:
-
-    - at key setup, a round of fewer than 3 hospitals or shares, or a reconstruction
-      threshold below 2 or not above half the shares: the server could then gather
-      both halves of a hospital's secrets (its mask seed from neighbours told it is
-      active, its key from neighbours told it dropped out);
-    - at key sharing, a key list that is not exactly the announced number of shares
-      (a server could leave out real hospitals and add keys of its own);
-    - at unmasking, a hospital listed as both active and dropped out (each neighbour
-      would hand over both), or this hospital listed as dropped out.
-
-    A server that invents whole participants is beyond these checks (docs/privacy.md: threat
-    model); the masks' binding to the instruction stops one that instructs hospitals
-    differently.
-    """
-    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
-    stage = configs.get(Key.STAGE)
-    state = ctxt.state.config_records.setdefault(_UPLOAD_STATE, ConfigRecord())
-    if stage == Stage.SETUP:
-        sample = int(configs.get(Key.SAMPLE_NUMBER, 0))  # type: ignore[arg-type]
-        shares = int(configs.get(Key.SHARE_NUMBER, 0))  # type: ignore[arg-type]
-        threshold = int(configs.get(Key.THRESHOLD, 0))  # type: ignore[arg-type]
-        if sample < 3 or shares < 3 or threshold < 2 or 2 * threshold <= shares:
-            raise SecAggSchemeError(
-                f"refused SecAgg+ parameters: {sample} hospitals, {shares} shares, threshold "
-                f"{threshold}; this hospital takes part only with at least 3 hospitals and "
-                "shares and a threshold of at least 2 and above half the shares (otherwise "
-                "the server could unmask one hospital's upload)"
-            )
-        state["shares"] = shares
-    elif stage == Stage.SHARE_KEYS:
-        keys = [k for k in configs if k != Key.STAGE]
-        if len(keys) != int(state.get("shares", -1)):  # type: ignore[arg-type]
-            raise SecAggSchemeError(
-                f"refused a key list of {len(keys)} hospitals where {state.get('shares')} "
-                "shares were announced: the server could replace real hospitals with its own"
-            )
-    elif stage == Stage.UNMASK:
-        active = set(configs.get(Key.ACTIVE_NODE_ID_LIST, []))  # type: ignore[arg-type]
-        dead = set(configs.get(Key.DEAD_NODE_ID_LIST, []))  # type: ignore[arg-type]
-        if active & dead or msg.metadata.dst_node_id in dead:
-            raise SecAggSchemeError(
-                "refused an unmasking request that lists a hospital as both active and "
-                "dropped out, or this hospital as dropped out: answering it would let the "
-                "server unmask one hospital's upload"
-            )
 
 
 def compact_masked_vector(reply: Message) -> Message:

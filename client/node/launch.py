@@ -9,6 +9,7 @@ private-key, port, insecure).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -21,10 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.app.secagg_checks import signing_keys
 from client.node.config import ConnectionConfig
 from client.node.pinned import cold_clientapp
 from client.node.warm import WarmStart, forkable
 from shared_model.config import ConfigError, HospitalConfig
+from shared_model.errors import ExplainedError
 from shared_model.processes import stop_processes
 
 __all__ = [
@@ -80,6 +83,18 @@ def _check_budget_left(hospital: HospitalConfig) -> None:
         )
 
 
+def _check_membership(hospital: HospitalConfig, path: Path) -> None:
+    """ConfigError unless the members file lists this hospital with its signing key."""
+    try:
+        signing_keys(hospital)
+    except ExplainedError as err:
+        raise ConfigError(
+            f"{path}: SecAgg+ needs this hospital in the federation's members file: {err} "
+            "(`fedfusion certs init` writes members.toml beside each hospital's key; "
+            "`fedfusion certs members` makes one from the hospitals' .pub files)"
+        ) from err
+
+
 def plan_supernode(config_file: Path) -> SuperNodeLaunch:
     """Check a hospital file and build its SuperNode command; ConfigError names the key."""
     path = Path(config_file).expanduser().resolve()
@@ -94,6 +109,16 @@ def plan_supernode(config_file: Path) -> SuperNodeLaunch:
     if not hospital.state_dir:
         raise ConfigError(f"{path}: hospital.state-dir is required (it keeps the privacy ledger)")
     _check_budget_left(hospital)
+    node_config = f"config-file='{path}'"
+    if not hospital.secagg_signing_key:  # it signs with the key the server registers
+        node_config += f" secagg-signing-key='{connection.private_key}'"
+    if hospital.secagg_required:  # a hospital no other would accept fails now
+        _check_membership(
+            dataclasses.replace(
+                hospital, secagg_signing_key=hospital.secagg_signing_key or connection.private_key
+            ),
+            path,
+        )
     if hospital.device != "cpu":  # a GPU that is not there fails now, not in round 1
         from client.app.site import resolve_device  # imports torch: only when it matters
 
@@ -113,7 +138,7 @@ def plan_supernode(config_file: Path) -> SuperNodeLaunch:
         connection.private_key,
         # The ClientApp reads the [hospital] table itself, through this one node key.
         "--node-config",
-        f"config-file='{path}'",
+        node_config,
     ]
     if connection.insecure:
         command.append("--insecure")

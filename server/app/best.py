@@ -8,9 +8,12 @@ at any point still holds its best model, and ``fedfusion export`` can ship it::
 
 The metric is the macro AUROC of the summed held-out statistics (``evaluation.json``),
 the federation's own evaluation on the split ``data.holdout`` names: nothing here reads
-a hospital's records. Round 0 (the initial, untrained model) is the reference, never
-the best. Ties keep the earlier round. Both files are rewritten atomically; the model
-file is written first and carries its round, so a reader can check that they agree.
+a hospital's records. Only rounds whose statistics pool at least
+:data:`MIN_POOLED_HOSPITALS` hospitals are candidates: with fewer, a metric chosen on
+them would say too much about one hospital's records. Round 0 (the initial, untrained
+model) is the reference, never the best. Ties keep the earlier round. Both files are
+rewritten atomically; the model file is written first and carries its round, so a
+reader can check that they agree.
 """
 
 from __future__ import annotations
@@ -23,17 +26,23 @@ from typing import Any
 
 from shared_model.evaluation import EvalStats
 
-__all__ = ["BEST_FILE", "BEST_MODEL", "best_round", "refresh_best"]
+__all__ = ["BEST_FILE", "BEST_MODEL", "MIN_POOLED_HOSPITALS", "best_round", "refresh_best"]
 
 BEST_FILE = "best.json"
 BEST_MODEL = "best_model.safetensors"
 METRIC = "auroc"
+# Pooled figures are chosen on and published only from the sum of at least this many
+# hospitals: with two, a hospital receiving them subtracts its own and reads the other's.
+MIN_POOLED_HOSPITALS = 3
 
 
-def best_round(evaluation: dict[str, Any], rounds: set[int]) -> tuple[int, float] | None:
+def best_round(
+    evaluation: dict[str, Any], rounds: set[int], min_hospitals: int = MIN_POOLED_HOSPITALS
+) -> tuple[int, float] | None:
     """(round, macro AUROC) of the best of ``rounds`` (>= 1) in ``evaluation.json``'s data.
 
-    None when no such round has a defined AUROC.
+    Only rounds pooling at least ``min_hospitals`` hospitals count. None when no such
+    round has a defined AUROC.
     """
     labels = evaluation.get("labels", [])
     best: tuple[int, float] | None = None
@@ -41,7 +50,10 @@ def best_round(evaluation: dict[str, Any], rounds: set[int]) -> tuple[int, float
         server_round = int(key)
         if server_round < 1 or server_round not in rounds:
             continue
-        value = EvalStats.from_vector(labels, vector).rounded().metrics().get(METRIC, math.nan)
+        stats = EvalStats.from_vector(labels, vector).rounded()
+        if not stats.hospitals >= min_hospitals:  # NaN (not recorded) never qualifies
+            continue
+        value = stats.metrics().get(METRIC, math.nan)
         if math.isfinite(value) and (best is None or value > best[1]):
             best = (server_round, value)
     return best

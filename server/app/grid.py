@@ -41,6 +41,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from server.app.flwr_compat import fast_object_pulls
 from server.app.store import HospitalRound
+from shared_model.protocol import SecAggSigned
 
 __all__ = ["MeteredGrid", "message_bytes", "metered"]
 
@@ -54,7 +55,7 @@ def message_bytes(msg: Message) -> int:
     return sum(len(obj.deflate()) for obj in get_all_nested_objects(msg).values())
 
 
-_KEY_STAGES = {Stage.SETUP, Stage.SHARE_KEYS, Stage.UNMASK}
+_KEY_STAGES = {Stage.SETUP, Stage.SHARE_KEYS, SecAggSigned.CONSISTENCY, Stage.UNMASK}
 
 
 def _secagg_stage(msg: Message) -> str | None:

@@ -17,6 +17,8 @@ The workflow's mask generator and secret sharing are fedfusion's
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from logging import INFO, WARNING
 
@@ -34,11 +36,11 @@ from flwr.common.logger import log
 from flwr.server import LegacyContext, ServerConfig
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg as LegacyFedAvg
-from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid
 
-from server.app.flwr_compat import LegacyRounds, install_secagg_primitives
+from server.app.flwr_compat import LegacyRounds, SignedSecAggPlusWorkflow, install_secagg_primitives
 from server.app.grid import MeteredGrid, metered
+from server.app.registry import HospitalRegistry
 from server.app.rounds import AllDeclinedError, RoundOutcome, ServerStep
 from server.app.store import HospitalRound, RoundRecord
 from server.app.strategy import FederationError, ShortRoundError, hospital_round, short_reason
@@ -230,6 +232,22 @@ class SecAggFedAvg(LegacyFedAvg):
         total = self.codec.decode_sum(
             parameters_to_ndarrays(results[0][1].parameters)[0], len(results)
         )
+        # How many hospitals the statistics pool is decided by the protocol's survivor set
+        # (the uploads in this sum), never raised by a value a hospital wrote into it.
+        pooled = total.evaluation.hospitals
+        if math.isfinite(pooled) and pooled > len(results):
+            log(
+                WARNING,
+                "[fedfusion] round %d: the uploads claim %g hospitals with held-out records; "
+                "%d uploaded, so %d is recorded",
+                server_round,
+                pooled,
+                len(results),
+                len(results),
+            )
+            total = dataclasses.replace(
+                total, evaluation=dataclasses.replace(total.evaluation, hospitals=len(results))
+            )
         if self.evaluating:
             evaluated = [
                 HospitalRound(hospital=h.hospital, node_id=h.node_id, status="evaluated")
@@ -340,13 +358,16 @@ class SecAggRounds:
             layout_digest=layout.digest,
         )
         self.strategy.known.update(known or {})
-        self.workflow = SecAggPlusWorkflow(
-            num_shares=shares,
-            reconstruction_threshold=threshold,
-            clipping_range=run.secagg.clipping_range,
-            quantization_range=QUANTIZATION_RANGE,
-            max_weight=run.secagg.max_weight,
-            timeout=run.secagg.stage_timeout,
+        self.workflow_settings = {
+            "num_shares": shares,
+            "reconstruction_threshold": threshold,
+            "clipping_range": run.secagg.clipping_range,
+            "quantization_range": QUANTIZATION_RANGE,
+            "max_weight": run.secagg.max_weight,
+            "timeout": run.secagg.stage_timeout,
+        }
+        self.workflow = SignedSecAggPlusWorkflow(
+            registry=HospitalRegistry.from_environment(), **self.workflow_settings
         )
         legacy = LegacyContext(
             context,

@@ -14,6 +14,13 @@ Layout under the output directory::
     ca/ca.key, ca/ca.crt
     server/server.key, server/server.pem, server/ca.crt
     hospitals/<name>/<name>.key, hospitals/<name>/<name>.pub, hospitals/<name>/ca.crt
+    members.toml, hospitals/<name>/members.toml
+
+``members.toml`` lists every hospital's public key: the federation's members, whose
+SecAgg+ key advertisements a hospital accepts (``shared_model/secagg_signatures.py``).
+Where hospitals make their own keys, ``fedfusion certs members`` builds it from their
+.pub files and prints each key's fingerprint, for the hospitals to compare among
+themselves, away from the coordinator.
 
 Private keys are written with mode 0600 in directories with mode 0700; certificates and
 public keys with 0644. Nothing is ever overwritten: an existing CA or key is an error,
@@ -24,7 +31,9 @@ the public key to the server operator: the private key then never leaves the hos
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import ipaddress
 import os
 import re
@@ -37,13 +46,23 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from shared_model.secagg_signatures import (
+    MEMBERS_FILE,
+    Members,
+    MembersError,
+    load_public_key,
+    write_members,
+)
+
 __all__ = [
     "CertError",
     "CertPaths",
     "create_ca",
     "create_deployment",
     "create_hospital_key",
+    "create_members",
     "create_server_cert",
+    "fingerprint",
 ]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -210,8 +229,37 @@ def create_hospital_key(out: Path, name: str) -> CertPaths:
     return CertPaths(folder / f"{name}.key", folder / f"{name}.pub")
 
 
+def fingerprint(public_line: str) -> str:
+    """A public key's SHA-256 fingerprint, as ``ssh-keygen -l`` prints it."""
+    blob = base64.b64decode(public_line.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def create_members(out_file: Path, public_keys: list[Path]) -> dict[str, str]:
+    """Write a members file from hospitals' .pub files (name: the file's stem).
+
+    Returns name -> fingerprint. The file is replaced if it exists (it holds no secret).
+    """
+    lines: dict[str, str] = {}
+    for pub in public_keys:
+        name = _check_name(Path(pub).stem)
+        if name in lines:
+            raise CertError(f"two public key files for {name}")
+        try:
+            lines[name] = Path(pub).read_text("ascii").strip()
+            load_public_key(lines[name], str(pub))
+        except (OSError, UnicodeDecodeError, MembersError) as err:
+            raise CertError(f"{pub}: not a readable OpenSSH public key ({err})") from err
+    try:
+        Members.from_lines(lines, str(out_file))
+    except MembersError as err:
+        raise CertError(str(err)) from err
+    write_members(out_file, lines)
+    return {name: fingerprint(line) for name, line in lines.items()}
+
+
 def create_deployment(out: Path, sans: list[str], hospitals: list[str]) -> dict[str, CertPaths]:
-    """CA, server certificate and one key pair per hospital, in one go."""
+    """CA, server certificate, one key pair per hospital and the members file, in one go."""
     if len(set(hospitals)) != len(hospitals):
         raise CertError(f"hospital names must be distinct: {hospitals}")
     for name in hospitals:
@@ -220,4 +268,8 @@ def create_deployment(out: Path, sans: list[str], hospitals: list[str]) -> dict[
     created["server"] = create_server_cert(out, sans)
     for name in hospitals:
         created[name] = create_hospital_key(out, name)
+    if hospitals:
+        create_members(out / MEMBERS_FILE, [created[n].cert_or_public for n in hospitals])
+        for name in hospitals:  # each hospital's copy, beside its key
+            shutil.copyfile(out / MEMBERS_FILE, out / "hospitals" / name / MEMBERS_FILE)
     return created

@@ -25,6 +25,7 @@ def register(app: typer.Typer) -> None:
     certs.command("init")(certs_init)
     certs.command("server")(certs_server)
     certs.command("hospital")(certs_hospital)
+    certs.command("members")(certs_members)
     app.add_typer(certs, name="certs")
 
 
@@ -91,6 +92,27 @@ def certs_hospital(
     _run_certs(lambda: {name: create_hospital_key(out, name)})
 
 
+def certs_members(
+    public_keys: Annotated[list[Path], typer.Argument(help="Each hospital's NAME.pub file.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The members file.")] = Path(
+        "members.toml"
+    ),
+) -> None:
+    """Write the federation's members file from the hospitals' public keys.
+
+    Every hospital keeps a copy (its file's secagg-members, or members.toml beside its
+    key): SecAgg+ key shares go only to hospitals it lists. Compare the fingerprints
+    printed here with each hospital directly, not through the coordinator.
+    """
+    from server.commands.certs import create_members
+
+    prints: dict[str, str] = {}
+    _run_certs(lambda: prints.update(create_members(out, public_keys)) or {})
+    for name, value in sorted(prints.items()):
+        typer.echo(f"  {name:<24} {value}")
+    typer.echo(f"wrote {out} ({len(prints)} hospitals)")
+
+
 def server(
     config: Annotated[Path, typer.Option("--config", "-c", help="The server's TOML file.")],
     verbose: Annotated[
@@ -149,6 +171,7 @@ def server(
             verbose=verbose,
             base_hash=base_hash,
             new_run=new_run,
+            server_file=config,
             tracking=tracking_env(
                 cfg.tracking_uri if tracking_uri is None else tracking_uri,
                 cfg.tracking_experiment,
@@ -367,9 +390,10 @@ def export(
     min_hospitals: Annotated[
         int,
         typer.Option(
-            min=1,
-            help="Publish pooled figures and thresholds only from at least this many "
-            "hospitals' held-out statistics (with two, each could subtract its own).",
+            min=3,
+            help="Publish pooled figures and thresholds, and choose the best round, only "
+            "from at least this many hospitals' held-out statistics (3 at least: with two, "
+            "each could subtract its own).",
         ),
     ] = 3,
 ) -> None:

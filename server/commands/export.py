@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from server.app.best import BEST_FILE, BEST_MODEL, best_round
+from server.app.best import BEST_FILE, BEST_MODEL, MIN_POOLED_HOSPITALS, best_round
 from server.app.store import RunDirError, read_run_file
 from server.commands.model_card import render_model_card
 from shared_model.config import RunConfig
@@ -34,11 +34,6 @@ from shared_model.inference.operating_points import (
 )
 
 __all__ = ["MIN_POOLED_HOSPITALS", "RunFacts", "export_run", "pooled_enough", "read_run"]
-
-# Pooled figures and thresholds are published only from the sum of at least this many
-# hospitals: with two, a hospital receiving the bundle subtracts its own statistics and
-# reads the other's.
-MIN_POOLED_HOSPITALS = 3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -102,23 +97,41 @@ class ChosenRound:
     selection: str  # best | final | chosen
     weights: dict[str, torch.Tensor]
     metric: float | None = None  # its pooled held-out macro AUROC, when chosen as best
+    note: str = ""  # why the best was asked for and the final given
 
 
-def choose_round(facts: RunFacts, which: str) -> ChosenRound:
-    """The model of round ``which``: best, final or a round number."""
+def choose_round(
+    facts: RunFacts, which: str, min_hospitals: int = MIN_POOLED_HOSPITALS
+) -> ChosenRound:
+    """The model of round ``which``: best, final or a round number.
+
+    The best is chosen only among rounds whose held-out statistics pool at least
+    ``min_hospitals`` hospitals; if none does, the final round is taken, and its
+    ``selection`` says why.
+    """
     root, checkpoints = facts.root, facts.root / "checkpoints"
     if which == "best":
         best = _read_json(root / BEST_FILE, required=False)
-        if best and (root / BEST_MODEL).exists() and _round_of(root / BEST_MODEL) == best["round"]:
+        if (
+            best
+            and (root / BEST_MODEL).exists()
+            and _round_of(root / BEST_MODEL) == best["round"]
+            and not pooled_enough(facts.stats(int(best["round"])), min_hospitals)
+        ):
             weights = _load_weights(root / BEST_MODEL, best["round"])
             return ChosenRound(int(best["round"]), "best", weights, best.get("value"))
         recorded = {int(r["round"]) for r in facts.rounds}
-        found = best_round(facts.evaluation, recorded) if facts.evaluation else None
+        found = best_round(facts.evaluation, recorded, min_hospitals) if facts.evaluation else None
         if found is None:
-            raise BundleError(
-                f"{root} has no pooled held-out evaluation of a trained round to choose the "
-                "best from (the hospitals kept their evaluations): use --round final"
+            final = choose_round(facts, "final")
+            why = (
+                f"the best round was asked for, but no round's pooled held-out statistics "
+                f"came from at least {min_hospitals} hospitals: the final round is exported"
+                if facts.evaluation
+                else "the best round was asked for, but the run kept no pooled held-out "
+                "evaluation to choose by: the final round is exported"
             )
+            return ChosenRound(final.round, "final", final.weights, note=why)
         path = checkpoints / f"round-{found[0]:04d}.safetensors"
         return ChosenRound(found[0], "best", _load_weights(path, found[0]), found[1])
     elif which == "final":
@@ -234,6 +247,7 @@ def bundle_info(
             "run": facts.root.resolve().name,
             "round": server_round,
             "selection": chosen.selection,
+            "selection-note": chosen.note,
             "pooled-hospitals": None if stats is None else _count(stats.hospitals),
             "rounds-completed": max((int(r["round"]) for r in facts.rounds), default=0),
             "selection-metric": {
@@ -293,10 +307,17 @@ def export_run(
     """Write the bundle of ``run_dir``'s round ``which`` to ``out``; returns ``out``.
 
     Thresholds and the card's figures come from the round's pooled held-out statistics
-    only when they pool at least ``min_hospitals`` hospitals.
+    only when they pool at least ``min_hospitals`` hospitals (3 or more: BundleError
+    below).
     """
+    if min_hospitals < MIN_POOLED_HOSPITALS:
+        raise BundleError(
+            f"--min-hospitals {min_hospitals}: pooled figures come from at least "
+            f"{MIN_POOLED_HOSPITALS} hospitals (with two, each could subtract its own "
+            "statistics and read the other's)"
+        )
     facts = read_run(run_dir)
-    chosen = choose_round(facts, which)
+    chosen = choose_round(facts, which, min_hospitals)
     info = bundle_info(facts, chosen, rule, min_hospitals)
     stats = facts.stats(chosen.round)
     figures = None

@@ -181,6 +181,7 @@ def render_model_card(
         f"fedfusion {info['fedfusion-version']} · exported {info['created']} · round "
         f"{source['round']} ({source['selection']}) of run `{source['run']}`",
         "",
+        *([f"*{source['selection-note']}.*", ""] if source.get("selection-note") else []),
         "> **Not a medical device.** For research and evaluation only. It has not been "
         "cleared or approved by any regulator and must not be used for diagnosis or "
         "treatment decisions.",

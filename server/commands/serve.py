@@ -19,6 +19,7 @@ from typing import Any
 
 from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
 
+from server.app.registry import REGISTRY_ENV
 from server.app.store import RunDirError, RunFinishedError, RunStore
 from server.app.tracking import tracking_env
 from server.commands.config import ServerDeployConfig
@@ -163,6 +164,7 @@ def run_server(
     base_hash: str = "",
     new_run: bool = False,
     tracking: dict[str, str] | None = None,
+    server_file: Path | None = None,
 ) -> RunResult:
     """Start the SuperLink, register hospitals, run the federation, stop; judge the run.
 
@@ -170,6 +172,9 @@ def run_server(
     failed), it is resumed after its last complete round, unless ``new_run``.
     ``base_hash`` is the frozen weights' fingerprint, which a resumed run must share.
     ``tracking`` (:func:`server.app.tracking.tracking_env`) says where the run is logged.
+    ``server_file``: the file this came from; the ServerApp reads its ``hospitals`` again
+    at every SecAgg+ stage (``server/app/registry.py``), so that a key removed from it
+    mid-run is refused at its next message.
     """
     state = Path(cfg.state_dir)
     out = _run_dir(state, {**run.to_run_config(), **run_settings}, base_hash, new_run, echo)
@@ -178,6 +183,8 @@ def run_server(
     config_file.write_text(to_toml(full), encoding="utf-8")
     RunConfig.from_run_config(full)
     env = {**_environment(cfg), **(tracking or tracking_env())}
+    if server_file is not None and cfg.hospital_keys():
+        env[REGISTRY_ENV] = str(Path(server_file).expanduser().resolve())
     log = state / "superlink.log"
     restarted = (state / "superlink.db").exists()
     started = time.monotonic()

@@ -85,6 +85,40 @@ class HospitalConfig:
         "(the server then learns evaluation results only summed over hospitals, inside "
         "SecAgg+), true for a simulated hospital.",
     )
+    secagg_members: str = _opt(
+        "",
+        "The federation's members file (name = public signing key of every hospital), "
+        "agreed outside the coordinator; key shares go only to listed members. Default: "
+        "members.toml beside secagg-signing-key (simulated hospitals: the simulation's "
+        "own members folder).",
+    )
+    secagg_signing_key: str = _opt(
+        "",
+        "This hospital's private signing key for SecAgg+ (its key advertisements and "
+        "survivor statements). `fedfusion hospital` uses [connection] private-key, the "
+        "key the server registers; simulated hospitals make one of their own.",
+    )
+    secagg_min_hospitals: int = _opt(
+        3,
+        "Smallest SecAgg+ group this hospital takes part in (hospitals sampled, and "
+        "hospitals surviving to the unmasking).",
+        min=3,
+    )
+    secagg_min_threshold: float = _opt(
+        2 / 3,
+        "Smallest reconstruction threshold accepted, as a fraction of the shares "
+        "(rounded up); above one half.",
+        min=0.5,
+        max=1.0,
+        min_exclusive=True,
+    )
+    secagg_min_shares: int = _opt(
+        0,
+        "0: share SecAgg+ keys with every hospital sampled, never fewer. m > 0: also "
+        "accept fewer, at least max(m, 2 * ceil(log2 hospitals) + 1), on a graph the "
+        "server chooses: safe only with a server that follows the protocol.",
+        min=0,
+    )
     text_model: str = _opt(
         "",
         "This hospital's copy of the run's model.text-model folder, where its path differs "
@@ -209,7 +243,15 @@ def _read_hospital_file(path_text: str) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise ConfigError(f"{path}: [hospital] must be a table")
     # relative to the file, not the cwd
-    for key in ("data-manifest", "state-dir", "text-model", "image-weights", "feature-cache"):
+    for key in (
+        "data-manifest",
+        "state-dir",
+        "text-model",
+        "image-weights",
+        "feature-cache",
+        "secagg-members",
+        "secagg-signing-key",
+    ):
         if isinstance(table.get(key), str) and table[key] and not Path(table[key]).is_absolute():
             table[key] = str(path.parent / table[key])
     return table

@@ -254,7 +254,13 @@ class SecAggConfig:
     enabled: bool = _opt(
         True, "Send updates only inside SecAgg+ (masked; the server sees only the sum)."
     )
-    num_shares: int = _opt(0, "Shares of each hospital's key; 0: all sampled hospitals.", min=0)
+    num_shares: int = _opt(
+        0,
+        "Shares of each hospital's key; 0: all sampled hospitals. Fewer are declined by "
+        "hospitals whose file does not allow it (secagg-min-shares): the server would "
+        "choose the graph.",
+        min=0,
+    )
     reconstruction_threshold: int = _opt(
         0,
         "Shares needed to unmask a dropped hospital; 0: max(2, ceil(2/3 of the shares)). "

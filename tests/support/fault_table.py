@@ -52,6 +52,8 @@ ORDER = [
     "test_dropout.py",
     "test_short_round.py",
     "test_secagg.py",
+    "test_secagg_hostile_server.py",
+    "test_secagg_registry.py",
     "test_crash_resume.py",
     "test_resume.py",
     "test_tls_auth.py",

@@ -14,15 +14,22 @@ from shared_model.packing import WeightLayout
 from shared_model.weights import base_fingerprint, initial_model, shared_state
 
 
-def make_message(content: RecordDict, message_type: str, dst_node_id: int = 1) -> Message:
+def make_message(
+    content: RecordDict,
+    message_type: str,
+    dst_node_id: int = 1,
+    *,
+    run_id: int = 1,
+    group_id: str = "1",
+) -> Message:
     """An instruction message from the server, as a ClientApp handler receives it."""
     metadata = Metadata(
-        run_id=1,
+        run_id=run_id,
         message_id=f"msg-{time.monotonic_ns()}",
         src_node_id=0,
         dst_node_id=dst_node_id,
         reply_to_message_id="",
-        group_id="1",
+        group_id=group_id,
         created_at=time.time(),
         ttl=DEFAULT_TTL,
         message_type=message_type,

@@ -45,12 +45,12 @@ def fake_run(
     separations: Sequence[float | None],
     overrides: dict[str, object] | None = None,
     hospitals: int = 3,
-    pooled: int | None = None,
+    pooled: int | Sequence[int] | None = None,
 ) -> RunConfig:
     """A completed simulated run of rounds 0..len-1; round r evaluated at ``separations[r]``.
 
     A separation of None leaves that round without a pooled evaluation; ``pooled``
-    hospitals' statistics are in each sum (default: all of them).
+    hospitals' statistics are in each sum (one number, or one per round; default: all).
     """
     config = {"num-rounds": len(separations) - 1, "output-dir": str(root), **(overrides or {})}
     run = RunConfig.from_run_config(config)
@@ -86,7 +86,8 @@ def fake_run(
         )
         store.save_round(record, state)
         if separation is not None:
-            stats = round_stats(run.model.labels, separation, seed=r, hospitals=pooled or hospitals)
+            count = pooled[r] if isinstance(pooled, Sequence) else pooled
+            stats = round_stats(run.model.labels, separation, seed=r, hospitals=count or hospitals)
             store.save_evaluation(r, stats)
     store.finish("completed", state)
     (root / "simulation.json").write_text(json.dumps({"hospitals": hospitals}), "utf-8")

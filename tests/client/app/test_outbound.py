@@ -260,59 +260,6 @@ def test_the_masked_upload_holds_the_update_weight_loss_and_evaluation(run_confi
 # ------------------------------------------------------------------ a deviating server
 
 
-def secagg_stage(stage: str, dst: int = 5, **values) -> Message:
-    from flwr.common.secure_aggregation.secaggplus_constants import Key
-
-    configs = ConfigRecord({Key.STAGE: stage, **values})
-    return make_message(RecordDict({RECORD_KEY_CONFIGS: configs}), MessageType.TRAIN, dst)
-
-
-@pytest.mark.parametrize(
-    ("sample", "shares", "threshold"),
-    [(1, 1, 1), (3, 3, 1), (4, 4, 2), (9, 7, 3), (2, 3, 2)],
-)
-def test_secagg_parameters_that_let_the_server_unmask_one_hospital_are_refused(
-    sample, shares, threshold
-):
-    """A round of one, a threshold of 1, or one at most half the shares: the server could
-    then collect a hospital's mask seed and its key from disjoint neighbours."""
-    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
-
-    from client.app.secagg import SecAggSchemeError, check_stage_request
-
-    setup = secagg_stage(
-        Stage.SETUP,
-        **{Key.SAMPLE_NUMBER: sample, Key.SHARE_NUMBER: shares, Key.THRESHOLD: threshold},
-    )
-    with pytest.raises(SecAggSchemeError, match="refused SecAgg"):
-        check_stage_request(setup, make_context({}, {}))
-    fine = secagg_stage(
-        Stage.SETUP, **{Key.SAMPLE_NUMBER: 4, Key.SHARE_NUMBER: 4, Key.THRESHOLD: 3}
-    )
-    check_stage_request(fine, make_context({}, {}))  # the defaults for 4 hospitals pass
-
-
-def test_an_unmasking_request_naming_a_hospital_both_active_and_dropped_is_refused():
-    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
-
-    from client.app.secagg import SecAggSchemeError, check_stage_request
-
-    both = secagg_stage(
-        Stage.UNMASK, **{Key.ACTIVE_NODE_ID_LIST: [5, 6, 7], Key.DEAD_NODE_ID_LIST: [6]}
-    )
-    with pytest.raises(SecAggSchemeError, match="both active and"):
-        check_stage_request(both, make_context({}, {}))
-    me_dead = secagg_stage(
-        Stage.UNMASK, **{Key.ACTIVE_NODE_ID_LIST: [6, 7], Key.DEAD_NODE_ID_LIST: [5]}
-    )
-    with pytest.raises(SecAggSchemeError):
-        check_stage_request(me_dead, make_context({}, {}))
-    honest = secagg_stage(
-        Stage.UNMASK, **{Key.ACTIVE_NODE_ID_LIST: [5, 6], Key.DEAD_NODE_ID_LIST: [7]}
-    )
-    check_stage_request(honest, make_context({}, {}))
-
-
 def test_a_request_with_no_planned_round_is_refused_before_anything_is_charged(run_config):
     """planned-rounds = 0 would fix a noise plan that declines every later round."""
     with pytest.raises(Exception, match="both must be at least 1"):
@@ -340,19 +287,3 @@ def test_the_held_out_count_never_shows_in_an_error(run_config):
     assert codec.decode_sum(bytes_to_ndarray(upload), 1).evaluation.examples == 0  # withheld
     own = json.loads((ledger_file(run_config).parent / "evaluation.jsonl").read_text())
     assert own["examples"] > 5  # the hospital evaluated its whole split, for itself
-
-
-def test_a_key_list_other_than_the_announced_shares_is_refused():
-    """The server leaves real hospitals out and puts keys of its own in their place."""
-    from flwr.common.secure_aggregation.secaggplus_constants import Key, Stage
-
-    from client.app.secagg import SecAggSchemeError, check_stage_request
-
-    context = make_context({}, {})
-    setup = {Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3, Key.THRESHOLD: 2}
-    check_stage_request(secagg_stage(Stage.SETUP, **setup), context)
-    two = secagg_stage(Stage.SHARE_KEYS, **{"5": [b"a", b"b"], "6": [b"c", b"d"]})
-    with pytest.raises(SecAggSchemeError, match="key list of 2 hospitals where 3"):
-        check_stage_request(two, context)
-    three = secagg_stage(Stage.SHARE_KEYS, **{str(n): [b"a", b"b"] for n in (5, 6, 7)})
-    check_stage_request(three, context)

@@ -1,6 +1,7 @@
 """`fedfusion hospital`: the hospital file is checked before anything starts."""
 
 import json
+import shlex
 import shutil
 import sys
 import time
@@ -19,6 +20,7 @@ from client.node.launch import (
 )
 from shared_model.cli import build_app
 from shared_model.config import ConfigError, HospitalConfig
+from shared_model.secagg_signatures import create_signing_key, public_line, write_members
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -26,7 +28,8 @@ ROOT = Path(__file__).resolve().parents[3]
 def hospital_file(tmp_path, **connection) -> Path:
     (tmp_path / "certs").mkdir()
     (tmp_path / "certs/ca.crt").write_text("ca")
-    (tmp_path / "certs/h.key").write_text("key")
+    key = create_signing_key(tmp_path / "certs/h.key")
+    write_members(tmp_path / "certs/members.toml", {"h": public_line(key)})
     (tmp_path / "m.csv").write_text("image,report,labels\n,x,normal\n")
     conn = {
         "server": '"127.0.0.1:9092"',
@@ -57,10 +60,24 @@ def test_a_good_file_gives_the_supernode_command(tmp_path):
     assert cmd[cmd.index("--auth-supernode-private-key") + 1] == str(tmp_path / "certs/h.key")
     assert "--insecure" not in cmd and not launch.warning
     # the ClientApp reads the same file: its policy is the hospital's
-    node_config = cmd[cmd.index("--node-config") + 1]
-    key, value = node_config.split("=", 1)
-    hospital = HospitalConfig.from_node_config({key: value.strip("'")})
+    node_config = dict(p.split("=", 1) for p in shlex.split(cmd[cmd.index("--node-config") + 1]))
+    hospital = HospitalConfig.from_node_config(node_config)
     assert hospital.max_epsilon == 3.0 and hospital.state_dir == str(tmp_path / "state")
+    # it signs its SecAgg+ keys with the key the server registers
+    assert hospital.secagg_signing_key == str(tmp_path / "certs/h.key")
+
+
+@pytest.mark.parametrize("members", ["missing", "another key", "not listed"])
+def test_a_hospital_its_members_file_does_not_list_is_refused_at_start(tmp_path, members):
+    path = hospital_file(tmp_path)
+    listed = tmp_path / "certs/members.toml"
+    if members == "missing":
+        listed.unlink()
+    else:
+        other = create_signing_key(tmp_path / "other.key")
+        write_members(listed, {"h" if members == "another key" else "g": public_line(other)})
+    with pytest.raises(ConfigError, match="members file"):
+        plan_supernode(path)
 
 
 @pytest.mark.parametrize(

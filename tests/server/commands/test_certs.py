@@ -1,5 +1,7 @@
 """fedfusion certs: a CA, a server certificate with SANs, hospital key pairs."""
 
+import base64
+import hashlib
 import ipaddress
 import socket
 import ssl
@@ -10,8 +12,11 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from typer.testing import CliRunner
 
 from server.commands.certs import CertError, create_deployment, create_hospital_key
+from shared_model.cli import build_app
+from shared_model.secagg_signatures import Members, MembersError, load_private_key
 
 
 @pytest.fixture
@@ -94,3 +99,51 @@ def test_a_tls_client_trusting_the_ca_accepts_the_server_on_loopback(certs):
         assert tls.recv(2) == b"ok"  # hostname (IP SAN) and chain both verified
     thread.join(5)
     listener.close()
+
+
+def test_the_members_file_lists_every_hospital_key_and_each_hospital_keeps_a_copy(certs):
+    members = Members.load(certs / "members.toml")
+    assert sorted(members.keys) == ["hospital-0", "st-mary"]
+    for name in members.keys:
+        key = load_private_key(certs / f"hospitals/{name}/{name}.key")
+        assert members.holds(name, key)
+        assert not members.holds("st-mary" if name == "hospital-0" else "hospital-0", key)
+        copy = certs / f"hospitals/{name}/members.toml"
+        assert copy.read_text() == (certs / "members.toml").read_text()
+
+
+def test_certs_members_builds_the_file_from_public_keys_with_fingerprints(tmp_path):
+    pubs = [create_hospital_key(tmp_path, name).cert_or_public for name in ("a", "b")]
+    runner = CliRunner()
+    out = tmp_path / "members.toml"
+    result = runner.invoke(build_app(), ["certs", "members", *map(str, pubs), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(Members.load(out).keys) == ["a", "b"]
+    for pub in pubs:  # the fingerprint ssh-keygen -l prints for the same key
+        blob = base64.b64decode(pub.read_text().split()[1])
+        expected = base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+        assert f"SHA256:{expected}" in result.output
+    # one key under two names is refused: a member would count twice
+    (tmp_path / "c.pub").write_text(pubs[0].read_text())
+    twice = runner.invoke(build_app(), ["certs", "members", str(pubs[0]), str(tmp_path / "c.pub")])
+    assert twice.exit_code == 2 and "two members share one public key" in twice.output
+    broken = tmp_path / "d.pub"
+    broken.write_text("ssh-ed25519 not-base64")
+    bad = runner.invoke(build_app(), ["certs", "members", str(broken), "--out", str(out)])
+    assert bad.exit_code == 2 and "d.pub" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("[members]\na = 1\n", 'name = "key line"'),
+        ("[members\n", "not valid TOML"),
+        ('[members]\na = "ssh-rsa AAAA"\n', "not an OpenSSH or PEM public key"),
+        ("[other]\n", 'name = "key line"'),
+    ],
+)
+def test_a_bad_members_file_is_refused_naming_the_problem(tmp_path, text, problem):
+    path = tmp_path / "members.toml"
+    path.write_text(text)
+    with pytest.raises(MembersError, match=problem):
+        Members.load(path)

@@ -81,31 +81,46 @@ def test_export_refuses_what_it_cannot_ship(run_dir, tmp_path):
     assert (tmp_path / "c" / "x").read_text() == "keep me"
 
 
-def test_a_run_without_pooled_evaluation_has_no_best_but_exports_its_final_round(tmp_path):
+def test_a_run_without_pooled_evaluation_exports_its_final_round_and_says_why(tmp_path):
     fake_run(tmp_path / "run", [None, None], SMALL)
-    with pytest.raises(BundleError, match="use --round final"):
-        export_run(tmp_path / "run", tmp_path / "a")
-    bundle = load_bundle(export_run(tmp_path / "run", tmp_path / "b", "final"))
+    bundle = load_bundle(export_run(tmp_path / "run", tmp_path / "b"))
+    assert bundle.info["source"]["selection"] == "final"
+    assert "no pooled held-out evaluation" in bundle.info["source"]["selection-note"]
     assert np.allclose(bundle.threshold_logits, 0.0)  # probability 0.5, and it says so
     assert bundle.info["decision"]["notes"]
     card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
     assert "No pooled figures are published" in card and "reached the coordinator" in card
+    assert "the final round is exported" in card
 
 
 @pytest.mark.parametrize("pooled", [1, 2])
 def test_statistics_of_fewer_than_three_hospitals_are_not_published(tmp_path, pooled):
     """With two, a hospital holding the bundle would subtract its own and read the other's."""
-    fake_run(tmp_path / "run", [None, 1.0, 2.0], SMALL, pooled=pooled)
+    fake_run(tmp_path / "run", [None, 1.0, 2.0, 0.5], SMALL, pooled=pooled)
     bundle = load_bundle(export_run(tmp_path / "run", tmp_path / "b"))
     assert np.allclose(bundle.threshold_logits, 0.0)
     assert bundle.info["source"]["pooled-hospitals"] == pooled
+    # no round was chosen by a metric of fewer than 3 hospitals: the final one ships
+    assert bundle.info["source"]["round"] == 3
+    assert bundle.info["source"]["selection"] == "final"
+    assert bundle.info["source"]["selection-metric"]["value"] is None
     card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
     assert f"pool {pooled} hospital(s), fewer than the 3 needed" in card
+    assert "at least 3 hospitals: the final round is exported" in card
     assert "AUROC (95% CI)" not in card
-    # a consortium that accepts it says so explicitly
-    opted = load_bundle(export_run(tmp_path / "run", tmp_path / "c", min_hospitals=pooled))
-    assert not np.allclose(opted.threshold_logits, 0.0)
-    assert f"records of {pooled} hospitals" in (tmp_path / "c" / "MODEL_CARD.md").read_text()
+    with pytest.raises(BundleError, match="--min-hospitals 2: pooled figures come from at least 3"):
+        export_run(tmp_path / "run", tmp_path / "c", min_hospitals=2)
+
+
+def test_the_best_round_is_chosen_only_among_rounds_of_enough_hospitals(tmp_path):
+    # round 2 scores highest, but on the statistics of 2 hospitals
+    fake_run(tmp_path / "run", [None, 1.0, 2.5, 0.5], SMALL, pooled=[3, 3, 2, 3])
+    bundle = load_bundle(export_run(tmp_path / "run", tmp_path / "b"))
+    assert bundle.info["source"]["round"] == 1
+    assert bundle.info["source"]["selection"] == "best"
+    assert bundle.info["source"]["pooled-hospitals"] == 3
+    tighter = load_bundle(export_run(tmp_path / "run", tmp_path / "c", min_hospitals=4))
+    assert tighter.info["source"]["selection"] == "final"
 
 
 def test_a_plain_run_says_the_statistics_were_sent_in_the_clear(tmp_path):

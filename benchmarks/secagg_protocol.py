@@ -1,0 +1,158 @@
+"""What the hospitals' defence against a lying server costs a SecAgg+ round, side by side.
+
+Two protocols run in this process, alternately, on the same hospitals, through the
+ServerApp's real SecAgg+ driver and the hospitals' real mods (``tests/support/
+loop_grid.py`` delivers every message by calling the hospital's ClientApp):
+
+- **before**: Flower's ``SecAggPlusWorkflow`` with hospitals that check the SecAgg+
+  parameters only (the hospital code before signed keys: ``TODAYS_HOSPITAL`` in
+  ``tests/support/hostile_server.py``);
+- **signed**: ``SignedSecAggPlusWorkflow`` with the hospital code now (signed key
+  advertisements, the consistency round, signed survivor sets).
+
+``full``: 3 simulated hospitals train the default model on the embedded data (DP on),
+so the round time is what a user waits for; round 1 (data loading) is left out.
+``protocol``: hospitals upload vectors of the default model's size without training,
+so the time is the protocol alone (key agreement, sharing, masking, signatures,
+unmasking), at 3, 10 and 50 hospitals. Bytes are metered per hospital and round by the
+ServerApp's own meter (``server/app/grid.py``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.clientapp import ClientApp
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.supercore.task_identity import TaskIdentity
+
+from benchmarks.report import Echo, Measurement
+from shared_model.config import RunConfig
+from shared_model.evaluation import EvalStats
+from shared_model.masked_upload import UploadCodec
+from shared_model.packing import WeightLayout
+from shared_model.weights import base_fingerprint, initial_model, shared_state
+
+__all__ = ["run_protocol_bench"]
+
+PROTOCOLS = ("before", "signed")
+
+
+def _before(settings: dict[str, Any]) -> SecAggPlusWorkflow:
+    return SecAggPlusWorkflow(**settings)
+
+
+def _grid(protocol: str, tmp: Path, nodes: list[int], run: RunConfig, train: bool) -> Any:
+    from client.app import handlers
+    from tests.support.hostile_server import NOW, TODAYS_HOSPITAL
+    from tests.support.loop_grid import loop_federation
+
+    mods = TODAYS_HOSPITAL if protocol == "before" else NOW
+    layout = _layout(run)
+    codec = UploadCodec(layout.size, run.model.labels, run.secagg.clipping_range, 10_000.0)
+    grid = loop_federation(tmp, nodes, _upload(codec, run), codec, layout, mods)
+    if train:  # the real handlers: each hospital trains under DP on its embedded share
+        app = ClientApp(mods=list(mods))
+        app.train()(handlers.train)
+        grid.app = app
+    return grid
+
+
+def _layout(run: RunConfig) -> WeightLayout:
+    return WeightLayout.of(shared_state(initial_model(run.model, run.seed)))
+
+
+def _upload(codec: UploadCodec, run: RunConfig) -> Callable[[int, dict], np.ndarray]:
+    labels = run.model.labels
+
+    def upload(node: int, config: dict) -> np.ndarray:
+        rng = np.random.default_rng(node)
+        stats = EvalStats.from_predictions(
+            labels, rng.normal(size=(50, len(labels))), rng.random((50, len(labels))) < 0.3,
+            rng.random(50),
+        )  # fmt: skip
+        return codec.encode(rng.normal(scale=0.001, size=codec.params), 0.1, 0.5, stats)
+
+    return upload
+
+
+def _measure(kind: str, hospitals: int, rounds: int, warm_up: int, echo: Echo) -> list[Measurement]:
+    from tests.support.loop_grid import secagg_round
+
+    train = kind == "full"
+    seconds: dict[str, list[float]] = {p: [] for p in PROTOCOLS}
+    up: dict[str, list[float]] = {p: [] for p in PROTOCOLS}
+    key_up: dict[str, list[float]] = {p: [] for p in PROTOCOLS}
+    down: dict[str, list[float]] = {p: [] for p in PROTOCOLS}
+    with tempfile.TemporaryDirectory(prefix="fedfusion-protocol-") as tmp:
+        grids, runs = {}, {}
+        for p in PROTOCOLS:
+            out = Path(tmp) / p
+            runs[p] = RunConfig.from_run_config(
+                {"num-rounds": rounds + warm_up, "output-dir": str(out)}
+            )
+            grids[p] = _grid(p, out, [101 + i for i in range(hospitals)], runs[p], train)
+        layout = _layout(runs["signed"])
+        base = base_fingerprint(initial_model(runs["signed"].model, runs["signed"].seed))
+        for r in range(1, rounds + warm_up + 1):
+            for p in PROTOCOLS if r % 2 else reversed(PROTOCOLS):  # alternate who goes first
+                started = time.perf_counter()
+                driver = secagg_round(
+                    runs[p],
+                    grids[p],
+                    layout,
+                    r,
+                    workflow=_before if p == "before" else None,
+                    base_hash=base,
+                )
+                elapsed = time.perf_counter() - started
+                record = driver.strategy.round_record()
+                if not driver.strategy.aggregated or record.failures:
+                    raise RuntimeError(f"{kind} {p} round {r} did not aggregate every hospital")
+                if r > warm_up:
+                    seconds[p].append(elapsed)
+                    for h in record.hospitals:
+                        up[p].append(h.bytes_up)
+                        key_up[p].append(h.key_bytes_up)
+                        down[p].append(h.bytes_down)
+            echo(f"  {kind}, {hospitals} hospitals: round {r}/{rounds + warm_up}")
+    cfg = {"hospitals": hospitals, "rounds": rounds, "training": train, "in-process": True}
+    out: list[Measurement] = []
+    first: dict[str, Measurement] = {}
+    for p in PROTOCOLS:
+        t = Measurement.of(f"secagg-{kind}/round-time/{p}/{hospitals}", cfg, seconds[p], "s")
+        u = Measurement.of(f"secagg-{kind}/bytes-up/{p}/{hospitals}", cfg, up[p], "B")
+        k = Measurement.of(f"secagg-{kind}/bytes-up-keys/{p}/{hospitals}", cfg, key_up[p], "B")
+        d = Measurement.of(f"secagg-{kind}/bytes-down/{p}/{hospitals}", cfg, down[p], "B")
+        if p == "before":
+            first = {"t": t, "u": u, "k": k, "d": d}
+            out += [t, u, k, d]
+        else:
+            limit = 1.10 if train else None
+            out += [
+                t.against(first["t"], limit),
+                u.against(first["u"]),
+                k.against(first["k"]),
+                d.against(first["d"]),
+            ]
+    return out
+
+
+def run_protocol_bench(
+    hospital_counts: Sequence[int] = (3, 10, 50), full_rounds: int = 3, echo: Echo = print
+) -> list[Measurement]:
+    """Before vs signed: full rounds at 3 hospitals, the protocol alone at each count."""
+    previous = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1  # as a ServerApp
+    try:
+        out = _measure("full", 3, full_rounds, 1, echo)
+        for n in hospital_counts:
+            out += _measure("protocol", n, 3, 0, echo)
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous
+    return out
