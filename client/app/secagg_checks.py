@@ -9,6 +9,7 @@ its own copy of the federation's members file (``shared_model/secagg_signatures.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from shared_model.secagg_signatures import (
 )
 
 __all__ = [
+    "SIM_MEMBERS_ENV",
     "SecAggRefusedError",
     "SigningKeys",
     "distinct",
@@ -37,6 +39,8 @@ __all__ = [
 ]
 
 _SIM_MEMBERS = "secagg-members"  # a simulation's members folder, under its output-dir
+# Or where a process that runs simulated hospitals in-process wants it (tests, benchmarks).
+SIM_MEMBERS_ENV = "FEDFUSION_SIM_MEMBERS"
 
 
 class SecAggRefusedError(ExplainedError, ValueError):
@@ -67,7 +71,7 @@ def signing_keys(hospital: HospitalConfig, output_dir: str = "") -> SigningKeys:
     ``output_dir``: the run's, where simulated hospitals keep theirs. Raises
     SecAggRefusedError or MembersError naming what is missing.
     """
-    sim_folder = Path(output_dir) / _SIM_MEMBERS
+    sim_folder = Path(os.environ.get(SIM_MEMBERS_ENV, "") or Path(output_dir) / _SIM_MEMBERS)
     path = Path(hospital.secagg_signing_key).expanduser() if hospital.secagg_signing_key else None
     if path is None and hospital.simulated:
         path = sim_folder / f"{hospital.name}.key"

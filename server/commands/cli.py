@@ -360,9 +360,20 @@ def audit(
 
 
 def _point_latest_at(run_dir: Path) -> None:
-    """Make ``runs/latest`` a link to the newest default run directory (atomically)."""
+    """Make ``runs/latest`` a link to the newest default run directory (atomically).
+
+    A real folder of that name (not the link this keeps) is left alone, with a note.
+    """
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     link, tmp = run_dir.parent / "latest", run_dir.parent / ".latest.tmp"
+    if link.is_dir() and not link.is_symlink():
+        typer.secho(
+            f"note: {link} is a folder, not the link to the newest run that simulate keeps; "
+            "left as it is",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+        return
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(run_dir.name)
     tmp.replace(link)

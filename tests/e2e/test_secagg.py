@@ -23,6 +23,7 @@ from flwr.simulation import run_simulation
 
 from client.app.outbound import outbound_guard, unlisted_fields
 from client.app.secagg import legacy_fit_reply, legacy_request, secagg_mod
+from client.app.secagg_checks import SIM_MEMBERS_ENV
 from server.app.rounds import run_rounds
 from server.app.secagg import SecAggRounds
 from server.app.store import RoundRecord, RunStore
@@ -136,6 +137,13 @@ class KeepingStore(RunStore):
     def save_evaluation(self, server_round, stats):  # type: ignore[no-untyped-def]
         self.evaluations[server_round] = stats
         super().save_evaluation(server_round, stats)
+
+
+@pytest.fixture(autouse=True)
+def _members_folder(tmp_path, monkeypatch):
+    """Flower's run_simulation passes an empty run config: the simulated hospitals keep
+    their signing keys in a folder of this test's own, not under runs/ of the cwd."""
+    monkeypatch.setenv(SIM_MEMBERS_ENV, str(tmp_path / "secagg-members"))
 
 
 def run_round(failing: int | None, declining: bool = False, evaluate: bool = False):

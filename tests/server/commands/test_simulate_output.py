@@ -15,6 +15,16 @@ def test_runs_latest_follows_the_newest_default_run(tmp_path):
     ]
 
 
+def test_a_folder_named_latest_is_left_alone_with_a_note(tmp_path, capsys):
+    from server.commands.cli import _point_latest_at
+
+    (tmp_path / "runs" / "latest" / "kept").mkdir(parents=True)
+    (tmp_path / "runs" / "20261201-000000").mkdir()
+    _point_latest_at(tmp_path / "runs" / "20261201-000000")
+    assert (tmp_path / "runs" / "latest" / "kept").is_dir()
+    assert "is a folder, not the link" in capsys.readouterr().err
+
+
 def _shown(lines: list[str], times: list[float], rounds: int = 3) -> list[str]:
     from server.commands.simulate import with_eta
 
