@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from typer.testing import CliRunner
+
+from shared_model.cli import build_app
+from shared_model.config import ConfigError
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -136,6 +140,10 @@ def test_compose_runs_the_tested_command_with_a_config_that_parses(tmp_path, nam
         cfg, run, _ = ServerDeployConfig.from_file(config)
         assert len(cfg.hospital_keys()) == 3 and run.server.min_hospitals == 3
     else:
+        with pytest.raises(ConfigError, match="fedfusion ledger init"):  # not yet started
+            plan_supernode(config)
+        init = ["ledger", "init", "--config", str(config)]  # as the compose header says
+        assert CliRunner().invoke(build_app(), init).exit_code == 0
         launch = plan_supernode(config)
         assert launch.hospital.hospital_id == name and not launch.warning
         assert launch.connection.server == "server:9092"  # the service name, a SAN

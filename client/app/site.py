@@ -17,6 +17,7 @@ import torch
 
 from client.app.features import FeatureCache, frozen_feature_split
 from client.dp.ledger import LedgerEntry, PrivacyLedger
+from client.dp.ledger_custody import open_ledger
 from client.dp.policy import PrivacyPolicy, effective_policy
 from shared_model.config import ConfigError, DataConfig, HospitalConfig, ModelConfig, RunConfig
 from shared_model.data import DataLimits, decode_image, load_manifest
@@ -45,11 +46,15 @@ class Site:
         return self.hospital.name
 
     def open_ledger(self, seen: Sequence[LedgerEntry] = ()) -> PrivacyLedger:
-        """The hospital's privacy ledger (new and empty on its first round).
+        """The hospital's privacy ledger, checked against its backup.
 
-        ``seen``: the history this process already recorded; a ledger without it is refused.
+        ``seen``: the history this process already recorded; a ledger without it is
+        refused. A simulated hospital starts an empty one on its first round; one with its
+        own data needs ``fedfusion ledger init`` first (client/dp/ledger_custody.py).
         """
-        return PrivacyLedger.open(self.state_dir, self.name, self.policy, seen)
+        backup = self.hospital.ledger_backup_file(self.state_dir)
+        allow_new = self.hospital.simulated
+        return open_ledger(self.state_dir, self.name, self.policy, seen, backup, allow_new)
 
 
 def open_site(hospital: HospitalConfig, run: RunConfig) -> Site:

@@ -6,8 +6,13 @@ hospital's record count (once). Epsilon is always recomputed from the whole hist
 it composes over every round this hospital has joined, across process restarts.
 
 The file is written atomically and carries a SHA-256 checksum of its content, so a
-truncated or corrupted ledger is refused rather than read as a smaller epsilon. A copy
-of the history in Flower's per-node state catches a ledger rolled back behind it.
+truncated or corrupted ledger is refused rather than read as a smaller epsilon. Its
+entries are hash-chained from a random genesis (each commits to all before it), and
+every save also writes the hospital's backup copy (``client/dp/ledger_custody.py``): an
+edit, even with its checksum recomputed, or a ledger rolled back or replaced, disagrees
+with the backup and is refused. A copy of the history in Flower's per-node state catches
+a ledger rolled back within one run. A hospital with its own data never starts a ledger
+by itself: a person runs ``fedfusion ledger init`` once.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -40,7 +46,9 @@ __all__ = [
     "read_ledger",
 ]
 
-LEDGER_FORMAT = "fedfusion-privacy-ledger/2"
+LEDGER_FORMAT = "fedfusion-privacy-ledger/3"
+# Read, and written on as /3 (its entries chained from a genesis derived from its content).
+_UNCHAINED_FORMATS = ("fedfusion-privacy-ledger/2",)
 # Written by versions that sent each round's exact record count and mean training loss
 # in the clear: releases no epsilon covers, so such a ledger cannot be continued.
 _UNACCOUNTED_FORMATS = ("fedfusion-privacy-ledger/1",)
@@ -66,6 +74,11 @@ class LedgerEntry:
     steps: int
     status: str = "started"  # "started" is written before training, "completed" after
     mechanism: str = DP_SGD
+    chain: str = ""  # SHA-256 of the previous entry's chain and this entry's release
+
+    def release(self) -> list[Any]:
+        """What the entry released (everything but its status and chain)."""
+        return [self.round, self.noise_multiplier, self.sample_rate, self.steps, self.mechanism]
 
 
 @dataclass
@@ -82,8 +95,24 @@ class PrivacyLedger:
     target_epsilon: float | None = None
     public_records: int | None = None  # the released (noisy) record count
     history: list[LedgerEntry] = field(default_factory=list)
+    genesis: str = field(default_factory=lambda: secrets.token_hex(32))  # the chain's start
+    backup: Path | None = None  # where every save also goes (not part of the file)
 
     # ---------------------------------------------------------------- persistence
+    @classmethod
+    def empty(
+        cls, path: Path, hospital: str, policy: PrivacyPolicy, backup: Path | None = None
+    ) -> PrivacyLedger:
+        """A new ledger with no release yet (not saved)."""
+        return cls(
+            path=path,
+            hospital=hospital,
+            accountant=policy.accountant,
+            delta=policy.delta,
+            max_epsilon=policy.max_epsilon,
+            backup=backup,
+        )
+
     @classmethod
     def open(
         cls,
@@ -91,26 +120,31 @@ class PrivacyLedger:
         hospital: str,
         policy: PrivacyPolicy,
         seen: Sequence[LedgerEntry] = (),
+        *,
+        backup: Path | None = None,
+        allow_new: bool = True,
     ) -> PrivacyLedger:
-        """Load this hospital's ledger, or start an empty one if none exists yet.
+        """Load this hospital's ledger, checked against its backup.
 
         ``seen`` is the history this hospital's process already recorded (Flower keeps a
-        copy in ``context.state``). A ledger file that no longer holds it was deleted,
-        rolled back or replaced, and is refused rather than trusted.
+        copy in ``context.state``). A ledger file that no longer holds it, or that its
+        backup (``backup``, a file) contradicts, was deleted, rolled back, replaced or
+        edited, and is refused rather than trusted. A missing ledger is started empty
+        unless ``allow_new`` is false: the hospital's code opens it through ``open_ledger``
+        in ``client/dp/ledger_custody.py``, which allows that only for a simulated
+        hospital and otherwise says what a person should do.
         """
         path = Path(state_dir) / LEDGER_FILENAME
         if not path.exists():
-            ledger = cls(
-                path=path,
-                hospital=hospital,
-                accountant=policy.accountant,
-                delta=policy.delta,
-                max_epsilon=policy.max_epsilon,
-            )
+            if not allow_new:  # client/dp/ledger_custody.py says why, and what to do
+                raise LedgerError(f"no privacy ledger at {path}: this hospital refuses to train")
+            ledger = cls.empty(path, hospital, policy, backup)
             ledger._check_holds(seen)
             return ledger
         ledger = cls.from_json(path.read_bytes(), path)
+        ledger.backup = backup
         ledger._check_holds(seen)
+        ledger.check_against_backup()
         if ledger.hospital != hospital:
             raise LedgerError(
                 f"privacy ledger {path} belongs to '{ledger.hospital}', not '{hospital}'"
@@ -131,10 +165,35 @@ class PrivacyLedger:
                 "rolled back or replaced. This hospital refuses to train; restore the ledger."
             )
 
+    def check_against_backup(self) -> None:
+        """LedgerError unless the backup's entries are this ledger's first entries."""
+        if self.backup is None or not self.backup.is_file():
+            return
+        kept = PrivacyLedger.from_json(self.backup.read_bytes(), self.backup)
+        chain = [e.chain for e in self.history]
+        if kept.genesis != self.genesis or chain[: len(kept.history)] != [
+            e.chain for e in kept.history
+        ]:
+            raise LedgerError(
+                f"privacy ledger {self.path} disagrees with its backup {self.backup} (the "
+                f"backup holds {len(kept.history)} release(s), the ledger {len(self.history)}, "
+                "not the same ones): it was edited, rolled back or replaced. This hospital "
+                "refuses to train; `fedfusion ledger restore` puts the backup back"
+            )
+
+    def chained(self) -> None:
+        """Set every entry's chain hash from the genesis."""
+        previous = self.genesis
+        for i, entry in enumerate(self.history):
+            previous = _link(previous, entry)
+            self.history[i] = replace(entry, chain=previous)
+
     def to_dict(self) -> dict[str, Any]:
         """The stable JSON form (documented in docs/privacy.md)."""
+        self.chained()
         body = {
             "format": LEDGER_FORMAT,
+            "genesis": self.genesis,
             "hospital": self.hospital,
             "accountant": self.accountant,
             "delta": self.delta,
@@ -171,7 +230,8 @@ class PrivacyLedger:
                     "new state directory only if your privacy officer accepts that those "
                     "earlier releases are not covered"
                 )
-            if data.get("format") != LEDGER_FORMAT:
+            unchained = data.get("format") in _UNCHAINED_FORMATS
+            if data.get("format") != LEDGER_FORMAT and not unchained:
                 raise LedgerError(f"{refuse}: unknown format {data.get('format')!r}")
             plan = data["plan"]
             ledger = cls(
@@ -185,7 +245,12 @@ class PrivacyLedger:
                 target_epsilon=plan["target_epsilon"],
                 public_records=plan["public_records"],
                 history=[LedgerEntry(**e) for e in data["history"]],
+                genesis=_checksum(data) if unchained else str(data["genesis"]),
             )
+            recorded_chain = [e.chain for e in ledger.history]
+            ledger.chained()
+            if not unchained and recorded_chain != [e.chain for e in ledger.history]:
+                raise LedgerError(f"{refuse}: its hash chain is broken (an entry was edited)")
         except LedgerError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as err:  # incl. bad UTF-8
@@ -199,23 +264,11 @@ class PrivacyLedger:
         return ledger
 
     def save(self) -> None:
-        """Write atomically: a temporary file in the same directory, fsync, rename."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        """Write the ledger, then its backup (each atomically, and synced to disk)."""
         text = json.dumps(self.to_dict(), indent=2)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".ledger-", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-            Path(tmp).replace(self.path)
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        _write_synced(self.path, text)
+        if self.backup is not None:
+            _write_synced(self.backup, text)
 
     def export(self) -> dict[str, Any]:
         """The public, stable form of this ledger (``fedfusion ledger show --json``).
@@ -290,7 +343,8 @@ class PrivacyLedger:
 def read_ledger(path: Path) -> PrivacyLedger:
     """Read and verify a hospital's ledger (its state directory or the file itself).
 
-    Read-only: nothing is written. LedgerError if it is missing or cannot be trusted.
+    Read-only: nothing is written. LedgerError if it is missing or cannot be trusted,
+    or if the backup in the default place (``ledger-backup/`` beside it) disagrees.
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -299,7 +353,10 @@ def read_ledger(path: Path) -> PrivacyLedger:
         raise LedgerError(
             f"no privacy ledger at {path}: give the hospital's state-dir (hospital.state-dir)"
         )
-    return PrivacyLedger.from_json(path.read_bytes(), path)
+    ledger = PrivacyLedger.from_json(path.read_bytes(), path)
+    ledger.backup = path.parent / "ledger-backup" / LEDGER_FILENAME
+    ledger.check_against_backup()
+    return ledger
 
 
 def dump_history(entries: Sequence[LedgerEntry]) -> str:
@@ -310,6 +367,31 @@ def dump_history(entries: Sequence[LedgerEntry]) -> str:
 def load_history(text: str) -> list[LedgerEntry]:
     """Inverse of :func:`dump_history`."""
     return [LedgerEntry(**e) for e in json.loads(text)]
+
+
+def _write_synced(path: Path, text: str) -> None:
+    """Write atomically: a temporary file in the same directory, fsync, rename, fsync dir."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ledger-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        Path(tmp).replace(path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def _link(previous: str, entry: LedgerEntry) -> str:
+    """The chain hash of ``entry`` after the hash ``previous``."""
+    canonical = json.dumps([previous, entry.release()], separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
 def _checksum(body: dict[str, Any]) -> str:

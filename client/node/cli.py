@@ -16,6 +16,8 @@ def register(app: typer.Typer) -> None:
     app.command("demo-data")(demo_data)
     ledger = typer.Typer(help="A hospital's privacy ledger.", no_args_is_help=True)
     ledger.command("show")(ledger_show)
+    ledger.command("init")(ledger_init)
+    ledger.command("restore")(ledger_restore)
     app.add_typer(ledger, name="ledger")
     data = typer.Typer(help="A hospital's own data.", no_args_is_help=True)
     data.command("check")(data_check)
@@ -100,6 +102,78 @@ def data_check(
             typer.secho(f"  {error}", fg=typer.colors.RED)
     if report.rows_bad:
         raise typer.Exit(1)
+
+
+_HOSPITAL_FILE = typer.Option("--config", "-c", help="The hospital's file (hospital.toml).")
+
+
+def _custody(config: Path) -> tuple[Any, Path, Path]:
+    """The hospital, its state-dir and its ledger backup, from its file (exit 2 if bad)."""
+    from shared_model.config import ConfigError, HospitalConfig
+
+    try:
+        hospital = HospitalConfig.from_node_config({"config-file": str(config)})
+    except ConfigError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err
+    if not hospital.state_dir or not hospital.hospital_id:
+        typer.secho(
+            f"error: {config}: give hospital.hospital-id and hospital.state-dir",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(2)
+    state = Path(hospital.state_dir).expanduser()
+    return hospital, state, hospital.ledger_backup_file(state)
+
+
+def ledger_init(
+    config: Annotated[Path, _HOSPITAL_FILE],
+    fresh_start: Annotated[
+        bool,
+        typer.Option(
+            "--fresh-start",
+            help="Start anew in a state directory that was used before (its ledger lost): "
+            "its patients' epsilon restarts from zero. Only with your privacy officer's word.",
+        ),
+    ] = False,
+) -> None:
+    """Start this hospital's privacy ledger, once. A person runs it; nothing runs it alone.
+
+    A hospital with its own data never starts a ledger by itself: a state directory with
+    no ledger is refused, so a deleted ledger cannot reset epsilon. This writes the empty
+    ledger and its backup (hospital.ledger-backup).
+    """
+    from client.dp.ledger import LedgerError
+    from client.dp.ledger_custody import init_ledger
+    from client.dp.policy import effective_policy
+    from shared_model.config import PrivacyConfig
+
+    hospital, state, backup = _custody(config)
+    policy = effective_policy(PrivacyConfig(), hospital)  # its caps; each run's request applies
+    try:
+        ledger = init_ledger(state, hospital.name, policy, backup, fresh_start)
+    except LedgerError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err
+    typer.echo(f"started the privacy ledger of {hospital.name}: {ledger.path} (backup {backup})")
+
+
+def ledger_restore(config: Annotated[Path, _HOSPITAL_FILE]) -> None:
+    """Put the ledger's backup back, after the ledger was deleted (verified first)."""
+    from client.dp.ledger import LedgerError
+    from client.dp.ledger_custody import restore_ledger
+
+    _, state, backup = _custody(config)
+    try:
+        ledger = restore_ledger(state, backup)
+    except LedgerError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err
+    typer.echo(
+        f"restored the privacy ledger of {ledger.hospital} from {backup}: epsilon "
+        f"{ledger.epsilon():.3f}, {len(ledger.history)} release(s)"
+    )
 
 
 def ledger_show(

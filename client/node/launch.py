@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.app.secagg_checks import signing_keys
+from client.dp.ledger import LEDGER_FILENAME, LedgerError, read_ledger
+from client.dp.ledger_custody import missing_ledger
 from client.node.config import ConnectionConfig
 from client.node.pinned import cold_clientapp
 from client.node.warm import WarmStart, forkable
@@ -59,18 +61,16 @@ class SuperNodeLaunch:
 
 
 def _check_budget_left(hospital: HospitalConfig) -> None:
-    """ConfigError if the hospital's ledger cannot be trusted or its budget is spent."""
+    """ConfigError if the hospital's ledger is missing, cannot be trusted or is spent."""
     state = Path(hospital.state_dir).expanduser()
-    if not state.is_dir():
-        return  # a new hospital: its ledger starts with its first round
-    from client.dp.ledger import LEDGER_FILENAME, LedgerError, read_ledger
-
+    backup = hospital.ledger_backup_file(state)
     ledger_file = state / LEDGER_FILENAME
-    if not ledger_file.is_file():
-        return
-
     try:
+        if not ledger_file.is_file():
+            raise missing_ledger(state, backup)
         ledger = read_ledger(ledger_file)
+        ledger.backup = backup
+        ledger.check_against_backup()
     except LedgerError as err:
         raise ConfigError(f"hospital.state-dir: {err}") from err
     spent = ledger.epsilon()

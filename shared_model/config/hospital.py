@@ -44,6 +44,11 @@ class HospitalConfig:
         "Directory for the privacy ledger; required with a data-manifest (default for a "
         "simulated hospital: <output-dir>/hospitals/<id>).",
     )
+    ledger_backup: str = _opt(
+        "",
+        "Folder of the privacy ledger's backup, written at every save (better on other "
+        "storage than state-dir); empty: <state-dir>/ledger-backup.",
+    )
     max_epsilon: float = _opt(
         10.0, "Hard cap on cumulative epsilon at this hospital.", min=0.0, min_exclusive=True
     )
@@ -214,6 +219,11 @@ class HospitalConfig:
             return Path(self.state_dir).expanduser()
         return Path(output_dir).expanduser() / "hospitals" / self.name
 
+    def ledger_backup_file(self, state_dir: Path) -> Path:
+        """Where the backup of the ledger in ``state_dir`` is kept."""
+        folder = Path(self.ledger_backup).expanduser() if self.ledger_backup else None
+        return (folder or Path(state_dir) / "ledger-backup") / "privacy_ledger.json"
+
     def cache_dir(self, output_dir: str) -> Path:
         """Directory of this hospital's frozen-feature cache.
 
@@ -251,6 +261,7 @@ def _read_hospital_file(path_text: str) -> dict[str, Any]:
         "feature-cache",
         "secagg-members",
         "secagg-signing-key",
+        "ledger-backup",
     ):
         if isinstance(table.get(key), str) and table[key] and not Path(table[key]).is_absolute():
             table[key] = str(path.parent / table[key])

@@ -374,6 +374,10 @@ def federate(compose: list[str], work: Path, checked: list[str]) -> dict[str, An
             )
 
     try:
+        for name in HOSPITALS:  # what each hospital's operator does once, before its first start
+            entry = ["--entrypoint", "fedfusion", name, "ledger", "init"]
+            sh([*compose, "run", "--rm", *entry, "--config", "/etc/fedfusion/hospital.toml"])
+        log("each hospital's privacy ledger started (fedfusion ledger init)")
         sh([*compose, "up", "-d"])
         follow = subprocess.Popen([*compose, "logs", "-f", "--no-color"], stdout=logs, stderr=logs)
         log("federation up: a server and 3 hospitals on loopback, TLS, DP, SecAgg+")

@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from client.dp.ledger import LEDGER_FILENAME
 from server.commands.certs import create_deployment
 from server.commands.superlink import BIN, flower_env, flwr
 from shared_model.processes import free_port, stop_processes
@@ -128,6 +129,17 @@ class LoopbackDeployment:
             f'[connection]\nserver = "127.0.0.1:{self.port}"\nprivate-key = "{key}"\n'
             f"port = {port}\n{connection}\n"
         )
+        if not (self.tmp / f"{name}-state" / LEDGER_FILENAME).exists():  # its operator, once
+            started = subprocess.run(
+                [str(BIN / "fedfusion"), "ledger", "init", "--config", str(path)],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            if started.returncode != 0:
+                raise RuntimeError(
+                    f"fedfusion ledger init failed: {started.stdout}{started.stderr}"
+                )
         return [str(BIN / "fedfusion"), "hospital", "--config", str(path)], f"127.0.0.1:{port}"
 
     def server_file(self, hospitals: list[str], run: str) -> Path:

@@ -25,7 +25,7 @@ from shared_model.secagg_signatures import create_signing_key, public_line, writ
 ROOT = Path(__file__).resolve().parents[3]
 
 
-def hospital_file(tmp_path, **connection) -> Path:
+def hospital_file(tmp_path, ledger: bool = True, **connection) -> Path:
     (tmp_path / "certs").mkdir()
     (tmp_path / "certs/ca.crt").write_text("ca")
     key = create_signing_key(tmp_path / "certs/h.key")
@@ -49,6 +49,9 @@ def hospital_file(tmp_path, **connection) -> Path:
     lines += [f"{k} = {v}" for k, v in conn.items() if v is not None]
     path = tmp_path / "hospital.toml"
     path.write_text("\n".join(lines) + "\n")
+    if ledger:  # as the hospital's operator does once, before its first start
+        started = CliRunner().invoke(build_app(), ["ledger", "init", "--config", str(path)])
+        assert started.exit_code == 0, started.output
     return path
 
 
@@ -219,7 +222,7 @@ def test_a_spent_budget_or_an_untrusted_ledger_is_refused_at_start(tmp_path):
     from client.dp.policy import PrivacyPolicy
 
     path = hospital_file(tmp_path)  # max-epsilon = 3.0, state-dir = "state"
-    plan_supernode(path)  # a new hospital (no state-dir yet) starts
+    plan_supernode(path)  # a new hospital (its ledger just started) starts
     policy = PrivacyPolicy(True, 3.0, 3.0, 1e-5, 1.0, "rdp", "bk")
     ledger = PrivacyLedger.open(tmp_path / "state", "h", policy)
     ledger.begin_round(LedgerEntry(round=1, noise_multiplier=0.6, sample_rate=0.1, steps=50))

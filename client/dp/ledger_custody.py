@@ -1,0 +1,122 @@
+"""Who may start a privacy ledger, where its backup lives, and how it comes back.
+
+A deleted ledger used to come back empty by itself: the hospital then trained again from
+epsilon 0 (and released a fresh noisy record count). Now a hospital with its own data
+never starts one alone. A person runs ``fedfusion ledger init`` once, which refuses a
+state directory that shows earlier use (a cache, an evaluation log, evidence, a backup):
+its ledger was lost, and its patients' epsilon does not restart because a file is gone.
+``fedfusion ledger restore`` puts the backup back.
+
+The backup is a second copy written at every save (``hospital.ledger-backup``; default
+``<state-dir>/ledger-backup/``, better on other storage). The ledger's entries are
+hash-chained, so the backup's entries must be the ledger's first ones: an edit with a
+recomputed checksum, a rollback or a replacement shows (``PrivacyLedger.open``).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from client.dp.ledger import LEDGER_FILENAME, LedgerEntry, LedgerError, PrivacyLedger
+from client.dp.policy import PrivacyPolicy
+
+__all__ = ["earlier_use", "init_ledger", "missing_ledger", "open_ledger", "restore_ledger"]
+
+# What a hospital leaves in its state directory once it has taken part.
+_TRACES = (
+    "evaluation.jsonl",
+    "supernode.json",
+    "image-cache",
+    "feature-cache",
+    "secagg-evidence",
+    "ledger-backup",
+)
+_INIT = "fedfusion ledger init --config <the hospital's file>"
+
+
+def earlier_use(state_dir: Path, backup: Path | None) -> list[str]:
+    """What in ``state_dir`` (and the backup) shows that this hospital took part before."""
+    found = [name for name in _TRACES if (Path(state_dir) / name).exists()]
+    if backup is not None and backup.exists() and str(backup) not in found:
+        found.append(str(backup))
+    return found
+
+
+def missing_ledger(state_dir: Path, backup: Path | None) -> LedgerError:
+    """Why there is no ledger in ``state_dir``, and what a person should do."""
+    where = Path(state_dir) / LEDGER_FILENAME
+    if backup is not None and backup.is_file():
+        return LedgerError(
+            f"no privacy ledger at {where}, but its backup {backup} exists: the ledger was "
+            "deleted. This hospital refuses to train; `fedfusion ledger restore --config "
+            "<the hospital's file>` puts the backup back"
+        )
+    traces = earlier_use(state_dir, backup)
+    if traces:
+        return LedgerError(
+            f"no privacy ledger at {where}, but this state directory was used before "
+            f"({', '.join(traces)}): its ledger was lost, and its patients' epsilon does not "
+            "restart because a file is gone. This hospital refuses to train: restore the "
+            f"ledger from a backup; only if your privacy officer accepts a fresh start, "
+            f"`{_INIT} --fresh-start`"
+        )
+    return LedgerError(
+        f"no privacy ledger at {where}: a hospital's ledger is started once, by a person: `{_INIT}`"
+    )
+
+
+def open_ledger(
+    state_dir: Path,
+    hospital: str,
+    policy: PrivacyPolicy,
+    seen: Sequence[LedgerEntry],
+    backup: Path,
+    allow_new: bool,
+) -> PrivacyLedger:
+    """The hospital's ledger, checked against its backup; a missing one explained.
+
+    ``allow_new``: a simulated hospital (the public embedded data) starts one by itself.
+    """
+    if not (Path(state_dir) / LEDGER_FILENAME).exists() and not allow_new:
+        raise missing_ledger(state_dir, backup)
+    return PrivacyLedger.open(state_dir, hospital, policy, seen, backup=backup, allow_new=allow_new)
+
+
+def init_ledger(
+    state_dir: Path,
+    hospital: str,
+    policy: PrivacyPolicy,
+    backup: Path,
+    fresh_start: bool = False,
+) -> PrivacyLedger:
+    """Start this hospital's ledger, empty, with its backup; LedgerError if it may not."""
+    path = Path(state_dir) / LEDGER_FILENAME
+    if path.exists():
+        raise LedgerError(f"{path} already exists: a hospital's ledger is started once")
+    if backup.is_file():
+        raise missing_ledger(state_dir, backup)
+    traces = earlier_use(state_dir, None)
+    if traces and not fresh_start:
+        raise missing_ledger(state_dir, None)
+    ledger = PrivacyLedger.empty(path, hospital, policy, backup)
+    ledger.save()
+    return ledger
+
+
+def restore_ledger(state_dir: Path, backup: Path) -> PrivacyLedger:
+    """Put the backup back as the ledger; LedgerError if there is none or a ledger exists."""
+    path = Path(state_dir) / LEDGER_FILENAME
+    if path.exists():
+        raise LedgerError(
+            f"{path} exists: restoring would replace it (move it aside first if you are "
+            "sure the backup is the ledger to keep)"
+        )
+    if not backup.is_file():
+        raise LedgerError(f"no ledger backup at {backup} to restore")
+    kept = PrivacyLedger.from_json(backup.read_bytes(), backup)  # verified before it is used
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(backup, path)
+    kept.path, kept.backup = path, backup
+    return kept

@@ -1,0 +1,148 @@
+"""A privacy ledger never silently restarts: deleted, replaced, edited or rolled back.
+
+Written as the careless operator or the attacker would act on a hospital's state
+directory, against the hospital's own code paths (client/dp/ledger_custody.py, which the
+trainer and `fedfusion hospital` use), and the `fedfusion ledger` commands.
+"""
+
+import json
+import shutil
+from dataclasses import replace
+
+import pytest
+from typer.testing import CliRunner
+
+from client.dp.ledger import LEDGER_FILENAME, LedgerEntry, LedgerError, PrivacyLedger, _checksum
+from client.dp.ledger_custody import init_ledger, open_ledger
+from client.dp.policy import PrivacyPolicy
+from shared_model.cli import build_app
+
+POLICY = PrivacyPolicy(True, 8.0, 8.0, 1e-5, 1.0, "rdp", "bk")
+ROUND = LedgerEntry(round=1, noise_multiplier=1.0, sample_rate=0.1, steps=40)
+
+
+def hospital(tmp_path, rounds: int = 2):
+    """A hospital that started its ledger and trained ``rounds`` rounds; its paths."""
+    state, backup = tmp_path / "state", tmp_path / "elsewhere" / LEDGER_FILENAME
+    init_ledger(state, "st-mary", POLICY, backup)
+    for r in range(1, rounds + 1):
+        ledger = open_ledger(state, "st-mary", POLICY, (), backup, allow_new=False)
+        ledger.begin_round(LedgerEntry(**{**ROUND.__dict__, "round": r}))
+        ledger.complete_round(r, ROUND.steps)
+    (state / "evaluation.jsonl").write_text("{}\n")  # what a hospital that took part leaves
+    return state, backup
+
+
+def reopen(state, backup):
+    return open_ledger(state, "st-mary", POLICY, (), backup, allow_new=False)
+
+
+@pytest.mark.fault(
+    "The privacy ledger is deleted (or a container starts without its volume)",
+    "The hospital refuses to train, naming the backup to restore; `fedfusion ledger "
+    "restore` puts it back",
+    "epsilon spent: restored exactly",
+)
+def test_a_deleted_ledger_is_refused_and_restored_from_its_backup(tmp_path):
+    state, backup = hospital(tmp_path)
+    spent = reopen(state, backup).epsilon()
+    (state / LEDGER_FILENAME).unlink()
+    with pytest.raises(LedgerError, match=r"its backup .* exists: the ledger was deleted"):
+        reopen(state, backup)
+    config = tmp_path / "hospital.toml"
+    config.write_text(
+        f'[hospital]\nhospital-id = "st-mary"\ndata-manifest = "m.csv"\n'
+        f'state-dir = "{state}"\nledger-backup = "{backup.parent}"\n'
+    )
+    again = CliRunner().invoke(build_app(), ["ledger", "init", "--config", str(config)])
+    assert again.exit_code == 2 and "ledger was deleted" in again.output
+    restored = CliRunner().invoke(build_app(), ["ledger", "restore", "--config", str(config)])
+    assert restored.exit_code == 0, restored.output
+    assert reopen(state, backup).epsilon() == pytest.approx(spent)
+
+
+def test_a_state_directory_used_before_is_not_started_anew_without_a_persons_word(tmp_path):
+    state, backup = hospital(tmp_path)
+    (state / LEDGER_FILENAME).unlink()
+    shutil.rmtree(backup.parent)  # and the backup lost too
+    with pytest.raises(LedgerError, match=r"used before \(evaluation.jsonl\)"):
+        reopen(state, backup)
+    with pytest.raises(LedgerError, match="--fresh-start"):
+        init_ledger(state, "st-mary", POLICY, backup)
+    fresh = init_ledger(state, "st-mary", POLICY, backup, fresh_start=True)
+    assert fresh.epsilon() == 0.0
+
+
+def test_a_new_hospital_is_told_to_start_its_ledger_and_a_simulated_one_starts_alone(tmp_path):
+    with pytest.raises(LedgerError, match="started once, by a person: `fedfusion ledger init"):
+        open_ledger(tmp_path / "new", "h", POLICY, (), tmp_path / "b.json", allow_new=False)
+    simulated = open_ledger(tmp_path / "sim", "h", POLICY, (), tmp_path / "b.json", True)
+    assert simulated.history == []
+
+
+@pytest.mark.fault(
+    "The privacy ledger is replaced by a fresh one, or rolled back to an older copy",
+    "The hospital refuses to train: the ledger disagrees with its backup",
+    "the backup, which `fedfusion ledger restore` puts back",
+)
+@pytest.mark.parametrize("how", ["replaced", "rolled back"])
+def test_a_replaced_or_rolled_back_ledger_disagrees_with_its_backup(tmp_path, how):
+    state, backup = hospital(tmp_path, rounds=1)
+    older = (state / LEDGER_FILENAME).read_bytes()
+    ledger = reopen(state, backup)
+    ledger.begin_round(LedgerEntry(**{**ROUND.__dict__, "round": 2}))
+    ledger.complete_round(2, ROUND.steps)
+    if how == "replaced":
+        (state / LEDGER_FILENAME).unlink()
+        PrivacyLedger.open(state, "st-mary", POLICY).save()  # a new, empty, valid ledger
+    else:
+        (state / LEDGER_FILENAME).write_bytes(older)  # valid, one round behind
+    with pytest.raises(LedgerError, match="disagrees with its backup"):
+        reopen(state, backup)
+    # `fedfusion ledger show` reports it too, where the backup is in its default place
+    shutil.copytree(backup.parent, state / "ledger-backup")
+    shown = CliRunner().invoke(build_app(), ["ledger", "show", str(state)])
+    assert shown.exit_code == 2 and "disagrees with its backup" in shown.output
+
+
+@pytest.mark.fault(
+    "A ledger entry is edited to lower epsilon, its checksum (and chain) recomputed",
+    "The hospital refuses to train: the hash chain, or the backup, shows the edit",
+    "the backup's record of every release",
+)
+@pytest.mark.parametrize("recompute_chain", [False, True])
+def test_an_edited_entry_is_caught_even_with_its_checksum_recomputed(tmp_path, recompute_chain):
+    state, backup = hospital(tmp_path)
+    path = state / LEDGER_FILENAME
+    original = json.loads(path.read_text())
+    ledger = PrivacyLedger.from_json(path.read_bytes(), path)
+    ledger.history[0] = replace(ledger.history[0], steps=1)  # fewer steps: a smaller epsilon
+    data = ledger.to_dict()  # epsilon, chain and checksum all recomputed, as the code does
+    if not recompute_chain:  # the chain hashes left as they were
+        for entry, kept in zip(data["history"], original["history"], strict=True):
+            entry["chain"] = kept["chain"]
+        data.pop("checksum")
+        data["checksum"] = _checksum(data)
+    assert data["epsilon"] < original["epsilon"]
+    path.write_text(json.dumps(data))
+    match = "disagrees with its backup" if recompute_chain else "hash chain is broken"
+    with pytest.raises(LedgerError, match=match):
+        reopen(state, backup)
+
+
+def test_a_ledger_of_the_previous_format_is_read_and_continued_chained(tmp_path):
+    state, backup = hospital(tmp_path)
+    path = state / LEDGER_FILENAME
+    data = json.loads(path.read_text())
+    data.pop("checksum")
+    data.pop("genesis")
+    for entry in data["history"]:
+        entry.pop("chain")
+    data["format"] = "fedfusion-privacy-ledger/2"
+    path.write_text(json.dumps({**data, "checksum": _checksum(data)}))
+    shutil.rmtree(backup.parent)
+    ledger = reopen(state, backup)
+    before = ledger.epsilon()
+    ledger.save()  # now the current format, its entries chained, and backed up
+    assert json.loads(path.read_text())["format"] == "fedfusion-privacy-ledger/3"
+    assert reopen(state, backup).epsilon() == pytest.approx(before)
