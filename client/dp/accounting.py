@@ -81,6 +81,8 @@ class RdpTable:
 
         total = [0.0] * len(orders)
         for sigma, q, steps in history:
+            if steps < 0 or steps != int(steps):  # a count of mechanisms: never less
+                raise ValueError(f"a release of {steps!r} steps")
             row = self.per_step(sigma, q, orders)
             total = [t + int(steps) * r for t, r in zip(total, row, strict=True)]
         with warnings.catch_warnings():

@@ -30,6 +30,7 @@ from typing import Any
 
 from client.dp.accounting import compute_epsilon
 from client.dp.policy import PrivacyPolicy
+from shared_model.config.run import ACCOUNTANTS
 from shared_model.errors import ExplainedError
 
 __all__ = [
@@ -97,6 +98,7 @@ class PrivacyLedger:
     history: list[LedgerEntry] = field(default_factory=list)
     genesis: str = field(default_factory=lambda: secrets.token_hex(32))  # the chain's start
     backup: Path | None = None  # where every save also goes (not part of the file)
+    upgraded: bool = False  # read from the previous format, which had no backup
 
     # ---------------------------------------------------------------- persistence
     @classmethod
@@ -144,7 +146,6 @@ class PrivacyLedger:
         ledger = cls.from_json(path.read_bytes(), path)
         ledger.backup = backup
         ledger._check_holds(seen)
-        ledger.check_against_backup()
         if ledger.hospital != hospital:
             raise LedgerError(
                 f"privacy ledger {path} belongs to '{ledger.hospital}', not '{hospital}'"
@@ -163,22 +164,6 @@ class PrivacyLedger:
                 f"privacy ledger {self.path} no longer holds the {len(seen)} release(s) this "
                 f"hospital already recorded (it holds {len(self.history)}): it was deleted, "
                 "rolled back or replaced. This hospital refuses to train; restore the ledger."
-            )
-
-    def check_against_backup(self) -> None:
-        """LedgerError unless the backup's entries are this ledger's first entries."""
-        if self.backup is None or not self.backup.is_file():
-            return
-        kept = PrivacyLedger.from_json(self.backup.read_bytes(), self.backup)
-        chain = [e.chain for e in self.history]
-        if kept.genesis != self.genesis or chain[: len(kept.history)] != [
-            e.chain for e in kept.history
-        ]:
-            raise LedgerError(
-                f"privacy ledger {self.path} disagrees with its backup {self.backup} (the "
-                f"backup holds {len(kept.history)} release(s), the ledger {len(self.history)}, "
-                "not the same ones): it was edited, rolled back or replaced. This hospital "
-                "refuses to train; `fedfusion ledger restore` puts the backup back"
             )
 
     def chained(self) -> None:
@@ -246,29 +231,64 @@ class PrivacyLedger:
                 public_records=plan["public_records"],
                 history=[LedgerEntry(**e) for e in data["history"]],
                 genesis=_checksum(data) if unchained else str(data["genesis"]),
+                upgraded=unchained,
             )
+            if problem := ledger.invalid():
+                raise LedgerError(f"{refuse}: {problem}")
             recorded_chain = [e.chain for e in ledger.history]
             ledger.chained()
             if not unchained and recorded_chain != [e.chain for e in ledger.history]:
                 raise LedgerError(f"{refuse}: its hash chain is broken (an entry was edited)")
+            recorded, computed = float(data["epsilon"]), ledger.epsilon()
         except LedgerError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as err:  # incl. bad UTF-8
             raise LedgerError(f"{refuse}: {type(err).__name__}: {err}") from err
-        recorded = float(data["epsilon"])
-        if not math.isclose(recorded, ledger.epsilon(), rel_tol=1e-6, abs_tol=1e-9):
+        if not math.isclose(recorded, computed, rel_tol=1e-6, abs_tol=1e-9):
             raise LedgerError(
-                f"{refuse}: recorded epsilon {recorded} does not match its history "
-                f"({ledger.epsilon()})"
+                f"{refuse}: recorded epsilon {recorded} does not match its history ({computed})"
             )
         return ledger
+
+    def invalid(self) -> str:
+        """What makes this ledger's content impossible; "" if nothing.
+
+        Values no release of fedfusion's could have, such as negative steps (which would
+        lower epsilon), are refused, not computed with.
+        """
+        if self.accountant not in ACCOUNTANTS:
+            return f"unknown accountant {self.accountant!r}"
+        if not (0.0 < self.delta < 1.0 and self.max_epsilon > 0.0):
+            return f"delta {self.delta!r} or max_epsilon {self.max_epsilon!r} out of range"
+        for i, e in enumerate(self.history):
+            fine = (
+                type(e.round) is int
+                and type(e.steps) is int
+                and e.steps >= 1
+                and isinstance(e.noise_multiplier, float | int)
+                and math.isfinite(e.noise_multiplier)
+                and e.noise_multiplier > 0.0
+                and isinstance(e.sample_rate, float | int)
+                and 0.0 < e.sample_rate <= 1.0
+                and e.mechanism in (DP_SGD, RECORD_COUNT)
+                and e.status in ("started", "completed")
+            )
+            if not fine:
+                return f"release {i + 1} is not one fedfusion could have made ({e})"
+        return ""
 
     def save(self) -> None:
         """Write the ledger, then its backup (each atomically, and synced to disk)."""
         text = json.dumps(self.to_dict(), indent=2)
         _write_synced(self.path, text)
         if self.backup is not None:
-            _write_synced(self.backup, text)
+            try:
+                _write_synced(self.backup, text)
+            except OSError as err:
+                raise LedgerError(
+                    f"cannot write the ledger's backup {self.backup} ({err.strerror}): this "
+                    "hospital does not go on without it"
+                ) from err
 
     def export(self) -> dict[str, Any]:
         """The public, stable form of this ledger (``fedfusion ledger show --json``).
@@ -343,8 +363,8 @@ class PrivacyLedger:
 def read_ledger(path: Path) -> PrivacyLedger:
     """Read and verify a hospital's ledger (its state directory or the file itself).
 
-    Read-only: nothing is written. LedgerError if it is missing or cannot be trusted,
-    or if the backup in the default place (``ledger-backup/`` beside it) disagrees.
+    Read-only: nothing is written. LedgerError if it is missing or cannot be trusted.
+    Its backup is checked by whoever knows where it is (``check_against_backup``).
     """
     path = Path(path).expanduser()
     if path.is_dir():
@@ -353,10 +373,7 @@ def read_ledger(path: Path) -> PrivacyLedger:
         raise LedgerError(
             f"no privacy ledger at {path}: give the hospital's state-dir (hospital.state-dir)"
         )
-    ledger = PrivacyLedger.from_json(path.read_bytes(), path)
-    ledger.backup = path.parent / "ledger-backup" / LEDGER_FILENAME
-    ledger.check_against_backup()
-    return ledger
+    return PrivacyLedger.from_json(path.read_bytes(), path)
 
 
 def dump_history(entries: Sequence[LedgerEntry]) -> str:

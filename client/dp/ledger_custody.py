@@ -22,7 +22,15 @@ from pathlib import Path
 from client.dp.ledger import LEDGER_FILENAME, LedgerEntry, LedgerError, PrivacyLedger
 from client.dp.policy import PrivacyPolicy
 
-__all__ = ["earlier_use", "init_ledger", "missing_ledger", "open_ledger", "restore_ledger"]
+__all__ = [
+    "check_against_backup",
+    "earlier_use",
+    "init_ledger",
+    "missing_ledger",
+    "open_ledger",
+    "restore_ledger",
+    "write_backup",
+]
 
 # What a hospital leaves in its state directory once it has taken part.
 _TRACES = (
@@ -34,6 +42,50 @@ _TRACES = (
     "ledger-backup",
 )
 _INIT = "fedfusion ledger init --config <the hospital's file>"
+
+
+def check_against_backup(ledger: PrivacyLedger, required: bool = True) -> None:
+    """LedgerError unless the backup holds this ledger, or it less its last release.
+
+    The ledger is written before its backup, so a crash between the two leaves the
+    ledger one release ahead; anything else is an edit, a rollback or a replacement.
+    ``required``: a ledger of the current format without a backup is refused too.
+    """
+    if ledger.backup is None:
+        return
+    if _same_file(ledger.backup, ledger.path):
+        raise LedgerError(
+            f"the ledger's backup {ledger.backup} is the ledger itself: it checks nothing "
+            "(hospital.ledger-backup must name a folder of its own)"
+        )
+    if not ledger.backup.is_file():
+        if required:
+            raise LedgerError(
+                f"privacy ledger {ledger.path} has no backup at {ledger.backup}, so it cannot "
+                "be checked (the backup was deleted, or its storage is not mounted). "
+                "This hospital refuses to train: put the backup back, or, once your "
+                "privacy officer has checked the ledger, `fedfusion ledger backup "
+                "--config <the hospital's file>` writes a new one"
+            )
+        return
+    kept = PrivacyLedger.from_json(ledger.backup.read_bytes(), ledger.backup)
+    chain = [e.chain for e in ledger.history]
+    if (
+        kept.genesis != ledger.genesis
+        or chain[: len(kept.history)] != [e.chain for e in kept.history]
+        or len(ledger.history) > len(kept.history) + 1
+    ):
+        raise LedgerError(
+            f"privacy ledger {ledger.path} disagrees with its backup {ledger.backup} (the "
+            f"backup holds {len(kept.history)} release(s), the ledger {len(ledger.history)}, "
+            "not the same ones): it was edited, rolled back or replaced. This hospital "
+            "refuses to train; `fedfusion ledger restore` puts the backup back"
+        )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (also through links)."""
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
 
 
 def earlier_use(state_dir: Path, backup: Path | None) -> list[str]:
@@ -63,7 +115,10 @@ def missing_ledger(state_dir: Path, backup: Path | None) -> LedgerError:
             f"`{_INIT} --fresh-start`"
         )
     return LedgerError(
-        f"no privacy ledger at {where}: a hospital's ledger is started once, by a person: `{_INIT}`"
+        f"no privacy ledger at {where}: a hospital's ledger is started once, by a person: "
+        f"`{_INIT}`. If this hospital took part before (its state directory or volume was "
+        "lost), do not: restore its ledger and backup instead, or its patients' epsilon "
+        "restarts from zero"
     )
 
 
@@ -81,7 +136,12 @@ def open_ledger(
     """
     if not (Path(state_dir) / LEDGER_FILENAME).exists() and not allow_new:
         raise missing_ledger(state_dir, backup)
-    return PrivacyLedger.open(state_dir, hospital, policy, seen, backup=backup, allow_new=allow_new)
+    ledger = PrivacyLedger.open(
+        state_dir, hospital, policy, seen, backup=backup, allow_new=allow_new
+    )
+    if ledger.path.exists():
+        check_against_backup(ledger, required=not ledger.upgraded)
+    return ledger
 
 
 def init_ledger(
@@ -105,7 +165,20 @@ def init_ledger(
     return ledger
 
 
-def restore_ledger(state_dir: Path, backup: Path) -> PrivacyLedger:
+def write_backup(state_dir: Path, backup: Path) -> PrivacyLedger:
+    """Write a missing backup from the ledger (verified); LedgerError if one exists."""
+    if backup.exists():
+        raise LedgerError(f"{backup} exists: a backup is only written anew when it is lost")
+    path = Path(state_dir) / LEDGER_FILENAME
+    if not path.is_file():
+        raise LedgerError(f"no privacy ledger at {path} to back up")
+    ledger = PrivacyLedger.from_json(path.read_bytes(), path)
+    ledger.backup = backup
+    ledger.save()
+    return ledger
+
+
+def restore_ledger(state_dir: Path, hospital: str, backup: Path) -> PrivacyLedger:
     """Put the backup back as the ledger; LedgerError if there is none or a ledger exists."""
     path = Path(state_dir) / LEDGER_FILENAME
     if path.exists():
@@ -116,6 +189,8 @@ def restore_ledger(state_dir: Path, backup: Path) -> PrivacyLedger:
     if not backup.is_file():
         raise LedgerError(f"no ledger backup at {backup} to restore")
     kept = PrivacyLedger.from_json(backup.read_bytes(), backup)  # verified before it is used
+    if kept.hospital != hospital:
+        raise LedgerError(f"the backup {backup} is the ledger of {kept.hospital}, not {hospital}")
     path.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(backup, path)
     kept.path, kept.backup = path, backup

@@ -18,6 +18,7 @@ def register(app: typer.Typer) -> None:
     ledger.command("show")(ledger_show)
     ledger.command("init")(ledger_init)
     ledger.command("restore")(ledger_restore)
+    ledger.command("backup")(ledger_backup)
     app.add_typer(ledger, name="ledger")
     data = typer.Typer(help="A hospital's own data.", no_args_is_help=True)
     data.command("check")(data_check)
@@ -164,9 +165,9 @@ def ledger_restore(config: Annotated[Path, _HOSPITAL_FILE]) -> None:
     from client.dp.ledger import LedgerError
     from client.dp.ledger_custody import restore_ledger
 
-    _, state, backup = _custody(config)
+    hospital, state, backup = _custody(config)
     try:
-        ledger = restore_ledger(state, backup)
+        ledger = restore_ledger(state, hospital.name, backup)
     except LedgerError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from err
@@ -176,6 +177,24 @@ def ledger_restore(config: Annotated[Path, _HOSPITAL_FILE]) -> None:
     )
 
 
+def ledger_backup(config: Annotated[Path, _HOSPITAL_FILE]) -> None:
+    """Write the ledger's backup anew, after it was lost (the ledger is verified first).
+
+    A ledger without its backup is refused, since nothing then shows an edit or a
+    rollback: have your privacy officer check the ledger before running this.
+    """
+    from client.dp.ledger import LedgerError
+    from client.dp.ledger_custody import write_backup
+
+    _, state, backup = _custody(config)
+    try:
+        ledger = write_backup(state, backup)
+    except LedgerError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err
+    typer.echo(f"wrote {backup}, the backup of {ledger.hospital}'s ledger ({ledger.epsilon():.3f})")
+
+
 def ledger_show(
     state_dir: Annotated[
         Path, typer.Argument(help="The hospital's state-dir (or its privacy_ledger.json).")
@@ -183,24 +202,38 @@ def ledger_show(
     as_json: Annotated[
         bool, typer.Option("--json", help="The stable JSON form (documented in docs/privacy.md).")
     ] = False,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", "-c", help="The hospital's file: also check the ledger against its backup."
+        ),
+    ] = None,
 ) -> None:
     """Show a hospital's privacy ledger: epsilon spent, round by round, against its budget.
 
-    The ledger is verified first (checksum, recorded epsilon against its history); a
-    ledger that cannot be trusted is reported, never shown as if it were fine.
+    The ledger is verified first (checksum, hash chain, recorded epsilon against its
+    history, and with --config its backup); a ledger that cannot be trusted is reported,
+    never shown as if it were fine.
     """
     import json
 
     from client.dp.ledger import LedgerError, read_ledger
+    from client.dp.ledger_custody import check_against_backup
 
     try:
-        view = read_ledger(state_dir).export()
+        ledger = read_ledger(state_dir)
+        if config is not None:
+            ledger.backup = _custody(config)[2]
+            check_against_backup(ledger, required=not ledger.upgraded)
+        view = ledger.export()
     except LedgerError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from err
     if as_json:
         typer.echo(json.dumps(view, indent=2))
         return
+    if config is None:
+        typer.echo("(its backup not checked: give the hospital's file with --config)")
     typer.echo(
         f"{view['hospital']}: epsilon {view['epsilon']:.3f} of max {view['max_epsilon']:g} "
         f"(delta {view['delta']:g}, {view['accountant']} accountant); "
@@ -316,6 +349,8 @@ def hospital(
         raise typer.Exit(2) from err
     if launch.warning:
         typer.secho(launch.warning, fg=typer.colors.RED, err=True)
+    if launch.note:
+        typer.secho(launch.note, fg=typer.colors.YELLOW, err=True)
     typer.echo(
         f"{launch.hospital.hospital_id}: max-epsilon {launch.hospital.max_epsilon:g}, "
         f"delta {launch.hospital.delta:g}, ledger in {launch.hospital.state_dir}"

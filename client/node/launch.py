@@ -24,7 +24,7 @@ from pathlib import Path
 
 from client.app.secagg_checks import signing_keys
 from client.dp.ledger import LEDGER_FILENAME, LedgerError, read_ledger
-from client.dp.ledger_custody import missing_ledger
+from client.dp.ledger_custody import check_against_backup, missing_ledger
 from client.node.config import ConnectionConfig
 from client.node.pinned import cold_clientapp
 from client.node.warm import WarmStart, forkable
@@ -58,6 +58,7 @@ class SuperNodeLaunch:
     connection: ConnectionConfig
     command: list[str]
     warning: str = ""
+    note: str = ""  # advice that stops nothing
 
 
 def _check_budget_left(hospital: HospitalConfig) -> None:
@@ -70,7 +71,7 @@ def _check_budget_left(hospital: HospitalConfig) -> None:
             raise missing_ledger(state, backup)
         ledger = read_ledger(ledger_file)
         ledger.backup = backup
-        ledger.check_against_backup()
+        check_against_backup(ledger, required=not ledger.upgraded)
     except LedgerError as err:
         raise ConfigError(f"hospital.state-dir: {err}") from err
     spent = ledger.epsilon()
@@ -144,9 +145,15 @@ def plan_supernode(config_file: Path) -> SuperNodeLaunch:
         command.append("--insecure")
     else:
         command += ["--root-certificates", connection.root_certificates]
-    return SuperNodeLaunch(
-        hospital, connection, command, _INSECURE_WARNING if connection.insecure else ""
+    note = (
+        "note: the privacy ledger's backup is in state-dir/ledger-backup, on the same storage "
+        "as the ledger: set hospital.ledger-backup to a folder elsewhere, so that a lost or "
+        "edited state directory still shows"
+        if not hospital.ledger_backup
+        else ""
     )
+    warning = _INSECURE_WARNING if connection.insecure else ""
+    return SuperNodeLaunch(hospital, connection, command, warning, note)
 
 
 _ACTIVATION_REFUSED = "Failed to activate SuperNode"

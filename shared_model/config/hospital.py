@@ -176,6 +176,14 @@ class HospitalConfig:
                 f"node config 'partition-id': {cfg.partition_id} is not in "
                 f"[0, num-partitions={cfg.num_partitions})"
             )
+        if cfg.ledger_backup and cfg.state_dir:
+            backup = Path(cfg.ledger_backup).expanduser().resolve()
+            if backup.is_relative_to(Path(cfg.state_dir).expanduser().resolve()):
+                raise ConfigError(
+                    f"hospital 'ledger-backup': {cfg.ledger_backup} lies in state-dir, where it "
+                    "would be lost, rolled back or edited with the ledger; give a folder on "
+                    "other storage (or leave it empty for state-dir/ledger-backup)"
+                )
         if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", cfg.device):
             raise ConfigError(
                 f"hospital 'device': expected cpu, cuda, cuda:N or auto, got {cfg.device!r}"
@@ -220,9 +228,9 @@ class HospitalConfig:
         return Path(output_dir).expanduser() / "hospitals" / self.name
 
     def ledger_backup_file(self, state_dir: Path) -> Path:
-        """Where the backup of the ledger in ``state_dir`` is kept."""
+        """Where the backup of the ledger in ``state_dir`` is kept (named after the hospital)."""
         folder = Path(self.ledger_backup).expanduser() if self.ledger_backup else None
-        return (folder or Path(state_dir) / "ledger-backup") / "privacy_ledger.json"
+        return (folder or Path(state_dir) / "ledger-backup") / f"{self.name}.privacy_ledger.json"
 
     def cache_dir(self, output_dir: str) -> Path:
         """Directory of this hospital's frozen-feature cache.

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from client.dp.ledger import LEDGER_FILENAME, LedgerEntry, LedgerError, PrivacyLedger, _checksum
-from client.dp.ledger_custody import init_ledger, open_ledger
+from client.dp.ledger_custody import init_ledger, open_ledger, restore_ledger
 from client.dp.policy import PrivacyPolicy
 from shared_model.cli import build_app
 
@@ -23,7 +23,7 @@ ROUND = LedgerEntry(round=1, noise_multiplier=1.0, sample_rate=0.1, steps=40)
 
 def hospital(tmp_path, rounds: int = 2):
     """A hospital that started its ledger and trained ``rounds`` rounds; its paths."""
-    state, backup = tmp_path / "state", tmp_path / "elsewhere" / LEDGER_FILENAME
+    state, backup = tmp_path / "state", tmp_path / "elsewhere" / "st-mary.privacy_ledger.json"
     init_ledger(state, "st-mary", POLICY, backup)
     for r in range(1, rounds + 1):
         ledger = open_ledger(state, "st-mary", POLICY, (), backup, allow_new=False)
@@ -31,6 +31,15 @@ def hospital(tmp_path, rounds: int = 2):
         ledger.complete_round(r, ROUND.steps)
     (state / "evaluation.jsonl").write_text("{}\n")  # what a hospital that took part leaves
     return state, backup
+
+
+def hospital_file(tmp_path, state, backup):
+    config = tmp_path / "hospital.toml"
+    config.write_text(
+        f'[hospital]\nhospital-id = "st-mary"\ndata-manifest = "m.csv"\n'
+        f'state-dir = "{state}"\nledger-backup = "{backup.parent}"\n'
+    )
+    return config
 
 
 def reopen(state, backup):
@@ -49,11 +58,7 @@ def test_a_deleted_ledger_is_refused_and_restored_from_its_backup(tmp_path):
     (state / LEDGER_FILENAME).unlink()
     with pytest.raises(LedgerError, match=r"its backup .* exists: the ledger was deleted"):
         reopen(state, backup)
-    config = tmp_path / "hospital.toml"
-    config.write_text(
-        f'[hospital]\nhospital-id = "st-mary"\ndata-manifest = "m.csv"\n'
-        f'state-dir = "{state}"\nledger-backup = "{backup.parent}"\n'
-    )
+    config = hospital_file(tmp_path, state, backup)
     again = CliRunner().invoke(build_app(), ["ledger", "init", "--config", str(config)])
     assert again.exit_code == 2 and "ledger was deleted" in again.output
     restored = CliRunner().invoke(build_app(), ["ledger", "restore", "--config", str(config)])
@@ -99,10 +104,12 @@ def test_a_replaced_or_rolled_back_ledger_disagrees_with_its_backup(tmp_path, ho
         (state / LEDGER_FILENAME).write_bytes(older)  # valid, one round behind
     with pytest.raises(LedgerError, match="disagrees with its backup"):
         reopen(state, backup)
-    # `fedfusion ledger show` reports it too, where the backup is in its default place
-    shutil.copytree(backup.parent, state / "ledger-backup")
-    shown = CliRunner().invoke(build_app(), ["ledger", "show", str(state)])
+    # `fedfusion ledger show` reports it too, given the hospital's file (where its backup is)
+    config = hospital_file(tmp_path, state, backup)
+    shown = CliRunner().invoke(build_app(), ["ledger", "show", str(state), "--config", str(config)])
     assert shown.exit_code == 2 and "disagrees with its backup" in shown.output
+    unchecked = CliRunner().invoke(build_app(), ["ledger", "show", str(state)])
+    assert unchecked.exit_code == 0 and "backup not checked" in unchecked.output
 
 
 @pytest.mark.fault(
@@ -146,3 +153,58 @@ def test_a_ledger_of_the_previous_format_is_read_and_continued_chained(tmp_path)
     ledger.save()  # now the current format, its entries chained, and backed up
     assert json.loads(path.read_text())["format"] == "fedfusion-privacy-ledger/3"
     assert reopen(state, backup).epsilon() == pytest.approx(before)
+
+
+def test_a_ledger_whose_backup_is_gone_is_refused_until_a_person_writes_a_new_one(tmp_path):
+    state, backup = hospital(tmp_path)
+    shutil.rmtree(backup.parent)  # deleted, or its storage not mounted
+    with pytest.raises(LedgerError, match="has no backup"):
+        reopen(state, backup)
+    config = hospital_file(tmp_path, state, backup)
+    written = CliRunner().invoke(build_app(), ["ledger", "backup", "--config", str(config)])
+    assert written.exit_code == 0, written.output
+    assert reopen(state, backup).epsilon() > 0
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        {"steps": -2},
+        {"steps": 0},
+        {"steps": 2.5},
+        {"sample_rate": 2.0},
+        {"noise_multiplier": -1.0},
+        {"mechanism": "free"},
+    ],
+)
+def test_an_entry_no_release_could_have_made_is_refused_even_if_appended(tmp_path, forged):
+    """A release appended after the backup's, with everything recomputed: a negative step
+    count would lower epsilon. Values fedfusion never writes are refused by name."""
+    state, backup = hospital(tmp_path)
+    path = state / LEDGER_FILENAME
+    data = json.loads(path.read_text())
+    data["history"].append({**data["history"][-1], "round": 3, **forged, "chain": ""})
+    data.pop("checksum")
+    path.write_text(json.dumps({**data, "checksum": _checksum(data)}))
+    with pytest.raises(LedgerError, match="not one fedfusion could have made"):
+        reopen(state, backup)
+
+
+def test_a_backup_that_is_the_ledger_itself_or_inside_state_dir_is_refused(tmp_path):
+    state, _ = hospital(tmp_path)
+    with pytest.raises(LedgerError, match="is the ledger itself"):
+        reopen(state, state / LEDGER_FILENAME)
+    config = tmp_path / "inside.toml"
+    config.write_text(
+        f'[hospital]\nhospital-id = "st-mary"\ndata-manifest = "m.csv"\n'
+        f'state-dir = "{state}"\nledger-backup = "{state / "copy"}"\n'
+    )
+    shown = CliRunner().invoke(build_app(), ["ledger", "show", str(state), "--config", str(config)])
+    assert shown.exit_code == 2 and "lies in state-dir" in shown.output
+
+
+def test_a_backup_of_another_hospital_is_not_restored(tmp_path):
+    state, backup = hospital(tmp_path)
+    (state / LEDGER_FILENAME).unlink()
+    with pytest.raises(LedgerError, match="is the ledger of st-mary, not county"):
+        restore_ledger(state, "county", backup)
