@@ -6,8 +6,8 @@ A hospital's own data is described by a manifest (CSV or JSONL) with the columns
   the radiograph is missing for that record);
 - ``report``: the report text (may be blank: the report is missing);
 - ``labels``: finding names separated by ``|`` (blank: none of the labels);
-- ``patient_id`` (optional): keeps one patient's records on one side of the train/test
-  split.
+- ``patient_id`` (optional): keeps one patient's records together in one part of the
+  hospital's split (without it, each record is placed by its image file or report).
 
 Every row is decoded once, up front, so a bad file is found before training starts.
 A bad row raises :class:`ManifestError` naming the manifest, the row and the file; with
@@ -26,6 +26,7 @@ modality, which the model is trained to handle: counted in the report, not an er
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -50,7 +51,6 @@ __all__ = [
     "labels_to_multi_hot",
     "load_manifest",
     "read_manifest_rows",
-    "split_train_test",
 ]
 
 REQUIRED_COLUMNS = ("image", "report", "labels")
@@ -491,7 +491,8 @@ class ManifestReader:
         self.report.rows_ok += 1
         self.report.missing_image += path is None
         self.report.missing_report += not text
-        return image, text, path is not None, multi_hot, fields.get("patient_id") or f"row-{n}"
+        unit = fields.get("patient_id") or _record_key(fields.get("image", ""), text)
+        return image, text, path is not None, multi_hot, unit
 
     def _tensors(
         self, batch: list[tuple[torch.Tensor, str, bool, np.ndarray, str]]
@@ -508,6 +509,17 @@ class ManifestReader:
         )
 
 
+def _record_key(image: str, text: str) -> str:
+    """A record's own key where it has no patient id: its image file, else its report.
+
+    Never its row number, so rows added or reordered later do not move it in the
+    hospital's split.
+    """
+    if image:
+        return f"record:image:{image}"
+    return "record:report:" + hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+
+
 def _row_image_path(root: Path, rel: str) -> Path | None:
     """The row's image file (None if blank); ValueError if it lies outside ``root``."""
     if not rel:
@@ -516,21 +528,3 @@ def _row_image_path(root: Path, rel: str) -> Path | None:
     if not path.is_relative_to(root):
         raise ValueError(f"image path {rel!r} points outside the manifest's directory")
     return path
-
-
-def split_train_test(
-    data: FusionTensors, test_fraction: float, seed: int
-) -> tuple[FusionTensors, FusionTensors]:
-    """Split by patient (when patient ids are known) into train and held-out test."""
-    n = len(data)
-    groups = data.patient_ids or [str(i) for i in range(n)]
-    unique = sorted(set(groups))
-    rng = np.random.default_rng([seed, 4242])
-    rng.shuffle(unique)
-    n_test = max(1, round(len(unique) * test_fraction))
-    if n_test >= len(unique):
-        raise ValueError(f"only {len(unique)} patients: too few to hold out a test split")
-    test_patients = set(unique[:n_test])
-    test_idx = [i for i, g in enumerate(groups) if g in test_patients]
-    train_idx = [i for i, g in enumerate(groups) if g not in test_patients]
-    return data.subset(train_idx), data.subset(test_idx)

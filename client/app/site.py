@@ -16,15 +16,24 @@ from pathlib import Path
 import torch
 
 from client.app.features import FeatureCache, frozen_feature_split
+from client.dp.hospital_split import hospital_split_spec
 from client.dp.ledger import LedgerEntry, PrivacyLedger
 from client.dp.ledger_custody import open_ledger
 from client.dp.policy import PrivacyPolicy, effective_policy
 from shared_model.config import ConfigError, DataConfig, HospitalConfig, ModelConfig, RunConfig
-from shared_model.data import DataLimits, decode_image, load_manifest
-from shared_model.datasets import HospitalSplit, embedded_hospital, hospital_split
+from shared_model.data import DataLimits, FusionTensors, decode_image, load_manifest
+from shared_model.datasets import HospitalSplit, embedded_records
+from shared_model.split import SplitSpec, split_records
 from shared_model.text import tokenizer_for
 
-__all__ = ["DecodedImages", "Site", "hospital_data", "open_site", "resolve_device"]
+__all__ = [
+    "DecodedImages",
+    "Site",
+    "hospital_data",
+    "hospital_records",
+    "open_site",
+    "resolve_device",
+]
 
 log = logging.getLogger("fedfusion.hospital")
 
@@ -58,17 +67,23 @@ class Site:
 
 
 def open_site(hospital: HospitalConfig, run: RunConfig) -> Site:
-    """Resolve a hospital's policy, state directory, device and data for this run."""
+    """Resolve a hospital's policy, state directory, device and data for this run.
+
+    The split is the hospital's (:func:`hospital_split_spec`), whatever the run asks.
+    """
     device = resolve_device(hospital.device)
     if hospital.torch_threads():
         torch.set_num_threads(hospital.torch_threads())
     model = hospital.local_model(run.model)
-    records = hospital_data(hospital, model, run.data, run.seed)
+    policy = effective_policy(run.privacy, hospital)
+    state_dir = hospital.ledger_dir(run.output_dir)
+    spec = hospital_split_spec(hospital, run, state_dir, policy)
+    records = hospital_data(hospital, model, run.data, run.seed, spec)
     cache = hospital.cache_dir(run.output_dir)
     return Site(
         hospital=hospital,
-        policy=effective_policy(run.privacy, hospital),
-        state_dir=hospital.ledger_dir(run.output_dir),
+        policy=policy,
+        state_dir=state_dir,
         data=frozen_feature_split(records, model, run.seed, cache, device),
         device=device,
         model=model,
@@ -145,9 +160,22 @@ class DecodedImages:
 # costs at most that dataset's size per worker.
 @lru_cache(maxsize=256)
 def hospital_data(
-    hospital: HospitalConfig, model: ModelConfig, data: DataConfig, seed: int
+    hospital: HospitalConfig, model: ModelConfig, data: DataConfig, seed: int, spec: SplitSpec
 ) -> HospitalSplit:
-    """The hospital's train/test records, decoded once per process and cached.
+    """The hospital's training records and the held-out part the run evaluates on.
+
+    Split as ``spec`` says; ``data.holdout`` picks the held-out part. Decoded once per
+    process and cached.
+    """
+    parts = split_records(hospital_records(hospital, model, data, seed), spec)
+    return HospitalSplit(train=parts.train, test=parts.held_out(data.holdout))
+
+
+@lru_cache(maxsize=256)
+def hospital_records(
+    hospital: HospitalConfig, model: ModelConfig, data: DataConfig, seed: int
+) -> FusionTensors:
+    """All of the hospital's records, decoded once per process and cached.
 
     A hospital with its own data also keeps the decoded images in its state directory
     (:class:`DecodedImages`), for the next message's process.
@@ -164,5 +192,5 @@ def hospital_data(
             limits=DataLimits(data.max_image_pixels, data.max_report_chars),
         )
         images.flush()
-        return hospital_split(records, data, seed)
-    return embedded_hospital(hospital.partition_id, hospital.num_partitions, model, data, seed)
+        return records
+    return embedded_records(hospital.partition_id, hospital.num_partitions, model, data, seed)

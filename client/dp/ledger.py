@@ -32,6 +32,7 @@ from client.dp.accounting import compute_epsilon
 from client.dp.policy import PrivacyPolicy
 from shared_model.config.run import ACCOUNTANTS
 from shared_model.errors import ExplainedError
+from shared_model.split import SplitSpec
 
 __all__ = [
     "DP_SGD",
@@ -95,6 +96,10 @@ class PrivacyLedger:
     planned_rounds: int | None = None
     target_epsilon: float | None = None
     public_records: int | None = None  # the released (noisy) record count
+    # The hospital's split (shared_model/split.py: its secret key and fractions), fixed at
+    # first use, and how many releases the ledger held then (records trained before it
+    # may lie in any part).
+    split: dict[str, Any] | None = None
     history: list[LedgerEntry] = field(default_factory=list)
     genesis: str = field(default_factory=lambda: secrets.token_hex(32))  # the chain's start
     backup: Path | None = None  # where every save also goes (not part of the file)
@@ -192,6 +197,8 @@ class PrivacyLedger:
             },
             "history": [asdict(e) for e in self.history],
         }
+        if self.split is not None:
+            body["split"] = self.split
         return {**body, "checksum": _checksum(body)}
 
     @classmethod
@@ -229,6 +236,7 @@ class PrivacyLedger:
                 planned_rounds=plan["planned_rounds"],
                 target_epsilon=plan["target_epsilon"],
                 public_records=plan["public_records"],
+                split=data.get("split"),
                 history=[LedgerEntry(**e) for e in data["history"]],
                 genesis=_checksum(data) if unchained else str(data["genesis"]),
                 upgraded=unchained,
@@ -260,6 +268,14 @@ class PrivacyLedger:
             return f"unknown accountant {self.accountant!r}"
         if not (0.0 < self.delta < 1.0 and self.max_epsilon > 0.0):
             return f"delta {self.delta!r} or max_epsilon {self.max_epsilon!r} out of range"
+        if self.split is not None:
+            try:
+                SplitSpec.from_record(self.split)
+                since = self.split["since_release"]
+            except (ValueError, KeyError, TypeError) as err:
+                return f"its split is not one fedfusion could have recorded ({err})"
+            if type(since) is not int or not 0 <= since <= len(self.history):
+                return f"its split's since_release {since!r} is out of range"
         for i, e in enumerate(self.history):
             fine = (
                 type(e.round) is int
@@ -310,6 +326,7 @@ class PrivacyLedger:
             "epsilon": self.epsilon(),
             "remaining_epsilon": max(self.max_epsilon - self.epsilon(), 0.0),
             "public_records": self.public_records,
+            "split": self.split_summary(),
             "history": [
                 {
                     "round": e.round,
@@ -322,6 +339,30 @@ class PrivacyLedger:
                 }
                 for i, e in enumerate(self.history)
             ],
+        }
+
+    def record_split(self, spec: SplitSpec) -> None:
+        """Fix the hospital's split in the ledger, once, and save."""
+        if self.split is not None:
+            raise LedgerError(f"privacy ledger {self.path} has its split already")
+        self.split = {**spec.to_record(), "since_release": len(self.history)}
+        self.save()
+
+    def split_spec(self) -> SplitSpec | None:
+        """The split fixed in this ledger, if any."""
+        return None if self.split is None else SplitSpec.from_record(self.split)
+
+    def split_summary(self) -> dict[str, Any] | None:
+        """The split without its key: what ``ledger show`` prints."""
+        spec = self.split_spec()
+        if spec is None or self.split is None:
+            return None
+        return {
+            "method": self.split["method"],
+            "key_id": spec.key_id(),
+            "test_fraction": spec.test_fraction,
+            "validation_fraction": spec.validation_fraction,
+            "since_release": self.split["since_release"],
         }
 
     # ---------------------------------------------------------------- accounting

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from client.dp.ledger import LEDGER_FILENAME, LedgerEntry, LedgerError, PrivacyLedger
 from client.dp.policy import PrivacyPolicy
+from shared_model.split import SplitSpec
 
 __all__ = [
     "check_against_backup",
@@ -70,15 +71,24 @@ def check_against_backup(ledger: PrivacyLedger, required: bool = True) -> None:
         return
     kept = PrivacyLedger.from_json(ledger.backup.read_bytes(), ledger.backup)
     chain = [e.chain for e in ledger.history]
+    # A split is fixed once: the backup may lack it (a crash before the backup's write),
+    # never disagree.
+    split_moved = kept.split is not None and kept.split != ledger.split
     if (
         kept.genesis != ledger.genesis
         or chain[: len(kept.history)] != [e.chain for e in kept.history]
         or len(ledger.history) > len(kept.history) + 1
+        or split_moved
     ):
+        what = (
+            "its train/held-out split is not the backup's"
+            if split_moved
+            else f"the backup holds {len(kept.history)} release(s), the ledger "
+            f"{len(ledger.history)}, not the same ones"
+        )
         raise LedgerError(
-            f"privacy ledger {ledger.path} disagrees with its backup {ledger.backup} (the "
-            f"backup holds {len(kept.history)} release(s), the ledger {len(ledger.history)}, "
-            "not the same ones): it was edited, rolled back or replaced. This hospital "
+            f"privacy ledger {ledger.path} disagrees with its backup {ledger.backup} ({what}): "
+            "it was edited, rolled back or replaced. This hospital "
             "refuses to train; `fedfusion ledger restore` puts the backup back"
         )
 
@@ -149,9 +159,13 @@ def init_ledger(
     hospital: str,
     policy: PrivacyPolicy,
     backup: Path,
+    split: SplitSpec,
     fresh_start: bool = False,
 ) -> PrivacyLedger:
-    """Start this hospital's ledger, empty, with its backup; LedgerError if it may not."""
+    """Start this hospital's ledger, empty but for its split, with its backup.
+
+    LedgerError if it may not (a ledger exists, or the state directory shows earlier use).
+    """
     path = Path(state_dir) / LEDGER_FILENAME
     if path.exists():
         raise LedgerError(f"{path} already exists: a hospital's ledger is started once")
@@ -161,7 +175,7 @@ def init_ledger(
     if traces and not fresh_start:
         raise missing_ledger(state_dir, None)
     ledger = PrivacyLedger.empty(path, hospital, policy, backup)
-    ledger.save()
+    ledger.record_split(split)
     return ledger
 
 

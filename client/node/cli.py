@@ -143,8 +143,10 @@ def ledger_init(
 
     A hospital with its own data never starts a ledger by itself: a state directory with
     no ledger is refused, so a deleted ledger cannot reset epsilon. This writes the empty
-    ledger and its backup (hospital.ledger-backup).
+    ledger and its backup (hospital.ledger-backup), and fixes the hospital's split of its
+    patients (a secret key and its file's test-fraction and validation-fraction).
     """
+    from client.dp.hospital_split import new_split
     from client.dp.ledger import LedgerError
     from client.dp.ledger_custody import init_ledger
     from client.dp.policy import effective_policy
@@ -153,11 +155,15 @@ def ledger_init(
     hospital, state, backup = _custody(config)
     policy = effective_policy(PrivacyConfig(), hospital)  # its caps; each run's request applies
     try:
-        ledger = init_ledger(state, hospital.name, policy, backup, fresh_start)
+        ledger = init_ledger(state, hospital.name, policy, backup, new_split(hospital), fresh_start)
     except LedgerError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from err
     typer.echo(f"started the privacy ledger of {hospital.name}: {ledger.path} (backup {backup})")
+    typer.echo(
+        f"its split, fixed for good: test {hospital.test_fraction}, validation "
+        f"{hospital.validation_fraction} of its patients"
+    )
 
 
 def ledger_restore(config: Annotated[Path, _HOSPITAL_FILE]) -> None:
@@ -241,6 +247,19 @@ def ledger_show(
     )
     if view["public_records"] is not None:
         typer.echo(f"released record count N̂ = {view['public_records']} (N plus Gaussian noise)")
+    if (split := view["split"]) is not None:
+        typer.echo(
+            f"split of its patients, fixed: test {split['test_fraction']:g}, validation "
+            f"{split['validation_fraction']:g} (key {split['key_id']})"
+            + (
+                f"; fixed after {split['since_release']} release(s), whose training records "
+                "may lie in any part"
+                if split["since_release"]
+                else ""
+            )
+        )
+    else:
+        typer.echo("split of its patients: not fixed yet (it is at its next run)")
     typer.echo(
         "round  release       noise multiplier  sample rate  steps  status     epsilon after"
     )

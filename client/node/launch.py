@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.app.secagg_checks import signing_keys
+from client.dp.hospital_split import check_fractions
 from client.dp.ledger import LEDGER_FILENAME, LedgerError, read_ledger
 from client.dp.ledger_custody import check_against_backup, missing_ledger
 from client.node.config import ConnectionConfig
@@ -72,6 +73,7 @@ def _check_budget_left(hospital: HospitalConfig) -> None:
         ledger = read_ledger(ledger_file)
         ledger.backup = backup
         check_against_backup(ledger, required=not ledger.upgraded)
+        check_fractions(hospital, ledger)
     except LedgerError as err:
         raise ConfigError(f"hospital.state-dir: {err}") from err
     spent = ledger.epsilon()
@@ -153,7 +155,9 @@ def plan_supernode(config_file: Path) -> SuperNodeLaunch:
         else ""
     )
     warning = _INSECURE_WARNING if connection.insecure else ""
-    return SuperNodeLaunch(hospital, connection, command, warning, note)
+    return SuperNodeLaunch(
+        hospital=hospital, connection=connection, command=command, warning=warning, note=note
+    )
 
 
 _ACTIVATION_REFUSED = "Failed to activate SuperNode"

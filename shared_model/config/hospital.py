@@ -49,6 +49,22 @@ class HospitalConfig:
         "Folder of the privacy ledger's backup, written at every save (better on other "
         "storage than state-dir); empty: <state-dir>/ledger-backup.",
     )
+    test_fraction: float = _opt(
+        0.2,
+        "Share of this hospital's patients held out for testing, placed by a secret key "
+        "drawn once; fixed in the privacy ledger at first use (a simulated hospital follows "
+        "the run's data.test-fraction).",
+        min=0.05,
+        max=0.5,
+    )
+    validation_fraction: float = _opt(
+        0.0,
+        "Share of this hospital's patients kept apart for validation (tuning runs with "
+        "data.holdout = validation), never trained on; fixed like test-fraction. 0: none, "
+        "and such runs get no evaluation from this hospital.",
+        min=0.0,
+        max=0.4,
+    )
     max_epsilon: float = _opt(
         10.0, "Hard cap on cumulative epsilon at this hospital.", min=0.0, min_exclusive=True
     )
@@ -184,6 +200,11 @@ class HospitalConfig:
                     "would be lost, rolled back or edited with the ledger; give a folder on "
                     "other storage (or leave it empty for state-dir/ledger-backup)"
                 )
+        if cfg.test_fraction + cfg.validation_fraction > 0.6:
+            raise ConfigError(
+                f"hospital 'test-fraction' {cfg.test_fraction} + 'validation-fraction' "
+                f"{cfg.validation_fraction} hold out more than 0.6 of the patients"
+            )
         if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", cfg.device):
             raise ConfigError(
                 f"hospital 'device': expected cpu, cuda, cuda:N or auto, got {cfg.device!r}"

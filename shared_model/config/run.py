@@ -147,13 +147,18 @@ class DataConfig:
         1.0, "Label skew across hospitals; smaller is more non-IID.", min=0.0, min_exclusive=True
     )
     test_fraction: float = _opt(
-        0.2, "Share of each hospital's records held out for evaluation.", min=0.05, max=0.5
+        0.2,
+        "Share of each simulated hospital's patients held out for evaluation. A hospital "
+        "with its own data keeps its own split (its test-fraction, fixed in its ledger).",
+        min=0.05,
+        max=0.5,
     )
     holdout: str = _opt(
         "test",
-        "What the run evaluates on: test (each hospital's held-out test split) or "
-        "validation (a split of the same size carved from each hospital's training records; "
-        "the test split is then neither trained nor evaluated on: for tuning).",
+        "What the run evaluates on: test (each hospital's held-out test part) or "
+        "validation (a part never trained on; the test part is then neither trained nor "
+        "evaluated on: for tuning). A simulated hospital carves one the size of its test "
+        "part; a hospital with its own data uses its validation-fraction, or declines.",
         choices=HOLDOUTS,
     )
     max_image_pixels: int = _opt(

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from shared_model.config import DataConfig, ModelConfig
-from shared_model.data import FusionTensors, labels_to_multi_hot, split_train_test
+from shared_model.data import FusionTensors, labels_to_multi_hot
 from shared_model.datasets.iu_reports import EMBEDDED_LABELS, PUBLIC_PREVALENCE, load_reports
 from shared_model.datasets.phantoms import hospital_acquisition, render_phantom
+from shared_model.split import embedded_split_spec, split_records
 from shared_model.text import tokenizer_for
 
 __all__ = [
@@ -26,28 +27,19 @@ __all__ = [
     "HospitalSplit",
     "dirichlet_partition",
     "embedded_hospital",
-    "hospital_split",
+    "embedded_records",
 ]
 
 
 @dataclass(frozen=True)
 class HospitalSplit:
-    """One hospital's records: a training split and a held-out test split."""
+    """What one hospital trains on, and the held-out part a run evaluates on.
+
+    ``test`` is the part ``data.holdout`` names: the test part, or the validation part.
+    """
 
     train: FusionTensors
     test: FusionTensors
-
-
-def hospital_split(records: FusionTensors, data: DataConfig, seed: int) -> HospitalSplit:
-    """Split by patient into training and held-out records, as ``data.holdout`` says.
-
-    ``validation``: the held-out records are a split of the training ones, the same share
-    of them, so a tuning run never sees the test split.
-    """
-    train, test = split_train_test(records, data.test_fraction, seed)
-    if data.holdout == "validation":
-        train, test = split_train_test(train, data.test_fraction, seed + 7919)
-    return HospitalSplit(train=train, test=test)
 
 
 def dirichlet_partition(
@@ -100,6 +92,23 @@ def embedded_hospital(
     data: DataConfig,
     seed: int,
 ) -> HospitalSplit:
+    """One simulated hospital's training records and the held-out part the run evaluates.
+
+    Split as the simulated hospital splits them (:func:`embedded_split_spec`).
+    """
+    records = embedded_records(partition_id, num_partitions, model, data, seed)
+    spec = embedded_split_spec(seed, partition_id, data.test_fraction, data.holdout)
+    parts = split_records(records, spec)
+    return HospitalSplit(train=parts.train, test=parts.held_out(data.holdout))
+
+
+def embedded_records(
+    partition_id: int,
+    num_partitions: int,
+    model: ModelConfig,
+    data: DataConfig,
+    seed: int,
+) -> FusionTensors:
     """Records of one simulated hospital: its reports, phantoms, tokens and labels."""
     unknown = [lab for lab in model.labels if lab not in EMBEDDED_LABELS]
     if unknown:
@@ -140,5 +149,4 @@ def embedded_hospital(
             ]
         )
     )
-    records = FusionTensors(images, report_ids, present, labels, [r.uid for r in mine])
-    return hospital_split(records, data, seed + partition_id)
+    return FusionTensors(images, report_ids, present, labels, [r.uid for r in mine])

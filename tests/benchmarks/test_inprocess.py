@@ -30,5 +30,8 @@ def test_it_lands_on_the_flower_simulations_model(tmp_path, secagg):
     moved = max(float((mine[k] - theirs[k]).abs().max()) for k in mine)
     assert moved < (1e-5 if secagg else 1e-6)
     by_round = {r["round"]: r["eval_metrics"]["auroc"] for r in flower}
+    # Under SecAgg+ a score moved by 1e-5 may cross into the next of the 200 score bins:
+    # one pair of ~16 positives x ~60 negatives moves AUROC by ~1e-3.
     for r in ours:
-        assert np.isclose(r["eval_metrics"]["auroc"], by_round[r["round"]], atol=1e-4)
+        close = 3e-3 if secagg else 1e-4
+        assert np.isclose(r["eval_metrics"]["auroc"], by_round[r["round"]], atol=close)

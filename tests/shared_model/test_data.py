@@ -14,8 +14,8 @@ from shared_model.data import (
     ManifestError,
     decode_image,
     load_manifest,
-    split_train_test,
 )
+from shared_model.split import SplitSpec, split_records
 from shared_model.text import ReportTokenizer
 
 LABELS = ("normal", "cardiomegaly", "effusion")
@@ -206,9 +206,22 @@ def test_split_keeps_patients_on_one_side(tmp_path):
         for i in range(40)
     ]
     data, _ = load(write_csv(tmp_path / "m.csv", rows))
-    train, test = split_train_test(data, 0.3, seed=1)
-    assert len(train) + len(test) == 40
-    assert not set(train.patient_ids) & set(test.patient_ids)
+    parts = split_records(data, SplitSpec.drawn(0.3, 0.2))
+    assert len(parts.train) + len(parts.validation) + len(parts.test) == 40
+    seen = [set(p.patient_ids or []) for p in (parts.train, parts.validation, parts.test)]
+    assert sum(len(s) for s in seen) == len(set().union(*seen)) == 7
+
+
+def test_a_record_without_patient_id_is_placed_by_its_own_content(tmp_path):
+    """Rows inserted before it do not move it: its key is its image, or its report."""
+    rows = [{"image": png(tmp_path / "a.png"), "report": "x", "labels": ""}]
+    rows += [{"image": "", "report": "cough", "labels": ""}]
+    data, _ = load(write_csv(tmp_path / "m.csv", rows))
+    later, _ = load(
+        write_csv(tmp_path / "n.csv", [{"image": "", "report": "y", "labels": ""}, *rows])
+    )
+    assert data.patient_ids == later.patient_ids[1:]
+    assert data.patient_ids[0].startswith("record:image:")
 
 
 def png_header(path: Path, width: int, height: int) -> None:

@@ -21,15 +21,15 @@ def test_cuda_without_a_gpu_is_refused_with_the_key_named(spec):
 
 
 def _load(manifest, state_dir):
-    """hospital_data as a fresh ClientApp process would call it (no in-process cache)."""
-    from client.app.site import hospital_data
+    """hospital_records as a fresh ClientApp process would call it (no in-process cache)."""
+    from client.app.site import hospital_records
     from shared_model.config import HospitalConfig, RunConfig
 
-    hospital_data.cache_clear()
+    hospital_records.cache_clear()
     node = {"data-manifest": str(manifest), "hospital-id": "h", "state-dir": str(state_dir)}
     run = RunConfig()
-    split = hospital_data(HospitalConfig.from_node_config(node), run.model, run.data, run.seed)
-    return torch.cat([split.train.images, split.test.images])
+    hospital = HospitalConfig.from_node_config(node)
+    return hospital_records(hospital, run.model, run.data, run.seed).images
 
 
 def test_decoded_images_are_kept_for_the_next_process_and_redone_when_a_file_changes(

@@ -16,15 +16,17 @@ from client.dp.ledger import LEDGER_FILENAME, LedgerEntry, LedgerError, PrivacyL
 from client.dp.ledger_custody import init_ledger, open_ledger, restore_ledger
 from client.dp.policy import PrivacyPolicy
 from shared_model.cli import build_app
+from shared_model.split import SplitSpec
 
 POLICY = PrivacyPolicy(True, 8.0, 8.0, 1e-5, 1.0, "rdp", "bk")
+SPLIT = SplitSpec.drawn(0.2)
 ROUND = LedgerEntry(round=1, noise_multiplier=1.0, sample_rate=0.1, steps=40)
 
 
 def hospital(tmp_path, rounds: int = 2):
     """A hospital that started its ledger and trained ``rounds`` rounds; its paths."""
     state, backup = tmp_path / "state", tmp_path / "elsewhere" / "st-mary.privacy_ledger.json"
-    init_ledger(state, "st-mary", POLICY, backup)
+    init_ledger(state, "st-mary", POLICY, backup, SPLIT)
     for r in range(1, rounds + 1):
         ledger = open_ledger(state, "st-mary", POLICY, (), backup, allow_new=False)
         ledger.begin_round(LedgerEntry(**{**ROUND.__dict__, "round": r}))
@@ -73,8 +75,8 @@ def test_a_state_directory_used_before_is_not_started_anew_without_a_persons_wor
     with pytest.raises(LedgerError, match=r"used before \(evaluation.jsonl\)"):
         reopen(state, backup)
     with pytest.raises(LedgerError, match="--fresh-start"):
-        init_ledger(state, "st-mary", POLICY, backup)
-    fresh = init_ledger(state, "st-mary", POLICY, backup, fresh_start=True)
+        init_ledger(state, "st-mary", POLICY, backup, SPLIT)
+    fresh = init_ledger(state, "st-mary", POLICY, backup, SPLIT, fresh_start=True)
     assert fresh.epsilon() == 0.0
 
 

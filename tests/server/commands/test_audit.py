@@ -41,7 +41,8 @@ def fake_run(tmp_path, hospitals=2):
 def test_audit_rebuilds_the_runs_members_and_non_members(tmp_path):
     result = audit_run(fake_run(tmp_path))
     assert result.hospitals == 2 and result.members + result.non_members == 80
-    assert result.members > 3 * result.non_members  # test-fraction 0.2
+    # test-fraction 0.2: each patient held out on its own, with probability 0.2
+    assert 2 * result.non_members < result.members < 8 * result.non_members
     # the final model is the initial one here: training lowered no loss, no attack works
     _name, best = result.strongest
     assert set(result.attacks) == {"loss-threshold", "calibrated-loss"}
