@@ -491,7 +491,7 @@ class ManifestReader:
         self.report.rows_ok += 1
         self.report.missing_image += path is None
         self.report.missing_report += not text
-        unit = fields.get("patient_id") or _record_key(fields.get("image", ""), text)
+        unit = fields.get("patient_id", "").strip() or _record_key(path, self.manifest.parent, text)
         return image, text, path is not None, multi_hot, unit
 
     def _tensors(
@@ -509,14 +509,15 @@ class ManifestReader:
         )
 
 
-def _record_key(image: str, text: str) -> str:
+def _record_key(image: Path | None, root: Path, text: str) -> str:
     """A record's own key where it has no patient id: its image file, else its report.
 
-    Never its row number, so rows added or reordered later do not move it in the
+    The image's path relative to the manifest's folder, however the row spells it (never
+    the row number), so rows added, reordered or rewritten later do not move it in the
     hospital's split.
     """
-    if image:
-        return f"record:image:{image}"
+    if image is not None:
+        return f"record:image:{image.relative_to(root).as_posix()}"
     return "record:report:" + hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 

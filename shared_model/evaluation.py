@@ -18,13 +18,15 @@ exact.
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["EVAL_LOSS_CLIP", "SCORE_BINS", "SCORE_EDGES", "EvalStats"]
+__all__ = ["COARSE_EDGES", "EVAL_LOSS_CLIP", "SCORE_BINS", "SCORE_EDGES", "EvalStats"]
 
 SCORE_BINS = 200
 _LOGIT_RANGE = 10.0
@@ -33,8 +35,54 @@ SCORE_EDGES = np.linspace(-_LOGIT_RANGE, _LOGIT_RANGE, SCORE_BINS + 1)
 # Per-example held-out losses are clipped to this before summing, which bounds the sum
 # (secure aggregation needs a bound on every value); an honest loss never comes close.
 EVAL_LOSS_CLIP = 20.0
-_HEADER = 4  # examples, loss sum, exact matches, hospitals
+_HEADER = 5  # examples, loss sum, exact matches, hospitals, hospitals that noised theirs
+_NOISELESS_HEADER = 4  # statistics saved before hospitals noised theirs
 _LEGACY_HEADER = 3  # statistics saved before the hospital count was summed
+# Inner edges, in logit, of the 16 bins a hospital releases noised statistics in
+# (client/dp/held_out.py); on the 0.1 grid, with 0 among them.
+COARSE_EDGES = (-4.0, -3.0, -2.5, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
+
+
+def _coarse_cells(counts: np.ndarray) -> np.ndarray:
+    """A label's fine-bin counts summed into the 16 coarse bins of COARSE_EDGES."""
+    centres = (SCORE_EDGES[:-1] + SCORE_EDGES[1:]) / 2
+    return np.bincount(
+        np.searchsorted(np.array(COARSE_EDGES), centres, side="right"),
+        weights=counts,
+        minlength=len(COARSE_EDGES) + 1,
+    )
+
+
+def _fit_normal(cells: np.ndarray) -> tuple[float, float] | None:
+    """(mean, std) of the normal whose binned counts fit ``cells`` best; None if empty.
+
+    Least squares between the noised counts and the total times each bin's probability.
+    """
+    from scipy.optimize import minimize
+    from scipy.stats import norm
+
+    total = float(cells.sum())
+    if total < 1.0:
+        return None
+    edges = np.array([-np.inf, *COARSE_EDGES, np.inf])
+    middles = np.array(
+        [
+            COARSE_EDGES[0] - 0.5,
+            *((a + b) / 2 for a, b in itertools.pairwise(COARSE_EDGES)),
+            COARSE_EDGES[-1] + 0.5,
+        ]
+    )
+    weights = np.clip(cells, 0.0, None)
+    start_mean = float(np.average(middles, weights=weights)) if weights.sum() > 0 else 0.0
+
+    def misfit(theta: np.ndarray) -> float:
+        mean, log_std = theta
+        p = np.diff(norm.cdf((edges - mean) / math.exp(log_std)))
+        return float(((cells - total * p) ** 2).sum())
+
+    best = minimize(misfit, np.array([start_mean, 0.5]), method="Nelder-Mead")
+    mean, log_std = best.x
+    return float(mean), float(math.exp(np.clip(log_std, -3.0, 3.0)))
 
 
 def score_bins(logits: np.ndarray) -> np.ndarray:
@@ -54,6 +102,7 @@ class EvalStats:
     positives: np.ndarray  # (labels, SCORE_BINS): count of positive examples per score bin
     negatives: np.ndarray  # (labels, SCORE_BINS): count of negative examples per score bin
     hospitals: float = 0.0  # hospitals whose records are in the sum (NaN: not recorded)
+    noised: float = 0.0  # of them, hospitals whose statistics carry Gaussian noise
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -110,7 +159,9 @@ class EvalStats:
 
     def to_vector(self) -> np.ndarray:
         """The statistics as one float64 vector: what is summed across hospitals."""
-        header = np.array([self.examples, self.loss_sum, self.exact_matches, self.hospitals])
+        header = np.array(
+            [self.examples, self.loss_sum, self.exact_matches, self.hospitals, self.noised]
+        )
         return np.concatenate([header, self.positives.ravel(), self.negatives.ravel()])
 
     @classmethod
@@ -122,14 +173,19 @@ class EvalStats:
         """
         k = len(labels)
         vector = np.asarray(vector, dtype=np.float64).ravel()
-        header = _HEADER if vector.size == cls.vector_size(k) else _LEGACY_HEADER
-        if vector.size != header + 2 * k * SCORE_BINS:
+        header = vector.size - 2 * k * SCORE_BINS
+        if header not in (_HEADER, _NOISELESS_HEADER, _LEGACY_HEADER):
             raise ValueError(
                 f"evaluation statistics of {vector.size} values, expected "
                 f"{cls.vector_size(k)} for {k} labels"
             )
-        if not np.isfinite(vector).all() or (vector < 0).any():
-            raise ValueError("evaluation statistics must be finite and non-negative")
+        noised = float(vector[4]) if header == _HEADER else 0.0
+        negative = (vector[3:header] < 0).any() or (noised == 0.0 and (vector < 0).any())
+        if not np.isfinite(vector).all() or negative:
+            raise ValueError(
+                "evaluation statistics must be finite and non-negative (only noised "
+                "statistics hold negative counts)"
+            )
         hist = vector[header:].reshape(2, k, SCORE_BINS)
         examples, loss_sum, exact_matches = map(float, vector[:_LEGACY_HEADER])
         return cls(
@@ -139,7 +195,8 @@ class EvalStats:
             exact_matches=exact_matches,
             positives=hist[0].copy(),
             negatives=hist[1].copy(),
-            hospitals=float(vector[3]) if header == _HEADER else math.nan,
+            hospitals=float(vector[3]) if header >= _NOISELESS_HEADER else math.nan,
+            noised=noised,
         )
 
     def __add__(self, other: EvalStats) -> EvalStats:
@@ -153,10 +210,17 @@ class EvalStats:
             positives=self.positives + other.positives,
             negatives=self.negatives + other.negatives,
             hospitals=self.hospitals + other.hospitals,
+            noised=self.noised + other.noised,
         )
 
     def rounded(self) -> EvalStats:
-        """Counts rounded to whole examples (a secure sum carries quantization noise)."""
+        """Counts rounded to whole examples (a secure sum carries quantization noise).
+
+        Noised statistics are left as they are: their noise dwarfs the quantization's,
+        and rounding or clipping them would bias what is estimated from them.
+        """
+        if self.noised > 0:
+            return self
         return EvalStats(
             labels=self.labels,
             examples=float(round(self.examples)),
@@ -165,6 +229,7 @@ class EvalStats:
             positives=np.maximum(np.round(self.positives), 0.0),
             negatives=np.maximum(np.round(self.negatives), 0.0),
             hospitals=float(round(self.hospitals)) if math.isfinite(self.hospitals) else math.nan,
+            noised=0.0,
         )
 
     # ------------------------------------------------------------------ figures
@@ -173,19 +238,55 @@ class EvalStats:
 
         NaN when the examples hold only one class of the label.
         """
-        pos, neg = self.positives[j], self.negatives[j]
+        if self.noised > 0:
+            return self._binormal_auroc(j)
+        pos, neg = np.clip(self.positives[j], 0, None), np.clip(self.negatives[j], 0, None)
         n_pos, n_neg = pos.sum(), neg.sum()
         if n_pos <= 0 or n_neg <= 0:
             return math.nan
         below = np.cumsum(neg) - neg  # negatives in lower bins
         return float((pos * (below + 0.5 * neg)).sum() / (n_pos * n_neg))
 
+    def _binormal_auroc(self, j: int) -> float:
+        """Label ``j``'s AUROC from noised counts: a normal fitted to each class's scores.
+
+        Counts released with Gaussian noise sum to a histogram whose cells may be
+        negative; AUROC read cell by cell adds up that noise. Fitting one normal (in
+        logit) to each class's 16 coarse cells by least squares, AUROC is
+        Phi((m1 - m0) / sqrt(s1^2 + s0^2)): the binormal model of ROC analysis. Only
+        released values are used (post-processing).
+        """
+        from scipy.stats import norm
+
+        fits = [_fit_normal(_coarse_cells(h[j])) for h in (self.positives, self.negatives)]
+        if any(f is None for f in fits):
+            return math.nan
+        (m1, s1), (m0, s0) = fits  # type: ignore[misc]
+        return float(norm.cdf((m1 - m0) / math.hypot(s1, s0)))
+
     def roc_curve(self, j: int) -> tuple[np.ndarray, np.ndarray]:
         """(false positive rates, true positive rates) of label ``j`` at every bin edge."""
-        pos, neg = self.positives[j][::-1], self.negatives[j][::-1]  # highest scores first
+        pos = np.clip(self.positives[j][::-1], 0, None)  # highest scores first
+        neg = np.clip(self.negatives[j][::-1], 0, None)
         tpr = np.concatenate([[0.0], np.cumsum(pos)]) / max(pos.sum(), 1.0)
         fpr = np.concatenate([[0.0], np.cumsum(neg)]) / max(neg.sum(), 1.0)
         return fpr, tpr
+
+    def clamped(self) -> EvalStats:
+        """These statistics with noised counts put back in range (post-processing).
+
+        Hospitals may release their statistics with Gaussian noise, so sums can hold
+        negative counts, a loss below zero or more exact matches than examples.
+        """
+        examples = max(self.examples, 1.0)
+        return dataclasses.replace(
+            self,
+            examples=examples,
+            loss_sum=min(max(self.loss_sum, 0.0), EVAL_LOSS_CLIP * examples),
+            exact_matches=min(max(self.exact_matches, 0.0), examples),
+            positives=np.clip(self.positives, 0.0, None),
+            negatives=np.clip(self.negatives, 0.0, None),
+        )
 
     def metrics(self) -> dict[str, float]:
         """Loss, macro accuracy, precision, recall, F1, exact match and AUROC.
@@ -193,9 +294,11 @@ class EvalStats:
         AUROC per label and macro; the others at the decision threshold 0.5; NaN where
         undefined.
         """
-        n = self.examples
-        if n <= 0:
+        if self.examples <= 0:
             return {}
+        if (self.positives < 0).any() or (self.negatives < 0).any():
+            return self.clamped().metrics()  # noised counts (a hospital's DP release)
+        n = self.examples
         half = SCORE_BINS // 2  # bins from here up have logit >= 0: predicted positive
         tp = self.positives[:, half:].sum(1)
         fn = self.positives[:, :half].sum(1)

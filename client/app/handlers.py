@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
+from dataclasses import replace
 
 from flwr.app import ConfigRecord, Context, Message
 
@@ -20,6 +22,7 @@ from client.app.site import open_site
 from client.app.trainer import (
     LocalRound,
     evaluated_only,
+    release_evaluation,
     run_local_evaluation,
     run_local_round,
 )
@@ -50,8 +53,15 @@ def train(msg: Message, context: Context) -> Message:
     evaluation = EvalStats.zeros(run.model.labels)
     if request.evaluate_first:  # the model received, before this round changes it
         bound = int(run.secagg.max_weight)  # what one upload can hold
-        evaluation = run_local_evaluation(request.weights, site, run, request.server_round, bound)
-        evaluation = evaluation.stats
+        local = run_local_evaluation(request.weights, site, run, request.server_round, bound)
+        evaluation, history = release_evaluation(
+            local.stats,
+            site,
+            seen,
+            model_round=request.server_round - 1,  # the model before this round
+            planned_rounds=planned,
+        )
+        seen = list(history)
     if request.evaluate_only:
         result = evaluated_only(request.weights, site, seen)
     else:
@@ -80,6 +90,16 @@ def evaluate(msg: Message, context: Context) -> Message:
         raise MalformedRequestError("an evaluation request in SecAgg+'s records is refused")
     site = open_site(hospital, run)
     evaluation = run_local_evaluation(request.weights, site, run, request.server_round)
+    if site.policy.share_evaluation and site.policy.held_out_noise:  # only what leaves
+        stats, history = release_evaluation(
+            evaluation.stats,
+            site,
+            _recall(context),
+            model_round=request.server_round,
+            planned_rounds=request.planned_rounds(run, evaluation=True),
+        )
+        _keep_history(context, history)
+        evaluation = replace(evaluation, stats=stats)
     return evaluate_reply(msg, evaluation, site)
 
 
@@ -90,9 +110,14 @@ def _recall(context: Context) -> list[LedgerEntry]:
     return load_history(str(seen["history"])) if seen else []
 
 
+def _keep_history(context: Context, history: Sequence[LedgerEntry]) -> None:
+    """Keep the ledger history for this node's next message (a rollback is then refused)."""
+    if history:
+        context.state[_LEDGER_COPY] = ConfigRecord({"history": dump_history(history)})
+
+
 def _remember(context: Context, result: LocalRound) -> None:
     """Keep the ledger history and per-step RDP for this node's next message."""
-    if result.ledger_history:
-        context.state[_LEDGER_COPY] = ConfigRecord({"history": dump_history(result.ledger_history)})
+    _keep_history(context, result.ledger_history)
     used = ((e.noise_multiplier, e.sample_rate) for e in result.ledger_history)
     context.state[_RDP_CACHE] = ConfigRecord(accounting.RDP.export(used))

@@ -94,11 +94,13 @@ FIELDS: tuple[Field, ...] = (
           "why it declined: its budget and config keys, no record"),
     Field(_TRAIN, "config", HOSPITAL, Status.ROUND, PUBLIC, "the round it answers"),
     # ---- evaluation without SecAgg+
-    Field(_EVAL, "array", EVALUATION, EVALUATION_STATISTICS, PUBLIC,
-          "held-out score histograms, loss sum and counts, sent only if the hospital's "
-          "share-evaluation = true (default for simulated hospitals only)"),
-    Field(_EVAL, "metric", METRICS, Reply.NUM_EXAMPLES, PUBLIC,
-          "held-out count: 0 when withheld, else as the statistics above"),
+    Field(_EVAL, "array", EVALUATION, EVALUATION_STATISTICS, "epsilon: held-out",
+          "held-out score histograms (16 bins), loss sum and counts, sent only if the "
+          "hospital's share-evaluation = true (default for simulated hospitals only); with "
+          "Gaussian noise, charged to the held-out cap (max-held-out-epsilon over "
+          "held-out-releases evaluations), at a hospital with its own data"),
+    Field(_EVAL, "metric", METRICS, Reply.NUM_EXAMPLES, "epsilon: held-out",
+          "held-out count: 0 when withheld, else the statistics' count, noised with them"),
     Field(_EVAL, "config", HOSPITAL, Status.HOSPITAL_ID, PUBLIC, "the hospital's name"),
     Field(_EVAL, "config", HOSPITAL, Status.STATUS, PUBLIC, "evaluated or withheld"),
     Field(_EVAL, "config", HOSPITAL, Status.REASON, PUBLIC, "why it withheld: its config"),
@@ -119,7 +121,8 @@ FIELDS: tuple[Field, ...] = (
     Field(_UPLOAD, "config", RECORD_KEY_CONFIGS, Key.MASKED_PARAMETERS, SECAGG,
           "weighted update, weight, train loss, held-out statistics, all masked; the "
           "update and loss are also charged to epsilon (DP-SGD), the weight to the record "
-          "count"),
+          "count, the held-out statistics (16 bins, Gaussian noise) to the held-out "
+          "epsilon at a hospital with its own data"),
     Field(_UPLOAD, "metric", "fitres.num_examples", "num_examples", PUBLIC,
           "the same constant at every hospital (the weight is inside the masked vector)"),
     Field(_UPLOAD, "config", "fitres.status", "code", PUBLIC, "Flower's status: OK"),

@@ -158,7 +158,7 @@ def evaluate_reply(msg: Message, evaluation: LocalEvaluation, site: Site) -> Mes
     content = RecordDict(
         {
             EVALUATION: ArrayRecord({EVALUATION_STATISTICS: vector}),
-            METRICS: MetricRecord({Reply.NUM_EXAMPLES: int(evaluation.stats.examples)}),
+            METRICS: MetricRecord({Reply.NUM_EXAMPLES: max(0, round(evaluation.stats.examples))}),
             HOSPITAL: ConfigRecord(status),
         }
     )

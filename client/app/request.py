@@ -63,11 +63,12 @@ class RoundRequest:
         """FedProx's proximal weight (0: plain FedAvg)."""
         return float(self.config.get(Request.PROXIMAL_MU, 0.0))
 
-    def planned_rounds(self, run: RunConfig) -> int:
+    def planned_rounds(self, run: RunConfig, *, evaluation: bool = False) -> int:
         """The rounds the server plans; a training request needs at least one (and round 1+).
 
         The noise is planned once, from the first request's planned rounds: fewer than
-        one would fix a plan that declines every round after it.
+        one would fix a plan that declines every round after it. ``evaluation``: an
+        evaluation request, which may be of round 0 (the untrained model).
         """
         try:
             server_round = int(self.config[Request.SERVER_ROUND])
@@ -76,7 +77,7 @@ class RoundRequest:
             raise MalformedRequestError(
                 f"the request's round numbers cannot be read ({err})"
             ) from err
-        if server_round < 1 or planned < 1:
+        if server_round < (0 if evaluation else 1) or planned < 1:
             raise MalformedRequestError(
                 f"refused a training request for round {server_round} of {planned} planned: "
                 "both must be at least 1"

@@ -192,5 +192,11 @@ def hospital_records(
             limits=DataLimits(data.max_image_pixels, data.max_report_chars),
         )
         images.flush()
+        if records.patient_ids and all(p.startswith("record:") for p in records.patient_ids):
+            log.warning(
+                "%s: the manifest has no patient_id: each record is placed in the split on "
+                "its own, so one patient's records may be both trained on and held out",
+                hospital.name,
+            )
         return records
     return embedded_records(hospital.partition_id, hospital.num_partitions, model, data, seed)

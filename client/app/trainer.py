@@ -18,7 +18,8 @@ from torch.utils.data import DataLoader
 from client.app.site import Site
 from client.dp.accounting import compute_epsilon
 from client.dp.engine import make_private
-from client.dp.ledger import LedgerEntry, LedgerError, PrivacyLedger
+from client.dp.held_out import finite_predictions
+from client.dp.ledger import HELD_OUT_PART, LedgerEntry, LedgerError, PrivacyLedger
 from client.dp.planning import plan_round
 from client.dp.release import LossRelease
 from shared_model.config import RunConfig
@@ -40,6 +41,7 @@ __all__ = [
     "LocalEvaluation",
     "LocalRound",
     "evaluated_only",
+    "release_evaluation",
     "run_local_evaluation",
     "run_local_round",
 ]
@@ -316,14 +318,16 @@ def run_local_evaluation(
     loss_fn = make_loss(pos_weight_from_config(run.train, run.model.labels)).to(site.device)
     loader = DataLoader(test, batch_size=256)
     out = predict(model, loader, loss_fn, device=site.device)
-    stats = EvalStats.from_predictions(run.model.labels, out.logits, out.targets, out.losses)
-    scores = 1.0 / (1.0 + torch.exp(-torch.from_numpy(out.logits).double())).numpy()
+    logits, losses = finite_predictions(out.logits, out.losses)
+    stats = EvalStats.from_predictions(run.model.labels, logits, out.targets, losses)
+    scores = 1.0 / (1.0 + torch.exp(-torch.from_numpy(logits).double())).numpy()
     metrics = {
-        "loss": float(out.losses.mean()),
+        "loss": float(losses.mean()),
         **classification_metrics(out.targets, scores, run.model.labels),
     }
     _keep_own_metrics(site, server_round, len(out.targets), metrics)
-    if max_records is not None and len(test) > max_records:
+    # (noised statistics need no bound: SecAgg+ clipping them is post-processing)
+    if max_records is not None and len(test) > max_records and not site.policy.held_out_noise:
         log.warning(
             "%s: the held-out split exceeds secagg.max-weight %d: its evaluation stays here",
             site.name,
@@ -331,6 +335,43 @@ def run_local_evaluation(
         )
         stats = EvalStats.zeros(run.model.labels)
     return LocalEvaluation(stats, metrics)
+
+
+def release_evaluation(
+    stats: EvalStats,
+    site: Site,
+    seen: Sequence[LedgerEntry],
+    *,
+    model_round: int,
+    planned_rounds: int,
+) -> tuple[EvalStats, tuple[LedgerEntry, ...]]:
+    """What of ``stats`` may leave: noised and charged, or nothing (client/dp/held_out.py).
+
+    A hospital whose policy keeps held-out noise off (a simulated one, by default)
+    releases the exact statistics. Returns the statistics and the ledger's history after.
+    """
+    if not site.policy.held_out_noise:
+        return stats, tuple(seen)
+    from client.dp.held_out import release_held_out
+    from client.dp.ledger import ledger_lock
+
+    with ledger_lock(site.state_dir):
+        ledger = site.open_ledger(seen)
+        out = release_held_out(
+            stats, ledger, site.policy, model_round=model_round, planned_rounds=planned_rounds
+        )
+    if out.released:
+        log.info(
+            "%s: evaluation of round %d's model released with Gaussian noise (held-out "
+            "epsilon now %.3f of %g)",
+            site.name,
+            model_round,
+            ledger.epsilon(part=HELD_OUT_PART),
+            site.policy.held_out_cap,
+        )
+    else:
+        log.warning("%s: evaluation of round %d's model %s", site.name, model_round, out.reason)
+    return out.stats, tuple(ledger.history)
 
 
 def _keep_own_metrics(

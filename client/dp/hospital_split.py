@@ -14,15 +14,42 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from client.dp.ledger import LedgerError, PrivacyLedger
+from client.dp.ledger import LedgerError, PrivacyLedger, ledger_lock
 from client.dp.ledger_custody import open_ledger
 from client.dp.policy import PrivacyPolicy
 from shared_model.config import HospitalConfig, RunConfig
 from shared_model.split import VALIDATION, SplitSpec, embedded_split_spec
 
-__all__ = ["check_fractions", "hospital_split_spec", "new_split"]
+__all__ = [
+    "check_fractions",
+    "fix_split_after_releases",
+    "hospital_split_spec",
+    "new_split",
+]
 
 log = logging.getLogger("fedfusion.hospital")
+
+_SPLIT_AFTER_RELEASES = (
+    "this hospital's privacy ledger holds {n} release(s) made before it kept a split of "
+    "its own: the server chose which records were held out then, so any record may have "
+    "been trained on. It refuses to evaluate or train until a person fixes its split: "
+    "`fedfusion ledger split --config <the hospital's file> --after-releases`, once the "
+    "privacy officer accepts that a patient trained then and held out now is covered by "
+    "the training and the held-out epsilon together"
+)
+
+
+def fix_split_after_releases(
+    hospital: HospitalConfig, state_dir: Path, policy: PrivacyPolicy
+) -> PrivacyLedger:
+    """Fix the split of a ledger that holds releases made without one (a person's call)."""
+    backup = hospital.ledger_backup_file(state_dir)
+    with ledger_lock(state_dir):
+        ledger = open_ledger(state_dir, hospital.name, policy, (), backup, allow_new=False)
+        if ledger.split is not None:
+            raise LedgerError(f"privacy ledger {ledger.path} has its split already")
+        ledger.record_split(new_split(hospital))
+    return ledger
 
 
 def new_split(hospital: HospitalConfig) -> SplitSpec:
@@ -45,25 +72,21 @@ def hospital_split_spec(
             run.seed, hospital.partition_id, data.test_fraction, data.holdout
         )
     backup = hospital.ledger_backup_file(state_dir)
-    ledger = open_ledger(state_dir, hospital.name, policy, (), backup, allow_new=False)
-    spec = ledger.split_spec()
-    if spec is None:
-        spec = new_split(hospital)
-        ledger.record_split(spec)
-        log.info(
-            "%s: split fixed in the privacy ledger: test %.2f, validation %.2f of patients "
-            "(key %s)",
-            hospital.name,
-            spec.test_fraction,
-            spec.validation_fraction,
-            spec.key_id(),
-        )
-        if ledger.history:
-            log.warning(
-                "%s: the ledger already holds %d release(s) made under the server's split: "
-                "records trained then may fall in the held-out parts now",
+    with ledger_lock(state_dir):  # two messages at once must not fix two keys
+        ledger = open_ledger(state_dir, hospital.name, policy, (), backup, allow_new=False)
+        spec = ledger.split_spec()
+        if spec is None:
+            if ledger.history:
+                raise LedgerError(_SPLIT_AFTER_RELEASES.format(n=len(ledger.history)))
+            spec = new_split(hospital)
+            ledger.record_split(spec)
+            log.info(
+                "%s: split fixed in the privacy ledger: test %.2f, validation %.2f of "
+                "patients (key %s)",
                 hospital.name,
-                len(ledger.history),
+                spec.test_fraction,
+                spec.validation_fraction,
+                spec.key_id(),
             )
     check_fractions(hospital, ledger)
     _say_if_asked_otherwise(hospital, run, spec)

@@ -20,15 +20,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import secrets
-import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from client.dp.accounting import compute_epsilon
+from client.dp.ledger_file import checksum as _checksum
+from client.dp.ledger_file import ledger_lock, write_synced
 from client.dp.policy import PrivacyPolicy
 from shared_model.config.run import ACCOUNTANTS
 from shared_model.errors import ExplainedError
@@ -36,14 +36,18 @@ from shared_model.split import SplitSpec
 
 __all__ = [
     "DP_SGD",
+    "HELD_OUT_PART",
+    "HELD_OUT_STATS",
     "LEDGER_EXPORT_FORMAT",
     "LEDGER_FILENAME",
     "LEDGER_FORMAT",
     "RECORD_COUNT",
+    "TRAIN_PART",
     "LedgerEntry",
     "LedgerError",
     "PrivacyLedger",
     "dump_history",
+    "ledger_lock",
     "load_history",
     "read_ledger",
 ]
@@ -60,6 +64,11 @@ LEDGER_EXPORT_FORMAT = "fedfusion-ledger-export/2"
 # The mechanisms an entry can record.
 DP_SGD = "dp-sgd"  # one round: clipped gradient sum + clipped loss sum, Poisson-sampled
 RECORD_COUNT = "record-count"  # the number of training records, once
+HELD_OUT_STATS = "held-out-stats"  # one model's summed statistics on the held-out records
+# The disjoint parts of a hospital's records (its split), each with its own epsilon.
+TRAIN_PART = "train"
+HELD_OUT_PART = "held-out"
+_MECHANISMS = {DP_SGD: TRAIN_PART, RECORD_COUNT: TRAIN_PART, HELD_OUT_STATS: HELD_OUT_PART}
 
 
 class LedgerError(ExplainedError, RuntimeError):
@@ -78,6 +87,11 @@ class LedgerEntry:
     mechanism: str = DP_SGD
     chain: str = ""  # SHA-256 of the previous entry's chain and this entry's release
 
+    @property
+    def part(self) -> str:
+        """The part of the hospital's records it was computed from (train or held-out)."""
+        return _MECHANISMS.get(self.mechanism, "")
+
     def release(self) -> list[Any]:
         """What the entry released (everything but its status and chain)."""
         return [self.round, self.noise_multiplier, self.sample_rate, self.steps, self.mechanism]
@@ -91,7 +105,8 @@ class PrivacyLedger:
     hospital: str
     accountant: str
     delta: float
-    max_epsilon: float
+    max_epsilon: float  # the cap on the training part's epsilon
+    max_held_out_epsilon: float | None = None  # the held-out part's (None: max_epsilon)
     noise_multiplier: float | None = None  # of a DP-SGD round, planned once, then fixed
     planned_rounds: int | None = None
     target_epsilon: float | None = None
@@ -104,6 +119,9 @@ class PrivacyLedger:
     genesis: str = field(default_factory=lambda: secrets.token_hex(32))  # the chain's start
     backup: Path | None = None  # where every save also goes (not part of the file)
     upgraded: bool = False  # read from the previous format, which had no backup
+    # The file as this process last read or wrote it: a save over anything else (another
+    # message's release in between) is refused, never lost.
+    on_disk: bytes | None = field(default=None, repr=False, compare=False)
 
     # ---------------------------------------------------------------- persistence
     @classmethod
@@ -117,6 +135,7 @@ class PrivacyLedger:
             accountant=policy.accountant,
             delta=policy.delta,
             max_epsilon=policy.max_epsilon,
+            max_held_out_epsilon=policy.max_held_out_epsilon,
             backup=backup,
         )
 
@@ -147,6 +166,8 @@ class PrivacyLedger:
                 raise LedgerError(f"no privacy ledger at {path}: this hospital refuses to train")
             ledger = cls.empty(path, hospital, policy, backup)
             ledger._check_holds(seen)
+            if backup is not None:
+                backup.parent.mkdir(parents=True, exist_ok=True)
             return ledger
         ledger = cls.from_json(path.read_bytes(), path)
         ledger.backup = backup
@@ -158,11 +179,12 @@ class PrivacyLedger:
         # The hospital's current policy governs; the history is what it is.
         ledger.accountant, ledger.delta = policy.accountant, policy.delta
         ledger.max_epsilon = policy.max_epsilon
+        ledger.max_held_out_epsilon = policy.max_held_out_epsilon
         return ledger
 
     def _check_holds(self, seen: Sequence[LedgerEntry]) -> None:
-        def key(e: LedgerEntry) -> tuple[int, float, float, int, str]:
-            return (e.round, e.noise_multiplier, e.sample_rate, e.steps, e.mechanism)
+        def key(e: LedgerEntry) -> list[Any]:
+            return e.release()
 
         if [key(e) for e in self.history[: len(seen)]] != [key(e) for e in seen]:
             raise LedgerError(
@@ -189,6 +211,8 @@ class PrivacyLedger:
             "delta": self.delta,
             "max_epsilon": self.max_epsilon,
             "epsilon": self.epsilon(),
+            "max_held_out_epsilon": self.held_out_cap,
+            "held_out_epsilon": self.epsilon(part=HELD_OUT_PART),
             "plan": {
                 "noise_multiplier": self.noise_multiplier,
                 "planned_rounds": self.planned_rounds,
@@ -223,6 +247,8 @@ class PrivacyLedger:
                     "earlier releases are not covered"
                 )
             unchained = data.get("format") in _UNCHAINED_FORMATS
+            if unchained and "split" in data:
+                raise LedgerError(f"{refuse}: a split in a ledger of the old format")
             if data.get("format") != LEDGER_FORMAT and not unchained:
                 raise LedgerError(f"{refuse}: unknown format {data.get('format')!r}")
             plan = data["plan"]
@@ -232,6 +258,7 @@ class PrivacyLedger:
                 accountant=str(data["accountant"]),
                 delta=float(data["delta"]),
                 max_epsilon=float(data["max_epsilon"]),
+                max_held_out_epsilon=data.get("max_held_out_epsilon"),
                 noise_multiplier=plan["noise_multiplier"],
                 planned_rounds=plan["planned_rounds"],
                 target_epsilon=plan["target_epsilon"],
@@ -241,6 +268,7 @@ class PrivacyLedger:
                 genesis=_checksum(data) if unchained else str(data["genesis"]),
                 upgraded=unchained,
             )
+            ledger.on_disk = text if isinstance(text, bytes) else text.encode("utf-8")
             if problem := ledger.invalid():
                 raise LedgerError(f"{refuse}: {problem}")
             recorded_chain = [e.chain for e in ledger.history]
@@ -248,14 +276,17 @@ class PrivacyLedger:
             if not unchained and recorded_chain != [e.chain for e in ledger.history]:
                 raise LedgerError(f"{refuse}: its hash chain is broken (an entry was edited)")
             recorded, computed = float(data["epsilon"]), ledger.epsilon()
+            held_out = float(data.get("held_out_epsilon", 0.0))
+            held_out_computed = ledger.epsilon(part=HELD_OUT_PART)
         except LedgerError:
             raise
         except (ValueError, KeyError, TypeError, AttributeError) as err:  # incl. bad UTF-8
             raise LedgerError(f"{refuse}: {type(err).__name__}: {err}") from err
-        if not math.isclose(recorded, computed, rel_tol=1e-6, abs_tol=1e-9):
-            raise LedgerError(
-                f"{refuse}: recorded epsilon {recorded} does not match its history ({computed})"
-            )
+        for was, now in ((recorded, computed), (held_out, held_out_computed)):
+            if not math.isclose(was, now, rel_tol=1e-6, abs_tol=1e-9):
+                raise LedgerError(
+                    f"{refuse}: recorded epsilon {was} does not match its history ({now})"
+                )
         return ledger
 
     def invalid(self) -> str:
@@ -266,7 +297,7 @@ class PrivacyLedger:
         """
         if self.accountant not in ACCOUNTANTS:
             return f"unknown accountant {self.accountant!r}"
-        if not (0.0 < self.delta < 1.0 and self.max_epsilon > 0.0):
+        if not (0.0 < self.delta < 1.0 and self.max_epsilon > 0.0 and self.held_out_cap > 0.0):
             return f"delta {self.delta!r} or max_epsilon {self.max_epsilon!r} out of range"
         if self.split is not None:
             try:
@@ -286,7 +317,7 @@ class PrivacyLedger:
                 and e.noise_multiplier > 0.0
                 and isinstance(e.sample_rate, float | int)
                 and 0.0 < e.sample_rate <= 1.0
-                and e.mechanism in (DP_SGD, RECORD_COUNT)
+                and e.mechanism in _MECHANISMS
                 and e.status in ("started", "completed")
             )
             if not fine:
@@ -294,16 +325,32 @@ class PrivacyLedger:
         return ""
 
     def save(self) -> None:
-        """Write the ledger, then its backup (each atomically, and synced to disk)."""
+        """Write the ledger, then its backup (each atomically, and synced to disk).
+
+        Under the ledger lock, and only over the file this process last read or wrote:
+        LedgerError if another process wrote it since (its release would be lost).
+        """
         text = json.dumps(self.to_dict(), indent=2)
-        _write_synced(self.path, text)
+        with ledger_lock(self.path.parent):
+            current = self.path.read_bytes() if self.path.exists() else None
+            if current != self.on_disk:
+                raise LedgerError(
+                    f"privacy ledger {self.path} changed on disk since this process read it "
+                    "(another of the hospital's messages wrote it): this one is not saved "
+                    "over it, and its request fails"
+                )
+            write_synced(self.path, text)
+            self.on_disk = text.encode("utf-8")
+            self._save_backup(text)
+
+    def _save_backup(self, text: str) -> None:
         if self.backup is not None:
-            try:
-                _write_synced(self.backup, text)
+            try:  # its folder is made only at init: a missing one is storage not mounted
+                write_synced(self.backup, text, make_folder=False)
             except OSError as err:
                 raise LedgerError(
-                    f"cannot write the ledger's backup {self.backup} ({err.strerror}): this "
-                    "hospital does not go on without it"
+                    f"cannot write the ledger's backup {self.backup} ({err.strerror}; is its "
+                    "storage mounted?): this hospital does not go on without it"
                 ) from err
 
     def export(self) -> dict[str, Any]:
@@ -316,7 +363,7 @@ class PrivacyLedger:
         any delta; ``epsilon`` is the value recorded with ``accountant`` at ``delta``,
         and ``epsilon_after`` the cumulative value after each release.
         """
-        history = self.accountant_history()
+        held_out = self.epsilon(part=HELD_OUT_PART)
         return {
             "format": LEDGER_EXPORT_FORMAT,
             "hospital": self.hospital,
@@ -325,17 +372,21 @@ class PrivacyLedger:
             "max_epsilon": self.max_epsilon,
             "epsilon": self.epsilon(),
             "remaining_epsilon": max(self.max_epsilon - self.epsilon(), 0.0),
+            "max_held_out_epsilon": self.held_out_cap,
+            "held_out_epsilon": held_out,
+            "remaining_held_out_epsilon": max(self.held_out_cap - held_out, 0.0),
             "public_records": self.public_records,
             "split": self.split_summary(),
             "history": [
                 {
                     "round": e.round,
+                    "part": e.part,
                     "mechanism": e.mechanism,
                     "noise_multiplier": e.noise_multiplier,
                     "sample_rate": e.sample_rate,
                     "steps": e.steps,
                     "status": e.status,
-                    "epsilon_after": compute_epsilon(history[: i + 1], self.delta, self.accountant),
+                    "epsilon_after": self._epsilon(self.history[: i + 1], e.part),
                 }
                 for i, e in enumerate(self.history)
             ],
@@ -366,16 +417,29 @@ class PrivacyLedger:
         }
 
     # ---------------------------------------------------------------- accounting
-    def accountant_history(self) -> list[tuple[float, float, int]]:
-        """The (noise_multiplier, sample_rate, steps) of every release, in order."""
-        return [(e.noise_multiplier, e.sample_rate, e.steps) for e in self.history]
+    @property
+    def held_out_cap(self) -> float:
+        """The cap on the held-out part's epsilon."""
+        return self.max_epsilon if self.max_held_out_epsilon is None else self.max_held_out_epsilon
 
-    def epsilon(self, extra: LedgerEntry | None = None) -> float:
-        """Cumulative epsilon of the whole history (plus ``extra``, if given)."""
-        history = self.accountant_history()
-        if extra is not None:
-            history.append((extra.noise_multiplier, extra.sample_rate, extra.steps))
-        return compute_epsilon(history, self.delta, self.accountant)
+    def accountant_history(self, part: str = TRAIN_PART) -> list[tuple[float, float, int]]:
+        """The (noise_multiplier, sample_rate, steps) of every release from ``part``, in order."""
+        return [
+            (e.noise_multiplier, e.sample_rate, e.steps) for e in self.history if e.part == part
+        ]
+
+    def epsilon(self, extra: LedgerEntry | None = None, part: str = TRAIN_PART) -> float:
+        """Cumulative epsilon of one part's records (plus ``extra``, if given).
+
+        The parts are disjoint sets of records (the hospital's split), so a record's
+        epsilon is that of its part: releases from the other part do not touch it.
+        """
+        history = self.history if extra is None else [*self.history, extra]
+        return self._epsilon(history, part)
+
+    def _epsilon(self, history: Sequence[LedgerEntry], part: str) -> float:
+        steps = [(e.noise_multiplier, e.sample_rate, e.steps) for e in history if e.part == part]
+        return compute_epsilon(steps, self.delta, self.accountant)
 
     def record_release(self, entry: LedgerEntry) -> None:
         """Record a one-off release as completed, and save, before it leaves."""
@@ -427,31 +491,7 @@ def load_history(text: str) -> list[LedgerEntry]:
     return [LedgerEntry(**e) for e in json.loads(text)]
 
 
-def _write_synced(path: Path, text: str) -> None:
-    """Write atomically: a temporary file in the same directory, fsync, rename, fsync dir."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ledger-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        Path(tmp).replace(path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-
-
 def _link(previous: str, entry: LedgerEntry) -> str:
     """The chain hash of ``entry`` after the hash ``previous``."""
     canonical = json.dumps([previous, entry.release()], separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def _checksum(body: dict[str, Any]) -> str:
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
-    return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()

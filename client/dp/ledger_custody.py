@@ -19,7 +19,12 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from client.dp.ledger import LEDGER_FILENAME, LedgerEntry, LedgerError, PrivacyLedger
+from client.dp.ledger import (
+    LEDGER_FILENAME,
+    LedgerEntry,
+    LedgerError,
+    PrivacyLedger,
+)
 from client.dp.policy import PrivacyPolicy
 from shared_model.split import SplitSpec
 
@@ -45,12 +50,13 @@ _TRACES = (
 _INIT = "fedfusion ledger init --config <the hospital's file>"
 
 
-def check_against_backup(ledger: PrivacyLedger, required: bool = True) -> None:
+def check_against_backup(ledger: PrivacyLedger) -> None:
     """LedgerError unless the backup holds this ledger, or it less its last release.
 
     The ledger is written before its backup, so a crash between the two leaves the
-    ledger one release ahead; anything else is an edit, a rollback or a replacement.
-    ``required``: a ledger of the current format without a backup is refused too.
+    ledger one release ahead; anything else is an edit, a rollback or a replacement. A
+    ledger without its backup is refused too (also one of the previous format: a person
+    writes its first backup with ``fedfusion ledger backup``).
     """
     if ledger.backup is None:
         return
@@ -60,20 +66,21 @@ def check_against_backup(ledger: PrivacyLedger, required: bool = True) -> None:
             "(hospital.ledger-backup must name a folder of its own)"
         )
     if not ledger.backup.is_file():
-        if required:
-            raise LedgerError(
-                f"privacy ledger {ledger.path} has no backup at {ledger.backup}, so it cannot "
-                "be checked (the backup was deleted, or its storage is not mounted). "
-                "This hospital refuses to train: put the backup back, or, once your "
-                "privacy officer has checked the ledger, `fedfusion ledger backup "
-                "--config <the hospital's file>` writes a new one"
-            )
-        return
+        raise LedgerError(
+            f"privacy ledger {ledger.path} has no backup at {ledger.backup}, so it cannot "
+            "be checked (the backup was deleted, or its storage is not mounted). "
+            "This hospital refuses to train: put the backup back, or, once your "
+            "privacy officer has checked the ledger, `fedfusion ledger backup "
+            "--config <the hospital's file>` writes a new one"
+        )
     kept = PrivacyLedger.from_json(ledger.backup.read_bytes(), ledger.backup)
     chain = [e.chain for e in ledger.history]
-    # A split is fixed once: the backup may lack it (a crash before the backup's write),
-    # never disagree.
-    split_moved = kept.split is not None and kept.split != ledger.split
+    # A split is fixed once: the backup may lack it (a crash before the backup's write,
+    # the ledger then fixed on top of the backup's history), never disagree.
+    if kept.split is None and ledger.split is not None:
+        split_moved = ledger.split.get("since_release") != len(kept.history)
+    else:
+        split_moved = kept.split != ledger.split
     if (
         kept.genesis != ledger.genesis
         or chain[: len(kept.history)] != [e.chain for e in kept.history]
@@ -150,7 +157,7 @@ def open_ledger(
         state_dir, hospital, policy, seen, backup=backup, allow_new=allow_new
     )
     if ledger.path.exists():
-        check_against_backup(ledger, required=not ledger.upgraded)
+        check_against_backup(ledger)
     return ledger
 
 
@@ -175,6 +182,7 @@ def init_ledger(
     if traces and not fresh_start:
         raise missing_ledger(state_dir, None)
     ledger = PrivacyLedger.empty(path, hospital, policy, backup)
+    backup.parent.mkdir(parents=True, exist_ok=True)
     ledger.record_split(split)
     return ledger
 
@@ -188,6 +196,7 @@ def write_backup(state_dir: Path, backup: Path) -> PrivacyLedger:
         raise LedgerError(f"no privacy ledger at {path} to back up")
     ledger = PrivacyLedger.from_json(path.read_bytes(), path)
     ledger.backup = backup
+    backup.parent.mkdir(parents=True, exist_ok=True)
     ledger.save()
     return ledger
 

@@ -62,6 +62,14 @@ class PrivacyPolicy:
     allow_non_private: bool = False  # the hospital's own word; the server's cannot set it
     require_secagg: bool = True
     share_evaluation: bool = False
+    max_held_out_epsilon: float | None = None  # the held-out part's cap (None: max_epsilon)
+    held_out_releases: int = 4  # evaluations released over a run's planned rounds
+    held_out_noise: bool = True  # held-out statistics through the Gaussian mechanism
+
+    @property
+    def held_out_cap(self) -> float:
+        """The cap on the held-out part's epsilon."""
+        return self.max_epsilon if self.max_held_out_epsilon is None else self.max_held_out_epsilon
 
     def refusal(self, *, secure_aggregation: bool) -> str:
         """Why this hospital declines a training request, or "" if it may train.
@@ -99,4 +107,7 @@ def effective_policy(requested: PrivacyConfig, hospital: HospitalConfig) -> Priv
         allow_non_private=hospital.non_private_allowed,
         require_secagg=hospital.secagg_required,
         share_evaluation=hospital.evaluation_shared,
+        max_held_out_epsilon=hospital.max_held_out_epsilon or None,
+        held_out_releases=hospital.held_out_releases,
+        held_out_noise=hospital.held_out_noised,
     )

@@ -25,6 +25,7 @@ import os
 import types
 from typing import Any
 
+import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -91,6 +92,12 @@ def secure_gaussian(reference: torch.Tensor, std: float) -> torch.Tensor:
         return torch.zeros_like(reference)
     noise = _gaussian(reference.numel(), std)
     return noise.to(device=reference.device, dtype=reference.dtype).view_as(reference)
+
+
+def secure_normals(count: int) -> np.ndarray:
+    """``count`` float64 values N(0, 1), from the OS CSPRNG (see :func:`secure_gaussian`)."""
+    parts = [_gaussian_chunk(min(_CHUNK, count - s)) for s in range(0, count, _CHUNK)]
+    return torch.cat(parts).numpy() if parts else np.zeros(0)
 
 
 def secure_normal(std: float) -> float:

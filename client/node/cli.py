@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
     ledger.command("init")(ledger_init)
     ledger.command("restore")(ledger_restore)
     ledger.command("backup")(ledger_backup)
+    ledger.command("split")(ledger_split)
     app.add_typer(ledger, name="ledger")
     data = typer.Typer(help="A hospital's own data.", no_args_is_help=True)
     data.command("check")(data_check)
@@ -201,6 +202,49 @@ def ledger_backup(config: Annotated[Path, _HOSPITAL_FILE]) -> None:
     typer.echo(f"wrote {backup}, the backup of {ledger.hospital}'s ledger ({ledger.epsilon():.3f})")
 
 
+def ledger_split(
+    config: Annotated[Path, _HOSPITAL_FILE],
+    after_releases: Annotated[
+        bool,
+        typer.Option(
+            "--after-releases",
+            help="Confirm: the ledger holds releases made before it kept a split, and a "
+            "patient trained then may now be held out (covered by both epsilons together).",
+        ),
+    ] = False,
+) -> None:
+    """Fix the hospital's split in a ledger written before ledgers kept one.
+
+    A ledger started by ``fedfusion ledger init`` has its split already. One that holds
+    releases made without a split is refused until a person runs this.
+    """
+    from client.dp.hospital_split import fix_split_after_releases
+    from client.dp.ledger import LedgerError
+    from client.dp.policy import effective_policy
+    from shared_model.config import PrivacyConfig
+
+    hospital, state, _ = _custody(config)
+    if not after_releases:
+        typer.secho(
+            "error: give --after-releases to confirm (see `fedfusion ledger split --help`)",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(2)
+    try:
+        ledger = fix_split_after_releases(
+            hospital, state, effective_policy(PrivacyConfig(), hospital)
+        )
+    except LedgerError as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from err
+    typer.echo(
+        f"fixed the split of {ledger.hospital}: test {hospital.test_fraction}, validation "
+        f"{hospital.validation_fraction} of its patients, after {len(ledger.history)} "
+        "earlier release(s)"
+    )
+
+
 def ledger_show(
     state_dir: Annotated[
         Path, typer.Argument(help="The hospital's state-dir (or its privacy_ledger.json).")
@@ -230,7 +274,7 @@ def ledger_show(
         ledger = read_ledger(state_dir)
         if config is not None:
             ledger.backup = _custody(config)[2]
-            check_against_backup(ledger, required=not ledger.upgraded)
+            check_against_backup(ledger)
         view = ledger.export()
     except LedgerError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
@@ -244,6 +288,10 @@ def ledger_show(
         f"{view['hospital']}: epsilon {view['epsilon']:.3f} of max {view['max_epsilon']:g} "
         f"(delta {view['delta']:g}, {view['accountant']} accountant); "
         f"{view['remaining_epsilon']:.3f} left"
+    )
+    typer.echo(
+        f"held-out patients: epsilon {view['held_out_epsilon']:.3f} of max "
+        f"{view['max_held_out_epsilon']:g}; {view['remaining_held_out_epsilon']:.3f} left"
     )
     if view["public_records"] is not None:
         typer.echo(f"released record count N̂ = {view['public_records']} (N plus Gaussian noise)")
@@ -261,11 +309,11 @@ def ledger_show(
     else:
         typer.echo("split of its patients: not fixed yet (it is at its next run)")
     typer.echo(
-        "round  release       noise multiplier  sample rate  steps  status     epsilon after"
+        "round  release         noise multiplier  sample rate  steps  status     epsilon after"
     )
     for e in view["history"]:
         typer.echo(
-            f"{e['round']:5d}  {e['mechanism']:12s}  {e['noise_multiplier']:16.4f}  "
+            f"{e['round']:5d}  {e['mechanism']:14s}  {e['noise_multiplier']:16.4f}  "
             f"{e['sample_rate']:11.5f}  {e['steps']:5d}  {e['status']:9s}  "
             f"{e['epsilon_after']:13.3f}"
         )

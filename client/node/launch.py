@@ -72,7 +72,7 @@ def _check_budget_left(hospital: HospitalConfig) -> None:
             raise missing_ledger(state, backup)
         ledger = read_ledger(ledger_file)
         ledger.backup = backup
-        check_against_backup(ledger, required=not ledger.upgraded)
+        check_against_backup(ledger)
         check_fractions(hospital, ledger)
     except LedgerError as err:
         raise ConfigError(f"hospital.state-dir: {err}") from err

@@ -71,6 +71,26 @@ class HospitalConfig:
     delta: float = _opt(
         1e-5, "Largest delta this hospital accepts.", min=0.0, max=0.1, min_exclusive=True
     )
+    max_held_out_epsilon: float = _opt(
+        0.0,
+        "Hard cap on cumulative epsilon of the held-out patients (their statistics leave "
+        "through the Gaussian mechanism); 0: max-epsilon (the parts are disjoint).",
+        min=0.0,
+    )
+    held_out_releases: int = _opt(
+        4,
+        "How many evaluations of a model on the held-out patients this hospital releases "
+        "over a run's planned rounds: the final model, and evenly spaced rounds before it. "
+        "The held-out budget is spread over them.",
+        min=1,
+        max=100,
+    )
+    held_out_noise: bool | None = _opt(
+        None,
+        "Release held-out statistics through the Gaussian mechanism, charged to the "
+        "held-out budget. Default: true for a hospital with its own data; false for a "
+        "simulated hospital holding the public embedded data (exact pooled metrics).",
+    )
     partition_id: int = _opt(-1, "Simulation: which embedded partition this node holds.", min=-1)
     num_partitions: int = _opt(
         0, "Simulation: how many partitions the embedded data is split into.", min=0
@@ -225,6 +245,11 @@ class HospitalConfig:
     def secagg_required(self) -> bool:
         """Whether this hospital sends updates only inside SecAgg+."""
         return not self.simulated if self.require_secagg is None else self.require_secagg
+
+    @property
+    def held_out_noised(self) -> bool:
+        """Whether this hospital's held-out statistics leave through the Gaussian mechanism."""
+        return not self.simulated if self.held_out_noise is None else self.held_out_noise
 
     @property
     def evaluation_shared(self) -> bool:

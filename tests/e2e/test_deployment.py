@@ -53,10 +53,14 @@ def test_three_hospitals_train_over_tls(deployment):
         assert "warm start unavailable" not in hospital_log
         ledger = json.loads((d.tmp / f"{name}-state" / "privacy_ledger.json").read_text())
         assert [(e["mechanism"], e["round"]) for e in ledger["history"]] == [
+            ("held-out-stats", 0),  # each evaluation of a model, noised and charged
             ("record-count", 1),
             ("dp-sgd", 1),
+            ("held-out-stats", 1),
             ("dp-sgd", 2),
+            ("held-out-stats", 2),
         ]
+        assert 0 < ledger["held_out_epsilon"] <= 6.0  # its own cap: max-epsilon
         reported = [h["epsilon"] for h in rounds[2]["hospitals"] if h["hospital"] == name]
         assert 0 < ledger["epsilon"] <= 6.0  # the hospital's own cap, below the server's 8
         assert reported == [pytest.approx(ledger["epsilon"])]

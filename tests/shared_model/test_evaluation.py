@@ -59,15 +59,17 @@ def test_a_vector_round_trips_and_a_malformed_one_is_refused():
     stats = EvalStats.from_predictions(LABELS, *predictions(50, 3))
     again = EvalStats.from_vector(LABELS, stats.to_vector())
     np.testing.assert_array_equal(again.to_vector(), stats.to_vector())
-    assert EvalStats.vector_size(len(LABELS)) == stats.to_vector().size == 4 + 6 * SCORE_BINS
-    legacy = EvalStats.from_vector(LABELS, np.delete(stats.to_vector(), 3))  # an older run's
+    assert EvalStats.vector_size(len(LABELS)) == stats.to_vector().size == 5 + 6 * SCORE_BINS
+    noiseless = EvalStats.from_vector(LABELS, np.delete(stats.to_vector(), 4))  # older runs'
+    assert noiseless.hospitals == 1.0 and noiseless.noised == 0.0
+    legacy = EvalStats.from_vector(LABELS, np.delete(stats.to_vector(), [3, 4]))
     assert math.isnan(legacy.hospitals) and legacy.metrics() == stats.metrics()
     assert math.isnan(legacy.rounded().hospitals)
     with pytest.raises(ValueError, match="expected"):
-        EvalStats.from_vector(LABELS, stats.to_vector()[:-2])
+        EvalStats.from_vector(LABELS, stats.to_vector()[:-3])
     for bad in (np.nan, -1.0, np.inf):
         vector = stats.to_vector()
-        vector[5] = bad
+        vector[6] = bad
         with pytest.raises(ValueError, match="finite and non-negative"):
             EvalStats.from_vector(LABELS, vector)
 

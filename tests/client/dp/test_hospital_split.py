@@ -11,9 +11,10 @@ import logging
 import random
 
 import pytest
+from typer.testing import CliRunner
 
 from client.app.site import hospital_records, open_site
-from client.dp.hospital_split import hospital_split_spec, new_split
+from client.dp.hospital_split import new_split
 from client.dp.ledger import (
     LEDGER_FILENAME,
     LedgerEntry,
@@ -23,6 +24,7 @@ from client.dp.ledger import (
 )
 from client.dp.ledger_custody import check_against_backup, init_ledger
 from client.dp.policy import effective_policy
+from shared_model.cli import build_app
 from shared_model.config import HospitalConfig, PrivacyConfig, RunConfig
 from shared_model.datasets.export import write_manifest
 from shared_model.split import SplitSpec, embedded_split_spec, split_records
@@ -117,20 +119,54 @@ def test_the_split_is_fixed_in_the_ledger_and_a_changed_fraction_is_refused(tmp_
     assert patients(again.data.test) == patients(first.data.test)
 
 
-def test_a_ledger_without_a_split_fixes_one_at_first_use_and_says_what_came_before(
-    tmp_path, manifest
-):
+def test_a_ledger_that_released_before_it_kept_a_split_waits_for_a_person(tmp_path, manifest):
+    """Its earlier runs' held-out records were the server's choice: no split is drawn alone."""
     hospital = started(tmp_path, manifest)
     path = tmp_path / "state" / LEDGER_FILENAME
     ledger = PrivacyLedger.from_json(path.read_bytes(), path)
     ledger.backup = hospital.ledger_backup_file(tmp_path / "state")
     ledger.split = None  # a ledger written before splits were kept, with one round
     ledger.begin_round(LedgerEntry(round=1, noise_multiplier=1.0, sample_rate=0.1, steps=10))
-    policy = effective_policy(PrivacyConfig(), hospital)
-    spec = hospital_split_spec(hospital, server_run(1, 0.2, "test"), tmp_path / "state", policy)
+    with pytest.raises(LedgerError, match=r"holds 1 release\(s\) made before .* ledger split"):
+        open_site(hospital, server_run(1, 0.2, "test"))
+    config = tmp_path / "hospital.toml"
+    config.write_text(
+        f'[hospital]\nhospital-id = "st-mary"\ndata-manifest = "{manifest}"\n'
+        f'state-dir = "{tmp_path / "state"}"\nledger-backup = "{tmp_path / "backup"}"\n'
+    )
+    cli = CliRunner()
+    unconfirmed = cli.invoke(build_app(), ["ledger", "split", "--config", str(config)])
+    assert unconfirmed.exit_code == 2 and "--after-releases" in unconfirmed.output
+    fixed = cli.invoke(
+        build_app(), ["ledger", "split", "--config", str(config), "--after-releases"]
+    )
+    assert fixed.exit_code == 0, fixed.output
+    open_site(hospital, server_run(1, 0.2, "test"))
     kept = PrivacyLedger.from_json(path.read_bytes(), path)
-    assert kept.split_spec() == spec
     assert kept.split_summary()["since_release"] == 1
+    shown = cli.invoke(build_app(), ["ledger", "show", str(tmp_path / "state")])
+    assert "fixed after 1 release(s)" in shown.output
+
+
+def test_a_backup_without_the_split_accepts_only_the_split_fixed_on_its_history(tmp_path, manifest):
+    """A crash between the ledger's write and its backup's: the split may be missing there."""
+    hospital = started(tmp_path, manifest)
+    backup = hospital.ledger_backup_file(tmp_path / "state")
+    kept = PrivacyLedger.from_json(backup.read_bytes(), backup)
+    kept.path, kept.backup, kept.split = backup, None, None
+    kept.save()  # the backup as it was before the split was fixed
+    path = tmp_path / "state" / LEDGER_FILENAME
+    ledger = PrivacyLedger.from_json(path.read_bytes(), path)
+    ledger.backup = backup
+    check_against_backup(ledger)  # fixed on the backup's (empty) history: accepted
+    ledger.backup = None  # and one round recorded before the backup's write
+    ledger.begin_round(LedgerEntry(round=1, noise_multiplier=1.0, sample_rate=0.1, steps=10))
+    data = json.loads(path.read_text())
+    data.pop("checksum")
+    data["split"]["since_release"] = 1  # claims an earlier release the backup never had
+    path.write_text(json.dumps({**data, "checksum": _checksum(data)}))
+    with pytest.raises(LedgerError, match="split is not the backup's"):
+        open_site(hospital, server_run(1, 0.2, "test"))
 
 
 def test_a_split_edited_in_the_ledger_is_caught_against_its_backup(tmp_path, manifest):

@@ -139,22 +139,53 @@ def test_an_edited_entry_is_caught_even_with_its_checksum_recomputed(tmp_path, r
         reopen(state, backup)
 
 
-def test_a_ledger_of_the_previous_format_is_read_and_continued_chained(tmp_path):
-    state, backup = hospital(tmp_path)
-    path = state / LEDGER_FILENAME
+def _as_previous_format(path, keep_split=False):
+    """Rewrite a ledger as the previous format (/2) would have written it."""
     data = json.loads(path.read_text())
     data.pop("checksum")
     data.pop("genesis")
+    for key in ("max_held_out_epsilon", "held_out_epsilon", *(() if keep_split else ("split",))):
+        data.pop(key, None)
     for entry in data["history"]:
         entry.pop("chain")
     data["format"] = "fedfusion-privacy-ledger/2"
     path.write_text(json.dumps({**data, "checksum": _checksum(data)}))
+
+
+def test_a_ledger_of_the_previous_format_is_continued_chained_once_a_person_backs_it_up(
+    tmp_path,
+):
+    state, backup = hospital(tmp_path)
+    path = state / LEDGER_FILENAME
+    _as_previous_format(path)
     shutil.rmtree(backup.parent)
+    with pytest.raises(LedgerError, match="has no backup"):  # no exemption for /2
+        reopen(state, backup)
+    config = hospital_file(tmp_path, state, backup)
+    written = CliRunner().invoke(build_app(), ["ledger", "backup", "--config", str(config)])
+    assert written.exit_code == 0, written.output
     ledger = reopen(state, backup)
     before = ledger.epsilon()
     ledger.save()  # now the current format, its entries chained, and backed up
     assert json.loads(path.read_text())["format"] == "fedfusion-privacy-ledger/3"
     assert reopen(state, backup).epsilon() == pytest.approx(before)
+
+
+def test_a_ledger_rewritten_as_the_previous_format_is_refused(tmp_path):
+    """An intruder downgrades the ledger to drop its chain, its split or its releases."""
+    state, backup = hospital(tmp_path)
+    path = state / LEDGER_FILENAME
+    original = path.read_text()
+    _as_previous_format(path, keep_split=True)
+    with pytest.raises(LedgerError, match="a split in a ledger of the old format"):
+        reopen(state, backup)
+    path.write_text(original)
+    _as_previous_format(path)
+    with pytest.raises(LedgerError, match="disagrees with its backup"):  # another genesis
+        reopen(state, backup)
+    shutil.rmtree(backup.parent)  # and the backup's storage not mounted
+    with pytest.raises(LedgerError, match="has no backup"):
+        reopen(state, backup)
 
 
 def test_a_ledger_whose_backup_is_gone_is_refused_until_a_person_writes_a_new_one(tmp_path):

@@ -235,3 +235,11 @@ def test_a_spent_budget_or_an_untrusted_ledger_is_refused_at_start(tmp_path):
     (tmp_path / "state/privacy_ledger.json").write_text("{garbage")
     with pytest.raises(ConfigError, match=r"hospital\.state-dir: .*refuses to train"):
         plan_supernode(path)
+
+
+def test_a_hospital_file_whose_split_fractions_changed_is_refused_at_start(tmp_path):
+    path = hospital_file(tmp_path)  # `ledger init` fixed test-fraction 0.2
+    plan_supernode(path)
+    path.write_text(path.read_text().replace("[hospital]\n", "[hospital]\ntest-fraction = 0.3\n"))
+    with pytest.raises(ConfigError, match=r"hospital\.state-dir: .*'test-fraction' 0\.3 .*differ"):
+        plan_supernode(path)
