@@ -34,7 +34,8 @@ def bench(
             "bytes: only bytes per encoder mode. audit: membership inference, "
             "non-private vs DP (make audit). utility: AUROC of centralized, federated, DP, "
             "SecAgg+ and single-branch models at convergence, tuned, over 3 seeds (make "
-            "bench-utility)."
+            "bench-utility). held-out: the pooled AUROC's error when hospitals noise "
+            "their held-out statistics (the pretrained recipe, 100 noise draws)."
         ),
     ] = "perf",
     hospitals: Annotated[
@@ -116,6 +117,7 @@ def bench(
         run_scale_bench,
         run_wire_bench,
     )
+    from benchmarks.held_out import run_held_out_bench
     from benchmarks.phantoms import run_phantom_calibration
     from benchmarks.report import table, write_results
     from benchmarks.secagg_protocol import run_protocol_bench
@@ -131,7 +133,18 @@ def bench(
         write_utility,
     )
 
-    suites = ("perf", "dp", "secagg", "scale", "first", "bytes", "phantoms", "audit", "utility")
+    suites = (
+        "perf",
+        "dp",
+        "secagg",
+        "scale",
+        "first",
+        "bytes",
+        "phantoms",
+        "audit",
+        "utility",
+        "held-out",
+    )
     if suite not in suites:
         typer.secho(f"error: --suite: {suite!r} is not one of {', '.join(suites)}", err=True)
         raise typer.Exit(2)
@@ -210,6 +223,9 @@ def bench(
             "before and with the defence against a lying server"
         )
         parts = [wire, protocol]
+    elif suite == "held-out":
+        typer.echo("bench: pooled AUROC under hospitals' held-out noise, 100 draws")
+        parts = [("held-out", lambda: run_held_out_bench(echo=typer.echo))]
     elif suite == "phantoms":
         typer.echo("bench: phantom difficulty, a centralized image-only model over 3 seeds")
         parts = [("phantoms", lambda: run_phantom_calibration(echo=typer.echo))]

@@ -44,7 +44,9 @@ __all__ = ["federate"]
 StateDict = dict[str, torch.Tensor]
 
 
-def _sites(run: RunConfig, hospitals: int, threads: int) -> list[Site]:
+def site_list(run: RunConfig, hospitals: int, threads: int = 0) -> list[Site]:
+    """The run's simulated hospitals, opened as each would open itself."""
+    threads = threads or torch.get_num_threads()
     return [
         open_site(HospitalConfig(partition_id=i, num_partitions=hospitals, threads=threads), run)
         for i in range(hospitals)
@@ -108,7 +110,7 @@ def federate(
     # frozen encoders' features: cached beside the run, as `fedfusion simulate` caches them
     cache = str(feature_cache or out.parent / ".feature-cache")
     with mock.patch.dict(os.environ, {SIM_FEATURE_CACHE_ENV: cache}):
-        sites = _sites(run, hospitals, threads or torch.get_num_threads())
+        sites = site_list(run, hospitals, threads)
     state = shared_state(initial_model(run.model, run.seed))
     layout = WeightLayout.of(state)
     optimizer = ServerOptimizer(run.server.momentum, run.server.learning_rate)
