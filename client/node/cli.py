@@ -262,19 +262,21 @@ def ledger_show(
     """Show a hospital's privacy ledger: epsilon spent, round by round, against its budget.
 
     The ledger is verified first (checksum, hash chain, recorded epsilon against its
-    history, and with --config its backup); a ledger that cannot be trusted is reported,
-    never shown as if it were fine.
+    history, and with --config its backup and the file's split fractions); a ledger
+    that cannot be trusted is reported, never shown as if it were fine.
     """
     import json
 
+    from client.dp.hospital_split import check_fractions
     from client.dp.ledger import LedgerError, read_ledger
     from client.dp.ledger_custody import check_against_backup
 
     try:
         ledger = read_ledger(state_dir)
         if config is not None:
-            ledger.backup = _custody(config)[2]
+            hospital, _, ledger.backup = _custody(config)
             check_against_backup(ledger)
+            check_fractions(hospital, ledger)
         view = ledger.export()
     except LedgerError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)

@@ -243,3 +243,7 @@ def test_a_hospital_file_whose_split_fractions_changed_is_refused_at_start(tmp_p
     path.write_text(path.read_text().replace("[hospital]\n", "[hospital]\ntest-fraction = 0.3\n"))
     with pytest.raises(ConfigError, match=r"hospital\.state-dir: .*'test-fraction' 0\.3 .*differ"):
         plan_supernode(path)
+    shown = CliRunner().invoke(
+        build_app(), ["ledger", "show", str(tmp_path / "state"), "--config", str(path)]
+    )
+    assert shown.exit_code == 2 and "differ from the split fixed" in shown.output
