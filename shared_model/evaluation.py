@@ -26,7 +26,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["COARSE_EDGES", "EVAL_LOSS_CLIP", "SCORE_BINS", "SCORE_EDGES", "EvalStats"]
+__all__ = [
+    "COARSE_EDGES",
+    "COARSE_OF_FINE",
+    "EVAL_LOSS_CLIP",
+    "SCORE_BINS",
+    "SCORE_EDGES",
+    "EvalStats",
+]
 
 SCORE_BINS = 200
 _LOGIT_RANGE = 10.0
@@ -43,14 +50,24 @@ _LEGACY_HEADER = 3  # statistics saved before the hospital count was summed
 COARSE_EDGES = (-4.0, -3.0, -2.5, -2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0)
 
 
+# For each fine bin, the coarse bin (0 to 15) it lies in.
+COARSE_OF_FINE = np.searchsorted(
+    np.array(COARSE_EDGES), (SCORE_EDGES[:-1] + SCORE_EDGES[1:]) / 2, side="right"
+)
+# The coarse bins' edges (the ends open) and, for a starting guess, their middles.
+_COARSE_BOUNDS = np.array([-np.inf, *COARSE_EDGES, np.inf])
+_COARSE_MIDDLES = np.array(
+    [
+        COARSE_EDGES[0] - 0.5,
+        *((a + b) / 2 for a, b in itertools.pairwise(COARSE_EDGES)),
+        COARSE_EDGES[-1] + 0.5,
+    ]
+)
+
+
 def _coarse_cells(counts: np.ndarray) -> np.ndarray:
     """A label's fine-bin counts summed into the 16 coarse bins of COARSE_EDGES."""
-    centres = (SCORE_EDGES[:-1] + SCORE_EDGES[1:]) / 2
-    return np.bincount(
-        np.searchsorted(np.array(COARSE_EDGES), centres, side="right"),
-        weights=counts,
-        minlength=len(COARSE_EDGES) + 1,
-    )
+    return np.bincount(COARSE_OF_FINE, weights=counts, minlength=len(COARSE_EDGES) + 1)
 
 
 def _fit_normal(cells: np.ndarray) -> tuple[float, float] | None:
@@ -64,20 +81,12 @@ def _fit_normal(cells: np.ndarray) -> tuple[float, float] | None:
     total = float(cells.sum())
     if total < 1.0:
         return None
-    edges = np.array([-np.inf, *COARSE_EDGES, np.inf])
-    middles = np.array(
-        [
-            COARSE_EDGES[0] - 0.5,
-            *((a + b) / 2 for a, b in itertools.pairwise(COARSE_EDGES)),
-            COARSE_EDGES[-1] + 0.5,
-        ]
-    )
     weights = np.clip(cells, 0.0, None)
-    start_mean = float(np.average(middles, weights=weights)) if weights.sum() > 0 else 0.0
+    start_mean = float(np.average(_COARSE_MIDDLES, weights=weights)) if weights.sum() > 0 else 0.0
 
     def misfit(theta: np.ndarray) -> float:
         mean, log_std = theta
-        p = np.diff(norm.cdf((edges - mean) / math.exp(log_std)))
+        p = np.diff(norm.cdf((_COARSE_BOUNDS - mean) / math.exp(log_std)))
         return float(((cells - total * p) ** 2).sum())
 
     best = minimize(misfit, np.array([start_mean, 0.5]), method="Nelder-Mead")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -127,9 +127,3 @@ def embedded_split_spec(
     key = hashlib.sha256(f"fedfusion embedded split\0{seed}\0{partition_id}".encode()).digest()
     validation = test_fraction if holdout == VALIDATION else 0.0
     return SplitSpec(key, test_fraction, validation)
-
-
-def units_in(data: FusionTensors, indices: Sequence[int] | None = None) -> set[str]:
-    """The patient (or record) ids of ``data`` (at ``indices``)."""
-    units = record_units(data)
-    return set(units if indices is None else (units[i] for i in indices))

@@ -40,6 +40,7 @@ from client.dp.ledger import HELD_OUT_PART, HELD_OUT_STATS, LedgerEntry, Privacy
 from client.dp.policy import PrivacyPolicy
 from shared_model.evaluation import (
     COARSE_EDGES,
+    COARSE_OF_FINE,
     EVAL_LOSS_CLIP,
     SCORE_BINS,
     SCORE_EDGES,
@@ -91,12 +92,10 @@ def coarse_layout() -> np.ndarray:
     for the open end bins, one unit beyond the last edge), so the server reads the
     coarse histogram in the usual layout.
     """
-    centres = (SCORE_EDGES[:-1] + SCORE_EDGES[1:]) / 2
-    coarse = np.searchsorted(np.array(COARSE_EDGES), centres, side="right")
     edges = (COARSE_EDGES[0] - 1.0, *COARSE_EDGES, COARSE_EDGES[-1] + 1.0)
     middles = [(lo + hi) / 2 for lo, hi in itertools.pairwise(edges)]
     target = np.searchsorted(SCORE_EDGES, np.array(middles), side="right") - 1
-    return np.asarray(target[coarse], dtype=np.int64)
+    return np.asarray(target[COARSE_OF_FINE], dtype=np.int64)
 
 
 # The final model's evaluation gets this share of the held-out budget.

@@ -118,7 +118,6 @@ class PrivacyLedger:
     history: list[LedgerEntry] = field(default_factory=list)
     genesis: str = field(default_factory=lambda: secrets.token_hex(32))  # the chain's start
     backup: Path | None = None  # where every save also goes (not part of the file)
-    upgraded: bool = False  # read from the previous format, which had no backup
     # The file as this process last read or wrote it: a save over anything else (another
     # message's release in between) is refused, never lost.
     on_disk: bytes | None = field(default=None, repr=False, compare=False)
@@ -266,7 +265,6 @@ class PrivacyLedger:
                 split=data.get("split"),
                 history=[LedgerEntry(**e) for e in data["history"]],
                 genesis=_checksum(data) if unchained else str(data["genesis"]),
-                upgraded=unchained,
             )
             ledger.on_disk = text if isinstance(text, bytes) else text.encode("utf-8")
             if problem := ledger.invalid():
