@@ -35,7 +35,9 @@ def bench(
             "non-private vs DP (make audit). utility: AUROC of centralized, federated, DP, "
             "SecAgg+ and single-branch models at convergence, tuned, over 3 seeds (make "
             "bench-utility). held-out: the pooled AUROC's error when hospitals noise "
-            "their held-out statistics (the pretrained recipe, 100 noise draws)."
+            "their held-out statistics (the pretrained recipe, 100 noise draws). patients: "
+            "privacy per patient vs per record on data of 2 to 5 studies a patient "
+            "(mechanisms at one hospital, then a federation)."
         ),
     ] = "perf",
     hospitals: Annotated[
@@ -118,6 +120,7 @@ def bench(
         run_wire_bench,
     )
     from benchmarks.held_out import run_held_out_bench
+    from benchmarks.patients import run_patients_bench
     from benchmarks.phantoms import run_phantom_calibration
     from benchmarks.report import table, write_results
     from benchmarks.secagg_protocol import run_protocol_bench
@@ -144,6 +147,7 @@ def bench(
         "audit",
         "utility",
         "held-out",
+        "patients",
     )
     if suite not in suites:
         typer.secho(f"error: --suite: {suite!r} is not one of {', '.join(suites)}", err=True)
@@ -226,6 +230,9 @@ def bench(
     elif suite == "held-out":
         typer.echo("bench: pooled AUROC under hospitals' held-out noise, 100 draws")
         parts = [("held-out", lambda: run_held_out_bench(echo=typer.echo))]
+    elif suite == "patients":
+        typer.echo("bench: privacy per patient vs per record, 2 to 5 studies a patient")
+        parts = [("patients", lambda: run_patients_bench(echo=typer.echo))]
     elif suite == "phantoms":
         typer.echo("bench: phantom difficulty, a centralized image-only model over 3 seeds")
         parts = [("phantoms", lambda: run_phantom_calibration(echo=typer.echo))]

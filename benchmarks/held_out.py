@@ -27,6 +27,7 @@ from client.dp.policy import effective_policy
 from shared_model.config import HospitalConfig, RunConfig
 from shared_model.config.presets import PRESETS
 from shared_model.evaluation import EvalStats
+from shared_model.inference.operating_points import pooled_figures
 
 __all__ = ["run_held_out_bench"]
 
@@ -40,8 +41,15 @@ TARGETS = {"median": 0.025, "p95": 0.08}  # the pooled macro AUROC's |error|, fi
 
 
 def _errors(
-    exact: list[EvalStats], epsilon: float, releases: int, final: bool, draws: int, tmp: Path
+    exact: list[EvalStats],
+    epsilon: float,
+    releases: int,
+    final: bool,
+    draws: int,
+    tmp: Path,
+    intervals: list[tuple[float, float]] | None = None,
 ) -> list[float]:
+    """Noised - exact pooled macro AUROC per draw; ``intervals`` gets each draw's 95% CI."""
     policy = effective_policy(
         RunConfig().privacy,
         HospitalConfig(hospital_id="h", data_manifest="m.csv", state_dir=str(tmp)),
@@ -63,7 +71,11 @@ def _errors(
             ).stats
             for h, stats in enumerate(exact)
         ]
-        out.append(abs(sum(released[1:], released[0]).metrics()["auroc"] - truth))
+        pooled = sum(released[1:], released[0])
+        out.append(pooled.metrics()["auroc"] - truth)
+        if intervals is not None:  # as the model card computes it (fewer resamples)
+            _, (_, low, high) = pooled_figures(pooled, np.zeros(len(pooled.labels)), 300, draw)
+            intervals.append((low, high))
     return out
 
 
@@ -85,7 +97,11 @@ def run_held_out_bench(
         for releases, final in ((4, True), (4, False), (1, True)):
             which = "final" if final else "intermediate"
             echo(f"  {draws} noise draws: held-out epsilon 8, {releases} releases, {which}")
-            errors = _errors(exact, 8.0, releases, final, draws, tmp / f"{releases}-{which}")
+            intervals: list[tuple[float, float]] | None = [] if final and releases == 4 else None
+            signed = _errors(
+                exact, 8.0, releases, final, draws, tmp / f"{releases}-{which}", intervals
+            )
+            errors = [abs(e) for e in signed]
             name = f"held-out/eps8-{releases}-releases-{which}"
             median = Measurement.of(f"{name}/abs-error", config, errors, "AUROC")
             high = float(np.percentile(errors, 95))
@@ -96,4 +112,36 @@ def run_held_out_bench(
                 median.met = bool(median.median <= TARGETS["median"])
                 p95.target, p95.met = f"<= {TARGETS['p95']}", bool(high <= TARGETS["p95"])
             out += [median, p95]
+            if intervals:
+                out += _interval_measurements(intervals, signed, exact, truth, config, echo)
     return out
+
+
+def _interval_measurements(
+    intervals: list[tuple[float, float]],
+    signed: list[float],
+    exact: list[EvalStats],
+    truth: float,
+    config: dict[str, object],
+    echo: Echo,
+) -> list[Measurement]:
+    """How often the card's noise-aware 95% CI holds the exact AUROC, its width, the bias."""
+    covered = float(np.mean([low <= truth <= high for low, high in intervals]))
+    widths = [high - low for low, high in intervals]
+    bias = float(np.median(signed))
+    pooled = sum(exact[1:], exact[0])
+    _, (_, low, high) = pooled_figures(pooled, np.zeros(len(pooled.labels)), 300)
+    echo(
+        f"    95% CI holds the exact AUROC in {covered:.0%} of draws; median width "
+        f"{np.median(widths):.3f} (exact statistics: {high - low:.3f}); median bias of the "
+        f"noised estimate {bias:+.4f}"
+    )
+    name = "held-out/eps8-4-releases-final/ci95"
+    coverage = Measurement.of(f"{name}-coverage", config, [covered], "fraction")
+    coverage.target, coverage.met = ">= 0.95", bool(covered >= 0.95)
+    return [
+        coverage,
+        Measurement.of(f"{name}-width", config, widths, "AUROC"),
+        Measurement.of(f"{name}-width-exact-statistics", config, [high - low], "AUROC"),
+        Measurement.of("held-out/eps8-4-releases-final/bias", config, [bias], "AUROC"),
+    ]

@@ -44,11 +44,21 @@ __all__ = ["federate"]
 StateDict = dict[str, torch.Tensor]
 
 
-def site_list(run: RunConfig, hospitals: int, threads: int = 0) -> list[Site]:
-    """The run's simulated hospitals, opened as each would open itself."""
+def site_list(
+    run: RunConfig, hospitals: int, threads: int = 0, hospital: Mapping[str, Any] | None = None
+) -> list[Site]:
+    """The run's simulated hospitals, opened as each would open itself.
+
+    ``hospital``: more of each hospital's own settings (HospitalConfig fields).
+    """
     threads = threads or torch.get_num_threads()
     return [
-        open_site(HospitalConfig(partition_id=i, num_partitions=hospitals, threads=threads), run)
+        open_site(
+            HospitalConfig(
+                partition_id=i, num_partitions=hospitals, threads=threads, **(hospital or {})
+            ),
+            run,
+        )
         for i in range(hospitals)
     ]
 
@@ -97,6 +107,7 @@ def federate(
     feature_cache: Path | None = None,
     threads: int = 0,
     on_round: Callable[[dict[str, Any]], None] | None = None,
+    hospital: Mapping[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``rounds`` federated rounds of ``hospitals`` embedded hospitals in this process.
 
@@ -105,12 +116,13 @@ def federate(
     initial model): round, seconds, train_loss, each hospital's epsilon and
     ``eval_metrics``, the shape `fedfusion simulate` writes to metrics.json. The final
     model is written to ``out/global_model.safetensors``, as a run directory holds it.
+    ``hospital``: more of each hospital's own settings (e.g. its privacy-unit).
     """
     run = RunConfig.from_run_config({**overrides, "num-rounds": rounds, "output-dir": str(out)})
     # frozen encoders' features: cached beside the run, as `fedfusion simulate` caches them
     cache = str(feature_cache or out.parent / ".feature-cache")
     with mock.patch.dict(os.environ, {SIM_FEATURE_CACHE_ENV: cache}):
-        sites = site_list(run, hospitals, threads)
+        sites = site_list(run, hospitals, threads, hospital)
     state = shared_state(initial_model(run.model, run.seed))
     layout = WeightLayout.of(state)
     optimizer = ServerOptimizer(run.server.momentum, run.server.learning_rate)

@@ -33,6 +33,10 @@ __all__ = [
     "SCORE_BINS",
     "SCORE_EDGES",
     "EvalStats",
+    "binormal_auroc",
+    "binormal_auroc_draws",
+    "coarse_cells",
+    "readable",
 ]
 
 SCORE_BINS = 200
@@ -42,7 +46,10 @@ SCORE_EDGES = np.linspace(-_LOGIT_RANGE, _LOGIT_RANGE, SCORE_BINS + 1)
 # Per-example held-out losses are clipped to this before summing, which bounds the sum
 # (secure aggregation needs a bound on every value); an honest loss never comes close.
 EVAL_LOSS_CLIP = 20.0
-_HEADER = 5  # examples, loss sum, exact matches, hospitals, hospitals that noised theirs
+# examples, loss sum, exact matches, hospitals, hospitals that noised theirs, and the sum
+# of their noise variances (per count; the loss sum's is EVAL_LOSS_CLIP^2 times it)
+_HEADER = 6
+_UNKNOWN_VARIANCE_HEADER = 5  # statistics saved before hospitals said their noise
 _NOISELESS_HEADER = 4  # statistics saved before hospitals noised theirs
 _LEGACY_HEADER = 3  # statistics saved before the hospital count was summed
 # Inner edges, in logit, of the 16 bins a hospital releases noised statistics in
@@ -65,33 +72,121 @@ _COARSE_MIDDLES = np.array(
 )
 
 
-def _coarse_cells(counts: np.ndarray) -> np.ndarray:
+def coarse_cells(counts: np.ndarray) -> np.ndarray:
     """A label's fine-bin counts summed into the 16 coarse bins of COARSE_EDGES."""
     return np.bincount(COARSE_OF_FINE, weights=counts, minlength=len(COARSE_EDGES) + 1)
 
 
-def _fit_normal(cells: np.ndarray) -> tuple[float, float] | None:
-    """(mean, std) of the normal whose binned counts fit ``cells`` best; None if empty.
+def _fit_normals(cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(means, stds) of the normals whose binned counts best fit each row of ``cells``.
 
-    Least squares between the noised counts and the total times each bin's probability.
+    Least squares between a row's (noised) coarse counts and its total times each bin's
+    probability, by Levenberg-Marquardt on (mean, log std), all rows at once (written
+    here: scipy's solvers fit one problem at a time, and a bootstrap fits thousands),
+    from two starting widths, keeping the better fit. The std stays within e^-3 to e^3.
     """
-    from scipy.optimize import minimize
+    cells = np.atleast_2d(np.asarray(cells, dtype=np.float64))
+    weights = np.clip(np.nan_to_num(cells), 0.0, None)
+    mass = weights.sum(1)
+    mean = np.divide(weights @ _COARSE_MIDDLES, mass, out=np.zeros(len(cells)), where=mass > 0)
+    fits = [_levenberg_marquardt(cells, mean, np.full(len(cells), start)) for start in (0.5, -1.0)]
+    (m1, l1, c1), (m2, l2, c2) = fits
+    better = c2 < c1
+    return np.where(better, m2, m1), np.exp(np.where(better, l2, l1))
+
+
+def _levenberg_marquardt(
+    cells: np.ndarray, mean: np.ndarray, log_std: np.ndarray, iterations: int = 60
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One start of :func:`_fit_normals`: (means, log stds, costs)."""
+    from scipy.special import ndtr  # the standard normal CDF, without scipy.stats' checks
+
+    total = cells.sum(1, keepdims=True)
+    damping = np.full(len(cells), 1e-2)
+
+    def fit(mean: np.ndarray, log_std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        z = (_COARSE_BOUNDS - mean[:, None]) / np.exp(log_std)[:, None]
+        return cells - total * np.diff(ndtr(z), axis=1), z
+
+    residual, z = fit(mean, log_std)
+    cost = (residual**2).sum(1)
+    for _ in range(iterations):
+        density = np.exp(-0.5 * np.square(z)) / math.sqrt(2.0 * math.pi)  # 0 at the open ends
+        tilted = density * np.where(np.isfinite(z), z, 0.0)
+        jacobian = total[..., None] * np.stack(
+            [np.diff(density, axis=1) / np.exp(log_std)[:, None], np.diff(tilted, axis=1)], -1
+        )  # d residual / d (mean, log std)
+        normal = jacobian.transpose(0, 2, 1) @ jacobian
+        gradient = (jacobian.transpose(0, 2, 1) @ residual[..., None])[..., 0]
+        diagonal = np.diagonal(normal, axis1=1, axis2=2)
+        damped = normal + (damping[:, None] * diagonal + 1e-9)[..., None] * np.eye(2)
+        step = np.linalg.solve(damped, -gradient[..., None])[..., 0]
+        trial_mean, trial_log = mean + step[:, 0], np.clip(log_std + step[:, 1], -3.0, 3.0)
+        trial_residual, trial_z = fit(trial_mean, trial_log)
+        trial_cost = (trial_residual**2).sum(1)
+        better = trial_cost < cost
+        mean = np.where(better, trial_mean, mean)
+        log_std = np.where(better, trial_log, log_std)
+        residual = np.where(better[:, None], trial_residual, residual)
+        z = np.where(better[:, None], trial_z, z)
+        cost = np.where(better, trial_cost, cost)
+        damping = np.clip(np.where(better, damping / 3.0, damping * 4.0), 1e-12, 1e12)
+    return mean, log_std, cost
+
+
+def binormal_auroc(
+    positives: np.ndarray, negatives: np.ndarray, noise_std: float = 0.0
+) -> np.ndarray:
+    """AUROC Phi((m1 - m0) / sqrt(s1^2 + s0^2)) of normals fitted to coarse cells.
+
+    ``positives`` and ``negatives``: (..., 16) coarse counts of one label's classes, with
+    Gaussian noise of ``noise_std`` per cell; NaN where a class is not :func:`readable`.
+    """
     from scipy.stats import norm
 
-    total = float(cells.sum())
-    if total < 1.0:
-        return None
-    weights = np.clip(cells, 0.0, None)
-    start_mean = float(np.average(_COARSE_MIDDLES, weights=weights)) if weights.sum() > 0 else 0.0
+    shape = np.shape(positives)[:-1]
+    pos = np.reshape(positives, (-1, positives.shape[-1]))
+    neg = np.reshape(negatives, (-1, negatives.shape[-1]))
+    (m1, s1), (m0, s0) = _fit_normals(pos), _fit_normals(neg)
+    auroc = norm.cdf((m1 - m0) / np.hypot(s1, s0))
+    empty = ~(readable(pos.sum(1), noise_std) & readable(neg.sum(1), noise_std))
+    return np.where(empty, np.nan, auroc).reshape(shape)
 
-    def misfit(theta: np.ndarray) -> float:
-        mean, log_std = theta
-        p = np.diff(norm.cdf((_COARSE_BOUNDS - mean) / math.exp(log_std)))
-        return float(((cells - total * p) ** 2).sum())
 
-    best = minimize(misfit, np.array([start_mean, 0.5]), method="Nelder-Mead")
-    mean, log_std = best.x
-    return float(mean), float(math.exp(np.clip(log_std, -3.0, 3.0)))
+def readable(total: np.ndarray | float, noise_std: float) -> np.ndarray:
+    """Whether a class's (noised) total says it holds examples at all.
+
+    At least one example, and, under noise of ``noise_std`` per coarse cell, at least
+    twice the std of the noise on a total of 16 cells: a class with no example passes
+    by chance 2% of the time. A NaN std (not recorded) reads as no noise.
+    """
+    floor = max(1.0, 8.0 * noise_std) if math.isfinite(noise_std) else 1.0
+    return np.isfinite(total) & (np.asarray(total) >= floor)
+
+
+def binormal_auroc_draws(
+    positives: np.ndarray,
+    negatives: np.ndarray,
+    noise_std: float,
+    draws: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Bootstrap draws of :func:`binormal_auroc` for noised coarse cells (one label).
+
+    A parametric bootstrap (Ferrando, Wang and Sheldon, AISTATS 2022): each draw samples
+    each class's count from its fitted normal's bins, adds fresh Gaussian noise of the
+    release's ``noise_std`` to every cell, and fits again; so the spread holds both the
+    sampling and the privacy noise.
+    """
+    from scipy.stats import norm
+
+    out = []
+    for cells in (positives, negatives):
+        (mean,), (std,) = _fit_normals(cells)
+        p = np.diff(norm.cdf((_COARSE_BOUNDS - mean) / std))
+        n = max(round(float(cells.sum())), 1)
+        out.append(rng.multinomial(n, p, size=draws) + rng.normal(0.0, noise_std, (draws, p.size)))
+    return binormal_auroc(*out)  # the label was readable: no draw is dropped for noise
 
 
 def score_bins(logits: np.ndarray) -> np.ndarray:
@@ -112,6 +207,9 @@ class EvalStats:
     negatives: np.ndarray  # (labels, SCORE_BINS): count of negative examples per score bin
     hospitals: float = 0.0  # hospitals whose records are in the sum (NaN: not recorded)
     noised: float = 0.0  # of them, hospitals whose statistics carry Gaussian noise
+    # the variance of the Gaussian noise on each count (a public function of the
+    # hospitals' settings, summed with them; NaN: not recorded)
+    noise_variance: float = 0.0
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -121,27 +219,33 @@ class EvalStats:
         logits: np.ndarray,
         targets: np.ndarray,
         losses: np.ndarray,
+        weights: np.ndarray | None = None,
     ) -> EvalStats:
         """Statistics of predictions ``logits`` (n, K) against multi-hot ``targets`` (n, K).
 
         ``losses`` (n,) are the per-example losses (clipped to EVAL_LOSS_CLIP here).
+        ``weights`` (n,), each record's weight in every sum (default 1): with 1/k for a
+        patient's k records, each patient weighs 1, so one patient moves the statistics
+        no more than one record does.
         """
         logits, targets = np.asarray(logits, np.float64), np.asarray(targets) > 0.5
         k = len(labels)
         if logits.ndim != 2 or logits.shape[1] != k or targets.shape != logits.shape:
             raise ValueError(f"expected (n, {k}) logits and targets, got {logits.shape}")
+        w = np.ones(len(logits)) if weights is None else np.asarray(weights, np.float64)
         bins = score_bins(logits)
         positives = np.zeros((k, SCORE_BINS))
         negatives = np.zeros((k, SCORE_BINS))
         for j in range(k):
-            positives[j] = np.bincount(bins[targets[:, j], j], minlength=SCORE_BINS)
-            negatives[j] = np.bincount(bins[~targets[:, j], j], minlength=SCORE_BINS)
-        exact = ((logits >= 0) == targets).all(axis=1).sum()
+            pos = targets[:, j]
+            positives[j] = np.bincount(bins[pos, j], weights=w[pos], minlength=SCORE_BINS)
+            negatives[j] = np.bincount(bins[~pos, j], weights=w[~pos], minlength=SCORE_BINS)
+        exact = (((logits >= 0) == targets).all(axis=1) * w).sum()
         clipped = np.clip(np.asarray(losses, np.float64), 0.0, EVAL_LOSS_CLIP)
         return cls(
             labels=tuple(labels),
-            examples=float(len(logits)),
-            loss_sum=float(clipped.sum()),
+            examples=float(w.sum()),
+            loss_sum=float((clipped * w).sum()),
             exact_matches=float(exact),
             positives=positives,
             negatives=negatives,
@@ -169,26 +273,40 @@ class EvalStats:
     def to_vector(self) -> np.ndarray:
         """The statistics as one float64 vector: what is summed across hospitals."""
         header = np.array(
-            [self.examples, self.loss_sum, self.exact_matches, self.hospitals, self.noised]
+            [
+                self.examples,
+                self.loss_sum,
+                self.exact_matches,
+                self.hospitals,
+                self.noised,
+                self.noise_variance,
+            ]
         )
         return np.concatenate([header, self.positives.ravel(), self.negatives.ravel()])
 
     @classmethod
-    def from_vector(cls, labels: Sequence[str], vector: np.ndarray) -> EvalStats:
+    def from_vector(
+        cls, labels: Sequence[str], vector: np.ndarray, *, current: bool = False
+    ) -> EvalStats:
         """Inverse of :meth:`to_vector`; ValueError if the length does not fit ``labels``.
 
-        A vector saved before the hospital count was summed (one value shorter) reads
-        with ``hospitals`` NaN: not recorded.
+        A vector saved before the hospital count was summed reads with ``hospitals`` NaN,
+        one saved before the noise variance was summed with ``noise_variance`` NaN (when
+        noised): not recorded. ``current``: only the current layout (what a hospital sends
+        now), so no reply can bring a NaN into a sum.
         """
         k = len(labels)
         vector = np.asarray(vector, dtype=np.float64).ravel()
         header = vector.size - 2 * k * SCORE_BINS
-        if header not in (_HEADER, _NOISELESS_HEADER, _LEGACY_HEADER):
+        older = (_UNKNOWN_VARIANCE_HEADER, _NOISELESS_HEADER, _LEGACY_HEADER)
+        if header != _HEADER and (current or header not in older):
             raise ValueError(
                 f"evaluation statistics of {vector.size} values, expected "
                 f"{cls.vector_size(k)} for {k} labels"
             )
-        noised = float(vector[4]) if header == _HEADER else 0.0
+        noised = float(vector[4]) if header >= _UNKNOWN_VARIANCE_HEADER else 0.0
+        unknown = math.nan if noised > 0 else 0.0  # saved before the variance was summed
+        variance = float(vector[5]) if header == _HEADER else unknown
         negative = (vector[3:header] < 0).any() or (noised == 0.0 and (vector < 0).any())
         if not np.isfinite(vector).all() or negative:
             raise ValueError(
@@ -206,6 +324,7 @@ class EvalStats:
             negatives=hist[1].copy(),
             hospitals=float(vector[3]) if header >= _NOISELESS_HEADER else math.nan,
             noised=noised,
+            noise_variance=variance,
         )
 
     def __add__(self, other: EvalStats) -> EvalStats:
@@ -220,6 +339,7 @@ class EvalStats:
             negatives=self.negatives + other.negatives,
             hospitals=self.hospitals + other.hospitals,
             noised=self.noised + other.noised,
+            noise_variance=self.noise_variance + other.noise_variance,
         )
 
     def rounded(self) -> EvalStats:
@@ -265,13 +385,22 @@ class EvalStats:
         Phi((m1 - m0) / sqrt(s1^2 + s0^2)): the binormal model of ROC analysis. Only
         released values are used (post-processing).
         """
-        from scipy.stats import norm
+        cells = [coarse_cells(h[j]) for h in (self.positives, self.negatives)]
+        return float(binormal_auroc(*cells, noise_std=self.noise_std))
 
-        fits = [_fit_normal(_coarse_cells(h[j])) for h in (self.positives, self.negatives)]
-        if any(f is None for f in fits):
+    @property
+    def noise_std(self) -> float:
+        """The std of the noise on each summed count (0: exact; NaN: not recorded)."""
+        if math.isnan(self.noise_variance):
             return math.nan
-        (m1, s1), (m0, s0) = fits  # type: ignore[misc]
-        return float(norm.cdf((m1 - m0) / math.hypot(s1, s0)))
+        return math.sqrt(max(self.noise_variance, 0.0))
+
+    def has_both_classes(self, j: int) -> bool:
+        """Whether label ``j`` has positives and negatives, as far as the sums tell."""
+        totals = self.positives[j].sum(), self.negatives[j].sum()
+        if self.noised > 0:
+            return all(bool(readable(t, self.noise_std)) for t in totals)
+        return all(t > 0 for t in totals)
 
     def roc_curve(self, j: int) -> tuple[np.ndarray, np.ndarray]:
         """(false positive rates, true positive rates) of label ``j`` at every bin edge."""
@@ -305,8 +434,21 @@ class EvalStats:
         """
         if self.examples <= 0:
             return {}
-        if (self.positives < 0).any() or (self.negatives < 0).any():
-            return self.clamped().metrics()  # noised counts (a hospital's DP release)
+        if self.noised > 0 or (self.positives < 0).any() or (self.negatives < 0).any():
+            # noised counts (a hospital's DP release): AUROC from the raw sums (the noise
+            # is unbiased), the rest from counts clipped at zero
+            out = self.clamped()._counted_metrics()
+        else:
+            out = self._counted_metrics()
+        aurocs = [self.auroc(j) for j in range(len(self.labels))]
+        for label, value in zip(self.labels, aurocs, strict=True):
+            out[f"auroc.{label}"] = value
+        defined = [a for a in aurocs if not math.isnan(a)]
+        out["auroc"] = float(np.mean(defined)) if defined else math.nan
+        return out
+
+    def _counted_metrics(self) -> dict[str, float]:
+        """Loss, accuracy, precision, recall, F1 and exact match at threshold 0.5."""
         n = self.examples
         half = SCORE_BINS // 2  # bins from here up have logit >= 0: predicted positive
         tp = self.positives[:, half:].sum(1)
@@ -326,9 +468,4 @@ class EvalStats:
             "recall": float(recall.mean()),
             "f1": float(f1.mean()),
         }
-        aurocs = [self.auroc(j) for j in range(len(self.labels))]
-        for label, value in zip(self.labels, aurocs, strict=True):
-            out[f"auroc.{label}"] = value
-        defined = [a for a in aurocs if not math.isnan(a)]
-        out["auroc"] = float(np.mean(defined)) if defined else math.nan
         return out

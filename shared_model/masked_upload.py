@@ -35,6 +35,9 @@ __all__ = ["QUANTIZATION_RANGE", "UploadCodec", "UploadSum"]
 
 _TRAIN_LOSS_RANGE = (-2.0, 4.0)  # a released (noisy) train loss is clipped to this
 QUANTIZATION_RANGE = 1 << 22  # levels each value is quantized to (the server sets it)
+# A hospital's held-out noise variance fits up to this times max-weight (std 1,000 at the
+# default), read back to within 0.5.
+_NOISE_VARIANCE_SCALE = 100.0
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class UploadCodec:
         count = c / self.max_weight  # a count of max_weight records is the clipping range
         evaluation = np.full(EvalStats.vector_size(len(self.labels)), count)
         evaluation[1] = c / (self.max_weight * EVAL_LOSS_CLIP)  # the loss sum
+        evaluation[5] = c / (self.max_weight * _NOISE_VARIANCE_SCALE)  # the noise variance
         lo, hi = _TRAIN_LOSS_RANGE
         return np.concatenate([[c, c / max(abs(lo), hi)], evaluation])
 

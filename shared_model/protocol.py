@@ -49,6 +49,8 @@ class Reply:
     EPSILON = "epsilon"
     MAX_EPSILON = "max-epsilon"
     DELTA = "delta"  # the delta its epsilon is stated for
+    HELD_OUT_EPSILON = "held-out-epsilon"  # its held-out records' cumulative epsilon
+    MAX_HELD_OUT_EPSILON = "max-held-out-epsilon"
     NOISE_MULTIPLIER = "noise-multiplier"
     SAMPLE_RATE = "sample-rate"
     STEPS = "steps"
@@ -62,6 +64,7 @@ class Status:
     STATUS = "status"
     REASON = "reason"
     ROUND = "round"
+    PRIVACY_UNIT = "privacy-unit"  # whom its epsilon protects: patient or record
     TRAINED = "trained"
     DECLINED = "declined"
     EVALUATED = "evaluated"

@@ -90,6 +90,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         raise MalformedRequestError("an evaluation request in SecAgg+'s records is refused")
     site = open_site(hospital, run)
     evaluation = run_local_evaluation(request.weights, site, run, request.server_round)
+    history: Sequence[LedgerEntry] = ()
     if site.policy.share_evaluation and site.policy.held_out_noise:  # only what leaves
         stats, history = release_evaluation(
             evaluation.stats,
@@ -100,7 +101,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         )
         _keep_history(context, history)
         evaluation = replace(evaluation, stats=stats)
-    return evaluate_reply(msg, evaluation, site)
+    return evaluate_reply(msg, evaluation, site, history)
 
 
 def _recall(context: Context) -> list[LedgerEntry]:

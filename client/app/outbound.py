@@ -71,6 +71,15 @@ _TRAIN = "train reply (SecAgg+ off)"
 _UPLOAD = "SecAgg+ masked upload"
 _EVAL = "evaluate reply (SecAgg+ off)"
 _DERIVED = "a function of the run config and the released record count N̂ only"
+_HELD_OUT_DERIVED = (
+    "the held-out records' cumulative epsilon: a function of the hospital's settings and "
+    "how many evaluations it released (absent when it releases exact statistics)"
+)
+_HELD_OUT_CAP = "the hospital's own held-out cap (max-held-out-epsilon)"
+_UNIT = (
+    "whom its epsilon protects, patient or record: from its file and whether its manifest "
+    "has patient ids, fixed in its ledger"
+)
 
 FIELDS: tuple[Field, ...] = (
     # ---- plain training (a hospital that requires SecAgg+ declines these)
@@ -83,6 +92,8 @@ FIELDS: tuple[Field, ...] = (
     Field(_TRAIN, "metric", METRICS, Reply.EPSILON, PUBLIC, _DERIVED),
     Field(_TRAIN, "metric", METRICS, Reply.MAX_EPSILON, PUBLIC, "the hospital's own cap"),
     Field(_TRAIN, "metric", METRICS, Reply.DELTA, PUBLIC, "its policy's delta, set in config"),
+    Field(_TRAIN, "metric", METRICS, Reply.HELD_OUT_EPSILON, PUBLIC, _HELD_OUT_DERIVED),
+    Field(_TRAIN, "metric", METRICS, Reply.MAX_HELD_OUT_EPSILON, PUBLIC, _HELD_OUT_CAP),
     Field(_TRAIN, "metric", METRICS, Reply.NOISE_MULTIPLIER, PUBLIC, _DERIVED),
     Field(_TRAIN, "metric", METRICS, Reply.SAMPLE_RATE, PUBLIC, _DERIVED),
     Field(_TRAIN, "metric", METRICS, Reply.STEPS, PUBLIC, _DERIVED),
@@ -93,14 +104,19 @@ FIELDS: tuple[Field, ...] = (
     Field(_TRAIN, "config", HOSPITAL, Status.REASON, PUBLIC,
           "why it declined: its budget and config keys, no record"),
     Field(_TRAIN, "config", HOSPITAL, Status.ROUND, PUBLIC, "the round it answers"),
+    Field(_TRAIN, "config", HOSPITAL, Status.PRIVACY_UNIT, PUBLIC, _UNIT),
     # ---- evaluation without SecAgg+
     Field(_EVAL, "array", EVALUATION, EVALUATION_STATISTICS, "epsilon: held-out",
           "held-out score histograms (16 bins), loss sum and counts, sent only if the "
           "hospital's share-evaluation = true (default for simulated hospitals only); with "
           "Gaussian noise, charged to the held-out cap (max-held-out-epsilon over "
-          "held-out-releases evaluations), at a hospital with its own data"),
+          "held-out-releases evaluations), at a hospital with its own data; with the "
+          "variance of that noise (public: from its settings)"),
     Field(_EVAL, "metric", METRICS, Reply.NUM_EXAMPLES, "epsilon: held-out",
           "held-out count: 0 when withheld, else the statistics' count, noised with them"),
+    Field(_EVAL, "metric", METRICS, Reply.HELD_OUT_EPSILON, PUBLIC,
+          _HELD_OUT_DERIVED + ", this evaluation included"),
+    Field(_EVAL, "metric", METRICS, Reply.MAX_HELD_OUT_EPSILON, PUBLIC, _HELD_OUT_CAP),
     Field(_EVAL, "config", HOSPITAL, Status.HOSPITAL_ID, PUBLIC, "the hospital's name"),
     Field(_EVAL, "config", HOSPITAL, Status.STATUS, PUBLIC, "evaluated or withheld"),
     Field(_EVAL, "config", HOSPITAL, Status.REASON, PUBLIC, "why it withheld: its config"),
@@ -122,7 +138,8 @@ FIELDS: tuple[Field, ...] = (
           "weighted update, weight, train loss, held-out statistics, all masked; the "
           "update and loss are also charged to epsilon (DP-SGD), the weight to the record "
           "count, the held-out statistics (16 bins, Gaussian noise) to the held-out "
-          "epsilon at a hospital with its own data"),
+          "epsilon at a hospital with its own data, with the variance of that noise (public: "
+          "from its settings)"),
     Field(_UPLOAD, "metric", "fitres.num_examples", "num_examples", PUBLIC,
           "the same constant at every hospital (the weight is inside the masked vector)"),
     Field(_UPLOAD, "config", "fitres.status", "code", PUBLIC, "Flower's status: OK"),
@@ -133,6 +150,8 @@ FIELDS: tuple[Field, ...] = (
             (Reply.EPSILON, _DERIVED),
             (Reply.MAX_EPSILON, "the hospital's own cap"),
             (Reply.DELTA, "its policy's delta, set in config"),
+            (Reply.HELD_OUT_EPSILON, _HELD_OUT_DERIVED + ", this upload's included"),
+            (Reply.MAX_HELD_OUT_EPSILON, _HELD_OUT_CAP),
             (Reply.NOISE_MULTIPLIER, _DERIVED),
             (Reply.SAMPLE_RATE, _DERIVED),
             (Reply.STEPS, _DERIVED),
@@ -140,6 +159,7 @@ FIELDS: tuple[Field, ...] = (
             (Status.HOSPITAL_ID, "the hospital's name"),
             (Status.STATUS, "trained or declined"),
             (Status.REASON, "why it declined: its budget and config keys"),
+            (Status.PRIVACY_UNIT, _UNIT),
         )
     ),
     Field("SecAgg+ consistency", "config", RECORD_KEY_CONFIGS, SecAggSigned.SIGNATURE, PUBLIC,

@@ -17,6 +17,8 @@ sends nothing else.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -25,6 +27,8 @@ from client.app.request import RoundRequest
 from client.app.secagg import UploadError, legacy_fit_reply
 from client.app.site import Site
 from client.app.trainer import LocalEvaluation, LocalRound
+from client.dp.held_out import held_out_epsilon
+from client.dp.ledger import LedgerEntry
 from shared_model.config import RunConfig
 from shared_model.evaluation import EvalStats
 from shared_model.masked_upload import UploadCodec
@@ -73,6 +77,7 @@ def train_reply(
             Status.REASON: result.reason,
             Status.STATUS: Status.TRAINED if result.trained else Status.DECLINED,
             Status.ROUND: request.server_round,  # the server refuses a stale update
+            Status.PRIVACY_UNIT: site.unit,
         }
     )
     content = RecordDict({METRICS: MetricRecord(metrics), HOSPITAL: status})
@@ -91,7 +96,16 @@ def _public_figures(result: LocalRound, site: Site) -> dict[str, int | float]:
         Reply.SAMPLE_RATE: result.sample_rate,
         Reply.STEPS: result.steps,
         Reply.DECLINED: int(result.declined),
+        **_held_out_figures(result.ledger_history, site),
     }
+
+
+def _held_out_figures(history: Sequence[LedgerEntry], site: Site) -> dict[str, float]:
+    """The held-out part's epsilon and cap, public; none if its statistics leave exact."""
+    epsilon = held_out_epsilon(history, site.policy)
+    if epsilon is None:
+        return {}
+    return {Reply.HELD_OUT_EPSILON: epsilon, Reply.MAX_HELD_OUT_EPSILON: site.policy.held_out_cap}
 
 
 def masked_upload_vector(
@@ -136,12 +150,21 @@ def _masked_upload(
         Status.HOSPITAL_ID: site.name,
         Status.REASON: result.reason,
         Status.STATUS: Status.TRAINED if result.trained else Status.DECLINED,
+        Status.PRIVACY_UNIT: site.unit,
     }
     return legacy_fit_reply(msg, upload, codec, {**_public_figures(result, site), **status})
 
 
-def evaluate_reply(msg: Message, evaluation: LocalEvaluation, site: Site) -> Message:
-    """The statistics, if this hospital shares its evaluation; otherwise that it withheld."""
+def evaluate_reply(
+    msg: Message,
+    evaluation: LocalEvaluation,
+    site: Site,
+    history: Sequence[LedgerEntry] = (),
+) -> Message:
+    """The statistics, if this hospital shares its evaluation; otherwise that it withheld.
+
+    ``history``: the ledger after the release, for the held-out epsilon it states.
+    """
     status = {Status.HOSPITAL_ID: site.name}
     if not site.policy.share_evaluation:
         status[Status.STATUS] = Status.WITHHELD
@@ -158,7 +181,12 @@ def evaluate_reply(msg: Message, evaluation: LocalEvaluation, site: Site) -> Mes
     content = RecordDict(
         {
             EVALUATION: ArrayRecord({EVALUATION_STATISTICS: vector}),
-            METRICS: MetricRecord({Reply.NUM_EXAMPLES: max(0, round(evaluation.stats.examples))}),
+            METRICS: MetricRecord(
+                {
+                    Reply.NUM_EXAMPLES: max(0, round(evaluation.stats.examples)),
+                    **_held_out_figures(history, site),
+                }
+            ),
             HOSPITAL: ConfigRecord(status),
         }
     )

@@ -17,8 +17,9 @@ import torch
 
 from client.app.features import FeatureCache, frozen_feature_split
 from client.dp.hospital_split import hospital_split_spec
-from client.dp.ledger import LedgerEntry, PrivacyLedger
+from client.dp.ledger import RECORD, LedgerEntry, LedgerError, PrivacyLedger, ledger_lock
 from client.dp.ledger_custody import open_ledger
+from client.dp.patients import fixed_privacy_unit, wanted_privacy_unit
 from client.dp.policy import PrivacyPolicy, effective_policy
 from shared_model.config import ConfigError, DataConfig, HospitalConfig, ModelConfig, RunConfig
 from shared_model.data import DataLimits, FusionTensors, decode_image, load_manifest
@@ -48,6 +49,7 @@ class Site:
     data: HospitalSplit  # as training reads it: cached features where encoders are frozen
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     model: ModelConfig = field(default_factory=ModelConfig)  # with this hospital's own paths
+    unit: str = RECORD  # whom epsilon protects: patient or record (client/dp/patients.py)
 
     @property
     def name(self) -> str:
@@ -63,7 +65,10 @@ class Site:
         """
         backup = self.hospital.ledger_backup_file(self.state_dir)
         allow_new = self.hospital.simulated
-        return open_ledger(self.state_dir, self.name, self.policy, seen, backup, allow_new)
+        ledger = open_ledger(self.state_dir, self.name, self.policy, seen, backup, allow_new)
+        if fixed_privacy_unit(ledger, self.unit) != self.unit:
+            raise LedgerError(f"privacy ledger {ledger.path} changed its privacy unit")
+        return ledger
 
 
 def open_site(hospital: HospitalConfig, run: RunConfig) -> Site:
@@ -79,6 +84,12 @@ def open_site(hospital: HospitalConfig, run: RunConfig) -> Site:
     state_dir = hospital.ledger_dir(run.output_dir)
     spec = hospital_split_spec(hospital, run, state_dir, policy)
     records = hospital_data(hospital, model, run.data, run.seed, spec)
+    every = hospital_records(hospital, model, run.data, run.seed).patient_ids  # cached
+    unit = wanted_privacy_unit(hospital.privacy_unit, every, hospital.name)
+    backup = hospital.ledger_backup_file(state_dir)
+    with ledger_lock(state_dir):  # fixed at first use, like the split
+        ledger = open_ledger(state_dir, hospital.name, policy, (), backup, hospital.simulated)
+        unit = fixed_privacy_unit(ledger, unit)
     cache = hospital.cache_dir(run.output_dir)
     return Site(
         hospital=hospital,
@@ -87,6 +98,7 @@ def open_site(hospital: HospitalConfig, run: RunConfig) -> Site:
         data=frozen_feature_split(records, model, run.seed, cache, device),
         device=device,
         model=model,
+        unit=unit,
     )
 
 

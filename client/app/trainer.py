@@ -11,15 +11,18 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from client.app.site import Site
 from client.dp.accounting import compute_epsilon
 from client.dp.engine import make_private
 from client.dp.held_out import finite_predictions
-from client.dp.ledger import HELD_OUT_PART, LedgerEntry, LedgerError, PrivacyLedger
+from client.dp.ledger import HELD_OUT_PART, PATIENT, LedgerEntry, LedgerError, PrivacyLedger
+from client.dp.patients import PatientSampled, patient_weights
 from client.dp.planning import plan_round
 from client.dp.release import LossRelease
 from shared_model.config import RunConfig
@@ -44,6 +47,7 @@ __all__ = [
     "release_evaluation",
     "run_local_evaluation",
     "run_local_round",
+    "training_units",
 ]
 
 log = logging.getLogger("fedfusion.hospital")
@@ -124,6 +128,18 @@ def evaluated_only(weights: StateDict, site: Site, seen: Sequence[LedgerEntry]) 
     return _untrained(EVALUATED_ONLY, weights, ledger, epsilon, declined=False)
 
 
+def training_units(site: Site) -> Dataset[Any]:
+    """What DP-SGD samples: the hospital's patients (one record each), or its records.
+
+    Per patient (client/dp/patients.py), each sampled patient brings one of its records,
+    drawn anew at every step: one patient then moves a step as one record does.
+    """
+    train = site.data.train
+    if site.unit != PATIENT or train.patient_ids is None:
+        return train
+    return PatientSampled(train, train.patient_ids, np.random.default_rng())
+
+
 def run_local_round(
     weights: StateDict,
     site: Site,
@@ -146,7 +162,7 @@ def run_local_round(
     if refusal:
         return _declined(refusal, weights, site, ledger_seen)
     reuse_freed_memory()
-    train_set = site.data.train
+    train_set = training_units(site)
     model = _model_from(weights, site, run)
     model.return_alignment = run.train.alignment_weight > 0
     global_params = [p.detach().clone() for p in model.parameters() if p.requires_grad]
@@ -199,6 +215,8 @@ def run_local_round(
             epsilon=math.inf,
             noise_multiplier=0.0,
             sample_rate=0.0,
+            # untouched by this round; read for the held-out epsilon its reply states
+            ledger_history=tuple(site.open_ledger(ledger_seen).history),
         )
 
     ledger = site.open_ledger(ledger_seen)
@@ -319,7 +337,10 @@ def run_local_evaluation(
     loader = DataLoader(test, batch_size=256)
     out = predict(model, loader, loss_fn, device=site.device)
     logits, losses = finite_predictions(out.logits, out.losses)
-    stats = EvalStats.from_predictions(run.model.labels, logits, out.targets, losses)
+    weights = None  # per patient, released statistics weigh each patient's records 1/k
+    if site.unit == PATIENT and site.policy.held_out_noise and test.patient_ids is not None:
+        weights = patient_weights(test.patient_ids)
+    stats = EvalStats.from_predictions(run.model.labels, logits, out.targets, losses, weights)
     scores = 1.0 / (1.0 + torch.exp(-torch.from_numpy(logits).double())).numpy()
     metrics = {
         "loss": float(losses.mean()),

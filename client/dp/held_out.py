@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
@@ -52,6 +52,7 @@ __all__ = [
     "HeldOutRelease",
     "coarse_layout",
     "finite_predictions",
+    "held_out_epsilon",
     "held_out_noise_multipliers",
     "release_held_out",
     "released_rounds",
@@ -127,6 +128,18 @@ def _snapped(values: np.ndarray | float, std: float) -> np.ndarray:
     """
     grid = std / 1024.0
     return np.round(np.asarray(values, dtype=np.float64) / grid) * grid
+
+
+def held_out_epsilon(history: Sequence[LedgerEntry], policy: PrivacyPolicy) -> float | None:
+    """The held-out part's cumulative epsilon in ``history``; None if released exact.
+
+    Public, like the training epsilon: a function of the releases' settings only.
+    """
+    if not policy.held_out_noise:
+        return None
+    held_out = [e for e in history if e.part == HELD_OUT_PART]
+    steps = [(e.noise_multiplier, e.sample_rate, e.steps) for e in held_out]
+    return compute_epsilon(steps, policy.delta, policy.accountant)
 
 
 def sensitivity(num_labels: int) -> float:
@@ -230,5 +243,6 @@ def release_held_out(
         negatives=np.where(cells, _snapped(negatives + std * normal((k, SCORE_BINS)), std), 0.0),
         hospitals=1.0,  # that it evaluated is public; how many records is not
         noised=1.0,
+        noise_variance=std**2,  # public: from its settings, for the server's intervals
     )
     return HeldOutRelease(noisy, released=True, entry=entry)

@@ -41,6 +41,9 @@ __all__ = [
     "LEDGER_EXPORT_FORMAT",
     "LEDGER_FILENAME",
     "LEDGER_FORMAT",
+    "PATIENT",
+    "PRIVACY_UNITS",
+    "RECORD",
     "RECORD_COUNT",
     "TRAIN_PART",
     "LedgerEntry",
@@ -65,6 +68,10 @@ LEDGER_EXPORT_FORMAT = "fedfusion-ledger-export/2"
 DP_SGD = "dp-sgd"  # one round: clipped gradient sum + clipped loss sum, Poisson-sampled
 RECORD_COUNT = "record-count"  # the number of training records, once
 HELD_OUT_STATS = "held-out-stats"  # one model's summed statistics on the held-out records
+# Whom epsilon protects (client/dp/patients.py).
+PATIENT = "patient"
+RECORD = "record"
+PRIVACY_UNITS = (PATIENT, RECORD)
 # The disjoint parts of a hospital's records (its split), each with its own epsilon.
 TRAIN_PART = "train"
 HELD_OUT_PART = "held-out"
@@ -115,6 +122,9 @@ class PrivacyLedger:
     # first use, and how many releases the ledger held then (records trained before it
     # may lie in any part).
     split: dict[str, Any] | None = None
+    # Whom epsilon protects: "patient" or "record", fixed at first use (client/dp/patients.py).
+    # None: not fixed yet; a ledger with releases and no unit is per record, for good.
+    unit: str | None = None
     history: list[LedgerEntry] = field(default_factory=list)
     genesis: str = field(default_factory=lambda: secrets.token_hex(32))  # the chain's start
     backup: Path | None = None  # where every save also goes (not part of the file)
@@ -222,6 +232,8 @@ class PrivacyLedger:
         }
         if self.split is not None:
             body["split"] = self.split
+        if self.unit is not None:
+            body["unit"] = self.unit
         return {**body, "checksum": _checksum(body)}
 
     @classmethod
@@ -246,8 +258,8 @@ class PrivacyLedger:
                     "earlier releases are not covered"
                 )
             unchained = data.get("format") in _UNCHAINED_FORMATS
-            if unchained and "split" in data:
-                raise LedgerError(f"{refuse}: a split in a ledger of the old format")
+            if unchained and ("split" in data or "unit" in data):
+                raise LedgerError(f"{refuse}: a split or unit in a ledger of the old format")
             if data.get("format") != LEDGER_FORMAT and not unchained:
                 raise LedgerError(f"{refuse}: unknown format {data.get('format')!r}")
             plan = data["plan"]
@@ -263,6 +275,7 @@ class PrivacyLedger:
                 target_epsilon=plan["target_epsilon"],
                 public_records=plan["public_records"],
                 split=data.get("split"),
+                unit=data.get("unit"),
                 history=[LedgerEntry(**e) for e in data["history"]],
                 genesis=_checksum(data) if unchained else str(data["genesis"]),
             )
@@ -297,6 +310,8 @@ class PrivacyLedger:
             return f"unknown accountant {self.accountant!r}"
         if not (0.0 < self.delta < 1.0 and self.max_epsilon > 0.0 and self.held_out_cap > 0.0):
             return f"delta {self.delta!r} or max_epsilon {self.max_epsilon!r} out of range"
+        if self.unit not in (None, *PRIVACY_UNITS):
+            return f"unknown privacy unit {self.unit!r}"
         if self.split is not None:
             try:
                 SplitSpec.from_record(self.split)
@@ -373,6 +388,8 @@ class PrivacyLedger:
             "max_held_out_epsilon": self.held_out_cap,
             "held_out_epsilon": held_out,
             "remaining_held_out_epsilon": max(self.held_out_cap - held_out, 0.0),
+            # whom epsilon protects: None while not fixed (no release yet)
+            "unit": self.unit or (RECORD if self.history else None),
             "public_records": self.public_records,
             "split": self.split_summary(),
             "history": [
@@ -389,6 +406,27 @@ class PrivacyLedger:
                 for i, e in enumerate(self.history)
             ],
         }
+
+    @property
+    def privacy_unit(self) -> str:
+        """Whom this ledger's epsilon protects: "patient", or "record" (also before fixed)."""
+        return self.unit or RECORD
+
+    def fix_unit(self, unit: str) -> None:
+        """Fix whom epsilon protects and save; after a release it never changes.
+
+        A ledger with releases and no unit can only be fixed per record.
+
+        A ledger not yet on disk (a simulated hospital's first) saves it with its first
+        release.
+        """
+        if (self.unit is not None and self.unit != unit and self.history) or (
+            self.history and unit != RECORD and self.unit is None
+        ):
+            raise LedgerError(f"privacy ledger {self.path} cannot change its privacy unit")
+        self.unit = unit
+        if self.on_disk is not None:  # a new ledger keeps it with its first release
+            self.save()
 
     def record_split(self, spec: SplitSpec) -> None:
         """Fix the hospital's split in the ledger, once, and save."""

@@ -81,15 +81,22 @@ def check_against_backup(ledger: PrivacyLedger) -> None:
         split_moved = ledger.split.get("since_release") != len(kept.history)
     else:
         split_moved = kept.split != ledger.split
+    # Likewise whom epsilon protects: it may change only while nothing was released, or
+    # be fixed per record on a ledger from before the unit was kept.
+    legacy = kept.unit is None and ledger.unit == "record"
+    unit_moved = kept.unit != ledger.unit and bool(kept.history) and not legacy
     if (
         kept.genesis != ledger.genesis
         or chain[: len(kept.history)] != [e.chain for e in kept.history]
         or len(ledger.history) > len(kept.history) + 1
         or split_moved
+        or unit_moved
     ):
         what = (
             "its train/held-out split is not the backup's"
             if split_moved
+            else "whom its epsilon protects (patient or record) is not the backup's"
+            if unit_moved
             else f"the backup holds {len(kept.history)} release(s), the ledger "
             f"{len(ledger.history)}, not the same ones"
         )

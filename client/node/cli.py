@@ -61,8 +61,9 @@ def data_check(
     try:
         run = RunConfig.from_run_config(parse_overrides(run_config or []))
         total = len(read_manifest_rows(manifest.expanduser().resolve()))
+        records = None
         with progress(total, "rows") as advance:
-            _, report = load_manifest(
+            records, report = load_manifest(
                 manifest,
                 run.model.labels,
                 tokenizer_for(run.model),
@@ -80,6 +81,7 @@ def data_check(
     except ConfigError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from err
+    patients = _patient_summary(records.patient_ids if records is not None else None)
     if as_json:
         summary = {
             "manifest": report.manifest,
@@ -88,6 +90,7 @@ def data_check(
             "bad": report.rows_bad,
             "missing_image": report.missing_image,
             "missing_report": report.missing_report,
+            **patients,
             "errors": [{"row": e.row, "file": e.file, "reason": e.reason} for e in report.errors],
         }
         typer.echo(json.dumps(summary, indent=2))
@@ -95,6 +98,26 @@ def data_check(
         typer.echo(f"{report.manifest}: {report.rows_total} rows")
         typer.echo(f"  ok:  {report.rows_ok}")
         typer.echo(f"  bad: {report.rows_bad}")
+        if records is None:
+            pass  # no usable row: nothing to count
+        elif patients["patients"] is None:
+            typer.echo(
+                "  no patient_id column: each record counts on its own, and epsilon will be "
+                "per record (a patient with k records has up to k times it)"
+            )
+        elif patients["records_without_patient_id"]:
+            typer.secho(
+                f"  patient_id is blank on {patients['records_without_patient_id']} records: "
+                "each would count as a patient of its own, so per-patient privacy refuses "
+                "this manifest (fill them in, or set privacy-unit = 'record')",
+                fg=typer.colors.RED,
+            )
+        else:
+            per = patients["records_per_patient"]
+            typer.echo(
+                f"  patients: {patients['patients']} (records per patient: median "
+                f"{per['median']:g}, max {per['max']}); epsilon will be per patient"
+            )
         if report.missing_image or report.missing_report:
             typer.echo(
                 f"  {report.missing_image} rows have no image and {report.missing_report} no "
@@ -104,6 +127,26 @@ def data_check(
             typer.secho(f"  {error}", fg=typer.colors.RED)
     if report.rows_bad:
         raise typer.Exit(1)
+
+
+def _patient_summary(patient_ids: list[str] | None) -> dict[str, object]:
+    """How many patients the good rows hold, and records per patient (None: no ids)."""
+    import statistics
+
+    from client.dp.patients import (
+        has_patient_ids,
+        records_per_patient,
+        records_without_patient_id,
+    )
+
+    if not has_patient_ids(patient_ids):
+        return {"patients": None, "records_per_patient": None, "records_without_patient_id": None}
+    counts = records_per_patient(patient_ids or [])
+    return {
+        "patients": len(counts),
+        "records_per_patient": {"median": statistics.median(counts), "max": max(counts)},
+        "records_without_patient_id": records_without_patient_id(patient_ids),
+    }
 
 
 _HOSPITAL_FILE = typer.Option("--config", "-c", help="The hospital's file (hospital.toml).")
@@ -286,17 +329,20 @@ def ledger_show(
         return
     if config is None:
         typer.echo("(its backup not checked: give the hospital's file with --config)")
+    unit = view["unit"]
+    per = f"per {unit}" if unit else "per patient or record (fixed at its first use)"
     typer.echo(
-        f"{view['hospital']}: epsilon {view['epsilon']:.3f} of max {view['max_epsilon']:g} "
-        f"(delta {view['delta']:g}, {view['accountant']} accountant); "
+        f"{view['hospital']}: epsilon {per} {view['epsilon']:.3f} of max "
+        f"{view['max_epsilon']:g} (delta {view['delta']:g}, {view['accountant']} accountant); "
         f"{view['remaining_epsilon']:.3f} left"
     )
     typer.echo(
-        f"held-out patients: epsilon {view['held_out_epsilon']:.3f} of max "
+        f"held-out part: epsilon {view['held_out_epsilon']:.3f} of max "
         f"{view['max_held_out_epsilon']:g}; {view['remaining_held_out_epsilon']:.3f} left"
     )
     if view["public_records"] is not None:
-        typer.echo(f"released record count N̂ = {view['public_records']} (N plus Gaussian noise)")
+        counted = "patient" if unit == "patient" else "record"
+        typer.echo(f"released {counted} count N̂ = {view['public_records']} (N plus Gaussian noise)")
     if (split := view["split"]) is not None:
         typer.echo(
             f"split of its patients, fixed: test {split['test_fraction']:g}, validation "

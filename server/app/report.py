@@ -29,7 +29,7 @@ def load_rounds(run_dir: Path) -> list[Round]:
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
-    return "-" if value is None else format(value, spec)
+    return "-" if value is None or value != value else format(value, spec)  # None or NaN
 
 
 def _eps(h: Round) -> str:
@@ -40,7 +40,8 @@ def _eps(h: Round) -> str:
     if h.get("epsilon") is None:
         return "no DP"
     mark = "*" if h["status"] == "declined" else ""
-    return f"{h['epsilon']:.2f}{mark}"
+    held_out = h.get("held_out_epsilon")
+    return f"{h['epsilon']:.2f}{mark}" + ("" if held_out is None else f"/{held_out:.2f}")
 
 
 def format_round_line(rnd: Round, num_rounds: int) -> str:
@@ -72,6 +73,30 @@ def format_evaluation_line(server_round: int, metrics: dict[str, float], stats: 
     )
 
 
+def hospital_units(rounds: list[Round]) -> dict[str, str]:
+    """Whom each hospital's epsilon protects, as it last said (patient or record).
+
+    Only hospitals that trained with DP: one without has no epsilon to qualify.
+    """
+    return {
+        h["hospital"]: h["privacy_unit"]
+        for r in rounds
+        for h in r["hospitals"]
+        if h.get("privacy_unit") and h.get("epsilon") is not None
+    }
+
+
+def _units_line(rounds: list[Round]) -> str:
+    """'epsilon per patient: a, b; per record: c', or "" when no hospital said."""
+    units = hospital_units(rounds)
+    parts = [
+        f"per {unit}: {', '.join(sorted(n for n, u in units.items() if u == unit))}"
+        for unit in ("patient", "record")
+        if unit in units.values()
+    ]
+    return "epsilon " + "; ".join(parts) if parts else ""
+
+
 def summary_table(rounds: list[Round]) -> str:
     """Per round: global loss, macro AUROC, and each hospital's cumulative epsilon."""
     hospitals = sorted({h["hospital"] for r in rounds for h in r["hospitals"]})
@@ -94,33 +119,49 @@ def summary_table(rounds: list[Round]) -> str:
         "  ".join("-" * w for w in widths),
         *("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in rows),
     ]
+    if units := _units_line(rounds):
+        lines.append(units)
+    if any(h.get("held_out_epsilon") is not None for r in rounds for h in r["hospitals"]):
+        lines.append(
+            "eps a/b: a for the hospital's training records, b for its held-out records "
+            "(their noised evaluation statistics)"
+        )
     if any(h["status"] == "declined" for r in rounds for h in r["hospitals"]):
         lines.append("* declined the round: training would have exceeded its max-epsilon")
     return "\n".join(lines)
 
 
 THREAT_MODEL = """\
-- **Each patient record at a hospital** is protected by that hospital's (epsilon, delta)
-  differential privacy (add/remove-one record): whatever anyone learns from everything
-  computed from the hospital's training records (its updates, its released record
-  count and training loss, and so the global model) changes little whether or not the
-  record was in its data. epsilon is cumulative over every round and capped by the
-  hospital's own max-epsilon. It does not cover a patient with records at several
-  hospitals (each hospital protects its own record; the guarantees add up), nor
-  anything a hospital sends outside fedfusion.
-- **The server** is assumed honest but curious: it runs the protocol but may try to
-  learn from what it receives. With secure aggregation (SecAgg+) it sees only the sum
-  of the hospitals' uploads (updates and held-out evaluation statistics), unless at
-  least the reconstruction threshold of hospitals collude with it.
-- **Held-out records** are never trained on; their evaluation statistics reach the
-  server only summed over the hospitals inside SecAgg+ (or, without it, from hospitals
-  whose config shares them). They are not covered by epsilon.
-- **Public:** each hospital's name, whether it trained or declined and why, its epsilon
-  and DP parameters (functions of public values), and the final model, which is
-  DP-protected.
-- **Not covered:** a server that deviates from the protocol, a hospital's own
-  compromised machine, and side channels such as timing and message sizes.
+- **Each patient at a hospital** (all of their records together, where the hospital
+  has patient ids; each record on its own where it does not: the table says which) is
+  protected by that hospital's (epsilon, delta) differential privacy, add/remove-one,
+  cumulative over every round and capped by the hospital's own limits. The hospital
+  splits its patients itself, by a secret key: a training patient's epsilon covers
+  everything computed from the training records (its updates, its released count and
+  training loss, and so the global model); a held-out patient's covers the evaluation
+  statistics, which leave with Gaussian noise (a hospital with its own data; simulated
+  hospitals send exact ones). It does not cover a patient seen at several hospitals
+  (the guarantees add up), nor anything a hospital sends outside fedfusion.
+- **The server may lie.** With secure aggregation (SecAgg+) each hospital checks every
+  protocol message itself, so the server learns only sums over the hospitals' uploads
+  (updates and held-out statistics) unless enough hospitals collude with it; the
+  differential privacy above holds even then.
+- **Public:** each hospital's name, whether it trained or declined and why, its epsilons
+  and DP parameters (functions of its settings and public values), and the final
+  model, which is DP-protected.
+- **Not covered:** a hospital's own compromised machine, and side channels such as
+  timing and message sizes.
 """
+
+
+def _latest_held_out(rounds: list[Round]) -> dict[str, tuple[float, float | None]]:
+    """Per hospital, its last reported held-out epsilon and cap."""
+    out: dict[str, tuple[float, float | None]] = {}
+    for r in rounds:
+        for h in r["hospitals"]:
+            if h.get("held_out_epsilon") is not None:
+                out[h["hospital"]] = (h["held_out_epsilon"], h.get("max_held_out_epsilon"))
+    return out
 
 
 def privacy_section(rounds: list[Round], config: dict[str, Any]) -> list[str]:
@@ -137,20 +178,33 @@ def privacy_section(rounds: list[Round], config: dict[str, Any]) -> list[str]:
         f"C = {config.get('privacy.max-grad-norm')}, delta = {config.get('privacy.delta')} "
         f"(or the hospital's smaller one), accountant {config.get('privacy.accountant')}. "
         "epsilon is cumulative over every round the hospital trained in, recomputed from "
-        "its privacy ledger (`fedfusion ledger show <state-dir>`).",
+        "its privacy ledger (`fedfusion ledger show <state-dir>`). Per patient, it covers "
+        "all of a patient's records at that hospital together (each step samples patients "
+        "and trains on one record of each); per record, each record on its own.",
         "",
         "![epsilon](epsilon.png)",
         "",
-        "| hospital | epsilon spent | max epsilon | noise multiplier | sample rate | "
-        "steps (last round) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| hospital | protects each | epsilon spent | max epsilon | held-out epsilon | max "
+        "held-out epsilon | noise multiplier | sample rate | steps (last round) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    held_out = _latest_held_out(rounds)
+    units = hospital_units(rounds)
     for name, h in sorted(latest.items()):
+        spent, cap = held_out.get(name, (None, None))
         lines.append(
-            f"| {name} | {_fmt(h.get('epsilon'), '.3f')} | {_fmt(h.get('max_epsilon'), 'g')} | "
+            f"| {name} | {units.get(name, '-')} | {_fmt(h.get('epsilon'), '.3f')} | "
+            f"{_fmt(h.get('max_epsilon'), 'g')} | "
+            f"{_fmt(spent, '.3f')} | {_fmt(cap, 'g')} | "
             f"{_fmt(h.get('noise_multiplier'), '.4f')} | {_fmt(h.get('sample_rate'), '.5f')} | "
             f"{h.get('steps') if h.get('steps') is not None else '-'} |"
         )
+    lines += [
+        "",
+        "Held-out epsilon: what the hospital's held-out records have spent on the "
+        "evaluation statistics it released with Gaussian noise; `-` where it stated none "
+        "(it released them exact, as a simulated hospital does by default, or not at all).",
+    ]
     secagg = config.get("secagg.enabled", False)
     lines += ["", "### Secure aggregation", ""]
     if secagg:
@@ -226,7 +280,15 @@ def write_report(run_dir: Path, config: dict[str, Any]) -> Path:
             if h["hospital"] == name and h.get("max_epsilon") is not None
         )
         if pts:
-            ax.plot(*zip(*pts, strict=True), "o-", label=name)
+            (line,) = ax.plot(*zip(*pts, strict=True), "o-", label=name)
+            held = [
+                (r["round"], h["held_out_epsilon"])
+                for r in rounds
+                for h in r["hospitals"]
+                if h["hospital"] == name and h.get("held_out_epsilon") is not None
+            ]
+            if held:
+                ax.plot(*zip(*held, strict=True), "s:", color=line.get_color(), label=None)
     for budget in budgets:
         ax.axhline(budget, color="red", ls="--", lw=1)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -236,6 +298,14 @@ def write_report(run_dir: Path, config: dict[str, Any]) -> Path:
         ylabel="cumulative epsilon",
         title=f"Privacy spent (delta={config.get('privacy.delta')}); red: max-epsilon",
     )
+    ax.text(
+        0.01,
+        0.98,
+        "solid: training records; dotted: held-out records",
+        transform=ax.transAxes,
+        va="top",
+        fontsize=7,
+    )
     if hospitals:
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -243,7 +313,11 @@ def write_report(run_dir: Path, config: dict[str, Any]) -> Path:
     plt.close(fig)
 
     last = rounds[-1]["eval_metrics"] if rounds else {}
-    labels = [k.split(".", 1)[1] for k in last if k.startswith("auroc.")]
+    # a label without an AUROC (one class, or too few to read under the hospitals' noise)
+    # is left out of the plot
+    labels = [
+        k.split(".", 1)[1] for k, v in last.items() if k.startswith("auroc.") and v is not None
+    ]
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.barh(labels, [last[f"auroc.{lab}"] for lab in labels], color="tab:blue")
     ax.axvline(0.5, color="grey", ls=":")

@@ -224,7 +224,9 @@ class SecAggFedAvg(LegacyFedAvg):
             self.known[proxy.node_id] = name
             # the weight travels masked: the server learns only the sum
             reason = str(m.get(Status.REASON, ""))
-            self.hospitals[proxy.node_id] = hospital_round(proxy.node_id, name, m, 0, reason)
+            self.hospitals[proxy.node_id] = hospital_round(
+                proxy.node_id, name, m, 0, reason, m.get(Status.PRIVACY_UNIT)
+            )
             if declined:
                 log(WARNING, "[fedfusion] round %d: %s %s", server_round, name, reason)
         if not results:

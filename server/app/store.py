@@ -87,6 +87,10 @@ class HospitalRound:
     epsilon: float | None = None  # cumulative, reported by the hospital
     max_epsilon: float | None = None
     delta: float | None = None  # the delta its epsilon is stated for (its own policy)
+    # its held-out records' cumulative epsilon and cap (None: it released exact statistics)
+    held_out_epsilon: float | None = None
+    max_held_out_epsilon: float | None = None
+    privacy_unit: str | None = None  # whom its epsilon protects: patient or record
     eval_loss: float | None = None
     eval_auroc: float | None = None
     reason: str = ""

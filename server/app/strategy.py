@@ -77,9 +77,18 @@ def finite_weighted_mean(rows: Iterable[tuple[float, Mapping[str, object]]]) -> 
 
 
 def hospital_round(
-    node: int, name: str, metrics: Mapping[str, object], num_examples: int, reason: str
+    node: int,
+    name: str,
+    metrics: Mapping[str, object],
+    num_examples: int,
+    reason: str,
+    unit: object = None,
 ) -> HospitalRound:
-    """A hospital's train reply (either record format) as the server records it."""
+    """A hospital's train reply (either record format) as the server records it.
+
+    ``unit``: whom its epsilon protects, as it says (patient or record; anything else is
+    not recorded).
+    """
     return HospitalRound(
         hospital=name,
         node_id=node,
@@ -89,6 +98,9 @@ def hospital_round(
         epsilon=as_float(metrics.get(Reply.EPSILON)),
         max_epsilon=as_float(metrics.get(Reply.MAX_EPSILON)),
         delta=as_float(metrics.get(Reply.DELTA)),
+        held_out_epsilon=as_float(metrics.get(Reply.HELD_OUT_EPSILON)),
+        max_held_out_epsilon=as_float(metrics.get(Reply.MAX_HELD_OUT_EPSILON)),
+        privacy_unit=unit if unit in ("patient", "record") else None,
         reason=reason,
         noise_multiplier=as_float(metrics.get(Reply.NOISE_MULTIPLIER)),
         sample_rate=as_float(metrics.get(Reply.SAMPLE_RATE)),
@@ -254,6 +266,7 @@ class HospitalFedAvg(FedAvg):
                 metrics,
                 int(metrics.get(Reply.NUM_EXAMPLES, 0)),
                 str(status.get(Status.REASON, "")),
+                status.get(Status.PRIVACY_UNIT),
             )
             self.round_hospitals[node] = entry
             self.known[node] = entry.hospital
@@ -333,6 +346,10 @@ class HospitalFedAvg(FedAvg):
                     node,
                     HospitalRound(hospital=_hospital_name(msg), node_id=node, status="evaluated"),
                 )
+                metrics = msg.content.metric_records.get(METRICS, MetricRecord())
+                if Reply.HELD_OUT_EPSILON in metrics:  # this evaluation's release included
+                    entry.held_out_epsilon = as_float(metrics[Reply.HELD_OUT_EPSILON])
+                    entry.max_held_out_epsilon = as_float(metrics.get(Reply.MAX_HELD_OUT_EPSILON))
                 if status.get(Status.STATUS) == Status.WITHHELD:
                     self.withheld += 1
                     continue
@@ -340,6 +357,7 @@ class HospitalFedAvg(FedAvg):
                     stats = EvalStats.from_vector(
                         self.labels,
                         msg.content[EVALUATION][EVALUATION_STATISTICS].numpy(),
+                        current=True,  # an older layout could bring a NaN into the sum
                     )
                 except (KeyError, ValueError) as err:
                     problem = f"malformed evaluation statistics ({err})"

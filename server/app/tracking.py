@@ -131,7 +131,7 @@ def metric_name(text: str) -> str:
 
 
 def round_metrics(record: dict[str, Any]) -> dict[str, float]:
-    """A round record's training side: loss, bookkeeping, each hospital's epsilon.
+    """A round record's training side: loss, bookkeeping, each hospital's epsilons.
 
     A hospital names itself: the name is reduced to a plain word, an empty one becomes
     its node id, and two hospitals whose names collide both get their node ids.
@@ -148,7 +148,19 @@ def round_metrics(record: dict[str, Any]) -> dict[str, float]:
     }
     for key, h in zip(_hospital_keys(hospitals), hospitals, strict=True):
         out[f"epsilon/{key}"] = h.get("epsilon")
+        out[f"held-out-epsilon/{key}"] = h.get("held_out_epsilon")
     return {k: float(v) for k, v in out.items() if isinstance(v, int | float)}
+
+
+def privacy_units(rounds: Iterable[dict[str, Any]]) -> dict[str, str]:
+    """Per hospital metric key, whom its epsilon protects (patient or record), as last said."""
+    out = {}
+    for record in rounds:
+        hospitals = record.get("hospitals", [])
+        for key, h in zip(_hospital_keys(hospitals), hospitals, strict=True):
+            if h.get("privacy_unit"):
+                out[key] = str(h["privacy_unit"])
+    return out
 
 
 def _hospital_keys(hospitals: list[dict[str, Any]]) -> list[str]:
@@ -286,6 +298,8 @@ class RunTracker:
             return
         for start in range(0, len(batch), 1000):  # MLflow's limit per batch
             self._client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+        for key, unit in privacy_units(rounds).items():  # whom each epsilon/<key> protects
+            self._client.set_tag(self.run_id, f"fedfusion.privacy-unit.{key}", unit)
         self._save()
 
     def finish(self, status: str, rounds: Iterable[dict[str, Any]]) -> None:

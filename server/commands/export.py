@@ -22,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from server.app.best import BEST_FILE, BEST_MODEL, MIN_POOLED_HOSPITALS, best_round
+from server.app.report import hospital_units
 from server.app.store import RunDirError, read_run_file
 from server.commands.model_card import render_model_card
 from shared_model.config import RunConfig
@@ -257,6 +258,8 @@ def bundle_info(
             },
         },
         "seed": run.seed,
+        # whom each hospital's epsilon protects: patient (all of its records) or record
+        "privacy-units": hospital_units(facts.rounds),
         "labels": list(run.model.labels),
         "model": model_settings(run.model),
         "run-config": {k: v for k, v in run.to_run_config().items() if k != "output-dir"},
@@ -330,6 +333,11 @@ def export_run(
             "macro-auroc": macro,
             "macro-auroc-ci95": [low, high],
             "auroc": {f.label: f.auroc for f in per_label},
+            # hospitals that released theirs with Gaussian noise, and its summed std
+            "noised-hospitals": _count(stats.noised),
+            "noise-std": (
+                math.sqrt(stats.noise_variance) if math.isfinite(stats.noise_variance) else None
+            ),
         }
     card = render_model_card(facts, info, figures)
     return write_bundle(out, info, chosen.weights, card)

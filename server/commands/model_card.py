@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
+from server.app.report import hospital_units
 from shared_model.inference.operating_points import PooledLabel
 
 if TYPE_CHECKING:
@@ -57,7 +58,11 @@ def _secagg_plan(facts: RunFacts) -> str:
 
 
 def _privacy_rows(facts: RunFacts, server_round: int) -> list[str]:
-    """Per hospital: epsilon spent by the exported round and by the run's end, cap, delta."""
+    """Per hospital: epsilon spent by the exported round and by the run's end, cap, delta.
+
+    With the held-out records' epsilon at the end and its cap, where the hospital noised
+    its held-out statistics.
+    """
     at_round: dict[str, dict[str, Any]] = {}
     at_end: dict[str, dict[str, Any]] = {}
     for record in facts.rounds:
@@ -68,19 +73,58 @@ def _privacy_rows(facts: RunFacts, server_round: int) -> list[str]:
             if int(record["round"]) <= server_round:
                 at_round[h["hospital"]] = h
     default_delta = facts.run.privacy.delta
+    units = hospital_units(facts.rounds)
+    held_out: dict[str, dict[str, Any]] = {}
+    for record in facts.rounds:
+        for h in record["hospitals"]:
+            if h.get("held_out_epsilon") is not None:
+                held_out[h["hospital"]] = h
     rows = []
     for name in sorted(at_end):
         end, mine = at_end[name], at_round.get(name, {})
+        held = held_out.get(name)
+        held_cells = (
+            f"{_f(held['held_out_epsilon'], '.2f')} | {_f(held.get('max_held_out_epsilon'), 'g')}"
+            if held
+            else ("exact (public data) | -" if facts.simulated_hospitals else "none stated | -")
+        )
         private = end.get("epsilon") is not None or end.get("noise_multiplier")
         if not private:
-            rows.append(f"| {name} | not private (DP off by its own config) | - | - | - |")
+            rows.append(
+                f"| {name} | - | not private (DP off by its own config) | - | - | {held_cells} "
+                "| - |"
+            )
             continue
         delta = end.get("delta") if end.get("delta") is not None else default_delta
         rows.append(
-            f"| {name} | {_f(mine.get('epsilon'), '.2f')} | {_f(end.get('epsilon'), '.2f')} | "
-            f"{_f(end.get('max_epsilon'), 'g')} | {delta:g} |"
+            f"| {name} | {units.get(name, '-')} | {_f(mine.get('epsilon'), '.2f')} | "
+            f"{_f(end.get('epsilon'), '.2f')} | "
+            f"{_f(end.get('max_epsilon'), 'g')} | {held_cells} | {delta:g} |"
         )
     return rows
+
+
+def _noise_note(info: dict[str, Any]) -> str:
+    """How the pooled figures were released and what their intervals include."""
+    pooled = info.get("pooled-evaluation", {})
+    noised, std = pooled.get("noised-hospitals") or 0, pooled.get("noise-std")
+    if not noised:
+        return (
+            "The hospitals released these statistics exact (a simulated hospital, whose "
+            "data is public, does by default; a hospital with its own data only if its file "
+            "says held-out-noise = false). 95% confidence intervals: stratified "
+            "bootstrap over the histograms."
+        )
+    return (
+        f"{noised} of the hospitals released theirs with Gaussian noise, charged to their "
+        "held-out epsilon (Privacy, above), in 16 coarse score bins; each AUROC is read "
+        "from a binormal fit to the noised bins (summed noise std "
+        f"{_f(std, '.1f')} per bin, in units of a patient or record). 95% confidence "
+        "intervals: parametric "
+        "bootstrap that resamples the records and adds fresh noise of the same "
+        "variance, so they include the privacy noise. Thresholds use only these "
+        "released values."
+    )
 
 
 def _evaluation_section(
@@ -110,11 +154,10 @@ def _evaluation_section(
         "## Evaluation",
         "",
         f"On the pooled held-out {'test' if split == 'test' else 'validation'} records of "
-        f"{source['pooled-hospitals']} hospitals ({n:,} records; each hospital split its own "
+        f"{source['pooled-hospitals']} hospitals ({n:,} patients or records, as each "
+        "hospital counts them; each hospital split its own "
         "records by patient and never trained on these), from their score histograms, "
-        f"{summed}. 95% confidence intervals: stratified bootstrap over the histograms. "
-        "These figures and the thresholds are computed from held-out records, which "
-        "differential privacy does not cover.",
+        f"{summed}. {_noise_note(info)}",
         "",
         f"**Macro AUROC {_f(macro)} (95% CI {_f(low)}-{_f(high)})** "
         "(labels resampled independently: the histograms do not keep which records "
@@ -222,18 +265,23 @@ def render_model_card(
         "",
         "## Privacy",
         "",
-        "Each hospital trained with DP-SGD (Opacus): every patient record there has the "
-        "(epsilon, delta) guarantee below, add/remove-one record, cumulative over every "
-        "round it trained in, capped by its own maximum. The run asked each hospital to "
+        "Each hospital trained with DP-SGD (Opacus): each patient there (all of their "
+        "records together, where the table says patient) or each record (where it says "
+        "record: a patient with k records has up to k times it) has the (epsilon, delta) "
+        "guarantee below, add/remove-one, per hospital, cumulative over every round it "
+        "trained in, capped by its own maximum. The run asked each hospital to "
         f"spend at most epsilon = {run.privacy.target_epsilon:g} over its rounds "
         "(privacy.target-epsilon); a hospital's own max epsilon is the hard cap. The "
         f"model of round {source['round']} depends only on the rounds up to it; everyone "
-        "who saw the whole run saw the later rounds too. Held-out records are never "
-        "trained on and are not covered by these guarantees (see Evaluation).",
+        "who saw the whole run saw the later rounds too. Each hospital split its records "
+        "by patient with its own secret key; held-out records are never trained on, and "
+        "their evaluation statistics have a budget of their own (held-out epsilon, over "
+        "every evaluation the hospital released), or were released exact where the "
+        "hospital's data is public (simulated hospitals).",
         "",
-        f"| hospital | epsilon by round {source['round']} | epsilon at the end | max epsilon "
-        "| delta |",
-        "|---|---:|---:|---:|---:|",
+        f"| hospital | protects each | epsilon by round {source['round']} | epsilon at the end "
+        "| max epsilon | held-out epsilon at the end | max held-out epsilon | delta |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
         *_privacy_rows(facts, source["round"]),
         "",
         *_evaluation_section(facts, info, figures),

@@ -57,6 +57,14 @@ class HospitalConfig:
         min=0.05,
         max=0.5,
     )
+    privacy_unit: str = _opt(
+        "auto",
+        "Whom the (epsilon, delta) guarantee protects: patient (all of a patient's records "
+        "together; needs a patient_id column), record (each record on its own: a patient "
+        "with k records has up to k times epsilon), or auto: patient where the manifest "
+        "has patient ids, record otherwise. Fixed in the privacy ledger at first use.",
+        choices=("auto", "patient", "record"),
+    )
     validation_fraction: float = _opt(
         0.0,
         "Share of this hospital's patients kept apart for validation (tuning runs with "

@@ -143,6 +143,17 @@ class DataConfig:
         choices=TEXT_SOURCES,
     )
     max_reports: int = _opt(0, "Use at most this many reports (0: all 3,860 labelled).", min=0)
+    min_studies: int = _opt(
+        1,
+        "Embedded data: each report is one patient with between min-studies and "
+        "max-studies studies (drawn per patient), each study a phantom drawn anew from the "
+        "report's labels, with the same text: data for privacy per patient.",
+        min=1,
+        max=20,
+    )
+    max_studies: int = _opt(
+        1, "Embedded data: the most studies a patient has (see min-studies).", min=1, max=20
+    )
     dirichlet_alpha: float = _opt(
         1.0, "Label skew across hospitals; smaller is more non-IID.", min=0.0, min_exclusive=True
     )
@@ -362,6 +373,11 @@ class RunConfig:
                 f"privacy.grad-sample-mode {self.privacy.grad_sample_mode!r}: the lstm encoder "
                 "reuses its layers at every time step, which only bk, hooks and functorch "
                 "handle (Opacus refuses parameter reuse in ghost clipping)"
+            )
+        if self.data.min_studies > self.data.max_studies:
+            raise ConfigError(
+                f"data.min-studies {self.data.min_studies} is above data.max-studies "
+                f"{self.data.max_studies}"
             )
         if self.server.strategy == "fedprox" and self.server.proximal_mu <= 0:
             raise ConfigError("server.proximal-mu: strategy 'fedprox' needs proximal-mu > 0")

@@ -17,7 +17,12 @@ import torch
 
 from shared_model.config import DataConfig, ModelConfig
 from shared_model.data import FusionTensors, labels_to_multi_hot
-from shared_model.datasets.iu_reports import EMBEDDED_LABELS, PUBLIC_PREVALENCE, load_reports
+from shared_model.datasets.iu_reports import (
+    EMBEDDED_LABELS,
+    PUBLIC_PREVALENCE,
+    Report,
+    load_reports,
+)
 from shared_model.datasets.phantoms import hospital_acquisition, render_phantom
 from shared_model.split import embedded_split_spec, split_records
 from shared_model.text import tokenizer_for
@@ -102,6 +107,14 @@ def embedded_hospital(
     return HospitalSplit(train=parts.train, test=parts.held_out(data.holdout))
 
 
+def _studies(report: Report, data: DataConfig, seed: int) -> int:
+    """How many studies the patient of ``report`` has (data.min-studies to max-studies)."""
+    if data.max_studies == data.min_studies:
+        return data.min_studies
+    rng = np.random.default_rng([seed, int(report.uid), 29])
+    return int(rng.integers(data.min_studies, data.max_studies + 1))
+
+
 def embedded_records(
     partition_id: int,
     num_partitions: int,
@@ -122,20 +135,23 @@ def embedded_records(
     parts = dirichlet_partition(
         [r.labels for r in reports], num_partitions, data.dirichlet_alpha, seed
     )
-    mine = [reports[i] for i in parts[partition_id]]
+    patients = [reports[i] for i in parts[partition_id]]
+    studies = [_studies(r, data, seed) for r in patients]
+    mine = [r for r, k in zip(patients, studies, strict=True) for _ in range(k)]
     acquisition = hospital_acquisition(seed, partition_id)
     images = torch.from_numpy(
         np.stack(
             [
-                # Seeded by the report, so a report's phantom anatomy does not depend on
-                # which hospital it lands in; the scanner (acquisition) does.
+                # Seeded by the report (and study), so a phantom's anatomy does not depend
+                # on which hospital it lands in; the scanner (acquisition) does.
                 render_phantom(
                     r.labels,
-                    np.random.default_rng([seed, int(r.uid)]),
+                    np.random.default_rng([seed, int(r.uid)] + ([study] if study else [])),
                     model.image_size,
                     acquisition,
                 )
-                for r in mine
+                for r, k in zip(patients, studies, strict=True)
+                for study in range(k)
             ]
         )[:, None]
     )

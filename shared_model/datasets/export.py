@@ -105,7 +105,8 @@ def write_held_out(folder: Path, run: RunConfig, hospitals: int) -> list[Path]:
         manifests.append(
             _write(
                 Path(folder) / f"hospital-{i}",
-                [by_uid[uid] for uid in held_out.patient_ids or []],
+                # one study per patient (the first), as each patient's file is <uid>.png
+                [by_uid[uid] for uid in dict.fromkeys(held_out.patient_ids or [])],
                 lambda r, a=acquisition: render_phantom(
                     r.labels, np.random.default_rng([run.seed, int(r.uid)]), run.model.image_size, a
                 ),

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from shared_model.evaluation import SCORE_EDGES, EvalStats
+from shared_model.evaluation import (
+    COARSE_EDGES,
+    SCORE_EDGES,
+    EvalStats,
+    binormal_auroc_draws,
+    coarse_cells,
+)
 
 __all__ = [
     "OPERATING_POINT_HELP",
@@ -31,6 +37,11 @@ OPERATING_POINT_HELP = (
     "probability=0.5 (a fixed threshold)."
 )
 _EDGES = SCORE_EDGES  # threshold at edge i: bins i and above are positive
+# Noised statistics hold counts per coarse bin only: their thresholds are coarse edges
+# (and the two ends), where the stated rates are those of the records.
+_COARSE_EDGE_INDEX = np.array(
+    [0, *np.searchsorted(SCORE_EDGES, np.array(COARSE_EDGES) - 1e-9), len(SCORE_EDGES) - 1]
+)
 
 
 def parse_operating_point(text: str) -> tuple[str, float]:
@@ -60,7 +71,8 @@ def _rates(stats: EvalStats, j: int) -> tuple[np.ndarray, np.ndarray]:
     pos, neg = stats.positives[j], stats.negatives[j]
     tp = np.concatenate([np.cumsum(pos[::-1])[::-1], [0.0]])  # positives in bins >= i
     tn = np.concatenate([[0.0], np.cumsum(neg)])  # negatives in bins < i
-    return tp / max(pos.sum(), 1.0), tn / max(neg.sum(), 1.0)
+    sens, spec = tp / max(pos.sum(), 1.0), tn / max(neg.sum(), 1.0)
+    return np.clip(sens, 0.0, 1.0), np.clip(spec, 0.0, 1.0)  # noised sums may stray
 
 
 def choose_thresholds(stats: EvalStats, rule: str) -> tuple[np.ndarray, list[str]]:
@@ -70,22 +82,29 @@ def choose_thresholds(stats: EvalStats, rule: str) -> tuple[np.ndarray, list[str
     probability 0.5, and a note says so.
     """
     kind, value = parse_operating_point(rule)
+    # Noised statistics hold coarse bins only; their raw sums are read as they are (the
+    # noise is unbiased; clipping cells at zero is not), the rates clipped to [0, 1].
+    candidates = _COARSE_EDGE_INDEX if stats.noised > 0 else np.arange(len(_EDGES))
     thresholds, notes = np.zeros(len(stats.labels)), []
     for j, label in enumerate(stats.labels):
         sens, spec = _rates(stats, j)
         if kind == "probability":
             thresholds[j] = math.log(value / (1.0 - value))
             continue
-        if stats.positives[j].sum() == 0 or stats.negatives[j].sum() == 0:
-            notes.append(f"{label}: one class only in the pooled held-out records; threshold 0.5")
+        if not stats.has_both_classes(j):
+            notes.append(
+                f"{label}: one class only in the pooled held-out records (or too few to "
+                "read under the hospitals' noise); threshold 0.5"
+            )
             continue
+        sens, spec = sens[candidates], spec[candidates]
         if kind == "youden":
             i = int(np.argmax(sens + spec - 1.0))  # ties: the lowest, most sensitive one
         elif kind == "sensitivity":
             i = int(np.flatnonzero(sens >= value - 1e-12).max())
         else:
             i = int(np.flatnonzero(spec >= value - 1e-12).min())
-        thresholds[j] = _EDGES[i]
+        thresholds[j] = _EDGES[candidates[i]]
     return thresholds, notes
 
 
@@ -120,26 +139,37 @@ def pooled_figures(
 
     The CI resamples each label's positives and negatives from their histograms (the
     stratified bootstrap of the records, as far as the histograms tell it; NaN with
-    ``bootstrap=0``). A threshold between bin edges is read at the next edge up. The macro
-    CI resamples labels independently: the histograms do not keep which records share
-    labels, so it ignores the correlation between labels.
+    ``bootstrap=0``). Statistics that hospitals released with Gaussian noise are
+    resampled from the fitted binormal model with fresh noise of the same variance
+    (:func:`~shared_model.evaluation.binormal_auroc_draws`), so their CI holds the
+    privacy noise too; NaN when the noise variance was not recorded. A threshold between
+    bin edges is read at the next edge up. The macro CI resamples labels independently:
+    the histograms do not keep which records share labels, so it ignores the correlation
+    between labels.
     """
     stats = stats.rounded()
+    noised = stats.noised > 0
     rng = np.random.default_rng(seed)
     out, samples = [], []
     for j, label in enumerate(stats.labels):
-        pos, neg = stats.positives[j], stats.negatives[j]
-        n_pos, n_neg = int(pos.sum()), int(neg.sum())
+        pos, neg = stats.positives[j], stats.negatives[j]  # noised: raw, unbiased sums
+        n_pos, n_neg = max(round(float(pos.sum())), 0), max(round(float(neg.sum())), 0)
         i = int(np.searchsorted(_EDGES, threshold_logits[j] - 1e-9))
         tp, fn = pos[i:].sum(), pos[:i].sum()
         tn, fp = neg[:i].sum(), neg[i:].sum()
-        if n_pos and n_neg and bootstrap:
+        auroc, draws = stats.auroc(j), None
+        if n_pos and n_neg and bootstrap and not noised:
             draws = _auroc(
                 rng.multinomial(n_pos, pos / n_pos, size=bootstrap),
                 rng.multinomial(n_neg, neg / n_neg, size=bootstrap),
             )
+        elif noised and bootstrap and math.isfinite(auroc * stats.noise_std):
+            draws = binormal_auroc_draws(
+                coarse_cells(pos), coarse_cells(neg), stats.noise_std, bootstrap, rng
+            )
+        if draws is not None:
             samples.append(draws)
-            low, high = np.percentile(draws, [2.5, 97.5])
+            low, high = np.nanpercentile(draws, [2.5, 97.5])
         else:
             low = high = math.nan
         out.append(
@@ -147,7 +177,7 @@ def pooled_figures(
                 label=label,
                 positives=n_pos,
                 negatives=n_neg,
-                auroc=stats.auroc(j),
+                auroc=auroc,
                 auroc_ci95=(float(low), float(high)),
                 sensitivity=_ratio(tp, tp + fn),
                 specificity=_ratio(tn, tn + fp),
@@ -157,12 +187,13 @@ def pooled_figures(
         )
     defined = [p.auroc for p in out if not math.isnan(p.auroc)]
     macro = float(np.mean(defined)) if defined else math.nan
-    if samples:
-        low, high = np.percentile(np.mean(samples, axis=0), [2.5, 97.5])
+    if samples and len(samples) == len(defined):
+        low, high = np.nanpercentile(np.mean(samples, axis=0), [2.5, 97.5])
     else:
         low = high = math.nan
     return out, (macro, float(low), float(high))
 
 
 def _ratio(a: float, b: float) -> float:
-    return float(a / b) if b > 0 else math.nan
+    """The ratio clipped to [0, 1] (noised sums may stray); NaN when b is not positive."""
+    return float(min(max(a / b, 0.0), 1.0)) if b > 0 else math.nan

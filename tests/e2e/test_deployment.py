@@ -45,7 +45,9 @@ def test_three_hospitals_train_over_tls(deployment):
     tracked = read_tracked_run(out)  # logged by the deployed server, in its default store
     assert tracked.uri == f"sqlite:///{d.tmp / 'server-state' / 'runs' / 'mlflow.db'}"
     assert tracked.status == "FINISHED" and tracked.params["num-rounds"] == "2"
-    assert [s for s, _ in tracked.history["eval/auroc"]] == [0, 1, 2]
+    # eval/loss: the macro AUROC of so few held-out patients may be unreadable under the
+    # hospitals' held-out noise (no label clears twice the noise on its total)
+    assert [s for s, _ in tracked.history["eval/loss"]] == [0, 1, 2]
     assert "model/global_model.safetensors" in tracked.artifacts
     for name in names:
         hospital_log = (d.tmp / f"{name}.log").read_text()

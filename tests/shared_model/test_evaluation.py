@@ -1,5 +1,6 @@
 """Held-out statistics that add up: the federation's metrics from sums alone."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -59,17 +60,22 @@ def test_a_vector_round_trips_and_a_malformed_one_is_refused():
     stats = EvalStats.from_predictions(LABELS, *predictions(50, 3))
     again = EvalStats.from_vector(LABELS, stats.to_vector())
     np.testing.assert_array_equal(again.to_vector(), stats.to_vector())
-    assert EvalStats.vector_size(len(LABELS)) == stats.to_vector().size == 5 + 6 * SCORE_BINS
-    noiseless = EvalStats.from_vector(LABELS, np.delete(stats.to_vector(), 4))  # older runs'
+    assert EvalStats.vector_size(len(LABELS)) == stats.to_vector().size == 6 + 6 * SCORE_BINS
+    noised = dataclasses.replace(stats, noised=1.0, noise_variance=4.0)
+    unknown = EvalStats.from_vector(LABELS, np.delete(noised.to_vector(), 5))  # older runs'
+    assert unknown.noised == 1.0 and math.isnan(unknown.noise_variance)
+    assert EvalStats.from_vector(LABELS, noised.to_vector()).noise_variance == 4.0
+    noiseless = EvalStats.from_vector(LABELS, np.delete(stats.to_vector(), [4, 5]))
     assert noiseless.hospitals == 1.0 and noiseless.noised == 0.0
-    legacy = EvalStats.from_vector(LABELS, np.delete(stats.to_vector(), [3, 4]))
+    assert noiseless.noise_variance == 0.0
+    legacy = EvalStats.from_vector(LABELS, np.delete(stats.to_vector(), [3, 4, 5]))
     assert math.isnan(legacy.hospitals) and legacy.metrics() == stats.metrics()
     assert math.isnan(legacy.rounded().hospitals)
     with pytest.raises(ValueError, match="expected"):
-        EvalStats.from_vector(LABELS, stats.to_vector()[:-3])
+        EvalStats.from_vector(LABELS, stats.to_vector()[:-4])
     for bad in (np.nan, -1.0, np.inf):
         vector = stats.to_vector()
-        vector[6] = bad
+        vector[7] = bad
         with pytest.raises(ValueError, match="finite and non-negative"):
             EvalStats.from_vector(LABELS, vector)
 

@@ -27,6 +27,7 @@ from shared_model.weights import hospital_layout
 from tests.support.flower import global_request, make_context, make_message
 
 NODE = {"partition-id": 0, "num-partitions": 2}
+NOISED = {**NODE, "held-out-noise": True}  # releases its held-out statistics noised
 
 
 @pytest.fixture
@@ -201,10 +202,11 @@ def test_every_field_of_every_reply_is_listed(run_config):
         ),
         app(evaluate, make_context(run_config, NODE)),
         app(evaluate, make_context(run_config, {**NODE, "share-evaluation": False})),
+        app(evaluate, make_context(run_config, NOISED)),  # its held-out epsilon too
     ]
-    for extra in ({}, {Request.EVALUATE_ONLY: True}):  # what secaggplus_mod gets to mask
-        upload = as_the_mod_calls(
-            secagg_upload_request(run_config, 3, **extra), make_context(run_config, NODE)
+    for extra, node in (({}, NODE), ({}, NOISED), ({Request.EVALUATE_ONLY: True}, NODE)):
+        upload = as_the_mod_calls(  # what secaggplus_mod gets to mask
+            secagg_upload_request(run_config, 3, **extra), make_context(run_config, node)
         )
         for record in upload.content.array_records.values():
             record.clear()  # the mod masks the vector and sends it in its own record

@@ -19,6 +19,7 @@ from dp_accounting.rdp import RdpAccountant
 from client.dp.held_out import (
     COARSE_EDGES,
     coarse_layout,
+    held_out_epsilon,
     held_out_noise_multipliers,
     release_held_out,
     released_rounds,
@@ -109,6 +110,9 @@ def test_held_out_releases_are_charged_to_their_own_part_and_capped(tmp_path):
     assert not again.released and "above this hospital's cap 2" in again.reason
     assert again.stats.examples == 0 and not again.stats.positives.any()
     assert len(ledger.history) == 3
+    # what the hospital states in its replies is its ledger's held-out epsilon
+    assert held_out_epsilon(ledger.history, policy) == ledger.epsilon(part=HELD_OUT_PART)
+    assert held_out_epsilon(ledger.history, replace(policy, held_out_noise=False)) is None
 
 
 def _independent_epsilon(final: float, other: float, releases: int, delta: float) -> float:
@@ -235,6 +239,7 @@ def test_each_component_gets_exactly_its_noise(tmp_path):
     others = np.setdiff1d(np.arange(SCORE_BINS), cells)
     assert not out.stats.positives[:, others].any() and not out.stats.negatives[:, others].any()
     assert out.stats.noised == 1.0 and out.stats.hospitals == 1.0
+    assert out.stats.noise_variance == pytest.approx(std**2)  # for the server's intervals
 
 
 def test_the_noise_comes_from_the_os_csprng_in_float64_and_has_its_std(tmp_path, monkeypatch):

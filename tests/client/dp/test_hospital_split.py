@@ -14,7 +14,6 @@ import pytest
 from typer.testing import CliRunner
 
 from client.app.site import hospital_records, open_site
-from client.dp.hospital_split import new_split
 from client.dp.ledger import (
     LEDGER_FILENAME,
     LedgerEntry,
@@ -22,35 +21,17 @@ from client.dp.ledger import (
     PrivacyLedger,
     _checksum,
 )
-from client.dp.ledger_custody import check_against_backup, init_ledger
-from client.dp.policy import effective_policy
+from client.dp.ledger_custody import check_against_backup
 from shared_model.cli import build_app
-from shared_model.config import HospitalConfig, PrivacyConfig, RunConfig
+from shared_model.config import HospitalConfig, RunConfig
 from shared_model.datasets.export import write_manifest
 from shared_model.split import SplitSpec, embedded_split_spec, split_records
+from tests.support.hospitals import started_hospital
 
 
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     return write_manifest(tmp_path_factory.mktemp("data"), hospital=0, records=120)
-
-
-def started(tmp_path, manifest, **own):
-    """A hospital with its own data whose ledger a person has started; its config."""
-    node = {
-        "data-manifest": str(manifest),
-        "hospital-id": "st-mary",
-        "state-dir": str(tmp_path / "state"),
-        "ledger-backup": str(tmp_path / "backup"),
-        **own,
-    }
-    hospital = HospitalConfig.from_node_config(node)
-    state = tmp_path / "state"
-    policy = effective_policy(PrivacyConfig(), hospital)
-    init_ledger(
-        state, hospital.name, policy, hospital.ledger_backup_file(state), new_split(hospital)
-    )
-    return hospital
 
 
 HOLDOUTS = ["test", "validation"]
@@ -70,7 +51,7 @@ def test_a_server_changing_seed_fraction_and_holdout_never_evaluates_a_trained_p
     tmp_path, manifest
 ):
     """13 runs with server-chosen splits: one training part, disjoint from all evaluated."""
-    hospital = started(tmp_path, manifest, **{"validation-fraction": 0.1})
+    hospital = started_hospital(tmp_path, manifest, **{"validation-fraction": 0.1})
     rng = random.Random(7)
     seeds = [rng.randrange(2**31) for _ in range(13)]
     trained: list[set[str]] = []
@@ -97,7 +78,7 @@ def test_a_server_changing_seed_fraction_and_holdout_never_evaluates_a_trained_p
 
 
 def test_the_run_s_split_settings_are_ignored_and_the_hospital_says_so(tmp_path, manifest, caplog):
-    hospital = started(tmp_path, manifest)
+    hospital = started_hospital(tmp_path, manifest)
     with caplog.at_level(logging.WARNING, logger="fedfusion.hospital"):
         site = open_site(hospital, server_run(1, 0.5, "validation"))
     said = caplog.text
@@ -108,7 +89,7 @@ def test_the_run_s_split_settings_are_ignored_and_the_hospital_says_so(tmp_path,
 
 
 def test_the_split_is_fixed_in_the_ledger_and_a_changed_fraction_is_refused(tmp_path, manifest):
-    hospital = started(tmp_path, manifest)
+    hospital = started_hospital(tmp_path, manifest)
     first = open_site(hospital, server_run(1, 0.2, "test"))
     ledger = json.loads((tmp_path / "state" / LEDGER_FILENAME).read_text())
     assert ledger["split"]["test_fraction"] == 0.2 and ledger["split"]["since_release"] == 0
@@ -121,7 +102,7 @@ def test_the_split_is_fixed_in_the_ledger_and_a_changed_fraction_is_refused(tmp_
 
 def test_a_ledger_that_released_before_it_kept_a_split_waits_for_a_person(tmp_path, manifest):
     """Its earlier runs' held-out records were the server's choice: no split is drawn alone."""
-    hospital = started(tmp_path, manifest)
+    hospital = started_hospital(tmp_path, manifest)
     path = tmp_path / "state" / LEDGER_FILENAME
     ledger = PrivacyLedger.from_json(path.read_bytes(), path)
     ledger.backup = hospital.ledger_backup_file(tmp_path / "state")
@@ -150,7 +131,7 @@ def test_a_ledger_that_released_before_it_kept_a_split_waits_for_a_person(tmp_pa
 
 def test_a_backup_without_the_split_accepts_only_the_split_fixed_on_its_history(tmp_path, manifest):
     """A crash between the ledger's write and its backup's: the split may be missing there."""
-    hospital = started(tmp_path, manifest)
+    hospital = started_hospital(tmp_path, manifest)
     backup = hospital.ledger_backup_file(tmp_path / "state")
     kept = PrivacyLedger.from_json(backup.read_bytes(), backup)
     kept.path, kept.backup, kept.split = backup, None, None
@@ -171,7 +152,7 @@ def test_a_backup_without_the_split_accepts_only_the_split_fixed_on_its_history(
 
 def test_a_split_edited_in_the_ledger_is_caught_against_its_backup(tmp_path, manifest):
     """An intruder swaps in a split key of their own and recomputes the checksum."""
-    hospital = started(tmp_path, manifest)
+    hospital = started_hospital(tmp_path, manifest)
     path = tmp_path / "state" / LEDGER_FILENAME
     data = json.loads(path.read_text())
     data.pop("checksum")

@@ -177,7 +177,7 @@ def test_a_ledger_rewritten_as_the_previous_format_is_refused(tmp_path):
     path = state / LEDGER_FILENAME
     original = path.read_text()
     _as_previous_format(path, keep_split=True)
-    with pytest.raises(LedgerError, match="a split in a ledger of the old format"):
+    with pytest.raises(LedgerError, match="a split or unit in a ledger of the old format"):
         reopen(state, backup)
     path.write_text(original)
     _as_previous_format(path)

@@ -52,6 +52,25 @@ def test_real_png_jpeg_and_dicom_files_pass(tmp_path):
     assert f"{len(REAL_DICOM) + 2} rows" in result.output and "bad: 0" in result.output
 
 
+def test_patients_and_records_per_patient_are_counted(tmp_path):
+    rows = good_site(tmp_path)
+    for row, owner in zip(rows, ["p0", "p0", "p0", "p1", "p2", "p2"], strict=True):
+        row["patient_id"] = owner
+    result = check(str(write_csv(tmp_path / "m.csv", rows)))
+    assert "patients: 3 (records per patient: median 2, max 3); epsilon will be per patient" in (
+        result.output
+    )
+    summary = json.loads(check(str(tmp_path / "m.csv"), "--json").output)
+    assert summary["patients"] == 3 and summary["records_per_patient"] == {"median": 2, "max": 3}
+    rows[1]["patient_id"] = ""  # one blank: it would count as a patient of its own
+    result = check(str(write_csv(tmp_path / "b.csv", rows)))
+    assert "patient_id is blank on 1 records" in result.output
+    for row in rows:
+        del row["patient_id"]
+    result = check(str(write_csv(tmp_path / "n.csv", rows)))
+    assert "no patient_id column" in result.output and "epsilon will be per record" in result.output
+
+
 @pytest.mark.fault(
     "`fedfusion data check` on a manifest with bad rows",
     "Every bad row listed with its reason; exit code 1",

@@ -114,10 +114,16 @@ def test_short_reason_strips_remote_tracebacks():
     assert short_reason("Traceback\n  x\nKeyError: 'k'\n") == "KeyError: 'k'"
 
 
-def evaluation_reply(node: int, stats=None, *, withheld: bool = False, vector=None) -> Message:
+def evaluation_reply(
+    node: int, stats=None, *, withheld: bool = False, vector=None, held_out=None
+) -> Message:
     status = {"hospital-id": f"h{node}", "status": "withheld" if withheld else "evaluated"}
+    figures = {"held-out-epsilon": held_out, "max-held-out-epsilon": 8.0} if held_out else {}
     content = RecordDict(
-        {"metrics": MetricRecord({"num-examples": 0}), "hospital": ConfigRecord(status)}
+        {
+            "metrics": MetricRecord({"num-examples": 0, **figures}),
+            "hospital": ConfigRecord(status),
+        }
     )
     if stats is not None or vector is not None:
         values = stats.to_vector() if stats is not None else vector
@@ -144,7 +150,7 @@ def test_evaluation_is_summed_over_the_hospitals_that_share_it():
     metrics = strategy.aggregate_evaluate(
         1,
         [
-            evaluation_reply(1, one),
+            evaluation_reply(1, one, held_out=1.25),
             evaluation_reply(2, two),
             evaluation_reply(3, withheld=True),
             evaluation_reply(4, vector=bad),
@@ -156,4 +162,7 @@ def test_evaluation_is_summed_over_the_hospitals_that_share_it():
     by_name = {h.hospital: h for h in strategy.round_hospitals.values()}
     assert by_name["h4"].status == "failed" and "malformed evaluation" in by_name["h4"].reason
     assert by_name["h3"].eval_auroc is None  # withheld: the server knows nothing of it
+    # the held-out epsilon a hospital states with its (noised) statistics is recorded
+    assert (by_name["h1"].held_out_epsilon, by_name["h1"].max_held_out_epsilon) == (1.25, 8.0)
+    assert by_name["h2"].held_out_epsilon is None
     np.testing.assert_array_equal(strategy.evaluation.to_vector(), (one + two).to_vector())

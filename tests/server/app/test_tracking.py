@@ -47,6 +47,9 @@ def _record(run: RunConfig, server_round: int, evaluated: bool = True) -> RoundR
                 status="trained" if server_round else "evaluated",
                 epsilon=server_round + i / 10 if server_round else None,
                 max_epsilon=8.0,
+                # the first hospital noises its held-out statistics; the others send exact
+                held_out_epsilon=server_round / 4 if server_round and i == 0 else None,
+                privacy_unit="record" if i == 2 else "patient",
             )
             for i, name in enumerate(NAMES)
         ],
@@ -98,6 +101,10 @@ def test_a_finished_run_reads_back_through_mlflow(run_dir) -> None:
     assert tracked.history["train/loss"] == [(r, 1.0 / r) for r in (1, 2, 3)]
     for i, name in enumerate(NAMES):
         assert tracked.history[f"epsilon/{name}"] == [(r, r + i / 10) for r in (1, 2, 3)]
+    assert tracked.history[f"held-out-epsilon/{NAMES[0]}"] == [(r, r / 4) for r in (1, 2, 3)]
+    assert f"held-out-epsilon/{NAMES[1]}" not in tracked.history  # exact: no epsilon
+    assert tracked.tags[f"fedfusion.privacy-unit.{NAMES[0]}"] == "patient"
+    assert tracked.tags[f"fedfusion.privacy-unit.{NAMES[2]}"] == "record"
     label = run.model.labels[0]
     assert [s for s, _ in tracked.history[f"eval/auroc.{label}"]] == [0, 1, 2, 3]
     assert {

@@ -1,5 +1,6 @@
 """`fedfusion export`: the chosen round, thresholds from pooled statistics only, a model card."""
 
+import dataclasses
 import json
 import shutil
 
@@ -10,7 +11,7 @@ from typer.testing import CliRunner
 
 from server.commands.export import export_run, read_run
 from shared_model.cli import build_app
-from shared_model.evaluation import EvalStats
+from shared_model.evaluation import COARSE_EDGES, EvalStats
 from shared_model.inference.bundle import BundleError, load_bundle
 from shared_model.inference.operating_points import (
     choose_thresholds,
@@ -61,8 +62,8 @@ def test_the_model_card_states_use_privacy_and_figures_with_intervals(run_dir, t
     assert "Not a medical device" in card
     assert "synthetic phantom radiographs" in card
     # each hospital's epsilon at the exported round (2) and at the end (3), and its delta
-    assert "| hospital-0 | 2.00 | 3.00 | 8 | 1e-05 |" in card
-    assert "| hospital-1 | 2.10 | 3.10 | 8 | 1e-06 |" in card
+    assert "| hospital-0 | patient | 2.00 | 3.00 | 8 | exact (public data) | - | 1e-05 |" in card
+    assert "| hospital-1 | patient | 2.10 | 3.10 | 8 | exact (public data) | - | 1e-06 |" in card
     _, (macro, low, high) = pooled_figures(read_run(run_dir).stats(2), np.zeros(3))
     assert f"Macro AUROC {macro:.3f} (95% CI {low:.3f}-{high:.3f})" in card
     assert "optimistic by that selection" in card  # chosen on the reported split
@@ -218,3 +219,39 @@ def test_a_threshold_that_never_or_always_fires_is_named(tmp_path):
     bundle = load_bundle(export_run(tmp_path / "run", tmp_path / "b", "1", "specificity=1.0"))
     notes = bundle.info["decision"]["notes"]
     assert notes and all("fires on no pooled record" in n for n in notes)
+
+
+def test_intervals_of_noised_statistics_hold_the_privacy_noise_and_cover_the_truth():
+    """Hospitals release their statistics noised: the interval must widen to cover the
+    truth about as often as it says. Read as if exact (the resampling alone), it would
+    not: the test can fail."""
+    truth = float(round_stats(LABELS, 1.0, n=20_000, seed=99).metrics()["auroc"])
+    covered, widths, exact_widths = 0, [], []
+    for seed in range(20):
+        noised = round_stats(LABELS, 1.0, n=600, seed=seed, hospitals=5, noise_std=8.0)
+        _, (_, low, high) = pooled_figures(noised, np.zeros(3), bootstrap=300, seed=seed)
+        covered += low <= truth <= high
+        widths.append(high - low)
+        exact = round_stats(LABELS, 1.0, n=600, seed=seed, hospitals=5)
+        _, (_, exact_low, exact_high) = pooled_figures(exact, np.zeros(3), bootstrap=300)
+        exact_widths.append(exact_high - exact_low)
+    assert covered >= 17  # of 20, for a 95% interval
+    assert np.median(widths) > 1.3 * np.median(exact_widths)  # the noise is in it
+    unknown = dataclasses.replace(noised, noise_variance=float("nan"))  # an older run's
+    assert np.isnan(pooled_figures(unknown, np.zeros(3), bootstrap=50)[1][1])
+
+
+def test_a_run_whose_hospitals_noised_their_statistics_exports_a_card_that_says_so(tmp_path):
+    fake_run(tmp_path / "run", [None, 0.5, 2.0, 1.0], SMALL, noise_std=6.0)
+    bundle = load_bundle(export_run(tmp_path / "run", tmp_path / "b", "best"))
+    card = (tmp_path / "b" / "MODEL_CARD.md").read_text()
+    pooled = bundle.info["pooled-evaluation"]
+    assert pooled["noised-hospitals"] == 3
+    assert pooled["noise-std"] == pytest.approx(6.0 * np.sqrt(3))
+    assert pooled["macro-auroc-ci95"][0] < pooled["macro-auroc"] < pooled["macro-auroc-ci95"][1]
+    assert "parametric bootstrap" in card and "include the privacy noise" in card
+    # each hospital's held-out epsilon at the end (round 3: 3/4) beside its cap
+    assert "| hospital-0 | patient | 2.00 | 3.00 | 8 | 0.75 | 4 | 1e-05 |" in card
+    # thresholds at coarse edges only: where the noised counts say what the records do
+    coarse = {-10.0, 10.0, *COARSE_EDGES}
+    assert all(min(abs(t - c) for c in coarse) < 1e-9 for t in bundle.threshold_logits)
