@@ -71,3 +71,15 @@ def test_the_scan_sees_subprocess_targets_and_relative_imports(tmp_path):
     probe = ROOT / "client" / "node" / "launch.py"
     assert "client.node.supernode" in imported(probe)  # ["-m", "client.node.supernode"]
     assert any(_under(m, "client.node") for m in imported(ROOT / "client" / "node" / "pinned.py"))
+
+
+def test_no_test_module_imports_another():
+    """Shared test helpers live in tests/support: a test module imported by another runs
+    its tests' module-level code twice and ties the two files' fates together."""
+    offenders = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        for module in imported(path):
+            last = module.split(".")[-1]
+            if _under(module, "tests") and (last.startswith("test_") or ".test_" in module):
+                offenders.append(f"{path.relative_to(ROOT)} imports {module}")
+    assert not offenders, "\n".join(sorted(set(offenders)))

@@ -213,6 +213,7 @@ def test_phantom_calibration_judges_the_anchor_band(monkeypatch):
     assert macro.median == 0.93 and macro.met is False
 
 
+@pytest.mark.slow  # trains federations for real
 def test_the_quick_utility_run_end_to_end(tmp_path):
     """`make bench-utility ARGS=--quick`: search, seeds, results files, on real training."""
     from benchmarks.utility import quick_plan, run_utility_bench, utility_settings, write_utility

@@ -7,6 +7,8 @@ from safetensors.torch import load_file
 from benchmarks.federation import simulate_run
 from benchmarks.inprocess import federate
 
+pytestmark = pytest.mark.slow  # a Flower simulation and an in-process federation
+
 # Deterministic without DP: no modality dropout (it draws from the process's global RNG).
 RUN = {
     "privacy.enabled": False,

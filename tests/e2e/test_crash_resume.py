@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 from shared_model.datasets.export import write_manifest
-from tests.client.dp.test_epsilon_independent import dp_accounting_epsilon
+from tests.support.dp import dp_accounting_epsilon
 from tests.support.loopback import BIN, LoopbackDeployment
 from tests.support.tracking import read_tracked_run
 

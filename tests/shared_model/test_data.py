@@ -17,6 +17,7 @@ from shared_model.data import (
 )
 from shared_model.split import SplitSpec, split_records
 from shared_model.text import ReportTokenizer
+from tests.support.manifests import write_csv
 
 LABELS = ("normal", "cardiomegaly", "effusion")
 TOK = ReportTokenizer(256, 16)
@@ -27,17 +28,6 @@ def png(path: Path, value: int = 128, size: tuple[int, int] = (40, 30)) -> str:
     arr[: size[0] // 2] = 255 - value
     Image.fromarray(arr).save(path)
     return path.name
-
-
-def write_csv(path: Path, rows: list[dict], columns=("image", "report", "labels", "patient_id")):
-    import csv
-
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(columns))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: row.get(c, "") for c in columns})
-    return path
 
 
 def load(path, strict=True, limits=None):

@@ -11,6 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 from shared_model.engine import classification_metrics
 from shared_model.evaluation import SCORE_BINS, EvalStats, score_bins
+from tests.support.tier import examples
 
 LABELS = ("a", "b", "c")
 
@@ -23,7 +24,7 @@ def predictions(n, seed, signal=1.5):
     return logits, targets, losses
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(n=st.integers(5, 400), seed=st.integers(0, 10_000), signal=st.floats(0.0, 4.0))
 def test_metrics_from_the_statistics_match_the_exact_ones(n, seed, signal):
     logits, targets, losses = predictions(n, seed, signal)

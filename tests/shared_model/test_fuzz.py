@@ -22,9 +22,10 @@ from pydicom.data import get_testdata_file
 from shared_model.config import ConfigError, RunConfig, describe_run_config
 from shared_model.data import ManifestError, decode_image, load_manifest
 from shared_model.text import ReportTokenizer
+from tests.support.tier import examples
 
 FUZZ = settings(
-    max_examples=1000,
+    max_examples=examples(1000),
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from shared_model.evaluation import EvalStats
 from shared_model.masked_upload import UploadCodec
+from tests.support.tier import examples
 
 LABELS = ("normal", "effusion")
 TARGET, MODULUS = 2**22, 2**32  # Flower's default quantization and modulus ranges
@@ -54,7 +55,7 @@ def evaluation(n, seed):
     )
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(
     hospitals=st.integers(3, 12),
     seed=st.integers(0, 10_000),

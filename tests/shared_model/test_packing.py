@@ -14,6 +14,7 @@ from server.app.strategy import packed_record
 from shared_model.config import RunConfig
 from shared_model.packing import LayoutError, WeightLayout
 from shared_model.weights import initial_model, shared_state
+from tests.support.tier import examples
 
 
 def default_state() -> dict[str, torch.Tensor]:
@@ -36,7 +37,7 @@ def test_packing_the_default_model_round_trips_bit_for_bit():
     assert len(pointers) == len(back)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(
     shapes=st.lists(st.lists(st.integers(0, 4), min_size=0, max_size=3), min_size=1, max_size=6),
     weights=st.lists(st.integers(1, 1000), min_size=2, max_size=4),

@@ -28,9 +28,10 @@ from shared_model.secagg_primitives import (
     public_key_to_bytes,
     subtract_masks,
 )
+from tests.support.tier import examples
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(
     secret=st.binary(min_size=0, max_size=200),
     num=st.integers(3, 40),

@@ -6,33 +6,13 @@ An in-batch contrastive loss, shown for contrast, couples the records of a batch
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
-from opacus import GradSampleModule
 
 from shared_model.config import ModelConfig, RunConfig
 from shared_model.engine import MultiLabelBCE
 from shared_model.model import FusionModel, alignment_loss
-from tests.client.dp.test_opacus import CFG, batch
+from tests.support.dp import CFG, batch, own_grads, per_sample_grads
 
 N = 6
-
-
-def per_sample_grads(model, loss_of_batch, inputs):
-    """Opacus's per-sample gradients (hooks) of a summed per-example loss."""
-    gsm = GradSampleModule(model, loss_reduction="sum")
-    gsm.zero_grad()
-    loss_of_batch(gsm, inputs).backward()
-    grads = {  # the wrapper holds the model's own parameter objects
-        n: p.grad_sample.clone() for n, p in model.named_parameters() if p.grad_sample is not None
-    }
-    gsm._close()
-    return grads
-
-
-def own_grads(model, loss_of_batch, inputs, i):
-    """The gradient of example i computed alone, as if the batch held only it."""
-    model.zero_grad()
-    loss_of_batch(model, tuple(t[i : i + 1] for t in inputs)).backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def fused_model():

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from client.app.secagg import compact_masked_vector
 from tests.support.flower import make_message
+from tests.support.tier import examples
 
 
 def masked_reply(arrays: list[np.ndarray]) -> Message:
@@ -27,7 +28,7 @@ def uploaded(reply: Message) -> list[np.ndarray]:
     return [bytes_to_ndarray(b) for b in configs[Key.MASKED_PARAMETERS]]
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=examples(30), deadline=None)
 @given(
     st.integers(2, 5),
     st.sampled_from([2**16, 2**24, 2**32]),

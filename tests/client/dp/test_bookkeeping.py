@@ -16,7 +16,8 @@ from shared_model.config import PRESETS, ModelConfig, RunConfig
 from shared_model.engine import MultiLabelBCE, make_loss
 from shared_model.model import FusionModel
 from shared_model.weights import initial_model
-from tests.client.dp.test_opacus import CFG, batch, one_dp_epoch, policy
+from tests.support.dp import CFG, batch, one_dp_epoch, policy
+from tests.support.tier import examples
 
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 
@@ -58,7 +59,7 @@ def reference(model, inputs, c, alignment):
 
 
 @pytest.mark.parametrize("name", list(MODELS))
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=examples(4), deadline=None)
 @given(seed=st.integers(0, 10_000), scale=st.floats(0.2, 20.0), clip_quantile=st.floats(0.1, 1.0))
 def test_clipped_sum_is_each_examples_own_clipped_gradient(name, seed, scale, clip_quantile):
     torch.manual_seed(seed)

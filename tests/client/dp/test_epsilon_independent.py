@@ -14,7 +14,6 @@ import logging
 
 import dp_accounting
 import pytest
-from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -22,7 +21,8 @@ from typer.testing import CliRunner
 
 from client.dp.accounting import RDP, RDP_ORDERS, compute_epsilon
 from shared_model.cli import build_app
-from tests.client.dp.test_privacy import POLICY, one_round
+from tests.support.dp import POLICY, dp_accounting_epsilon, one_round
+from tests.support.tier import examples
 
 
 class DroppedOrders(logging.Handler):
@@ -43,20 +43,12 @@ logging.getLogger("absl").propagate = False
 PRV_EPS_ERROR = 0.01  # Opacus PRVAccountant.get_epsilon's default eps_error
 
 
-def dp_accounting_epsilon(history, delta, accountant):
-    acc = RdpAccountant(orders=RDP_ORDERS) if accountant == "rdp" else PLDAccountant()
-    for sigma, q, steps in history:
-        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
-        acc.compose(event, int(steps))
-    return acc.get_epsilon(delta)
-
-
 round_strategy = st.tuples(
     st.floats(0.5, 4.0), st.floats(0.001, 0.2), st.integers(1, 600)
 )  # (sigma, q, steps)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(st.lists(round_strategy, min_size=1, max_size=6), st.sampled_from([1e-4, 1e-5, 1e-6]))
 @example([(2.375, 0.2, 58), (2.0, 0.16796875, 592)], 1e-4)  # found: 1.2% below (order 2.7)
 def test_rdp_matches_dp_accounting(history, delta):

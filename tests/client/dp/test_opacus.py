@@ -11,50 +11,13 @@ from opacus.validators import ModuleValidator
 from torch.utils.data import TensorDataset
 
 from client.dp.engine import make_private
-from client.dp.policy import PrivacyPolicy
 from shared_model.config import FUSION_MODES, ModelConfig
 from shared_model.engine import make_loss
 from shared_model.model import FusionModel
+from tests.support.dp import CFG, batch, one_dp_epoch, own_grads, per_sample_grads, policy
+from tests.support.tier import examples
 
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
-CFG = dict(max_report_tokens=16, text_vocab_buckets=256, embed_dim=32, image_size=32)
-
-
-def batch(cfg: ModelConfig, n: int, seed: int = 0, scale: float = 1.0):
-    g = torch.Generator().manual_seed(seed)
-    image = torch.rand(n, 1, cfg.image_size, cfg.image_size, generator=g) * scale
-    ids = torch.randint(4, cfg.text_vocab_buckets, (n, cfg.max_report_tokens), generator=g)
-    ids[:, 10:] = 0
-    present = torch.ones(n, 2)
-    present[0, 0] = 0.0  # one example without its radiograph
-    labels = torch.randint(0, 2, (n, len(cfg.labels)), generator=g).float()
-    return image, ids, present, labels
-
-
-def one_dp_epoch(private):
-    """One pass of DP training, empty Poisson batches included (as trainer.py runs it)."""
-    from shared_model.engine import train_one_epoch
-
-    return train_one_epoch(
-        private.model,
-        private.loader,
-        private.optimizer,
-        private.loss_fn,
-        on_empty_batch=private.empty_batch_step,
-    )
-
-
-def policy(c: float, mode: str = "hooks", secure: bool = True) -> PrivacyPolicy:
-    return PrivacyPolicy(
-        enabled=True,
-        target_epsilon=8,
-        max_epsilon=8,
-        delta=1e-5,
-        max_grad_norm=c,
-        accountant="rdp",
-        grad_sample_mode=mode,
-        secure_noise=secure,
-    )
 
 
 @pytest.mark.parametrize("fusion", FUSION_MODES)
@@ -86,7 +49,7 @@ def test_per_example_gradients_are_finite_and_independent(fusion):
             assert torch.allclose(p.grad_sample[i], expected, atol=1e-5), (name, i)
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=examples(15), deadline=None)
 @given(
     c=st.floats(0.01, 5.0),
     scale=st.floats(0.1, 50.0),
@@ -227,7 +190,6 @@ def test_every_preset_trains_under_dp(preset, mode, extra):
 def test_lstm_per_sample_gradients_are_each_examples_own_and_ghost_is_refused():
     from shared_model.config import ConfigError, RunConfig
     from shared_model.engine import MultiLabelBCE
-    from tests.client.app.test_alignment import own_grads, per_sample_grads
 
     def loss(model, inputs):
         return MultiLabelBCE(None, "sum")(model(*inputs[:3]), inputs[3])

@@ -5,7 +5,6 @@ import math
 
 import dp_accounting
 import pytest
-from dp_accounting.rdp import RdpAccountant
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,53 +14,8 @@ from client.dp.ledger import DP_SGD, RECORD_COUNT, LedgerEntry, LedgerError, Pri
 from client.dp.planning import plan_round
 from client.dp.policy import PrivacyPolicy, effective_policy
 from shared_model.config import HospitalConfig, PrivacyConfig
-
-POLICY = PrivacyPolicy(
-    enabled=True,
-    target_epsilon=8.0,
-    max_epsilon=10.0,
-    delta=1e-5,
-    max_grad_norm=1.0,
-    accountant="rdp",
-    grad_sample_mode="hooks",
-)
-
-
-def independent_rdp_epsilon(history, delta):
-    """Google's dp-accounting: an implementation independent of Opacus."""
-    acc = RdpAccountant(orders=RDP_ORDERS)
-    for sigma, q, steps in history:
-        acc.compose(
-            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
-        )
-    return acc.get_epsilon(delta)
-
-
-def one_round(
-    state, policy, r, *, n=1000, planned=3, local_epochs=2, crash=False, hospital="h0", noise=None
-):
-    """A hospital round as trainer.py runs it, from a freshly opened (restarted) ledger.
-
-    Returns the epsilon after the round, or None if the hospital declined it. A crashed
-    round is begun but never completed (its entry stays "started", counted in full).
-    """
-    ledger = PrivacyLedger.open(state, hospital, policy)
-    plan = plan_round(
-        ledger,
-        policy,
-        server_round=r,
-        planned_rounds=planned,
-        num_examples=n,
-        batch_size=64,
-        local_epochs=local_epochs,
-        count_noise=noise,
-    )
-    if not plan.train:
-        return None
-    ledger.begin_round(plan.entry)
-    if not crash:
-        ledger.complete_round(r, plan.entry.steps)
-    return ledger.epsilon()
+from tests.support.dp import POLICY, independent_rdp_epsilon, one_round
+from tests.support.tier import examples
 
 
 def run_rounds(tmp_path, rounds, policy=POLICY, n=1000, planned=3):
@@ -113,7 +67,7 @@ def test_round_beyond_budget_is_declined_with_numbers(tmp_path):
     )
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=examples(20), deadline=None)
 @given(
     max_eps=st.floats(0.5, 12.0),
     target=st.floats(0.5, 12.0),
@@ -228,7 +182,7 @@ def test_prv_accountant_agrees_with_an_independent_pld():
     assert math.isclose(compute_epsilon([], 1e-5), 0.0)
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=examples(25), deadline=None)
 @given(
     max_eps=st.floats(0.5, 12.0),
     planned=st.integers(1, 6),

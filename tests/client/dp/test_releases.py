@@ -23,7 +23,8 @@ from client.dp.planning import plan_round, round_shape
 from client.dp.policy import LOSS_CLIP, LOSS_SHARE, RECORD_COUNT_NOISE, PrivacyPolicy
 from client.dp.release import LossRelease
 from client.dp.secure_noise import secure_normal
-from tests.client.dp.test_privacy import POLICY
+from tests.support.dp import POLICY
+from tests.support.tier import examples
 
 
 def dp_accounting_rdp_epsilon(history, delta, orders=None):
@@ -99,7 +100,7 @@ def test_the_sample_rate_and_steps_come_from_the_released_count():
 # ------------------------------------------------------------------ loader and accountant
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(n=st.integers(1, 100_000), batch=st.integers(1, 4096), epochs=st.integers(1, 3))
 def test_the_loader_runs_exactly_the_planned_steps_at_the_planned_rate(n, batch, epochs):
     """For every N and batch size: the planned (q, steps) is what runs.
@@ -164,7 +165,7 @@ def test_the_accountant_records_the_planned_release_every_step():
 # ------------------------------------------------------------------ planning
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(
     target=st.floats(0.3, 12.0),
     q=st.floats(0.001, 1.0),

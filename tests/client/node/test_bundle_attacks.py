@@ -31,7 +31,7 @@ from shared_model.datasets.export import write_manifest
 from shared_model.inference.bundle import BundleError, bundle_digest, file_sha256, load_bundle
 from shared_model.inference.local_evaluation import evaluate_bundle
 from shared_model.inference.predict import predict_record
-from tests.shared_model.test_data import write_csv
+from tests.support.manifests import write_csv
 from tests.support.runs import fake_run
 
 LABELS = ("normal", "cardiomegaly", "opacity")

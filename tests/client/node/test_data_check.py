@@ -12,7 +12,7 @@ from pydicom.data import get_testdata_file
 from typer.testing import CliRunner
 
 from shared_model.cli import build_app
-from tests.shared_model.test_data import write_csv
+from tests.support.manifests import write_csv
 
 # Real DICOM files of the kinds hospitals archive: uncompressed and JPEG 2000 computed
 # radiographs in MONOCHROME1, JPEG Lossless (process 14, SV1) and JPEG-LS.

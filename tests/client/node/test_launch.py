@@ -21,38 +21,9 @@ from client.node.launch import (
 from shared_model.cli import build_app
 from shared_model.config import ConfigError, HospitalConfig
 from shared_model.secagg_signatures import create_signing_key, public_line, write_members
+from tests.support.hospitals import hospital_file
 
 ROOT = Path(__file__).resolve().parents[3]
-
-
-def hospital_file(tmp_path, ledger: bool = True, **connection) -> Path:
-    (tmp_path / "certs").mkdir()
-    (tmp_path / "certs/ca.crt").write_text("ca")
-    key = create_signing_key(tmp_path / "certs/h.key")
-    write_members(tmp_path / "certs/members.toml", {"h": public_line(key)})
-    (tmp_path / "m.csv").write_text("image,report,labels\n,x,normal\n")
-    conn = {
-        "server": '"127.0.0.1:9092"',
-        "root-certificates": '"certs/ca.crt"',
-        "private-key": '"certs/h.key"',
-        **connection,
-    }
-    lines = [
-        "[hospital]",
-        'hospital-id = "h"',
-        'data-manifest = "m.csv"',
-        'state-dir = "state"',
-        "max-epsilon = 3.0",
-        "",
-        "[connection]",
-    ]
-    lines += [f"{k} = {v}" for k, v in conn.items() if v is not None]
-    path = tmp_path / "hospital.toml"
-    path.write_text("\n".join(lines) + "\n")
-    if ledger:  # as the hospital's operator does once, before its first start
-        started = CliRunner().invoke(build_app(), ["ledger", "init", "--config", str(path)])
-        assert started.exit_code == 0, started.output
-    return path
 
 
 def test_a_good_file_gives_the_supernode_command(tmp_path):

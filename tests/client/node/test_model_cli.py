@@ -28,7 +28,7 @@ from shared_model.inference.bundle import BundleError, bundle_digest, load_bundl
 from shared_model.inference.predict import predict_manifest, predict_record
 from shared_model.text import tokenizer_for
 from shared_model.weights import hospital_model
-from tests.shared_model.test_data import write_csv
+from tests.support.manifests import write_csv
 from tests.support.runs import fake_run
 
 LABELS = ("normal", "cardiomegaly", "opacity", "atelectasis")

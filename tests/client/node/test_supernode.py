@@ -11,7 +11,7 @@ import pytest
 
 from client.node.launch import plan_supernode
 from client.node.supernode import FIRST_POLL, FLOWER_IDLE_POLL, ScaledTime, scale_waits
-from tests.client.node.test_launch import hospital_file
+from tests.support.hospitals import hospital_file
 
 
 def test_flowers_supernode_loop_still_has_the_waits_we_scale():

@@ -26,8 +26,8 @@ from server.app.rounds import PlainRounds, run_rounds
 from server.app.store import RoundRecord, RunDirError, RunFinishedError, RunStore
 from server.app.strategy import build_strategy
 from shared_model.config import RunConfig
-from tests.server.app.test_dropout import LAYOUT, START, Grid
-from tests.server.app.test_dropout import _task as _task  # the autouse fixture
+from tests.support.grids import LAYOUT, START, Grid
+from tests.support.grids import _task as _task  # the autouse fixture
 
 CONFIG = {"num-rounds": 3, "seed": 7}
 

@@ -30,8 +30,8 @@ from server.app.store import RoundRecord, RunStore
 from server.app.strategy import FederationError, ShortRoundError
 from shared_model.config import RunConfig
 from shared_model.packing import PACKED_KEY
-from tests.server.app.test_dropout import Grid
-from tests.server.app.test_dropout import _task as _task  # the autouse fixture
+from tests.support.grids import Grid
+from tests.support.grids import _task as _task  # the autouse fixture
 
 
 class FlakyGrid(Grid):

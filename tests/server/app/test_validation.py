@@ -19,6 +19,7 @@ from shared_model.evaluation import EvalStats
 from shared_model.masked_upload import UploadCodec
 from shared_model.packing import PACKED_KEY, WeightLayout
 from tests.support.flower import make_message
+from tests.support.tier import examples
 
 LAYOUT = WeightLayout.of({"a.weight": torch.zeros(4, 3), "a.bias": torch.zeros(4)})
 SENT = np.linspace(-1.0, 1.0, LAYOUT.size).astype(np.float32)
@@ -40,13 +41,13 @@ deltas = st.lists(st.floats(-0.5, 0.5, width=32), min_size=LAYOUT.size, max_size
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(delta=deltas)
 def test_a_finite_update_within_the_norm_of_this_round_is_accepted(delta):
     assert problem(SENT + delta) is None  # norm <= 0.5 * sqrt(16) = 2 < 10
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(delta=deltas, data=st.data())
 def test_nan_and_inf_anywhere_are_refused_and_counted(delta, data):
     values = SENT + delta
@@ -61,7 +62,7 @@ def test_nan_and_inf_anywhere_are_refused_and_counted(delta, data):
     assert problem(values) == f"{nan} NaN and {len(kinds) - nan} infinite values in the weights"
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(direction=deltas.filter(lambda d: np.linalg.norm(d) > 1e-3), norm=st.floats(0.1, 1e6))
 def test_the_update_norm_is_bounded(direction, norm):
     delta = direction / np.linalg.norm(direction.astype(np.float64)) * norm
@@ -75,7 +76,7 @@ def test_the_update_norm_is_bounded(direction, norm):
     assert problem(values, max_norm=0.0) is None  # 0: no limit
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=examples(40), deadline=None)
 @given(size=st.integers(0, 40).filter(lambda n: n != LAYOUT.size))
 def test_wrong_shapes_dtypes_and_records_are_refused(size):
     assert problem(np.zeros(size, np.float32)) == (
