@@ -81,10 +81,11 @@ def check_against_backup(ledger: PrivacyLedger) -> None:
         split_moved = ledger.split.get("since_release") != len(kept.history)
     else:
         split_moved = kept.split != ledger.split
-    # Likewise whom epsilon protects: it may change only while nothing was released, or
+    # Likewise whom epsilon protects: it may change only while neither holds a release, or
     # be fixed per record on a ledger from before the unit was kept.
     legacy = kept.unit is None and ledger.unit == "record"
-    unit_moved = kept.unit != ledger.unit and bool(kept.history) and not legacy
+    released = bool(kept.history or ledger.history)
+    unit_moved = kept.unit != ledger.unit and released and not legacy
     if (
         kept.genesis != ledger.genesis
         or chain[: len(kept.history)] != [e.chain for e in kept.history]

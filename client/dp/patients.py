@@ -68,9 +68,12 @@ def wanted_privacy_unit(requested: str, patient_ids: Sequence[str] | None, hospi
     ids = has_patient_ids(patient_ids)
     blank = records_without_patient_id(patient_ids)
     if ids and blank and requested != RECORD:  # each blank row would count as a patient
+        # the counts stay in the hospital's log: the error's text reaches the server
+        log.error("%s: patient_id is blank on %d of %d records", hospital, blank,
+                  len(patient_ids or ()))  # fmt: skip
         raise ConfigError(
-            f"{hospital}: patient_id is blank on {blank} of {len(patient_ids or ())} "
-            "records, and each of those would count as a patient of its own, so a patient "
+            f"{hospital}: patient_id is blank on some records (`fedfusion data check` says "
+            "which), and each of those would count as a patient of its own, so a patient "
             "could be counted several times: give every record its patient's id, or set "
             "privacy-unit = 'record' to accept a guarantee per record"
         )

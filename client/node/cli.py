@@ -42,8 +42,9 @@ def data_check(
 
     Every image is decoded and every report tokenized, with the federation's settings.
     Prints the rows that are fine, the rows that are not and why (file and row), and
-    the records that miss one modality. Exits 1 if any row is bad, 2 if the manifest or
-    the settings cannot be used at all.
+    the records that miss one modality, and counts patients and records per patient.
+    Exits 1 if any row is bad or a patient_id is blank (where others are not), 2 if the
+    manifest or the settings cannot be used at all.
     """
     import json
 
@@ -125,7 +126,7 @@ def data_check(
             )
         for error in report.errors:
             typer.secho(f"  {error}", fg=typer.colors.RED)
-    if report.rows_bad:
+    if report.rows_bad or patients["records_without_patient_id"]:
         raise typer.Exit(1)
 
 

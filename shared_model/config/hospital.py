@@ -62,7 +62,8 @@ class HospitalConfig:
         "Whom the (epsilon, delta) guarantee protects: patient (all of a patient's records "
         "together; needs a patient_id column), record (each record on its own: a patient "
         "with k records has up to k times epsilon), or auto: patient where the manifest "
-        "has patient ids, record otherwise. Fixed in the privacy ledger at first use.",
+        "has patient ids (on every record), record otherwise. Kept in the privacy ledger, "
+        "fixed from its first release on.",
         choices=("auto", "patient", "record"),
     )
     validation_fraction: float = _opt(

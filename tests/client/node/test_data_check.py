@@ -64,7 +64,7 @@ def test_patients_and_records_per_patient_are_counted(tmp_path):
     assert summary["patients"] == 3 and summary["records_per_patient"] == {"median": 2, "max": 3}
     rows[1]["patient_id"] = ""  # one blank: it would count as a patient of its own
     result = check(str(write_csv(tmp_path / "b.csv", rows)))
-    assert "patient_id is blank on 1 records" in result.output
+    assert "patient_id is blank on 1 records" in result.output and result.exit_code == 1
     for row in rows:
         del row["patient_id"]
     result = check(str(write_csv(tmp_path / "n.csv", rows)))
