@@ -407,11 +407,6 @@ class PrivacyLedger:
             ],
         }
 
-    @property
-    def privacy_unit(self) -> str:
-        """Whom this ledger's epsilon protects: "patient", or "record" (also before fixed)."""
-        return self.unit or RECORD
-
     def fix_unit(self, unit: str) -> None:
         """Fix whom epsilon protects and save; after a release it never changes.
 
