@@ -415,9 +415,7 @@ class PrivacyLedger:
         A ledger not yet on disk (a simulated hospital's first) saves it with its first
         release.
         """
-        if (self.unit is not None and self.unit != unit and self.history) or (
-            self.history and unit != RECORD and self.unit is None
-        ):
+        if self.history and unit != (self.unit or RECORD):
             raise LedgerError(f"privacy ledger {self.path} cannot change its privacy unit")
         self.unit = unit
         if self.on_disk is not None:  # a new ledger keeps it with its first release
