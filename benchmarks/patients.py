@@ -125,6 +125,10 @@ def _train(
 
 
 def _auroc(model: torch.nn.Module, data: Any, run: RunConfig) -> float:
+    """Held-out macro AUROC as the server reads it, from score histograms.
+
+    Read like the federation's figures, so that the two compare.
+    """
     from torch.utils.data import DataLoader
 
     out = predict(model, DataLoader(data, batch_size=512), make_loss(None))

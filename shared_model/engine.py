@@ -21,6 +21,7 @@ from torch import nn
 
 from shared_model.config import RunConfig, TrainConfig
 from shared_model.datasets.iu_reports import PUBLIC_PREVALENCE
+from shared_model.metrics import classification_metrics  # exported too: trainers import it here
 
 __all__ = [
     "EvalResult",
@@ -379,40 +380,3 @@ def evaluate(
         examples=len(out.targets),
         metrics=classification_metrics(out.targets, scores, labels),
     )
-
-
-def classification_metrics(
-    y_true: np.ndarray, y_score: np.ndarray, labels: Sequence[str], threshold: float = 0.5
-) -> dict[str, float]:
-    """Accuracy, precision, recall, F1 (macro) and ROC-AUC (per label and macro).
-
-    A label with only one class in ``y_true`` has no defined AUROC: it is reported as NaN
-    and left out of the macro mean, never counted as 0.5.
-    """
-    # scikit-learn loads here, not at import: a deployed hospital starts a process per
-    # message, and the training ones never need it.
-    from sklearn.metrics import accuracy_score, precision_recall_fscore_support, roc_auc_score
-
-    y_pred = (y_score >= threshold).astype(int)
-    precision, recall, f1, _ = precision_recall_fscore_support(
-        y_true, y_pred, average="macro", zero_division=0
-    )
-    out = {
-        "accuracy": float(
-            np.mean([accuracy_score(y_true[:, k], y_pred[:, k]) for k in range(len(labels))])
-        ),
-        "exact-match": float(accuracy_score(y_true, y_pred)),
-        "precision": float(precision),
-        "recall": float(recall),
-        "f1": float(f1),
-    }
-    aurocs = []
-    for k, label in enumerate(labels):
-        if 0 < y_true[:, k].sum() < len(y_true):
-            auc = float(roc_auc_score(y_true[:, k], y_score[:, k]))
-            aurocs.append(auc)
-        else:
-            auc = float("nan")
-        out[f"auroc.{label}"] = auc
-    out["auroc"] = float(np.mean(aurocs)) if aurocs else float("nan")
-    return out

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from shared_model.metrics import histogram_auroc, macro_mean
+
 __all__ = [
     "COARSE_EDGES",
     "COARSE_OF_FINE",
@@ -142,6 +144,7 @@ def binormal_auroc(
     ``positives`` and ``negatives``: (..., 16) coarse counts of one label's classes, with
     Gaussian noise of ``noise_std`` per cell; NaN where a class is not :func:`readable`.
     """
+    # Written here: ROC libraries take each example's score, not noised binned counts.
     from scipy.stats import norm
 
     shape = np.shape(positives)[:-1]
@@ -178,6 +181,7 @@ def binormal_auroc_draws(
     release's ``noise_std`` to every cell, and fits again; so the spread holds both the
     sampling and the privacy noise.
     """
+    # Written here: no library's bootstrap adds the release's privacy noise to each draw.
     from scipy.stats import norm
 
     out = []
@@ -370,11 +374,7 @@ class EvalStats:
         if self.noised > 0:
             return self._binormal_auroc(j)
         pos, neg = np.clip(self.positives[j], 0, None), np.clip(self.negatives[j], 0, None)
-        n_pos, n_neg = pos.sum(), neg.sum()
-        if n_pos <= 0 or n_neg <= 0:
-            return math.nan
-        below = np.cumsum(neg) - neg  # negatives in lower bins
-        return float((pos * (below + 0.5 * neg)).sum() / (n_pos * n_neg))
+        return float(histogram_auroc(pos, neg))
 
     def _binormal_auroc(self, j: int) -> float:
         """Label ``j``'s AUROC from noised counts: a normal fitted to each class's scores.
@@ -404,6 +404,7 @@ class EvalStats:
 
     def roc_curve(self, j: int) -> tuple[np.ndarray, np.ndarray]:
         """(false positive rates, true positive rates) of label ``j`` at every bin edge."""
+        # Written here: sklearn's roc_curve takes each example's score, not summed counts.
         pos = np.clip(self.positives[j][::-1], 0, None)  # highest scores first
         neg = np.clip(self.negatives[j][::-1], 0, None)
         tpr = np.concatenate([[0.0], np.cumsum(pos)]) / max(pos.sum(), 1.0)
@@ -443,12 +444,12 @@ class EvalStats:
         aurocs = [self.auroc(j) for j in range(len(self.labels))]
         for label, value in zip(self.labels, aurocs, strict=True):
             out[f"auroc.{label}"] = value
-        defined = [a for a in aurocs if not math.isnan(a)]
-        out["auroc"] = float(np.mean(defined)) if defined else math.nan
+        out["auroc"] = macro_mean(aurocs)
         return out
 
     def _counted_metrics(self) -> dict[str, float]:
         """Loss, accuracy, precision, recall, F1 and exact match at threshold 0.5."""
+        # Written here: sklearn's metrics take each example's decision, not summed counts.
         n = self.examples
         half = SCORE_BINS // 2  # bins from here up have logit >= 0: predicted positive
         tp = self.positives[:, half:].sum(1)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from shared_model.config import ConfigError, RunConfig
+from shared_model.metrics import bootstrap_aurocs, per_label_auroc, percentile_ci
 
 __all__ = ["AttackResult", "AuditResult", "attack_metrics", "audit_run", "hospital_count"]
 
@@ -75,21 +76,17 @@ def attack_metrics(
     member_scores: np.ndarray, non_member_scores: np.ndarray, seed: int = 0, boots: int = 200
 ) -> AttackResult:
     """AUC, its bootstrap 95% interval, and TPR at each low FPR (higher score = member)."""
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_curve
 
     y = np.concatenate([np.ones(len(member_scores)), np.zeros(len(non_member_scores))])
     s = np.concatenate([member_scores, non_member_scores])
-    auc = float(roc_auc_score(y, s))
+    auc = float(per_label_auroc(y[:, None], s[:, None])[0])
     fpr, tpr, _ = roc_curve(y, s)
     at = {str(f): float(tpr[fpr <= f].max()) if np.any(fpr <= f) else 0.0 for f in LOW_FPRS}
-    rng = np.random.default_rng(seed)
-    members, others = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
-    samples = []
-    for _ in range(boots):  # resample members and non-members separately
-        idx = np.concatenate([rng.choice(members, len(members)), rng.choice(others, len(others))])
-        samples.append(roc_auc_score(y[idx], s[idx]))
-    low, high = np.percentile(samples, [2.5, 97.5])
-    return AttackResult(auc, (float(low), float(high)), at)
+    # members and non-members resampled separately: each keeps its size in every resample
+    strata = (np.flatnonzero(y == 1), np.flatnonzero(y == 0))
+    draws = bootstrap_aurocs(y[:, None], s[:, None], boots, seed, strata=strata)
+    return AttackResult(auc, percentile_ci(draws[:, 0]), at)
 
 
 @torch.no_grad()

@@ -1,26 +1,20 @@
-"""Calibrated probabilities from logits: temperature scaling and how well it fits.
+"""Calibrated probabilities from logits: temperature scaling and its fit.
 
 A label's calibrated probability is ``sigmoid(logit / T)`` with a positive temperature
 ``T`` per label (``T = 1`` leaves the model as it is). Temperature scaling is monotone,
 so it changes neither the ranking of the examples (AUROC) nor any decision made by
 comparing a logit with a threshold logit; it changes only what the probabilities say.
+How well they are calibrated (reliability bins, ECE, Brier score) is measured in
+:mod:`shared_model.metrics`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
 
-__all__ = [
-    "brier_score",
-    "expected_calibration_error",
-    "fit_temperatures",
-    "negative_log_likelihood",
-    "probabilities",
-    "reliability_bins",
-]
+__all__ = ["fit_temperatures", "negative_log_likelihood", "probabilities"]
 
 
 def _temperatures(temperatures: np.ndarray, num_labels: int) -> np.ndarray:
@@ -89,70 +83,3 @@ def fit_temperatures(
         )
         out[k] = math.exp(res.x)
     return out
-
-
-def _check_one_label(probs_k: np.ndarray, targets_k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    p = np.asarray(probs_k, dtype=np.float64)
-    y = np.asarray(targets_k, dtype=np.float64)
-    if p.ndim != 1 or p.shape != y.shape:
-        raise ValueError(
-            f"probabilities and targets must be 1-d of one length, got {p.shape}, {y.shape}"
-        )
-    if p.size == 0:
-        raise ValueError("no examples")
-    if not np.all((p >= 0) & (p <= 1)):
-        raise ValueError("probabilities must lie in [0, 1]")
-    if not np.all((y == 0) | (y == 1)):
-        raise ValueError("targets must be 0 or 1")
-    return p, y
-
-
-def reliability_bins(
-    probs_k: np.ndarray, targets_k: np.ndarray, bins: int = 10
-) -> list[dict[str, Any]]:
-    """Equal-width probability bins of one label: edges, count, mean predicted, observed.
-
-    Each bin is ``{"lower", "upper", "count", "mean_predicted", "observed_frequency"}``;
-    bins are ``[lower, upper)`` except the last, which includes 1.0. An empty bin has
-    count 0 and both means ``None``.
-    """
-    p, y = _check_one_label(probs_k, targets_k)
-    if bins < 1:
-        raise ValueError(f"bins must be at least 1, got {bins}")
-    index = np.minimum((p * bins).astype(np.int64), bins - 1)
-    counts = np.bincount(index, minlength=bins)
-    sum_p = np.bincount(index, weights=p, minlength=bins)
-    sum_y = np.bincount(index, weights=y, minlength=bins)
-    out = []
-    for b in range(bins):
-        c = int(counts[b])
-        out.append(
-            {
-                "lower": b / bins,
-                "upper": (b + 1) / bins,
-                "count": c,
-                "mean_predicted": float(sum_p[b] / c) if c else None,
-                "observed_frequency": float(sum_y[b] / c) if c else None,
-            }
-        )
-    return out
-
-
-def expected_calibration_error(probs_k: np.ndarray, targets_k: np.ndarray, bins: int = 10) -> float:
-    """ECE of one label: mean |predicted - observed| over equal-width bins, weighted by count."""
-    table = reliability_bins(probs_k, targets_k, bins)
-    n = sum(b["count"] for b in table)
-    return float(
-        sum(
-            b["count"] * abs(b["mean_predicted"] - b["observed_frequency"])
-            for b in table
-            if b["count"]
-        )
-        / n
-    )
-
-
-def brier_score(probs_k: np.ndarray, targets_k: np.ndarray) -> float:
-    """Mean squared difference between the predicted probability and the 0/1 target."""
-    p, y = _check_one_label(probs_k, targets_k)
-    return float(np.mean((p - y) ** 2))

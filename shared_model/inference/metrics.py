@@ -24,10 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from shared_model.inference.calibration import (
+from shared_model.inference.calibration import probabilities
+from shared_model.metrics import (
+    bootstrap_aurocs,
     brier_score,
     expected_calibration_error,
-    probabilities,
+    macro_mean,
+    per_label_auroc,
+    percentile_ci,
     reliability_bins,
 )
 
@@ -36,14 +40,12 @@ __all__ = [
     "LocalEvaluation",
     "MacroFigures",
     "Proportion",
-    "bootstrap_aurocs",
     "check_predictions",
     "evaluate_predictions",
     "wilson_interval",
 ]
 
 Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
-_BOOTSTRAP_CELLS = 4_000_000  # resamples x examples held in memory at once
 
 
 def wilson_interval(successes: int, total: int, z: float = Z95) -> tuple[float, float]:
@@ -194,54 +196,6 @@ def check_predictions(
     return z, y, t
 
 
-def bootstrap_aurocs(
-    logits: np.ndarray, targets: np.ndarray, resamples: int, seed: int
-) -> np.ndarray:
-    """AUROC of each label on each bootstrap resample of the rows, shape ``(resamples, K)``.
-
-    The rows are drawn with replacement jointly for all labels. A resample is a vector
-    of row multiplicities, and the AUROC of the weighted sample comes from one sort per
-    label: the weighted count of negatives below each distinct score (ties count one
-    half). NaN where a resample holds one class of a label.
-    """
-    n, k = logits.shape
-    rng = np.random.default_rng(seed)
-    out = np.empty((resamples, k))
-    orders = [np.argsort(logits[:, j], kind="stable") for j in range(k)]
-    groups = []
-    for j, order in enumerate(orders):
-        s = logits[order, j]
-        starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])
-        groups.append((order, targets[order, j] == 1, starts))
-    chunk = max(1, _BOOTSTRAP_CELLS // n)
-    for first in range(0, resamples, chunk):
-        c = min(chunk, resamples - first)
-        rows = rng.integers(0, n, size=(c, n)) + (np.arange(c) * n)[:, None]
-        weights = np.bincount(rows.ravel(), minlength=c * n).reshape(c, n).astype(np.float64)
-        for j, (order, positive, starts) in enumerate(groups):
-            w = weights[:, order]
-            pos = np.add.reduceat(np.where(positive, w, 0.0), starts, axis=1)
-            neg = np.add.reduceat(np.where(positive, 0.0, w), starts, axis=1)
-            below = np.cumsum(neg, axis=1) - neg
-            pairs = pos.sum(axis=1) * neg.sum(axis=1)
-            wins = (pos * (below + 0.5 * neg)).sum(axis=1)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                out[first : first + c, j] = np.where(pairs > 0, wins / pairs, np.nan)
-    return out
-
-
-def _percentile_ci(values: np.ndarray) -> tuple[float, float]:
-    if values.size == 0:
-        return (math.nan, math.nan)
-    low, high = np.percentile(values, [2.5, 97.5])
-    return (float(low), float(high))
-
-
-def _mean_defined(values: Sequence[float]) -> float:
-    defined = [v for v in values if not math.isnan(v)]
-    return float(np.mean(defined)) if defined else math.nan
-
-
 def evaluate_predictions(
     labels: Sequence[str],
     logits: np.ndarray,
@@ -257,9 +211,6 @@ def evaluate_predictions(
     ``bootstrap`` resamples (0 for none: the AUROC CIs are then NaN) are drawn from a
     generator seeded with ``seed``, so the same inputs always give the same figures.
     """
-    # scikit-learn loads here, not at import: the command line starts fast without it
-    from sklearn.metrics import roc_auc_score
-
     z, y, thresholds = check_predictions(labels, logits, targets, threshold_logits)
     if bootstrap < 0:
         raise ValueError(f"bootstrap must be >= 0, got {bootstrap}")
@@ -267,8 +218,9 @@ def evaluate_predictions(
     temps = np.asarray(temperatures, dtype=np.float64)
     n, k = z.shape
     positives = y.sum(axis=0).astype(int)
-    defined = [0 < p < n for p in positives]
-    boot = bootstrap_aurocs(z, y, bootstrap, seed) if bootstrap else np.empty((0, k))
+    aurocs = per_label_auroc(y, z)
+    defined = ~np.isnan(aurocs)  # both classes present
+    boot = bootstrap_aurocs(y, z, bootstrap, seed) if bootstrap else np.empty((0, k))
     decided = z >= thresholds
     threshold_probs = probabilities(thresholds[None, :], temps)[0]
     per_label = []
@@ -283,8 +235,8 @@ def evaluate_predictions(
                 n=n,
                 positives=int(positives[j]),
                 prevalence=float(positives[j] / n),
-                auroc=float(roc_auc_score(yj, z[:, j])) if defined[j] else math.nan,
-                auroc_ci95=_percentile_ci(resampled),
+                auroc=float(aurocs[j]),
+                auroc_ci95=percentile_ci(resampled),
                 auroc_resamples=int(resampled.size),
                 threshold_logit=float(thresholds[j]),
                 temperature=float(temps[j]),
@@ -307,16 +259,16 @@ def evaluate_predictions(
     macro_boot = macro_boot[np.all(~np.isnan(macro_boot), axis=1)] if used else np.empty((0, 0))
     macro_values = macro_boot.mean(axis=1) if used else np.empty(0)
     macro = MacroFigures(
-        auroc=_mean_defined([f.auroc for f in per_label]),
-        auroc_ci95=_percentile_ci(macro_values),
+        auroc=macro_mean(f.auroc for f in per_label),
+        auroc_ci95=percentile_ci(macro_values),
         auroc_resamples=int(macro_values.size),
         auroc_labels=tuple(labels[j] for j in used),
-        sensitivity=_mean_defined([f.sensitivity.value for f in per_label]),
-        specificity=_mean_defined([f.specificity.value for f in per_label]),
-        ppv=_mean_defined([f.ppv.value for f in per_label]),
-        npv=_mean_defined([f.npv.value for f in per_label]),
-        ece=_mean_defined([f.ece for f in per_label]),
-        brier=_mean_defined([f.brier for f in per_label]),
+        sensitivity=macro_mean(f.sensitivity.value for f in per_label),
+        specificity=macro_mean(f.specificity.value for f in per_label),
+        ppv=macro_mean(f.ppv.value for f in per_label),
+        npv=macro_mean(f.npv.value for f in per_label),
+        ece=macro_mean(f.ece for f in per_label),
+        brier=macro_mean(f.brier for f in per_label),
     )
     return LocalEvaluation(
         per_label=tuple(per_label), macro=macro, n=n, bootstrap=bootstrap, seed=seed

@@ -21,6 +21,7 @@ from shared_model.evaluation import (
     binormal_auroc_draws,
     coarse_cells,
 )
+from shared_model.metrics import histogram_auroc, macro_mean, percentile_ci
 
 __all__ = [
     "OPERATING_POINT_HELP",
@@ -123,15 +124,6 @@ class PooledLabel:
     npv: float
 
 
-def _auroc(pos: np.ndarray, neg: np.ndarray) -> np.ndarray:
-    """AUROC from histograms (..., bins), same-bin pairs one half (as EvalStats.auroc)."""
-    below = np.cumsum(neg, axis=-1) - neg
-    n = pos.sum(-1) * neg.sum(-1)
-    return np.divide(
-        (pos * (below + 0.5 * neg)).sum(-1), n, out=np.full(n.shape, np.nan), where=n > 0
-    )
-
-
 def pooled_figures(
     stats: EvalStats, threshold_logits: np.ndarray, bootstrap: int = 2000, seed: int = 0
 ) -> tuple[list[PooledLabel], tuple[float, float, float]]:
@@ -158,8 +150,10 @@ def pooled_figures(
         tp, fn = pos[i:].sum(), pos[:i].sum()
         tn, fp = neg[:i].sum(), neg[i:].sum()
         auroc, draws = stats.auroc(j), None
+        # Written here, not bootstrap_aurocs: the server holds summed histograms, never
+        # the records, so the bootstrap resamples each class's histogram.
         if n_pos and n_neg and bootstrap and not noised:
-            draws = _auroc(
+            draws = histogram_auroc(
                 rng.multinomial(n_pos, pos / n_pos, size=bootstrap),
                 rng.multinomial(n_neg, neg / n_neg, size=bootstrap),
             )
@@ -169,7 +163,7 @@ def pooled_figures(
             )
         if draws is not None:
             samples.append(draws)
-            low, high = np.nanpercentile(draws, [2.5, 97.5])
+            low, high = percentile_ci(draws)
         else:
             low = high = math.nan
         out.append(
@@ -185,10 +179,10 @@ def pooled_figures(
                 npv=_ratio(tn, tn + fn),
             )
         )
-    defined = [p.auroc for p in out if not math.isnan(p.auroc)]
-    macro = float(np.mean(defined)) if defined else math.nan
-    if samples and len(samples) == len(defined):
-        low, high = np.nanpercentile(np.mean(samples, axis=0), [2.5, 97.5])
+    macro = macro_mean(p.auroc for p in out)
+    defined = sum(not math.isnan(p.auroc) for p in out)
+    if samples and len(samples) == defined:
+        low, high = percentile_ci(np.mean(samples, axis=0))
     else:
         low = high = math.nan
     return out, (macro, float(low), float(high))

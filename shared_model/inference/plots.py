@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from shared_model.inference.metrics import LocalEvaluation, check_predictions
+from shared_model.metrics import per_label_auroc
 
 __all__ = ["write_reliability_diagram", "write_roc_curves"]
 
@@ -52,9 +53,10 @@ def write_roc_curves(
 
     A label whose targets hold one class gets a panel saying its AUROC is undefined.
     """
-    from sklearn.metrics import roc_auc_score, roc_curve
+    from sklearn.metrics import roc_curve
 
     z, y, thresholds = check_predictions(labels, logits, targets, threshold_logits)
+    aurocs = per_label_auroc(y, z)
     plt = _pyplot()
     fig, axes = _grid(plt, len(labels))
     for j, (ax, name) in enumerate(zip(axes, labels, strict=True)):
@@ -63,13 +65,12 @@ def write_roc_curves(
         ax.set_xlabel("1 - specificity", fontsize=8)
         ax.set_ylabel("sensitivity", fontsize=8)
         ax.tick_params(labelsize=7)
-        if positive.all() or not positive.any():
+        if math.isnan(aurocs[j]):
             ax.text(0.5, 0.5, "AUROC undefined\n(one class)", ha="center", va="center")
             continue
         fpr, tpr, _ = roc_curve(positive, z[:, j])
-        auc = roc_auc_score(positive, z[:, j])
         ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=0.8)
-        ax.plot(fpr, tpr, lw=1.4, color="tab:blue", label=f"AUROC {auc:.3f}")
+        ax.plot(fpr, tpr, lw=1.4, color="tab:blue", label=f"AUROC {aurocs[j]:.3f}")
         decided = z[:, j] >= thresholds[j]
         op_fpr = float(np.mean(decided[~positive]))
         op_tpr = float(np.mean(decided[positive]))

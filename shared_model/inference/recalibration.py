@@ -15,12 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from shared_model.inference.bundle import CARD_FILE, write_bundle
-from shared_model.inference.calibration import (
-    expected_calibration_error,
-    fit_temperatures,
-    probabilities,
-)
+from shared_model.inference.calibration import fit_temperatures, probabilities
 from shared_model.inference.loaded import LoadedModel
+from shared_model.metrics import expected_calibration_error
 
 __all__ = ["NOT_SHAREABLE", "TEMPERATURE_BOUNDS", "Recalibration", "recalibrate"]
 

@@ -1,16 +1,13 @@
-"""Calibrated probabilities: temperature scaling, its fit, ECE and reliability bins."""
+"""Calibrated probabilities: temperature scaling and its fit."""
 
 import numpy as np
 import pytest
 from scipy.special import expit
 
 from shared_model.inference.calibration import (
-    brier_score,
-    expected_calibration_error,
     fit_temperatures,
     negative_log_likelihood,
     probabilities,
-    reliability_bins,
 )
 
 
@@ -76,47 +73,3 @@ def test_fit_temperatures_stays_within_its_bounds():
 def test_fit_temperatures_refuses_bad_inputs(z, y, message):
     with pytest.raises(ValueError, match=message):
         fit_temperatures(z, y)
-
-
-def test_ece_is_small_for_calibrated_data_and_large_for_overconfident_data():
-    rng = np.random.default_rng(2)
-    p = rng.random(50_000)
-    y = (rng.random(p.size) < p).astype(float)
-    assert expected_calibration_error(p, y) < 0.01
-    overconfident = expit(4 * (np.log(p) - np.log1p(-p)))  # logits x4
-    assert expected_calibration_error(overconfident, y) > 0.1
-    assert brier_score(overconfident, y) > brier_score(p, y)
-
-
-def test_ece_by_hand():
-    # bin [0.1, 0.2): two examples, mean 0.15, one positive -> gap 0.35
-    # bin [0.9, 1.0]: two examples, mean 0.95 (one exactly 1.0), both positive -> gap 0.05
-    p = np.array([0.1, 0.2 - 1e-9, 0.9, 1.0])
-    y = np.array([0.0, 1.0, 1.0, 1.0])
-    assert expected_calibration_error(p, y) == pytest.approx((2 * 0.35 + 2 * 0.05) / 4)
-
-
-def test_reliability_bins_have_edges_counts_and_none_for_empty_bins():
-    p = np.array([0.05, 0.07, 0.55, 1.0])
-    y = np.array([0.0, 1.0, 1.0, 1.0])
-    table = reliability_bins(p, y, bins=10)
-    assert len(table) == 10
-    assert [b["count"] for b in table] == [2, 0, 0, 0, 0, 1, 0, 0, 0, 1]
-    assert table[0]["lower"] == 0.0 and table[0]["upper"] == 0.1 and table[9]["upper"] == 1.0
-    assert table[0]["mean_predicted"] == pytest.approx(0.06)
-    assert table[0]["observed_frequency"] == 0.5
-    assert table[1]["mean_predicted"] is None and table[1]["observed_frequency"] is None
-
-
-@pytest.mark.parametrize(
-    ("p", "y", "message"),
-    [
-        (np.array([0.5, 1.5]), np.array([0.0, 1.0]), r"\[0, 1\]"),
-        (np.array([0.5]), np.array([0.0, 1.0]), "one length"),
-        (np.array([0.5]), np.array([2.0]), "0 or 1"),
-        (np.array([]), np.array([]), "no examples"),
-    ],
-)
-def test_ece_refuses_bad_inputs(p, y, message):
-    with pytest.raises(ValueError, match=message):
-        expected_calibration_error(p, y)
