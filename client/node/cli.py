@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -472,7 +473,7 @@ def hospital(
         f"delta {launch.hospital.delta:g}, ledger in {launch.hospital.state_dir}"
     )
     if check:
-        typer.echo(" ".join(launch.command))
+        typer.echo(shlex.join(launch.command))  # a command the operator can paste
         return
     code, output = run_until_joined(launch, echo=typer.echo)
     reason = explain_exit(code, output, launch)

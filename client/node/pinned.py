@@ -18,6 +18,7 @@ before it forks (``client/node/warm.py``), and a cold start runs
 from __future__ import annotations
 
 import importlib
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -38,8 +39,8 @@ def cold_clientapp(directory: Path | None = None) -> Path:
     directory = Path(directory or tempfile.mkdtemp(prefix="fedfusion-clientapp-"))
     directory.mkdir(parents=True, exist_ok=True)
     script = directory / "flwr-clientapp"
-    quoted = "'" + sys.executable.replace("'", "'\\''") + "'"
-    script.write_text(f'#!/bin/sh\nexec {quoted} -m client.node.pinned "$@"\n', encoding="utf-8")
+    python = shlex.quote(sys.executable)
+    script.write_text(f'#!/bin/sh\nexec {python} -m client.node.pinned "$@"\n', encoding="utf-8")
     script.chmod(0o700)
     return script
 

@@ -42,6 +42,7 @@ import importlib
 import json
 import os
 import selectors
+import shlex
 import shutil
 import signal
 import socket
@@ -308,8 +309,9 @@ class WarmStart:
         stub = bin_dir / "flwr-clientapp"
         stub.write_text(
             "#!/bin/sh\n"
-            f"{warm_stub.SOCKET_ENV}={_sh(str(sock))} {warm_stub.COLD_ENV}={_sh(str(cold))} "
-            f'exec {_sh(sys.executable)} -IS {_sh(warm_stub.__file__)} "$@"\n',
+            f"{warm_stub.SOCKET_ENV}={shlex.quote(str(sock))} "
+            f"{warm_stub.COLD_ENV}={shlex.quote(str(cold))} "
+            f'exec {shlex.quote(sys.executable)} -IS {shlex.quote(warm_stub.__file__)} "$@"\n',
             encoding="utf-8",
         )
         stub.chmod(0o700)
@@ -340,10 +342,6 @@ class WarmStart:
                 proc.kill()
                 proc.wait(10)
         shutil.rmtree(self.directory, ignore_errors=True)
-
-
-def _sh(text: str) -> str:
-    return "'" + text.replace("'", "'\\''") + "'"
 
 
 def main(argv: list[str] | None = None) -> None:

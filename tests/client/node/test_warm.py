@@ -95,6 +95,21 @@ def test_a_cold_start_runs_the_hospitals_own_clientapp_too(tmp_path):
     assert "-m client.node.pinned" in script.read_text()
 
 
+def test_the_cold_start_script_quotes_an_interpreter_path_the_shell_would_split(
+    tmp_path, monkeypatch
+):
+    from client.node.pinned import cold_clientapp
+
+    python = tmp_path / "it's a $HOME dir" / "python"
+    python.parent.mkdir()
+    python.write_text('#!/bin/sh\nprintf "%s|" "$@"\n')
+    python.chmod(0o700)
+    monkeypatch.setattr(sys, "executable", str(python))
+    script = cold_clientapp(tmp_path / "bin")
+    out = subprocess.run([str(script), "a b"], capture_output=True, text=True, check=True)
+    assert out.stdout == "-m|client.node.pinned|a b|"
+
+
 def test_a_childs_garbage_collector_skips_the_inherited_heap(warm):
     """Frozen before the fork: a child's full collection does not walk (and copy) it."""
     child = seen(run(warm))
