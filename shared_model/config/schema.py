@@ -5,6 +5,9 @@ rules). Tables (a TOML file's, Flower's flat ``run_config`` and ``node_config``)
 parsed against those fields: an unknown key or an ill-typed value raises
 :class:`ConfigError` naming the key (and the closest known one), so a typo never falls
 back silently to a default.
+
+Hand-written, not pydantic: pydantic is no declared dependency, would add about 0.1 s to
+each hospital process's start, and its errors would still need rewriting into these messages.
 """
 
 from __future__ import annotations
