@@ -45,20 +45,15 @@ __all__ = [
     "wilson_interval",
 ]
 
-Z95 = 1.959963984540054  # the standard normal's 97.5% quantile
 
-
-def wilson_interval(successes: int, total: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion; ``(nan, nan)`` when ``total`` is 0."""
+def wilson_interval(successes: int, total: int) -> tuple[float, float]:
+    """Wilson score 95% interval of a binomial proportion; ``(nan, nan)`` when ``total`` is 0."""
     if total == 0:
         return (math.nan, math.nan)
-    p = successes / total
-    denom = 1 + z * z / total
-    centre = (p + z * z / (2 * total)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total))
-    low = 0.0 if successes == 0 else max(0.0, centre - half)  # exact at the edges
-    high = 1.0 if successes == total else min(1.0, centre + half)
-    return (low, high)
+    from scipy.stats import binomtest  # loaded here, not at import: the CLI starts fast
+
+    ci = binomtest(successes, total).proportion_ci(confidence_level=0.95, method="wilson")
+    return (float(ci.low), float(ci.high))
 
 
 def _json(value: Any) -> Any:
