@@ -374,6 +374,7 @@ def _point_latest_at(run_dir: Path) -> None:
             err=True,
         )
         return
+    # Not shared_model.files: that writes a file's bytes; this swaps a link to a folder.
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(run_dir.name)
     tmp.replace(link)
