@@ -60,6 +60,7 @@ def _load(
     from client.app.site import resolve_device
     from shared_model.config import ConfigError
     from shared_model.inference.bundle import BundleError, load_bundle
+    from shared_model.inference.loaded import load_model
 
     try:
         where = str(resolve_device(device))
@@ -69,7 +70,7 @@ def _load(
                 f"{bundle}: digest {found.digest} is not the expected {expect} (give at least "
                 "16 characters): this is not the bundle the coordinator announced"
             )
-        loaded = found.load_model(text_model=text_model, image_weights=image_weights, device=where)
+        loaded = load_model(found, text_model=text_model, image_weights=image_weights, device=where)
     except (BundleError, ConfigError) as err:
         raise _fail(str(err)) from err
     typer.echo(f"bundle {loaded.bundle.describe()}, digest {found.digest[:16]}", err=True)

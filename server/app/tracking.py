@@ -36,6 +36,8 @@ from urllib.parse import urlsplit, urlunsplit
 from flwr.common.logger import log
 
 from server.app.best import BEST_FILE, BEST_MODEL
+from server.app.run_files import read_run_file
+from shared_model.files import write_json_atomic
 
 __all__ = [
     "EXPERIMENT_ENV",
@@ -54,7 +56,6 @@ DEFAULT_EXPERIMENT = "fedfusion"
 OFF = "off"
 ARTIFACTS = ("report.md", "metrics.json", "evaluation.json", "run-config.toml", BEST_FILE)
 MODELS = ("global_model.safetensors", BEST_MODEL)
-# server.app.store imports torch and the commands import this module: it is imported late.
 # MLflow's defaults retry an unreachable server for minutes; a federation waits on it.
 _MLFLOW_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -230,8 +231,6 @@ class RunTracker:
             os.environ.setdefault(key, value)
         from mlflow.entities import Param, RunStatus
 
-        from server.app.store import read_run_file
-
         factory = self._factory or _mlflow_client
         self._client = factory(self.settings.uri)
         known = read_run_file(self.run_dir / TRACKING_FILE) or {}
@@ -255,8 +254,6 @@ class RunTracker:
 
     def _save(self) -> None:
         """Record the MLflow run and the rounds logged in ``tracking.json``."""
-        from server.app.store import write_json_atomic
-
         write_json_atomic(
             self.run_dir / TRACKING_FILE,
             {
@@ -314,8 +311,6 @@ class RunTracker:
 
     def _finish(self, status: str) -> None:
         from mlflow.entities import RunStatus
-
-        from server.app.store import read_run_file
 
         root = self.run_dir
         for name in ARTIFACTS:

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from server.app.store import RunDirError, RunStore, write_json_atomic
+from server.app.store import RunDirError, RunStore
 from server.app.tracking import tracking_env
 from server.commands.superlink import (
     LocalSuperLink,
@@ -31,6 +31,7 @@ from server.commands.superlink import (
     to_toml,
 )
 from shared_model.config import SIM_FEATURE_CACHE_ENV, ConfigError, RunConfig
+from shared_model.files import write_json_atomic
 from shared_model.processes import free_port
 from shared_model.weights import base_fingerprint, initial_model
 
