@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from server.app.best import BEST_FILE, BEST_MODEL, MIN_POOLED_HOSPITALS, best_round
@@ -33,6 +33,8 @@ from shared_model.inference.operating_points import (
     choose_thresholds,
     pooled_figures,
 )
+from shared_model.text import tokenizer_identity
+from shared_model.weights import base_fingerprint, initial_model, load_shared_state
 
 __all__ = ["MIN_POOLED_HOSPITALS", "RunFacts", "export_run", "pooled_enough", "read_run"]
 
@@ -110,8 +112,6 @@ def choose_round(
 
 def _round_of(path: Path) -> int | None:
     """The round a model file says it holds (its safetensors metadata), if it says."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), "pt") as handle:
             return int((handle.metadata() or {}).get("round", ""))
@@ -168,9 +168,6 @@ def bundle_info(
     facts: RunFacts, chosen: ChosenRound, rule: str, min_hospitals: int = MIN_POOLED_HOSPITALS
 ) -> dict[str, Any]:
     """bundle.json for the chosen round's model (all but the weights' hash)."""
-    from shared_model.text import tokenizer_identity
-    from shared_model.weights import base_fingerprint, initial_model, load_shared_state
-
     run, server_round = facts.run, chosen.round
     model = initial_model(run.model, run.seed, load_trained_weights=False)
     try:

@@ -19,6 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from server.app.store import RunDirError, RunStore
 from server.app.tracking import tracking_env
 from server.commands.superlink import (
@@ -212,15 +215,6 @@ def round_progress(echo: Any, rounds: int, live: bool) -> Iterator[Any]:
 
     Elsewhere (a log, CI, a test) each round line carries the elapsed time and time left.
     """
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
     console = Console()
     if not (live and console.is_terminal):
         yield with_eta(echo, rounds)
