@@ -42,6 +42,9 @@ def _temporary(path: Path, mode: int | None) -> Path:
         try:
             if mode is not None:
                 os.fchmod(fd, mode)  # exact, not reduced by the umask
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         finally:
             os.close(fd)
         return tmp
