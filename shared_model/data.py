@@ -29,12 +29,14 @@ import csv
 import hashlib
 import json
 import re
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from shared_model.text import Tokenizer
@@ -209,6 +211,7 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
 
 
 def _read_dicom(path: Path, max_pixels: int) -> np.ndarray:
+    # pydicom loads with the first DICOM file: most data sets hold PNG or JPEG
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -249,10 +252,6 @@ def _read_dicom(path: Path, max_pixels: int) -> np.ndarray:
 
 
 def _read_raster(path: Path, max_pixels: int) -> np.ndarray:
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with warnings.catch_warnings():
             # Pillow's own bomb check warns, and refuses at twice its limit: ours decides.

@@ -204,7 +204,7 @@ class PretrainedImageEncoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        from efficientnet_lite_pytorch import EfficientNet
+        from efficientnet_lite_pytorch import EfficientNet  # only this encoder needs it
 
         self.backbone = EfficientNet.from_name("efficientnet-lite0")
         self.backbone._fc = nn.Identity()  # the ImageNet classifier: never used
@@ -242,6 +242,8 @@ class PretrainedImageEncoder(nn.Module):
 def _load_hf_encoder(path: Path) -> nn.Module:
     """A Hugging Face encoder from a local folder, offline; ConfigError if it is not one."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # transformers takes seconds to import: only a pretrained text encoder needs it, and
+    # it must see HF_HUB_OFFLINE when it loads
     from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
 

@@ -23,6 +23,7 @@ Advance = Callable[[str, int], None]  # advance(stage, n): n more units done in 
 @contextmanager
 def progress(total: int, unit: str = "records") -> Iterator[Advance]:
     """Yield ``advance(stage, n)``; every stage counts up to ``total`` ``unit``."""
+    # rich loads when a bar is shown: the CLI modules import this one at start-up
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 

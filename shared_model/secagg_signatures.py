@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from shared_model.errors import ExplainedError
+from shared_model.files import write_text_atomic
 
 __all__ = [
     "MEMBERS_FILE",
@@ -203,10 +204,8 @@ def create_signing_key(path: Path) -> PrivateKey:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(pem)
-    public = path.with_suffix(".pub")
-    tmp = public.with_suffix(f".pub.tmp{os.getpid()}")
-    tmp.write_text(public_line(key) + "\n", encoding="ascii")
-    tmp.replace(public)
+    # mode=None: a public key is for others to read
+    write_text_atomic(path.with_suffix(".pub"), public_line(key) + "\n", mode=None)
     return key
 
 
@@ -218,10 +217,8 @@ def write_members(path: Path, keys: Mapping[str, str]) -> None:
         f"[{_TABLE}]",
         *(f"{json.dumps(name)} = {json.dumps(keys[name].strip())}" for name in sorted(keys)),
     ]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    # mode=None: every hospital keeps a copy of this file; it holds no secret
+    write_text_atomic(path, "\n".join(lines) + "\n", mode=None)
 
 
 @dataclass(frozen=True)

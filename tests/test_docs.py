@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.docs import GENERATED_FILES, ROOT, SECTIONS, current_section
+from tests.support.docs import (
+    GENERATED_FILES,
+    ROOT,
+    SECTIONS,
+    current_section,
+    layout_map,
+    product_layout,
+)
 
 DOC_FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # [text](target) outside code; images too. Targets with a scheme are external.
@@ -112,3 +119,52 @@ def test_every_file_of_the_repository_named_in_the_docs_exists(path: Path) -> No
     named = set(REPO_PATH.findall(path.read_text(encoding="utf-8")))
     missing = sorted(p for p in named if not (ROOT / p.rstrip("/")).exists())
     assert not missing, f"{path.relative_to(ROOT)} names files that do not exist: {missing}"
+
+
+DESIGN = ROOT / "docs" / "design.md"
+
+
+def test_the_layout_map_names_only_what_exists() -> None:
+    named = layout_map(DESIGN.read_text(encoding="utf-8"))
+    exists = {p: (ROOT / p).is_dir() if p.endswith("/") else (ROOT / p).is_file() for p in named}
+    missing = [p for p, there in exists.items() if not there]
+    assert not missing, f"docs/design.md's layout map names what is not in the tree: {missing}"
+    assert len(named) == len(set(named)), "docs/design.md's layout map names a path twice"
+
+
+def test_the_layout_map_names_every_package_and_module() -> None:
+    """Every folder and module of the product (and benchmarks/) has its line in the map."""
+    expected = product_layout()
+    assert len(expected) > 100 and "server/app/" in expected and "server/app/store.py" in expected
+    missing = sorted(expected - set(layout_map(DESIGN.read_text(encoding="utf-8"))))
+    assert not missing, f"docs/design.md's layout map lacks: {missing}"
+
+
+def test_the_layout_map_reader_follows_nesting_and_skips_descriptions(tmp_path: Path) -> None:
+    text = """# Design
+
+## Layout
+
+```
+pkg/                  a package
+  a.py                a module
+  sub/                a folder
+    b.py              a module whose description goes on
+                      like.py this, indented past any entry
+  c.py                back one level
+top.py
+```
+
+```
+elsewhere.py          not the map
+```
+"""
+    expected = ["pkg/", "pkg/a.py", "pkg/sub/", "pkg/sub/b.py", "pkg/c.py", "top.py"]
+    assert layout_map(text) == expected
+
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "data").mkdir()  # no __init__.py: not a package
+    for name in ("__init__.py", "__main__.py", "a.py", "sub/__init__.py", "sub/b.py", "data/x.py"):
+        (pkg / name).write_text("")
+    assert product_layout(tmp_path, ["pkg"]) == {"pkg/", "pkg/a.py", "pkg/sub/", "pkg/sub/b.py"}

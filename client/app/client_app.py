@@ -36,6 +36,6 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this hospital's held-out split."""
-    from client.app import handlers
+    from client.app import handlers  # torch loads only for messages that evaluate
 
     return handlers.evaluate(msg, context)

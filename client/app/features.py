@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import time
 from collections.abc import Callable
 from functools import lru_cache
@@ -31,6 +30,7 @@ import torch
 from shared_model.config import ModelConfig
 from shared_model.data import FusionTensors
 from shared_model.datasets import HospitalSplit
+from shared_model.files import write_atomic
 from shared_model.model import FusionModel, PretrainedImageEncoder, PretrainedTextEncoder
 from shared_model.weights import base_fingerprint, hospital_model
 
@@ -112,9 +112,8 @@ class FeatureCache:
     def _write(self, keys: list[str], feats: torch.Tensor) -> None:
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         name = hashlib.sha256("".join(keys).encode()).hexdigest()[:16] + ".pt"
-        tmp = self.dir / f".{name}.{os.getpid()}.tmp"
-        torch.save({"keys": keys, "features": feats.contiguous()}, tmp)
-        tmp.replace(self.dir / name)
+        shard = {"keys": keys, "features": feats.contiguous()}
+        write_atomic(self.dir / name, lambda tmp: torch.save(shard, tmp))
         self._shards.add(name)
 
 

@@ -13,19 +13,23 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from flwr.app import ConfigRecord, Context
 from flwr.common.secure_aggregation.secaggplus_constants import Key
 
-from client.app.secagg_checks import SecAggRefusedError, distinct, node_ids, signed_entries
-from shared_model.config import RunConfig
+from client.app.secagg_checks import (
+    SecAggRefusedError,
+    SigningKeys,
+    distinct,
+    node_ids,
+    signed_entries,
+)
+from shared_model.config import HospitalConfig, RunConfig
 from shared_model.protocol import SecAggSigned
 from shared_model.secagg_signatures import sign, survivors_statement
 
-if TYPE_CHECKING:
-    from client.app.secagg_guard import SecAggGuard
-
-__all__ = ["SurvivorView", "evidence_folder"]
+__all__ = ["RoundGuard", "SurvivorView", "evidence_folder"]
 
 log = logging.getLogger("fedfusion.hospital")
 CONSISTENCY, SIGNATURES = SecAggSigned.CONSISTENCY, SecAggSigned.SIGNATURES
@@ -36,10 +40,43 @@ SIGNATURE, COMPLETED, SURVIVORS = (
 )
 
 
+class RoundGuard(Protocol):
+    """What the survivor checks read of the hospital's guard (client/app/secagg_guard.py).
+
+    Named here, not imported from there: the guard builds a :class:`SurvivorView`.
+    """
+
+    ctxt: Context
+    hospital: HospitalConfig
+    state: ConfigRecord  # this hospital's record of the round, in Flower's node state
+    configs: ConfigRecord
+    stage: str
+    node: int
+    run: int
+    round: int
+
+    @property
+    def plan(self) -> tuple[int, int, int]:
+        """(hospitals sampled, shares, threshold) of this hospital's round."""
+
+    @property
+    def neighbours(self) -> list[int]:
+        """The node ids this hospital exchanged keys with (itself included)."""
+
+    def expect(self, stage: str) -> None:
+        """Refuse the message unless it continues this hospital's round at ``stage``."""
+
+    def keys(self) -> SigningKeys:
+        """The hospital's signing key and members file."""
+
+    def record(self, name: str) -> ConfigRecord:
+        """The message's record ``name``; a refusal if the server left it out."""
+
+
 class SurvivorView:
     """The survivor set a hospital signs, and the unmasking it then answers."""
 
-    def __init__(self, guard: SecAggGuard) -> None:
+    def __init__(self, guard: RoundGuard) -> None:
         self.guard = guard
 
     def _closed(self, code: str, message: str) -> SecAggRefusedError:
@@ -233,7 +270,7 @@ class SurvivorView:
         return path
 
 
-def evidence_folder(guard: SecAggGuard) -> Path:
+def evidence_folder(guard: RoundGuard) -> Path:
     """Where the hospital keeps proof that a server showed hospitals different views."""
     run = RunConfig.from_run_config(guard.ctxt.run_config)
     return guard.hospital.ledger_dir(run.output_dir) / "secagg-evidence"

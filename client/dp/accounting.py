@@ -65,6 +65,8 @@ class RdpTable:
         orders = tuple(orders)
         key = (float(noise_multiplier), float(sample_rate), orders)
         if key not in self._rows:
+            # Opacus (and torch) load on the first epsilon computed: reading a ledger,
+            # or a key-exchange message, never needs them
             from opacus.accountants.analysis.rdp import compute_rdp
 
             rdp = compute_rdp(q=key[1], noise_multiplier=key[0], steps=1, orders=list(orders))
@@ -77,7 +79,7 @@ class RdpTable:
         """Epsilon of ``history`` at ``delta`` under RDP; 0 for an empty history."""
         if not history:
             return 0.0
-        from opacus.accountants.analysis.rdp import get_privacy_spent
+        from opacus.accountants.analysis.rdp import get_privacy_spent  # as in per_step
 
         total = [0.0] * len(orders)
         for sigma, q, steps in history:
@@ -134,7 +136,7 @@ def compute_epsilon(history: History, delta: float, accountant: str = "rdp") -> 
         return 0.0
     if accountant == "rdp":
         return RDP.epsilon(history, delta)
-    from opacus.accountants import create_accountant
+    from opacus.accountants import create_accountant  # loaded late, as in RdpTable.per_step
 
     acc = create_accountant(mechanism=accountant)
     acc.history = [(float(s), float(q), int(n)) for s, q, n in history]

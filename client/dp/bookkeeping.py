@@ -52,7 +52,7 @@ _MATERIALIZE_LIMIT = 1 << 24
 
 
 def _opacus_grad_samplers() -> dict[type, Callable[..., dict[nn.Parameter, torch.Tensor]]]:
-    from opacus import GradSampleModule
+    from opacus import GradSampleModule  # Opacus loads with the first model it clips
 
     return GradSampleModule.GRAD_SAMPLERS
 

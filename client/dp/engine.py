@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from client.dp.bookkeeping import BookKeeping, BookKeepingLoss, bookkeeping_unsupported
 from client.dp.policy import PrivacyPolicy
@@ -54,6 +54,7 @@ class PrivateTraining:
         it must still take its noised step. Only the hooks mode can run a forward pass
         on zero examples; this works for every grad-sample mode.
         """
+        # Opacus loads with the first DP step: an evaluate message never takes one
         from opacus.optimizers.optimizer_fast_gradient_clipping import (
             DPOptimizerFastGradientClipping,
         )
@@ -99,8 +100,8 @@ def poisson_loader(
 
     Empty batches come out with the right shapes (Opacus's collate wrapper).
     """
+    # Opacus loads with the first DP step: an evaluate message never takes one
     from opacus.data_loader import dtype_safe, shape_safe, wrap_collate_with_empty
-    from torch.utils.data import default_collate
 
     first = dataset[0]
     sampler = PoissonSampler(len(dataset), sample_rate, steps, generator)  # type: ignore[arg-type]
@@ -136,7 +137,7 @@ def make_private(
     the accountant records per step (lower when the release carries more than the
     gradient; default ``noise_multiplier``).
     """
-    from opacus import PrivacyEngine
+    from opacus import PrivacyEngine  # with the first DP step, as above
 
     n = len(dataset)  # type: ignore[arg-type]
     rate = min(1.0, batch_size / n) if sample_rate is None else sample_rate

@@ -115,7 +115,7 @@ def _coarse(counts: np.ndarray) -> np.ndarray:
 
 
 def _csprng_normal(shape: tuple[int, ...]) -> np.ndarray:
-    from client.dp.secure_noise import secure_normals
+    from client.dp.secure_noise import secure_normals  # imports torch: only to draw noise
 
     return secure_normals(math.prod(shape)).reshape(shape)
 

@@ -28,10 +28,11 @@ from typing import Any
 
 from client.dp.accounting import compute_epsilon
 from client.dp.ledger_file import checksum as _checksum
-from client.dp.ledger_file import ledger_lock, write_synced
+from client.dp.ledger_file import ledger_lock
 from client.dp.policy import PrivacyPolicy
 from shared_model.config.run import ACCOUNTANTS
 from shared_model.errors import ExplainedError
+from shared_model.files import write_text_atomic
 from shared_model.split import SplitSpec
 
 __all__ = [
@@ -352,14 +353,14 @@ class PrivacyLedger:
                     "(another of the hospital's messages wrote it): this one is not saved "
                     "over it, and its request fails"
                 )
-            write_synced(self.path, text)
+            write_text_atomic(self.path, text)
             self.on_disk = text.encode("utf-8")
             self._save_backup(text)
 
     def _save_backup(self, text: str) -> None:
         if self.backup is not None:
             try:  # its folder is made only at init: a missing one is storage not mounted
-                write_synced(self.backup, text, make_folder=False)
+                write_text_atomic(self.backup, text, make_parents=False)
             except OSError as err:
                 raise LedgerError(
                     f"cannot write the ledger's backup {self.backup} ({err.strerror}; is its "

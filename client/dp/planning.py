@@ -158,6 +158,6 @@ def _decline(
 
 
 def _secure_normal(std: float) -> float:
-    from client.dp.secure_noise import secure_normal
+    from client.dp.secure_noise import secure_normal  # imports torch: only to draw noise
 
     return secure_normal(std)

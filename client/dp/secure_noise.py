@@ -110,6 +110,7 @@ def _secure_add_noise(self: Any) -> None:
 
     One draw for all parameters of the step (in chunks): one key and keystream per chunk.
     """
+    # Opacus loads when a DP optimizer steps: the noise draws above never need it
     from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 
     multiplier = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier)

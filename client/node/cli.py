@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import shlex
+import statistics
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from client.dp.policy import effective_policy
+from shared_model.config import (
+    ConfigError,
+    HospitalConfig,
+    PrivacyConfig,
+    RunConfig,
+    parse_overrides,
+)
+from shared_model.progress import progress
+
+# Every `fedfusion` call imports this module to list its commands: what loads torch,
+# Flower or numpy is imported inside the command that needs it.
 
 __all__ = ["register"]
 
@@ -47,9 +62,7 @@ def data_check(
     Exits 1 if any row is bad or a patient_id is blank (where others are not), 2 if the
     manifest or the settings cannot be used at all.
     """
-    import json
-
-    from shared_model.config import ConfigError, RunConfig, parse_overrides
+    # torch loads with the command (see the note at the top)
     from shared_model.data import (
         DataLimits,
         ManifestError,
@@ -57,7 +70,6 @@ def data_check(
         load_manifest,
         read_manifest_rows,
     )
-    from shared_model.progress import progress
     from shared_model.text import tokenizer_for
 
     try:
@@ -133,9 +145,7 @@ def data_check(
 
 def _patient_summary(patient_ids: list[str] | None) -> dict[str, object]:
     """How many patients the good rows hold, and records per patient (None: no ids)."""
-    import statistics
-
-    from client.dp.patients import (
+    from client.dp.patients import (  # imports torch: with the command
         has_patient_ids,
         records_per_patient,
         records_without_patient_id,
@@ -156,8 +166,6 @@ _HOSPITAL_FILE = typer.Option("--config", "-c", help="The hospital's file (hospi
 
 def _custody(config: Path) -> tuple[Any, Path, Path]:
     """The hospital, its state-dir and its ledger backup, from its file (exit 2 if bad)."""
-    from shared_model.config import ConfigError, HospitalConfig
-
     try:
         hospital = HospitalConfig.from_node_config({"config-file": str(config)})
     except ConfigError as err:
@@ -192,11 +200,10 @@ def ledger_init(
     ledger and its backup (hospital.ledger-backup), and fixes the hospital's split of its
     patients (a secret key and its file's test-fraction and validation-fraction).
     """
+    # numpy loads with the ledger commands (see the note at the top)
     from client.dp.hospital_split import new_split
     from client.dp.ledger import LedgerError
     from client.dp.ledger_custody import init_ledger
-    from client.dp.policy import effective_policy
-    from shared_model.config import PrivacyConfig
 
     hospital, state, backup = _custody(config)
     policy = effective_policy(PrivacyConfig(), hospital)  # its caps; each run's request applies
@@ -214,6 +221,7 @@ def ledger_init(
 
 def ledger_restore(config: Annotated[Path, _HOSPITAL_FILE]) -> None:
     """Put the ledger's backup back, after the ledger was deleted (verified first)."""
+    # numpy loads with the ledger commands (see the note at the top)
     from client.dp.ledger import LedgerError
     from client.dp.ledger_custody import restore_ledger
 
@@ -235,6 +243,7 @@ def ledger_backup(config: Annotated[Path, _HOSPITAL_FILE]) -> None:
     A ledger without its backup is refused, since nothing then shows an edit or a
     rollback: have your privacy officer check the ledger before running this.
     """
+    # numpy loads with the ledger commands (see the note at the top)
     from client.dp.ledger import LedgerError
     from client.dp.ledger_custody import write_backup
 
@@ -263,10 +272,9 @@ def ledger_split(
     A ledger started by ``fedfusion ledger init`` has its split already. One that holds
     releases made without a split is refused until a person runs this.
     """
+    # numpy loads with the ledger commands (see the note at the top)
     from client.dp.hospital_split import fix_split_after_releases
     from client.dp.ledger import LedgerError
-    from client.dp.policy import effective_policy
-    from shared_model.config import PrivacyConfig
 
     hospital, state, _ = _custody(config)
     if not after_releases:
@@ -310,8 +318,7 @@ def ledger_show(
     history, and with --config its backup and the file's split fractions); a ledger
     that cannot be trusted is reported, never shown as if it were fine.
     """
-    import json
-
+    # numpy loads with the ledger commands (see the note at the top)
     from client.dp.hospital_split import check_fractions
     from client.dp.ledger import LedgerError, read_ledger
     from client.dp.ledger_custody import check_against_backup
@@ -401,7 +408,7 @@ def demo_data(
     a hospital's own data is ready. With --held-out-of RUN, the slices are that
     simulated run's held-out records, rendered as its hospitals held them.
     """
-    from shared_model.datasets.export import write_held_out, write_manifest
+    from shared_model.datasets.export import write_held_out, write_manifest  # torch: here only
 
     try:
         if held_out_of is not None:
@@ -426,10 +433,6 @@ def demo_data(
 
 def _simulated_run(run_dir: Path) -> tuple[Any, int]:
     """A simulated run's settings and hospital count; ValueError if it is not one."""
-    import json
-
-    from shared_model.config import RunConfig
-
     try:
         info = json.loads((run_dir / "run.json").read_text(encoding="utf-8"))
         count = int(json.loads((run_dir / "simulation.json").read_text("utf-8"))["hospitals"])
@@ -456,8 +459,8 @@ def hospital(
     whatever the server asks. The [connection] table says how to reach the server
     (server, root-certificates, private-key, port; insecure only for development).
     """
+    # Flower loads with the command (see the note at the top)
     from client.node.launch import explain_exit, plan_supernode, run_until_joined
-    from shared_model.config import ConfigError
 
     try:
         launch = plan_supernode(config)

@@ -66,6 +66,8 @@ def scale_waits(clock: Any) -> ModuleType:
     ``clock`` stands in for the ``time`` module (``clock.factor`` scales the object-pull
     retries; ``clock.active()`` is called once a reply is sent). Returns the loop module.
     """
+    # Flower loads only when the SuperNode is patched: the fork server and the pinned
+    # start import this module for its names alone
     from flwr.supercore.constant import PULL_BACKOFF_CAP, PULL_INITIAL_BACKOFF
 
     loop = importlib.import_module(_LOOP)

@@ -12,7 +12,11 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from shared_model.config import ConfigError
 from shared_model.progress import progress
+
+# Every `fedfusion` call imports this module to list its commands: torch, and the
+# modules that import it, load inside the command that needs them.
 
 if TYPE_CHECKING:
     from shared_model.inference.loaded import LoadedModel
@@ -57,9 +61,10 @@ def _manifest_failure(err: Exception) -> typer.Exit:
 def _load(
     bundle: Path, device: str, text_model: str, image_weights: str, expect: str
 ) -> LoadedModel:
+    # torch loads with the command (see the note at the top)
     from client.app.site import resolve_device
-    from shared_model.config import ConfigError
     from shared_model.inference.bundle import BundleError, load_bundle
+    from shared_model.inference.loaded import load_model
 
     try:
         where = str(resolve_device(device))
@@ -69,7 +74,7 @@ def _load(
                 f"{bundle}: digest {found.digest} is not the expected {expect} (give at least "
                 "16 characters): this is not the bundle the coordinator announced"
             )
-        loaded = found.load_model(text_model=text_model, image_weights=image_weights, device=where)
+        loaded = load_model(found, text_model=text_model, image_weights=image_weights, device=where)
     except (BundleError, ConfigError) as err:
         raise _fail(str(err)) from err
     typer.echo(f"bundle {loaded.bundle.describe()}, digest {found.digest[:16]}", err=True)
@@ -83,7 +88,7 @@ def _load(
 
 
 def _manifest_rows(manifest: Path) -> int:
-    from shared_model.data import ManifestError, read_manifest_rows
+    from shared_model.data import ManifestError, read_manifest_rows  # torch: with the command
 
     try:
         return len(read_manifest_rows(manifest.expanduser().resolve(), ("image", "report")))
@@ -160,6 +165,7 @@ def predict(
     (--out results.csv / results.json, one row per manifest row, a row that cannot be
     read with its error). Exits 1 if any row could not be read, 2 if nothing could run.
     """
+    # torch loads with the command (see the note at the top)
     from shared_model.data import ManifestError
     from shared_model.inference.predict import predict_manifest, predict_record
 
@@ -242,6 +248,7 @@ def evaluate(
     roc_curves.png and reliability.png. Rows that cannot be read are left out and
     listed; the command then exits 1.
     """
+    # torch loads with the command (see the note at the top)
     from shared_model.data import ManifestError
     from shared_model.inference.local_evaluation import evaluate_bundle
 

@@ -48,7 +48,7 @@ def cold_clientapp(directory: Path | None = None) -> Path:
 def main() -> None:
     """``python -m client.node.pinned [flwr-clientapp arguments]``."""
     pin()
-    from client.node.flwr_compat import CLIENTAPP, entry
+    from client.node.flwr_compat import CLIENTAPP, entry  # after pin(): pinned code first
 
     sys.argv[0] = "flwr-clientapp"
     entry(CLIENTAPP)()

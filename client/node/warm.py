@@ -53,6 +53,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,8 +165,6 @@ def _run_child(request: dict, fds: list[int], inherited: list[socket.socket], en
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     except BaseException:  # the child must never fall back into the server's loop
-        import traceback
-
         traceback.print_exc()
     finally:
         with contextlib.suppress(Exception):

@@ -24,7 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from server.app.run_files import RunDirError, read_run_file
 from shared_model.evaluation import EvalStats
+from shared_model.files import write_atomic, write_json_atomic
 
 __all__ = ["BEST_FILE", "BEST_MODEL", "MIN_POOLED_HOSPITALS", "best_round", "refresh_best"]
 
@@ -68,8 +70,6 @@ def refresh_best(
     are complete. A round without both an evaluation and a checkpoint is not a candidate
     yet; nothing is rewritten when the best did not change.
     """
-    from server.app.store import RunDirError, read_run_file, write_json_atomic  # imports us
-
     evaluation = read_run_file(root / "evaluation.json")
     if evaluation is None:
         return
@@ -86,9 +86,9 @@ def refresh_best(
     server_round, value = found
     if current and current.get("round") == server_round and (root / BEST_MODEL).exists():
         return
-    tmp = root / f".{BEST_MODEL}.tmp"
-    shutil.copyfile(checkpoint(server_round), tmp)
-    tmp.replace(root / BEST_MODEL)
+    source = checkpoint(server_round)
+    # mode=None: the copy keeps the umask's permissions, as the checkpoints do
+    write_atomic(root / BEST_MODEL, lambda tmp: shutil.copyfile(source, tmp), mode=None)
     write_json_atomic(
         root / BEST_FILE,
         {"round": server_round, "metric": METRIC, "value": value, "split": holdout},

@@ -17,17 +17,20 @@ from __future__ import annotations
 
 import functools
 import importlib
+import timeit
 from collections.abc import Callable
 from logging import WARNING
 from typing import Any
 
+import flwr.compat.common.recorddict_compat as compat
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.common import MessageType
 from flwr.common.logger import log
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.common.secure_aggregation.secaggplus_constants import Key as SecAggKey
+from flwr.server.compat.app_utils import start_update_client_manager_thread
 from flwr.server.workflow import SecAggPlusWorkflow
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
 from server.app.registry import HospitalRegistry
 from shared_model import secagg_primitives
@@ -92,6 +95,7 @@ def fast_object_pulls(initial: float, cap: float) -> None:
     Replaces the ``pull_objects`` Flower's deployed grid calls (defaults 1 s and 10 s)
     with the same function and these two backoffs; every other argument is Flower's.
     """
+    # Flower's deployed grid takes about 2 s to import: a simulation never loads it
     from flwr.superlink.grid import http_grid
 
     pull = getattr(http_grid.pull_objects, "func", http_grid.pull_objects)
@@ -121,12 +125,6 @@ class LegacyRounds:
     """
 
     def __init__(self, grid: Any, context: Any) -> None:
-        import timeit
-
-        from flwr.app import ConfigRecord
-        from flwr.server.compat.app_utils import start_update_client_manager_thread
-        from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
-
         self.grid, self.context = grid, context
         self._thread, self._stop, ready = start_update_client_manager_thread(
             grid, context.client_manager
@@ -138,9 +136,6 @@ class LegacyRounds:
 
     def run(self, workflow: Callable[[Any, Any], None], server_round: int, parameters: Any) -> None:
         """Run ``workflow`` (SecAgg+'s fit) as round ``server_round`` from ``parameters``."""
-        import flwr.compat.common.recorddict_compat as compat
-        from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
-
         state = self.context.state
         state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(
             parameters, keep_input=True

@@ -242,10 +242,11 @@ def privacy_section(rounds: list[Round], config: dict[str, Any]) -> list[str]:
 
 def write_report(run_dir: Path, config: dict[str, Any]) -> Path:
     """Plot training curves, epsilon per hospital and per-label AUROC; write report.md."""
+    # matplotlib loads only to draw a report: the commands import this module for its table
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after the backend is chosen
     from matplotlib.ticker import MaxNLocator
 
     rounds = load_rounds(run_dir)
@@ -376,7 +377,7 @@ def write_report(run_dir: Path, config: dict[str, Any]) -> Path:
 
 def _roc_plot(run_dir: Path) -> Path | None:
     """ROC curves of the last evaluated model, from its summed score histograms."""
-    from shared_model.evaluation import EvalStats
+    from shared_model.evaluation import EvalStats  # numpy: for this plot only, as above
 
     path = run_dir / "evaluation.json"
     if not path.exists():
@@ -386,7 +387,7 @@ def _roc_plot(run_dir: Path) -> Path | None:
         return None
     last = max(data["rounds"], key=int)
     stats = EvalStats.from_vector(data["labels"], data["rounds"][last])
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # loaded late, as in write_report (its Agg backend)
 
     fig, ax = plt.subplots(figsize=(4.6, 4.2))
     for j, label in enumerate(stats.labels):

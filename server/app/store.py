@@ -26,7 +26,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +36,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from server.app.best import refresh_best
+from server.app.run_files import RunDirError, read_run_file
 from shared_model.evaluation import EvalStats
+from shared_model.files import write_atomic, write_json_atomic
 
 __all__ = [
     "HospitalRound",
@@ -49,15 +50,10 @@ __all__ = [
     "evaluation_fields",
     "fitting_state",
     "read_run_file",
-    "write_json_atomic",
 ]
 
 EVALUATION_FILE = "evaluation.json"
 FINISHED = ("completed", "stopped-early")  # run.json statuses a restart does not resume
-
-
-class RunDirError(RuntimeError):
-    """The output directory holds a run that this one must not continue or overwrite."""
 
 
 class RunFinishedError(RunDirError):
@@ -143,20 +139,6 @@ def _finite(value: Any) -> Any:
     if isinstance(value, list):
         return [_finite(v) for v in value]
     return value
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and a rename, so a crash leaves the old file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        Path(tmp).replace(path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 @dataclass
@@ -384,14 +366,10 @@ class RunStore:
 
     def _write(self, path: Path, tensors: dict[str, torch.Tensor], server_round: int) -> None:
         """Write ``tensors`` to ``path`` atomically, on disk before this returns."""
-        tmp = self.checkpoints / f".{path.name}.tmp"
-        save_file(
-            {k: v.contiguous() for k, v in tensors.items()},
-            str(tmp),
-            metadata={"round": str(server_round)},
-        )
-        _fsync(tmp)
-        tmp.replace(path)
+        contiguous = {k: v.contiguous() for k, v in tensors.items()}
+        metadata = {"round": str(server_round)}
+        # mode=None: model files keep the umask's permissions, as before (not 0600)
+        write_atomic(path, lambda tmp: save_file(contiguous, str(tmp), metadata), mode=None)
 
     def latest_checkpoint(self) -> tuple[int, dict[str, torch.Tensor]] | None:
         """The last completed round and its global model, or None."""
@@ -414,10 +392,12 @@ class RunStore:
     ) -> None:
         """Export the final model (if any) and record how the run ended."""
         if state_dict is not None:
-            save_file(
-                {k: v.contiguous() for k, v in state_dict.items()},
-                str(self.root / "global_model.safetensors"),
-                metadata={"rounds": str(len(self.rounds))},
+            contiguous = {k: v.contiguous() for k, v in state_dict.items()}
+            metadata = {"rounds": str(len(self.rounds))}
+            write_atomic(
+                self.root / "global_model.safetensors",
+                lambda tmp: save_file(contiguous, str(tmp), metadata),
+                mode=None,
             )
         info = json.loads((self.root / "run.json").read_text(encoding="utf-8"))
         info.update(
@@ -436,28 +416,6 @@ class RunStore:
         if self._lock is not None:
             self._lock.close()
             self._lock = None
-
-
-def read_run_file(path: Path) -> dict[str, Any] | None:
-    """A run directory's JSON file (None if absent); RunDirError if it is not one."""
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise RunDirError(f"{path} cannot be read ({err}): it is not a fedfusion run") from err
-    if not isinstance(data, dict):
-        raise RunDirError(f"{path} is not a fedfusion run file")
-    return data
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file written by a library to disk before it is renamed into place."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fitting_state(

@@ -36,6 +36,8 @@ from urllib.parse import urlsplit, urlunsplit
 from flwr.common.logger import log
 
 from server.app.best import BEST_FILE, BEST_MODEL
+from server.app.run_files import read_run_file
+from shared_model.files import write_json_atomic
 
 __all__ = [
     "EXPERIMENT_ENV",
@@ -54,8 +56,9 @@ DEFAULT_EXPERIMENT = "fedfusion"
 OFF = "off"
 ARTIFACTS = ("report.md", "metrics.json", "evaluation.json", "run-config.toml", BEST_FILE)
 MODELS = ("global_model.safetensors", BEST_MODEL)
-# server.app.store imports torch and the commands import this module: it is imported late.
 # MLflow's defaults retry an unreachable server for minutes; a federation waits on it.
+# So these are set before MLflow is first imported, which is late: inside the functions
+# that use it, as MLflow takes seconds to import and most runs' commands never need it.
 _MLFLOW_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
@@ -228,9 +231,7 @@ class RunTracker:
     def _start(self, config: dict[str, Any], tags: dict[str, str]) -> None:
         for key, value in _MLFLOW_DEFAULTS.items():  # before MLflow is imported
             os.environ.setdefault(key, value)
-        from mlflow.entities import Param, RunStatus
-
-        from server.app.store import read_run_file
+        from mlflow.entities import Param, RunStatus  # late: see _MLFLOW_DEFAULTS
 
         factory = self._factory or _mlflow_client
         self._client = factory(self.settings.uri)
@@ -255,8 +256,6 @@ class RunTracker:
 
     def _save(self) -> None:
         """Record the MLflow run and the rounds logged in ``tracking.json``."""
-        from server.app.store import write_json_atomic
-
         write_json_atomic(
             self.run_dir / TRACKING_FILE,
             {
@@ -278,7 +277,7 @@ class RunTracker:
             self._stop("logging a round", err)
 
     def _sync(self, rounds: list[dict[str, Any]]) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # late: see _MLFLOW_DEFAULTS
 
         now = int(time.time() * 1000)
         batch: list[Metric] = []
@@ -313,9 +312,7 @@ class RunTracker:
             self._stop("closing the run", err)
 
     def _finish(self, status: str) -> None:
-        from mlflow.entities import RunStatus
-
-        from server.app.store import read_run_file
+        from mlflow.entities import RunStatus  # late: see _MLFLOW_DEFAULTS
 
         root = self.run_dir
         for name in ARTIFACTS:
@@ -350,6 +347,6 @@ def _private(store: Path | None, artifacts: str) -> None:
 
 
 def _mlflow_client(uri: str) -> Any:
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # late: see _MLFLOW_DEFAULTS
 
     return MlflowClient(tracking_uri=uri)

@@ -9,6 +9,15 @@ from typing import Annotated
 
 import typer
 
+from server.app.report import summary_table
+from server.commands.config import ServerDeployConfig
+from server.commands.superlink import failed_replies
+from shared_model.config import PRESETS, ConfigError, parse_overrides
+from shared_model.progress import progress
+
+# Every `fedfusion` call imports this module to list its commands: what loads torch,
+# Flower, MLflow or cryptography is imported inside the command that needs it.
+
 __all__ = ["register"]
 
 
@@ -38,7 +47,7 @@ _SANS = typer.Option(
 
 
 def _run_certs(action: object) -> None:
-    from server.commands.certs import CertError
+    from server.commands.certs import CertError  # cryptography: the certs commands only
 
     try:
         created = action()  # type: ignore[operator]
@@ -63,7 +72,7 @@ def certs_init(
     each hospital's public key on the SuperLink with `flwr supernode register
     hospitals/NAME/NAME.pub CONNECTION`; give the hospital its NAME.key and ca.crt.
     """
-    from server.commands.certs import create_deployment
+    from server.commands.certs import create_deployment  # cryptography: the certs commands only
 
     names = hospital or [f"hospital-{i}" for i in range(hospitals)]
     sans = server_name or ["127.0.0.1", "localhost"]
@@ -76,7 +85,7 @@ def certs_server(
     server_name: Annotated[list[str] | None, _SANS] = None,
 ) -> None:
     """Create the SuperLink's TLS key and certificate, signed by the CA in OUT/ca."""
-    from server.commands.certs import create_server_cert
+    from server.commands.certs import create_server_cert  # cryptography: the certs commands only
 
     sans = server_name or ["127.0.0.1", "localhost"]
     _run_certs(lambda: {"server": create_server_cert(out, sans)})
@@ -87,7 +96,7 @@ def certs_hospital(
     out: Annotated[Path, _OUT] = Path("certs"),
 ) -> None:
     """Create one hospital's key pair (run it at the hospital; send only the .pub)."""
-    from server.commands.certs import create_hospital_key
+    from server.commands.certs import create_hospital_key  # cryptography: the certs commands only
 
     _run_certs(lambda: {name: create_hospital_key(out, name)})
 
@@ -104,7 +113,7 @@ def certs_members(
     key): SecAgg+ key shares go only to hospitals it lists. Compare the fingerprints
     printed here with each hospital directly, not through the coordinator.
     """
-    from server.commands.certs import create_members
+    from server.commands.certs import create_members  # cryptography: the certs commands only
 
     prints: dict[str, str] = {}
     _run_certs(lambda: prints.update(create_members(out, public_keys)) or {})
@@ -145,12 +154,9 @@ def server(
     is unfinished (the server was killed, or the run failed), it is resumed after its
     last complete round. Exits non-zero if the run failed.
     """
-    from server.app.report import summary_table
+    # Flower and torch load with the command (see the note at the top)
     from server.app.tracking import tracking_env
-    from server.commands.config import ServerDeployConfig
     from server.commands.serve import INSECURE_WARNING, run_server
-    from server.commands.superlink import failed_replies
-    from shared_model.config import ConfigError
     from shared_model.weights import base_fingerprint, initial_model
 
     try:
@@ -205,7 +211,7 @@ _EXPERIMENT = typer.Option(help="MLflow experiment the run is logged under.")
 
 def _show_tracking(run_dir: Path) -> None:
     """Where the run was logged, and how to look at it."""
-    from server.app.tracking import TRACKING_FILE
+    from server.app.tracking import TRACKING_FILE  # imports Flower: a run's commands only
 
     path = run_dir / TRACKING_FILE
     try:
@@ -270,10 +276,9 @@ def simulate(
     loss, macro AUROC, each hospital's cumulative epsilon) and the paths of the report,
     plots and final model. Exits non-zero if the run failed.
     """
-    from server.app.report import summary_table
+    # Flower and torch load with the command (see the note at the top)
     from server.app.tracking import tracking_env
     from server.commands.simulate import run_simulation_cli
-    from shared_model.config import PRESETS, ConfigError, parse_overrides
 
     if preset is not None and preset not in PRESETS:
         typer.secho(f"error: --preset {preset!r} is not one of {', '.join(PRESETS)}", err=True)
@@ -332,11 +337,7 @@ def audit(
     non-members. Two attacks score every record: its loss under the final model, and how
     much training lowered that loss since round 0. The result goes to RUN_DIR/audit.json.
     """
-    import json
-
-    from server.commands.audit import audit_run, hospital_count
-    from shared_model.config import ConfigError
-    from shared_model.progress import progress
+    from server.commands.audit import audit_run, hospital_count  # torch: with the command
 
     try:
         with progress(hospitals or hospital_count(run_dir), "hospitals") as advance:
@@ -374,6 +375,7 @@ def _point_latest_at(run_dir: Path) -> None:
             err=True,
         )
         return
+    # Not shared_model.files: that writes a file's bytes; this swaps a link to a folder.
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(run_dir.name)
     tmp.replace(link)
@@ -417,8 +419,8 @@ def export(
     Frozen pretrained parts are named by their SHA-256, checked when the bundle loads.
     Prints the bundle's digest: hospitals can check it with --expect-digest.
     """
+    # torch loads with the command (see the note at the top)
     from server.commands.export import export_run
-    from shared_model.config import ConfigError
     from shared_model.inference.bundle import BundleError, load_bundle
 
     try:

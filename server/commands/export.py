@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from server.app.best import BEST_FILE, BEST_MODEL, MIN_POOLED_HOSPITALS, best_round
 from server.app.report import hospital_units
-from server.app.store import RunDirError, read_run_file
 from server.commands.model_card import render_model_card
+from server.commands.run_facts import RunFacts, read_run, read_run_json
 from shared_model.config import RunConfig
 from shared_model.evaluation import EvalStats
 from shared_model.inference.bundle import BundleError, model_settings, write_bundle
@@ -33,54 +33,10 @@ from shared_model.inference.operating_points import (
     choose_thresholds,
     pooled_figures,
 )
+from shared_model.text import tokenizer_identity
+from shared_model.weights import base_fingerprint, initial_model, load_shared_state
 
 __all__ = ["MIN_POOLED_HOSPITALS", "RunFacts", "export_run", "pooled_enough", "read_run"]
-
-
-@dataclass(frozen=True, kw_only=True)
-class RunFacts:
-    """What a run directory says about its model, for the bundle and its card."""
-
-    root: Path
-    info: dict[str, Any]  # run.json
-    run: RunConfig
-    rounds: list[dict[str, Any]]  # metrics.json
-    evaluation: dict[str, Any]  # evaluation.json ({} if the run evaluated nothing)
-    simulated_hospitals: int | None  # simulation.json: a `fedfusion simulate` run
-
-    def stats(self, server_round: int) -> EvalStats | None:
-        """The pooled held-out statistics of the model after ``server_round``, if kept."""
-        vector = self.evaluation.get("rounds", {}).get(str(server_round))
-        if vector is None:
-            return None
-        return EvalStats.from_vector(self.evaluation["labels"], vector).rounded()
-
-
-def _read_json(path: Path, required: bool = True) -> dict[str, Any]:
-    try:
-        data = read_run_file(path)
-    except RunDirError as err:
-        raise BundleError(str(err)) from err
-    if data is None and required:
-        raise BundleError(f"{path.parent} has no {path.name}: it is not a fedfusion run")
-    return data or {}
-
-
-def read_run(run_dir: Path) -> RunFacts:
-    """The run's settings, rounds and pooled evaluation; BundleError if it is not a run."""
-    root = Path(run_dir).expanduser()
-    if not root.is_dir():
-        raise BundleError(f"{root} is not a directory (a run directory, e.g. runs/latest)")
-    info = _read_json(root / "run.json")
-    sim = _read_json(root / "simulation.json", required=False)
-    return RunFacts(
-        root=root,
-        info=info,
-        run=RunConfig.from_run_config(info.get("config", {})),
-        rounds=_read_json(root / "metrics.json").get("rounds", []),
-        evaluation=_read_json(root / "evaluation.json", required=False),
-        simulated_hospitals=sim.get("hospitals"),
-    )
 
 
 def _load_weights(path: Path, server_round: int) -> dict[str, torch.Tensor]:
@@ -112,7 +68,7 @@ def choose_round(
     """
     root, checkpoints = facts.root, facts.root / "checkpoints"
     if which == "best":
-        best = _read_json(root / BEST_FILE, required=False)
+        best = read_run_json(root / BEST_FILE, required=False)
         if (
             best
             and (root / BEST_MODEL).exists()
@@ -136,7 +92,7 @@ def choose_round(
         path = checkpoints / f"round-{found[0]:04d}.safetensors"
         return ChosenRound(found[0], "best", _load_weights(path, found[0]), found[1])
     elif which == "final":
-        pointer = _read_json(checkpoints / "latest.json", required=False)
+        pointer = read_run_json(checkpoints / "latest.json", required=False)
         if not pointer:
             raise BundleError(f"{root} has no completed round to export")
         which, how = str(pointer["round"]), "final"
@@ -156,8 +112,6 @@ def choose_round(
 
 def _round_of(path: Path) -> int | None:
     """The round a model file says it holds (its safetensors metadata), if it says."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), "pt") as handle:
             return int((handle.metadata() or {}).get("round", ""))
@@ -214,9 +168,6 @@ def bundle_info(
     facts: RunFacts, chosen: ChosenRound, rule: str, min_hospitals: int = MIN_POOLED_HOSPITALS
 ) -> dict[str, Any]:
     """bundle.json for the chosen round's model (all but the weights' hash)."""
-    from shared_model.text import tokenizer_identity
-    from shared_model.weights import base_fingerprint, initial_model, load_shared_state
-
     run, server_round = facts.run, chosen.round
     model = initial_model(run.model, run.seed, load_trained_weights=False)
     try:

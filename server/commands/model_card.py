@@ -8,13 +8,11 @@ the federation's pooled held-out statistics (never one hospital's records).
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from server.app.report import hospital_units
+from server.commands.run_facts import RunFacts
 from shared_model.inference.operating_points import PooledLabel
-
-if TYPE_CHECKING:
-    from server.commands.export import RunFacts
 
 __all__ = ["PooledFigures", "render_model_card"]
 

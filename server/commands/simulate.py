@@ -19,7 +19,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from server.app.store import RunDirError, RunStore, write_json_atomic
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from server.app.store import RunDirError, RunStore
 from server.app.tracking import tracking_env
 from server.commands.superlink import (
     LocalSuperLink,
@@ -31,6 +34,7 @@ from server.commands.superlink import (
     to_toml,
 )
 from shared_model.config import SIM_FEATURE_CACHE_ENV, ConfigError, RunConfig
+from shared_model.files import write_json_atomic
 from shared_model.processes import free_port
 from shared_model.weights import base_fingerprint, initial_model
 
@@ -211,15 +215,6 @@ def round_progress(echo: Any, rounds: int, live: bool) -> Iterator[Any]:
 
     Elsewhere (a log, CI, a test) each round line carries the elapsed time and time left.
     """
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
     console = Console()
     if not (live and console.is_terminal):
         yield with_eta(echo, rounds)

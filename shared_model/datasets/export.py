@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from shared_model.config import RunConfig
+from shared_model.datasets import embedded_hospital
 from shared_model.datasets.iu_reports import TEXT_SOURCES, Report, load_reports
 from shared_model.datasets.phantoms import hospital_acquisition, render_phantom
 
@@ -90,8 +91,6 @@ def write_held_out(folder: Path, run: RunConfig, hospitals: int) -> list[Path]:
     on, whatever ``data.holdout`` says), as ``folder/hospital-N/manifest.csv``: a test
     set for `fedfusion evaluate` that the run's model has not seen.
     """
-    from shared_model.datasets import embedded_hospital
-
     known = set(run.model.labels)  # as the simulated hospitals read them
     by_uid = {
         r.uid: dataclasses.replace(r, labels=tuple(x for x in r.labels if x in known))

@@ -27,15 +27,13 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
 from shared_model.config import ConfigError, ModelConfig, RunConfig
-
-if TYPE_CHECKING:
-    from shared_model.inference.loaded import LoadedModel
 
 __all__ = [
     "BUNDLE_FILE",
@@ -80,7 +78,11 @@ def model_settings(model: ModelConfig) -> dict[str, Any]:
 
 @dataclass(frozen=True, kw_only=True)
 class Bundle:
-    """A bundle as read from ``bundle.json`` (the weights are loaded by :meth:`load_model`)."""
+    """A bundle as read from ``bundle.json``.
+
+    Its weights are read, checked and built into a model by
+    :func:`shared_model.inference.loaded.load_model`.
+    """
 
     root: Path
     info: dict[str, Any]  # bundle.json, whole
@@ -116,14 +118,6 @@ class Bundle:
     def shareable(self) -> bool:
         """False for a bundle recalibrated on one hospital's records: it stays there."""
         return bool(self.info["calibration"].get("shareable", True))
-
-    def load_model(
-        self, *, text_model: str = "", image_weights: str = "", device: str = "cpu"
-    ) -> LoadedModel:
-        """The model ready to predict, after every check (:func:`load_model`)."""
-        from shared_model.inference.loaded import load_model
-
-        return load_model(self, text_model=text_model, image_weights=image_weights, device=device)
 
 
 # Every field a loader reads, and its JSON type: anything else is refused by name.
@@ -236,8 +230,6 @@ def write_bundle(
     digest of it all last. ``private``: the folder is readable by its owner only (a
     bundle holding statistics of one hospital's records).
     """
-    from safetensors.torch import save_file
-
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()):
         raise BundleError(f"{out} exists and is not empty: choose a new --out")

@@ -66,7 +66,7 @@ def fit_temperatures(
         raise ValueError("logits must be finite (found NaN or infinity)")
     if not np.all((y == 0) | (y == 1)):
         raise ValueError("targets must be 0 or 1")
-    from scipy.optimize import minimize_scalar
+    from scipy.optimize import minimize_scalar  # loaded here, not at import: as expit above
 
     low, high = bounds
     if not 0 < low < 1 < high:

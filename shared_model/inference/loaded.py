@@ -17,10 +17,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
 
 from shared_model.config import ConfigError
 from shared_model.data import FusionTensors
 from shared_model.inference.bundle import BUNDLE_FILE, WEIGHTS_FILE, Bundle, BundleError
+from shared_model.inference.calibration import probabilities
+from shared_model.text import tokenizer_for, tokenizer_identity
+from shared_model.weights import base_fingerprint, initial_model, load_shared_state
 
 __all__ = ["LoadedModel", "load_model"]
 
@@ -57,8 +62,6 @@ class LoadedModel:
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
         """Calibrated probabilities: sigmoid(logit / T) per label."""
-        from shared_model.inference.calibration import probabilities
-
         return probabilities(logits, self.bundle.temperatures)
 
     def decisions(self, logits: np.ndarray) -> np.ndarray:
@@ -68,9 +71,6 @@ class LoadedModel:
 
 def _read_weights(bundle: Bundle) -> StateDict:
     """The weights, from bytes read once and checked against bundle.json's SHA-256."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load as load_bytes
-
     path = bundle.root / WEIGHTS_FILE
     try:
         data = path.read_bytes()
@@ -101,9 +101,6 @@ def load_model(
     files (default: the ones fedfusion installs). Paths written in the bundle are never
     followed.
     """
-    from shared_model.text import tokenizer_for, tokenizer_identity
-    from shared_model.weights import base_fingerprint, initial_model, load_shared_state
-
     state = _read_weights(bundle)
     cfg = replace(bundle.model, text_model=text_model, image_weights=image_weights, text_weights="")
     try:

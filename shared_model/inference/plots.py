@@ -34,10 +34,11 @@ def _grid(plt: Any, panels: int) -> tuple[Any, list[Any]]:
 
 
 def _pyplot() -> Any:
+    # matplotlib loads only when a figure is drawn
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after the backend is chosen
 
     return plt
 

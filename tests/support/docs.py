@@ -8,7 +8,8 @@
   (``tests/support/outbound_table.py``).
 
 ``python -m tests.support.docs`` writes them; ``tests/test_docs.py`` fails when one is
-stale.
+stale. The layout map of ``docs/design.md`` is written by hand; :func:`layout_map` and
+:func:`product_layout` let ``tests/test_docs.py`` check it against the tree.
 """
 
 from __future__ import annotations
@@ -22,7 +23,18 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 
-__all__ = ["GENERATED_FILES", "SECTIONS", "render_configuration", "write_all"]
+__all__ = [
+    "GENERATED_FILES",
+    "LAYOUT_PACKAGES",
+    "SECTIONS",
+    "layout_map",
+    "product_layout",
+    "render_configuration",
+    "write_all",
+]
+
+# The packages whose every folder and module the layout map of docs/design.md names.
+LAYOUT_PACKAGES = ("shared_model", "server", "client", "benchmarks")
 
 
 def _cell(text: str) -> str:
@@ -128,6 +140,45 @@ def render_configuration() -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def layout_map(text: str, heading: str = "## Layout") -> list[str]:
+    """The paths the map names: the first code block after ``heading`` in ``text``.
+
+    Each entry is a line ``<2 spaces per level><name><description>``, a folder's name
+    ending in ``/``; its path is its parent folder's plus its name. A line indented
+    deeper than one level below the entry before it continues that entry's description.
+    """
+    block = text.split(heading, 1)[1].split("```", 2)[1]
+    folders: list[str] = []  # the open folder at each level
+    found: list[str] = []
+    for line in block.splitlines()[1:]:  # the rest of the fence's own line is its language
+        name = line.split(maxsplit=1)[0] if line.strip() else ""
+        depth = (len(line) - len(line.lstrip(" "))) // 2
+        if not (name.endswith("/") or name.endswith(".py")) or depth > len(folders):
+            continue  # a description going on, or a blank line
+        del folders[depth:]
+        path = "".join(folders) + name
+        found.append(path)
+        if name.endswith("/"):
+            folders.append(name)
+    return found
+
+
+def product_layout(root: Path = ROOT, packages: Iterable[str] = LAYOUT_PACKAGES) -> set[str]:
+    """Every package folder (``server/app/``) and module (``server/app/store.py``) under
+    ``packages``, as the map writes them; ``__init__.py`` and ``__main__.py`` go unnamed."""
+    found = set()
+    for package in packages:
+        for init in (root / package).rglob("__init__.py"):
+            folder = init.parent.relative_to(root).as_posix() + "/"
+            found.add(folder)
+            found.update(
+                folder + p.name
+                for p in init.parent.glob("*.py")
+                if p.name not in {"__init__.py", "__main__.py"}
+            )
+    return found
 
 
 def _faults() -> str:

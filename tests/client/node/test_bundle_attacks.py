@@ -29,6 +29,7 @@ from server.commands.export import export_run, read_run
 from shared_model.cli import build_app
 from shared_model.datasets.export import write_manifest
 from shared_model.inference.bundle import BundleError, bundle_digest, file_sha256, load_bundle
+from shared_model.inference.loaded import load_model
 from shared_model.inference.local_evaluation import evaluate_bundle
 from shared_model.inference.predict import predict_record
 from tests.support.manifests import write_csv
@@ -156,7 +157,7 @@ def test_a_changed_bundle_json_is_not_a_silent_wrong_model(exported, tmp_path, d
     changed = _copy(bundle, tmp_path)
     _edit_info(changed, damage)
     with pytest.raises(BundleError):
-        load_bundle(changed).load_model()
+        load_model(load_bundle(changed))
 
 
 def test_non_finite_weights_are_refused(exported, tmp_path):
@@ -171,7 +172,7 @@ def test_non_finite_weights_are_refused(exported, tmp_path):
 
     # Execute + Assert: refused on load, not an all-negative answer for every patient
     try:
-        loaded = load_bundle(hostile).load_model()
+        loaded = load_model(load_bundle(hostile))
     except BundleError:
         return
     prediction = predict_record(loaded, None, "Cough and fever.")
@@ -191,11 +192,11 @@ def test_weights_are_never_unpickled_even_with_a_matching_hash(exported, tmp_pat
     (hostile / "weights.safetensors").write_bytes(pickle.dumps(Payload()))
     _rehash(hostile)
     with pytest.raises(BundleError):
-        load_bundle(hostile).load_model()
+        load_model(load_bundle(hostile))
     torch.save({"x": Payload()}, hostile / "weights.safetensors")
     _rehash(hostile)
     with pytest.raises(BundleError):
-        load_bundle(hostile).load_model()
+        load_model(load_bundle(hostile))
     assert not marker.exists()
 
 
@@ -258,7 +259,7 @@ def test_recalibrated_temperatures_depend_on_single_records(exported, site, tmp_
     hospital is a release of them that no epsilon accounts for.
     """
     _, bundle = exported
-    loaded = load_bundle(bundle).load_model()
+    loaded = load_model(load_bundle(bundle))
     rows = list(csv.DictReader(site.open(newline="", encoding="utf-8")))
     flipped = [dict(r) for r in rows]
     mine = set(filter(None, flipped[0]["labels"].split("|")))
@@ -277,7 +278,7 @@ def test_the_recalibrated_bundle_holds_the_weights_that_were_evaluated(exported,
     # over a shared folder, a tamperer) while the evaluation runs
     run, bundle = exported
     copy = _copy(bundle, tmp_path)
-    loaded = load_bundle(copy).load_model()
+    loaded = load_model(load_bundle(copy))
     # cloned: load_file maps the file, and the copy below overwrites it in place
     evaluated = {k: v.clone() for k, v in load_file(str(copy / "weights.safetensors")).items()}
     shutil.copy(run / "checkpoints" / "round-0001.safetensors", copy / "weights.safetensors")

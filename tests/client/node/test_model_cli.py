@@ -25,6 +25,7 @@ from shared_model.data import load_manifest
 from shared_model.datasets.export import write_manifest
 from shared_model.engine import make_loss, predict
 from shared_model.inference.bundle import BundleError, bundle_digest, load_bundle
+from shared_model.inference.loaded import load_model
 from shared_model.inference.predict import predict_manifest, predict_record
 from shared_model.text import tokenizer_for
 from shared_model.weights import hospital_model
@@ -94,7 +95,7 @@ def _training_logits(bundle_dir: Path, manifest: Path) -> np.ndarray:
 def test_predict_reproduces_the_training_codes_outputs(bundle_dir, site):
     # Prepare
     expected = _training_logits(bundle_dir, site / "site.csv")
-    loaded = load_bundle(bundle_dir).load_model()
+    loaded = load_model(load_bundle(bundle_dir))
 
     # Execute
     predictions, report = predict_manifest(loaded, site / "site.csv")
@@ -112,7 +113,7 @@ def test_predict_reproduces_the_training_codes_outputs(bundle_dir, site):
 
 
 def test_a_manifest_read_in_chunks_gives_the_same_predictions(bundle_dir, site, monkeypatch):
-    loaded = load_bundle(bundle_dir).load_model()
+    loaded = load_model(load_bundle(bundle_dir))
     whole, _ = predict_manifest(loaded, site / "site.csv")
     monkeypatch.setattr("shared_model.inference.predict.CHUNK_ROWS", 3)
     chunked, _ = predict_manifest(loaded, site / "site.csv")
@@ -127,13 +128,13 @@ def test_a_repeated_record_is_refused_across_chunks(bundle_dir, site, monkeypatc
     rows = list(csv.DictReader((site / "site.csv").open()))[:5]
     manifest = write_csv(site / "repeat.csv", [*rows, rows[0]])
     monkeypatch.setattr("shared_model.inference.predict.CHUNK_ROWS", 2)
-    out = manifest_outputs(load_bundle(bundle_dir).load_model(), manifest, with_labels=True)
+    out = manifest_outputs(load_model(load_bundle(bundle_dir)), manifest, with_labels=True)
     assert [(e.row, e.reason.split(" (")[0]) for e in out.report.errors] == [(6, "repeats row 1")]
     assert len(out.logits) == 5
 
 
 def test_one_record_gives_the_same_answer_as_its_manifest_row(bundle_dir, site):
-    loaded = load_bundle(bundle_dir).load_model()
+    loaded = load_model(load_bundle(bundle_dir))
     rows, _ = predict_manifest(loaded, site / "site.csv")
     by_patient = {p.patient_id: p for p in rows}
     dicom = predict_record(loaded, site / "chest.dcm", "Fever, shortness of breath.")
@@ -238,7 +239,7 @@ def test_changed_weights_are_refused(bundle_dir, tmp_path):
     data[-1] ^= 0x01
     (copy / "weights.safetensors").write_bytes(bytes(data))
     with pytest.raises(BundleError, match="SHA-256 differs"):
-        load_bundle(copy).load_model()
+        load_model(load_bundle(copy))
 
 
 def _rewrite(bundle: Path, info: dict) -> None:
@@ -270,12 +271,12 @@ def test_other_frozen_weights_or_tokenizer_are_refused(bundle_dir, tmp_path):
     info["frozen-base"]["sha256"] = "0" * 64
     _rewrite(copy, info)
     with pytest.raises(BundleError, match="frozen pretrained weights on this machine differ"):
-        load_bundle(copy).load_model()
+        load_model(load_bundle(copy))
     info = json.loads((bundle_dir / "bundle.json").read_text())
     info["preprocessing"]["text"]["tokenizer"]["files-sha256"] = "f" * 64
     _rewrite(copy, info)
     with pytest.raises(BundleError, match="tokenizer here differs"):
-        load_bundle(copy).load_model()
+        load_model(load_bundle(copy))
 
 
 def test_a_damaged_bundle_json_is_named(bundle_dir, tmp_path):
@@ -311,7 +312,7 @@ def test_a_real_change_of_the_frozen_image_weights_is_caught(tmp_path):
     state[name] = state[name] + 1e-3
     torch.save(state, tmp_path / "other.pth")
     with pytest.raises(BundleError, match="point --text-model / --image-weights"):
-        bundle.load_model(image_weights=str(tmp_path / "other.pth"))
+        load_model(bundle, image_weights=str(tmp_path / "other.pth"))
 
 
 # ---------------------------------------------------------------- evaluate
@@ -335,7 +336,7 @@ def test_evaluate_writes_the_report_and_recalibrates_without_changing_decisions(
     assert [f["label"] for f in figures["figures"]["per_label"]] == list(LABELS)
     recal = load_bundle(out / "recalibrated-bundle")
     assert recal.info["calibration"]["fitted-on"].startswith("16 labelled records")
-    original, again = load_bundle(bundle_dir).load_model(), recal.load_model()
+    original, again = load_model(load_bundle(bundle_dir)), load_model(recal)
     before, _ = predict_manifest(original, site / "site.csv")
     after, _ = predict_manifest(again, site / "site.csv")
     assert [p.decisions for p in before] == [p.decisions for p in after]

@@ -71,7 +71,7 @@ def test_the_round_bar_counts_rounds_in_a_terminal(monkeypatch):
     from server.commands import simulate
 
     out = io.StringIO()
-    monkeypatch.setattr("rich.console.Console", lambda: Console(file=out, force_terminal=True))
+    monkeypatch.setattr(simulate, "Console", lambda: Console(file=out, force_terminal=True))
     ticks = []
     with simulate.round_progress(print, 2, live=True) as show:
         show("round 0/2 | a")
