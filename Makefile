@@ -1,20 +1,24 @@
 # fedfusion — two commands on a fresh machine: `make simulate` and `make test`.
-# Each creates or reuses .venv and installs exactly what it needs.
+# Each creates or reuses .venv, which holds exactly requirements/lock-cpu.txt.
 
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# pip takes the local CPU wheel for exactly this spec. Any other torch
-# spec, or an unpinned torch pulled in later, downloads the CUDA build: every later
-# install is therefore constrained to the torch that was installed here.
+# Every install is from a lock: each package pinned with the sha256 of its files and
+# installed with --no-deps, then the project itself on top. `make lock` refreshes them.
+#   lock-cpu.txt:  .venv and the container images, with torch's CPU build (2.13.0+cpu).
+#   lock-cuda.txt: the same set with the package index's own torch 2.13.0 (built for
+#                  CUDA 13.0) and its NVIDIA libraries: the image of a hospital with GPUs.
+LOCK := requirements/lock-cpu.txt
+LOCK_CUDA := requirements/lock-cuda.txt
+# The torch both locks hold: for the CPU lock its local build 2.13.0+cpu, which lies in
+# FIND_LINKS (pip's find-links: `pip config list`), for the CUDA lock the index's.
 TORCH_SPEC ?= torch==2.13.0
-# The Indiana University reports of the embedded default data ship inside this package.
-# It must be installed without its declared dependencies (they pull a broken torchvision).
-TXV_SPEC ?= torchxrayvision==1.5.7
+FIND_LINKS ?= /opt/wheels
 ARGS ?=
 
-.PHONY: simulate test check bench bench-utility audit docs lint fmt clean venv wheelhouse wheelhouse-cuda \
-	container-test mlflow-ui
+.PHONY: simulate test check bench bench-utility audit docs lint fmt clean venv lock wheelhouse \
+	wheelhouse-cuda container-test mlflow-ui
 
 simulate: $(VENV)/.runtime
 	$(BIN)/fedfusion simulate $(ARGS)
@@ -43,23 +47,42 @@ bench-utility: $(VENV)/.runtime
 audit: $(VENV)/.runtime
 	$(BIN)/python -m benchmarks --suite audit $(ARGS)
 
-# Every wheel the container images need (torch's CPU build included) in deploy/wheelhouse,
-# so that `docker build -f deploy/Dockerfile` installs from there and reaches no network.
-# wheelhouse-cuda: the same in deploy/wheelhouse-cuda for a hospital with NVIDIA GPUs, with
-# the package index's own torch 2.13.0 (built for CUDA 13.0) and its NVIDIA libraries
-# (`docker build ... --build-arg WHEELHOUSE=deploy/wheelhouse-cuda`).
-WHEELHOUSE := deploy/wheelhouse
-WHEELHOUSE_TORCH = -c $(VENV)/constraints.txt $(TORCH_SPEC)
-wheelhouse-cuda: WHEELHOUSE := deploy/wheelhouse-cuda
-# `===`, and no find-links: only the index's build, never the local CPU wheel
-wheelhouse-cuda: WHEELHOUSE_TORCH = "torch===2.13.0"
-wheelhouse-cuda: export PIP_FIND_LINKS =
-wheelhouse wheelhouse-cuda: $(VENV)/.runtime
-	$(BIN)/pip wheel --quiet --wheel-dir $(WHEELHOUSE) $(WHEELHOUSE_TORCH) .
-	$(BIN)/pip wheel --quiet --wheel-dir $(WHEELHOUSE) --no-deps $(TXV_SPEC)
-	$(BIN)/pip wheel --quiet --wheel-dir $(WHEELHOUSE) $$($(BIN)/python -c \
-	  "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires'])")
-	rm -f $(WHEELHOUSE)/fedfusion-*.whl
+# The files of a lock in a folder, for an offline image build: `docker build -f
+# deploy/Dockerfile` then installs from there and reaches no network. Each folder keeps a
+# copy of its lock (lock.txt): the build refuses wheels made from another lock.
+# wheelhouse: the CPU lock into deploy/wheelhouse (torch's CPU build from FIND_LINKS).
+# wheelhouse-cuda: the CUDA lock into deploy/wheelhouse-cuda, for a hospital with NVIDIA
+# GPUs (`docker build ... --build-arg LOCK=$(LOCK_CUDA) --build-arg WHEELHOUSE=$@`).
+wheelhouse: $(VENV)/.locked
+	$(BIN)/pip download --quiet --require-hashes --no-deps --dest deploy/wheelhouse -r $(LOCK)
+	cp $(LOCK) deploy/wheelhouse/lock.txt
+
+# Its only find-links is the folder itself: torch==2.13.0 would also match the local CPU build.
+wheelhouse-cuda: $(VENV)/.locked
+	PIP_FIND_LINKS=$(CURDIR)/deploy/wheelhouse-cuda $(BIN)/pip download --quiet \
+	  --require-hashes --no-deps --dest deploy/wheelhouse-cuda -r $(LOCK_CUDA)
+	cp $(LOCK_CUDA) deploy/wheelhouse-cuda/lock.txt
+
+# Re-resolve both locks from pyproject.toml: its dependencies, the dev extra and the
+# dependency groups `install` and `reports` (the latter without its dependencies), for
+# Python 3.11 on x86_64 Linux. Pins that still fit are kept; `make lock ARGS=--upgrade`
+# takes the newest versions instead. A lock is rewritten only when it changed, and .venv
+# is rebuilt only then.
+UV_COMPILE = $(BIN)/uv pip compile --quiet --native-tls --generate-hashes --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --custom-compile-command "make lock" $(ARGS)
+# $(call compile,LOCK,FLAGS): written to .venv first (uv keeps the pins it finds there)
+define compile
+new=$(VENV)/$(notdir $(1)) && cp $(1) $$new \
+ && echo "$(TORCH_SPEC)" | $(UV_COMPILE) pyproject.toml --extra dev --group install \
+      --constraint - $(2) --output-file $$new \
+ && echo "# Without its dependencies (pyproject.toml, [dependency-groups] reports):" >> $$new \
+ && $(UV_COMPILE) --group reports --no-deps --no-header >> $$new \
+ && { cmp -s $$new $(1) && rm $$new || mv $$new $(1); }
+endef
+
+lock: $(VENV)/.locked
+	$(call compile,$(LOCK),--find-links $(FIND_LINKS))
+	$(call compile,$(LOCK_CUDA),)
 
 # Builds the server and hospital images and runs a TLS federation of them on loopback
 # (3 hospitals, DP, SecAgg+, one hospital container killed in the last round). Needs a
@@ -94,21 +117,22 @@ fmt: $(VENV)/.dev
 
 venv: $(VENV)/.runtime
 
-$(VENV)/.torch:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+# A fresh environment holding exactly the lock, rebuilt whenever the lock changes (so
+# that nothing the lock dropped stays behind). tests/test_lock.py checks it.
+$(VENV)/.locked: $(LOCK)
+	$(PYTHON) -m venv --clear $(VENV)
+	$(BIN)/pip install --quiet --require-hashes --no-deps -r $(LOCK)
 	touch $@
 
-$(VENV)/.runtime: $(VENV)/.torch pyproject.toml
-	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e .
-	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt --no-deps $(TXV_SPEC)
+# The project, editable (`fedfusion server` submits the Flower app from this folder).
+$(VENV)/.runtime: $(VENV)/.locked pyproject.toml
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime pyproject.toml
-	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[dev]"
+# The lock holds the dev extra too: `make test` runs in the environment `make simulate` uses.
+$(VENV)/.dev: $(VENV)/.runtime
 	touch $@
 
 clean:
-	rm -rf $(VENV) .venv-mlflow runs .pytest_cache .ruff_cache .hypothesis deploy/wheelhouse/*.whl
+	rm -rf $(VENV) .venv-mlflow runs .pytest_cache .ruff_cache .hypothesis deploy/wheelhouse/*.whl \
+	  deploy/wheelhouse/lock.txt

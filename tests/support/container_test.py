@@ -57,6 +57,8 @@ UID = 10001  # the images' user
 PROJECT = "fedfusion-container-test"
 TAG = "container-test"
 WHEELHOUSE, CUDA_WHEELHOUSE = "deploy/wheelhouse", "deploy/wheelhouse-cuda"
+# the lock each wheelhouse was made from (make wheelhouse, make wheelhouse-cuda)
+LOCKS = {WHEELHOUSE: "requirements/lock-cpu.txt", CUDA_WHEELHOUSE: "requirements/lock-cuda.txt"}
 CUDA_HOSPITAL = "hospital-1"  # with --cuda-hospital, it runs the CUDA image (on CPU here)
 RUN = {
     "num-rounds": 3,
@@ -205,7 +207,8 @@ def build_images(base: str, work: Path, cuda: bool) -> dict[str, dict[str, Any]]
         log(f"building {tag} (--target {target}, base {base}, {wheelhouse})")
         started = time.monotonic()
         context = stage_context(work, wheelhouse)
-        args = ["--build-arg", f"BASE_IMAGE={base}", "--build-arg", f"WHEELHOUSE={wheelhouse}"]
+        args = [f"BASE_IMAGE={base}", f"WHEELHOUSE={wheelhouse}", f"LOCK={LOCKS[wheelhouse]}"]
+        args = [word for arg in args for word in ("--build-arg", arg)]
         sh(
             [
                 "docker",
