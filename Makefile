@@ -23,9 +23,14 @@ ARGS ?=
 simulate: $(VENV)/.runtime
 	$(BIN)/fedfusion simulate $(ARGS)
 
+# Every test, on TEST_WORKERS processes (pytest-xdist): the end-to-end tests spend much of
+# their time waiting on other processes, which the second worker fills. The slow ones
+# start first (tests/conftest.py). Under 12 minutes on 2 cores.
+TEST_WORKERS ?= 2
 test: $(VENV)/.dev
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal $(ARGS)
 
 # The edit-test loop: lint and every fast test (no federation, no real training; a tenth
 # of the property-test examples) on two workers, under 3 minutes on 2 cores.

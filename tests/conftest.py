@@ -3,22 +3,41 @@ and how the tests behind the fault table in docs/faults.md (tests/support/fault_
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-_FUZZ_COUNTS: dict[str, list[int]] = {}
+_FUZZ_COUNTS: dict[str, int] = {}
 _FAULT_OUTCOMES: dict[str, str] = {}  # test function -> passed | failed | skipped
+_SLOW_FIRST = "slow"
 
 
 @pytest.fixture
-def fuzz_counts() -> dict[str, list[int]]:
-    """Per fuzz target, ``[inputs tried]``; a target adds to its own entry."""
-    return _FUZZ_COUNTS
+def fuzz_counts(request: pytest.FixtureRequest) -> Iterator[dict[str, list[int]]]:
+    """Per fuzz target, ``[inputs tried]``; a target adds to its own entry.
+
+    The counts travel in the test's report (``user_properties``), so that they reach the
+    summary from pytest-xdist's worker processes too.
+    """
+    counts: dict[str, list[int]] = {}
+    yield counts
+    request.node.user_properties.extend(("fuzz", (t, n)) for t, (n,) in counts.items())
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first: on several workers, the longest work starts at once instead
+    of leaving one worker busy with it at the end (longest-first scheduling)."""
+    items.sort(key=lambda item: item.get_closest_marker(_SLOW_FIRST) is None)
 
 
 def pytest_runtest_logreport(report: Any) -> None:
-    """Record the outcome of each fault-table test (a parametrized one fails if any case does)."""
+    """Record fuzz counts, and the outcome of each fault-table test (a parametrized one
+    fails if any case does)."""
+    for key, value in report.user_properties if report.when == "teardown" else ():
+        if key == "fuzz":
+            target, count = value
+            _FUZZ_COUNTS[target] = _FUZZ_COUNTS.get(target, 0) + count
     if "fault" not in report.keywords:
         return
     test = report.nodeid.split("[", 1)[0]
@@ -32,7 +51,7 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Fuzz input counts (all ran without a crash if the target passed), fault-table tests."""
     if _FUZZ_COUNTS:
         terminalreporter.section("fuzzing")
-        for target, (count,) in sorted(_FUZZ_COUNTS.items()):
+        for target, count in sorted(_FUZZ_COUNTS.items()):
             terminalreporter.write_line(f"{target}: {count} inputs")
     if _FAULT_OUTCOMES:
         from collections import Counter

@@ -1,7 +1,7 @@
 """kill -9 in the middle of a round: the server resumes, a hospital rejoins, nothing is lost.
 
 Simulation (SecAgg+ off, the plain FedAvg path): the ServerApp process is killed in
-round 2; running the same `fedfusion simulate` again resumes after round 1.
+round 2 of 2; running the same `fedfusion simulate` again resumes after round 1.
 
 Deployment on loopback (TLS, SecAgg+ on): a hospital's whole process tree is killed
 while it trains round 2 (its ledger's write-ahead entry is on disk), the round completes
@@ -120,11 +120,17 @@ def test_simulation_server_killed_mid_round_resumes_after_the_last_complete_roun
         "-n",
         "3",
         "-r",
-        "3",
+        "2",
         "--out",
         str(out),
         "-c",
         "secagg.enabled=false",
+        "-c",
+        "data.max-reports=900",  # 300 records a hospital: what is kept is checked, not learning
+        "-c",
+        # a round killed mid-training counts in full: 3 rounds' worth of this 2-round plan
+        # must fit under each hospital's max-epsilon (10) for the resumed round to train
+        "privacy.target-epsilon=4",
         "--timeout",
         "600",
     ]
@@ -132,7 +138,7 @@ def test_simulation_server_killed_mid_round_resumes_after_the_last_complete_roun
     with first_log.open("w") as handle:
         first = subprocess.Popen(cmd, stdout=handle, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: "round 2/3\n" in first_log.read_text(), 300, "round 2 to start", poll=0.1)
+        wait_for(lambda: "round 2/2\n" in first_log.read_text(), 300, "round 2 to start", poll=0.1)
         cli = psutil.Process(first.pid)
         (server,) = [
             p for p in cli.children(recursive=True) if "flwr-simulation" in " ".join(p.cmdline())
@@ -157,17 +163,17 @@ def test_simulation_server_killed_mid_round_resumes_after_the_last_complete_roun
     assert info["status"] == "completed"
     assert [a["resumed_after_round"] for a in info["attempts"]] == [1]
     rounds = json.loads((out / "metrics.json").read_text())["rounds"]
-    assert [r["round"] for r in rounds] == [0, 1, 2, 3]  # each once, the history intact
+    assert [r["round"] for r in rounds] == [0, 1, 2]  # each once, the history intact
     assert (out / "checkpoints" / "round-0001.safetensors").read_bytes() == checkpoint
     tracked = read_tracked_run(out)  # the same MLflow run, continued; each round once
     assert tracked.runs_in_experiment == 1 and tracked.status == "FINISHED"
     assert tracked.history["eval/auroc"] == [(r["round"], r["eval_auroc"]) for r in rounds]
-    assert [s for s, _ in tracked.history["train/loss"]] == [1, 2, 3]
+    assert [s for s, _ in tracked.history["train/loss"]] == [1, 2]
     assert len(ledgers) == 3
     for name, before in ledgers.items():
         path = out / "hospitals" / name / "privacy_ledger.json"
         assert [e["round"] for e in before][:1] == [1]
-        assert_ledger_kept(before, history(path), [2, 3], 2, path)
+        assert_ledger_kept(before, history(path), [2], 2, path)
         (last,) = [h for h in rounds[-1]["hospitals"] if h["hospital"] == name]
         assert_epsilon_independent(path, last["epsilon"])
 
