@@ -6,7 +6,8 @@ round past max-epsilon is declined); the round is written to the ledger *before*
 step touches a record; the training stage runs; then the entry is completed and the
 ledger's epsilon checked against Opacus's own accountant. A crash while training
 leaves the entry "started", counted in full. The trainer (``trainer.py``) runs this
-sequence with DP-SGD (``local_training.py``) as its training stage.
+sequence with DP-SGD (``local_training.py``) as its training stage; the privacy property
+tests run the same sequence with a training stage that reads no record.
 """
 
 from __future__ import annotations
