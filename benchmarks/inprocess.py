@@ -2,11 +2,12 @@
 
 It runs what a simulated federation runs, call for call: each hospital's
 ``run_local_round`` (its privacy policy, DP-SGD through Opacus, its ledger, the released
-count and loss) and ``run_local_evaluation``; at the server, the weighted mean of the
-updates and the ``ServerOptimizer``. Under SecAgg+ each hospital's upload goes through
-the same codec (``shared_model/masked_upload.py``) and Flower's own quantization, and the
-server decodes the sum; the pairwise masks are left out because they cancel exactly in
-that sum. What it leaves out is Flower's processes and messages, about 1 s a round
+count and loss) and ``run_local_evaluation``; at the server, the round core the
+ServerApp's drivers call (``server/app/round_core.py``: the weighted mean of the updates,
+then the ``ServerOptimizer``). Under SecAgg+ each hospital's upload goes through the same
+codec (``shared_model/masked_upload.py``) and Flower's own quantization, and the server
+decodes the sum; the pairwise masks are left out because they cancel exactly in that
+sum. What it leaves out is Flower's processes and messages, about 1 s a round
 here, as much as a round of the frozen model's training. A test
 (tests/benchmarks/test_inprocess.py) checks that it lands on the model a Flower
 simulation of the same run trains.
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-import numpy as np
 import torch
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from safetensors.torch import save_file
@@ -31,6 +31,13 @@ from client.app.reply import masked_upload_vector
 from client.app.site import Site, open_site
 from client.app.trainer import LocalRound, run_local_evaluation, run_local_round
 from client.dp.ledger import LedgerEntry
+from server.app.round_core import (
+    HospitalUpdate,
+    RoundMean,
+    mean_of_sum,
+    mean_of_updates,
+    round_result,
+)
 from server.app.server_optimizer import ServerOptimizer
 from shared_model.config import HospitalConfig, RunConfig
 from shared_model.config.hospital import SIM_FEATURE_CACHE_ENV
@@ -71,31 +78,29 @@ def _evaluate(state: StateDict, sites: list[Site], run: RunConfig) -> dict[str, 
     return total.metrics()
 
 
-def _secagg_mean(
+def _round_mean(
     results: list[LocalRound], state: StateDict, layout: WeightLayout, run: RunConfig
-) -> np.ndarray | None:
-    """The weighted mean update as the server reads it from the SecAgg+ sum (None: nobody)."""
+) -> RoundMean | None:
+    """The round's mean update as the server reads it (None: nobody trained).
+
+    Under SecAgg+, from the sum of the quantized uploads; otherwise from each update.
+    """
+    if not run.secagg.enabled:
+        updates = [
+            HospitalUpdate(
+                weights=layout.pack(r.weights), num_examples=r.num_examples, train_loss=r.train_loss
+            )
+            for r in results
+            if r.trained
+        ]
+        return mean_of_updates(layout.pack(state), updates)
     c, levels = run.secagg.clipping_range, QUANTIZATION_RANGE
     no_evaluation = EvalStats.zeros(run.model.labels)  # evaluated apart, after the step
     summed = 0.0
     for r in results:
         codec, vector = masked_upload_vector(r, state, layout, no_evaluation, run)
         summed = summed + dequantize(quantize([vector], c, levels), c, levels)[0]
-    total = codec.decode_sum(summed / len(results), len(results))
-    return total.update if total.weight > 0 else None
-
-
-def _plain_mean(
-    results: list[LocalRound], state: StateDict, layout: WeightLayout
-) -> np.ndarray | None:
-    """FedAvg's mean update, weighted by each hospital's (released) record count."""
-    trained = [r for r in results if r.trained]
-    if not trained:
-        return None
-    before = layout.pack(state).astype(np.float64)
-    weights = np.array([r.num_examples for r in trained], dtype=np.float64)
-    updates = np.stack([layout.pack(r.weights).astype(np.float64) - before for r in trained])
-    return (weights[:, None] * updates).sum(0) / weights.sum()
+    return mean_of_sum(codec.decode_sum(summed / len(results), len(results)))
 
 
 def federate(
@@ -144,22 +149,16 @@ def federate(
             )
             seen[i] = result.ledger_history
             results.append(result)
-        if run.secagg.enabled:
-            mean = _secagg_mean(results, state, layout, run)
-        else:
-            mean = _plain_mean(results, state, layout)
-        if mean is not None:
-            packed = layout.pack(state)
-            averaged = layout.unpack((packed.astype(np.float64) + mean).astype(packed.dtype))
-            state = optimizer.step(state, averaged)
-        trained = [r for r in results if r.trained]
+        result = round_result(
+            state, _round_mean(results, state, layout, run), layout, optimizer.step
+        )
+        state = result.state
         history.append(
             {
                 "round": server_round,
                 "seconds": time.monotonic() - started,
-                "train_loss": float(np.mean([r.train_loss for r in trained]))
-                if trained
-                else math.nan,
+                # as the server records it: weighted by N̂ (under SecAgg+, read from the sum)
+                "train_loss": math.nan if result.train_loss is None else result.train_loss,
                 "epsilon": {s.name: r.epsilon for s, r in zip(sites, results, strict=True)},
                 "eval_metrics": _evaluate(state, sites, run),
             }

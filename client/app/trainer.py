@@ -11,33 +11,31 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
 
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from client.app.local_training import (
+    model_from,
+    prepare_training,
+    train_privately,
+    train_without_dp,
+)
+from client.app.private_round import Trained, private_round
 from client.app.site import Site
-from client.dp.accounting import compute_epsilon
-from client.dp.engine import make_private
 from client.dp.held_out import finite_predictions
-from client.dp.ledger import HELD_OUT_PART, PATIENT, LedgerEntry, LedgerError, PrivacyLedger
-from client.dp.patients import PatientSampled, patient_weights
-from client.dp.planning import plan_round
-from client.dp.release import LossRelease
+from client.dp.ledger import HELD_OUT_PART, PATIENT, LedgerEntry, PrivacyLedger
+from client.dp.patients import patient_weights
 from shared_model.config import RunConfig
 from shared_model.engine import (
     classification_metrics,
     make_loss,
-    make_optimizer,
     pos_weight_from_config,
     predict,
     reuse_freed_memory,
-    train_one_epoch,
 )
 from shared_model.evaluation import EvalStats
-from shared_model.model import FusionModel
-from shared_model.weights import hospital_model, shared_state
 
 __all__ = [
     "EVALUATED_ONLY",
@@ -47,7 +45,6 @@ __all__ = [
     "release_evaluation",
     "run_local_evaluation",
     "run_local_round",
-    "training_units",
 ]
 
 log = logging.getLogger("fedfusion.hospital")
@@ -80,30 +77,33 @@ class LocalEvaluation:
     metrics: dict[str, float]  # exact, for the hospital's own log; never sent
 
 
-def _model_from(weights: StateDict, site: Site, run: RunConfig) -> FusionModel:
-    """The hospital's own frozen parts with the server's trainable ``weights``."""
-    return hospital_model(site.model, run.seed, weights).to(site.device)
-
-
-def _on_cpu(state: StateDict) -> StateDict:
-    """A state_dict as it travels: CPU tensors, detached."""
-    return {k: v.detach().cpu() for k, v in state.items()}
-
-
-def _untrained(
-    reason: str, weights: StateDict, ledger: PrivacyLedger, epsilon: float, declined: bool
+def _local_round(
+    reason: str,
+    weights: StateDict,
+    ledger: PrivacyLedger,
+    epsilon: float,
+    *,
+    trained: Trained | None = None,
+    num_examples: int = 0,
+    noise_multiplier: float = 0.0,
+    sample_rate: float = 0.0,
+    declined: bool = False,
 ) -> LocalRound:
-    """A round in which nothing trains: the weights as received, the ledger as it stands."""
+    """The one place a round's outcome is built.
+
+    ``trained`` None: nothing trained, and the weights are the ones received. The ledger
+    history is the ledger's as it stands after the round.
+    """
     return LocalRound(
-        trained=False,
+        trained=trained is not None,
         reason=reason,
-        weights=weights,
-        num_examples=0,
-        train_loss=math.nan,
-        steps=0,
+        weights=weights if trained is None else trained.weights,
+        num_examples=num_examples if trained is not None else 0,
+        train_loss=math.nan if trained is None else trained.train_loss,
+        steps=0 if trained is None else trained.steps,
         epsilon=epsilon,
-        noise_multiplier=ledger.noise_multiplier or 0.0,
-        sample_rate=0.0,
+        noise_multiplier=noise_multiplier,
+        sample_rate=sample_rate,
         ledger_history=tuple(ledger.history),
         declined=declined,
     )
@@ -114,10 +114,18 @@ def _declined(
 ) -> LocalRound:
     """A round this hospital does not train, with its epsilon so far."""
     ledger = site.open_ledger(seen)
-    return _untrained(reason, weights, ledger, ledger.epsilon(), declined=True)
+    return _local_round(
+        reason,
+        weights,
+        ledger,
+        ledger.epsilon(),
+        noise_multiplier=ledger.noise_multiplier or 0.0,
+        declined=True,
+    )
 
 
 EVALUATED_ONLY = "evaluated the final model (the run's last exchange); no training"
+WITHOUT_DP = "trained without DP (privacy.enabled = false; this hospital allows it)"
 
 
 def evaluated_only(weights: StateDict, site: Site, seen: Sequence[LedgerEntry]) -> LocalRound:
@@ -125,19 +133,9 @@ def evaluated_only(weights: StateDict, site: Site, seen: Sequence[LedgerEntry]) 
     ledger = site.open_ledger(seen)
     no_dp = not site.policy.enabled and site.policy.allow_non_private
     epsilon = math.inf if no_dp else ledger.epsilon()
-    return _untrained(EVALUATED_ONLY, weights, ledger, epsilon, declined=False)
-
-
-def training_units(site: Site) -> Dataset[Any]:
-    """What DP-SGD samples: the hospital's patients (one record each), or its records.
-
-    Per patient (client/dp/patients.py), each sampled patient brings one of its records,
-    drawn anew at every step: one patient then moves a step as one record does.
-    """
-    train = site.data.train
-    if site.unit != PATIENT or train.patient_ids is None:
-        return train
-    return PatientSampled(train, train.patient_ids, np.random.default_rng())
+    return _local_round(
+        EVALUATED_ONLY, weights, ledger, epsilon, noise_multiplier=ledger.noise_multiplier or 0.0
+    )
 
 
 def run_local_round(
@@ -157,145 +155,56 @@ def run_local_round(
     ``secure_aggregation``: whether the update leaves inside SecAgg+. ``ledger_seen``
     is the ledger history this hospital process recorded before; the ledger on disk
     must still hold it.
+
+    The stages: the hospital's policy may refuse the round; what trains is prepared
+    (``local_training.py``), before the ledger is read; the private round
+    (``private_round.py``) opens the ledger and plans, writes the round ahead, runs the
+    DP-SGD training stage, then completes the round and checks it against Opacus;
+    :func:`_local_round` builds the outcome.
     """
     refusal = site.policy.refusal(secure_aggregation=secure_aggregation)
     if refusal:
         return _declined(refusal, weights, site, ledger_seen)
-    reuse_freed_memory()
-    train_set = training_units(site)
-    model = _model_from(weights, site, run)
-    model.return_alignment = run.train.alignment_weight > 0
-    global_params = [p.detach().clone() for p in model.parameters() if p.requires_grad]
-    loss_fn = make_loss(
-        pos_weight_from_config(run.train, run.model.labels), run.train.alignment_weight
-    ).to(site.device)
-    optimizer = make_optimizer(model, run)
-
-    def epochs(
-        model: torch.nn.Module,
-        loader: DataLoader,
-        optimizer: torch.optim.Optimizer,
-        loss: torch.nn.Module,
-        on_empty_batch: Callable[[], None] | None = None,
-        release: LossRelease | None = None,
-    ) -> tuple[float, int]:
-        total, examples, steps = 0.0, 0, 0
-        for _ in range(run.train.local_epochs):
-            stats = train_one_epoch(
-                model,
-                loader,
-                optimizer,
-                loss,
-                modality_dropout=run.train.modality_dropout,
-                proximal_mu=proximal_mu,
-                global_params=global_params,
-                on_empty_batch=on_empty_batch,
-                device=site.device,
-                max_physical_batch=run.train.max_physical_batch_size,
-                loss_release=release,
-            )
-            total += stats.loss * stats.examples
-            examples += stats.examples
-            steps += stats.steps
-        return total / max(examples, 1), steps
-
+    local = prepare_training(weights, site, run, proximal_mu)
     if not site.policy.enabled:  # the hospital's own config allows it (refusal() above)
-        generator = torch.Generator().manual_seed(run.seed * 1000 + server_round)
-        loader = DataLoader(
-            train_set, batch_size=run.train.batch_size, shuffle=True, generator=generator
+        trained = train_without_dp(local, site, run, server_round)
+        # untouched by this round; read for the held-out epsilon its reply states
+        ledger = site.open_ledger(ledger_seen)
+        return _local_round(
+            WITHOUT_DP,
+            weights,
+            ledger,
+            math.inf,
+            trained=trained,
+            num_examples=len(local.train_set),
         )
-        loss, steps = epochs(model, loader, optimizer, loss_fn)
-        return LocalRound(
-            trained=True,
-            reason="trained without DP (privacy.enabled = false; this hospital allows it)",
-            weights=_on_cpu(shared_state(model)),
-            num_examples=len(train_set),
-            train_loss=loss,
-            steps=steps,
-            epsilon=math.inf,
-            noise_multiplier=0.0,
-            sample_rate=0.0,
-            # untouched by this round; read for the held-out epsilon its reply states
-            ledger_history=tuple(site.open_ledger(ledger_seen).history),
-        )
-
-    ledger = site.open_ledger(ledger_seen)
-    plan = plan_round(
-        ledger,
-        site.policy,
+    done = private_round(
+        site,
+        run,
         server_round=server_round,
         planned_rounds=planned_rounds,
-        num_examples=len(train_set),
-        batch_size=run.train.batch_size,
-        local_epochs=run.train.local_epochs,
+        num_examples=len(local.train_set),
+        ledger_seen=ledger_seen,
         count_noise=_normal(site.policy.secure_noise, noise_generator),
+        train=partial(
+            train_privately,
+            local,
+            site,
+            run,
+            noise_generator,
+            _normal(site.policy.secure_noise, noise_generator),  # the released loss's noise
+        ),
     )
-    if not plan.train:
-        return LocalRound(
-            trained=False,
-            reason=plan.reason,
-            weights=weights,
-            num_examples=0,
-            train_loss=math.nan,
-            steps=0,
-            epsilon=plan.epsilon_before,
-            noise_multiplier=plan.entry.noise_multiplier,
-            sample_rate=plan.entry.sample_rate,
-            ledger_history=tuple(ledger.history),
-            declined=True,
-        )
-    ledger.begin_round(plan.entry)  # written before any step touches the data
-    private = make_private(
-        model,
-        optimizer,
-        loss_fn,
-        train_set,
-        run.train.batch_size,
-        site.policy,
-        plan.gradient_noise_multiplier,
-        noise_generator=noise_generator,
-        sample_rate=plan.entry.sample_rate,
-        steps_per_epoch=plan.entry.steps // run.train.local_epochs,
-        expected_batch_size=plan.expected_batch_size,
-        accounted_noise_multiplier=plan.entry.noise_multiplier,
-    )
-    private.engine.accountant.history = ledger.accountant_history()[:-1]
-    release = LossRelease(
-        loss_fn.per_example,
-        plan.gradient_noise_multiplier,
-        plan.expected_batch_size,
-        _normal(site.policy.secure_noise, noise_generator),
-    )
-    _, steps = epochs(
-        private.model,
-        private.loader,
-        private.optimizer,
-        private.loss_fn,
-        on_empty_batch=private.empty_batch_step,
-        release=release,
-    )
-    ledger.complete_round(server_round, steps)
-    epsilon = ledger.epsilon()
-    # Opacus's own accountant saw every step; it must agree with the ledger.
-    opacus_epsilon = compute_epsilon(
-        private.engine.accountant.history, site.policy.delta, site.policy.accountant
-    )
-    if steps != plan.entry.steps or not math.isclose(opacus_epsilon, epsilon, rel_tol=1e-6):
-        raise LedgerError(
-            f"{site.name}: round {server_round} took {steps} of {plan.entry.steps} planned "
-            f"steps; Opacus counted epsilon {opacus_epsilon}, the ledger {epsilon}"
-        )
-    return LocalRound(
-        trained=True,
-        reason="trained",
-        weights=_on_cpu(shared_state(private.raw_model)),
-        num_examples=plan.public_records,
-        train_loss=release.value(),
-        steps=steps,
-        epsilon=epsilon,
-        noise_multiplier=plan.entry.noise_multiplier,
-        sample_rate=plan.entry.sample_rate,
-        ledger_history=tuple(ledger.history),
+    return _local_round(
+        done.plan.reason,
+        weights,
+        done.ledger,
+        done.epsilon,
+        trained=done.trained,
+        num_examples=done.plan.public_records,
+        noise_multiplier=done.plan.entry.noise_multiplier,
+        sample_rate=done.plan.entry.sample_rate,
+        declined=done.trained is None,
     )
 
 
@@ -332,7 +241,7 @@ def run_local_evaluation(
         log.warning("%s: no held-out records; nothing to evaluate", site.name)
         return LocalEvaluation(EvalStats.zeros(run.model.labels), {})
     reuse_freed_memory()
-    model = _model_from(weights, site, run)
+    model = model_from(weights, site, run)
     loss_fn = make_loss(pos_weight_from_config(run.train, run.model.labels)).to(site.device)
     loader = DataLoader(test, batch_size=256)
     out = predict(model, loader, loss_fn, device=site.device)

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 
 from server.app.grid import metered
 from server.app.report import format_evaluation_line
+from server.app.round_core import ServerStep, round_result
 from server.app.server_optimizer import ServerOptimizer
 from server.app.store import (
     HospitalRound,
@@ -36,13 +37,11 @@ from server.app.strategy import (
     FederationError,
     HospitalFedAvg,
     ShortRoundError,
-    as_float,
     packed_record,
     wait_for_hospitals,
 )
 from shared_model.config import RunConfig
 from shared_model.evaluation import EvalStats
-from shared_model.protocol import Reply
 
 __all__ = [
     "AllDeclinedError",
@@ -72,10 +71,6 @@ class RoundOutcome:
     state: StateDict
     # round -> the summed held-out statistics of the model after that round
     evaluations: dict[int, tuple[EvalStats, list[HospitalRound]]] = field(default_factory=dict)
-
-
-# the server optimizer's step: (the global model, the round's average) -> the new model
-ServerStep = Callable[[StateDict, StateDict], StateDict]
 
 
 class RoundDriver(Protocol):
@@ -248,7 +243,7 @@ class PlainRounds:
         return self._outcome(0, None, evals, started, state)
 
     def train_round(self, server_round: int, state: StateDict, step: ServerStep) -> RoundOutcome:
-        """Send the model, average the updates, step the server optimizer, evaluate."""
+        """Send the model, check and average the updates (the round core), evaluate."""
         run, strategy = self.run, self.strategy
         started = self._begin()
         log(INFO, "[fedfusion] round %d/%d", server_round, run.num_rounds)
@@ -258,7 +253,7 @@ class PlainRounds:
         arrays = packed_record(state, self.layout)
         messages = list(strategy.configure_train(server_round, arrays, ConfigRecord(), self.grid))
         replies = list(self.grid.send_and_receive(messages, timeout=run.server.round_timeout))
-        new_arrays, train_metrics = strategy.aggregate_train(server_round, replies)
+        mean = strategy.aggregate_update(server_round, replies)
         sampled = {m.metadata.dst_node_id for m in messages}
         strategy.record_silent(
             sampled - {r.metadata.src_node_id for r in replies}, run.server.round_timeout
@@ -276,7 +271,7 @@ class PlainRounds:
             strategy.skipped = True
             record = self._outcome(server_round, None, {}, started, state).record
             raise ShortRoundError(problem, record)
-        if new_arrays is None:
+        if mean is None:
             if strategy.declined and not (strategy.failures or strategy.rejected):
                 raise AllDeclinedError(
                     f"round {server_round}: every sampled hospital declined (privacy budgets "
@@ -288,13 +283,14 @@ class PlainRounds:
                 f"({strategy.failures} failed, {strategy.declined} declined, "
                 f"{strategy.rejected} refused): " + "; ".join(strategy.failure_reasons())
             )
-        new_state = step(state, self.layout.unpack_record(new_arrays))
+        result = round_result(state, mean, self.layout, step)
         evaluate = run.server.fraction_evaluate > 0
         evals = (
-            self._evaluate(server_round, packed_record(new_state, self.layout)) if evaluate else {}
+            self._evaluate(server_round, packed_record(result.state, self.layout))
+            if evaluate
+            else {}
         )
-        train_loss = as_float((train_metrics or {}).get(Reply.TRAIN_LOSS))
-        return self._outcome(server_round, train_loss, evals, started, new_state)
+        return self._outcome(server_round, result.train_loss, evals, started, result.state)
 
     def finish(self, state: StateDict) -> dict[int, tuple[EvalStats, list[HospitalRound]]]:
         """Nothing: each model was evaluated in its own round."""

@@ -7,8 +7,9 @@ only the sum of the hospitals' uploads and hands the strategy every hospital's
 ``FitRes`` with its parameters replaced by that one aggregate; no individual upload is
 ever seen. Each upload (``shared_model/masked_upload.py``) holds a weighted delta, the
 weight, the DP-released train loss and the held-out statistics of the model the
-hospital received, so :class:`SecAggFedAvg` adds the weighted mean delta to the global
-model and learns the federation's evaluation of the previous model from the same sum.
+hospital received, so :class:`SecAggFedAvg` reads the weighted mean delta from the sum
+(applied by the round core, ``server/app/round_core.py``, as in plain rounds) and
+learns the federation's evaluation of the previous model from the same sum.
 What else a hospital sends in the clear is listed in ``client/app/outbound.py``.
 
 The workflow's mask generator and secret sharing are fedfusion's
@@ -41,7 +42,8 @@ from flwr.serverapp import Grid
 from server.app.flwr_compat import LegacyRounds, SignedSecAggPlusWorkflow, install_secagg_primitives
 from server.app.grid import MeteredGrid, metered
 from server.app.registry import HospitalRegistry
-from server.app.rounds import AllDeclinedError, RoundOutcome, ServerStep
+from server.app.round_core import RoundMean, ServerStep, mean_of_sum, round_result
+from server.app.rounds import AllDeclinedError, RoundOutcome
 from server.app.store import HospitalRound, RoundRecord
 from server.app.strategy import FederationError, ShortRoundError, hospital_round, short_reason
 from shared_model import secagg_primitives
@@ -102,19 +104,17 @@ class SecAggFedAvg(LegacyFedAvg):
         self.codec = UploadCodec(
             initial[0].size, run.model.labels, run.secagg.clipping_range, run.secagg.max_weight
         )
-        self.current = [np.array(a, copy=True) for a in initial]
         self.known: dict[int, str] = {}  # node id -> the hospital name it replied with
-        self.begin(1, self.current)
+        self.begin(1)
 
-    def begin(self, server_round: int, current: list[np.ndarray]) -> None:
-        """Start round ``server_round`` from the model ``current``."""
+    def begin(self, server_round: int) -> None:
+        """Start round ``server_round``: forget the previous round's part of each hospital."""
         self.meter.reset()
         self.server_round = server_round
-        self.current = [np.array(a, copy=True) for a in current]
         self.hospitals: dict[int, HospitalRound] = {}
         self.sampled = 0
         self.failures = self.declined = 0
-        self.train_loss: float | None = None
+        self.mean: RoundMean | None = None  # the round's update, once the sum is read
         self.started = time.monotonic()
         self.aggregated = False  # set when the SecAgg+ round reached aggregate_fit
         self.evaluations: Evaluations = {}
@@ -205,7 +205,11 @@ class SecAggFedAvg(LegacyFedAvg):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Read the unmasked sum: evaluate the model sent, apply the mean update."""
+        """Read the unmasked sum: the sent model's evaluation and the round's mean update.
+
+        The driver applies the update (server/app/round_core.py); Flower is handed no
+        model, as it keeps none between these one-round workflows.
+        """
         self.aggregated = True
         # Flower logs a failure per protocol stage a hospital misses; count hospitals.
         self.failures = max(self.sampled - len(results), 0)
@@ -264,10 +268,8 @@ class SecAggFedAvg(LegacyFedAvg):
                 f"round {server_round}: no hospital returned an update through SecAgg+ "
                 f"({self.failures} failed): " + "; ".join(reasons)
             )
-        if total.weight > 0:
-            self.train_loss = total.train_loss
-            self.current = [c + total.update.astype(c.dtype).reshape(c.shape) for c in self.current]
-        return ndarrays_to_parameters(self.current), {}
+        self.mean = mean_of_sum(total)
+        return None, {}
 
     def not_aggregated(self) -> ShortRoundError:
         """The error for a round Flower's workflow ended before aggregating.
@@ -308,7 +310,7 @@ class SecAggFedAvg(LegacyFedAvg):
         self.meter.charge(self.hospitals.values())
         return RoundRecord(
             round=self.server_round,
-            train_loss=self.train_loss,
+            train_loss=self.mean.train_loss if self.mean is not None else None,
             eval_loss=None,
             eval_auroc=None,
             eval_metrics={},
@@ -385,9 +387,10 @@ class SecAggRounds:
         return None
 
     def _exchange(self, server_round: int, state: StateDict) -> None:
-        packed = [self.layout.pack(state)]
-        self.strategy.begin(server_round, packed)
-        self.rounds.run(self.workflow, server_round, ndarrays_to_parameters(packed))
+        self.strategy.begin(server_round)
+        self.rounds.run(
+            self.workflow, server_round, ndarrays_to_parameters([self.layout.pack(state)])
+        )
 
     def train_round(self, server_round: int, state: StateDict, step: ServerStep) -> RoundOutcome:
         """One SecAgg+ round: masked uploads, the sum, the mean update, the server's step.
@@ -399,9 +402,8 @@ class SecAggRounds:
         if not strategy.aggregated:
             raise strategy.not_aggregated()
         record = strategy.round_record()
-        averaged = strategy.train_loss is not None  # set only when an update was summed
-        new_state = step(state, self.layout.unpack(strategy.current[0])) if averaged else state
-        outcome = RoundOutcome(record, new_state, dict(strategy.evaluations))
+        result = round_result(state, strategy.mean, self.layout, step)
+        outcome = RoundOutcome(record, result.state, dict(strategy.evaluations))
         trained = any(h.status == "trained" for h in record.hospitals)
         if strategy.declined and not trained and not strategy.failures:
             raise AllDeclinedError(

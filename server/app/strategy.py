@@ -1,17 +1,17 @@
 """Aggregation at the coordinator without SecAgg+: each update seen, checked, averaged.
 
-:class:`HospitalFedAvg` is Flower's weighted FedAvg plus what a hospital federation
-needs: replies from hospitals that declined for their privacy budget are set aside (and
-logged as declines, not failures), every update is checked before it is averaged
-(``server/app/validation.py``), every hospital's part in a round is recorded, and the
-held-out statistics the hospitals share are summed. FedProx is the same strategy with a
-proximal weight sent to the hospitals, which apply it after each DP step. The rounds
-are driven by ``server/app/rounds.py``.
+:class:`HospitalFedAvg` is Flower's FedAvg (its sampling and messages) plus what a
+hospital federation needs: replies from hospitals that declined for their privacy
+budget are set aside (and logged as declines, not failures), every update is checked
+before it is averaged (``server/app/validation.py``), every hospital's part in a round
+is recorded, and the held-out statistics the hospitals share are summed. The averaging
+itself is the round core's (``server/app/round_core.py``), as under SecAgg+. FedProx is
+the same strategy with a proximal weight sent to the hospitals, which apply it after
+each DP step. The rounds are driven by ``server/app/rounds.py``.
 """
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -24,6 +24,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
 
+from server.app.round_core import (
+    HospitalUpdate,
+    RoundMean,
+    finite_weighted_mean,
+    mean_of_model,
+    mean_of_updates,
+)
 from server.app.store import HospitalRound, RoundRecord
 from server.app.validation import update_problem
 from shared_model.config import RunConfig
@@ -58,22 +65,6 @@ class ShortRoundError(FederationError):
     def __init__(self, message: str, record: RoundRecord) -> None:
         super().__init__(message)
         self.record = record
-
-
-def finite_weighted_mean(rows: Iterable[tuple[float, Mapping[str, object]]]) -> dict[str, float]:
-    """Per key, the weighted mean over the rows where the value is a finite number.
-
-    A hospital whose test split lacks a label has no AUROC for it; that hospital is left
-    out of that label's mean instead of poisoning it with NaN or counting it as 0.5.
-    """
-    sums: dict[str, float] = {}
-    weights: dict[str, float] = {}
-    for weight, values in rows:
-        for key, value in values.items():
-            if isinstance(value, int | float) and math.isfinite(value) and weight > 0:
-                sums[key] = sums.get(key, 0.0) + weight * float(value)
-                weights[key] = weights.get(key, 0.0) + weight
-    return {k: sums[k] / weights[k] for k in sums}
 
 
 def hospital_round(
@@ -135,6 +126,16 @@ def short_reason(reason: str) -> str:
         return f"{plain.group(1).rsplit('.', 1)[-1]}: {message[0] if message else ''}"[:500]
     lines = [line.strip() for line in reason.strip().splitlines() if line.strip()]
     return (lines[-1] if lines else "no reason given")[:500]
+
+
+def _hospital_update(msg: Message) -> HospitalUpdate:
+    """A checked train reply's packed weights, released record count and train loss."""
+    metrics = msg.content.metric_records.get(METRICS, MetricRecord())
+    return HospitalUpdate(
+        weights=msg.content[ARRAYS][PACKED_KEY].numpy(),
+        num_examples=as_float(metrics.get(Reply.NUM_EXAMPLES)) or 0.0,
+        train_loss=as_float(metrics.get(Reply.TRAIN_LOSS)),
+    )
 
 
 def _hospital_name(msg: Message) -> str:
@@ -250,7 +251,19 @@ class HospitalFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Record every hospital's outcome, set declines aside, FedAvg the rest."""
+        """Not used: these rounds aggregate through :meth:`aggregate_update`.
+
+        Flower's own averaging would skip the checks and the declines set aside there.
+        """
+        raise NotImplementedError("HospitalFedAvg aggregates through aggregate_update")
+
+    def aggregate_update(self, server_round: int, replies: Iterable[Message]) -> RoundMean | None:
+        """Record every hospital's outcome, set declines and refusals aside, average the rest.
+
+        The averaging is the round core's (server/app/round_core.py): each update weighed
+        by its released record count, or ``server.aggregator``'s robust aggregate. None
+        when no update is left.
+        """
         trained: list[Message] = []
         for msg in replies:
             node = msg.metadata.src_node_id
@@ -301,15 +314,23 @@ class HospitalFedAvg(FedAvg):
                     entry.node_id,
                     entry.reason,
                 )
-        if self._robust is None or not trained:
-            return super().aggregate_train(server_round, trained)
+        if not trained:
+            return None
+        if self._sent is None:
+            raise RuntimeError("updates to aggregate, but no packed model was sent this round")
+        updates = [_hospital_update(msg) for msg in trained]
+        if self._robust is None:
+            return mean_of_updates(self._sent, updates)
         if self.aggregator == "krum" and len(trained) <= 2 * self.byzantine_hospitals + 2:
             raise FederationError(
                 f"round {server_round}: krum tolerating {self.byzantine_hospitals} malicious "
                 f"hospitals needs more than {2 * self.byzantine_hospitals + 2} updates, got "
                 f"{len(trained)} (server.byzantine-hospitals, server.aggregator)"
             )
-        return self._robust.aggregate_train(server_round, trained)
+        arrays, _ = self._robust.aggregate_train(server_round, trained)
+        if arrays is None:
+            return None
+        return mean_of_model(self._sent, arrays[PACKED_KEY].numpy(), updates)
 
     def _update_problem(
         self, server_round: int, msg: Message, status: Mapping[str, object]

@@ -2,28 +2,38 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import dp_accounting
 import torch
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 from opacus import GradSampleModule
+from opacus.accountants import create_accountant
 
+from client.app.private_round import History, Trained, private_round
+from client.app.site import Site
 from client.dp.accounting import RDP_ORDERS
-from client.dp.ledger import PrivacyLedger
-from client.dp.planning import plan_round
+from client.dp.planning import RoundPlan
 from client.dp.policy import PrivacyPolicy
-from shared_model.config import ModelConfig
+from shared_model.config import HospitalConfig, ModelConfig, RunConfig
+from shared_model.data import FusionTensors
+from shared_model.datasets import HospitalSplit
 
 __all__ = [
     "CFG",
     "POLICY",
+    "CrashError",
     "batch",
     "dp_accounting_epsilon",
     "independent_rdp_epsilon",
+    "ledger_site",
     "one_dp_epoch",
     "one_round",
     "own_grads",
     "per_sample_grads",
+    "planned_steps",
     "policy",
 ]
 
@@ -89,31 +99,73 @@ def independent_rdp_epsilon(history, delta):
     return acc.get_epsilon(delta)
 
 
+class CrashError(RuntimeError):
+    """The hospital's process dies while training."""
+
+
+def ledger_site(state: Path, policy: PrivacyPolicy, hospital: str = "h0") -> Site:
+    """A simulated hospital whose ledger is in ``state``, opened as the trainer opens it.
+
+    It holds no records: enough for a private round whose training stage is a test's.
+    """
+    no_records = torch.zeros(0, 1)
+    empty = FusionTensors(no_records, no_records.long(), no_records, no_records)
+    return Site(
+        hospital=HospitalConfig(hospital_id=hospital, partition_id=0, num_partitions=1),
+        policy=policy,
+        state_dir=Path(state),
+        data=HospitalSplit(train=empty, test=empty),
+    )
+
+
+def planned_steps(plan: RoundPlan, prior: History, *, policy: PrivacyPolicy) -> Trained:
+    """A training stage that takes the planned steps and touches no record.
+
+    Opacus's own accountant records each step, from ``prior``, as make_private's step
+    hook records a real round's.
+    """
+    accountant = create_accountant(policy.accountant)
+    accountant.history = list(prior)
+    for _ in range(plan.entry.steps):
+        accountant.step(
+            noise_multiplier=plan.entry.noise_multiplier, sample_rate=plan.entry.sample_rate
+        )
+    return Trained(
+        weights={}, train_loss=math.nan, steps=plan.entry.steps, opacus_history=accountant.history
+    )
+
+
 def one_round(
     state, policy, r, *, n=1000, planned=3, local_epochs=2, crash=False, hospital="h0", noise=None
 ):
-    """A hospital round as trainer.py runs it, from a freshly opened (restarted) ledger.
+    """A hospital round through the trainer's own ledger sequence, from a freshly opened
+    (restarted) ledger: client/app/private_round.py, with :func:`planned_steps` training.
 
-    Returns the epsilon after the round, or None if the hospital declined it. A crashed
-    round is begun but never completed (its entry stays "started", counted in full).
+    Returns the epsilon after the round, or None if the hospital declined it or crashed.
+    A crashed round is begun but never completed (its entry stays "started", counted in
+    full).
     """
-    ledger = PrivacyLedger.open(state, hospital, policy)
-    plan = plan_round(
-        ledger,
-        policy,
-        server_round=r,
-        planned_rounds=planned,
-        num_examples=n,
-        batch_size=64,
-        local_epochs=local_epochs,
-        count_noise=noise,
-    )
-    if not plan.train:
+
+    def training(plan: RoundPlan, prior: History) -> Trained:
+        if crash:
+            raise CrashError(f"round {r}: the process dies mid-training")
+        return planned_steps(plan, prior, policy=policy)
+
+    run = RunConfig.from_run_config({"train.batch-size": 64, "train.local-epochs": local_epochs})
+    try:
+        done = private_round(
+            ledger_site(state, policy, hospital),
+            run,
+            server_round=r,
+            planned_rounds=planned,
+            num_examples=n,
+            ledger_seen=(),
+            count_noise=noise,
+            train=training,
+        )
+    except CrashError:
         return None
-    ledger.begin_round(plan.entry)
-    if not crash:
-        ledger.complete_round(r, plan.entry.steps)
-    return ledger.epsilon()
+    return done.epsilon if done.trained is not None else None
 
 
 def dp_accounting_epsilon(history, delta, accountant):

@@ -17,8 +17,9 @@ import pytest
 import torch
 from dp_accounting.rdp import RdpAccountant
 
+from client.app.local_training import training_units
 from client.app.site import open_site
-from client.app.trainer import run_local_round, training_units
+from client.app.trainer import run_local_round
 from client.dp.accounting import RDP_ORDERS
 from client.dp.engine import make_private
 from client.dp.held_out import release_held_out, sensitivity

@@ -2,20 +2,32 @@
 
 import json
 import math
+from dataclasses import replace
 
 import dp_accounting
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from client.app.private_round import private_round
 from client.dp import accounting
 from client.dp.accounting import RDP_ORDERS, RdpTable, compute_epsilon
 from client.dp.ledger import DP_SGD, RECORD_COUNT, LedgerEntry, LedgerError, PrivacyLedger
-from client.dp.planning import plan_round
 from client.dp.policy import PrivacyPolicy, effective_policy
-from shared_model.config import HospitalConfig, PrivacyConfig
-from tests.support.dp import POLICY, independent_rdp_epsilon, one_round
+from shared_model.config import HospitalConfig, PrivacyConfig, RunConfig
+from tests.support.dp import (
+    POLICY,
+    CrashError,
+    independent_rdp_epsilon,
+    ledger_site,
+    one_round,
+    planned_steps,
+)
 from tests.support.tier import examples
+
+# The rounds below run the trainer's own ledger sequence (client/app/private_round.py)
+# with a training stage that takes the planned steps and reads no record.
+ONE_EPOCH = RunConfig.from_run_config({"train.batch-size": 64, "train.local-epochs": 1})
 
 
 def run_rounds(tmp_path, rounds, policy=POLICY, n=1000, planned=3):
@@ -28,6 +40,7 @@ def test_epsilon_grows_every_round_and_matches_fresh_accountants(tmp_path):
     ledger = PrivacyLedger.open(tmp_path, "h0", POLICY)
     history = ledger.accountant_history()
     assert [e.mechanism for e in ledger.history] == [RECORD_COUNT, DP_SGD, DP_SGD, DP_SGD]
+    assert {e.status for e in ledger.history} == {"completed"}
     # a freshly built Opacus accountant fed the same history
     from opacus.accountants import RDPAccountant
 
@@ -51,20 +64,24 @@ def test_round_beyond_budget_is_declined_with_numbers(tmp_path):
     assert eps[3] is None and eps[4] is None  # rounds 4 and 5 would overrun
     ledger = PrivacyLedger.open(tmp_path, "h0", policy)
     assert [e.round for e in ledger.history if e.mechanism == DP_SGD] == [1, 2, 3]
-    plan = plan_round(
-        ledger,
-        policy,
+
+    def never(plan, prior):
+        raise AssertionError("a declined round trained")
+
+    declined = private_round(
+        ledger_site(tmp_path, policy),
+        RunConfig.from_run_config({"train.batch-size": 64, "train.local-epochs": 2}),
         server_round=6,
         planned_rounds=3,
         num_examples=1000,
-        batch_size=64,
-        local_epochs=2,
+        ledger_seen=(),
+        count_noise=None,
+        train=never,
     )
-    assert (
-        not plan.train
-        and "max-epsilon 8.05" in plan.reason
-        and "would raise epsilon" in plan.reason
-    )
+    reason = declined.plan.reason
+    assert declined.trained is None and declined.epsilon == ledger.epsilon()
+    assert "max-epsilon 8.05" in reason and "would raise epsilon" in reason
+    assert PrivacyLedger.open(tmp_path, "h0", policy).history == ledger.history  # unwritten
 
 
 @settings(max_examples=examples(20), deadline=None)
@@ -98,21 +115,30 @@ def test_recorded_epsilon_never_exceeds_the_hospitals_max(
 )
 def test_round_is_counted_before_training_touches_data(tmp_path):
     """A crash mid-round leaves the round counted in full (the conservative choice)."""
-    ledger = PrivacyLedger.open(tmp_path, "h0", POLICY)
-    plan = plan_round(
-        ledger,
-        POLICY,
-        server_round=1,
-        planned_rounds=3,
-        num_examples=500,
-        batch_size=64,
-        local_epochs=1,
-    )
-    ledger.begin_round(plan.entry)
-    # ...the process dies here, mid-training...
+    seen = {}
+
+    def training(plan, prior):
+        # what a restarted process would read the moment training starts
+        seen["plan"], seen["on disk"] = plan, PrivacyLedger.open(tmp_path, "h0", POLICY)
+        raise CrashError("the process dies here, mid-training")
+
+    with pytest.raises(CrashError):
+        private_round(
+            ledger_site(tmp_path, POLICY),
+            ONE_EPOCH,
+            server_round=1,
+            planned_rounds=3,
+            num_examples=500,
+            ledger_seen=(),
+            count_noise=None,
+            train=training,
+        )
+    started = seen["on disk"].history[-1]
+    assert (started.round, started.mechanism, started.status) == (1, DP_SGD, "started")
+    assert seen["on disk"].epsilon() == pytest.approx(seen["plan"].epsilon_after)
     reopened = PrivacyLedger.open(tmp_path, "h0", POLICY)
     assert reopened.history[-1].status == "started"
-    assert reopened.epsilon() == pytest.approx(plan.epsilon_after)
+    assert reopened.epsilon() == pytest.approx(seen["plan"].epsilon_after)
 
 
 def test_ledger_survives_restart(tmp_path):
@@ -161,6 +187,35 @@ def test_more_steps_than_recorded_is_refused(tmp_path):
         ledger.complete_round(1, 11)
 
 
+@pytest.mark.parametrize("slip", ["a step Opacus did not count", "a step short of the plan"])
+def test_a_round_whose_steps_disagree_with_the_ledger_fails_charged_in_full(tmp_path, slip):
+    """Opacus's own accountant must agree with the ledger, or the round fails."""
+    planned = {}
+
+    def training(plan, prior):
+        honest = planned_steps(plan, prior, policy=POLICY)
+        planned["steps"], planned["epsilon"] = plan.entry.steps, plan.epsilon_after
+        if slip == "a step short of the plan":
+            return replace(honest, steps=honest.steps - 1)
+        sigma, q, steps = honest.opacus_history[-1]
+        return replace(honest, opacus_history=[*honest.opacus_history[:-1], (sigma, q, steps - 1)])
+
+    with pytest.raises(LedgerError, match="planned steps; Opacus counted epsilon"):
+        private_round(
+            ledger_site(tmp_path, POLICY),
+            ONE_EPOCH,
+            server_round=1,
+            planned_rounds=3,
+            num_examples=500,
+            ledger_seen=(),
+            count_noise=None,
+            train=training,
+        )
+    ledger = PrivacyLedger.open(tmp_path, "h0", POLICY)
+    assert ledger.history[-1].steps == planned["steps"]  # the planned release, not fewer
+    assert ledger.epsilon() == pytest.approx(planned["epsilon"])
+
+
 def test_hospital_policy_caps_the_servers_request():
     asked = PrivacyConfig(target_epsilon=20.0, delta=1e-3)
     policy = effective_policy(
@@ -203,6 +258,9 @@ def test_budget_holds_while_data_grows_rounds_crash_and_processes_restart(
         # a fresh process every round; a crash leaves the entry "started", counted in full
         one_round(state, policy, r, n=n, planned=planned, local_epochs=1, crash=r in crashes)
         reopened = PrivacyLedger.open(state, "h0", policy)
+        this_round = [e for e in reopened.history if e.round == r and e.mechanism == DP_SGD]
+        if this_round:  # not declined: begun before training, completed only after it
+            assert this_round[0].status == ("started" if r in crashes else "completed")
         assert reopened.epsilon() <= max_eps
         assert reopened.epsilon() >= spent  # never decreases, never resets
         spent = reopened.epsilon()

@@ -70,7 +70,7 @@ def test_an_honest_round_through_the_real_workflow_averages_every_upload(tmp_pat
     driver = one_round(run, grid)
     assert {h.status for h in driver.strategy.hospitals.values()} == {"trained"}
     # the mean of deltas 0.001 * (1, 2, 3, 4), each weighted 0.5
-    np.testing.assert_allclose(driver.strategy.current[0], 0.0025, atol=2e-6)
+    np.testing.assert_allclose(driver.strategy.mean.delta, 0.0025, atol=2e-6)
     stages = {stage for _, stage in grid.delivered}
     assert "fedfusion_consistency" in stages and Stage.UNMASK in stages
 
@@ -101,7 +101,7 @@ def test_a_hospital_whose_key_is_removed_mid_run_is_refused_and_the_round_comple
     stages_104 = [stage for node, stage in grid.delivered if node == 104]
     assert stages_104 == [Stage.SETUP, Stage.SHARE_KEYS]
     assert "hospital-3 (node 104): its key is no longer registered" in caplog.text
-    np.testing.assert_allclose(driver.strategy.current[0], 0.002, atol=2e-6)  # (1 + 2 + 3) / 3
+    np.testing.assert_allclose(driver.strategy.mean.delta, 0.002, atol=2e-6)  # (1 + 2 + 3) / 3
     trained = sorted(h.node_id for h in driver.strategy.hospitals.values() if h.status == "trained")
     assert trained == [101, 102, 103]
 
@@ -120,7 +120,7 @@ def test_a_hospital_not_registered_is_left_out_from_key_setup(tmp_path, monkeypa
         driver = one_round(run, grid)
     assert "node 104: its keys carry no signature of a registered hospital" in caplog.text
     assert [stage for node, stage in grid.delivered if node == 104] == [Stage.SETUP]
-    np.testing.assert_allclose(driver.strategy.current[0], 0.002, atol=2e-6)
+    np.testing.assert_allclose(driver.strategy.mean.delta, 0.002, atol=2e-6)
 
 
 @pytest.mark.fault(

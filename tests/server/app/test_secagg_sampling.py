@@ -56,7 +56,7 @@ def test_a_round_secagg_ended_before_aggregation_is_a_short_round_naming_the_tim
     """Too few hospitals in time: Flower skips aggregation; fedfusion must not carry on as
     if the round trained. The round driver then applies server.short-round to it."""
     s = strategy(3, timeout=30)
-    s.begin(1, s.current)  # round 1 starts; no aggregate_fit follows
+    s.begin(1)  # round 1 starts; no aggregate_fit follows
     s.sampled = 3
     s.meter.errors = {7: "<class 'ValueError'>:<'boom at the hospital'>"}
     short = s.not_aggregated()
@@ -66,7 +66,7 @@ def test_a_round_secagg_ended_before_aggregation_is_a_short_round_naming_the_tim
     (failed,) = short.record.hospitals  # the error a hospital replied with, by name
     assert failed.status == "failed" and failed.reason == "ValueError: boom at the hospital"
     s.meter.errors = {}
-    s.begin(2, s.current)
+    s.begin(2)
     from server.app.strategy import ShortRoundError
 
     with pytest.raises(ShortRoundError, match="no hospital uploaded") as e:

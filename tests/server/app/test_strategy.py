@@ -12,7 +12,11 @@ from server.app.strategy import (
     nan_aware_weighted_mean,
     wait_for_hospitals,
 )
+from shared_model.packing import PACKED_KEY
 from tests.support.flower import make_message
+from tests.support.grids import _task as _task  # the autouse fixture
+
+SENT = np.zeros(3, dtype=np.float32)  # the packed model the round sent
 
 
 def reply(node: int, weights: float | None, n: int, *, declined: bool = False, eps: float = 1.0):
@@ -27,7 +31,7 @@ def reply(node: int, weights: float | None, n: int, *, declined: bool = False, e
         }
     )
     if weights is not None:
-        content["arrays"] = ArrayRecord({"w": Array(np.full(3, weights, dtype=np.float32))})
+        content["arrays"] = ArrayRecord({PACKED_KEY: Array(np.full(3, weights, dtype=np.float32))})
     # A reply comes from the node the instruction was sent to.
     return Message(content, reply_to=make_message(RecordDict(), MessageType.TRAIN, node))
 
@@ -37,23 +41,45 @@ def failed(node: int) -> Message:
     return Message(Error(code=1, reason="boom"), reply_to=instruction)
 
 
-def test_weighted_fedavg_sets_declines_and_failures_aside():
-    strategy = HospitalFedAvg(planned_rounds=3)
+class _Nodes:
+    """Just enough of a Grid for configure_train to sample nodes 1..4."""
+
+    def get_node_ids(self):
+        return [1, 2, 3, 4]
+
+
+def sent(strategy: HospitalFedAvg) -> HospitalFedAvg:
+    """The strategy after it sent SENT for round 1, as a round begins."""
     strategy.begin_round()
+    list(
+        strategy.configure_train(
+            1, ArrayRecord({PACKED_KEY: Array(SENT)}), ConfigRecord(), _Nodes()
+        )
+    )
+    return strategy
+
+
+def test_weighted_fedavg_sets_declines_and_failures_aside():
+    strategy = sent(HospitalFedAvg(planned_rounds=3))
     replies = [reply(1, 1.0, 100), reply(2, 4.0, 300), reply(3, None, 0, declined=True), failed(4)]
-    arrays, metrics = strategy.aggregate_train(1, replies)
-    assert np.allclose(arrays["w"].numpy(), (1.0 * 100 + 4.0 * 300) / 400)
+    mean = strategy.aggregate_update(1, replies)
+    assert np.allclose(SENT + mean.delta, (1.0 * 100 + 4.0 * 300) / 400)
     assert strategy.declined == 1 and strategy.failures == 1
     status = {h.hospital: h.status for h in strategy.round_hospitals.values()}
     assert status == {"h1": "trained", "h2": "trained", "h3": "declined", "node-4": "failed"}
-    assert metrics["num-examples"] == 400
+    assert mean.weight == 400 and mean.train_loss == pytest.approx(0.5)
 
 
 def test_all_declined_gives_no_update():
-    strategy = HospitalFedAvg(planned_rounds=1)
-    strategy.begin_round()
-    arrays, _ = strategy.aggregate_train(2, [reply(1, None, 0, declined=True)])
-    assert arrays is None and strategy.declined == 1
+    strategy = sent(HospitalFedAvg(planned_rounds=1))
+    assert strategy.aggregate_update(2, [reply(1, None, 0, declined=True)]) is None
+    assert strategy.declined == 1
+
+
+def test_flowers_own_averaging_is_not_reachable():
+    """It would skip the checks and the declines; these rounds aggregate through the core."""
+    with pytest.raises(NotImplementedError, match="aggregate_update"):
+        sent(HospitalFedAvg(planned_rounds=1)).aggregate_train(1, [reply(1, 1.0, 100)])
 
 
 def test_nan_aware_mean_ignores_undefined_metrics():

@@ -151,10 +151,10 @@ def test_bad_updates_are_set_aside_naming_the_hospital_and_the_reason(caplog):
     bad = [reply(3, nan), reply(4, SENT + 1e4), reply(5, SENT, server_round=0)]
     s = strategy()
     with caplog.at_level(logging.WARNING):
-        arrays, metrics = s.aggregate_train(1, good + bad)
+        mean = s.aggregate_update(1, good + bad)
     expected = ((SENT + 0.1) * 100 + (SENT - 0.1) * 300) / 400
-    np.testing.assert_allclose(arrays[PACKED_KEY].numpy(), expected, rtol=1e-6)
-    assert metrics["num-examples"] == 400 and s.rejected == 3 and s.failures == 0
+    np.testing.assert_allclose(SENT + mean.delta, expected, rtol=1e-6)
+    assert mean.weight == 400 and s.rejected == 3 and s.failures == 0
     reasons = {h.hospital: (h.status, h.reason) for h in s.round_hospitals.values()}
     assert reasons["h3"] == ("rejected", "1 NaN and 0 infinite values in the weights")
     assert (
@@ -168,8 +168,7 @@ def test_bad_updates_are_set_aside_naming_the_hospital_and_the_reason(caplog):
 
 def test_all_updates_refused_gives_no_model_and_the_reasons():
     s = strategy()
-    arrays, _ = s.aggregate_train(1, [reply(1, SENT + 1e4)])
-    assert arrays is None and s.rejected == 1
+    assert s.aggregate_update(1, [reply(1, SENT + 1e4)]) is None and s.rejected == 1
     assert s.failure_reasons()[0].startswith("update norm")
 
 
@@ -187,16 +186,15 @@ def outliers() -> list[Message]:
 )
 @pytest.mark.parametrize("aggregator", ["median", "trimmed-mean", "krum"])
 def test_robust_aggregators_resist_one_attacker_that_the_mean_follows(aggregator):
-    mean, _ = strategy().aggregate_train(1, outliers())
-    robust, _ = strategy(aggregator=aggregator).aggregate_train(1, outliers())
-    shift = (robust[PACKED_KEY].numpy() - SENT).mean()
-    assert 0.08 < shift < 0.12  # the honest hospitals' update
-    assert (mean[PACKED_KEY].numpy() - SENT).mean() < -0.2  # the mean is dragged off
+    mean = strategy().aggregate_update(1, outliers())
+    robust = strategy(aggregator=aggregator).aggregate_update(1, outliers())
+    assert 0.08 < robust.delta.mean() < 0.12  # the honest hospitals' update
+    assert mean.delta.mean() < -0.2  # the mean is dragged off
 
 
 def test_krum_with_too_few_updates_fails_the_round_naming_the_setting():
     with pytest.raises(FederationError, match=r"server\.byzantine-hospitals"):
-        strategy(aggregator="krum", byzantine_hospitals=1).aggregate_train(1, outliers()[:4])
+        strategy(aggregator="krum", byzantine_hospitals=1).aggregate_update(1, outliers()[:4])
 
 
 def test_robust_aggregators_are_refused_with_secagg():
