@@ -21,7 +21,7 @@ from torch import nn
 
 from shared_model.config import RunConfig, TrainConfig
 from shared_model.datasets.iu_reports import PUBLIC_PREVALENCE
-from shared_model.metrics import classification_metrics  # exported too: trainers import it here
+from shared_model.metrics import classification_metrics
 
 __all__ = [
     "EvalResult",
@@ -29,7 +29,6 @@ __all__ = [
     "MultiLabelBCE",
     "Predictions",
     "TrainStats",
-    "classification_metrics",
     "evaluate",
     "make_loss",
     "make_optimizer",

@@ -28,14 +28,9 @@ from client.dp.held_out import finite_predictions
 from client.dp.ledger import HELD_OUT_PART, PATIENT, LedgerEntry, PrivacyLedger
 from client.dp.patients import patient_weights
 from shared_model.config import RunConfig
-from shared_model.engine import (
-    classification_metrics,
-    make_loss,
-    pos_weight_from_config,
-    predict,
-    reuse_freed_memory,
-)
+from shared_model.engine import make_loss, pos_weight_from_config, predict, reuse_freed_memory
 from shared_model.evaluation import EvalStats
+from shared_model.metrics import classification_metrics
 
 __all__ = [
     "EVALUATED_ONLY",

@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sklearn.metrics import roc_auc_score
 
-from shared_model.engine import classification_metrics
 from shared_model.evaluation import SCORE_BINS, EvalStats, score_bins
+from shared_model.metrics import classification_metrics
 from tests.support.tier import examples
 
 LABELS = ("a", "b", "c")
