@@ -12,6 +12,7 @@ each DP step. The rounds are driven by ``server/app/rounds.py``.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Iterable, Mapping
@@ -277,7 +278,7 @@ class HospitalFedAvg(FedAvg):
                 node,
                 _hospital_name(msg),
                 metrics,
-                int(metrics.get(Reply.NUM_EXAMPLES, 0)),
+                as_count(metrics.get(Reply.NUM_EXAMPLES)),
                 str(status.get(Status.REASON, "")),
                 status.get(Status.PRIVACY_UNIT),
             )
@@ -344,6 +345,9 @@ class HospitalFedAvg(FedAvg):
             self._sent,
             server_round=server_round,
             reply_round=status.get(Status.ROUND),
+            num_examples=msg.content.metric_records.get(METRICS, MetricRecord()).get(
+                Reply.NUM_EXAMPLES
+            ),
             max_norm=self.max_update_norm,
         )
 
@@ -406,6 +410,15 @@ class HospitalFedAvg(FedAvg):
 def as_float(value: object) -> float | None:
     """A metric value as a float, or None when it is missing or not a number."""
     return float(value) if isinstance(value, int | float) else None  # type: ignore[arg-type]
+
+
+def as_count(value: object) -> int:
+    """A record count as the run records it: 0 when missing, not finite or negative.
+
+    validation.py refuses the update of such a reply, naming the value.
+    """
+    number = as_float(value)
+    return int(number) if number is not None and 0 <= number < math.inf else 0
 
 
 def wait_for_hospitals(grid: Grid, minimum: int, timeout: float) -> int:

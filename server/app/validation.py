@@ -11,7 +11,9 @@ model with one reply. :func:`update_problem` returns why an update is refused, o
   norm of at most ``server.max-update-norm``: a hospital cannot move the model
   arbitrarily far in one round;
 - the reply must say it trained on this round's model: a reply for another round is
-  stale (it was computed from another global model).
+  stale (it was computed from another global model);
+- its released record count N̂, the update's weight in the mean, must be a finite
+  number of at least 1 (the trainer releases a positive integer).
 
 A refused update is set aside, like a failure, and the server logs the hospital and
 the reason. Within these bounds a hospital still pulls the mean with its full weight;
@@ -22,6 +24,8 @@ finiteness and layout checks on its own update before masking it
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from flwr.app import ArrayRecord
@@ -38,17 +42,26 @@ def update_problem(
     *,
     server_round: int,
     reply_round: object,
+    num_examples: object,
     max_norm: float,
 ) -> str | None:
     """Why this trained reply's weights are refused, or None if they are accepted.
 
     ``sent`` is the packed global weights of this round's request; ``reply_round`` the
-    round the hospital says it trained (the ``round`` of its ``hospital`` record).
+    round the hospital says it trained (the ``round`` of its ``hospital`` record);
+    ``num_examples`` the record count it released (its weight in the mean).
     """
     if isinstance(reply_round, bool) or not isinstance(reply_round, int | float):
         return "the reply does not say which round it trained"
     if int(reply_round) != server_round:
         return f"stale update: trained for round {int(reply_round)}, this is round {server_round}"
+    if (
+        isinstance(num_examples, bool)
+        or not isinstance(num_examples, int | float)
+        or not num_examples >= 1  # NaN fails this too
+        or math.isinf(num_examples)
+    ):
+        return f"a record count (num-examples) of {num_examples!r}: the update has no weight"
     if arrays is None:
         return "the reply holds no weights"
     keys = list(arrays)

@@ -29,10 +29,16 @@ def packed(values: np.ndarray) -> ArrayRecord:
     return ArrayRecord({PACKED_KEY: Array(values)})
 
 
-def problem(values, *, reply_round=3, max_norm=10.0, arrays=None):
+def problem(values, *, reply_round=3, max_norm=10.0, arrays=None, num_examples=100):
     record = packed(values) if arrays is None else arrays
     return update_problem(
-        record, LAYOUT, SENT, server_round=3, reply_round=reply_round, max_norm=max_norm
+        record,
+        LAYOUT,
+        SENT,
+        server_round=3,
+        reply_round=reply_round,
+        num_examples=num_examples,
+        max_norm=max_norm,
     )
 
 
@@ -103,6 +109,27 @@ def test_a_stale_or_unnamed_round_is_refused(reply_round):
         assert got == "the reply does not say which round it trained"
 
 
+@given(
+    count=st.one_of(
+        st.integers(-5, 10**9), st.floats(), st.none(), st.text(max_size=3), st.booleans()
+    )
+)
+def test_an_update_without_a_positive_finite_record_count_is_refused(count):
+    """The count is the update's weight in the mean: none, zero, negative, NaN or Inf
+    would drop the update silently or tilt the mean."""
+    got = problem(SENT, num_examples=count)
+    usable = (
+        isinstance(count, int | float)
+        and not isinstance(count, bool)
+        and count >= 1
+        and count != float("inf")
+    )
+    if usable:
+        assert got is None
+    else:
+        assert got == f"a record count (num-examples) of {count!r}: the update has no weight"
+
+
 # ------------------------------------------------------------------ the strategy
 
 
@@ -115,6 +142,9 @@ def reply(node: int, values: np.ndarray, n: int = 100, *, server_round: int = 1)
         }
     )
     return Message(content, reply_to=make_message(RecordDict(), MessageType.TRAIN, node))
+
+
+NO_WEIGHT = "the update has no weight"
 
 
 def strategy(**kwargs) -> HospitalFedAvg:
@@ -140,7 +170,10 @@ def _run_id(monkeypatch):
 
 
 @pytest.mark.fault(
-    "Updates with NaN/Inf, wrong shape or dtype, an absurd norm or a stale round (SecAgg+ off)",
+    (
+        "Updates with NaN/Inf, wrong shape or dtype, an absurd norm, a stale round or no "
+        "positive record count (SecAgg+ off)"
+    ),
     "Rejected before averaging; the server logs which hospital and why",
     "the model (the good updates' FedAvg)",
 )
@@ -149,18 +182,21 @@ def test_bad_updates_are_set_aside_naming_the_hospital_and_the_reason(caplog):
     nan = SENT.copy()
     nan[3] = np.nan
     bad = [reply(3, nan), reply(4, SENT + 1e4), reply(5, SENT, server_round=0)]
+    bad += [reply(6, SENT + 0.1, -5), reply(7, SENT + 0.1, float("nan"))]
     s = strategy()
     with caplog.at_level(logging.WARNING):
         mean = s.aggregate_update(1, good + bad)
     expected = ((SENT + 0.1) * 100 + (SENT - 0.1) * 300) / 400
     np.testing.assert_allclose(SENT + mean.delta, expected, rtol=1e-6)
-    assert mean.weight == 400 and s.rejected == 3 and s.failures == 0
+    assert mean.weight == 400 and s.rejected == 5 and s.failures == 0
     reasons = {h.hospital: (h.status, h.reason) for h in s.round_hospitals.values()}
     assert reasons["h3"] == ("rejected", "1 NaN and 0 infinite values in the weights")
     assert (
         reasons["h4"][0] == "rejected" and "exceeds server.max-update-norm 10" in reasons["h4"][1]
     )
     assert reasons["h5"] == ("rejected", "stale update: trained for round 0, this is round 1")
+    assert reasons["h6"] == ("rejected", f"a record count (num-examples) of -5: {NO_WEIGHT}")
+    assert reasons["h7"] == ("rejected", f"a record count (num-examples) of nan: {NO_WEIGHT}")
     assert {h for h, (status, _) in reasons.items() if status == "trained"} == {"h1", "h2"}
     logged = [r.getMessage() for r in caplog.records]
     assert any("refused the update of h3 (node 3): 1 NaN" in m for m in logged)
