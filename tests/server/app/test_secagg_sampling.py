@@ -3,33 +3,51 @@
 import logging
 import threading
 import time
-from unittest.mock import MagicMock
 
 import numpy as np
 import pytest
+import torch
+from flwr.app import Context, RecordDict
 from flwr.common import ndarrays_to_parameters
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
+from server.app.grid import MeteredGrid
 from server.app.secagg import SecAggFedAvg, SecAggRounds, TooFewHospitalsError
 from shared_model.config import RunConfig
+from shared_model.evaluation import EvalStats
+from shared_model.masked_upload import UploadCodec
+from shared_model.packing import WeightLayout
+from tests.support.grids import _task as _task  # the autouse fixture
+from tests.support.loop_grid import loop_federation
 
 
 class Hospital(ClientProxy):
+    """A connected hospital as Flower's client manager lists it; the strategy only samples
+    it here, so every call that would reach the hospital is refused."""
+
     def __init__(self, node_id: int) -> None:
         super().__init__(str(node_id))
         self.node_id = node_id
 
-    get_properties = get_parameters = fit = evaluate = reconnect = MagicMock()
+    def _unreachable(self, *args: object, **kwargs: object) -> None:
+        raise AssertionError("sampling must not contact a hospital")
+
+    get_properties = get_parameters = fit = evaluate = reconnect = _unreachable
+
+
+class NoGrid:
+    """A grid with no hospital: the strategy's sampling never sends a message."""
+
+    def get_node_ids(self) -> list[int]:
+        return []
 
 
 def strategy(planned: int, timeout: float) -> SecAggFedAvg:
     run = RunConfig.from_run_config(
         {"server.min-hospitals": 3, "server.wait-for-hospitals-timeout": timeout}
     )
-    meter = MagicMock()
-    meter.errors = {}
-    return SecAggFedAvg(run, [np.zeros(2)], meter, plan=(planned, 4, 3))
+    return SecAggFedAvg(run, [np.zeros(2)], MeteredGrid(NoGrid()), plan=(planned, 4, 3))
 
 
 def test_a_hospital_registering_late_is_still_sampled():
@@ -118,18 +136,29 @@ def test_a_hospital_dropped_just_after_the_wait_is_waited_for_again():
     assert sorted(proxy.node_id for proxy, _ in sampled) == [0, 1, 5]
 
 
-def test_too_few_hospitals_for_the_final_evaluation_only_loses_that_evaluation(caplog):
-    """Training is done when the last exchange (evaluation only) lacks hospitals."""
-    rounds = SecAggRounds.__new__(SecAggRounds)
-    rounds.strategy = strategy(3, timeout=1)
-    rounds.run, rounds.layout = rounds.strategy.run, MagicMock()
-    rounds.rounds, rounds.workflow = MagicMock(), MagicMock()
-
-    def refuse(workflow, server_round, parameters):
-        rounds.strategy.configure_fit(server_round, parameters, SimpleClientManager())
-
-    rounds.rounds.run.side_effect = refuse
+def test_too_few_hospitals_for_the_final_evaluation_only_loses_that_evaluation(tmp_path, caplog):
+    """Training is done when the last exchange (evaluation only) lacks hospitals: the
+    real driver trains a round with three hospitals, which are then gone."""
+    layout = WeightLayout.of({"w": torch.zeros(8)})
+    run = RunConfig.from_run_config(
+        {"num-rounds": 1, "output-dir": str(tmp_path), "server.wait-for-hospitals-timeout": 1}
+    )
+    codec = UploadCodec(layout.size, run.model.labels, run.secagg.clipping_range, 10_000.0)
+    nothing = EvalStats.zeros(run.model.labels)
+    grid = loop_federation(
+        tmp_path,
+        [101, 102, 103],
+        lambda node, config: codec.encode(np.full(layout.size, 0.01), 0.5, 0.5, nothing),
+        codec,
+        layout,
+    )
+    context = Context(run_id=7, node_id=0, node_config={}, state=RecordDict(), run_config={})
+    driver = SecAggRounds(grid, context, run, layout, "", hospitals=3)
+    state = layout.unpack(np.zeros(layout.size, layout.numpy_dtype))
+    trained = driver.train_round(1, state, lambda state, new: new)
+    assert {h.status for h in trained.record.hospitals} == {"trained"}
+    grid.silent.update(grid.contexts)  # every hospital gone before the final evaluation
     with caplog.at_level(logging.WARNING):
-        assert rounds.finish({}) == {}
+        assert driver.finish(trained.state) == {}
     assert "final model could not be evaluated: the final evaluation: only 0" in caplog.text
-    rounds.rounds.close.assert_called_once()
+    assert not driver.rounds._thread.is_alive()  # the client manager's thread was stopped
