@@ -72,13 +72,16 @@ def test_the_patches_name_the_installed_flower(compat):
     )
 
 
-def test_flower_code_that_a_subclass_relies_on_is_the_code_it_was_checked_against():
-    """SignedSecAggPlusWorkflow relies on what Flower's SecAgg+ stages do inside."""
-    from server.app import flwr_compat
+@pytest.mark.parametrize("compat", ["server.app.flwr_compat", "client.node.flwr_compat"])
+def test_flower_code_a_patch_relies_on_is_the_code_it_was_checked_against(compat):
+    """SignedSecAggPlusWorkflow relies on what Flower's SecAgg+ stages do inside; the
+    SuperNode's scaled waits on the fixed sleeps inside Flower's loop."""
+    import importlib
 
-    _, sources = _probe(sorted(flwr_compat.PATCHED_SOURCES))
-    for ref, digest in flwr_compat.PATCHED_SOURCES.items():
+    patched = importlib.import_module(compat).PATCHED_SOURCES
+    _, sources = _probe(sorted(patched))
+    for ref, digest in patched.items():
         assert sources[ref] == digest, (
-            f"{ref} changed in Flower {version('flwr')}: check SignedSecAggPlusWorkflow "
+            f"{ref} changed in Flower {version('flwr')}: check the patch in {compat} "
             "against its new source, then update PATCHED_SOURCES"
         )

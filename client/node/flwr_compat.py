@@ -2,7 +2,9 @@
 
 Each entry of :data:`PATCHED` is a Flower symbol fedfusion replaces or runs by name, with
 the parameter names it had in that version (``None``: it must only exist);
-``tests/test_flwr_compat.py`` fails when one disappears or changes its parameters.
+``tests/test_flwr_compat.py`` fails when one disappears or changes its parameters, and
+when code listed in :data:`PATCHED_SOURCES` differs from the code the patch was
+written against.
 
 - :func:`scale_waits`: the SuperNode loop's fixed waits (``client/node/supernode.py``
   says why) through its ``time``, ``pull_objects`` and ``_push_messages``;
@@ -26,6 +28,7 @@ __all__ = [
     "FLOWER_IDLE_POLL",
     "FLOWER_VERSION",
     "PATCHED",
+    "PATCHED_SOURCES",
     "SUPERNODE",
     "scale_waits",
 ]
@@ -51,6 +54,12 @@ PATCHED: dict[str, tuple[str, ...] | None] = {
     "flwr.supercore.constant:PULL_BACKOFF_CAP": None,
     CLIENTAPP: (),
     SUPERNODE: (),
+}
+# The code whose fixed waits scale_waits rescales: the idle poll (time.sleep(3)) and the
+# reply waits (time.sleep(0.5)); ``tests/test_flwr_compat.py`` fails when it changes.
+PATCHED_SOURCES: dict[str, str] = {
+    f"{_LOOP}:start_client_internal": "9e89a6eb68fbec68",
+    f"{_LOOP}:_push_messages": "00bb86faffdec114",
 }
 
 
