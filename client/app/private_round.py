@@ -74,29 +74,8 @@ def private_round(
     LedgerError when the training stage took other steps than planned or Opacus's
     epsilon disagrees with the ledger's.
     """
-    ledger, plan = _plan(
-        site, run, server_round, planned_rounds, num_examples, ledger_seen, count_noise
-    )
-    if not plan.train:
-        return PrivateRound(ledger=ledger, plan=plan, trained=None, epsilon=plan.epsilon_before)
-    ledger.begin_round(plan.entry)  # written before any step touches the data
-    trained = train(plan, ledger.accountant_history()[:-1])
-    epsilon = _account(ledger, plan, site, server_round, trained)
-    return PrivateRound(ledger=ledger, plan=plan, trained=trained, epsilon=epsilon)
-
-
-def _plan(
-    site: Site,
-    run: RunConfig,
-    server_round: int,
-    planned_rounds: int,
-    num_examples: int,
-    ledger_seen: Sequence[LedgerEntry],
-    count_noise: Callable[[float], float] | None,
-) -> tuple[PrivacyLedger, RoundPlan]:
-    """The hospital's ledger, and the round planned from it (client/dp/planning.py)."""
     ledger = site.open_ledger(ledger_seen)
-    plan = plan_round(
+    plan = plan_round(  # from public values only (client/dp/planning.py)
         ledger,
         site.policy,
         server_round=server_round,
@@ -106,7 +85,12 @@ def _plan(
         local_epochs=run.train.local_epochs,
         count_noise=count_noise,
     )
-    return ledger, plan
+    if not plan.train:
+        return PrivateRound(ledger=ledger, plan=plan, trained=None, epsilon=plan.epsilon_before)
+    ledger.begin_round(plan.entry)  # written before any step touches the data
+    trained = train(plan, ledger.accountant_history()[:-1])
+    epsilon = _account(ledger, plan, site, server_round, trained)
+    return PrivateRound(ledger=ledger, plan=plan, trained=trained, epsilon=epsilon)
 
 
 def _account(

@@ -20,15 +20,9 @@ from shared_model.metrics import (
     percentile_ci,
     reliability_bins,
 )
+from tests.support.predictions import predictions
 
 LABELS = ("effusion", "edema", "cardiomegaly")
-
-
-def predictions(n, seed, signal=1.5, prevalence=0.3, k=3):
-    rng = np.random.default_rng(seed)
-    targets = (rng.random((n, k)) < prevalence).astype(float)
-    logits = rng.normal(size=targets.shape) + signal * (targets - prevalence)
-    return logits, targets
 
 
 # ------------------------------------------------------------------------- AUROC

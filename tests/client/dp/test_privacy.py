@@ -34,6 +34,20 @@ def run_rounds(tmp_path, rounds, policy=POLICY, n=1000, planned=3):
     return [one_round(tmp_path, policy, r, n=n, planned=planned) for r in range(1, rounds + 1)]
 
 
+def first_round(tmp_path, training):
+    """Round 1 of 3 at a fresh hospital of 500 records, with ``training`` as its stage."""
+    return private_round(
+        ledger_site(tmp_path, POLICY),
+        ONE_EPOCH,
+        server_round=1,
+        planned_rounds=3,
+        num_examples=500,
+        ledger_seen=(),
+        count_noise=None,
+        train=training,
+    )
+
+
 def test_epsilon_grows_every_round_and_matches_fresh_accountants(tmp_path):
     eps = run_rounds(tmp_path, 3)
     assert eps[0] < eps[1] < eps[2]
@@ -123,16 +137,7 @@ def test_round_is_counted_before_training_touches_data(tmp_path):
         raise CrashError("the process dies here, mid-training")
 
     with pytest.raises(CrashError):
-        private_round(
-            ledger_site(tmp_path, POLICY),
-            ONE_EPOCH,
-            server_round=1,
-            planned_rounds=3,
-            num_examples=500,
-            ledger_seen=(),
-            count_noise=None,
-            train=training,
-        )
+        first_round(tmp_path, training)
     started = seen["on disk"].history[-1]
     assert (started.round, started.mechanism, started.status) == (1, DP_SGD, "started")
     assert seen["on disk"].epsilon() == pytest.approx(seen["plan"].epsilon_after)
@@ -201,16 +206,7 @@ def test_a_round_whose_steps_disagree_with_the_ledger_fails_charged_in_full(tmp_
         return replace(honest, opacus_history=[*honest.opacus_history[:-1], (sigma, q, steps - 1)])
 
     with pytest.raises(LedgerError, match="planned steps; Opacus counted epsilon"):
-        private_round(
-            ledger_site(tmp_path, POLICY),
-            ONE_EPOCH,
-            server_round=1,
-            planned_rounds=3,
-            num_examples=500,
-            ledger_seen=(),
-            count_noise=None,
-            train=training,
-        )
+        first_round(tmp_path, training)
     ledger = PrivacyLedger.open(tmp_path, "h0", POLICY)
     assert ledger.history[-1].steps == planned["steps"]  # the planned release, not fewer
     assert ledger.epsilon() == pytest.approx(planned["epsilon"])

@@ -13,15 +13,9 @@ from shared_model.inference.metrics import (
     evaluate_predictions,
     wilson_interval,
 )
+from tests.support.predictions import predictions
 
 LABELS = ("effusion", "edema", "cardiomegaly")
-
-
-def predictions(n, seed, signal=1.5, prevalence=0.3, k=3):
-    rng = np.random.default_rng(seed)
-    targets = (rng.random((n, k)) < prevalence).astype(float)
-    logits = rng.normal(size=targets.shape) + signal * (targets - prevalence)
-    return logits, targets
 
 
 def evaluate(logits, targets, labels=LABELS, thresholds=None, temps=None, **kw):
