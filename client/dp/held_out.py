@@ -36,7 +36,13 @@ from functools import lru_cache
 import numpy as np
 
 from client.dp.accounting import compute_epsilon, plan_noise_multiplier
-from client.dp.ledger import HELD_OUT_PART, HELD_OUT_STATS, LedgerEntry, PrivacyLedger
+from client.dp.ledger import (
+    HELD_OUT_PART,
+    HELD_OUT_STATS,
+    LedgerEntry,
+    PrivacyLedger,
+    part_epsilon,
+)
 from client.dp.policy import PrivacyPolicy
 from shared_model.evaluation import (
     COARSE_EDGES,
@@ -137,9 +143,7 @@ def held_out_epsilon(history: Sequence[LedgerEntry], policy: PrivacyPolicy) -> f
     """
     if not policy.held_out_noise:
         return None
-    held_out = [e for e in history if e.part == HELD_OUT_PART]
-    steps = [(e.noise_multiplier, e.sample_rate, e.steps) for e in held_out]
-    return compute_epsilon(steps, policy.delta, policy.accountant)
+    return part_epsilon(history, HELD_OUT_PART, policy.delta, policy.accountant)
 
 
 def sensitivity(num_labels: int) -> float:

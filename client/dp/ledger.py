@@ -53,6 +53,7 @@ __all__ = [
     "dump_history",
     "ledger_lock",
     "load_history",
+    "part_epsilon",
     "read_ledger",
 ]
 
@@ -103,6 +104,16 @@ class LedgerEntry:
     def release(self) -> list[Any]:
         """What the entry released (everything but its status and chain)."""
         return [self.round, self.noise_multiplier, self.sample_rate, self.steps, self.mechanism]
+
+
+def part_epsilon(history: Sequence[LedgerEntry], part: str, delta: float, accountant: str) -> float:
+    """Cumulative epsilon of one part's records over ``history``.
+
+    Every entry counts in full, started or completed; the result is a function of the
+    releases' public settings only.
+    """
+    steps = [(e.noise_multiplier, e.sample_rate, e.steps) for e in history if e.part == part]
+    return compute_epsilon(steps, delta, accountant)
 
 
 @dataclass
@@ -468,8 +479,7 @@ class PrivacyLedger:
         return self._epsilon(history, part)
 
     def _epsilon(self, history: Sequence[LedgerEntry], part: str) -> float:
-        steps = [(e.noise_multiplier, e.sample_rate, e.steps) for e in history if e.part == part]
-        return compute_epsilon(steps, self.delta, self.accountant)
+        return part_epsilon(history, part, self.delta, self.accountant)
 
     def record_release(self, entry: LedgerEntry) -> None:
         """Record a one-off release as completed, and save, before it leaves."""
