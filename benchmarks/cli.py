@@ -111,6 +111,8 @@ def bench(
     DP one (epsilon = 8) and runs the membership-inference audit against both; it writes
     audit.json and audit.md.
     """
+    # The suites load here, not at import: --help and a bad option answer without torch
+    # and Flower.
     from benchmarks.dp import run_dp_bench, run_memory_bench
     from benchmarks.federation import (
         run_audit_bench,
@@ -153,7 +155,7 @@ def bench(
         typer.secho(f"error: --suite: {suite!r} is not one of {', '.join(suites)}", err=True)
         raise typer.Exit(2)
     if device != "cpu":
-        import torch
+        import torch  # loaded by the suites above; named here, where it is used
 
         if not device.startswith("cuda") or not torch.cuda.is_available():
             typer.secho(f"error: --device {device!r}: no CUDA device here; use cpu", err=True)

@@ -16,13 +16,20 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.utils.data import TensorDataset
+
+from client.dp.engine import make_private
+from client.dp.policy import PrivacyPolicy
+from shared_model.config import RunConfig
+from shared_model.engine import make_loss, make_optimizer, reuse_freed_memory, train_step
+from shared_model.weights import initial_model
+
 __all__ = ["measure"]
 
 
 def _batches(cfg: Any, batch: int, count: int, device: str) -> list[tuple[Any, ...]]:
     """Fixed synthetic batches shaped like the embedded data: 40 of 64 tokens used."""
-    import torch
-
     g = torch.Generator().manual_seed(0)
     out = []
     for _ in range(count):
@@ -37,8 +44,6 @@ def _batches(cfg: Any, batch: int, count: int, device: str) -> list[tuple[Any, .
 
 def _reset_peak_memory(device: str) -> None:
     if device.startswith("cuda"):
-        import torch
-
         torch.cuda.reset_peak_memory_stats()
         return
     clear_refs = Path("/proc/self/clear_refs")
@@ -49,8 +54,6 @@ def _reset_peak_memory(device: str) -> None:
 def _resident_memory(device: str) -> float:
     """Bytes in use now: CUDA allocations on a GPU, the resident set otherwise."""
     if device.startswith("cuda"):
-        import torch
-
         return float(torch.cuda.memory_allocated())
     return _proc_status("VmRSS:")
 
@@ -61,7 +64,7 @@ def _proc_status(key: str) -> float:
         for line in status.read_text().splitlines():
             if line.startswith(key):
                 return float(line.split()[1]) * 1024
-    import resource
+    import resource  # Unix only: the fallback where /proc is missing (macOS)
 
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
@@ -69,23 +72,12 @@ def _proc_status(key: str) -> float:
 def _peak_memory(device: str) -> float:
     """Peak bytes: CUDA allocations on a GPU, the process's resident set otherwise."""
     if device.startswith("cuda"):
-        import torch
-
         return float(torch.cuda.max_memory_allocated())
     return _proc_status("VmHWM:")
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
     """One measurement (run in its own process): step times and peak memory."""
-    import torch
-    from torch.utils.data import TensorDataset
-
-    from client.dp.engine import make_private
-    from client.dp.policy import PrivacyPolicy
-    from shared_model.config import RunConfig
-    from shared_model.engine import make_loss, make_optimizer, reuse_freed_memory, train_step
-    from shared_model.weights import initial_model
-
     warnings.filterwarnings("ignore")
     reuse_freed_memory()  # as a hospital's training does, with and without DP
     device, mode = spec["device"], spec["mode"]

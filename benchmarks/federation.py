@@ -27,6 +27,8 @@ membership-inference audit (``server/commands/audit.py``) against each:
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -35,8 +37,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from benchmarks.report import Echo, Measurement
-from shared_model.config import PRESETS
+from server.commands.simulate import run_simulation_cli
+from shared_model.config import PRESETS, RunConfig
+from shared_model.datasets.export import write_manifest
+from shared_model.weights import initial_model, shared_state
+from tests.support.loopback import HOSPITALS, LoopbackDeployment
 
 __all__ = [
     "REPORTS_PER_HOSPITAL",
@@ -92,8 +100,6 @@ def simulate_run(
     out: Path, hospitals: int, rounds: int, overrides: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """Run a simulated federation to the end; its rounds (RuntimeError if it failed)."""
-    from server.commands.simulate import run_simulation_cli
-
     result = run_simulation_cli(
         hospitals=hospitals,
         rounds=rounds,
@@ -122,9 +128,6 @@ def _simulate(
 def _deploy(
     hospitals: int, rounds: int, secagg: bool, work: Path, echo: Echo, reports: int
 ) -> _Run:
-    from shared_model.datasets.export import write_manifest
-    from tests.support.loopback import HOSPITALS, LoopbackDeployment
-
     tmp = work / f"deployed-{'secagg' if secagg else 'plain'}-{hospitals}"
     tmp.mkdir(parents=True)
     secagg_state = "on" if secagg else "off"
@@ -216,8 +219,6 @@ class TreeMemory:
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def _total(self) -> float:
-        import psutil
-
         try:
             me = psutil.Process(self.root)
             tree = [me, *me.children(recursive=True)]
@@ -251,9 +252,6 @@ def run_first_result_bench(repeats: int = 2, echo: Echo = print) -> list[Measure
     ``fedfusion simulate``'s defaults (3 hospitals x 3 rounds) end to end, as ``make
     simulate`` runs them once .venv exists, and the CLI's import time (``--help``).
     """
-    import subprocess
-    import sys
-
     fedfusion = str(Path(sys.executable).parent / "fedfusion")
     cfg = {"command": "fedfusion simulate", "hospitals": 3, "rounds": 3}
     imports, runs = [], []
@@ -353,9 +351,6 @@ WIRE_MODES: dict[str, dict[str, Any]] = {
 
 def _parameter_counts(overrides: dict[str, Any]) -> tuple[int, int]:
     """(trainable parameters, all parameters) of the model these settings build."""
-    from shared_model.config import RunConfig
-    from shared_model.weights import initial_model, shared_state
-
     run = RunConfig.from_run_config(overrides)
     model = initial_model(run.model, run.seed)
     sent = sum(t.numel() for t in shared_state(model).values())
@@ -412,6 +407,8 @@ AUDIT_MODELS: dict[str, dict[str, Any]] = {
 
 def run_audit_bench(hospitals: int = 3, rounds: int = 3, echo: Echo = print) -> list[Measurement]:
     """Membership-inference AUC (and TPR at 1% FPR) against a non-private and a DP model."""
+    # scikit-learn (about 80 MB) loads with this suite only: the scale suite's peak
+    # memory counts this process.
     from server.commands.audit import audit_run
 
     out: list[Measurement] = []

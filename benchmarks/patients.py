@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from benchmarks.inprocess import federate, site_list
 from benchmarks.report import Measurement
@@ -66,6 +67,7 @@ MECHANISMS: dict[str, tuple[str, str, float]] = {
 
 
 def _noise(epsilon: float, rate: float, steps: int) -> float:
+    # Opacus loads here, not at import: `python -m benchmarks` imports every suite's module
     from opacus.accountants.utils import get_noise_multiplier
 
     return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=DELTA,
@@ -76,7 +78,7 @@ def _train(
     data: Any, unit: str, how: str, epsilon: float, steps: int, seed: int, run: RunConfig
 ) -> tuple[torch.nn.Module, list[float]]:
     """DP-SGD of one mechanism; the model and each step's seconds."""
-    from opacus import GradSampleModule
+    from opacus import GradSampleModule  # loaded here, not at import: as in _noise above
 
     warnings.filterwarnings("ignore", message="Full backward hook is firing")
     warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
@@ -129,8 +131,6 @@ def _auroc(model: torch.nn.Module, data: Any, run: RunConfig) -> float:
 
     Read like the federation's figures, so that the two compare.
     """
-    from torch.utils.data import DataLoader
-
     out = predict(model, DataLoader(data, batch_size=512), make_loss(None))
     stats = EvalStats.from_predictions(run.model.labels, out.logits, out.targets, out.losses)
     return float(stats.metrics()["auroc"])

@@ -16,6 +16,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +70,6 @@ class Measurement:
 
 def machine_facts() -> dict[str, Any]:
     """The machine and library versions a result came from (results are only comparable on one)."""
-    import torch
-
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
@@ -78,14 +77,12 @@ def machine_facts() -> dict[str, Any]:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    from importlib.metadata import version
-
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": version("torch"),
         "flwr": version("flwr"),
         "opacus": version("opacus"),
         "load-average": os.getloadavg() if hasattr(os, "getloadavg") else None,

@@ -32,11 +32,14 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.supercore.task_identity import TaskIdentity
 
 from benchmarks.report import Echo, Measurement
+from client.app import handlers
 from shared_model.config import RunConfig
 from shared_model.evaluation import EvalStats
 from shared_model.masked_upload import UploadCodec
 from shared_model.packing import WeightLayout
 from shared_model.weights import base_fingerprint, initial_model, shared_state
+from tests.support.hostile_server import NOW, TODAYS_HOSPITAL
+from tests.support.loop_grid import loop_federation, secagg_round
 
 __all__ = ["run_protocol_bench"]
 
@@ -48,10 +51,6 @@ def _before(settings: dict[str, Any]) -> SecAggPlusWorkflow:
 
 
 def _grid(protocol: str, tmp: Path, nodes: list[int], run: RunConfig, train: bool) -> Any:
-    from client.app import handlers
-    from tests.support.hostile_server import NOW, TODAYS_HOSPITAL
-    from tests.support.loop_grid import loop_federation
-
     mods = TODAYS_HOSPITAL if protocol == "before" else NOW
     layout = _layout(run)
     codec = UploadCodec(layout.size, run.model.labels, run.secagg.clipping_range, 10_000.0)
@@ -82,8 +81,6 @@ def _upload(codec: UploadCodec, run: RunConfig) -> Callable[[int, dict], np.ndar
 
 
 def _measure(kind: str, hospitals: int, rounds: int, warm_up: int, echo: Echo) -> list[Measurement]:
-    from tests.support.loop_grid import secagg_round
-
     train = kind == "full"
     seconds: dict[str, list[float]] = {p: [] for p in PROTOCOLS}
     up: dict[str, list[float]] = {p: [] for p in PROTOCOLS}

@@ -365,10 +365,11 @@ def run_utility_bench(
 
 def _plot(entries: Sequence[dict[str, Any]], path: Path) -> None:
     """Privacy-utility (macro AUROC against epsilon) and convergence, one row per model."""
+    # matplotlib loads when the figure is drawn: every suite imports this module
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after the backend is chosen
 
     models = list(dict.fromkeys(e["model"] for e in entries))
     fig, axes = plt.subplots(len(models), 2, figsize=(11, 4 * len(models)), squeeze=False)

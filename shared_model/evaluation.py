@@ -101,6 +101,8 @@ def _levenberg_marquardt(
     cells: np.ndarray, mean: np.ndarray, log_std: np.ndarray, iterations: int = 60
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One start of :func:`_fit_normals`: (means, log stds, costs)."""
+    # scipy loads here, not at import: a hospital imports this module in every message's
+    # process, and only the server fits normals to pooled counts.
     from scipy.special import ndtr  # the standard normal CDF, without scipy.stats' checks
 
     total = cells.sum(1, keepdims=True)
@@ -145,7 +147,7 @@ def binormal_auroc(
     Gaussian noise of ``noise_std`` per cell; NaN where a class is not :func:`readable`.
     """
     # Written here: ROC libraries take each example's score, not noised binned counts.
-    from scipy.stats import norm
+    from scipy.stats import norm  # loaded here, not at import: as ndtr above
 
     shape = np.shape(positives)[:-1]
     pos = np.reshape(positives, (-1, positives.shape[-1]))
@@ -182,7 +184,7 @@ def binormal_auroc_draws(
     sampling and the privacy noise.
     """
     # Written here: no library's bootstrap adds the release's privacy noise to each draw.
-    from scipy.stats import norm
+    from scipy.stats import norm  # loaded here, not at import: as ndtr above
 
     out = []
     for cells in (positives, negatives):

@@ -22,8 +22,10 @@ from client.dp.ledger_custody import open_ledger
 from client.dp.patients import fixed_privacy_unit, wanted_privacy_unit
 from client.dp.policy import PrivacyPolicy, effective_policy
 from shared_model.config import ConfigError, DataConfig, HospitalConfig, ModelConfig, RunConfig
-from shared_model.data import DataLimits, FusionTensors, decode_image, load_manifest
+from shared_model.data import FusionTensors, load_manifest
 from shared_model.datasets import HospitalSplit, embedded_records
+from shared_model.images import decode_image
+from shared_model.manifest import DataLimits
 from shared_model.split import SplitSpec, split_records
 from shared_model.text import tokenizer_for
 

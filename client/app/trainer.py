@@ -24,9 +24,10 @@ from client.app.local_training import (
 )
 from client.app.private_round import Trained, private_round
 from client.app.site import Site
-from client.dp.held_out import finite_predictions
-from client.dp.ledger import HELD_OUT_PART, PATIENT, LedgerEntry, PrivacyLedger
+from client.dp.held_out import finite_predictions, release_held_out
+from client.dp.ledger import HELD_OUT_PART, PATIENT, LedgerEntry, PrivacyLedger, ledger_lock
 from client.dp.patients import patient_weights
+from client.dp.secure_noise import secure_normal, secure_torch_generator
 from shared_model.config import RunConfig
 from shared_model.engine import make_loss, pos_weight_from_config, predict, reuse_freed_memory
 from shared_model.evaluation import EvalStats
@@ -208,8 +209,6 @@ def _normal(secure: bool, generator: torch.Generator | None) -> Callable[[float]
 
     Without secure noise: torch's generator seeded from the OS (in tests, ``generator``).
     """
-    from client.dp.secure_noise import secure_normal, secure_torch_generator
-
     if secure:
         return secure_normal
     rng = generator or secure_torch_generator()
@@ -277,9 +276,6 @@ def release_evaluation(
     """
     if not site.policy.held_out_noise:
         return stats, tuple(seen)
-    from client.dp.held_out import release_held_out
-    from client.dp.ledger import ledger_lock
-
     with ledger_lock(site.state_dir):
         ledger = site.open_ledger(seen)
         out = release_held_out(

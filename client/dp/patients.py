@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("fedfusion.hospital")
-# The split's key of a record without a patient id (shared_model/data.py).
+# The split's key of a record without a patient id (shared_model/manifest.py).
 _RECORD_KEY = "record:"
 
 

@@ -63,13 +63,9 @@ def data_check(
     manifest or the settings cannot be used at all.
     """
     # torch loads with the command (see the note at the top)
-    from shared_model.data import (
-        DataLimits,
-        ManifestError,
-        decode_image,
-        load_manifest,
-        read_manifest_rows,
-    )
+    from shared_model.data import load_manifest
+    from shared_model.images import decode_image
+    from shared_model.manifest import DataLimits, ManifestError, read_manifest_rows
     from shared_model.text import tokenizer_for
 
     try:

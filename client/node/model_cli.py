@@ -88,7 +88,7 @@ def _load(
 
 
 def _manifest_rows(manifest: Path) -> int:
-    from shared_model.data import ManifestError, read_manifest_rows  # torch: with the command
+    from shared_model.manifest import ManifestError, read_manifest_rows  # numpy: with the command
 
     try:
         return len(read_manifest_rows(manifest.expanduser().resolve(), ("image", "report")))
@@ -166,8 +166,8 @@ def predict(
     read with its error). Exits 1 if any row could not be read, 2 if nothing could run.
     """
     # torch loads with the command (see the note at the top)
-    from shared_model.data import ManifestError
     from shared_model.inference.predict import predict_manifest, predict_record
+    from shared_model.manifest import ManifestError
 
     if manifest is not None and (image is not None or text):
         raise _fail("give either --manifest or --image/--text, not both")
@@ -249,8 +249,8 @@ def evaluate(
     listed; the command then exits 1.
     """
     # torch loads with the command (see the note at the top)
-    from shared_model.data import ManifestError
     from shared_model.inference.local_evaluation import evaluate_bundle
+    from shared_model.manifest import ManifestError
 
     total = _manifest_rows(manifest)
     loaded = _load(bundle, device, text_model, image_weights, expect_digest)

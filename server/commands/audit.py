@@ -34,9 +34,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
+from sklearn.metrics import roc_curve
+from torch.utils.data import DataLoader
 
 from shared_model.config import ConfigError, RunConfig
+from shared_model.datasets import embedded_hospital
+from shared_model.engine import MultiLabelBCE, pos_weight_from_config
 from shared_model.metrics import bootstrap_aurocs, per_label_auroc, percentile_ci
+from shared_model.weights import initial_model, load_shared_state
 
 __all__ = ["AttackResult", "AuditResult", "attack_metrics", "audit_run", "hospital_count"]
 
@@ -76,8 +82,6 @@ def attack_metrics(
     member_scores: np.ndarray, non_member_scores: np.ndarray, seed: int = 0, boots: int = 200
 ) -> AttackResult:
     """AUC, its bootstrap 95% interval, and TPR at each low FPR (higher score = member)."""
-    from sklearn.metrics import roc_curve
-
     y = np.concatenate([np.ones(len(member_scores)), np.zeros(len(non_member_scores))])
     s = np.concatenate([member_scores, non_member_scores])
     auc = float(per_label_auroc(y[:, None], s[:, None])[0])
@@ -91,8 +95,6 @@ def attack_metrics(
 
 @torch.no_grad()
 def _negative_losses(model: torch.nn.Module, records: Any, loss_fn: torch.nn.Module) -> np.ndarray:
-    from torch.utils.data import DataLoader
-
     model.eval()
     out = []
     for image, report_ids, present, labels in DataLoader(records, batch_size=256):
@@ -125,12 +127,6 @@ def audit_run(
     the embedded data (`fedfusion simulate`): its members and non-members are rebuilt
     exactly from the run's settings and seed.
     """
-    from safetensors.torch import load_file
-
-    from shared_model.datasets import embedded_hospital
-    from shared_model.engine import MultiLabelBCE, pos_weight_from_config
-    from shared_model.weights import initial_model, load_shared_state
-
     run_dir = Path(run_dir)
     for name in ("run.json", "global_model.safetensors"):
         if not (run_dir / name).exists():

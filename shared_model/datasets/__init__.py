@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from shared_model.config import DataConfig, ModelConfig
-from shared_model.data import FusionTensors, labels_to_multi_hot
+from shared_model.data import FusionTensors
 from shared_model.datasets.iu_reports import (
     EMBEDDED_LABELS,
     PUBLIC_PREVALENCE,
@@ -24,6 +24,7 @@ from shared_model.datasets.iu_reports import (
     load_reports,
 )
 from shared_model.datasets.phantoms import hospital_acquisition, render_phantom
+from shared_model.manifest import labels_to_multi_hot
 from shared_model.split import embedded_split_spec, split_records
 from shared_model.text import tokenizer_for
 

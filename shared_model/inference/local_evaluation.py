@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 
-from shared_model.data import LoadReport
 from shared_model.inference.bundle import Bundle
 from shared_model.inference.loaded import LoadedModel
 from shared_model.inference.metrics import LocalEvaluation, evaluate_predictions
@@ -26,6 +25,7 @@ from shared_model.inference.predict import Progress, manifest_outputs
 from shared_model.inference.recalibration import Recalibration
 from shared_model.inference.recalibration import recalibrate as fit_and_write
 from shared_model.inference.report import render_report
+from shared_model.manifest import LoadReport
 
 __all__ = ["EvaluationRun", "evaluate_bundle"]
 

@@ -54,6 +54,7 @@ def write_roc_curves(
 
     A label whose targets hold one class gets a panel saying its AUROC is undefined.
     """
+    # scikit-learn loads here, not at import: as matplotlib, only when a figure is drawn
     from sklearn.metrics import roc_curve
 
     z, y, thresholds = check_predictions(labels, logits, targets, threshold_logits)

@@ -1,7 +1,7 @@
 """Applying a bundle's model to records: one record, or every row of a manifest.
 
 Records are read by the training code's own loader (:func:`shared_model.data.load_manifest`,
-:func:`shared_model.data.decode_image`) and tokenizer, so a record is preprocessed
+:func:`shared_model.images.decode_image`) and tokenizer, so a record is preprocessed
 exactly as the federation's held-out records were. A row that cannot be read is never
 skipped silently: it comes back with its error, naming the row and the file.
 """
@@ -15,8 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shared_model.data import FusionTensors, LoadReport, ManifestReader, decode_image
+from shared_model.data import FusionTensors, ManifestReader
+from shared_model.images import decode_image
 from shared_model.inference.loaded import LoadedModel
+from shared_model.manifest import LoadReport
 
 __all__ = [
     "ManifestOutputs",

@@ -9,12 +9,9 @@ import torch
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from shared_model.data import (
-    DataLimits,
-    ManifestError,
-    decode_image,
-    load_manifest,
-)
+from shared_model.data import load_manifest
+from shared_model.images import decode_image
+from shared_model.manifest import DataLimits, ManifestError
 from shared_model.split import SplitSpec, split_records
 from shared_model.text import ReportTokenizer
 from tests.support.manifests import write_csv

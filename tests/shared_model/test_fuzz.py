@@ -20,7 +20,9 @@ from PIL import Image
 from pydicom.data import get_testdata_file
 
 from shared_model.config import ConfigError, RunConfig, describe_run_config
-from shared_model.data import ManifestError, decode_image, load_manifest
+from shared_model.data import load_manifest
+from shared_model.images import decode_image
+from shared_model.manifest import ManifestError
 from shared_model.text import ReportTokenizer
 from tests.support.tier import examples
 
