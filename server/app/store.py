@@ -293,7 +293,7 @@ class RunStore:
         """Record that the run started, with its full configuration.
 
         ``base_hash`` identifies the frozen weights, which checkpoints leave out: a
-        checkpoint holds the trainable parameters only (server.commands.audit.load_run_model).
+        checkpoint holds the trainable parameters only (server.commands.export checks it).
         """
         self.root.mkdir(parents=True, exist_ok=True)
         write_json_atomic(
