@@ -112,18 +112,23 @@ def mean_of_updates(sent: np.ndarray, updates: Sequence[HospitalUpdate]) -> Roun
 
 
 def mean_of_model(
-    sent: np.ndarray, aggregated: np.ndarray, updates: Sequence[HospitalUpdate]
+    sent: np.ndarray,
+    aggregated: np.ndarray,
+    updates: Sequence[HospitalUpdate],
+    train_loss: float | None = None,
 ) -> RoundMean | None:
     """A robust aggregator's model (median, trimmed mean, Krum) as the round's update.
 
-    Its weight and train loss are FedAvg's over the same ``updates``.
+    Its weight is FedAvg's over the same ``updates``; its train loss the aggregator's
+    own (``train_loss``: Krum's comes from the updates it selected), else FedAvg's.
     """
     counted = _weighed(updates)
     if not counted:
         return None
     delta = np.asarray(aggregated, dtype=np.float64) - np.asarray(sent, dtype=np.float64)
     weight = float(sum(u.num_examples for u in counted))
-    return RoundMean(delta=delta, weight=weight, train_loss=_train_loss(counted))
+    loss = _train_loss(counted) if train_loss is None else train_loss
+    return RoundMean(delta=delta, weight=weight, train_loss=loss)
 
 
 def mean_of_sum(total: UploadSum) -> RoundMean | None:
@@ -148,4 +153,8 @@ def round_result(
         return RoundResult(state=state, train_loss=None)
     packed = layout.pack(state)
     averaged = (packed.astype(np.float64) + mean.delta).astype(packed.dtype)
+    if not np.isfinite(averaged).all():  # never checkpointed, never sent to a hospital
+        raise FloatingPointError(
+            f"the round's mean update (weight {mean.weight:g}) leaves the model non-finite"
+        )
     return RoundResult(state=step(state, layout.unpack(averaged)), train_loss=mean.train_loss)

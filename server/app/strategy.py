@@ -170,6 +170,7 @@ class HospitalFedAvg(FedAvg):
         base_hash: str = "",
         layout: WeightLayout | None = None,
         max_update_norm: float = 0.0,
+        max_examples: float = 10_000.0,
         aggregator: str = "mean",
         trim_fraction: float = 0.2,
         byzantine_hospitals: int = 1,
@@ -187,6 +188,7 @@ class HospitalFedAvg(FedAvg):
         self.base_hash = base_hash
         self.layout = layout
         self.max_update_norm = max_update_norm
+        self.max_examples = max_examples  # secagg.max-weight: the bound on a hospital's N̂
         self.aggregator = aggregator
         self.byzantine_hospitals = byzantine_hospitals
         self._robust = robust_aggregator(aggregator, trim_fraction, byzantine_hospitals)
@@ -328,10 +330,11 @@ class HospitalFedAvg(FedAvg):
                 f"hospitals needs more than {2 * self.byzantine_hospitals + 2} updates, got "
                 f"{len(trained)} (server.byzantine-hospitals, server.aggregator)"
             )
-        arrays, _ = self._robust.aggregate_train(server_round, trained)
+        arrays, metrics = self._robust.aggregate_train(server_round, trained)
         if arrays is None:
             return None
-        return mean_of_model(self._sent, arrays[PACKED_KEY].numpy(), updates)
+        loss = as_float((metrics or {}).get(Reply.TRAIN_LOSS))
+        return mean_of_model(self._sent, arrays[PACKED_KEY].numpy(), updates, loss)
 
     def _update_problem(
         self, server_round: int, msg: Message, status: Mapping[str, object]
@@ -348,6 +351,7 @@ class HospitalFedAvg(FedAvg):
             num_examples=msg.content.metric_records.get(METRICS, MetricRecord()).get(
                 Reply.NUM_EXAMPLES
             ),
+            max_examples=self.max_examples,
             max_norm=self.max_update_norm,
         )
 
@@ -463,6 +467,7 @@ def build_strategy(run: RunConfig, base_hash: str, layout: WeightLayout) -> Hosp
         base_hash=base_hash,
         layout=layout,
         max_update_norm=cfg.max_update_norm,
+        max_examples=run.secagg.max_weight,
         aggregator=cfg.aggregator,
         trim_fraction=cfg.trim_fraction,
         byzantine_hospitals=cfg.byzantine_hospitals,

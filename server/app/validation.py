@@ -12,8 +12,10 @@ model with one reply. :func:`update_problem` returns why an update is refused, o
   arbitrarily far in one round;
 - the reply must say it trained on this round's model: a reply for another round is
   stale (it was computed from another global model);
-- its released record count N̂, the update's weight in the mean, must be a finite
-  number of at least 1 (the trainer releases a positive integer).
+- its released record count N̂, the update's weight in the mean, must be a number
+  from 1 to ``secagg.max-weight`` (the trainer releases a positive integer; the bound,
+  the same as under SecAgg+, keeps one hospital from outweighing the rest unboundedly
+  or overflowing the weighted sum).
 
 A refused update is set aside, like a failure, and the server logs the hospital and
 the reason. Within these bounds a hospital still pulls the mean with its full weight;
@@ -24,8 +26,6 @@ finiteness and layout checks on its own update before masking it
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 from flwr.app import ArrayRecord
@@ -43,13 +43,15 @@ def update_problem(
     server_round: int,
     reply_round: object,
     num_examples: object,
+    max_examples: float,
     max_norm: float,
 ) -> str | None:
     """Why this trained reply's weights are refused, or None if they are accepted.
 
     ``sent`` is the packed global weights of this round's request; ``reply_round`` the
     round the hospital says it trained (the ``round`` of its ``hospital`` record);
-    ``num_examples`` the record count it released (its weight in the mean).
+    ``num_examples`` the record count it released (its weight in the mean), at most
+    ``max_examples``.
     """
     if isinstance(reply_round, bool) or not isinstance(reply_round, int | float):
         return "the reply does not say which round it trained"
@@ -59,9 +61,13 @@ def update_problem(
         isinstance(num_examples, bool)
         or not isinstance(num_examples, int | float)
         or not num_examples >= 1  # NaN fails this too
-        or math.isinf(num_examples)
     ):
         return f"a record count (num-examples) of {num_examples!r}: the update has no weight"
+    if num_examples > max_examples:
+        return (
+            f"a record count (num-examples) of {num_examples:g} exceeds secagg.max-weight "
+            f"{max_examples:g}, the largest weight a hospital may have"
+        )
     if arrays is None:
         return "the reply holds no weights"
     keys = list(arrays)

@@ -293,7 +293,8 @@ class SecAggConfig:
     )
     max_weight: float = _opt(
         10000.0,
-        "Bound on a hospital's training-set size (its weight); larger costs precision.",
+        "Bound on a hospital's released training-set size (its weight in the mean), with "
+        "SecAgg+ or without; larger costs SecAgg+ precision.",
         min=1.0,
     )
     stage_timeout: float = _opt(

@@ -1,5 +1,6 @@
 """The round's arithmetic, shared by the plain driver, the SecAgg+ driver and the benchmark."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -120,6 +121,15 @@ def test_the_server_optimizer_steps_along_the_mean_update():
     fedavg = round_result(STATE, mean, LAYOUT, ServerOptimizer().step)
     np.testing.assert_allclose(LAYOUT.pack(fedavg.state), SENT + mean.delta, rtol=1e-6, atol=1e-7)
     assert first.train_loss == mean.train_loss
+
+
+def test_a_mean_that_would_leave_the_model_non_finite_is_refused():
+    """Never checkpointed, never sent: validation bounds every weight and norm, this is
+    the last line behind it."""
+    mean = mean_of_updates(SENT, hospitals())
+    mean = dataclasses.replace(mean, delta=np.full_like(mean.delta, np.inf))
+    with pytest.raises(FloatingPointError, match="leaves the model non-finite"):
+        round_result(STATE, mean, LAYOUT, ServerOptimizer().step)
 
 
 def test_a_robust_aggregate_is_the_update_with_fedavgs_weight_and_loss():

@@ -38,6 +38,7 @@ def problem(values, *, reply_round=3, max_norm=10.0, arrays=None, num_examples=1
         server_round=3,
         reply_round=reply_round,
         num_examples=num_examples,
+        max_examples=10_000.0,
         max_norm=max_norm,
     )
 
@@ -114,18 +115,19 @@ def test_a_stale_or_unnamed_round_is_refused(reply_round):
         st.integers(-5, 10**9), st.floats(), st.none(), st.text(max_size=3), st.booleans()
     )
 )
-def test_an_update_without_a_positive_finite_record_count_is_refused(count):
-    """The count is the update's weight in the mean: none, zero, negative, NaN or Inf
-    would drop the update silently or tilt the mean."""
+def test_an_update_needs_a_record_count_from_1_to_the_max_weight(count):
+    """The count is the update's weight in the mean: none, zero, negative or NaN would
+    drop the update silently; a huge one would let one hospital outweigh the rest without
+    bound, or overflow the weighted sum to a non-finite model."""
     got = problem(SENT, num_examples=count)
-    usable = (
-        isinstance(count, int | float)
-        and not isinstance(count, bool)
-        and count >= 1
-        and count != float("inf")
-    )
-    if usable:
+    number = isinstance(count, int | float) and not isinstance(count, bool)
+    if number and 1 <= count <= 10_000:
         assert got is None
+    elif number and count > 10_000:  # Inf included
+        assert got == (
+            f"a record count (num-examples) of {count:g} exceeds secagg.max-weight 10000, "
+            "the largest weight a hospital may have"
+        )
     else:
         assert got == f"a record count (num-examples) of {count!r}: the update has no weight"
 
@@ -183,12 +185,13 @@ def test_bad_updates_are_set_aside_naming_the_hospital_and_the_reason(caplog):
     nan[3] = np.nan
     bad = [reply(3, nan), reply(4, SENT + 1e4), reply(5, SENT, server_round=0)]
     bad += [reply(6, SENT + 0.1, -5), reply(7, SENT + 0.1, float("nan"))]
+    bad += [reply(8, SENT + 2.0, 1e308)]  # would overflow the weighted sum to Inf
     s = strategy()
     with caplog.at_level(logging.WARNING):
         mean = s.aggregate_update(1, good + bad)
     expected = ((SENT + 0.1) * 100 + (SENT - 0.1) * 300) / 400
     np.testing.assert_allclose(SENT + mean.delta, expected, rtol=1e-6)
-    assert mean.weight == 400 and s.rejected == 5 and s.failures == 0
+    assert mean.weight == 400 and s.rejected == 6 and s.failures == 0
     reasons = {h.hospital: (h.status, h.reason) for h in s.round_hospitals.values()}
     assert reasons["h3"] == ("rejected", "1 NaN and 0 infinite values in the weights")
     assert (
@@ -197,6 +200,11 @@ def test_bad_updates_are_set_aside_naming_the_hospital_and_the_reason(caplog):
     assert reasons["h5"] == ("rejected", "stale update: trained for round 0, this is round 1")
     assert reasons["h6"] == ("rejected", f"a record count (num-examples) of -5: {NO_WEIGHT}")
     assert reasons["h7"] == ("rejected", f"a record count (num-examples) of nan: {NO_WEIGHT}")
+    assert reasons["h8"] == (
+        "rejected",
+        "a record count (num-examples) of 1e+308 exceeds secagg.max-weight 10000, "
+        "the largest weight a hospital may have",
+    )
     assert {h for h, (status, _) in reasons.items() if status == "trained"} == {"h1", "h2"}
     logged = [r.getMessage() for r in caplog.records]
     assert any("refused the update of h3 (node 3): 1 NaN" in m for m in logged)
@@ -226,6 +234,15 @@ def test_robust_aggregators_resist_one_attacker_that_the_mean_follows(aggregator
     robust = strategy(aggregator=aggregator).aggregate_update(1, outliers())
     assert 0.08 < robust.delta.mean() < 0.12  # the honest hospitals' update
     assert mean.delta.mean() < -0.2  # the mean is dragged off
+
+
+def test_krums_train_loss_comes_from_the_updates_it_selected():
+    """A Byzantine hospital's crafted loss must not reach the round's record either."""
+    attacked = outliers()
+    attacked[-1].content["metrics"]["train-loss"] = 1e6
+    robust = strategy(aggregator="krum").aggregate_update(1, attacked)
+    assert robust.train_loss == pytest.approx(0.5)  # the honest hospitals' loss
+    assert strategy().aggregate_update(1, attacked).train_loss > 1e5  # the mean's is not
 
 
 def test_krum_with_too_few_updates_fails_the_round_naming_the_setting():
