@@ -69,7 +69,6 @@ def run_simulation_cli(
     out = out.expanduser().resolve()
     run_config = {**overrides, "num-rounds": rounds, "output-dir": str(out)}
     run = RunConfig.from_run_config(run_config)  # fail now, with the key named
-    model = initial_model(run.model, run.seed)  # missing or mismatched weight files fail now
     if run.secagg.enabled:  # refuse impossible share/threshold settings before starting
         run.secagg_plan(hospitals)
     if hospitals < run.server.min_hospitals:
@@ -78,6 +77,7 @@ def run_simulation_cli(
             f"{run.server.min_hospitals}: the run would wait for hospitals "
             "that never come"
         )
+    model = initial_model(run.model, run.seed)  # missing or mismatched weight files fail now
     resuming = _resumable(out, run, base_fingerprint(model), hospitals)
     if resuming:
         echo(f"fedfusion: {resuming}")
