@@ -249,11 +249,13 @@ class TreeMemory:
 def run_first_result_bench(repeats: int = 2, echo: Echo = print) -> list[Measurement]:
     """Time to first result, each in a fresh process.
 
-    ``fedfusion simulate``'s defaults (3 hospitals x 3 rounds) end to end, as ``make
-    simulate`` runs them once .venv exists, and the CLI's import time (``--help``).
+    ``fedfusion simulate``'s defaults (3 hospitals x 15 rounds, frozen pretrained
+    encoders) end to end, as ``make simulate`` runs them once .venv exists: each run in
+    its own folder, so its feature cache starts empty, as on a fresh clone. And the CLI's
+    import time (``--help``).
     """
     fedfusion = str(Path(sys.executable).parent / "fedfusion")
-    cfg = {"command": "fedfusion simulate", "hospitals": 3, "rounds": 3}
+    cfg = {"command": "fedfusion simulate", "hospitals": 3, "rounds": 15, "feature-cache": "empty"}
     imports, runs = [], []
     with tempfile.TemporaryDirectory(prefix="fedfusion-first-") as tmp:
         for r in range(repeats):
@@ -263,7 +265,7 @@ def run_first_result_bench(repeats: int = 2, echo: Echo = print) -> list[Measure
             echo(f"  time to first result: fedfusion simulate, run {r + 1} ...")
             started = time.monotonic()
             proc = subprocess.run(
-                [fedfusion, "simulate", "--out", str(Path(tmp) / f"run-{r}")],
+                [fedfusion, "simulate", "--out", str(Path(tmp) / f"try-{r}" / "run")],
                 capture_output=True,
                 text=True,
                 check=False,
@@ -271,8 +273,8 @@ def run_first_result_bench(repeats: int = 2, echo: Echo = print) -> list[Measure
             if proc.returncode != 0:
                 raise RuntimeError(f"fedfusion simulate failed: {proc.stderr[-1500:]}")
             runs.append(time.monotonic() - started)
-    run = Measurement.of("first-result/simulate-3x3", cfg, runs, "s")
-    run.target, run.met = "<= 90 s", run.median <= 90
+    run = Measurement.of("first-result/simulate", cfg, runs, "s")
+    run.target, run.met = "<= 120 s", run.median <= 120
     return [run, Measurement.of("first-result/cli-import", cfg, imports, "s")]
 
 

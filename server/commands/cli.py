@@ -12,7 +12,7 @@ import typer
 from server.app.report import summary_table
 from server.commands.config import ServerDeployConfig
 from server.commands.superlink import failed_replies
-from shared_model.config import PRESETS, ConfigError, parse_overrides
+from shared_model.config import PRESETS, SIMULATE_DEFAULTS, ConfigError, parse_overrides
 from shared_model.progress import progress
 
 # Every `fedfusion` call imports this module to list its commands: what loads torch,
@@ -226,7 +226,7 @@ def simulate(
     hospitals: Annotated[
         int, typer.Option("--hospitals", "-n", min=1, help="Simulated hospitals (SuperNodes).")
     ] = 3,
-    rounds: Annotated[int, typer.Option("--rounds", "-r", min=1, help="Federated rounds.")] = 3,
+    rounds: Annotated[int, typer.Option("--rounds", "-r", min=1, help="Federated rounds.")] = 15,
     run_config: Annotated[
         list[str] | None,
         typer.Option(
@@ -240,9 +240,11 @@ def simulate(
     preset: Annotated[
         str | None,
         typer.Option(
-            help="Named model settings: cnn-transformer-concat (the default model), "
-            "cnn-transformer-gated, cnn-transformer-cross-attention, cnn-lstm-concat or "
-            "efficientnet-minilm-concat (settings given with -c win).",
+            help="Named model settings: efficientnet-minilm-concat, cnn-transformer-concat "
+            "(the run config's default model), cnn-transformer-gated, "
+            "cnn-transformer-cross-attention or cnn-lstm-concat (settings given with -c "
+            "win). Without it: efficientnet-minilm-concat with train.learning-rate=0.1 "
+            "privacy.max-grad-norm=2.0, which learns in a short run.",
         ),
     ] = None,
     out: Annotated[
@@ -271,7 +273,9 @@ def simulate(
     Each simulated hospital holds a non-IID share of 3,860 real Indiana University chest
     X-ray reports, paired with synthetic phantom radiographs drawn from each report's
     labels, and trains the shared fusion model under DP-SGD (Opacus) against its own
-    privacy budget. The server averages the updates and steps with server momentum
+    privacy budget; without --preset, the frozen pretrained encoders of
+    efficientnet-minilm-concat, whose features are computed once and cached beside the
+    run directory. The server averages the updates and steps with server momentum
     (FedAvgM). Progress is printed per round; at the end comes a summary table (global
     loss, macro AUROC, each hospital's cumulative epsilon) and the paths of the report,
     plots and final model. Exits non-zero if the run failed.
@@ -289,7 +293,8 @@ def simulate(
         _point_latest_at(out)
         shown = out.parent / "latest"
     try:
-        overrides = {**PRESETS.get(preset or "", {}), **parse_overrides(run_config or [])}
+        chosen = SIMULATE_DEFAULTS if preset is None else PRESETS[preset]
+        overrides = {**chosen, **parse_overrides(run_config or [])}
         result = run_simulation_cli(
             hospitals=hospitals,
             rounds=rounds,

@@ -69,7 +69,6 @@ def run_simulation_cli(
     out = out.expanduser().resolve()
     run_config = {**overrides, "num-rounds": rounds, "output-dir": str(out)}
     run = RunConfig.from_run_config(run_config)  # fail now, with the key named
-    model = initial_model(run.model, run.seed)  # missing or mismatched weight files fail now
     if run.secagg.enabled:  # refuse impossible share/threshold settings before starting
         run.secagg_plan(hospitals)
     if hospitals < run.server.min_hospitals:
@@ -78,6 +77,7 @@ def run_simulation_cli(
             f"{run.server.min_hospitals}: the run would wait for hospitals "
             "that never come"
         )
+    model = initial_model(run.model, run.seed)  # missing or mismatched weight files fail now
     resuming = _resumable(out, run, base_fingerprint(model), hospitals)
     if resuming:
         echo(f"fedfusion: {resuming}")
@@ -180,14 +180,17 @@ def with_eta(
 ) -> Any:
     """``echo`` that adds the elapsed time and an estimate of the time left to round lines.
 
-    The estimate is the mean time of the training rounds finished so far, timed from the
-    start of the first one this command saw (a resumed run starts later), times the
-    rounds left. A round starts when its SecAgg+ exchange does (``round k/N (SecAgg+)``)
-    or, without SecAgg+, when the round before it finished (``round k-1/N | ...``).
-    ``tick`` is told each finished round, for a progress bar.
+    The estimate is the mean time of the training rounds finished after the first one
+    this command saw (a resumed run starts later), times the rounds left. The first is
+    left out, and no estimate follows it: it also carries one-off work (decoding, the
+    frozen encoders' features), up to ten times a later round. A round starts when its
+    SecAgg+ exchange does (``round k/N (SecAgg+)``) or, without SecAgg+, when the round
+    before it finished (``round k-1/N | ...``). ``tick`` is told each finished round,
+    for a progress bar.
     """
     started = clock()
     first: list[tuple[float, int]] = []  # (when, rounds done by then) at the first start
+    after_first: list[tuple[float, int]] = []  # the same when the first of them finished
 
     def show(text: str) -> None:
         match = _ROUND_LINE.match(text.strip())
@@ -195,9 +198,11 @@ def with_eta(
             k, now, finished = int(match.group(1)), clock(), match.group(3) == "|"
             if not first:
                 first.append((now, k if finished else k - 1))
-            t0, base = first[0]
             left = None
-            if finished and base < k < rounds:
+            if finished and k > first[0][1] and not after_first:
+                after_first.append((now, k))
+            elif finished and after_first and after_first[0][1] < k < rounds:
+                t0, base = after_first[0]
                 left = (now - t0) / (k - base) * (rounds - k)
             if finished:
                 text += f" | {_clock(now - started)} elapsed"

@@ -22,7 +22,7 @@ from shared_model.config.model import (
     TEXT_ENCODERS,
     ModelConfig,
 )
-from shared_model.config.presets import PRESETS
+from shared_model.config.presets import PRESETS, SIMULATE_DEFAULTS
 from shared_model.config.run import (
     ACCOUNTANTS,
     AGGREGATORS,
@@ -49,6 +49,7 @@ __all__ = [
     "IMAGE_ENCODERS",
     "OPTIMIZERS",
     "PRESETS",
+    "SIMULATE_DEFAULTS",
     "SIM_FEATURE_CACHE_ENV",
     "STRATEGIES",
     "TEXT_ENCODERS",

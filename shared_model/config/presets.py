@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["PRESETS"]
+__all__ = ["PRESETS", "SIMULATE_DEFAULTS"]
 
 PRESETS: dict[str, dict[str, str]] = {
     # a CNN and a bidirectional LSTM over the report, concatenated
@@ -20,8 +20,18 @@ PRESETS: dict[str, dict[str, str]] = {
         "model.text-encoder": "transformer",
         "model.fusion": "cross_attention",
     },
-    # a CNN and a transformer, concatenated (the default model)
+    # a CNN and a transformer, concatenated (the run config's default model)
     "cnn-transformer-concat": {"model.text-encoder": "transformer", "model.fusion": "concat"},
     # a CNN and a transformer, with learned modality weights (a gated multimodal unit)
     "cnn-transformer-gated": {"model.text-encoder": "transformer", "model.fusion": "gated"},
+}
+
+# What `fedfusion simulate` (and so `make simulate`) runs without --preset: the frozen
+# pretrained encoders, whose cached features make a short DP run learn, at the learning
+# rate and clipping norm `make bench-utility` chose for them with DP and SecAgg+. Only the
+# simulation's default: a server's [run] table still starts from the run config defaults.
+SIMULATE_DEFAULTS: dict[str, str | float] = {
+    **PRESETS["efficientnet-minilm-concat"],
+    "train.learning-rate": 0.1,
+    "privacy.max-grad-norm": 2.0,
 }

@@ -73,7 +73,12 @@ def render_configuration() -> str:
     """The whole of docs/configuration.md."""
     from client.node.config import ConnectionConfig
     from server.commands.config import ServerDeployConfig
-    from shared_model.config import PRESETS, HospitalConfig, describe_run_config
+    from shared_model.config import (
+        PRESETS,
+        SIMULATE_DEFAULTS,
+        HospitalConfig,
+        describe_run_config,
+    )
 
     lines = [
         "# Configuration reference",
@@ -110,6 +115,11 @@ def render_configuration() -> str:
         shown = ", ".join(f"`{k}={v}`" for k, v in settings.items())
         lines.append(f"| `{name}` | {shown} |")
     lines += [
+        "",
+        "`fedfusion simulate` without `--preset` (and so `make simulate`) applies "
+        + ", ".join(f"`{k}={v}`" for k, v in SIMULATE_DEFAULTS.items())
+        + ": the frozen pretrained encoders, which learn in a short DP run. A server's "
+        "`[run]` table starts from the defaults above.",
         "",
         "## A hospital's settings",
         "",

@@ -12,7 +12,13 @@ from typer.testing import CliRunner
 
 from server.commands.superlink import judge_run as _judge
 from shared_model.cli import build_app
-from shared_model.config import ConfigError, parse_overrides
+from shared_model.config import (
+    PRESETS,
+    SIMULATE_DEFAULTS,
+    ConfigError,
+    RunConfig,
+    parse_overrides,
+)
 from shared_model.processes import stop_processes
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -56,6 +62,38 @@ def test_impossible_secagg_settings_are_refused_at_start(tmp_path):
     )
     assert bad.exit_code == 2 and "must be below num-shares" in bad.output
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def _settings_simulate_runs(monkeypatch, tmp_path, *args: str) -> tuple[int, int, dict]:
+    """(hospitals, rounds, overrides) `fedfusion simulate ARGS` would run, without running it."""
+    import server.commands.simulate as simulate
+
+    seen: dict = {}
+
+    def fake_run(*, hospitals, rounds, overrides, **_):
+        seen.update(hospitals=hospitals, rounds=rounds, overrides=overrides)
+        raise ConfigError("stopped before starting")
+
+    monkeypatch.setattr(simulate, "run_simulation_cli", fake_run)
+    result = CliRunner().invoke(build_app(), ["simulate", "--out", str(tmp_path / "r"), *args])
+    assert result.exit_code == 2 and "stopped before starting" in result.output
+    return seen["hospitals"], seen["rounds"], seen["overrides"]
+
+
+def test_simulate_defaults_to_the_frozen_pretrained_model_that_learns(monkeypatch, tmp_path):
+    hospitals, rounds, overrides = _settings_simulate_runs(monkeypatch, tmp_path)
+    assert (hospitals, rounds) == (3, 15)
+    run = RunConfig.from_run_config(overrides)
+    assert run.model.encoder_mode == "frozen" and run.model.text_encoder == "pretrained"
+    assert run.model.image_encoder == "efficientnet-lite0"
+    assert (run.train.learning_rate, run.privacy.max_grad_norm) == (0.1, 2.0)
+    assert run.privacy.enabled and run.secagg.enabled  # still DP and SecAgg+
+    # The simulation's default only: a server's [run] table starts from the run config's.
+    assert RunConfig().model.encoder_mode == "full" and RunConfig().train.learning_rate == 0.2
+    *_, overridden = _settings_simulate_runs(monkeypatch, tmp_path, "-c", "train.learning-rate=0.3")
+    assert overridden == {**SIMULATE_DEFAULTS, "train.learning-rate": 0.3}
+    *_, preset = _settings_simulate_runs(monkeypatch, tmp_path, "--preset", "cnn-lstm-concat")
+    assert preset == PRESETS["cnn-lstm-concat"]
 
 
 def test_parse_overrides():

@@ -40,8 +40,8 @@ def test_simulate_round_lines_show_elapsed_time_and_time_left():
     lines = ["  round 0/3 | x", "  round 1/3 | y", "  round 2/3 | z", "  round 3/3 | w"]
     shown = _shown(lines, [0.0, 10.0, 40.0, 70.0, 100.0])
     assert shown[0].endswith("0:10 elapsed")  # round 1 starts now
-    assert shown[1].endswith("0:40 elapsed, about 1:00 left")  # 30 s a round, 2 to go
-    assert shown[2].endswith("1:10 elapsed, about 0:30 left")
+    assert shown[1].endswith("0:40 elapsed")  # the first round: one-off work, no estimate
+    assert shown[2].endswith("1:10 elapsed, about 0:30 left")  # 30 s a round, 1 to go
     assert shown[3].endswith("1:40 elapsed")
 
 
@@ -51,15 +51,24 @@ def test_with_secagg_the_clock_starts_with_the_first_exchange():
     shown = _shown(lines, [0.0, 5.0, 35.0, 35.0, 36.0])
     assert shown[0] == "  round 1/3 (SecAgg+)"  # a start line: no clock
     assert shown[1].endswith("0:35 elapsed")
-    assert shown[2].endswith("0:35 elapsed, about 1:00 left")  # 30 s since round 1 began
+    assert shown[2].endswith("0:35 elapsed")  # round 1 done: no estimate from it
     assert shown[3] == "  round 2/3 (SecAgg+)"
 
 
 def test_a_resumed_run_is_timed_from_the_round_it_resumes_with():
     lines = ["  round 3/5 (SecAgg+)", "  round 3/5 | y", "  round 4/5 | z"]
     shown = _shown(lines, [0.0, 1.0, 21.0, 41.0], rounds=5)
-    assert shown[1].endswith("0:21 elapsed, about 0:40 left")  # 20 s a round, 2 to go
-    assert shown[2].endswith("0:41 elapsed, about 0:20 left")
+    assert shown[1].endswith("0:21 elapsed")
+    assert shown[2].endswith("0:41 elapsed, about 0:20 left")  # 20 s a round, 1 to go
+
+
+def test_the_estimate_leaves_out_the_first_rounds_one_off_work():
+    """Round 1 computes the frozen encoders' features (50 s); later rounds take 2 s."""
+    lines = [f"  round {k}/15 | x" for k in range(5)]
+    shown = _shown(lines, [0.0, 0.0, 50.0, 52.0, 54.0, 56.0], rounds=15)
+    assert shown[1].endswith("0:50 elapsed")
+    assert shown[2].endswith("0:52 elapsed, about 0:26 left")  # 2 s a round, 13 to go
+    assert shown[4].endswith("0:56 elapsed, about 0:22 left")
 
 
 def test_the_round_bar_counts_rounds_in_a_terminal(monkeypatch):
