@@ -94,6 +94,14 @@ class UploadCodec:
         update = np.asarray(update, dtype=np.float64).ravel()
         if update.size != self.params:
             raise ValueError(f"an update of {update.size} values, expected {self.params}")
+        carried = self.max_weight * _NOISE_VARIANCE_SCALE
+        if not evaluation.noise_variance <= carried:  # SecAgg+ would clip it, silently
+            raise ValueError(
+                f"held-out noise variance {evaluation.noise_variance:g} exceeds the "
+                f"{carried:g} an upload carries (secagg.max-weight x {_NOISE_VARIANCE_SCALE:g}): "
+                "the server's intervals would leave part of the noise out; raise "
+                "secagg.max-weight or this hospital's held-out epsilon cap"
+            )
         loss = float(np.clip(train_loss, *_TRAIN_LOSS_RANGE)) if math.isfinite(train_loss) else 0.0
         tail = np.concatenate([[weight, weight * loss], evaluation.to_vector()])
         return np.concatenate([weight * update, tail * self._units()])

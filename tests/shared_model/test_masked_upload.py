@@ -117,3 +117,16 @@ def test_an_upload_out_of_range_is_refused_before_it_leaves():
         codec.encode(np.zeros(3), 1.5, 0.3, EvalStats.zeros(LABELS))
     with pytest.raises(ValueError, match="expected 3"):
         codec.encode(np.zeros(4), 0.5, 0.3, EvalStats.zeros(LABELS))
+
+
+def test_a_noise_variance_the_upload_cannot_carry_is_refused_not_clipped():
+    """The summed variance widens the server's intervals; clipped, they would be too
+    narrow without anyone knowing."""
+    codec = UploadCodec(params=3, labels=LABELS, clipping_range=0.5, max_weight=100)
+    noised = evaluation(40, 0)
+    noised.noised, noised.noise_variance = 1.0, 100 * 100  # what the slot carries: read back
+    got = codec.decode_sum(through_secagg([codec.encode(np.zeros(3), 0.5, 0.3, noised)], codec), 1)
+    assert got.evaluation.noise_variance == pytest.approx(10_000, abs=0.5)
+    noised.noise_variance = 100 * 100 + 1
+    with pytest.raises(ValueError, match=r"raise secagg\.max-weight or this hospital's held-out"):
+        codec.encode(np.zeros(3), 0.5, 0.3, noised)
