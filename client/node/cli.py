@@ -316,7 +316,7 @@ def ledger_show(
     """
     # numpy loads with the ledger commands (see the note at the top)
     from client.dp.hospital_split import check_fractions
-    from client.dp.ledger import LedgerError, read_ledger
+    from client.dp.ledger import HELD_OUT_STATS, LedgerError, read_ledger
     from client.dp.ledger_custody import check_against_backup
 
     try:
@@ -341,9 +341,16 @@ def ledger_show(
         f"{view['max_epsilon']:g} (delta {view['delta']:g}, {view['accountant']} accountant); "
         f"{view['remaining_epsilon']:.3f} left"
     )
+    held_out = [e for e in view["history"] if e["mechanism"] == HELD_OUT_STATS]
     typer.echo(
         f"held-out part: epsilon {view['held_out_epsilon']:.3f} of max "
         f"{view['max_held_out_epsilon']:g}; {view['remaining_held_out_epsilon']:.3f} left"
+        + (
+            ""
+            if held_out
+            else " (no noised release recorded; statistics released exact, with "
+            "held-out-noise off as in a simulation, carry no epsilon)"
+        )
     )
     if view["public_records"] is not None:
         counted = "patient" if unit == "patient" else "record"

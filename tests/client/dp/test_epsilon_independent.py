@@ -135,6 +135,8 @@ def test_ledger_show_is_readable_and_refuses_a_tampered_ledger(tmp_path):
     runner = CliRunner()
     shown = runner.invoke(build_app(), ["ledger", "show", str(tmp_path)])
     assert shown.exit_code == 0 and "st-mary: epsilon" in shown.output and "left" in shown.output
+    # no held-out release in its ledger: the zero is not read as exact statistics being free
+    assert "no noised release recorded" in shown.output and "carry no epsilon" in shown.output
     path = tmp_path / "privacy_ledger.json"
     data = json.loads(path.read_text())
     data["history"][1]["steps"] = 1  # someone lowers the recorded spend
