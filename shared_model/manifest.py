@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = [
+    "RECORD_KEY",
     "REQUIRED_COLUMNS",
     "DataLimits",
     "LoadReport",
@@ -52,6 +53,10 @@ __all__ = [
 ]
 
 REQUIRED_COLUMNS = ("image", "report", "labels")
+
+
+# The prefix of a record's own key, where its row has no patient id (_record_key)
+RECORD_KEY = "record:"
 
 
 class ManifestError(ValueError):
@@ -229,8 +234,9 @@ def _record_key(image: Path | None, root: Path, text: str) -> str:
     hospital's split.
     """
     if image is not None:
-        return f"record:image:{image.relative_to(root).as_posix()}"
-    return "record:report:" + hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+        return f"{RECORD_KEY}image:{image.relative_to(root).as_posix()}"
+    digest = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+    return f"{RECORD_KEY}report:{digest}"
 
 
 def _row_image_path(root: Path, rel: str) -> Path | None:

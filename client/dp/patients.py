@@ -31,6 +31,7 @@ from torch.utils.data import Dataset
 
 from client.dp.ledger import PATIENT, RECORD, LedgerError, PrivacyLedger
 from shared_model.config import ConfigError
+from shared_model.manifest import RECORD_KEY  # the key of a record without a patient id
 
 __all__ = [
     "PATIENT",
@@ -45,18 +46,16 @@ __all__ = [
 ]
 
 log = logging.getLogger("fedfusion.hospital")
-# The split's key of a record without a patient id (shared_model/manifest.py).
-_RECORD_KEY = "record:"
 
 
 def has_patient_ids(patient_ids: Sequence[str] | None) -> bool:
     """Whether the records carry patient ids (not each its own record key)."""
-    return bool(patient_ids) and not all(p.startswith(_RECORD_KEY) for p in patient_ids or ())
+    return bool(patient_ids) and not all(p.startswith(RECORD_KEY) for p in patient_ids or ())
 
 
 def records_without_patient_id(patient_ids: Sequence[str] | None) -> int:
     """How many records have no patient id (a blank ``patient_id``, or no column)."""
-    return sum(p.startswith(_RECORD_KEY) for p in patient_ids or ())
+    return sum(p.startswith(RECORD_KEY) for p in patient_ids or ())
 
 
 def wanted_privacy_unit(requested: str, patient_ids: Sequence[str] | None, hospital: str) -> str:

@@ -26,11 +26,13 @@ from client.app.secagg_checks import signing_keys
 from client.dp.hospital_split import check_fractions
 from client.dp.ledger import LEDGER_FILENAME, LedgerError, read_ledger
 from client.dp.ledger_custody import check_against_backup, missing_ledger
+from client.dp.patients import wanted_privacy_unit
 from client.node.config import ConnectionConfig
 from client.node.pinned import cold_clientapp
 from client.node.warm import WarmStart, forkable
 from shared_model.config import ConfigError, HospitalConfig
 from shared_model.errors import ExplainedError
+from shared_model.manifest import RECORD_KEY, ManifestError, read_manifest_rows
 from shared_model.processes import stop_processes
 
 __all__ = [
@@ -98,6 +100,23 @@ def _check_membership(hospital: HospitalConfig, path: Path) -> None:
         ) from err
 
 
+def _check_patient_ids(hospital: HospitalConfig) -> None:
+    """Refuse now, not in round 1, a manifest whose patient ids do not fit privacy-unit.
+
+    Reads the manifest's text only (no image is decoded): patient ids blank on some
+    records, or ``privacy-unit = 'patient'`` without a patient_id column, are ConfigError
+    (client/dp/patients.py), as they would be when the first round opens the data.
+    """
+    try:
+        rows = read_manifest_rows(Path(hospital.data_manifest))
+    except ManifestError as err:
+        raise ConfigError(f"hospital.data-manifest: {err}") from err
+    ids = [
+        (row.get("patient_id") or "").strip() or f"{RECORD_KEY}{n}" for n, row in enumerate(rows)
+    ]
+    wanted_privacy_unit(hospital.privacy_unit, ids, hospital.hospital_id)
+
+
 def plan_supernode(config_file: Path) -> SuperNodeLaunch:
     """Check a hospital file and build its SuperNode command; ConfigError names the key."""
     path = Path(config_file).expanduser().resolve()
@@ -111,6 +130,7 @@ def plan_supernode(config_file: Path) -> SuperNodeLaunch:
         raise ConfigError(f"hospital.data-manifest: {hospital.data_manifest} does not exist")
     if not hospital.state_dir:
         raise ConfigError(f"{path}: hospital.state-dir is required (it keeps the privacy ledger)")
+    _check_patient_ids(hospital)
     _check_budget_left(hospital)
     node_config = f"config-file='{path}'"
     if not hospital.secagg_signing_key:  # it signs with the key the server registers

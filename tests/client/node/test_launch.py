@@ -174,6 +174,30 @@ def test_the_supernode_finds_flowers_commands_without_the_venv_on_path(monkeypat
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.fault(
+    "A manifest with patient_id blank on some records, or none under privacy-unit = 'patient'",
+    "Refused at start (`fedfusion hospital`), naming privacy-unit, before joining",
+    "the ledger (no round opened)",
+)
+def test_patient_ids_that_do_not_fit_the_privacy_unit_are_refused_at_start(tmp_path):
+    path = hospital_file(tmp_path)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("image,report,labels,patient_id\n,x,normal,p1\n,y,normal,\n")
+    with pytest.raises(ConfigError, match="patient_id is blank on some records"):
+        plan_supernode(path)
+    result = CliRunner().invoke(build_app(), ["hospital", "--config", str(path), "--check"])
+    assert result.exit_code == 2 and "privacy-unit = 'record'" in result.output
+    manifest.write_text("image,report,labels\n,x,normal\n")  # no patient ids at all
+    path.write_text(path.read_text().replace("max-epsilon = 3.0", PATIENT_UNIT))
+    with pytest.raises(ConfigError, match="privacy-unit = 'patient' needs a patient_id column"):
+        plan_supernode(path)
+    manifest.write_text("image,report,labels,patient_id\n,x,normal,p1\n,y,normal,p1\n")
+    assert plan_supernode(path).command  # every record with its patient's id: fine
+
+
+PATIENT_UNIT = 'max-epsilon = 3.0\nprivacy-unit = "patient"'
+
+
 def test_a_gpu_that_is_not_there_fails_at_start(tmp_path):
     path = hospital_file(tmp_path)
     path.write_text(
