@@ -35,6 +35,7 @@ __all__ = [
     "pos_weight_from_config",
     "predict",
     "reuse_freed_memory",
+    "round_learning_rate",
     "train_one_epoch",
     "train_step",
 ]
@@ -135,15 +136,37 @@ def pos_weight_from_config(cfg: TrainConfig, labels: Sequence[str]) -> torch.Ten
     return torch.tensor(weights, dtype=torch.float32).clamp(1.0, _MAX_POS_WEIGHT)
 
 
-def make_optimizer(model: nn.Module, run: RunConfig) -> torch.optim.Optimizer:
-    """The configured local optimizer over the model's trainable parameters."""
+def round_learning_rate(cfg: TrainConfig, server_round: int, planned_rounds: int) -> float:
+    """The local learning rate of round ``server_round`` (1-based) of ``planned_rounds``.
+
+    ``cosine``: rounds 1..W (W = warmup-rounds) train at r/(W+1) of the peak, then every
+    round at 0.5 (1 + cos(pi (r-1)/R)) of it; a round past the plan keeps the last
+    round's rate. ``constant``: the peak every round.
+    """
+    peak = cfg.learning_rate
+    if cfg.lr_schedule == "constant":
+        return peak
+    planned = max(planned_rounds, 1)
+    r = min(max(server_round, 1), planned)
+    factor = 0.5 * (1.0 + math.cos(math.pi * (r - 1) / planned))
+    if r <= cfg.warmup_rounds:
+        factor *= r / (cfg.warmup_rounds + 1)
+    return peak * factor
+
+
+def make_optimizer(
+    model: nn.Module, run: RunConfig, learning_rate: float | None = None
+) -> torch.optim.Optimizer:
+    """The configured local optimizer over the model's trainable parameters.
+
+    ``learning_rate``: this round's rate (:func:`round_learning_rate`); default the peak.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     cfg = run.train
+    lr = cfg.learning_rate if learning_rate is None else learning_rate
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(
-        params, lr=cfg.learning_rate, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
+        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 
 class MultiLabelBCE(nn.Module):

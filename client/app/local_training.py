@@ -29,6 +29,7 @@ from shared_model.engine import (
     make_optimizer,
     pos_weight_from_config,
     reuse_freed_memory,
+    round_learning_rate,
     train_one_epoch,
 )
 from shared_model.model import FusionModel
@@ -76,9 +77,18 @@ def training_units(site: Site) -> Dataset[Any]:
 
 
 def prepare_training(
-    weights: StateDict, site: Site, run: RunConfig, proximal_mu: float
+    weights: StateDict,
+    site: Site,
+    run: RunConfig,
+    proximal_mu: float,
+    *,
+    server_round: int,
+    planned_rounds: int,
 ) -> LocalTraining:
-    """The model with the received weights, its loss and optimizer, the units to sample."""
+    """The model with the received weights, its loss and optimizer, the units to sample.
+
+    The optimizer runs at the round's learning rate (``train.lr-schedule``).
+    """
     reuse_freed_memory()
     train_set = training_units(site)
     model = model_from(weights, site, run)
@@ -91,7 +101,9 @@ def prepare_training(
         train_set=train_set,
         model=model,
         loss_fn=loss_fn,
-        optimizer=make_optimizer(model, run),
+        optimizer=make_optimizer(
+            model, run, round_learning_rate(run.train, server_round, planned_rounds)
+        ),
         global_params=global_params,
         proximal_mu=proximal_mu,
     )

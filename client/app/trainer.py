@@ -161,7 +161,9 @@ def run_local_round(
     refusal = site.policy.refusal(secure_aggregation=secure_aggregation)
     if refusal:
         return _declined(refusal, weights, site, ledger_seen)
-    local = prepare_training(weights, site, run, proximal_mu)
+    local = prepare_training(
+        weights, site, run, proximal_mu, server_round=server_round, planned_rounds=planned_rounds
+    )
     if not site.policy.enabled:  # the hospital's own config allows it (refusal() above)
         trained = train_without_dp(local, site, run, server_round)
         # untouched by this round; read for the held-out epsilon its reply states

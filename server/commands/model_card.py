@@ -16,6 +16,8 @@ from shared_model.inference.operating_points import PooledLabel
 
 __all__ = ["PooledFigures", "render_model_card"]
 
+_OPTIMIZER_NAMES = {"sgd": "SGD with momentum", "adamw": "AdamW"}
+
 # Per-label figures, and (macro AUROC, its 95% CI low, high): operating_points.pooled_figures
 PooledFigures = tuple[list[PooledLabel], tuple[float, float, float]]
 
@@ -256,8 +258,14 @@ def render_model_card(
         "",
         f"{len(hospitals)} hospitals, {source['rounds-completed']} rounds of federated "
         f"averaging with server momentum {run.server.momentum} "
-        f"({run.train.local_epochs} local epochs, batch {run.train.batch_size}, learning "
-        f"rate {run.train.learning_rate}); updates "
+        f"({run.train.local_epochs} local epochs, batch {run.train.batch_size}, "
+        f"{_OPTIMIZER_NAMES[run.train.optimizer]}, learning rate {run.train.learning_rate}"
+        + (
+            f" with {run.train.warmup_rounds} warm-up rounds and cosine decay"
+            if run.train.lr_schedule == "cosine"
+            else ""
+        )
+        + "); updates "
         + (_secagg_plan(facts) if run.secagg.enabled else "sent in the clear")
         + ".",
         "",

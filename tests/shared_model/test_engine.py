@@ -1,3 +1,5 @@
+import itertools
+import math
 import platform
 import resource
 import sys
@@ -11,6 +13,7 @@ from shared_model.engine import (
     make_optimizer,
     pos_weight_from_config,
     reuse_freed_memory,
+    round_learning_rate,
     train_one_epoch,
 )
 
@@ -77,6 +80,20 @@ def test_optimizer_choice():
     assert isinstance(make_optimizer(model, RunConfig()), torch.optim.SGD)
     adamw = RunConfig.from_run_config({"train.optimizer": "adamw"})
     assert isinstance(make_optimizer(model, adamw), torch.optim.AdamW)
+
+
+def test_round_learning_rate_warms_up_then_decays_to_the_plan():
+    run = RunConfig.from_run_config({"train.learning-rate": 0.2, "train.warmup-rounds": 2})
+    rates = [round_learning_rate(run.train, r, 30) for r in range(1, 31)]
+    assert rates[0] == pytest.approx(0.2 / 3) and rates[0] < rates[1] < rates[2]
+    assert rates[2] == pytest.approx(0.1 * (1 + math.cos(2 * math.pi / 30)))
+    assert all(a > b for a, b in itertools.pairwise(rates[2:]))
+    assert 0 < rates[-1] < 0.001
+    assert round_learning_rate(run.train, 31, 30) == rates[-1]  # past the plan: the last
+    no_warmup = RunConfig.from_run_config({"train.warmup-rounds": 0}).train
+    assert round_learning_rate(no_warmup, 1, 30) == no_warmup.learning_rate
+    constant = RunConfig.from_run_config({"train.lr-schedule": "constant"}).train
+    assert {round_learning_rate(constant, r, 30) for r in (1, 15, 30)} == {0.2}
 
 
 def test_loss_is_per_example_and_matches_bce():

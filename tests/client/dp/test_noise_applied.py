@@ -39,7 +39,7 @@ from client.dp.policy import LOSS_CLIP, LOSS_SHARE, effective_policy
 from shared_model.config import HospitalConfig, RunConfig
 from shared_model.data import FusionTensors
 from shared_model.datasets import HospitalSplit
-from shared_model.engine import make_loss, pos_weight_from_config
+from shared_model.engine import make_loss, pos_weight_from_config, round_learning_rate
 from shared_model.text import PAD_ID
 from shared_model.weights import hospital_model, initial_model, shared_state
 
@@ -62,6 +62,7 @@ RUN = {
     "train.local-epochs": 1,
     "train.optimizer": "sgd",
     "train.learning-rate": 0.2,
+    "train.lr-schedule": "constant",  # the step's rate is the peak: lr * gradient exactly
     "train.momentum": 0.9,
     "train.weight-decay": 0.0,
     "train.modality-dropout": 0.0,
@@ -161,6 +162,22 @@ def test_a_round_adds_the_gradient_noise_the_ledger_accounts_for(tmp_path: Path,
     assert stats.kstest(change / noise_std, "norm").pvalue > 1e-3
 
 
+def test_each_round_trains_at_its_scheduled_learning_rate(tmp_path: Path) -> None:
+    """The optimizer a hospital builds for round r runs at the schedule's rate for r."""
+    run = run_config(30, **{"train.lr-schedule": "cosine", "train.warmup-rounds": 2})
+    data = records(run)
+    site = simulated_site(tmp_path, run, data)
+    weights = starting_weights(run)
+    rates = [
+        prepare_training(
+            weights, site, run, 0.0, server_round=r, planned_rounds=30
+        ).optimizer.param_groups[0]["lr"]
+        for r in (1, 3, 30)
+    ]
+    assert rates == [round_learning_rate(run.train, r, 30) for r in (1, 3, 30)]
+    assert rates[0] < rates[1] and rates[2] < rates[1] / 100
+
+
 def test_the_released_loss_carries_the_documented_noise_each_draw_added(tmp_path: Path) -> None:
     """The trainer's training stage, composed as run_local_round composes it, with its
     loss noise recorded: it asks for std sigma * LOSS_CLIP / LOSS_SHARE (sigma the gradient
@@ -191,7 +208,7 @@ def test_the_released_loss_carries_the_documented_noise_each_draw_added(tmp_path
         count_noise=draw,
         train=partial(
             train_privately,
-            prepare_training(weights, site, run, 0.0),
+            prepare_training(weights, site, run, 0.0, server_round=1, planned_rounds=1),
             site,
             run,
             generator,
