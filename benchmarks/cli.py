@@ -32,9 +32,9 @@ def bench(
             "to a first result. phantoms: how hard "
             "the synthetic radiographs are (a centralized image-only model, 3 seeds). "
             "bytes: only bytes per encoder mode. audit: membership inference, "
-            "non-private vs DP (make audit). utility: AUROC of centralized, federated, DP, "
-            "SecAgg+ and single-branch models at convergence, tuned, over 3 seeds (make "
-            "bench-utility). held-out: the pooled AUROC's error when hospitals noise "
+            "non-private vs DP (make audit). utility: AUROC of centralized, DP + SecAgg+ "
+            "and single-branch models at convergence, over 5 seeds, fusion compared seed by "
+            "seed (make bench-utility). held-out: the pooled AUROC's error when hospitals noise "
             "their held-out statistics (the pretrained recipe, 100 noise draws). patients: "
             "privacy per patient vs per record on data of 2 to 5 studies a patient "
             "(mechanisms at one hospital, then a federation)."
@@ -62,15 +62,16 @@ def bench(
         str,
         typer.Option(
             help="--suite utility: the models to compare, comma-separated: frozen (pretrained "
-            "encoders, frozen, features cached: about 30 minutes), small (the default model, "
-            "trained from scratch: hours) and lora."
+            "encoders, frozen, features cached), small (the run config's default model, "
+            "trained from scratch, at fixed settings) and lora."
         ),
-    ] = "frozen",
+    ] = "frozen,small",
     configs: Annotated[
         str,
         typer.Option(
             help="--suite utility: which configurations, comma-separated: central, "
-            "federated, dp1, dp3, dp8, dp8-secagg, image, text (default: all)."
+            "federated, dp1, dp3, dp8, dp8-secagg, image, text, or all (default: central, "
+            "dp8-secagg, image, text; the small model: central, dp8-secagg)."
         ),
     ] = "",
     grid: Annotated[
@@ -129,12 +130,14 @@ def bench(
     from benchmarks.utility import (
         CONFIG_KEYS,
         SEEDS,
+        SMALL_PRIVATE_SEEDS,
         UTILITY_CONFIGS,
         UTILITY_MODES,
         parse_grid,
         quick_plan,
         run_utility_bench,
         utility_settings,
+        wanted,
         write_utility,
     )
 
@@ -171,21 +174,24 @@ def bench(
         try:
             if grid:
                 plan["grid"] = parse_grid(grid)
-            if configs:
+            if configs == "all":
+                plan["names"] = None
+            elif configs:
                 keys = {v: k for k, v in CONFIG_KEYS.items()}
-                wanted = [c.strip() for c in configs.split(",") if c.strip()]
-                unknown = [c for c in wanted if c not in keys]
+                asked = [c.strip() for c in configs.split(",") if c.strip()]
+                unknown = [c for c in asked if c not in keys]
                 if unknown:
                     raise ValueError(f"unknown {unknown}; choose from {', '.join(keys)}")
-                plan["names"] = [keys[c] for c in wanted]
+                plan["names"] = [keys[c] for c in asked]
         except ValueError as err:
             typer.secho(f"error: --grid/--configs: {err}", err=True)
             raise typer.Exit(2) from err
-        names = plan.get("names")
-        count = sum(c.mode in chosen and (not names or c.name in names) for c in UTILITY_CONFIGS)
+        count = sum(c.mode in chosen and wanted(c, plan.get("names", ())) for c in UTILITY_CONFIGS)
         typer.echo(
-            f"bench: utility, {count} configurations, each searched on a validation split, "
-            f"then {len(plan.get('seeds', SEEDS))} seeds"
+            f"bench: utility, {count} configurations of {', '.join(chosen)}: each searched on "
+            "a validation split (the small model: fixed settings), then trained over "
+            f"{len(plan.get('seeds') or SEEDS)} seeds (the small model's private ones: "
+            f"{len(SMALL_PRIVATE_SEEDS)})"
         )
         started = time.monotonic()
         try:

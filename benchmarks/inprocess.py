@@ -15,6 +15,7 @@ simulation of the same run trains.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -41,12 +42,14 @@ from server.app.round_core import (
 from server.app.server_optimizer import ServerOptimizer
 from shared_model.config import HospitalConfig, RunConfig
 from shared_model.config.hospital import SIM_FEATURE_CACHE_ENV
+from shared_model.data import FusionTensors
+from shared_model.datasets import HospitalSplit
 from shared_model.evaluation import EvalStats
 from shared_model.masked_upload import QUANTIZATION_RANGE
 from shared_model.packing import WeightLayout
 from shared_model.weights import initial_model, shared_state
 
-__all__ = ["federate"]
+__all__ = ["MISSING_MODALITY", "federate"]
 
 StateDict = dict[str, torch.Tensor]
 
@@ -70,12 +73,25 @@ def site_list(
     ]
 
 
+# The modalities a fused model is also evaluated without, after its last round: the
+# `present` flags kept (image, text), as a record missing that modality carries them.
+MISSING_MODALITY = {"without-text": (1.0, 0.0), "without-image": (0.0, 1.0)}
+
+
 def _evaluate(state: StateDict, sites: list[Site], run: RunConfig) -> dict[str, float]:
     """The global model's held-out metrics, from statistics summed over the hospitals."""
     total = EvalStats.zeros(run.model.labels)
     for site in sites:
         total = total + run_local_evaluation(state, site, run).stats
     return total.metrics()
+
+
+def _without(site: Site, keep: tuple[float, float]) -> Site:
+    """``site`` with every held-out record's ``present`` flags multiplied by ``keep``."""
+    test = site.data.test
+    present = test.present * torch.tensor(keep, dtype=test.present.dtype)
+    masked = FusionTensors(test.images, test.report_ids, present, test.labels, test.patient_ids)
+    return dataclasses.replace(site, data=HospitalSplit(train=site.data.train, test=masked))
 
 
 def _round_mean(
@@ -119,7 +135,9 @@ def federate(
     ``overrides`` are run-config keys, as ``fedfusion simulate -c`` takes them; SecAgg+ is
     on where the run config says so. Returns one record per evaluation (round 0 is the
     initial model): round, seconds, train_loss, each hospital's epsilon and
-    ``eval_metrics``, the shape `fedfusion simulate` writes to metrics.json. The final
+    ``eval_metrics``, the shape `fedfusion simulate` writes to metrics.json; a fused
+    model's last record also holds ``eval_metrics_without-text`` and ``-without-image``,
+    its held-out metrics with that modality missing from every record. The final
     model is written to ``out/global_model.safetensors``, as a run directory holds it.
     ``hospital``: more of each hospital's own settings (e.g. its privacy-unit).
     """
@@ -165,5 +183,9 @@ def federate(
         )
         if on_round is not None:
             on_round(history[-1])
+    if run.model.branches == "fused":
+        for name, keep in MISSING_MODALITY.items():
+            masked = [_without(site, keep) for site in sites]
+            history[-1][f"eval_metrics_{name}"] = _evaluate(state, masked, run)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "global_model.safetensors"))
     return history

@@ -50,57 +50,103 @@ def test_utility_summary_targets_and_files(tmp_path):
     from benchmarks.utility import (
         GRID,
         UTILITY_CONFIGS,
+        paired_difference,
         search_grid,
         summarize_utility,
         utility_targets,
         write_utility,
     )
 
-    def run(auroc, normal):
+    def run(auroc, normal, missing=None):
         metrics = {"auroc": auroc, "auroc.normal": normal, "auroc.effusion": 0.9}
         early = {"auroc": 0.5, "auroc.normal": 0.5, "auroc.effusion": 0.5}
-        return [{"round": 0, "eval_metrics": early}, {"round": 1, "eval_metrics": metrics}], 30.0
+        last = {"round": 1, "eval_metrics": metrics}
+        for name, value in (missing or {}).items():
+            last[f"eval_metrics_{name}"] = {
+                "auroc": value,
+                "auroc.normal": value,
+                "auroc.effusion": 0.9,
+            }
+        return [{"round": 0, "eval_metrics": early}, last], 30.0
 
     scores = {  # configuration name -> macro AUROC over 3 seeds
         "small: centralized, non-private": (0.90, 0.92, 0.88),
         "small: federated, DP eps=8, SecAgg+": (0.86, 0.87, 0.85),
         "small: image only, DP eps=8, SecAgg+": (0.80, 0.81, 0.79),
-        "frozen: federated, DP eps=8, SecAgg+": (0.74, 0.77, 0.71),  # +0.03, spreads overlap
+        "frozen: centralized, non-private": (0.70, 0.80, 0.72),  # spread 0.10
+        "frozen: federated, DP eps=8, SecAgg+": (0.74, 0.77, 0.71),
+        "frozen: image only, DP eps=8, SecAgg+": (0.75, 0.78, 0.70),  # fused -0.003
         "frozen: text only, DP eps=8, SecAgg+": (0.71, 0.72, 0.70),
+    }
+    removed = {  # fused models: with the text / the image removed, per seed
+        "small": [{"without-text": 0.795, "without-image": 0.6}] * 3,
+        "frozen": [{"without-text": v, "without-image": 0.7} for v in (0.72, 0.77, 0.70)],
     }
     tuning = [{"point": {"train.learning-rate": 0.1}, "validation_auroc": 0.7}]
     entries = [
         summarize_utility(
             c,
-            [run(a, 0.7) for a in scores.get(f"{c.mode}: {c.name}", (0.7, 0.7, 0.7))],
+            [
+                run(a, 0.7, removed[c.mode][i] if c.branch == "fused" and c.secagg else None)
+                for i, a in enumerate(scores.get(f"{c.mode}: {c.name}", (0.7, 0.7, 0.7)))
+            ],
             {"train.learning-rate": 0.1},
             tuning,
+            seeds=(3, 4, 5),
         )
         for c in UTILITY_CONFIGS
+        if c.mode in removed
     ]
-    assert {e["model"] for e in entries} == {"small", "frozen", "lora"}
     central = entries[0]
     assert central["macro_auroc_mean"] == pytest.approx(0.90)
     assert central["macro_auroc_std"] == pytest.approx(0.01633, rel=1e-3)
+    assert central["macro_auroc_by_seed"] == {"3": 0.90, "4": 0.92, "5": 0.88}
     assert central["per_label_auroc"]["normal"] == {
         "mean": pytest.approx(0.7),
         "std": pytest.approx(0),
     }
     assert central["rounds"] == 1 and central["auroc_by_round"] == [0.5, 0.9]
     assert {central["privacy"], central["secagg"], central["branch"]} == {"none", "off", "fused"}
-    targets = utility_targets(entries)
-    (_, ratio, ratio_met), (_, margin, fused_met) = targets[:2]  # the small model's
-    assert ratio == pytest.approx(0.86 / 0.90) and ratio_met  # 0.956
-    assert margin == pytest.approx(0.06) and fused_met
-    frozen = targets[2:4]
-    assert frozen[0][1] == pytest.approx(0.74 / 0.7) and frozen[0][2]
-    assert frozen[1][1] == pytest.approx(0.03) and not frozen[1][2]  # 0.740 - 0.024 < 0.718
-    # a target whose configurations were not run is reported, never met
-    assert [(v, m) for _, v, m in utility_targets(entries[:1])] == [(None, False), (None, False)]
+    assert central["missing"] == {}  # evaluated without a modality: the fused DP model only
+    fused = next(e for e in entries if e["name"] == "frozen: federated, DP eps=8, SecAgg+")
+    assert fused["missing"]["without-text"]["macro_auroc_by_seed"]["4"] == 0.77
+    targets = {t: (v, m) for t, v, m in utility_targets(entries)}
+    small = {t.split(": ", 1)[1]: vm for t, vm in targets.items() if t.startswith("small")}
+    frozen = {t.split(": ", 1)[1]: vm for t, vm in targets.items() if t.startswith("frozen")}
+    ratio = "federated DP eps=8 + SecAgg+ >= {}x centralized non-private"
+    assert small[ratio.format(0.85)] == (pytest.approx(0.86 / 0.90), True)
+    assert frozen[ratio.format(0.95)] == (pytest.approx(0.74 / 0.74), True)
+    spread = "centralized non-private, max - min over seeds <= 0.05"
+    assert small[spread] == (pytest.approx(0.04), True)
+    assert frozen[spread] == (pytest.approx(0.10), False)
+    pair = "{} (paired seeds, DP eps=8, SecAgg+)"
+    # seed by seed: fused - image = -0.01, -0.01, +0.01
+    assert frozen[pair.format("fused - image only >= -0.005")] == (pytest.approx(-0.01 / 3), True)
+    assert small[pair.format("fused - image only >= -0.005")] == (pytest.approx(0.06), True)
+    assert frozen[pair.format("fused - text only >= 0")] == (pytest.approx(0.03), True)
+    # text removed: 0.72, 0.77, 0.70 against image only 0.75, 0.78, 0.70
+    assert frozen[pair.format("fused, text removed - image only >= -0.01")] == (
+        pytest.approx(-0.04 / 3),
+        False,
+    )
+    assert small[pair.format("fused, image removed - text only >= -0.01")] == (
+        pytest.approx(-0.1),
+        False,
+    )
+    # a comparison whose configurations were not run is reported, never met
+    no_text = [e for e in entries if "text only" not in e["name"]]
+    assert (f"frozen: {pair.format('fused - text only >= 0')}", None, False) in utility_targets(
+        no_text
+    )
+    low_high = paired_difference({"0": 0.8, "1": 0.9, "2": 0.85}, {"0": 0.7, "1": 0.7, "2": 0.7})
+    assert low_high is not None and low_high[0] == pytest.approx(0.15)
+    assert low_high[1] < 0.15 < low_high[2] and low_high[3] == 3
+    assert paired_difference({"0": 0.8}, {"0": 0.7}) is None  # one seed: no interval
+    assert paired_difference({"0": 0.8, "1": 0.9}, {"2": 0.7, "3": 0.7}) is None  # unpaired
     json_path, md_path, png_path = write_utility(entries, tmp_path, {"rounds": 1})
     data = json.loads(json_path.read_text())
-    assert len(data["entries"]) == len(UTILITY_CONFIGS) and len(data["targets"]) == 6
-    assert data["settings"] == {"rounds": 1}
+    assert len(data["entries"]) == len(entries) and len(data["targets"]) == len(targets)
+    assert data["settings"] == {"rounds": 1} and len(data["fusion"]) == 8
     assert {
         "name",
         "model",
@@ -110,19 +156,25 @@ def test_utility_summary_targets_and_files(tmp_path):
         "rounds",
         "macro_auroc_mean",
         "macro_auroc_std",
+        "macro_auroc_by_seed",
+        "missing",
         "wall_time_s",
         "tuned",
         "tuning",
     } <= set(data["entries"][0])
     md = md_path.read_text()
-    assert "0.956, met" in md and "lr 0.1: 0.700" in md
+    assert "0.956, met" in md and "lr 0.1: 0.700" in md and "MISSED" in md
+    assert "| frozen | fused - image only | -0.005 | -0.003 |" in md
     assert png_path.stat().st_size > 1000
     # the search: learning rate x clipping norm with DP, the learning rate alone without
-    dp = next(c for c in UTILITY_CONFIGS if c.privacy == "8")
+    dp = next(c for c in UTILITY_CONFIGS if c.privacy == "8" and c.mode == "frozen")
     assert len(search_grid(dp, GRID)) == 4
-    assert search_grid(UTILITY_CONFIGS[0], GRID) == [
+    frozen_central = next(c for c in UTILITY_CONFIGS if c.mode == "frozen")
+    assert search_grid(frozen_central, GRID) == [
         {"train.learning-rate": lr} for lr in GRID["train.learning-rate"]
     ]
+    # the model trained from scratch: fixed settings, no search
+    assert all(search_grid(c, GRID) == [] for c in UTILITY_CONFIGS if c.mode == "small")
 
 
 def test_tree_memory_sees_a_grandchild_allocate():
@@ -227,6 +279,11 @@ def test_the_quick_utility_run_end_to_end(tmp_path):
     assert central["rounds"] == 3 and len(central["auroc_by_round"]) == 4
     assert central["macro_auroc_mean"] > 0.6  # 3 non-private rounds learn something
     assert all(len(e["tuning"]) == 1 and e["tuning"][0]["validation_auroc"] for e in entries)
+    # the fused model, evaluated again with each modality removed from every record
+    missing = entries[1]["missing"]
+    assert set(missing) == {"without-text", "without-image"}
+    without_image = missing["without-image"]["macro_auroc_by_seed"]["0"]
+    assert without_image != pytest.approx(entries[1]["macro_auroc_mean"], abs=1e-6)
     json_path, md_path, png_path = write_utility(entries, tmp_path, utility_settings(plan))
     assert json.loads(json_path.read_text())["settings"]["rounds"] == 3
     assert png_path.stat().st_size > 1000 and "MISSED" in md_path.read_text()
