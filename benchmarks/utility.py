@@ -203,7 +203,7 @@ UTILITY_CONFIGS = tuple(c for mode in UTILITY_MODES for c in _configs(mode))
 def search_grid(config: UtilityConfig, grid: dict[str, Sequence[float]]) -> list[dict[str, Any]]:
     """The hyperparameter points searched for ``config`` (no clipping norm without DP).
 
-    None searched (empty) for a configuration trained at fixed settings.
+    Empty for a configuration trained at fixed settings (``config.fixed``).
     """
     if config.fixed is not None:
         return []
@@ -373,10 +373,10 @@ def utility_targets(entries: Sequence[dict[str, Any]]) -> list[tuple[str, float 
 
     DP eps=8 + SecAgg+ reaches its bar as a share of centralized (DP_BARS); trained from
     scratch, centralized varies by at most 0.05 (max - min) over the seeds; and fusion
-    never hurts: fused is
-    at least image only - 0.005 and text only, and with the text (image) removed at
-    least image (text) only - 0.01, each as the mean difference over paired seeds. A
-    target whose configurations were not run has value None (reported, never met).
+    never hurts: fused is at least image only - 0.005 and text only, and with the text
+    (image) removed at least image (text) only - 0.01, each as the mean difference over
+    paired seeds. A target whose configurations were not run has value None (reported,
+    never met).
     """
     by_name = {e["name"]: e for e in entries}
     comparisons = fusion_comparisons(entries)
@@ -471,9 +471,9 @@ def run_utility_bench(
     """Search (or take the fixed settings), then train over the seeds, each configuration.
 
     ``names``: the configurations (None: all; empty: each model's DEFAULT_CONFIGS).
-    ``seeds``: None gives each configuration
-    its own (SEEDS unless it says). ``reports``: use only the first this many reports
-    (0: all). Frozen features are cached once for all runs.
+    ``seeds``: None gives each configuration its own (SEEDS unless it says).
+    ``reports``: use only the first this many reports (0: all). Frozen features are
+    cached once for all runs.
     """
     configs = [c for c in UTILITY_CONFIGS if c.mode in modes and wanted(c, names)]
     plans = [(c, search_grid(c, grid), tuple(seeds or c.seeds or SEEDS)) for c in configs]
