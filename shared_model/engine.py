@@ -22,6 +22,7 @@ from torch import nn
 from shared_model.config import RunConfig, TrainConfig
 from shared_model.datasets.iu_reports import PUBLIC_PREVALENCE
 from shared_model.metrics import classification_metrics
+from shared_model.model import TrainingOutputs
 
 __all__ = [
     "EvalResult",
@@ -175,7 +176,8 @@ class MultiLabelBCE(nn.Module):
     Each example's loss is its BCE (with ``pos_weight`` on positives) averaged over the
     labels, so ``reduction="none"`` gives shape (B,): what per-example clipping, and
     Opacus's ghost clipping in particular, needs. ``mean`` equals the mean over all
-    (example, label) terms.
+    (example, label) terms. A training model's extra per-example terms (alignment, each
+    late-fusion head's own BCE) add to its example's loss.
     """
 
     def __init__(
@@ -190,25 +192,41 @@ class MultiLabelBCE(nn.Module):
         self.alignment_weight = alignment_weight
 
     def per_example(
-        self, outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor
+        self, outputs: torch.Tensor | tuple[torch.Tensor, ...], targets: torch.Tensor
     ) -> torch.Tensor:
-        """Each example's loss, shape (B,), whatever this module's reduction."""
-        logits, alignment = outputs if isinstance(outputs, tuple) else (outputs, None)
-        per_label = F.binary_cross_entropy_with_logits(
-            logits, targets, pos_weight=self.pos_weight, reduction="none"
-        )  # (B, K)
-        per_example = per_label.mean(dim=1)  # (B,)
-        if alignment is not None:
-            per_example = per_example + self.alignment_weight * alignment
+        """Each example's loss, shape (B,), whatever this module's reduction.
+
+        ``outputs``: logits (B, K), or a model's :class:`TrainingOutputs`. Their
+        alignment term, weighted, and each present branch head's own BCE (late fusion)
+        add to the example's loss.
+        """
+        out = (
+            TrainingOutputs(outputs)
+            if isinstance(outputs, torch.Tensor)
+            else TrainingOutputs(*outputs)
+        )
+        per_example = self._bce(out.logits, targets)
+        if out.alignment is not None:
+            per_example = per_example + self.alignment_weight * out.alignment
+        if out.branch_logits is not None and out.present is not None:
+            for branch in range(out.branch_logits.shape[1]):
+                own = self._bce(out.branch_logits[:, branch], targets)
+                per_example = per_example + out.present[:, branch] * own
         return per_example
 
+    def _bce(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(B,): each example's BCE averaged over the labels."""
+        return F.binary_cross_entropy_with_logits(
+            logits, targets, pos_weight=self.pos_weight, reduction="none"
+        ).mean(dim=1)
+
     def forward(
-        self, outputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor
+        self, outputs: torch.Tensor | tuple[torch.Tensor, ...], targets: torch.Tensor
     ) -> torch.Tensor:
         """Loss of logits (B, K) against multi-hot ``targets`` (B, K).
 
-        ``outputs`` may be ``(logits, alignment)`` (a training model with
-        ``return_alignment``): each example's alignment term is then added to its loss.
+        ``outputs`` may be a training model's :class:`TrainingOutputs`: see
+        :meth:`per_example`.
         """
         per_example = self.per_example(outputs, targets)
         if self.reduction == "none":
@@ -349,10 +367,11 @@ def train_step(
 
 
 def _detached(outputs: Any) -> Any:
-    """Model outputs (logits, or logits and alignment) cut from the autograd graph."""
-    if isinstance(outputs, tuple):
-        return tuple(o.detach() for o in outputs)
-    return outputs.detach()
+    """Model outputs (logits, or TrainingOutputs) cut from the autograd graph."""
+    if not isinstance(outputs, tuple):
+        return outputs.detach()
+    parts = (None if o is None else o.detach() for o in outputs)
+    return TrainingOutputs(*parts) if isinstance(outputs, TrainingOutputs) else tuple(parts)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import itertools
 import math
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
@@ -32,7 +33,13 @@ from torch import nn
 from shared_model.config import ConfigError, ModelConfig
 from shared_model.text import PAD_ID, text_model_path
 
-__all__ = ["FusionModel", "PretrainedImageEncoder", "PretrainedTextEncoder", "alignment_loss"]
+__all__ = [
+    "FusionModel",
+    "PretrainedImageEncoder",
+    "PretrainedTextEncoder",
+    "TrainingOutputs",
+    "alignment_loss",
+]
 
 StateDict = dict[str, torch.Tensor]
 # ImageNet statistics: EfficientNet-Lite0 was trained on inputs normalized with them.
@@ -374,8 +381,33 @@ class Fusion(nn.Module):
         return fused, present / present.sum(-1, keepdim=True).clamp_min(1.0)
 
 
+class TrainingOutputs(NamedTuple):
+    """A training forward's outputs when the loss needs more than the fused logits.
+
+    Every field is per example, so DP-SGD's per-record clipping stays valid.
+    """
+
+    logits: torch.Tensor  # (B, K)
+    alignment: torch.Tensor | None = None  # (B,), see alignment_loss
+    branch_logits: torch.Tensor | None = None  # (B, 2, K): late fusion's image, report heads
+    present: torch.Tensor | None = None  # (B, 2): which of branch_logits each example has
+
+
+def _head(dim: int, labels: int) -> nn.Sequential:
+    return nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, labels))
+
+
 class FusionModel(nn.Module):
-    """Image encoder + report encoder + fusion + multi-label head."""
+    """Image encoder + report encoder + fusion + multi-label head.
+
+    With ``fusion = late`` each modality has its own head instead: with both present the
+    logits are the image head's plus a learned K x K map of the report head's, which
+    starts at zero (the model starts as the image classifier, the stronger branch, and
+    the report moves it only as far as training finds it helps); with one modality
+    missing they are that modality's own head. In training each head is also fitted as
+    a classifier of its own (``TrainingOutputs.branch_logits``), so either stands alone.
+    A single-branch model is its branch's head.
+    """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -404,10 +436,16 @@ class FusionModel(nn.Module):
             torch.tensor([cfg.branches != "text", cfg.branches != "image"], dtype=torch.float32),
             persistent=False,
         )
-        self.fusion = Fusion(cfg.fusion, d, cfg.text_heads, cfg.dropout)
-        self.head = nn.Sequential(
-            nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, len(cfg.labels))
-        )
+        k = len(cfg.labels)
+        self.late = cfg.fusion == "late"
+        self.head = _head(d, k)  # late fusion: the image's head
+        if self.late:
+            self.report_head = _head(d, k)
+            self.report_gate = nn.Linear(k, k)
+            nn.init.zeros_(self.report_gate.weight)
+            nn.init.zeros_(self.report_gate.bias)
+        else:
+            self.fusion = Fusion(cfg.fusion, d, cfg.text_heads, cfg.dropout)
 
     def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 1, S, S) or cached features -> patches (B, P, D), pooled (B, D).
@@ -433,6 +471,8 @@ class FusionModel(nn.Module):
         self, image: torch.Tensor, report_ids: torch.Tensor, present: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Fused (B, D), modality weights (B, 2), pooled image and report, presence."""
+        if self.late:
+            raise ValueError("model.fusion = 'late' combines logits, not features")
         patches, pooled_image = self.encode_image(image)
         tokens, pooled_report, token_mask = self.encode_text(report_ids)
         present = present * self.branch_mask  # a missing branch is a missing modality
@@ -450,13 +490,39 @@ class FusionModel(nn.Module):
 
     def forward(
         self, image: torch.Tensor, report_ids: torch.Tensor, present: torch.Tensor
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Logits (B, K); in training with ``return_alignment``, also the (B,) alignment."""
+    ) -> torch.Tensor | TrainingOutputs:
+        """Logits (B, K); in training, TrainingOutputs where the loss needs more.
+
+        That is with ``return_alignment`` (the alignment term) and with late fusion
+        (each head's own logits).
+        """
+        if self.late:
+            return self._late(image, report_ids, present)
         fused, _, pooled_image, pooled_report, present = self._features(image, report_ids, present)
         logits = self.head(fused)
         if self.return_alignment and self.training:
-            return logits, alignment_loss(pooled_image, pooled_report, present)
+            return TrainingOutputs(logits, alignment_loss(pooled_image, pooled_report, present))
         return logits
+
+    def _late(
+        self, image: torch.Tensor, report_ids: torch.Tensor, present: torch.Tensor
+    ) -> torch.Tensor | TrainingOutputs:
+        """Late fusion: see the class docstring."""
+        _, pooled_image = self.encode_image(image)
+        _, pooled_report, _ = self.encode_text(report_ids)
+        present = present * self.branch_mask
+        m_img, m_rep = present[:, :1], present[:, 1:]
+        image_logits, report_logits = self.head(pooled_image), self.report_head(pooled_report)
+        both = image_logits + self.report_gate(report_logits) * m_rep
+        logits = m_img * both + (1 - m_img) * m_rep * report_logits
+        if not self.training or self.cfg.branches != "fused":  # one branch: its own head
+            return logits
+        alignment = None
+        if self.return_alignment:
+            alignment = alignment_loss(pooled_image, pooled_report, present)
+        return TrainingOutputs(
+            logits, alignment, torch.stack([image_logits, report_logits], dim=1), present
+        )
 
 
 def alignment_loss(

@@ -16,7 +16,7 @@ __all__ = [
     "ModelConfig",
 ]
 
-FUSION_MODES = ("concat", "gated", "cross_attention")
+FUSION_MODES = ("concat", "gated", "cross_attention", "late")
 BRANCHES = ("fused", "image", "text")
 TEXT_ENCODERS = ("transformer", "lstm", "pretrained")
 IMAGE_ENCODERS = ("cnn", "efficientnet-lite0")
@@ -34,7 +34,9 @@ class ModelConfig:
     fusion: str = _opt(
         "concat",
         "How image and report are fused: concat, gated (learned per-modality weights, "
-        "Z = sum of w_i * phi(M_i)) or cross_attention (report tokens attend to image patches).",
+        "Z = sum of w_i * phi(M_i)), cross_attention (report tokens attend to image "
+        "patches) or late (a head per modality; with both, the image's logits plus a "
+        "learned map of the report's that starts at zero; with one, its own head).",
         choices=FUSION_MODES,
     )
     image_encoder: str = _opt(

@@ -15,6 +15,15 @@ PRESETS: dict[str, dict[str, str]] = {
         "model.fusion": "concat",
         "model.encoder-mode": "frozen",
     },
+    # the same encoders, fused late: a head per modality, the report's logits mapped onto
+    # the image's through a learned map that starts at zero; one modality missing, the
+    # other's own head (each head is trained as a classifier of its own too)
+    "efficientnet-minilm-late": {
+        "model.image-encoder": "efficientnet-lite0",
+        "model.text-encoder": "pretrained",
+        "model.fusion": "late",
+        "model.encoder-mode": "frozen",
+    },
     # a CNN and a transformer, report tokens attending to image patches
     "cnn-transformer-cross-attention": {
         "model.text-encoder": "transformer",

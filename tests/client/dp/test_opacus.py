@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 
 from client.dp.engine import make_private
 from shared_model.config import FUSION_MODES, ModelConfig
-from shared_model.engine import make_loss
+from shared_model.engine import MultiLabelBCE, make_loss
 from shared_model.model import FusionModel
 from tests.support.dp import CFG, batch, one_dp_epoch, own_grads, per_sample_grads, policy
 from tests.support.tier import examples
@@ -33,7 +33,7 @@ def test_per_example_gradients_are_finite_and_independent(fusion):
     torch.manual_seed(0)
     model = FusionModel(cfg)
     image, ids, present, labels = batch(cfg, 4)
-    loss_fn = torch.nn.BCEWithLogitsLoss(reduction="sum")
+    loss_fn = MultiLabelBCE(None, "sum")  # the training loss (late fusion: each head's too)
     gsm = GradSampleModule(model, loss_reduction="sum")
     loss_fn(gsm(image, ids, present), labels).backward()
     for i in range(4):

@@ -211,6 +211,6 @@ def test_an_unknown_preset_is_refused_naming_the_known_ones(tmp_path):
         build_app(), ["simulate", "--preset", "resnet-bert", "--out", str(tmp_path / "r")]
     )
     assert result.exit_code == 2
-    names = "cnn-lstm-concat, efficientnet-minilm-concat, cnn-transformer-cross-attention"
+    names = "cnn-lstm-concat, efficientnet-minilm-concat, efficientnet-minilm-late"
     assert names in result.output
     assert not (tmp_path / "r").exists()
