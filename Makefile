@@ -17,8 +17,8 @@ TORCH_SPEC ?= torch==2.13.0
 FIND_LINKS ?= /opt/wheels
 ARGS ?=
 
-.PHONY: simulate test check bench bench-utility audit docs lint fmt clean venv lock wheelhouse \
-	wheelhouse-cuda container-test mlflow-ui
+.PHONY: simulate test check bench bench-utility bench-gpu audit docs lint fmt clean venv lock \
+	wheelhouse wheelhouse-cuda container-test mlflow-ui
 
 simulate: $(VENV)/.runtime
 	$(BIN)/fedfusion simulate $(ARGS)
@@ -47,6 +47,13 @@ bench: $(VENV)/.runtime
 # Utility: centralized vs federated vs DP vs SecAgg+, fused vs single branch, 3 seeds.
 bench-utility: $(VENV)/.runtime
 	$(BIN)/python -m benchmarks --suite utility $(ARGS)
+
+# On one CUDA GPU, under 5 minutes: the DP step (default model, LoRA), 3 hospitals x 2
+# rounds of DP + SecAgg+ training there, predict with the exported model:
+# benchmarks/results/gpu.json and gpu.md. Needs torch built for CUDA ($(LOCK_CUDA));
+# without a GPU it says so and stops. ARGS="--device cpu --out DIR": every part on the CPU.
+bench-gpu: $(VENV)/.runtime
+	$(BIN)/python -m benchmarks --suite gpu $(ARGS)
 
 # Membership-inference audit: an overfitted non-private model vs the DP one.
 audit: $(VENV)/.runtime

@@ -21,6 +21,40 @@ if TYPE_CHECKING:
 __all__ = ["app", "bench"]
 
 
+NO_GPU = (
+    "bench gpu: no CUDA GPU here (torch {torch} sees none); to run every part on the CPU "
+    "instead: python -m benchmarks --suite gpu --device cpu --out DIR"
+)
+
+
+def _device(device: str, suite: str) -> str:
+    """The device the suite runs on: ``--device`` resolved, or the suite's default.
+
+    --suite gpu without --device ends here, exit code 0 and one line, where there is no
+    GPU. A GPU asked for where there is none falls back to the CPU with a warning; a
+    device that cannot be (``gpu``, ``cuda:7`` on a machine of 2) exits with code 2.
+    """
+    if suite == "gpu" and not device:
+        # torch alone, before the suites load: without a GPU this suite ends at once
+        import torch
+
+        if not torch.cuda.is_available():
+            typer.echo(NO_GPU.format(torch=torch.__version__))
+            raise typer.Exit(0)
+        device = "cuda"
+    if not device or device == "cpu":
+        return "cpu"
+    # torch loads only for a GPU; the suites load it anyway
+    from shared_model.config import ConfigError
+    from shared_model.devices import resolve_device
+
+    try:
+        return str(resolve_device(device, "--device"))
+    except ConfigError as err:
+        typer.secho(f"error: {err}", err=True)
+        raise typer.Exit(2) from err
+
+
 def bench(
     suite: Annotated[
         str,
@@ -37,7 +71,10 @@ def bench(
             "seed (make bench-utility). held-out: the pooled AUROC's error when hospitals noise "
             "their held-out statistics (the pretrained recipe, 100 noise draws). patients: "
             "privacy per patient vs per record on data of 2 to 5 studies a patient "
-            "(mechanisms at one hospital, then a federation)."
+            "(mechanisms at one hospital, then a federation). gpu: on one CUDA GPU, the DP "
+            "step of the default model and of LoRA, 3 hospitals x 2 rounds of DP + SecAgg+ "
+            "training on it, and predict on the exported model (make bench-gpu; with "
+            "--device cpu, every part at the smallest sizes)."
         ),
     ] = "perf",
     hospitals: Annotated[
@@ -89,8 +126,13 @@ def bench(
         ),
     ] = False,
     device: Annotated[
-        str, typer.Option(help="Where the DP step measurements train: cpu, or cuda[:N].")
-    ] = "cpu",
+        str,
+        typer.Option(
+            help="Where the DP step measurements (--suite gpu: every part) run: cpu, cuda, "
+            "cuda:N or auto; without a GPU, cpu. Default: cpu; --suite gpu: cuda, and "
+            "without a GPU it says so and ends."
+        ),
+    ] = "",
     scale: Annotated[
         str,
         typer.Option(
@@ -111,7 +153,28 @@ def bench(
     --suite audit trains a deliberately overfitted non-private federation and the default
     DP one (epsilon = 8) and runs the membership-inference audit against both; it writes
     audit.json and audit.md.
+
+    --suite gpu (make bench-gpu) checks and measures fedfusion on one CUDA GPU in under 5
+    minutes (benchmarks/gpu.py): gpu.json and gpu.md.
     """
+    suites = (
+        "perf",
+        "dp",
+        "secagg",
+        "scale",
+        "first",
+        "bytes",
+        "phantoms",
+        "audit",
+        "utility",
+        "held-out",
+        "patients",
+        "gpu",
+    )
+    if suite not in suites:
+        typer.secho(f"error: --suite: {suite!r} is not one of {', '.join(suites)}", err=True)
+        raise typer.Exit(2)
+    device = _device(device, suite)
     # The suites load here, not at import: --help and a bad option answer without torch
     # and Flower.
     from benchmarks.dp import run_dp_bench, run_memory_bench
@@ -122,6 +185,7 @@ def bench(
         run_scale_bench,
         run_wire_bench,
     )
+    from benchmarks.gpu import GpuBench
     from benchmarks.held_out import run_held_out_bench
     from benchmarks.patients import run_patients_bench
     from benchmarks.phantoms import run_phantom_calibration
@@ -141,28 +205,6 @@ def bench(
         write_utility,
     )
 
-    suites = (
-        "perf",
-        "dp",
-        "secagg",
-        "scale",
-        "first",
-        "bytes",
-        "phantoms",
-        "audit",
-        "utility",
-        "held-out",
-        "patients",
-    )
-    if suite not in suites:
-        typer.secho(f"error: --suite: {suite!r} is not one of {', '.join(suites)}", err=True)
-        raise typer.Exit(2)
-    if device != "cpu":
-        import torch  # loaded by the suites above; named here, where it is used
-
-        if not device.startswith("cuda") or not torch.cuda.is_available():
-            typer.secho(f"error: --device {device!r}: no CUDA device here; use cpu", err=True)
-            raise typer.Exit(2)
     if suite == "utility":
         chosen = [m.strip() for m in modes.split(",") if m.strip()]
         if not chosen or any(m not in UTILITY_MODES for m in chosen):
@@ -220,6 +262,7 @@ def bench(
         )
         raise typer.Exit(2)
     started = time.monotonic()
+    gpu = GpuBench(device, echo=typer.echo) if suite == "gpu" else None
     parts: list[tuple[str, Callable[[], list[Measurement]]]]
     wire = (
         "secagg and deployment",
@@ -253,6 +296,12 @@ def bench(
     elif suite == "bytes":
         typer.echo("bench: bytes per round for each encoder mode")
         parts = [("bytes", lambda: run_mode_bytes_bench(min(sizes), echo=typer.echo))]
+    elif gpu is not None:
+        typer.echo(
+            f"bench: on {device}: the DP step (default model, LoRA), 3 hospitals x 2 rounds "
+            "of DP + SecAgg+ training there, predict with the exported model"
+        )
+        parts = gpu.parts()
     else:
         parts = [
             ("dp", lambda: run_dp_bench(device=device, echo=typer.echo)),
@@ -276,16 +325,24 @@ def bench(
     measurements: list[Measurement] = []
     failures: list[str] = []
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    with progress(len(parts), "parts") as advance:
-        for name, part in parts:
-            try:
-                measurements += part()
-            except RuntimeError as err:
-                failures.append(f"{name}: {err}")
-                typer.secho(f"FAILED ({name}): {err}", fg=typer.colors.RED, err=True)
-            json_path, md_path = write_results(measurements, out, suite, stamp, failures)
-            advance(f"bench {suite}", 1)
-    typer.echo("\n" + table(measurements))
+    # a CPU run of the GPU suite is a check, never written over a GPU's figures
+    name = "gpu-cpu" if gpu is not None and not gpu.on_gpu else suite
+    facts = gpu.facts() if gpu is not None else None
+    try:
+        with progress(len(parts), "parts") as advance:
+            for part_name, part in parts:
+                try:
+                    measurements += part()
+                except RuntimeError as err:
+                    failures.append(f"{part_name}: {err}")
+                    typer.secho(f"FAILED ({part_name}): {err}", fg=typer.colors.RED, err=True)
+                json_path, md_path = write_results(measurements, out, name, stamp, failures, facts)
+                advance(f"bench {suite}", 1)
+    finally:
+        if gpu is not None:
+            gpu.close()
+    # the GPU suite's file names its device and versions: printed whole
+    typer.echo("\n" + (md_path.read_text() if gpu is not None else table(measurements)))
     typer.echo(f"\n{time.monotonic() - started:.0f}s; results: {json_path} and {md_path}")
     if failures:
         typer.secho(f"{len(failures)} part(s) failed: see above", fg=typer.colors.RED, err=True)

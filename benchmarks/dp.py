@@ -21,7 +21,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from benchmarks.federation import WIRE_MODES
@@ -65,24 +65,34 @@ def run_dp_bench(
     device: str = "cpu",
     repeats: int = 3,
     echo: Echo = print,
+    overrides: Mapping[str, Mapping[str, Any]] = DP_MODELS,
+    batch: int = 64,
+    steps: tuple[int, int] | None = None,
+    compare_prng: bool = True,
 ) -> list[Measurement]:
-    """DP vs non-DP step time and peak memory per model and clipping method."""
+    """DP vs non-DP step time and peak memory per model and clipping method.
+
+    ``overrides``: each model's run-config keys; ``batch``: examples per step; ``steps``:
+    (warm-up, timed) steps per process (default: 3 and 10, a pretrained model 1 and 3);
+    ``compare_prng``: also step bk with torch's PRNG for the noise (the default model).
+    """
     threads = _threads(device)
     out: list[Measurement] = []
     for model in models:
         heavy = model != "default"  # a pretrained backbone: fewer, longer steps
+        warmup, timed = steps or ((1, 3) if heavy else (3, 10))
         common = {
             "model": model,
-            "overrides": DP_MODELS[model],
+            "overrides": dict(overrides[model]),
             "device": device,
             "threads": threads,
-            "batch": 64,
-            "warmup": 1 if heavy else 3,
-            "steps": 3 if heavy else 10,
+            "batch": batch,
+            "warmup": warmup,
+            "steps": timed,
             "secure_noise": True,
         }
         variants = [{**common, "mode": m} for m in modes]
-        if model == "default" and "bk" in modes:  # what the OS-CSPRNG noise costs
+        if compare_prng and model == "default" and "bk" in modes:  # the OS-CSPRNG's cost
             variants.append({**common, "mode": "bk", "secure_noise": False, "name": "bk-prng"})
         samples: dict[str, list[float]] = {}
         memory: dict[str, list[dict[str, Any]]] = {}

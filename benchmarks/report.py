@@ -14,7 +14,7 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -94,6 +94,8 @@ def _fmt(value: float, unit: str) -> str:
         return f"{value:.3f}"
     if unit == "B":
         return f"{value / 1e6:.3f} MB" if value >= 1e5 else f"{value / 1e3:.1f} kB"
+    if unit == "s" and value < 0.1:  # a GPU's steps: milliseconds, not "0.00 s"
+        return f"{value * 1e3:.2f} ms"
     return f"{value:.2f} {unit}"
 
 
@@ -119,15 +121,18 @@ def write_results(
     suite: str = "perf",
     stamp: str | None = None,
     failures: Sequence[str] = (),
+    facts: Mapping[str, Any] | None = None,
 ) -> tuple[Path, Path]:
     """Write the JSON results and the Markdown table of one suite; returns both paths.
 
     The same ``stamp`` rewrites the same files (a run writes after each of its parts);
-    ``failures`` names the parts that failed, and why.
+    ``failures`` names the parts that failed, and why. ``facts``: more about the machine
+    (a ``device`` fact is named under the machine in the table's file).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = stamp or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    machine = machine_facts()
+    machine = {**machine_facts(), **(facts or {})}
+    device = f"Device: {machine['device']}.\n\n" if machine.get("device") else ""
     data = {
         "created": stamp,
         "machine": machine,
@@ -141,7 +146,7 @@ def write_results(
         f"# fedfusion benchmark ({suite}), {stamp} UTC\n\n"
         f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['platform']}; "
         f"torch {machine['torch']}, flwr {machine['flwr']}, opacus {machine['opacus']}.\n\n"
-        f"{table(measurements)}\n\n"
+        f"{device}{table(measurements)}\n\n"
         + "".join(f"**FAILED** {failure}\n\n" for failure in failures)
         + f"Raw: `{json_path.name}`\n",
         encoding="utf-8",

@@ -21,9 +21,10 @@ from client.dp.ledger import RECORD, LedgerEntry, LedgerError, PrivacyLedger, le
 from client.dp.ledger_custody import open_ledger
 from client.dp.patients import fixed_privacy_unit, wanted_privacy_unit
 from client.dp.policy import PrivacyPolicy, effective_policy
-from shared_model.config import ConfigError, DataConfig, HospitalConfig, ModelConfig, RunConfig
+from shared_model.config import DataConfig, HospitalConfig, ModelConfig, RunConfig
 from shared_model.data import FusionTensors, load_manifest
 from shared_model.datasets import HospitalSplit, embedded_records
+from shared_model.devices import resolve_device
 from shared_model.images import decode_image
 from shared_model.manifest import DataLimits
 from shared_model.split import SplitSpec, split_records
@@ -35,7 +36,6 @@ __all__ = [
     "hospital_data",
     "hospital_records",
     "open_site",
-    "resolve_device",
 ]
 
 log = logging.getLogger("fedfusion.hospital")
@@ -78,7 +78,7 @@ def open_site(hospital: HospitalConfig, run: RunConfig) -> Site:
 
     The split is the hospital's (:func:`hospital_split_spec`), whatever the run asks.
     """
-    device = resolve_device(hospital.device)
+    device = resolve_device(hospital.device, "hospital.device")  # no GPU: the CPU, warned
     if hospital.torch_threads():
         torch.set_num_threads(hospital.torch_threads())
     model = hospital.local_model(run.model)
@@ -102,26 +102,6 @@ def open_site(hospital: HospitalConfig, run: RunConfig) -> Site:
         model=model,
         unit=unit,
     )
-
-
-def resolve_device(spec: str) -> torch.device:
-    """The torch device for ``hospital.device``; ConfigError if it is not there."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"hospital.device = {spec!r}, but this torch ({torch.__version__}) sees no "
-                "CUDA GPU: install a CUDA build of torch (deploy/Dockerfile, TORCH_VARIANT) "
-                "or set device = 'cpu'"
-            )
-        index = int(spec.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise ConfigError(
-                f"hospital.device = {spec!r}, but only {torch.cuda.device_count()} "
-                "CUDA device(s) exist"
-            )
-    return torch.device(spec)
 
 
 class DecodedImages:

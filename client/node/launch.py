@@ -142,10 +142,10 @@ def plan_supernode(config_file: Path) -> SuperNodeLaunch:
             ),
             path,
         )
-    if hospital.device != "cpu":  # a GPU that is not there fails now, not in round 1
-        from client.app.site import resolve_device  # imports torch: only when it matters
+    if hospital.device != "cpu":  # a GPU index that is not there fails now, not in round 1
+        from shared_model.devices import resolve_device  # imports torch: only when it matters
 
-        resolve_device(hospital.device)
+        resolve_device(hospital.device, "hospital.device")  # no GPU at all: warned, the CPU
     command = [
         # Flower's flower-supernode, polling every connection.poll-interval (node/supernode.py)
         sys.executable,

@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
 
 
 _BUNDLE = typer.Argument(help="A model bundle folder (from `fedfusion export`).")
-_DEVICE = typer.Option(help="cpu, cuda or cuda:N.")
+_DEVICE = typer.Option(help="cpu, cuda, cuda:N or auto; without a GPU, the CPU (with a warning).")
 _TEXT_MODEL = typer.Option(
     help="Where this machine keeps the pretrained text model, if not where the bundle says."
 )
@@ -62,12 +62,12 @@ def _load(
     bundle: Path, device: str, text_model: str, image_weights: str, expect: str
 ) -> LoadedModel:
     # torch loads with the command (see the note at the top)
-    from client.app.site import resolve_device
+    from shared_model.devices import resolve_device
     from shared_model.inference.bundle import BundleError, load_bundle
     from shared_model.inference.loaded import load_model
 
     try:
-        where = str(resolve_device(device))
+        where = str(resolve_device(device, "--device"))  # no GPU: the CPU, with a warning
         found = load_bundle(bundle)
         if expect and (len(expect) < 16 or not found.digest.startswith(expect.lower())):
             raise BundleError(

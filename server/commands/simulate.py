@@ -33,7 +33,7 @@ from server.commands.superlink import (
     submit_run,
     to_toml,
 )
-from shared_model.config import SIM_FEATURE_CACHE_ENV, ConfigError, RunConfig
+from shared_model.config import SIM_DEVICE_ENV, SIM_FEATURE_CACHE_ENV, ConfigError, RunConfig
 from shared_model.files import write_json_atomic
 from shared_model.processes import free_port
 from shared_model.weights import base_fingerprint, initial_model
@@ -56,6 +56,7 @@ def run_simulation_cli(
     feature_cache: Path | None = None,
     tracking: dict[str, str] | None = None,
     live: bool = False,
+    hospital_device: str = "cpu",
 ) -> RunResult:
     """Run a local federation of ``hospitals`` x ``rounds`` and judge how it went.
 
@@ -63,7 +64,8 @@ def run_simulation_cli(
     ``.feature-cache`` beside ``out``), shared by the simulated hospitals and later runs.
     ``tracking`` (:func:`server.app.tracking.tracking_env`; default: the SQLite store
     beside ``out``) says where the run is logged to MLflow. ``live``: a progress bar of
-    the rounds when the output is a terminal.
+    the rounds when the output is a terminal. ``hospital_device``: where the simulated
+    hospitals train (their ``device`` setting: cpu, cuda, cuda:N or auto).
     """
     started = time.monotonic()
     out = out.expanduser().resolve()
@@ -95,7 +97,10 @@ def run_simulation_cli(
         RAY_TMPDIR=str(ray_tmp),
         RAY_DEDUP_LOGS="0",
         RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO="0",  # also silences Ray's tip about it
-        **{SIM_FEATURE_CACHE_ENV: str(feature_cache or out.parent / ".feature-cache")},
+        **{
+            SIM_FEATURE_CACHE_ENV: str(feature_cache or out.parent / ".feature-cache"),
+            SIM_DEVICE_ENV: hospital_device,
+        },
         **(tracking or tracking_env()),
     )
     result = RunResult(run_dir=out)

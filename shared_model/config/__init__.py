@@ -13,7 +13,7 @@ The deployment files' own tables live with the commands that read them
 (``client/node/config.py``, ``server/commands/config.py``).
 """
 
-from shared_model.config.hospital import SIM_FEATURE_CACHE_ENV, HospitalConfig
+from shared_model.config.hospital import SIM_DEVICE_ENV, SIM_FEATURE_CACHE_ENV, HospitalConfig
 from shared_model.config.model import (
     BRANCHES,
     ENCODER_MODES,
@@ -52,6 +52,7 @@ __all__ = [
     "OPTIMIZERS",
     "PRESETS",
     "SIMULATE_DEFAULTS",
+    "SIM_DEVICE_ENV",
     "SIM_FEATURE_CACHE_ENV",
     "STRATEGIES",
     "TEXT_ENCODERS",

@@ -19,10 +19,15 @@ from shared_model.config.model import ModelConfig
 from shared_model.config.schema import ConfigError, construct, load_toml, parse_table
 from shared_model.config.schema import option as _opt
 
-__all__ = ["SIM_FEATURE_CACHE_ENV", "HospitalConfig"]
+__all__ = ["DEVICE_SPEC", "SIM_DEVICE_ENV", "SIM_FEATURE_CACHE_ENV", "HospitalConfig"]
 
 # Where `fedfusion simulate` tells its simulated hospitals to cache frozen features.
 SIM_FEATURE_CACHE_ENV = "FEDFUSION_SIM_FEATURE_CACHE"
+# Where a local simulation tells its simulated hospitals to train (their node config
+# holds only their partition); a device in the node config itself wins.
+SIM_DEVICE_ENV = "FEDFUSION_SIM_DEVICE"
+# Every device setting's form (shared_model/devices.py resolves it against the machine).
+DEVICE_SPEC = r"cpu|auto|cuda(:\d+)?"
 
 
 @dataclass(frozen=True)
@@ -202,6 +207,9 @@ class HospitalConfig:
         if "config-file" in merged:
             from_file = _read_hospital_file(str(merged.pop("config-file")))
             merged = {**from_file, **merged}
+        simulated = "partition-id" in merged and not merged.get("data-manifest")
+        if simulated and "device" not in merged and os.environ.get(SIM_DEVICE_ENV):
+            merged["device"] = os.environ[SIM_DEVICE_ENV]
         values = parse_table(cls, merged, "", "node")
         cfg = construct(cls, values, prefix="")
         if not cfg.data_manifest and cfg.partition_id < 0:
@@ -234,7 +242,7 @@ class HospitalConfig:
                 f"hospital 'test-fraction' {cfg.test_fraction} + 'validation-fraction' "
                 f"{cfg.validation_fraction} hold out more than 0.6 of the patients"
             )
-        if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", cfg.device):
+        if not re.fullmatch(DEVICE_SPEC, cfg.device):
             raise ConfigError(
                 f"hospital 'device': expected cpu, cuda, cuda:N or auto, got {cfg.device!r}"
             )

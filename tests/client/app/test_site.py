@@ -1,23 +1,36 @@
-"""Where a hospital trains: device resolution fails at start, with the key named."""
+"""Where a hospital trains: a GPU that is not there is the CPU, warned, with the key named."""
+
+import logging
 
 import pytest
 import torch
 
-from client.app.site import resolve_device
-from shared_model.config import ConfigError
-
-
-def test_cpu_and_auto_resolve_on_this_machine():
-    assert resolve_device("cpu") == torch.device("cpu")
-    expected = "cuda" if torch.cuda.is_available() else "cpu"
-    assert resolve_device("auto").type == expected
+from client.app.site import open_site
+from shared_model.config import SIM_DEVICE_ENV, ConfigError, HospitalConfig, RunConfig
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
-@pytest.mark.parametrize("spec", ["cuda", "cuda:0", "cuda:3"])
-def test_cuda_without_a_gpu_is_refused_with_the_key_named(spec):
-    with pytest.raises(ConfigError, match=rf"hospital.device = '{spec}'.*set device = 'cpu'"):
-        resolve_device(spec)
+def test_a_hospital_asking_for_a_gpu_where_there_is_none_trains_on_the_cpu(tmp_path, caplog):
+    hospital = HospitalConfig(partition_id=0, num_partitions=3, device="cuda:1")
+    run = RunConfig.from_run_config({"output-dir": str(tmp_path), "data.max-reports": 60})
+    with caplog.at_level(logging.WARNING, logger="fedfusion.device"):
+        site = open_site(hospital, run)
+    assert site.device == torch.device("cpu")
+    warned = [r.getMessage() for r in caplog.records if r.name == "fedfusion.device"]
+    assert len(warned) == 1 and warned[0].startswith("hospital.device = 'cuda:1': ")
+
+
+def test_a_simulation_chooses_its_hospitals_device_and_no_other_hospitals(monkeypatch):
+    """`fedfusion simulate`'s hospitals hold only a partition; one's own setting wins."""
+    monkeypatch.setenv(SIM_DEVICE_ENV, "cuda")
+    simulated = {"partition-id": 0, "num-partitions": 3}
+    assert HospitalConfig.from_node_config(simulated).device == "cuda"
+    assert HospitalConfig.from_node_config({**simulated, "device": "cpu"}).device == "cpu"
+    own = {"data-manifest": "/d/m.csv", "state-dir": "/s"}
+    assert HospitalConfig.from_node_config(own).device == "cpu"
+    monkeypatch.setenv(SIM_DEVICE_ENV, "gpu")
+    with pytest.raises(ConfigError, match=r"'device'.*'gpu'"):
+        HospitalConfig.from_node_config(simulated)
 
 
 def _load(manifest, state_dir):

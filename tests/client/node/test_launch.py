@@ -1,6 +1,7 @@
 """`fedfusion hospital`: the hospital file is checked before anything starts."""
 
 import json
+import logging
 import shlex
 import shutil
 import sys
@@ -198,13 +199,33 @@ def test_patient_ids_that_do_not_fit_the_privacy_unit_are_refused_at_start(tmp_p
 PATIENT_UNIT = 'max-epsilon = 3.0\nprivacy-unit = "patient"'
 
 
-def test_a_gpu_that_is_not_there_fails_at_start(tmp_path):
+def _with_device(tmp_path, device):
     path = hospital_file(tmp_path)
     path.write_text(
-        path.read_text().replace("max-epsilon = 3.0", 'max-epsilon = 3.0\ndevice = "cuda"')
+        path.read_text().replace("max-epsilon = 3.0", f'max-epsilon = 3.0\ndevice = "{device}"')
     )
-    with pytest.raises(ConfigError, match=r"hospital.device = 'cuda'.*sees no CUDA GPU"):
-        plan_supernode(path)
+    return path
+
+
+@pytest.mark.fault(
+    "A hospital whose `device` asks for a GPU this machine does not have",
+    "No GPU at all: a one-line warning naming hospital.device, at start and in each "
+    "round, and training on the CPU; a GPU index beyond the machine's: refused at start",
+    "the hospital's rounds (slower, on the CPU)",
+)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_gpu_where_there_is_none_is_warned_at_start_and_the_cpu_trains(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="fedfusion.device"):
+        assert plan_supernode(_with_device(tmp_path, "cuda")).command
+    (warned,) = [r.getMessage() for r in caplog.records if r.name == "fedfusion.device"]
+    assert warned.startswith("hospital.device = 'cuda': ") and "sees no CUDA GPU" in warned
+
+
+def test_a_gpu_index_that_is_not_there_fails_at_start(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match=r"hospital.device = 'cuda:7': this machine has 2 CUDA"):
+        plan_supernode(_with_device(tmp_path, "cuda:7"))
 
 
 @pytest.mark.fault(

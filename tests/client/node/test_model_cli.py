@@ -7,6 +7,7 @@ row it cannot read.
 
 import csv
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -178,6 +179,16 @@ def test_predict_cli_shows_one_record_as_a_table(bundle_dir, site):
     assert "each finding is decided on its own" in lines[-1]
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_predict_on_a_gpu_where_there_is_none_runs_on_the_cpu_warned(bundle_dir, site, caplog):
+    with caplog.at_level(logging.WARNING, logger="fedfusion.device"):
+        result = run_cli("predict", bundle_dir, "--image", site / "chest.dcm", "--device", "cuda")
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output and "finding" in result.output
+    (warned,) = [r.getMessage() for r in caplog.records if r.name == "fedfusion.device"]
+    assert warned.startswith("--device = 'cuda': ") and "runs on the CPU" in warned
+
+
 @pytest.mark.fault(
     "`fedfusion predict` on a manifest with unreadable rows",
     "Each bad row named (row, file, reason) on stderr and in the output's error column; "
@@ -212,7 +223,7 @@ def test_predict_names_each_bad_row_and_keeps_the_rest(bundle_dir, site, tmp_pat
 def test_unusable_inputs_get_one_clear_error(bundle_dir, site, tmp_path):
     cases = [
         (("predict", tmp_path, "--text", "x"), "has no bundle.json"),
-        (("predict", bundle_dir, "--text", "x", "--device", "cuda"), "cuda"),
+        (("predict", bundle_dir, "--text", "x", "--device", "gpu"), "--device = 'gpu'"),
         (("predict", bundle_dir, "--manifest", tmp_path / "none.csv"), "does not exist"),
         (("predict", bundle_dir, "--manifest", site / "site.csv", "--text", "x"), "not both"),
         (("predict", bundle_dir, "--text", "x", "-o", tmp_path / "p.xlsx"), ".csv or .json"),
