@@ -48,7 +48,8 @@ bench: $(VENV)/.runtime
 bench-utility: $(VENV)/.runtime
 	$(BIN)/python -m benchmarks --suite utility $(ARGS)
 
-# Membership-inference audit: an overfitted non-private model vs the DP one.
+# One-run privacy audit: the ε lower bound beside the accounted ε (--suite mia: the
+# membership-inference attacks).
 audit: $(VENV)/.runtime
 	$(BIN)/python -m benchmarks --suite audit $(ARGS)
 
