@@ -55,7 +55,8 @@ bench-utility: $(VENV)/.runtime
 bench-gpu: $(VENV)/.runtime
 	$(BIN)/python -m benchmarks --suite gpu $(ARGS)
 
-# Membership-inference audit: an overfitted non-private model vs the DP one.
+# One-run privacy audit: the ε lower bound beside the accounted ε (--suite mia: the
+# membership-inference attacks).
 audit: $(VENV)/.runtime
 	$(BIN)/python -m benchmarks --suite audit $(ARGS)
 

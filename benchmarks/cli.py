@@ -6,6 +6,8 @@ product.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -65,8 +67,9 @@ def bench(
             "deployed). scale: only the large simulated federations. first: only the time "
             "to a first result. phantoms: how hard "
             "the synthetic radiographs are (a centralized image-only model, 3 seeds). "
-            "bytes: only bytes per encoder mode. audit: membership inference, "
-            "non-private vs DP (make audit). utility: AUROC of centralized, DP + SecAgg+ "
+            "bytes: only bytes per encoder mode. audit: the one-run privacy audit, an "
+            "epsilon lower bound beside the accounted one (make audit). mia: membership "
+            "inference, non-private vs DP. utility: AUROC of centralized, DP + SecAgg+ "
             "and single-branch models at convergence, over 5 seeds, fusion compared seed by "
             "seed (make bench-utility). held-out: the pooled AUROC's error when hospitals noise "
             "their held-out statistics (the pretrained recipe, 100 noise draws). patients: "
@@ -150,9 +153,10 @@ def bench(
     benchmarks/results/perf.json and perf.md (the latest
     run only; earlier runs are in git history).
 
-    --suite audit trains a deliberately overfitted non-private federation and the default
-    DP one (epsilon = 8) and runs the membership-inference audit against both; it writes
-    audit.json and audit.md.
+    --suite audit runs the one-run privacy audit (benchmarks/privacy_audit.py) and writes
+    audit.json, audit.md and audit.png. --suite mia trains a deliberately overfitted
+    non-private federation and the default DP one and runs the membership-inference
+    attacks against both (mia.json, mia.md).
 
     --suite gpu (make bench-gpu) checks and measures fedfusion on one CUDA GPU in under 5
     minutes (benchmarks/gpu.py): gpu.json and gpu.md.
@@ -166,6 +170,7 @@ def bench(
         "bytes",
         "phantoms",
         "audit",
+        "mia",
         "utility",
         "held-out",
         "patients",
@@ -261,6 +266,9 @@ def bench(
             "error: --hospitals/--scale: SecAgg+ needs at least 3 hospitals per run", err=True
         )
         raise typer.Exit(2)
+    if suite == "audit":
+        _one_run_audit(out)
+        return
     started = time.monotonic()
     gpu = GpuBench(device, echo=typer.echo) if suite == "gpu" else None
     parts: list[tuple[str, Callable[[], list[Measurement]]]]
@@ -269,9 +277,9 @@ def bench(
         lambda: run_wire_bench(sizes, rounds, deploy, echo=typer.echo, reports=reports),
     )
     protocol = ("secagg protocol", lambda: run_protocol_bench(echo=typer.echo))
-    if suite == "audit":
+    if suite == "mia":
         typer.echo("bench: membership-inference audit, non-private vs DP")
-        parts = [("audit", lambda: run_audit_bench(min(sizes), echo=typer.echo))]
+        parts = [("mia", lambda: run_audit_bench(min(sizes), echo=typer.echo))]
     elif suite == "secagg":
         typer.echo(
             f"bench: plain vs SecAgg+ at {sizes} hospitals, simulated and deployed; SecAgg+ "
@@ -347,6 +355,22 @@ def bench(
     if failures:
         typer.secho(f"{len(failures)} part(s) failed: see above", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
+
+
+def _one_run_audit(out: Path) -> None:
+    """``--suite audit``: every run of the one-run privacy audit, side by side."""
+    # torch and Flower load with the suite, as the other suites' do (above)
+    from benchmarks.privacy_audit import run_one_run_audit, write_audit_results
+
+    typer.echo("bench: one-run privacy audit (white-box gradient canaries)")
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="fedfusion-audit-") as tmp:
+        outcomes = run_one_run_audit(out, Path(tmp), echo=typer.echo)
+    seconds = time.monotonic() - started
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    machine = f"{os.cpu_count()} cores; load average at the end {load}; {seconds:.0f} s in all"
+    write_audit_results(outcomes, out, machine)
+    typer.echo(f"\n{seconds:.0f}s; results: {out / 'audit.json'}, audit.md, audit.png")
 
 
 app = typer.Typer(add_completion=False)

@@ -18,10 +18,10 @@ Results go to ``benchmarks/results/perf.json`` (one entry per measurement: name,
 config, median, min, max, unit, baseline, ratio, target) and ``benchmarks/results/perf.md``
 (the printed table, with the machine it came from).
 
-The ``audit`` suite (`make audit`) trains two federations on the embedded data, a
-deliberately overfitted non-private one and the default DP one (epsilon = 8), and runs the
-membership-inference audit (``server/commands/audit.py``) against each:
-``benchmarks/results/audit.json`` and ``audit.md``.
+The ``mia`` suite trains two federations on the embedded data, a deliberately overfitted
+non-private one and the default DP one (epsilon = 8), and runs the membership-inference
+audit (``server/commands/audit.py``) against each: ``benchmarks/results/mia.json`` and
+``mia.md``. (`make audit` runs the one-run audit of ``privacy_audit.py``.)
 """
 
 from __future__ import annotations

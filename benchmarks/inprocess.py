@@ -129,6 +129,7 @@ def federate(
     threads: int = 0,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     hospital: Mapping[str, Any] | None = None,
+    on_start: Callable[[RunConfig, list[Site], StateDict], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Run ``rounds`` federated rounds of ``hospitals`` embedded hospitals in this process.
 
@@ -140,6 +141,8 @@ def federate(
     its held-out metrics with that modality missing from every record. The final
     model is written to ``out/global_model.safetensors``, as a run directory holds it.
     ``hospital``: more of each hospital's own settings (e.g. its privacy-unit).
+    ``on_start(run, sites, initial_state)`` runs once the hospitals are open, before round
+    0 (the privacy audit picks its canaries there).
     """
     run = RunConfig.from_run_config({**overrides, "num-rounds": rounds, "output-dir": str(out)})
     # frozen encoders' features: cached beside the run, as `fedfusion simulate` caches them
@@ -149,6 +152,8 @@ def federate(
     state = shared_state(initial_model(run.model, run.seed))
     layout = WeightLayout.of(state)
     optimizer = ServerOptimizer(run.server.momentum, run.server.learning_rate)
+    if on_start is not None:
+        on_start(run, sites, state)
     seen: list[tuple[LedgerEntry, ...]] = [() for _ in sites]
     history = [{"round": 0, "seconds": 0.0, "eval_metrics": _evaluate(state, sites, run)}]
     for server_round in range(1, rounds + 1):

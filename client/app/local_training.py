@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from client.app.private_round import History, Trained
 from client.app.site import Site
+from client.dp import audit_hooks
 from client.dp.engine import PrivateTraining, make_private
 from client.dp.ledger import PATIENT
 from client.dp.patients import PatientSampled
@@ -117,6 +118,13 @@ def train_without_dp(
     loader = DataLoader(
         local.train_set, batch_size=run.train.batch_size, shuffle=True, generator=generator
     )
+    audit_hooks.attach_to_optimizer(  # a no-op unless a privacy audit runs in this process
+        local.optimizer,
+        site.name,
+        min(1.0, run.train.batch_size / len(local.train_set)),  # type: ignore[arg-type]
+        site.policy.max_grad_norm,
+        run.train.batch_size,
+    )
     loss, steps = _epochs(local, site, run, local.model, loader, local.optimizer, local.loss_fn)
     return Trained(weights=_on_cpu(shared_state(local.model)), train_loss=loss, steps=steps)
 
@@ -189,6 +197,8 @@ def _privatize(
         accounted_noise_multiplier=plan.entry.noise_multiplier,
     )
     private.engine.accountant.history = prior
+    # a no-op unless a privacy audit runs in this process (client/dp/audit_hooks.py)
+    audit_hooks.attach_to_dp_optimizer(private.optimizer, site.name, plan.entry.sample_rate)
     return private
 
 
