@@ -102,8 +102,9 @@ def bench(
         str,
         typer.Option(
             help="--suite utility: the models to compare, comma-separated: frozen (pretrained "
-            "encoders, frozen, features cached), small (the run config's default model, "
-            "trained from scratch, at fixed settings) and lora."
+            "encoders, frozen, features cached, concatenated), frozen-late (the same, fused "
+            "late), small (the run config's default model, trained from scratch, at fixed "
+            "settings) and lora."
         ),
     ] = "frozen,small",
     configs: Annotated[
