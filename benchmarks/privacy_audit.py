@@ -138,8 +138,11 @@ def _guesses(
     scores: np.ndarray, included: np.ndarray, k_plus: int, k_minus: int
 ) -> tuple[int, int]:
     """(r, v): the top ``k_plus`` guessed included, the bottom ``k_minus`` excluded."""
+    if k_plus < 0 or k_minus < 0 or k_plus + k_minus > scores.size:
+        raise ValueError(f"{k_plus} + {k_minus} guesses of {scores.size} canaries")
     order = np.argsort(-scores, kind="stable")
-    right = int(included[order[:k_plus]].sum()) + int((~included[order[-k_minus:]]).sum())
+    bottom = order[scores.size - k_minus :]  # order[-0:] would be every canary
+    right = int(included[order[:k_plus]].sum()) + int((~included[bottom]).sum())
     return k_plus + k_minus, right
 
 
@@ -157,8 +160,10 @@ def white_box_audit(
 ) -> AuditOutcome:
     """Train one federation with gradient canaries at hospital 0 and bound its epsilon."""
     started = time.monotonic()
-    rng = np.random.default_rng(seed)
-    included = rng.random(canaries) < 0.5  # the audit's secret
+    # The secret and the coordinates' tie-break come from independent streams.
+    secret_seed, choice_seed = np.random.SeedSequence(seed).spawn(2)
+    included = np.random.default_rng(secret_seed).random(canaries) < 0.5  # the audit's secret
+    rng = np.random.default_rng(choice_seed)
     chosen: dict[str, Any] = {}
     overrides = {**(AUDIT_DATA if data is None else data), **audit.overrides}
     with ExitStack() as stack:

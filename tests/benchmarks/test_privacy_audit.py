@@ -75,11 +75,17 @@ def test_the_switches_are_off_outside_their_context() -> None:
 def test_no_config_key_environment_variable_or_product_module_reaches_the_switches() -> None:
     source = (ROOT / "client/dp/audit_hooks.py").read_text(encoding="utf-8")
     assert not re.search(r"\bos\.|\bimport os\b|getenv", source)  # no environment variable
-    setters = re.compile(r"\b(gradient_canaries|scaled_noise)\b")
+    setters = re.compile(r"\b(gradient_canaries|scaled_noise|_AuditState)\b")
     for package in PRODUCT:
         for path in (ROOT / package).rglob("*.py"):
             if path.name != "audit_hooks.py":
                 text = path.read_text(encoding="utf-8")
                 assert not setters.search(text), f"{path} reaches an audit switch"
+                if "audit_hooks" in text:  # only the round that attaches them may import it
+                    assert path.relative_to(ROOT).as_posix() == "client/app/local_training.py"
+                    assert re.findall(r"audit_hooks\.(?!py\b)(\w+)", text) == [
+                        "attach_to_optimizer",
+                        "attach_to_dp_optimizer",
+                    ], f"{path} uses more of the audit hooks than attaching them"
     config = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     assert not re.search(r"canar|noise-scale|audit", config.split("[tool.flwr.app.config]")[1])
