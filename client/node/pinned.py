@@ -48,7 +48,13 @@ def cold_clientapp(directory: Path | None = None) -> Path:
 def main() -> None:
     """``python -m client.node.pinned [flwr-clientapp arguments]``."""
     pin()
-    from client.node.flwr_compat import CLIENTAPP, entry  # after pin(): pinned code first
+    from client.node.flwr_compat import (  # after pin(): pinned code first
+        CLIENTAPP,
+        entry,
+        fast_message_pulls,
+    )
+
+    fast_message_pulls()
 
     sys.argv[0] = "flwr-clientapp"
     entry(CLIENTAPP)()

@@ -38,6 +38,15 @@ def main() -> None:
                 "gc_enabled": gc.isenabled(),
                 "gc_frozen": gc.get_freeze_count(),
                 "gc_tracked": len(gc.get_objects()),
+                "message_pull_backoff": getattr(
+                    getattr(
+                        sys.modules.get("flwr.supernode.runtime.run_clientapp"),
+                        "pull_and_inflate_object_from_tree",
+                        None,
+                    ),
+                    "keywords",
+                    None,
+                ),
             }
         ),
         flush=True,
