@@ -52,9 +52,11 @@ def main() -> None:
         CLIENTAPP,
         entry,
         fast_message_pulls,
+        install_each_fab_once,
     )
 
     fast_message_pulls()
+    install_each_fab_once()
 
     sys.argv[0] = "flwr-clientapp"
     entry(CLIENTAPP)()

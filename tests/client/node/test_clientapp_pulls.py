@@ -65,3 +65,35 @@ def test_an_object_still_downloading_is_retried_within_tens_of_milliseconds(monk
     assert sum(waits) < 0.5  # Flower's own: 1 + 2 + 4 + 8 s
     fast_message_pulls()  # again: Flower's pull is wrapped once, not twice
     assert not hasattr(runtime.pull_and_inflate_object_from_tree.func, "func")
+
+
+def test_an_app_bundle_is_unpacked_and_verified_once_per_exact_bytes(
+    tmp_path, monkeypatch, runtime
+):
+    """Flower unpacked and re-verified the FAB for every message; the same bytes, once."""
+    # Prepare
+    from client.node.flwr_compat import install_each_fab_once
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    installs: list[bytes] = []
+
+    def flower_install(fab_file, install_dir=None, skip_prompt=False):  # unpack, verify
+        installs.append(fab_file)
+        folder = tmp_path / "apps" / str(len(installs))
+        folder.mkdir(parents=True)
+        return folder
+
+    monkeypatch.setattr(runtime, "install_from_fab", flower_install)
+    install_each_fab_once()
+    install = runtime.install_from_fab
+    # Execute
+    first = install(b"bundle-a", skip_prompt=True)
+    again = install(b"bundle-a", skip_prompt=True)
+    other = install(b"bundle-b", skip_prompt=True)
+    first.rmdir()  # the installed folder is gone: installed afresh
+    afresh = install(b"bundle-a", skip_prompt=True)
+    install_each_fab_once()  # again: Flower's install is wrapped once, not twice
+    runtime.install_from_fab(b"bundle-b", skip_prompt=True)
+    # Assert
+    assert installs == [b"bundle-a", b"bundle-b", b"bundle-a"]
+    assert again == first and other != first and afresh.is_dir()
