@@ -218,9 +218,10 @@ def _marked_receive(receive: Callable[[], Any], node: int | None) -> Callable[[]
 def scale_waits(clock: Any) -> ModuleType:
     """Make Flower's SuperNode loop sleep through ``clock`` and pull objects in its scale.
 
-    ``clock`` stands in for the ``time`` module (``clock.factor`` scales the object-pull
-    retries; ``clock.active()`` is called once a reply is sent). A message pulled and a
-    reply sent are marked on the timeline, when one is recorded. Returns the loop module.
+    ``clock`` stands in for the ``time`` module (``clock.object_backoff`` turns Flower's
+    object-pull retries into its own; ``clock.active()`` is called once a reply is
+    sent). A message pulled and a reply sent are marked on the timeline, when one is
+    recorded. Returns the loop module.
     """
     # Flower loads only when the SuperNode is patched: the fork server and the pinned
     # start import this module for its names alone
@@ -229,10 +230,9 @@ def scale_waits(clock: Any) -> ModuleType:
     loop = importlib.import_module(_LOOP)
     loop.time = clock  # type: ignore[attr-defined]
     pull = getattr(loop.pull_objects, "func", loop.pull_objects)
+    initial, cap = clock.object_backoff(PULL_INITIAL_BACKOFF, PULL_BACKOFF_CAP)
     loop.pull_objects = functools.partial(  # type: ignore[attr-defined]
-        pull,
-        initial_backoff=PULL_INITIAL_BACKOFF * clock.factor,
-        backoff_cap=PULL_BACKOFF_CAP * clock.factor,
+        pull, initial_backoff=initial, backoff_cap=cap
     )
     push = getattr(loop._push_messages, "__wrapped__", loop._push_messages)
 

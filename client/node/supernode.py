@@ -8,10 +8,13 @@ the round time: about 1.5 s of idle wait per message on average.
 
 This runs Flower's own ``flower-supernode`` with those waits shortened:
 
-- the idle poll becomes ``poll-interval``, and so scale the retries for an object of a
-  message that the server is still uploading (Flower: after 1 s, doubling up to 10 s).
-  The cost is on the server: one request per hospital per interval while idle, hence
-  ``connection.poll-interval`` (default 0.5 s);
+- the idle poll becomes ``poll-interval``. The cost is on the server: one request per
+  hospital per interval while idle, hence ``connection.poll-interval`` (default 0.5 s);
+- an object of a message that the server is still uploading (the SuperLink lists a
+  message before its objects have all arrived) is asked for again after
+  ``OBJECT_RETRY`` (20 ms, doubling up to 0.5 s; Flower: after 1 s, doubling up to
+  10 s; scaled to the poll interval before, 0.17 s, which the per-hop timeline showed
+  in most message stages);
 - the checks for a finished ClientApp's reply, and for its content, look at this
   SuperNode's own state, never the network: every ``REPLY_POLL`` (10 ms) instead of
   0.5 s;
@@ -41,6 +44,7 @@ __all__ = [
     "FLOWER_IDLE_POLL",
     "FLOWER_REPLY_POLL",
     "IDLE_GROWTH",
+    "OBJECT_RETRY",
     "REPLY_POLL",
     "ScaledTime",
     "main",
@@ -51,6 +55,7 @@ FIRST_POLL = 0.05  # seconds: the first idle poll after the node answered a mess
 IDLE_GROWTH = 1.2  # each empty idle poll after a reply waits this much longer
 FLOWER_REPLY_POLL = 0.5  # seconds: flwr 1.42's checks of its own state for a reply
 REPLY_POLL = 0.01  # seconds: those checks here (local state, no request)
+OBJECT_RETRY = (0.02, 0.5)  # seconds: first retry of an object still uploading, and the cap
 
 
 class ScaledTime:
@@ -66,6 +71,10 @@ class ScaledTime:
         self.poll_interval = poll_interval
         self.factor = poll_interval / FLOWER_IDLE_POLL
         self.idle = poll_interval  # the next idle poll
+
+    def object_backoff(self, initial: float, cap: float) -> tuple[float, float]:
+        """Flower's retry backoff for an object still uploading, shortened to ``OBJECT_RETRY``."""
+        return min(OBJECT_RETRY[0], initial), min(OBJECT_RETRY[1], cap)
 
     def active(self) -> None:
         """The node just answered a message: the next one likely follows within a second."""
@@ -90,8 +99,7 @@ def scale_waits(poll_interval: float) -> ModuleType:
     """Make Flower's SuperNode loop wait in proportion to ``poll_interval``; returns it.
 
     Its idle poll becomes ``poll_interval`` (from ``FIRST_POLL`` right after each reply),
-    its reply checks ``REPLY_POLL``, and its object-pull retries are scaled by
-    ``poll_interval / FLOWER_IDLE_POLL``.
+    its reply checks ``REPLY_POLL``, and its object-pull retries ``OBJECT_RETRY``.
     """
     return flwr_compat.scale_waits(ScaledTime(poll_interval))
 

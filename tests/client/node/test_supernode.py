@@ -48,9 +48,9 @@ def test_the_idle_poll_becomes_the_configured_interval(monkeypatch, loop):
     assert slept == [0.3, REPLY_POLL, 2.0 * 0.3 / FLOWER_IDLE_POLL]
     assert REPLY_POLL <= 0.02
     assert isinstance(loop.time, ScaledTime) and loop.time.monotonic is time.monotonic
-    # an object the server is still uploading: retried after 0.1 s, not 1 s
+    # an object the server is still uploading: retried after 20 ms, not 1 s
     backoffs = loop.pull_objects.keywords
-    assert backoffs == pytest.approx({"initial_backoff": 0.1, "backoff_cap": 1.0})
+    assert backoffs == pytest.approx({"initial_backoff": 0.02, "backoff_cap": 0.5})
     assert scale_waits(0.3).pull_objects.func is original_pull  # not wrapped twice
 
 
