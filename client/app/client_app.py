@@ -8,21 +8,40 @@ message actually trains or evaluates, and the key-exchange stages, which Flower'
 ``secaggplus_mod`` answers by itself, start in well under a second.
 
 Every reply leaves through ``outbound_guard`` (``client/app/outbound.py``), the outermost
-mod: it sends only fields it lists with their protection.
+mod: it sends only fields it lists with their protection. Inside it, ``timeline_mod``
+marks when a message's handling starts and ends, only when a per-hop timeline is
+recorded (``shared_model/timeline.py``).
 """
 
 from __future__ import annotations
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from client.app.outbound import outbound_guard
 from client.app.secagg import secagg_mod
+from shared_model import timeline
 
-__all__ = ["app"]
+__all__ = ["app", "timeline_mod"]
+
+
+def timeline_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Mark the start and end of handling ``msg`` on the timeline, when one is recorded."""
+    if not timeline.enabled():
+        return call_next(msg, context)
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
+    stage = configs.get(Key.STAGE) if configs is not None else None
+    what = str(stage) if stage is not None else str(msg.metadata.message_type)
+    timeline.mark("clientapp.handle", stage=what, node=context.node_id)
+    reply = call_next(msg, context)
+    timeline.mark("clientapp.handled", stage=what, node=context.node_id)
+    return reply
+
 
 # The guard sees each reply last; SecAgg+ messages go through Flower's secaggplus_mod.
-app = ClientApp(mods=[outbound_guard, secagg_mod])
+app = ClientApp(mods=[outbound_guard, timeline_mod, secagg_mod])
 
 
 @app.train()

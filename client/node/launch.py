@@ -29,6 +29,7 @@ from client.dp.ledger_custody import check_against_backup, missing_ledger
 from client.dp.patients import wanted_privacy_unit
 from client.node.config import ConnectionConfig
 from client.node.pinned import cold_clientapp
+from client.node.superexec import superexec_script
 from client.node.warm import WarmStart, forkable
 from shared_model.config import ConfigError, HospitalConfig
 from shared_model.errors import ExplainedError
@@ -273,8 +274,10 @@ def supernode_environment(first: Path | None = None) -> dict[str, str]:
 
     The SuperNode starts ``flower-superexec``, and that starts ``flwr-clientapp``, by
     name from PATH: a service manager's PATH rarely holds the venv, so it is put first
-    (after ``first``, which holds the warm-start stand-in, when given). The SuperExec
-    then looks for new messages every 0.2 s instead of every second.
+    (after ``first``, which holds the warm-start stand-in and the adaptive
+    ``flower-superexec``, when given). The SuperExec then looks for new messages every
+    0.2 s instead of every second, and from 20 ms after each ClientApp
+    (``client/node/superexec.py``).
     """
     dirs = [str(d) for d in (first, Path(sys.executable).parent) if d is not None]
     return {
@@ -304,6 +307,7 @@ def run_supernode(launch: SuperNodeLaunch) -> tuple[int, str]:
     # Either way, ClientApps run this hospital's own installed code (client/node/pinned.py).
     cold = None if warm else cold_clientapp().parent
     first = warm.bin_dir if warm else cold
+    superexec_script(first)  # the SuperExec, picking up each message sooner (superexec.py)
     proc = subprocess.Popen(
         launch.command,
         env=supernode_environment(first),

@@ -48,7 +48,15 @@ def cold_clientapp(directory: Path | None = None) -> Path:
 def main() -> None:
     """``python -m client.node.pinned [flwr-clientapp arguments]``."""
     pin()
-    from client.node.flwr_compat import CLIENTAPP, entry  # after pin(): pinned code first
+    from client.node.flwr_compat import (  # after pin(): pinned code first
+        CLIENTAPP,
+        entry,
+        fast_message_pulls,
+        install_each_fab_once,
+    )
+
+    fast_message_pulls()
+    install_each_fab_once()
 
     sys.argv[0] = "flwr-clientapp"
     entry(CLIENTAPP)()

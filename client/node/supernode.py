@@ -3,23 +3,31 @@
 Flower 1.42's SuperNode loop (``flwr.supernode.start_client_internal``) has fixed waits:
 an idle SuperNode asks the SuperLink for work every 3 s, and while a ClientApp runs it
 looks for the reply every 0.5 s. A round sends each hospital at least two messages
-(train, evaluate; four under SecAgg+), so on a fast link those waits, not the work, set
+(train, evaluate; five under SecAgg+), so on a fast link those waits, not the work, set
 the round time: about 1.5 s of idle wait per message on average.
 
-This runs Flower's own ``flower-supernode`` with every wait of that loop scaled by
-``poll-interval / 3``: the idle poll becomes ``poll-interval`` and the reply checks
-shrink in proportion, and so do the retries for an object of a message that the server
-is still uploading (Flower: after 1 s, doubling up to 10 s). The cost is on the server:
-one request per hospital per interval while idle, hence ``connection.poll-interval``
-(default 0.5 s).
+This runs Flower's own ``flower-supernode`` with those waits shortened:
 
-The idle poll is also adaptive. A round's next message usually follows a hospital's
-reply within a second (the server aggregates, then sends the evaluation or the next
-round), and with a fixed poll it waited for the hospital's next poll: measured on
-loopback, 0.3-0.5 s per message, because the polls fall into step with the rounds. After
-each reply the poll starts at ``FIRST_POLL`` (50 ms) and grows by half at each empty
-poll back to ``poll-interval``: about five more requests per reply, within the second
-after it. Nothing else changes. The module imports Flower only, never torch.
+- the idle poll becomes ``poll-interval``. The cost is on the server: one request per
+  hospital per interval while idle, hence ``connection.poll-interval`` (default 0.5 s);
+- an object of a message that the server is still uploading (the SuperLink lists a
+  message before its objects have all arrived) is asked for again after
+  ``OBJECT_RETRY`` (20 ms, doubling up to 0.5 s; Flower: after 1 s, doubling up to
+  10 s; scaled to the poll interval before, 0.17 s, which the per-hop timeline showed
+  in most message stages);
+- the checks for a finished ClientApp's reply, and for its content, look at this
+  SuperNode's own state, never the network: every ``REPLY_POLL`` (10 ms) instead of
+  0.5 s;
+- the idle poll is adaptive. A round's next message usually follows a hospital's reply
+  within a few seconds (the server waits for the slowest hospital, aggregates, then
+  sends the next stage), and with a fixed poll it waited for the hospital's next poll:
+  measured on loopback, 0.3-0.5 s per message, because the polls fall into step with
+  the rounds. After each reply the poll starts at ``FIRST_POLL`` (50 ms) and grows by
+  ``IDLE_GROWTH`` (a fifth) at each empty poll back to ``poll-interval``: a message
+  that comes 1 s after the reply waits at most about 0.2 s (growing by half, as
+  before: 0.4 s), for about 13 more requests per reply, all within 3 s of it.
+
+Nothing else changes. The module imports Flower only, never torch.
 """
 
 from __future__ import annotations
@@ -31,17 +39,32 @@ from types import ModuleType
 from client.node import flwr_compat
 from client.node.flwr_compat import FLOWER_IDLE_POLL
 
-__all__ = ["FIRST_POLL", "FLOWER_IDLE_POLL", "ScaledTime", "main", "scale_waits"]
+__all__ = [
+    "FIRST_POLL",
+    "FLOWER_IDLE_POLL",
+    "FLOWER_REPLY_POLL",
+    "IDLE_GROWTH",
+    "OBJECT_RETRY",
+    "REPLY_POLL",
+    "ScaledTime",
+    "main",
+    "scale_waits",
+]
 
 FIRST_POLL = 0.05  # seconds: the first idle poll after the node answered a message
+IDLE_GROWTH = 1.2  # each empty idle poll after a reply waits this much longer
+FLOWER_REPLY_POLL = 0.5  # seconds: flwr 1.42's checks of its own state for a reply
+REPLY_POLL = 0.01  # seconds: those checks here (local state, no request)
+OBJECT_RETRY = (0.02, 0.5)  # seconds: first retry of an object still uploading, and the cap
 
 
 class ScaledTime:
-    """The ``time`` module for Flower's SuperNode loop: waits scaled, the idle poll adaptive.
+    """The ``time`` module for Flower's SuperNode loop: waits shortened, the idle poll adaptive.
 
-    Every ``sleep`` is scaled by ``poll_interval / FLOWER_IDLE_POLL``, except the loop's
-    idle poll once the node has handled a message (``active``): it then starts at
-    ``FIRST_POLL`` and grows by half at each empty poll, back up to ``poll_interval``.
+    The idle poll waits ``poll_interval``; once the node has handled a message
+    (``active``) it starts at ``FIRST_POLL`` and grows by ``IDLE_GROWTH`` at each empty
+    poll, back up to ``poll_interval``. The reply checks wait ``REPLY_POLL``; any other
+    ``sleep`` is scaled by ``poll_interval / FLOWER_IDLE_POLL``.
     """
 
     def __init__(self, poll_interval: float) -> None:
@@ -49,16 +72,23 @@ class ScaledTime:
         self.factor = poll_interval / FLOWER_IDLE_POLL
         self.idle = poll_interval  # the next idle poll
 
+    def object_backoff(self, initial: float, cap: float) -> tuple[float, float]:
+        """Flower's retry backoff for an object still uploading, shortened to ``OBJECT_RETRY``."""
+        return min(OBJECT_RETRY[0], initial), min(OBJECT_RETRY[1], cap)
+
     def active(self) -> None:
         """The node just answered a message: the next one likely follows within a second."""
         self.idle = min(FIRST_POLL, self.poll_interval)
 
     def sleep(self, seconds: float) -> None:
         """Sleep as Flower asked, scaled; an idle poll adaptively."""
+        if seconds == FLOWER_REPLY_POLL:
+            time.sleep(min(REPLY_POLL, seconds * self.factor))
+            return
         if seconds != FLOWER_IDLE_POLL:
             time.sleep(seconds * self.factor)
             return
-        wait, self.idle = self.idle, min(self.idle * 1.5, self.poll_interval)
+        wait, self.idle = self.idle, min(self.idle * IDLE_GROWTH, self.poll_interval)
         time.sleep(wait)
 
     def __getattr__(self, name: str) -> object:
@@ -69,7 +99,7 @@ def scale_waits(poll_interval: float) -> ModuleType:
     """Make Flower's SuperNode loop wait in proportion to ``poll_interval``; returns it.
 
     Its idle poll becomes ``poll_interval`` (from ``FIRST_POLL`` right after each reply),
-    and its reply checks and object-pull retries are scaled by the same factor.
+    its reply checks ``REPLY_POLL``, and its object-pull retries ``OBJECT_RETRY``.
     """
     return flwr_compat.scale_waits(ScaledTime(poll_interval))
 

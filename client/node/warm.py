@@ -58,8 +58,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.node import warm_stub
-from client.node.flwr_compat import CLIENTAPP
+from client.node.flwr_compat import CLIENTAPP, fast_message_pulls, install_each_fab_once
 from client.node.pinned import cold_clientapp, pin
+from shared_model import timeline
 
 __all__ = ["PRELOAD", "WarmStart", "forkable", "preload", "serve"]
 
@@ -110,6 +111,8 @@ def preload(modules: tuple[str, ...] = PRELOAD) -> list[str]:
             continue
         loaded.append(name)
     pin()  # a failure here is a broken installation: the fork server does not start
+    fast_message_pulls()  # every forked ClientApp inherits these two
+    install_each_fab_once()
     for name in list(sys.modules):
         if name.split(".", 1)[0] in _DROPPED:
             del sys.modules[name]
@@ -157,6 +160,7 @@ def _run_child(request: dict, fds: list[int], inherited: list[socket.socket], en
         os.environ.clear()
         os.environ.update(request["env"])
         sys.argv = list(request["argv"])
+        timeline.mark("clientapp.forked")
         if "numpy" in sys.modules:  # forked children would otherwise share its stream
             sys.modules["numpy"].random.seed()
         module, _, function = entry.partition(":")
@@ -167,6 +171,7 @@ def _run_child(request: dict, fds: list[int], inherited: list[socket.socket], en
     except BaseException:  # the child must never fall back into the server's loop
         traceback.print_exc()
     finally:
+        timeline.mark("clientapp.exit")
         with contextlib.suppress(Exception):
             sys.stdout.flush()
             sys.stderr.flush()

@@ -13,18 +13,25 @@ The round driver (``server/app/rounds.py``, and ``SecAggFedAvg.begin`` in
 ``key_bytes_up``: the part of ``bytes_up`` that answered SecAgg+'s key stages (public
 keys, encrypted key shares, unmasking shares) rather than carrying the masked update.
 
-``send_and_receive`` also polls for replies with a backoff from 20 ms to 0.5 s (back to
+``send_and_receive`` also polls for replies with a backoff from 20 ms to 0.1 s (back to
 20 ms whenever a reply arrives), where Flower's deployed grid sleeps 3 s between polls:
-a SecAgg+ round waits for four message stages, so that sleep alone would add up to 12 s
+a SecAgg+ round waits for five message stages, so that sleep alone would add up to 15 s
 to a round on loopback, and a simulated stage that takes 50 ms no longer waits 0.1-0.2 s.
+The cap was 0.5 s: after a training stage of a few seconds the poll had grown to it, and
+the per-hop timeline of a deployed round (``benchmarks/timeline.py``) showed the
+training replies read up to 0.5 s after they reached the SuperLink. Ten requests a
+second to the server's own SuperLink, while a stage is in flight, cost little.
 
 A reply can be listed at the SuperLink while its SuperNode is still uploading its
 objects. Flower's deployed grid then retries each missing object after 1 s, doubling up
 to 10 s (``PULL_INITIAL_BACKOFF``, with no setting), and no other reply is read
 meanwhile: in a deployed round on loopback this held up about one message stage in two
 by 1.0-1.3 s. ``fast_object_pulls`` (``server/app/flwr_compat.py``) makes those retries
-follow the reply polling above (20 ms, growing to 0.5 s); it is applied when a grid is
+follow the reply polling above (20 ms, growing to 0.1 s); it is applied when a grid is
 metered.
+
+With ``FEDFUSION_TIMELINE`` set (``shared_model/timeline.py``), the grid marks when each
+stage's messages leave and each reply is read.
 """
 
 from __future__ import annotations
@@ -41,11 +48,12 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
 from server.app.flwr_compat import fast_object_pulls
 from server.app.store import HospitalRound
+from shared_model import timeline
 from shared_model.protocol import SecAggSigned
 
 __all__ = ["MeteredGrid", "message_bytes", "metered"]
 
-MIN_POLL, MAX_POLL = 0.02, 0.5  # seconds between the ServerApp's polls for replies
+MIN_POLL, MAX_POLL = 0.02, 0.1  # seconds between the ServerApp's polls for replies
 
 
 def message_bytes(msg: Message) -> int:
@@ -65,6 +73,11 @@ def _secagg_stage(msg: Message) -> str | None:
     return str(stage) if stage is not None else None
 
 
+def _hop(msg: Message) -> str:
+    """What a server message asks, for the timeline: its SecAgg+ stage, else its type."""
+    return _secagg_stage(msg) or str(msg.metadata.message_type)
+
+
 class MeteredGrid:
     """Delegates to a Flower Grid and counts the bytes to and from each node."""
 
@@ -77,6 +90,7 @@ class MeteredGrid:
         self._key_requests: set[str] = set()
         self._addressee: dict[str, int] = {}  # message id -> the node it was sent to
         self.errors: dict[int, str] = {}  # node id -> the reason of its last error reply
+        self._hops: dict[str, str] = {}  # message id -> what it asked (timeline only)
 
     def reset(self) -> None:
         """Start counting a new round."""
@@ -86,6 +100,8 @@ class MeteredGrid:
         self._key_requests.clear()
         self._addressee.clear()
         self.errors.clear()
+        self._hops.clear()
+        timeline.mark("server.round")
 
     def node_bytes(self, node_id: int) -> tuple[int, int, int]:
         """(bytes up, bytes down, key-stage bytes up) of one node since the last reset."""
@@ -106,6 +122,8 @@ class MeteredGrid:
                 msg.metadata.__dict__["_src_node_id"] = addressee
             if msg.has_error():
                 self.errors[msg.metadata.src_node_id] = msg.error.reason
+            hop = self._hops.get(msg.metadata.reply_to_message_id)
+            timeline.mark("server.reply", stage=hop, node=msg.metadata.src_node_id)
             size = message_bytes(msg)
             self.up[msg.metadata.src_node_id] += size
             if msg.metadata.reply_to_message_id in self._key_requests:
@@ -126,6 +144,7 @@ class MeteredGrid:
             wait = self.min_poll if got else min(wait * 1.5, self.max_poll)
             if pending:
                 time.sleep(wait)
+        timeline.mark("server.replies", pending=len(pending))
         return replies
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -137,12 +156,17 @@ class MeteredGrid:
         # mid-pickle failed it ("dictionary changed size during iteration"), and the
         # actor it had taken never returned to Flower's pool ("pop from empty list").
         sizes = [(msg.metadata.dst_node_id, message_bytes(msg)) for msg in messages]
+        hop = _hop(messages[0]) if messages and timeline.enabled() else None
+        timeline.mark("server.push", stage=hop, messages=len(messages))
         ids = list(self._grid.push_messages(messages))
+        timeline.mark("server.pushed", stage=hop)
         for node, size in sizes:
             self.down[node] += size
         for msg in messages:  # Flower sets each pushed message's id on it
             if msg.metadata.message_id:
                 self._addressee[msg.metadata.message_id] = msg.metadata.dst_node_id
+                if hop is not None:
+                    self._hops[msg.metadata.message_id] = hop
         # Flower returns one id per message in order (None where a push failed), or, in
         # simulation, only the ids that were stored; one batch is one protocol stage.
         if len(ids) == len(messages):

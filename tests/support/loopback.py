@@ -106,20 +106,25 @@ class LoopbackDeployment:
             time.sleep(1)
 
     def hospital(
-        self, name: str, manifest: Path | None = None, *, tls: bool = True, policy: str = ""
+        self,
+        name: str,
+        manifest: Path | None = None,
+        *,
+        tls: bool = True,
+        policy: str = "",
+        connection: str = "",
     ) -> tuple[list[str], str]:
         """A hospital file for `fedfusion hospital`; returns (command, cleanup marker).
 
-        ``policy``: more lines of its [hospital] table (e.g. ``require-secagg = false``).
+        ``policy``: more lines of its [hospital] table (e.g. ``require-secagg = false``);
+        ``connection``: more lines of its [connection] table (e.g. ``poll-interval = 1``).
         """
         port = free_port()
         if manifest is None:
             manifest = self.tmp / f"{name}-empty.csv"
             manifest.write_text("image,report,labels\n,no data,normal\n")
         key = self.certs / f"hospitals/{name}/{name}.key"
-        connection = (
-            f'root-certificates = "{self.certs / "ca/ca.crt"}"' if tls else "insecure = true"
-        )
+        security = f'root-certificates = "{self.certs / "ca/ca.crt"}"' if tls else "insecure = true"
         path = self.tmp / f"{name}-{'tls' if tls else 'plain'}.toml"
         path.write_text(
             f'[hospital]\nhospital-id = "{name}"\ndata-manifest = "{manifest}"\n'
@@ -127,7 +132,7 @@ class LoopbackDeployment:
             # the hospitals share this machine's cores, as simulated ones do
             f"threads = 1\n{policy}\n\n"
             f'[connection]\nserver = "127.0.0.1:{self.port}"\nprivate-key = "{key}"\n'
-            f"port = {port}\n{connection}\n"
+            f"port = {port}\n{security}\n{connection}\n"
         )
         if not (self.tmp / f"{name}-state" / LEDGER_FILENAME).exists():  # its operator, once
             started = subprocess.run(

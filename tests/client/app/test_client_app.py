@@ -190,3 +190,28 @@ def test_a_nodes_next_message_reuses_its_per_step_rdp(run_config, monkeypatch):
     reply2 = train(train_message(reply.content["arrays"], 2), context)
     assert [kw for kw in computed if len(kw["orders"]) == len(accounting.RDP_ORDERS)] == []
     assert reply2.content["metrics"]["epsilon"] > reply.content["metrics"]["epsilon"]
+
+
+def test_a_recorded_timeline_gets_the_start_and_end_of_each_message(tmp_path, monkeypatch):
+    """Only timestamps, the stage and the node: nothing the message or the reply holds."""
+    # Prepare
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    from client.app.client_app import timeline_mod
+    from shared_model.timeline import TIMELINE_ENV, read
+
+    trace = tmp_path / "timeline.jsonl"
+    stage = ConfigRecord({Key.STAGE: "share_keys", "secret": "not for the timeline"})
+    msg = make_message(RecordDict({RECORD_KEY_CONFIGS: stage}), MessageType.TRAIN)
+    context = make_context({}, {}, node_id=7)
+    handled = []
+    # Execute: off, then on
+    timeline_mod(msg, context, lambda m, c: handled.append(m) or m)
+    monkeypatch.setenv(TIMELINE_ENV, str(trace))
+    reply = timeline_mod(msg, context, lambda m, c: handled.append(m) or m)
+    # Assert
+    assert handled == [msg, msg] and reply is msg
+    events = read(trace)
+    assert [e["event"] for e in events] == ["clientapp.handle", "clientapp.handled"]
+    assert all(e["stage"] == "share_keys" and e["node"] == 7 for e in events)
+    assert "not for the timeline" not in trace.read_text()

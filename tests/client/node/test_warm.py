@@ -73,6 +73,9 @@ def test_a_child_runs_the_hospitals_own_clientapp_not_the_servers_bundle(warm, t
     assert not child["server_inherited"]
     assert child["clientapp_file"] == str(ROOT / "client" / "app" / "client_app.py")
     assert child["threads"] == 1  # the server started no thread a child could lose
+    # it fetches its message's objects from the SuperNode without Flower's 1 s backoff
+    assert child["message_pull_backoff"] == {"initial_backoff": 0.02, "backoff_cap": 0.5}
+    assert child["fab_installed_once"]  # the app bundle is not unpacked for every message
 
 
 def test_a_cold_start_runs_the_hospitals_own_clientapp_too(tmp_path):

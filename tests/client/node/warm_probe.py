@@ -38,6 +38,23 @@ def main() -> None:
                 "gc_enabled": gc.isenabled(),
                 "gc_frozen": gc.get_freeze_count(),
                 "gc_tracked": len(gc.get_objects()),
+                "fab_installed_once": hasattr(
+                    getattr(
+                        sys.modules.get("flwr.supernode.runtime.run_clientapp"),
+                        "install_from_fab",
+                        None,
+                    ),
+                    "__wrapped__",
+                ),
+                "message_pull_backoff": getattr(
+                    getattr(
+                        sys.modules.get("flwr.supernode.runtime.run_clientapp"),
+                        "pull_and_inflate_object_from_tree",
+                        None,
+                    ),
+                    "keywords",
+                    None,
+                ),
             }
         ),
         flush=True,

@@ -162,3 +162,33 @@ def test_a_reply_still_uploading_is_retried_within_the_reply_poll(monkeypatch):
     assert waits[0] <= MIN_POLL * 1.2  # Flower's own jitter is +-20 %
     assert max(waits) <= MAX_POLL * 1.2
     assert sum(waits) < 1.5  # Flower's defaults: 1 + 2 + 4 + 8 + 10 + 10 s
+
+
+def test_replies_are_polled_for_at_least_every_tenth_of_a_second(monkeypatch):
+    """A hospital's reply waits at most MAX_POLL to be read, however long the stage ran;
+    each reply read brings the poll back to MIN_POLL (the others are usually close)."""
+    # Prepare
+    from server.app import grid as grid_module
+    from server.app.grid import MAX_POLL, MIN_POLL
+
+    class SlowGrid(EchoGrid):  # each reply arrives only after 30 empty pulls
+        def __init__(self):
+            super().__init__()
+            self.empty = 0
+
+        def pull_messages(self, message_ids):
+            self.empty += 1
+            if self.empty % 31:
+                return []
+            return super().pull_messages(message_ids)
+
+    slept: list[float] = []
+    monkeypatch.setattr(grid_module.time, "sleep", slept.append)
+    grid = MeteredGrid(SlowGrid())
+    # Execute
+    replies = grid.send_and_receive([request(1, 10), request(2, 10)])
+    # Assert
+    assert len(replies) == 2
+    assert MAX_POLL <= 0.1  # a reply read within 0.1 s of its arrival (Flower: 3 s)
+    assert max(slept) == MAX_POLL and slept[0] <= 1.5 * MIN_POLL
+    assert slept[30] == MIN_POLL  # after the first reply (the 31st pull): fast again
