@@ -24,15 +24,19 @@ stronger adversary than the threat model's.
 hospital (``audit_hooks.scaled_noise``); **non-private** turns privacy off (the canaries
 are still added at norm C). A run is flagged when its bound exceeds its accounted
 epsilon: under correct DP that happens with probability at most 5%.
+
+**Black-box, record canaries** (``black_box_audit``, ``record_canaries.py``): the canaries
+are training records at hospital 0 (the sampler, clipping, noise and accountant see
+them), scored from the final global model alone. **Broken clipping**
+(``audit_hooks.scaled_clipping``, ``BROKEN_CLIPPING``) is measured apart from the suite.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +45,7 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
+from benchmarks.audit_report import AuditOutcome, audit_row, audit_table, write_audit_results
 from benchmarks.inprocess import federate
 from benchmarks.record_canaries import canary_scores, make_record_canaries, with_canaries
 from client.app.local_training import prepare_training
@@ -112,27 +117,6 @@ BLACK_BOX: dict[str, Any] = {
     "rounds": 12,
     "data": {"data.max-reports": 800},
 }
-
-
-@dataclass
-class AuditOutcome:
-    """One audited run: the accounted epsilon and the audited lower bound, side by side."""
-
-    run: str
-    accounted_epsilon: float  # inf without DP
-    checked_against: float  # the accounted epsilon, or without DP the run's reference
-    lower_bound: float  # at 95% confidence
-    cap: float  # the most these m and r could show (every guess right)
-    canaries: int  # m
-    included: int
-    guesses: int  # r
-    right: int  # v
-    delta: float
-    flagged: bool  # lower_bound > checked_against: the implementation leaks more
-    power_claimed: bool
-    seconds: float
-    config: dict[str, Any] = field(default_factory=dict)
-    variant: str = "white-box"  # or black-box (record canaries)
 
 
 def quiet_coordinates(
@@ -288,7 +272,8 @@ def black_box_audit(
 
     ``benchmarks/record_canaries.py`` builds the canaries; the included ones join
     hospital 0's training records before its first round. Each canary is scored by
-    the final global model's loss on it (against reference tokens), as anyone holding
+    how far training moved the global model towards its label (its loss against the
+    opposite label's, less the reference tokens' drift), as anyone holding
     the model could. ``overrides``: more run-config keys (after the audit's own).
     """
     started = time.monotonic()
@@ -327,71 +312,6 @@ def black_box_audit(
     )
 
 
-def _row(o: AuditOutcome) -> str:
-    accounted = f"{o.accounted_epsilon:.2f}"
-    if math.isinf(o.accounted_epsilon):
-        accounted = f"none (no DP; checked against {o.checked_against:g})"
-    verdict = f"FLAGGED: leaks more than ε = {o.checked_against:.2f}" if o.flagged else "ok"
-    if not o.power_claimed and not o.flagged:
-        verdict = f"no power claimed (cap {o.cap:.2f} < accounted)"
-    return (
-        f"| {o.variant} | {o.run} | {accounted} | {o.lower_bound:.2f} | {o.cap:.2f} | {o.canaries} "
-        f"| {o.guesses} | {o.right} | {verdict} | {o.seconds:.0f} |"
-    )
-
-
-def audit_table(outcomes: list[AuditOutcome]) -> str:
-    """The Markdown table `make audit` prints and writes."""
-    head = (
-        "| audit | run | accounted ε | audited ε lower bound (95%) | cap (all r right) | m | r "
-        "| v | verdict | seconds |\n|---|---|---|---|---|---|---|---|---|---|"
-    )
-    return "\n".join([head, *(_row(o) for o in outcomes)])
-
-
-def write_audit_results(outcomes: list[AuditOutcome], out: Path, machine: str) -> None:
-    """``audit.json``, ``audit.md`` and ``audit.png`` (accounted vs audited epsilon)."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "audit.json").write_text(
-        json.dumps([asdict(o) for o in outcomes], indent=2, default=str) + "\n", encoding="utf-8"
-    )
-    (out / "audit.md").write_text(
-        "# One-run privacy audit (white-box gradient canaries, black-box record canaries)\n\n"
-        f"{machine}\n\n{audit_table(outcomes)}\n",
-        encoding="utf-8",
-    )
-    _plot(outcomes, out / "audit.png")
-
-
-def _plot(outcomes: list[AuditOutcome], path: Path) -> None:
-    """Bars: the audited lower bound of each run, its accounted epsilon and its cap."""
-    # matplotlib (and its font cache) loads only when the audit writes its plot
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # after the backend is chosen, as matplotlib requires
-
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.8 * len(outcomes)), 3.5))
-    x = np.arange(len(outcomes))
-    ax.bar(
-        x, [o.lower_bound for o in outcomes], color=["C3" if o.flagged else "C0" for o in outcomes]
-    )
-    for i, o in enumerate(outcomes):
-        ax.hlines(o.cap, i - 0.4, i + 0.4, colors="grey", linestyles=":")
-        if not math.isinf(o.accounted_epsilon):
-            ax.hlines(o.accounted_epsilon, i - 0.4, i + 0.4, colors="k")
-    labels = [f"{o.variant[0]}b {o.run.split(' ')[0]}" for o in outcomes]  # wb / bb
-    ax.set_xticks(x, labels, fontsize=7, rotation=30, ha="right")
-    ax.set_ylabel("ε")
-    ax.set_title(
-        "audited lower bound (bars), accounted ε (line), cap (dotted); wb white-, bb black-box",
-        fontsize=9,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def run_one_run_audit(
     out: Path,
     work: Path,
@@ -411,6 +331,6 @@ def run_one_run_audit(
     for audit_fn, audit, settings in plans:
         echo(f"  auditing {audit.name} ({audit_fn.__name__}) ...")
         outcomes.append(audit_fn(audit, work, **settings))
-        echo(_row(outcomes[-1]))
+        echo(audit_row(outcomes[-1]))
     echo(audit_table(outcomes))
     return outcomes

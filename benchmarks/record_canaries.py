@@ -1,17 +1,17 @@
 """Record canaries for the black-box one-run audit: training records no real one resembles.
 
 Each canary is a record of the small model's input space that the embedded data never
-has: a report made of one hashed token bucket that no real report (train or held out, at
-any hospital) uses, no radiograph (its ``present`` flags say so, as for a record missing
-its image) and a random multi-hot label. Each gets its own bucket, so a model can learn a
-canary only from that canary. The included ones (the audit's secret) join hospital 0's
-training records before its first round, so they pass through everything a record does:
-the hospital's released count N̂, its Poisson sampler, per-example clipping, noise and
-the accountant.
+has: a report made of one hashed token bucket, repeated, that no real report (train or
+held out, at any hospital) uses, no radiograph (its ``present`` flags say so, as for a
+record missing its image) and a random multi-hot label. Each gets its own bucket, so a
+model can learn a canary only from that canary. The included ones (the audit's secret)
+join hospital 0's training records before its first round, so they pass through
+everything a record does: the hospital's released count N̂, its Poisson sampler,
+per-example clipping, noise and the accountant.
 
-The score of a canary after training is how much better the global model predicts its
-label from its own token than from a reference token no record and no canary uses: the
-reference cancels the part of the loss that depends on the label alone.
+The score of a canary after training is how far training moved the global model's
+logits for its token towards its own label (its loss against the opposite label's),
+less the drift shared by reference tokens that no record and no canary uses.
 """
 
 from __future__ import annotations
