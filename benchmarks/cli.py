@@ -363,7 +363,7 @@ def _one_run_audit(out: Path) -> None:
     # torch and Flower load with the suite, as the other suites' do (above)
     from benchmarks.privacy_audit import run_one_run_audit, write_audit_results
 
-    typer.echo("bench: one-run privacy audit (white-box gradient canaries)")
+    typer.echo("bench: one-run privacy audit (white-box gradient, black-box record canaries)")
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="fedfusion-audit-") as tmp:
         outcomes = run_one_run_audit(out, Path(tmp), echo=typer.echo)

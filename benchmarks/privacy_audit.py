@@ -24,15 +24,19 @@ stronger adversary than the threat model's.
 hospital (``audit_hooks.scaled_noise``); **non-private** turns privacy off (the canaries
 are still added at norm C). A run is flagged when its bound exceeds its accounted
 epsilon: under correct DP that happens with probability at most 5%.
+
+**Black-box, record canaries** (``black_box_audit``, ``record_canaries.py``): the canaries
+are training records at hospital 0 (the sampler, clipping, noise and accountant see
+them), scored from the final global model alone. **Broken clipping**
+(``audit_hooks.scaled_clipping``, ``BROKEN_CLIPPING``) is measured apart from the suite.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +45,9 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
+from benchmarks.audit_report import AuditOutcome, audit_row, audit_table, write_audit_results
 from benchmarks.inprocess import federate
+from benchmarks.record_canaries import canary_scores, make_record_canaries, with_canaries
 from client.app.local_training import prepare_training
 from client.app.site import Site
 from client.dp import audit_hooks
@@ -50,8 +56,12 @@ from shared_model.config import RunConfig
 
 __all__ = [
     "AUDIT_RUNS",
+    "BLACK_BOX",
+    "BLACK_BOX_RUNS",
+    "BROKEN_CLIPPING",
     "AuditOutcome",
     "AuditRun",
+    "black_box_audit",
     "quiet_coordinates",
     "run_one_run_audit",
     "white_box_audit",
@@ -72,6 +82,7 @@ class AuditRun:
     name: str
     overrides: dict[str, Any]
     noise_scale: float = 1.0  # < 1: broken DP (audit_hooks.scaled_noise)
+    clip_scale: float = 1.0  # > 1: broken clipping (audit_hooks.scaled_clipping)
     power_claimed: bool = True  # False: the bound's cap is below the accounted epsilon
     # without DP, the epsilon the run is checked against (what DP runs beside it claim)
     reference_epsilon: float = math.inf
@@ -84,25 +95,28 @@ AUDIT_RUNS = (
     AuditRun("dp-eps8 (default)", {"privacy.target-epsilon": 8.0}, power_claimed=False),
 )
 
+# The black-box audit: record canaries, scored from the final model alone.
+BLACK_BOX_RUNS = (
+    AuditRun("dp-eps1", {"privacy.target-epsilon": 1.0}),
+    AuditRun("non-private", {"privacy.enabled": False}, reference_epsilon=1.0),
+    AuditRun("broken-dp-eps1 (noise x0.1)", {"privacy.target-epsilon": 1.0}, noise_scale=0.1),
+    AuditRun("dp-eps8 (default)", {"privacy.target-epsilon": 8.0}, power_claimed=False),
+)
+# Each example clipped to 100 C while the noise stays sigma C. Not in BLACK_BOX_RUNS: at
+# these settings the black-box audit does not flag it (docs/benchmarks.md).
+BROKEN_CLIPPING = AuditRun(
+    "broken-clipping-eps1 (clip x100)", {"privacy.target-epsilon": 1.0}, clip_scale=100.0
+)
 
-@dataclass
-class AuditOutcome:
-    """One audited run: the accounted epsilon and the audited lower bound, side by side."""
-
-    run: str
-    accounted_epsilon: float  # inf without DP
-    checked_against: float  # the accounted epsilon, or without DP the run's reference
-    lower_bound: float  # at 95% confidence
-    cap: float  # the most these m and r could show (every guess right)
-    canaries: int  # m
-    included: int
-    guesses: int  # r
-    right: int  # v
-    delta: float
-    flagged: bool  # lower_bound > checked_against: the implementation leaks more
-    power_claimed: bool
-    seconds: float
-    config: dict[str, Any] = field(default_factory=dict)
+# The black-box audit's size: a canary is learnt only in the steps that sample it, so it
+# needs more rounds than the white-box audit (12: a non-private run is flagged, 2: not);
+# fewer reports keep a DP run near 2.5 minutes on 2 cores.
+BLACK_BOX: dict[str, Any] = {
+    "canaries": 1000,
+    "guesses": 100,
+    "rounds": 12,
+    "data": {"data.max-reports": 800},
+}
 
 
 def quiet_coordinates(
@@ -182,7 +196,6 @@ def white_box_audit(
         history = federate(
             overrides, hospitals, rounds, out, feature_cache=feature_cache, on_start=on_start
         )
-    run: RunConfig = chosen["run"]
     final = load_file(str(out / "global_model.safetensors"))
     names = list(chosen["initial"])
     scores = np.array(
@@ -192,8 +205,33 @@ def white_box_audit(
             for p, i in chosen["coordinates"]
         ]
     )
+    return _outcome(
+        audit,
+        "white-box",
+        scores,
+        included,
+        guesses,
+        chosen["run"],
+        history[-1].get("epsilon", {}).get(chosen["hospital"]),
+        started,
+        {**overrides, "hospitals": hospitals, "rounds": rounds, "seed": seed},
+    )
+
+
+def _outcome(
+    audit: AuditRun,
+    variant: str,
+    scores: np.ndarray,
+    included: np.ndarray,
+    guesses: int,
+    run: RunConfig,
+    spent: float | None,
+    started: float,
+    config: dict[str, Any],
+) -> AuditOutcome:
+    """Guess from ``scores`` (top half "included", bottom half "excluded") and bound."""
+    canaries = int(included.size)
     r, v = _guesses(scores, included, guesses // 2, guesses - guesses // 2)
-    spent = history[-1].get("epsilon", {}).get(chosen["hospital"])
     accounted = float(spent) if run.privacy.enabled and spent is not None else math.inf
     delta = run.privacy.delta
     bound = epsilon_lower_bound(canaries, r, v, delta)
@@ -212,79 +250,87 @@ def white_box_audit(
         flagged=bound > checked,
         power_claimed=audit.power_claimed,
         seconds=time.monotonic() - started,
-        config={**overrides, "hospitals": hospitals, "rounds": rounds, "seed": seed},
+        config=config,
+        variant=variant,
     )
 
 
-def _row(o: AuditOutcome) -> str:
-    accounted = f"{o.accounted_epsilon:.2f}"
-    if math.isinf(o.accounted_epsilon):
-        accounted = f"none (no DP; checked against {o.checked_against:g})"
-    verdict = f"FLAGGED: leaks more than ε = {o.checked_against:.2f}" if o.flagged else "ok"
-    if not o.power_claimed and not o.flagged:
-        verdict = f"no power claimed (cap {o.cap:.2f} < accounted)"
-    return (
-        f"| {o.run} | {accounted} | {o.lower_bound:.2f} | {o.cap:.2f} | {o.canaries} "
-        f"| {o.guesses} | {o.right} | {verdict} | {o.seconds:.0f} |"
-    )
+def black_box_audit(
+    audit: AuditRun,
+    work: Path,
+    *,
+    canaries: int = 1000,
+    guesses: int = 200,
+    hospitals: int = 2,
+    rounds: int = 2,
+    seed: int = 0,
+    data: dict[str, Any] | None = None,
+    feature_cache: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> AuditOutcome:
+    """Train one federation with record canaries at hospital 0 and bound its epsilon.
 
+    ``benchmarks/record_canaries.py`` builds the canaries; the included ones join
+    hospital 0's training records before its first round. Each canary is scored by
+    how far training moved the global model towards its label (its loss against the
+    opposite label's, less the reference tokens' drift), as anyone holding
+    the model could. ``overrides``: more run-config keys (after the audit's own).
+    """
+    started = time.monotonic()
+    # The secret, and the canaries' tokens and labels, come from independent streams.
+    secret_seed, canary_seed = np.random.SeedSequence(seed).spawn(2)
+    included = np.random.default_rng(secret_seed).random(canaries) < 0.5  # the audit's secret
+    chosen: dict[str, Any] = {}
+    settings = {**(AUDIT_DATA if data is None else data), **audit.overrides, **(overrides or {})}
 
-def audit_table(outcomes: list[AuditOutcome]) -> str:
-    """The Markdown table `make audit` prints and writes."""
-    head = (
-        "| run | accounted ε | audited ε lower bound (95%) | cap (all r right) | m | r | v "
-        "| verdict | seconds |\n|---|---|---|---|---|---|---|---|---|"
-    )
-    return "\n".join([head, *(_row(o) for o in outcomes)])
+    def on_start(run: RunConfig, sites: list[Site], state: StateDict) -> None:
+        made = make_record_canaries(
+            sites, run, canaries, included, np.random.default_rng(canary_seed)
+        )
+        sites[0] = with_canaries(sites[0], made, run)  # before its first round
+        chosen.update(run=run, canaries=made, site=sites[0], initial=dict(state))
 
-
-def write_audit_results(outcomes: list[AuditOutcome], out: Path, machine: str) -> None:
-    """``audit.json``, ``audit.md`` and ``audit.png`` (accounted vs audited epsilon)."""
+    out = work / f"black-box-{audit.name.split(' ')[0]}"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "audit.json").write_text(
-        json.dumps([asdict(o) for o in outcomes], indent=2, default=str) + "\n", encoding="utf-8"
+    with audit_hooks.scaled_noise(audit.noise_scale), audit_hooks.scaled_clipping(audit.clip_scale):
+        history = federate(
+            settings, hospitals, rounds, out, feature_cache=feature_cache, on_start=on_start
+        )
+    run: RunConfig = chosen["run"]
+    final = load_file(str(out / "global_model.safetensors"))
+    scores = canary_scores(final, chosen["initial"], chosen["site"], run, chosen["canaries"])
+    return _outcome(
+        audit,
+        "black-box",
+        scores,
+        included,
+        guesses,
+        run,
+        history[-1].get("epsilon", {}).get(chosen["site"].name),
+        started,
+        {**settings, "hospitals": hospitals, "rounds": rounds, "seed": seed},
     )
-    (out / "audit.md").write_text(
-        "# One-run privacy audit (white-box gradient canaries)\n\n"
-        f"{machine}\n\n{audit_table(outcomes)}\n",
-        encoding="utf-8",
-    )
-    _plot(outcomes, out / "audit.png")
-
-
-def _plot(outcomes: list[AuditOutcome], path: Path) -> None:
-    """Bars: the audited lower bound of each run, its accounted epsilon and its cap."""
-    # matplotlib (and its font cache) loads only when the audit writes its plot
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # after the backend is chosen, as matplotlib requires
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    x = np.arange(len(outcomes))
-    ax.bar(
-        x, [o.lower_bound for o in outcomes], color=["C3" if o.flagged else "C0" for o in outcomes]
-    )
-    for i, o in enumerate(outcomes):
-        ax.hlines(o.cap, i - 0.4, i + 0.4, colors="grey", linestyles=":")
-        if not math.isinf(o.accounted_epsilon):
-            ax.hlines(o.accounted_epsilon, i - 0.4, i + 0.4, colors="k")
-    ax.set_xticks(x, [o.run.split(" ")[0] for o in outcomes], fontsize=8)
-    ax.set_ylabel("ε")
-    ax.set_title("audited lower bound (bars), accounted ε (line), cap (dotted)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def run_one_run_audit(
-    out: Path, work: Path, *, echo: Any = print, **kwargs: Any
+    out: Path,
+    work: Path,
+    *,
+    echo: Any = print,
+    black_box: dict[str, Any] | None = None,
+    **kwargs: Any,
 ) -> list[AuditOutcome]:
-    """Every run of ``AUDIT_RUNS``, one after another; prints and returns the outcomes."""
+    """``AUDIT_RUNS`` white-box, then ``BLACK_BOX_RUNS`` black-box; prints, returns them.
+
+    ``black_box``: the black-box audit's own settings (default ``BLACK_BOX``), beside
+    ``kwargs``.
+    """
     outcomes = []
-    for audit in AUDIT_RUNS:
-        echo(f"  auditing {audit.name} ...")
-        outcomes.append(white_box_audit(audit, work, **kwargs))
-        echo(_row(outcomes[-1]))
+    plans = [(white_box_audit, a, kwargs) for a in AUDIT_RUNS]
+    plans += [(black_box_audit, a, {**kwargs, **(black_box or BLACK_BOX)}) for a in BLACK_BOX_RUNS]
+    for audit_fn, audit, settings in plans:
+        echo(f"  auditing {audit.name} ({audit_fn.__name__}) ...")
+        outcomes.append(audit_fn(audit, work, **settings))
+        echo(audit_row(outcomes[-1]))
     echo(audit_table(outcomes))
     return outcomes

@@ -198,7 +198,9 @@ def _privatize(
     )
     private.engine.accountant.history = prior
     # a no-op unless a privacy audit runs in this process (client/dp/audit_hooks.py)
-    audit_hooks.attach_to_dp_optimizer(private.optimizer, site.name, plan.entry.sample_rate)
+    audit_hooks.attach_to_dp_optimizer(
+        private.optimizer, site.name, plan.entry.sample_rate, private.loss_fn
+    )
     return private
 
 

@@ -11,6 +11,10 @@ arithmetic, so it needs two switches inside the production code path:
   same noise), so the accountant's epsilon covers each canary as it covers each record.
 - **Broken DP.** A factor on the noise multiplier the production noise function reads, at
   every hospital: the audit's way of showing that it catches a bug.
+- **Broken clipping.** A factor on the norm that book-keeping clipping (the default
+  grad-sample mode, ``client/dp/bookkeeping.py``) clips each example's gradient to, at
+  every hospital, while the noise keeps the accounted scale (noise multiplier times the
+  policy's clip norm): a clipping bug the accountant cannot see.
 
 Both are module state set by context managers, in the process that trains. No config
 key, environment variable or message field reaches them (a test checks that no product
@@ -35,6 +39,7 @@ __all__ = [
     "attach_to_optimizer",
     "attached_hospitals",
     "gradient_canaries",
+    "scaled_clipping",
     "scaled_noise",
 ]
 
@@ -54,6 +59,7 @@ class _Canaries:
 class _AuditState:
     canaries: _Canaries | None = None
     noise_scale: float = 1.0
+    clip_scale: float = 1.0
     attached: list[str] = field(default_factory=list)  # hospitals whose optimizer was hooked
 
 
@@ -92,6 +98,22 @@ def scaled_noise(factor: float) -> Iterator[None]:
         _STATE.noise_scale = saved
 
 
+@contextmanager
+def scaled_clipping(factor: float) -> Iterator[None]:
+    """While open, every hospital clips each example to ``factor`` times its clip norm.
+
+    The noise keeps its accounted scale. Only book-keeping clipping (the default mode)
+    has this switch; attaching to another mode while it is open raises.
+    """
+    if factor <= 0:
+        raise ValueError(f"a clipping scale must be > 0, got {factor}")
+    saved, _STATE.clip_scale = _STATE.clip_scale, factor
+    try:
+        yield
+    finally:
+        _STATE.clip_scale = saved
+
+
 def _canary_steps(hospital: str, sample_rate: float) -> tuple[_Canaries, np.ndarray] | None:
     """The canaries sampled for one step at ``hospital``, each drawn at ``sample_rate``."""
     canaries = _STATE.canaries
@@ -115,15 +137,24 @@ def _add_canaries(
         tensors[param].view(-1)[flat] += value
 
 
-def attach_to_dp_optimizer(optimizer: Any, hospital: str, sample_rate: float) -> None:
+def attach_to_dp_optimizer(
+    optimizer: Any, hospital: str, sample_rate: float, loss_fn: Any = None
+) -> None:
     """Hook an Opacus DP optimizer's noise step, if (and only if) an audit is running.
 
     The canaries' gradients (norm C = the optimizer's clip norm) join the clipped sum
     before the production noise function runs; the noise multiplier that function reads
-    is scaled while it runs.
+    is scaled while it runs. Under broken clipping, ``loss_fn`` (book-keeping's loss,
+    which clips) clips to the scaled norm; the optimizer's C, which scales the noise,
+    stays.
     """
-    if _STATE.canaries is None and _STATE.noise_scale == 1.0:
+    if _STATE.canaries is None and _STATE.noise_scale == 1.0 and _STATE.clip_scale == 1.0:
         return
+    if _STATE.clip_scale != 1.0:
+        bookkeeping = getattr(loss_fn, "bookkeeping", None)
+        if bookkeeping is None:
+            raise RuntimeError("broken clipping is a switch of book-keeping clipping only")
+        bookkeeping.max_grad_norm *= _STATE.clip_scale  # a new BookKeeping every round
     production_add_noise = optimizer.add_noise
     _STATE.attached.append(hospital)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.privacy_audit import AuditRun, white_box_audit
+from benchmarks.privacy_audit import AuditRun, black_box_audit, white_box_audit
 from client.dp import audit_hooks
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,6 +54,23 @@ def test_a_non_private_run_is_flagged_against_the_epsilon_it_is_checked_for(work
     assert math.isinf(outcome.accounted_epsilon) and outcome.flagged
 
 
+@pytest.mark.slow
+def test_record_canaries_flag_a_non_private_run(work: Path) -> None:
+    """The black-box audit's strongest effect: about 60 s (12 rounds, 500 canaries)."""
+    plain = AuditRun("plain", {"privacy.enabled": False}, reference_epsilon=1.0)
+    outcome = black_box_audit(
+        plain,
+        work,
+        canaries=500,
+        guesses=60,
+        rounds=12,
+        data={"data.max-reports": 400},
+        feature_cache=work / "features",
+    )
+    assert outcome.variant == "black-box" and outcome.guesses == 60
+    assert outcome.flagged and outcome.lower_bound > 1.0
+
+
 def test_the_switches_are_off_outside_their_context() -> None:
     before = audit_hooks.attached_hospitals()
 
@@ -72,10 +89,33 @@ def test_the_switches_are_off_outside_their_context() -> None:
     assert audit_hooks.attached_hospitals() == [*before, "hospital-0"]
 
 
+def test_broken_clipping_widens_only_book_keepings_clip_norm_and_only_inside() -> None:
+    class BookKeeping:
+        max_grad_norm = 1.0
+
+    class Loss:  # what attach reads of book-keeping's loss
+        bookkeeping = BookKeeping()
+
+    class Optimizer:  # the noise reads the optimizer's clip norm, which must stay
+        noise_multiplier, max_grad_norm = 1.0, 1.0
+
+        def add_noise(self) -> None: ...
+
+    loss = Loss()
+    audit_hooks.attach_to_dp_optimizer(Optimizer(), "hospital-0", 0.5, loss)
+    assert loss.bookkeeping.max_grad_norm == 1.0  # no audit: nothing changes
+    optimizer = Optimizer()
+    with audit_hooks.scaled_clipping(100.0):
+        audit_hooks.attach_to_dp_optimizer(optimizer, "hospital-0", 0.5, loss)
+        with pytest.raises(RuntimeError, match="book-keeping"):  # another mode: refused
+            audit_hooks.attach_to_dp_optimizer(Optimizer(), "hospital-0", 0.5, object())
+    assert loss.bookkeeping.max_grad_norm == 100.0 and optimizer.max_grad_norm == 1.0
+
+
 def test_no_config_key_environment_variable_or_product_module_reaches_the_switches() -> None:
     source = (ROOT / "client/dp/audit_hooks.py").read_text(encoding="utf-8")
     assert not re.search(r"\bos\.|\bimport os\b|getenv", source)  # no environment variable
-    setters = re.compile(r"\b(gradient_canaries|scaled_noise|_AuditState)\b")
+    setters = re.compile(r"\b(gradient_canaries|scaled_noise|scaled_clipping|_AuditState)\b")
     for package in PRODUCT:
         for path in (ROOT / package).rglob("*.py"):
             if path.name != "audit_hooks.py":
@@ -88,4 +128,6 @@ def test_no_config_key_environment_variable_or_product_module_reaches_the_switch
                         "attach_to_dp_optimizer",
                     ], f"{path} uses more of the audit hooks than attaching them"
     config = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
-    assert not re.search(r"canar|noise-scale|audit", config.split("[tool.flwr.app.config]")[1])
+    assert not re.search(
+        r"canar|noise-scale|clip-scale|audit", config.split("[tool.flwr.app.config]")[1]
+    )
