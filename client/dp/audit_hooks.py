@@ -91,11 +91,8 @@ def scaled_noise(factor: float) -> Iterator[None]:
     """While open, every hospital's DP noise is ``factor`` times what it should be (broken DP)."""
     if factor < 0:
         raise ValueError(f"a noise scale must be >= 0, got {factor}")
-    saved, _STATE.noise_scale = _STATE.noise_scale, factor
-    try:
+    with _scaled("noise_scale", factor):
         yield
-    finally:
-        _STATE.noise_scale = saved
 
 
 @contextmanager
@@ -107,11 +104,19 @@ def scaled_clipping(factor: float) -> Iterator[None]:
     """
     if factor <= 0:
         raise ValueError(f"a clipping scale must be > 0, got {factor}")
-    saved, _STATE.clip_scale = _STATE.clip_scale, factor
+    with _scaled("clip_scale", factor):
+        yield
+
+
+@contextmanager
+def _scaled(field_name: str, factor: float) -> Iterator[None]:
+    """Set one of the audit state's factors while open, then restore it."""
+    saved = getattr(_STATE, field_name)
+    setattr(_STATE, field_name, factor)
     try:
         yield
     finally:
-        _STATE.clip_scale = saved
+        setattr(_STATE, field_name, saved)
 
 
 def _canary_steps(hospital: str, sample_rate: float) -> tuple[_Canaries, np.ndarray] | None:
@@ -194,8 +199,7 @@ def attach_to_optimizer(
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        grads = [p.grad for p in params if p.grad is not None]
-        _add_canaries(grads, hospital, sample_rate, clip_norm / batch_size)
+        _add_canaries([p.grad for p in params], hospital, sample_rate, clip_norm / batch_size)
 
     optimizer.register_step_pre_hook(add)
 

@@ -23,7 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-__all__ = ["PINNED", "cold_clientapp", "pin"]
+__all__ = ["PINNED", "cold_clientapp", "module_script", "pin"]
 
 # The hospital's own modules that Flower would otherwise load from the server's bundle.
 PINNED = ("client.app.client_app", "shared_model")
@@ -34,15 +34,23 @@ def pin() -> list[str]:
     return [str(Path(importlib.import_module(name).__file__ or "").parent) for name in PINNED]
 
 
+def module_script(directory: Path, name: str, module: str) -> Path:
+    """An executable ``directory/name`` that runs ``python -m module`` with its arguments.
+
+    Flower starts its helper processes by name from PATH; this puts ours first.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    script = directory / name
+    python = shlex.quote(sys.executable)
+    script.write_text(f'#!/bin/sh\nexec {python} -m {module} "$@"\n', encoding="utf-8")
+    script.chmod(0o700)
+    return script
+
+
 def cold_clientapp(directory: Path | None = None) -> Path:
     """A ``flwr-clientapp`` for the SuperExec's PATH that runs the pinned cold start."""
     directory = Path(directory or tempfile.mkdtemp(prefix="fedfusion-clientapp-"))
-    directory.mkdir(parents=True, exist_ok=True)
-    script = directory / "flwr-clientapp"
-    python = shlex.quote(sys.executable)
-    script.write_text(f'#!/bin/sh\nexec {python} -m client.node.pinned "$@"\n', encoding="utf-8")
-    script.chmod(0o700)
-    return script
+    return module_script(directory, "flwr-clientapp", "client.node.pinned")
 
 
 def main() -> None:

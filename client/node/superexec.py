@@ -21,7 +21,6 @@ Flower only, never torch.
 
 from __future__ import annotations
 
-import shlex
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from client.node import flwr_compat
+from client.node.pinned import module_script
 
 __all__ = [
     "FIRST_TASK_POLL",
@@ -99,12 +99,7 @@ def adapt_task_polls() -> TaskClock:
 
 def superexec_script(directory: Path) -> Path:
     """A ``flower-superexec`` in ``directory`` (for the SuperNode's PATH) that runs this."""
-    directory.mkdir(parents=True, exist_ok=True)
-    script = directory / "flower-superexec"
-    python = shlex.quote(sys.executable)
-    script.write_text(f'#!/bin/sh\nexec {python} -m client.node.superexec "$@"\n', encoding="utf-8")
-    script.chmod(0o700)
-    return script
+    return module_script(directory, "flower-superexec", "client.node.superexec")
 
 
 def main() -> None:
