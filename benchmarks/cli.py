@@ -6,8 +6,6 @@ product.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -154,7 +152,7 @@ def bench(
     benchmarks/results/perf.json and perf.md (the latest
     run only; earlier runs are in git history).
 
-    --suite audit runs the one-run privacy audit (benchmarks/privacy_audit.py) and writes
+    --suite audit runs the one-run privacy audit (server/commands/one_run_audit.py) and writes
     audit.json, audit.md and audit.png. --suite mia trains a deliberately overfitted
     non-private federation and the default DP one and runs the membership-inference
     attacks against both (mia.json, mia.md).
@@ -361,16 +359,12 @@ def bench(
 def _one_run_audit(out: Path) -> None:
     """``--suite audit``: every run of the one-run privacy audit, side by side."""
     # torch and Flower load with the suite, as the other suites' do (above)
-    from benchmarks.privacy_audit import run_one_run_audit, write_audit_results
+    from server.commands.one_run_audit import audit_simulated_federation
 
     typer.echo("bench: one-run privacy audit (white-box gradient, black-box record canaries)")
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="fedfusion-audit-") as tmp:
-        outcomes = run_one_run_audit(out, Path(tmp), echo=typer.echo)
+    audit_simulated_federation(out, echo=typer.echo)
     seconds = time.monotonic() - started
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    machine = f"{os.cpu_count()} cores; load average at the end {load}; {seconds:.0f} s in all"
-    write_audit_results(outcomes, out, machine)
     typer.echo(f"\n{seconds:.0f}s; results: {out / 'audit.json'}, audit.md, audit.png")
 
 

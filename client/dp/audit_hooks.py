@@ -1,6 +1,6 @@
 """What a privacy audit may switch on inside a hospital's training, from its own process only.
 
-The one-run audit (``benchmarks/privacy_audit.py``) measures the implementation, not the
+The one-run audit (``server/commands/one_run_audit.py``) measures the implementation, not the
 arithmetic, so it needs two switches inside the production code path:
 
 - **Gradient canaries.** At one hospital, a set of canaries that behave like more of its

@@ -34,7 +34,10 @@ them), scored from the final global model alone. **Broken clipping**
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 import time
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,13 +48,13 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from benchmarks.audit_report import AuditOutcome, audit_row, audit_table, write_audit_results
-from benchmarks.inprocess import federate
-from benchmarks.record_canaries import canary_scores, make_record_canaries, with_canaries
 from client.app.local_training import prepare_training
 from client.app.site import Site
 from client.dp import audit_hooks
 from server.commands.audit_bound import epsilon_cap, epsilon_lower_bound
+from server.commands.audit_report import AuditOutcome, audit_row, audit_table, write_audit_results
+from server.commands.inprocess import federate
+from server.commands.record_canaries import canary_scores, make_record_canaries, with_canaries
 from shared_model.config import RunConfig
 
 __all__ = [
@@ -59,8 +62,10 @@ __all__ = [
     "BLACK_BOX",
     "BLACK_BOX_RUNS",
     "BROKEN_CLIPPING",
+    "VARIANTS",
     "AuditOutcome",
     "AuditRun",
+    "audit_simulated_federation",
     "black_box_audit",
     "quiet_coordinates",
     "run_one_run_audit",
@@ -171,15 +176,20 @@ def white_box_audit(
     seed: int = 0,
     data: dict[str, Any] | None = None,
     feature_cache: Path | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> AuditOutcome:
-    """Train one federation with gradient canaries at hospital 0 and bound its epsilon."""
+    """Train one federation with gradient canaries at hospital 0 and bound its epsilon.
+
+    ``overrides``: more run-config keys, applied before the audit's own (its epsilon,
+    privacy on or off), which always win.
+    """
     started = time.monotonic()
     # The secret and the coordinates' tie-break come from independent streams.
     secret_seed, choice_seed = np.random.SeedSequence(seed).spawn(2)
     included = np.random.default_rng(secret_seed).random(canaries) < 0.5  # the audit's secret
     rng = np.random.default_rng(choice_seed)
     chosen: dict[str, Any] = {}
-    overrides = {**(AUDIT_DATA if data is None else data), **audit.overrides}
+    settings = _settings(audit, data, overrides)
     with ExitStack() as stack:
         stack.enter_context(audit_hooks.scaled_noise(audit.noise_scale))
 
@@ -194,7 +204,7 @@ def white_box_audit(
         out = work / audit.name.split(" ")[0]
         out.mkdir(parents=True, exist_ok=True)
         history = federate(
-            overrides, hospitals, rounds, out, feature_cache=feature_cache, on_start=on_start
+            settings, hospitals, rounds, out, feature_cache=feature_cache, on_start=on_start
         )
     final = load_file(str(out / "global_model.safetensors"))
     names = list(chosen["initial"])
@@ -214,8 +224,15 @@ def white_box_audit(
         chosen["run"],
         history[-1].get("epsilon", {}).get(chosen["hospital"]),
         started,
-        {**overrides, "hospitals": hospitals, "rounds": rounds, "seed": seed},
+        {**settings, "hospitals": hospitals, "rounds": rounds, "seed": seed},
     )
+
+
+def _settings(
+    audit: AuditRun, data: dict[str, Any] | None, overrides: dict[str, Any] | None
+) -> dict[str, Any]:
+    """The run config of one audited run: data, then ``overrides``, then the run's own."""
+    return {**(AUDIT_DATA if data is None else data), **(overrides or {}), **audit.overrides}
 
 
 def _outcome(
@@ -270,18 +287,18 @@ def black_box_audit(
 ) -> AuditOutcome:
     """Train one federation with record canaries at hospital 0 and bound its epsilon.
 
-    ``benchmarks/record_canaries.py`` builds the canaries; the included ones join
+    ``server/commands/record_canaries.py`` builds the canaries; the included ones join
     hospital 0's training records before its first round. Each canary is scored by
     how far training moved the global model towards its label (its loss against the
     opposite label's, less the reference tokens' drift), as anyone holding
-    the model could. ``overrides``: more run-config keys (after the audit's own).
+    the model could. ``overrides``: more run-config keys, before the audit's own.
     """
     started = time.monotonic()
     # The secret, and the canaries' tokens and labels, come from independent streams.
     secret_seed, canary_seed = np.random.SeedSequence(seed).spawn(2)
     included = np.random.default_rng(secret_seed).random(canaries) < 0.5  # the audit's secret
     chosen: dict[str, Any] = {}
-    settings = {**(AUDIT_DATA if data is None else data), **audit.overrides, **(overrides or {})}
+    settings = _settings(audit, data, overrides)
 
     def on_start(run: RunConfig, sites: list[Site], state: StateDict) -> None:
         made = make_record_canaries(
@@ -312,25 +329,67 @@ def black_box_audit(
     )
 
 
+VARIANTS = ("white-box", "black-box")
+
+
 def run_one_run_audit(
-    out: Path,
     work: Path,
     *,
-    echo: Any = print,
+    echo: Callable[[str], Any] = print,
+    variants: Sequence[str] = VARIANTS,
     black_box: dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> list[AuditOutcome]:
     """``AUDIT_RUNS`` white-box, then ``BLACK_BOX_RUNS`` black-box; prints, returns them.
 
-    ``black_box``: the black-box audit's own settings (default ``BLACK_BOX``), beside
-    ``kwargs``.
+    ``variants``: which of the two to run. ``black_box``: the black-box audit's own
+    settings (default ``BLACK_BOX``), beside ``kwargs``.
     """
+    unknown = set(variants) - set(VARIANTS)
+    if unknown or not variants:
+        raise ValueError(f"audit variants: {sorted(unknown) or 'none'}; choose from {VARIANTS}")
+    plans: list[tuple[str, AuditRun, dict[str, Any]]] = []
+    if "white-box" in variants:
+        plans += [("white-box", a, kwargs) for a in AUDIT_RUNS]
+    if "black-box" in variants:
+        settings = {**kwargs, **(black_box or BLACK_BOX)}
+        plans += [("black-box", a, settings) for a in BLACK_BOX_RUNS]
     outcomes = []
-    plans = [(white_box_audit, a, kwargs) for a in AUDIT_RUNS]
-    plans += [(black_box_audit, a, {**kwargs, **(black_box or BLACK_BOX)}) for a in BLACK_BOX_RUNS]
-    for audit_fn, audit, settings in plans:
-        echo(f"  auditing {audit.name} ({audit_fn.__name__}) ...")
+    for i, (variant, audit, settings) in enumerate(plans, 1):
+        echo(f"  [{i}/{len(plans)}] auditing {audit.name} ({variant}) ...")
+        audit_fn = white_box_audit if variant == "white-box" else black_box_audit
         outcomes.append(audit_fn(audit, work, **settings))
         echo(audit_row(outcomes[-1]))
     echo(audit_table(outcomes))
+    return outcomes
+
+
+def audit_simulated_federation(
+    out: Path,
+    *,
+    echo: Callable[[str], Any] = print,
+    variants: Sequence[str] = VARIANTS,
+    overrides: dict[str, Any] | None = None,
+    hospitals: int = 2,
+) -> list[AuditOutcome]:
+    """Every run of the one-run audit, side by side; ``audit.json|md|png`` go to ``out``.
+
+    The federations train in a temporary folder (removed after), on the default
+    settings with ``overrides`` (run-config keys) applied to each run before the run's
+    own privacy settings. What ``fedfusion audit`` (no run folder) and ``make audit`` run.
+    """
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="fedfusion-audit-") as tmp:
+        outcomes = run_one_run_audit(
+            Path(tmp),
+            echo=echo,
+            variants=variants,
+            hospitals=hospitals,
+            overrides=overrides,
+            feature_cache=Path(tmp) / "features",
+        )
+    seconds = time.monotonic() - started
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    machine = f"{os.cpu_count()} cores; load average at the end {load}; {seconds:.0f} s in all"
+    write_audit_results(outcomes, out, machine)
     return outcomes

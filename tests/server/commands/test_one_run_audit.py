@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import re
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
-from benchmarks.privacy_audit import AuditRun, black_box_audit, white_box_audit
 from client.dp import audit_hooks
+from server.commands import one_run_audit
+from server.commands.one_run_audit import AuditRun, black_box_audit, white_box_audit
+from shared_model.cli import build_app
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PRODUCT = ("client", "server", "shared_model")
 
 # Small and fast (about 5 s a run once features are cached): 200 canaries, 100 guesses,
@@ -30,12 +35,43 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("audit")
 
 
-def test_broken_dp_is_flagged(work: Path) -> None:
-    broken = AuditRun("broken", {"privacy.target-epsilon": 1.0}, noise_scale=0.1)
-    outcome = white_box_audit(broken, work, feature_cache=work / "features", **QUICK)
-    assert outcome.accounted_epsilon == pytest.approx(1.0, abs=0.01)  # the accountant is fooled
-    assert outcome.flagged and outcome.lower_bound > 1.0
+def test_fedfusion_audit_without_a_run_folder_runs_the_one_run_audit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Broken DP is caught through the real hospital code, by the command a privacy
+    officer runs: its settings reach the runs, its files say which run was flagged. The
+    broken run alone, at the quick size."""
+    broken = AuditRun("broken-dp-eps1 (noise x0.1)", {"privacy.target-epsilon": 1.0}, 0.1)
+    monkeypatch.setattr(one_run_audit, "AUDIT_RUNS", (broken,))
+    quick = {k: v for k, v in QUICK.items() if k != "hospitals"}
+    monkeypatch.setattr(
+        one_run_audit, "white_box_audit", functools.partial(one_run_audit.white_box_audit, **quick)
+    )
+    out = tmp_path / "audit"
+    args = ["audit", "--variant", "white-box", "-c", "train.local-epochs=1", "-o", str(out)]
+    result = CliRunner().invoke(build_app(), args)
+    assert result.exit_code == 0, result.output
+    assert "[1/1] auditing broken-dp-eps1" in result.output
+    assert "Flagged: white-box broken-dp-eps1 (noise x0.1)." in result.output
+    (row,) = json.loads((out / "audit.json").read_text(encoding="utf-8"))
+    assert row["flagged"] and row["lower_bound"] > 1.0 and row["canaries"] == 200
+    assert row["accounted_epsilon"] == pytest.approx(1.0, abs=0.01)  # the accountant is fooled
     assert audit_hooks.attached_hospitals()[-2:] == ["hospital-0", "hospital-1"]  # every one
+    assert row["config"]["train.local-epochs"] == 1  # the operator's setting reached the run
+    assert row["config"]["privacy.target-epsilon"] == 1.0  # the run's own still wins
+    assert (out / "audit.md").is_file() and (out / "audit.png").stat().st_size > 0
+
+
+def test_fedfusion_audit_refuses_bad_settings_before_training(tmp_path: Path) -> None:
+    for args, why in (
+        (["--variant", "grey"], "--variant 'grey' is not one of white-box, black-box"),
+        (["-c", "privacy.nosie=1"], "unknown run config key 'privacy.nosie'"),
+        (["--hospitals", "1"], "at least 2"),
+        ([str(tmp_path), "--variant", "white-box"], "for the one-run audit (no RUN_DIR)"),
+    ):
+        result = CliRunner().invoke(build_app(), ["audit", *args, "-o", str(tmp_path / "o")])
+        assert result.exit_code == 2 and why in result.output, (args, result.output)
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow
@@ -116,17 +152,22 @@ def test_no_config_key_environment_variable_or_product_module_reaches_the_switch
     source = (ROOT / "client/dp/audit_hooks.py").read_text(encoding="utf-8")
     assert not re.search(r"\bos\.|\bimport os\b|getenv", source)  # no environment variable
     setters = re.compile(r"\b(gradient_canaries|scaled_noise|scaled_clipping|_AuditState)\b")
+    # The audit command's own module sets them (test_imports: nothing the ServerApp, a
+    # ClientApp or a hospital's node runs imports it); the round only attaches them.
+    setting = {"server/commands/one_run_audit.py"}
     for package in PRODUCT:
         for path in (ROOT / package).rglob("*.py"):
-            if path.name != "audit_hooks.py":
+            where = path.relative_to(ROOT).as_posix()
+            if path.name != "audit_hooks.py" and where not in setting:
                 text = path.read_text(encoding="utf-8")
                 assert not setters.search(text), f"{path} reaches an audit switch"
                 if "audit_hooks" in text:  # only the round that attaches them may import it
-                    assert path.relative_to(ROOT).as_posix() == "client/app/local_training.py"
+                    assert where == "client/app/local_training.py"
                     assert re.findall(r"audit_hooks\.(?!py\b)(\w+)", text) == [
                         "attach_to_optimizer",
                         "attach_to_dp_optimizer",
                     ], f"{path} uses more of the audit hooks than attaching them"
+    assert all(setters.search((ROOT / f).read_text(encoding="utf-8")) for f in setting)
     config = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     assert not re.search(
         r"canar|noise-scale|clip-scale|audit", config.split("[tool.flwr.app.config]")[1]
