@@ -88,11 +88,14 @@ def _plot(outcomes: list[AuditOutcome], path: Path) -> None:
         ax.hlines(o.cap, i - 0.4, i + 0.4, colors="grey", linestyles=":")
         if not math.isinf(o.accounted_epsilon):
             ax.hlines(o.accounted_epsilon, i - 0.4, i + 0.4, colors="k")
+        elif not math.isinf(o.checked_against):  # no DP: the epsilon it is checked against
+            ax.hlines(o.checked_against, i - 0.4, i + 0.4, colors="k", linestyles="--")
     labels = [f"{o.variant[0]}b {o.run.split(' ')[0]}" for o in outcomes]  # wb / bb
     ax.set_xticks(x, labels, fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("ε")
     ax.set_title(
-        "audited lower bound (bars), accounted ε (line), cap (dotted); wb white-, bb black-box",
+        "audited lower bound (bars; red: flagged), cap (dotted); wb white-, bb black-box\n"
+        "accounted ε (line; dashed: the ε a run without DP is checked against)",
         fontsize=9,
     )
     fig.tight_layout()
