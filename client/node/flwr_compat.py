@@ -15,6 +15,10 @@ written against.
 - :func:`install_each_fab_once`: a ClientApp unpacks and re-verifies the app bundle
   (FAB) for every message, 0.2-0.4 s on a busy machine; now only the first time these
   exact bytes arrive;
+- :func:`only_the_hospitals_clientapp`: Flower imports whatever ClientApp module the
+  server's app bundle names, from the bundle's folder put first on ``sys.path``: code the
+  server chose would run at the hospital. Now a bundle naming any other ClientApp is
+  refused and the hospital's own runs, with the bundle's folder never on ``sys.path``;
 - the SuperExec's task poll (``client/node/superexec.py``) through its ``time`` and the
   ``subprocess`` its executor starts ClientApps with (:func:`superexec_modules`);
 - the entry points a hospital's processes run: Flower's ``flower-supernode`` and
@@ -49,6 +53,7 @@ __all__ = [
     "SUPERNODE",
     "fast_message_pulls",
     "install_each_fab_once",
+    "only_the_hospitals_clientapp",
     "scale_waits",
     "superexec_modules",
 ]
@@ -58,6 +63,9 @@ FLOWER_IDLE_POLL = 3.0  # seconds: the idle poll of flwr 1.42's SuperNode loop
 _LOOP = "flwr.supernode.start_client_internal"
 _RUNTIME = "flwr.supernode.runtime.run_clientapp"  # inside a ClientApp process
 CLIENTAPP = "flwr.supernode.cli.flwr_clientapp:flwr_clientapp"  # a ClientApp process
+# The one ClientApp a hospital runs: its own installed one (client/node/pinned.py).
+HOSPITAL_CLIENTAPP = "client.app.client_app:app"
+_APP_UTILS = "flwr.clientapp.utils"
 SUPERNODE = "flwr.supernode.cli.flower_supernode:flower_supernode"  # the SuperNode
 SUPEREXEC = "flwr.supercore.cli.flower_superexec:flower_superexec"  # starts ClientApps
 _EXEC_LOOP = "flwr.supercore.superexec.run_superexec"
@@ -97,6 +105,10 @@ PATCHED: dict[str, tuple[str, ...] | None] = {
         "backoff_cap",
     ),
     f"{_RUNTIME}:install_from_fab": ("fab_file", "install_dir", "skip_prompt"),
+    f"{_RUNTIME}:get_load_client_app_fn": ("default_app_ref", "app_path", "multi_app"),
+    f"{_APP_UTILS}:get_project_dir": None,
+    f"{_APP_UTILS}:get_project_config": None,
+    "flwr.clientapp.client_app:LoadClientAppError": None,
     "flwr.supercore.utils:get_flwr_home": (),
     "flwr.supercore.constant:PULL_INITIAL_BACKOFF": None,
     "flwr.supercore.constant:PULL_BACKOFF_CAP": None,
@@ -187,6 +199,46 @@ def install_each_fab_once() -> None:
         return installed  # type: ignore[no-any-return]
 
     runtime.install_from_fab = install_once  # type: ignore[attr-defined]
+
+
+def only_the_hospitals_clientapp() -> None:
+    """In this ClientApp process, run the hospital's own ClientApp, whatever the bundle says.
+
+    Flower's loader reads ``[tool.flwr.app.components] clientapp`` from the server's app
+    bundle and imports that module from the bundle's folder, which it puts first on
+    ``sys.path``: a lying server could ship a module of its own that wraps the real
+    ClientApp and changes what it does. This loader reads the name, refuses any other
+    than :data:`HOSPITAL_CLIENTAPP` (Flower then replies with the error and the message
+    is not handled), and returns the hospital's own ClientApp, imported from its
+    installation (``client/node/pinned.py``); the bundle's folder never reaches
+    ``sys.path``. Call it after ``pin()`` and before the ClientApp runs.
+    """
+    # Flower's ClientApp runtime loads only in the processes that run ClientApps
+    runtime = importlib.import_module(_RUNTIME)
+    utils = importlib.import_module(_APP_UTILS)
+    refused = entry("flwr.clientapp.client_app:LoadClientAppError")
+    module, _, attribute = HOSPITAL_CLIENTAPP.partition(":")
+
+    def hospitals_loader(
+        default_app_ref: str, app_path: str | None, multi_app: bool
+    ) -> Callable[[str, str, str], Any]:
+        def load(fab_id: str, fab_version: str, fab_hash: str) -> Any:
+            try:
+                folder = app_path or utils.get_project_dir(fab_id, fab_version, fab_hash)
+                config = utils.get_project_config(folder)
+                named = config["tool"]["flwr"]["app"]["components"]["clientapp"]
+            except Exception as err:  # no readable bundle: nothing to run
+                raise refused(f"the server's app bundle names no ClientApp: {err}") from None
+            if named != HOSPITAL_CLIENTAPP:
+                raise refused(
+                    f"the server's app bundle names the ClientApp {named!r}; this hospital "
+                    f"runs only its own installed {HOSPITAL_CLIENTAPP}"
+                )
+            return getattr(importlib.import_module(module), attribute)
+
+        return load
+
+    runtime.get_load_client_app_fn = hospitals_loader  # type: ignore[attr-defined]
 
 
 def superexec_modules() -> tuple[ModuleType, ModuleType]:

@@ -9,6 +9,11 @@ installed packages too). The server's bundle still supplies the run config defau
 and a bundle from another fedfusion version is refused by the weights-layout,
 frozen-weights and SecAgg+ scheme checks of every request.
 
+Importing first is not enough on its own: Flower imports whatever ClientApp module the
+bundle names, from the bundle's folder. ``flwr_compat.only_the_hospitals_clientapp``
+refuses a bundle that names any ClientApp other than the hospital's own, and keeps the
+bundle's folder off ``sys.path``.
+
 Both ways a ClientApp starts are pinned: the warm fork server imports these packages
 before it forks (``client/node/warm.py``), and a cold start runs
 ``python -m client.node.pinned``, which imports them and then runs Flower's
@@ -61,10 +66,12 @@ def main() -> None:
         entry,
         fast_message_pulls,
         install_each_fab_once,
+        only_the_hospitals_clientapp,
     )
 
     fast_message_pulls()
     install_each_fab_once()
+    only_the_hospitals_clientapp()
 
     sys.argv[0] = "flwr-clientapp"
     entry(CLIENTAPP)()

@@ -58,7 +58,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from client.node import warm_stub
-from client.node.flwr_compat import CLIENTAPP, fast_message_pulls, install_each_fab_once
+from client.node.flwr_compat import (
+    CLIENTAPP,
+    fast_message_pulls,
+    install_each_fab_once,
+    only_the_hospitals_clientapp,
+)
 from client.node.pinned import cold_clientapp, pin
 from shared_model import timeline
 
@@ -111,8 +116,9 @@ def preload(modules: tuple[str, ...] = PRELOAD) -> list[str]:
             continue
         loaded.append(name)
     pin()  # a failure here is a broken installation: the fork server does not start
-    fast_message_pulls()  # every forked ClientApp inherits these two
+    fast_message_pulls()  # every forked ClientApp inherits these three
     install_each_fab_once()
+    only_the_hospitals_clientapp()
     for name in list(sys.modules):
         if name.split(".", 1)[0] in _DROPPED:
             del sys.modules[name]
