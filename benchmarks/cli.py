@@ -359,13 +359,20 @@ def bench(
 def _one_run_audit(out: Path) -> None:
     """``--suite audit``: every run of the one-run privacy audit, side by side."""
     # torch and Flower load with the suite, as the other suites' do (above)
+    from server.commands.audit_report import judge
     from server.commands.one_run_audit import audit_simulated_federation
 
     typer.echo("bench: one-run privacy audit (white-box gradient, black-box record canaries)")
     started = time.monotonic()
-    audit_simulated_federation(out, echo=typer.echo)
+    outcomes = audit_simulated_federation(out, echo=typer.echo)
     seconds = time.monotonic() - started
     typer.echo(f"\n{seconds:.0f}s; results: {out / 'audit.json'}, audit.md, audit.png")
+    leaking, blind = judge(outcomes)
+    for what, runs in (("correct DP runs flagged", leaking), ("controls not caught", blind)):
+        if runs:
+            typer.secho(f"{what}: {'; '.join(runs)}", fg=typer.colors.RED, err=True)
+    if leaking or blind:
+        raise typer.Exit(1 if leaking else 3)
 
 
 app = typer.Typer(add_completion=False)

@@ -5,12 +5,20 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["AuditOutcome", "audit_row", "audit_table", "write_audit_results"]
+__all__ = [
+    "AuditOutcome",
+    "audit_row",
+    "audit_table",
+    "judge",
+    "verdict",
+    "write_audit_results",
+]
 
 
 @dataclass
@@ -32,6 +40,32 @@ class AuditOutcome:
     seconds: float
     config: dict[str, Any] = field(default_factory=dict)
     variant: str = "white-box"  # or black-box (record canaries)
+    # True: a control that must be flagged; False: a correct run that must not; None: shown
+    expect_flagged: bool | None = False
+
+    @property
+    def as_expected(self) -> bool:
+        """Flagged if a control, not flagged if a correct run; any outcome if neither."""
+        return self.expect_flagged is None or self.flagged == self.expect_flagged
+
+
+def verdict(o: AuditOutcome) -> str:
+    """What one run's bound says, against what the run is there to show."""
+    if o.flagged:
+        said = f"FLAGGED: leaks more than ε = {o.checked_against:.2f}"
+        return f"{said} (control: caught)" if o.expect_flagged else said
+    if o.expect_flagged:
+        return "NOT CAUGHT (control): no power at these settings"
+    if not o.power_claimed:
+        return f"no power claimed (cap {o.cap:.2f} ≤ ε)"
+    return "ok" if o.expect_flagged is False else "ok (not caught)"
+
+
+def judge(outcomes: list[AuditOutcome]) -> tuple[list[str], list[str]]:
+    """(correct DP runs flagged: a leak; controls not flagged: no power), by name."""
+    leaking = [f"{o.variant} {o.run}" for o in outcomes if o.flagged and o.expect_flagged is False]
+    blind = [f"{o.variant} {o.run}" for o in outcomes if o.expect_flagged and not o.flagged]
+    return leaking, blind
 
 
 def audit_row(o: AuditOutcome) -> str:
@@ -39,12 +73,9 @@ def audit_row(o: AuditOutcome) -> str:
     accounted = f"{o.accounted_epsilon:.2f}"
     if math.isinf(o.accounted_epsilon):
         accounted = f"none (no DP; checked against {o.checked_against:g})"
-    verdict = f"FLAGGED: leaks more than ε = {o.checked_against:.2f}" if o.flagged else "ok"
-    if not o.power_claimed and not o.flagged:
-        verdict = f"no power claimed (cap {o.cap:.2f} < accounted)"
     return (
         f"| {o.variant} | {o.run} | {accounted} | {o.lower_bound:.2f} | {o.cap:.2f} | {o.canaries} "
-        f"| {o.guesses} | {o.right} | {verdict} | {o.seconds:.0f} |"
+        f"| {o.guesses} | {o.right} | {verdict(o)} | {o.seconds:.0f} |"
     )
 
 
@@ -57,15 +88,34 @@ def audit_table(outcomes: list[AuditOutcome]) -> str:
     return "\n".join([head, *(audit_row(o) for o in outcomes)])
 
 
+def software() -> dict[str, str]:
+    """The versions that produced a result: fedfusion and the libraries it audits."""
+    found = {}
+    for name in ("fedfusion", "flwr", "opacus", "torch"):
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
 def write_audit_results(outcomes: list[AuditOutcome], out: Path, machine: str) -> None:
     """``audit.json``, ``audit.md`` and ``audit.png`` (accounted vs audited epsilon)."""
     out.mkdir(parents=True, exist_ok=True)
+    versions = software()
     (out / "audit.json").write_text(
-        json.dumps([asdict(o) for o in outcomes], indent=2, default=str) + "\n", encoding="utf-8"
+        json.dumps(
+            {"machine": machine, "software": versions, "runs": [asdict(o) for o in outcomes]},
+            indent=2,
+            default=str,
+        )
+        + "\n",
+        encoding="utf-8",
     )
+    shown = ", ".join(f"{k} {v}" for k, v in versions.items())
     (out / "audit.md").write_text(
         "# One-run privacy audit (white-box gradient canaries, black-box record canaries)\n\n"
-        f"{machine}\n\n{audit_table(outcomes)}\n",
+        f"{machine}; {shown}\n\n{audit_table(outcomes)}\n",
         encoding="utf-8",
     )
     _plot(outcomes, out / "audit.png")

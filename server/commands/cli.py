@@ -341,7 +341,8 @@ def audit(
         Path | None,
         typer.Argument(
             help="A finished `fedfusion simulate` run: attack its final model. Without it: "
-            "the one-run privacy audit of a simulated federation."
+            "the one-run privacy audit of a simulated federation.",
+            show_default=False,
         ),
     ] = None,
     hospitals: Annotated[
@@ -365,37 +366,47 @@ def audit(
             "--run-config",
             "-c",
             help="Without RUN_DIR: run settings for every audited federation, as for "
-            "`fedfusion simulate` (each run's own epsilon and privacy switch still apply).",
+            "`fedfusion simulate`, except those each run sets itself (privacy.enabled, "
+            "privacy.target-epsilon, num-rounds, output-dir, seed), which are refused.",
         ),
     ] = None,
     out: Annotated[
-        Path,
+        Path | None,
         typer.Option(
-            "--out", "-o", help="Without RUN_DIR: where audit.json, audit.md and audit.png go."
+            "--out",
+            "-o",
+            help="Without RUN_DIR: where audit.json, audit.md and audit.png go "
+            "(default runs/audit; rewritten after each run).",
         ),
-    ] = Path("runs/audit"),
+    ] = None,
 ) -> None:
     """Audit privacy empirically: an epsilon lower bound, or a membership-inference attack.
 
     **Without RUN_DIR**: the one-run audit (Steinke, Nasr and Jagielski, 2023) of a
-    simulated federation on the default settings (DP + SecAgg+), run in this process with
-    the hospitals' own training code. Canaries at one hospital, each included with
-    probability 1/2; after one training run the guesses give an epsilon lower bound at
-    95% confidence, shown beside the accounted epsilon, for runs at epsilon 1 and 8, a
-    non-private run, and a run whose noise is deliberately scaled by 0.1 at every hospital
-    (a switch that exists only inside this command). A run is FLAGGED when its bound
-    exceeds its accounted epsilon. docs/privacy.md says what the bound means.
+    simulated federation on the default settings (DP + SecAgg+): this installation's
+    hospital training code, run in this process on the embedded data, not a deployed
+    federation. Canaries at one hospital, each included with probability 1/2: gradient
+    canaries scored from every round's aggregate (white-box) and canary records scored
+    from the final model (black-box). The guesses give an epsilon lower bound at 95%
+    confidence, shown beside the accounted epsilon, for DP runs at epsilon 1 and 8, and
+    for two controls the audit must flag to show it has power: a non-private run and a
+    run whose noise is scaled by 0.1 at every hospital (a switch only this command sets).
+    Exit status 1 if a correct DP run is flagged (the implementation leaks more than it
+    accounts), 3 if a control is not caught (no power at these settings), else 0.
+    docs/privacy.md says what the bound means and what it does not.
 
     **With RUN_DIR**: each simulated hospital's training records are the members, its
     held-out records the non-members; two attacks score every record by its loss under
     the final model, and by how much training lowered it. Result: RUN_DIR/audit.json.
     """
     if run_dir is None:
-        _one_run_audit(hospitals or 2, variant, run_config, out)
+        _one_run_audit(hospitals or 2, variant, run_config, out or Path("runs/audit"))
         return
-    if variant or run_config:
+    if variant or run_config or out:
         typer.secho(
-            "error: --variant and --run-config are for the one-run audit (no RUN_DIR)", err=True
+            "error: --variant, --run-config and --out are for the one-run audit (no RUN_DIR); "
+            "a run's attack is written to RUN_DIR/audit.json",
+            err=True,
         )
         raise typer.Exit(2)
     from server.commands.audit import audit_run, hospital_count  # torch: with the command
@@ -426,9 +437,11 @@ def _one_run_audit(
 ) -> None:
     """`fedfusion audit` without a run folder: the one-run audit, its table and files."""
     # torch, Flower and Opacus load with the command (see the note at the top)
-    from server.commands.one_run_audit import VARIANTS, audit_simulated_federation
+    from server.commands.audit_report import judge
+    from server.commands.one_run_audit import AUDIT_OWNED, VARIANTS, audit_simulated_federation
+    from server.commands.record_canaries import black_box_refusal
 
-    chosen = tuple(variants or VARIANTS)
+    chosen = tuple(dict.fromkeys(variants or VARIANTS))
     try:
         unknown = sorted(set(chosen) - set(VARIANTS))
         if unknown:
@@ -436,7 +449,13 @@ def _one_run_audit(
         if hospitals < 2:
             raise ConfigError("--hospitals: the audited federation needs at least 2")
         overrides = parse_overrides(run_config or [])
-        RunConfig.from_run_config({**overrides, "num-rounds": 1})  # a bad key: before training
+        owned = sorted(set(overrides) & set(AUDIT_OWNED))
+        if owned:
+            raise ConfigError(f"--run-config: {', '.join(owned)} is set by each audited run")
+        run = RunConfig.from_run_config({**overrides, "num-rounds": 1})  # bad keys: now
+        refusal = black_box_refusal(run) if "black-box" in chosen else None
+        if refusal:
+            raise ConfigError(f"the black-box audit: {refusal}; or use --variant white-box")
         typer.echo(f"one-run privacy audit: {', '.join(chosen)}; {hospitals} hospitals")
         started = time.monotonic()
         outcomes = audit_simulated_federation(
@@ -445,11 +464,24 @@ def _one_run_audit(
     except ConfigError as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2) from err
-    flagged = [o for o in outcomes if o.flagged and o.power_claimed]
-    typer.echo(
-        f"\n{time.monotonic() - started:.0f} s; written to {out / 'audit.json'}, audit.md, "
-        f"audit.png. Flagged: {', '.join(f'{o.variant} {o.run}' for o in flagged) or 'none'}."
-    )
+    typer.echo(f"\n{time.monotonic() - started:.0f} s; written to {out}/audit.json, .md, .png")
+    leaking, blind = judge(outcomes)
+    if leaking:
+        typer.secho(
+            f"FAILED: correct DP runs flagged, leaking more than they account: "
+            f"{'; '.join(leaking)}",
+            fg=typer.colors.RED,
+            err=True,
+        )
+    if blind:
+        typer.secho(
+            f"NO POWER: controls not caught, so a pass proves little here: {'; '.join(blind)}",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    if leaking or blind:
+        raise typer.Exit(1 if leaking else 3)
+    typer.echo("every control was caught and no correct DP run was flagged")
 
 
 def _point_latest_at(run_dir: Path) -> None:

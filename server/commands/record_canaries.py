@@ -30,6 +30,7 @@ from shared_model.datasets import HospitalSplit
 
 __all__ = [
     "RecordCanaries",
+    "black_box_refusal",
     "canary_records",
     "canary_scores",
     "make_record_canaries",
@@ -53,6 +54,15 @@ class RecordCanaries:
 
     def __len__(self) -> int:
         return int(self.tokens.size)
+
+
+def black_box_refusal(run: RunConfig) -> str | None:
+    """Why record canaries cannot be made for ``run``'s model, or None when they can."""
+    if run.model.text_encoder == "pretrained":
+        return "record canaries need the hashed-bucket tokenizer (model.text-encoder)"
+    if run.model.encoder_mode != "full":
+        return "record canaries need raw records (model.encoder-mode = full)"
+    return None
 
 
 def unused_buckets(sites: list[Site], num_buckets: int) -> np.ndarray:
@@ -81,8 +91,9 @@ def make_record_canaries(
     ``rng`` (not the secret's stream) picks the buckets and the labels; each label is
     present with probability 1/2.
     """
-    if run.model.text_encoder == "pretrained":
-        raise ValueError("record canaries need the hashed-bucket tokenizer")
+    refusal = black_box_refusal(run)
+    if refusal is not None:
+        raise ValueError(refusal)
     free = unused_buckets(sites, run.model.text_vocab_buckets)
     if count + references > free.size:
         raise ValueError(f"{count} canaries + {references} references > {free.size} free buckets")

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import ast
 import functools
 import json
 import math
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from client.dp import audit_hooks
 from server.commands import one_run_audit
+from server.commands.audit_bound import epsilon_lower_bound
 from server.commands.one_run_audit import AuditRun, black_box_audit, white_box_audit
 from shared_model.cli import build_app
 
@@ -41,7 +45,8 @@ def test_fedfusion_audit_without_a_run_folder_runs_the_one_run_audit(
     """Broken DP is caught through the real hospital code, by the command a privacy
     officer runs: its settings reach the runs, its files say which run was flagged. The
     broken run alone, at the quick size."""
-    broken = AuditRun("broken-dp-eps1 (noise x0.1)", {"privacy.target-epsilon": 1.0}, 0.1)
+    broken = next(a for a in one_run_audit.AUDIT_RUNS if a.noise_scale < 1)
+    assert broken.expect_flagged is True  # a control
     monkeypatch.setattr(one_run_audit, "AUDIT_RUNS", (broken,))
     quick = {k: v for k, v in QUICK.items() if k != "hospitals"}
     monkeypatch.setattr(
@@ -52,8 +57,11 @@ def test_fedfusion_audit_without_a_run_folder_runs_the_one_run_audit(
     result = CliRunner().invoke(build_app(), args)
     assert result.exit_code == 0, result.output
     assert "[1/1] auditing broken-dp-eps1" in result.output
-    assert "Flagged: white-box broken-dp-eps1 (noise x0.1)." in result.output
-    (row,) = json.loads((out / "audit.json").read_text(encoding="utf-8"))
+    assert "FLAGGED: leaks more than ε = 1.00 (control: caught)" in result.output
+    assert "every control was caught and no correct DP run was flagged" in result.output
+    written = json.loads((out / "audit.json").read_text(encoding="utf-8"))
+    assert set(written["software"]) == {"fedfusion", "flwr", "opacus", "torch"}
+    (row,) = written["runs"]
     assert row["flagged"] and row["lower_bound"] > 1.0 and row["canaries"] == 200
     assert row["accounted_epsilon"] == pytest.approx(1.0, abs=0.01)  # the accountant is fooled
     assert audit_hooks.attached_hospitals()[-2:] == ["hospital-0", "hospital-1"]  # every one
@@ -68,10 +76,69 @@ def test_fedfusion_audit_refuses_bad_settings_before_training(tmp_path: Path) ->
         (["-c", "privacy.nosie=1"], "unknown run config key 'privacy.nosie'"),
         (["--hospitals", "1"], "at least 2"),
         ([str(tmp_path), "--variant", "white-box"], "for the one-run audit (no RUN_DIR)"),
+        # what each audited run sets itself: a DP run must not be turned off from outside
+        (["-c", "privacy.enabled=false"], "privacy.enabled is set by each audited run"),
+        (["-c", "privacy.target-epsilon=50"], "privacy.target-epsilon is set by each"),
+        (["-c", 'model.text-encoder="pretrained"'], "the black-box audit: record canaries need"),
     ):
         result = CliRunner().invoke(build_app(), ["audit", *args, "-o", str(tmp_path / "o")])
         assert result.exit_code == 2 and why in result.output, (args, result.output)
     assert not (tmp_path / "o").exists()
+
+
+def _outcome(flagged: bool, expect: bool | None) -> one_run_audit.AuditOutcome:
+    return one_run_audit.AuditOutcome(
+        run=f"{flagged}-{expect}",
+        accounted_epsilon=1.0,
+        checked_against=1.0,
+        lower_bound=2.0 if flagged else 0.0,
+        cap=4.17,
+        canaries=1000,
+        included=500,
+        guesses=200,
+        right=190 if flagged else 100,
+        delta=1e-5,
+        flagged=flagged,
+        power_claimed=True,
+        seconds=1.0,
+        expect_flagged=expect,
+    )
+
+
+@pytest.mark.parametrize(
+    ("outcomes", "code", "said"),
+    [
+        ([(True, True), (False, False), (True, None)], 0, "every control was caught"),
+        ([(True, True), (True, False)], 1, "FAILED: correct DP runs flagged"),
+        ([(False, True), (False, False)], 3, "NO POWER: controls not caught"),
+        ([(False, True), (True, False)], 1, "NO POWER"),  # a leak outranks no power
+    ],
+)
+def test_the_exit_status_says_whether_the_audit_passed_leaked_or_had_no_power(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outcomes: list, code: int, said: str
+) -> None:
+    canned = [_outcome(*o) for o in outcomes]
+    monkeypatch.setattr(one_run_audit, "audit_simulated_federation", lambda *a, **k: canned)
+    result = CliRunner().invoke(build_app(), ["audit", "-o", str(tmp_path)])
+    assert result.exit_code == code and said in result.output, result.output
+
+
+def test_the_bound_is_taken_at_the_hospitals_delta_and_privacy_cannot_come_out_off() -> None:
+    """A run asking for delta 0.01 is accounted at the hospital's smaller delta: bounding
+    at 0.01 would silently take the audit's power away."""
+    scores = np.arange(1000.0)
+    included = scores >= 500  # every guess right
+    policy = SimpleNamespace(enabled=True, delta=1e-5)
+    run = AuditRun("dp", {"privacy.enabled": True, "privacy.target-epsilon": 1.0})
+    got = one_run_audit._outcome(run, "white-box", scores, included, 200, policy, 1.0, 0.0, {})
+    assert got.delta == 1e-5 and got.lower_bound == pytest.approx(
+        epsilon_lower_bound(1000, 200, 200, 1e-5)
+    )
+    assert got.flagged and got.power_claimed
+    assert epsilon_lower_bound(1000, 200, 200, 0.01) < 1.0  # what the run's delta would give
+    with pytest.raises(RuntimeError, match="privacy came out False"):
+        off = SimpleNamespace(enabled=False, delta=1e-5)
+        one_run_audit._outcome(run, "white-box", scores, included, 200, off, None, 0.0, {})
 
 
 @pytest.mark.slow
@@ -146,6 +213,43 @@ def test_broken_clipping_widens_only_book_keepings_clip_norm_and_only_inside() -
         with pytest.raises(RuntimeError, match="book-keeping"):  # another mode: refused
             audit_hooks.attach_to_dp_optimizer(Optimizer(), "hospital-0", 0.5, object())
     assert loss.bookkeeping.max_grad_norm == 100.0 and optimizer.max_grad_norm == 1.0
+
+
+def test_the_switches_read_nothing_from_outside_and_the_round_passes_them_nothing() -> None:
+    """No file, argument or environment reaches the switches through their own module,
+    and the round attaches them with the arguments it had when this was reviewed: a new
+    one (a run-config value passed through, say) would be a new way in."""
+    hooks = ROOT / "client/dp/audit_hooks.py"
+    allowed = {"__future__", "types", "collections.abc", "contextlib", "dataclasses", "typing"}
+    allowed |= {"numpy", "torch"}
+    tree = ast.parse(hooks.read_text(encoding="utf-8"))
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert imported <= allowed, imported - allowed
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+    assert not names & {"open", "sys", "os", "input", "__import__", "eval", "exec"}
+
+    source = (ROOT / "client/app/local_training.py").read_text(encoding="utf-8")
+    calls = {
+        ast.unparse(n.func): [ast.unparse(a) for a in n.args] + [k.arg for k in n.keywords]
+        for n in ast.walk(ast.parse(source))
+        if isinstance(n, ast.Call) and ast.unparse(n.func).startswith("audit_hooks.")
+    }
+    assert calls == {
+        "audit_hooks.attach_to_optimizer": [
+            "local.optimizer",
+            "site.name",
+            "min(1.0, run.train.batch_size / len(local.train_set))",
+            "site.policy.max_grad_norm",
+            "run.train.batch_size",
+        ],
+        "audit_hooks.attach_to_dp_optimizer": [
+            "private.optimizer",
+            "site.name",
+            "plan.entry.sample_rate",
+            "private.loss_fn",
+        ],
+    }
 
 
 def test_no_config_key_environment_variable_or_product_module_reaches_the_switches() -> None:
