@@ -57,7 +57,14 @@ from shared_model.weights import base_fingerprint, initial_model, shared_state
 from tests.support.hostile_server import NOW, TODAYS_HOSPITAL
 from tests.support.loop_grid import loop_federation, secagg_round
 
-__all__ = ["exposed", "margins", "round_fails", "run_protocol_bench", "split"]
+__all__ = [
+    "exposed",
+    "margins",
+    "round_fails",
+    "run_protocol_bench",
+    "run_sparse_protocol_bench",
+    "split",
+]
 
 PROTOCOLS = ("before", "signed")
 
@@ -96,15 +103,22 @@ def _upload(codec: UploadCodec, run: RunConfig) -> Callable[[int, dict], np.ndar
     return upload
 
 
-def _measure(kind: str, hospitals: int, rounds: int, warm_up: int, echo: Echo) -> list[Measurement]:
+def _measure(
+    kind: str,
+    hospitals: int,
+    rounds: int,
+    warm_up: int,
+    echo: Echo,
+    protocols: Sequence[str] = PROTOCOLS,
+) -> list[Measurement]:
     train = kind == "full"
-    seconds: dict[str, list[float]] = {p: [] for p in PROTOCOLS}
-    up: dict[str, list[float]] = {p: [] for p in PROTOCOLS}
-    key_up: dict[str, list[float]] = {p: [] for p in PROTOCOLS}
-    down: dict[str, list[float]] = {p: [] for p in PROTOCOLS}
+    seconds: dict[str, list[float]] = {p: [] for p in protocols}
+    up: dict[str, list[float]] = {p: [] for p in protocols}
+    key_up: dict[str, list[float]] = {p: [] for p in protocols}
+    down: dict[str, list[float]] = {p: [] for p in protocols}
     with tempfile.TemporaryDirectory(prefix="fedfusion-protocol-") as tmp:
         grids, runs = {}, {}
-        for p in PROTOCOLS:
+        for p in protocols:
             out = Path(tmp) / p
             runs[p] = RunConfig.from_run_config(
                 {"num-rounds": rounds + warm_up, "output-dir": str(out)}
@@ -113,7 +127,7 @@ def _measure(kind: str, hospitals: int, rounds: int, warm_up: int, echo: Echo) -
         layout = _layout(runs["signed"])
         base = base_fingerprint(initial_model(runs["signed"].model, runs["signed"].seed))
         for r in range(1, rounds + warm_up + 1):
-            for p in PROTOCOLS if r % 2 else reversed(PROTOCOLS):  # alternate who goes first
+            for p in protocols if r % 2 else reversed(protocols):  # alternate who goes first
                 started = time.perf_counter()
                 driver = secagg_round(
                     runs[p],
@@ -137,12 +151,12 @@ def _measure(kind: str, hospitals: int, rounds: int, warm_up: int, echo: Echo) -
     cfg = {"hospitals": hospitals, "rounds": rounds, "training": train, "in-process": True}
     out: list[Measurement] = []
     first: dict[str, Measurement] = {}
-    for p in PROTOCOLS:
+    for p in protocols:
         t = Measurement.of(f"secagg-{kind}/round-time/{p}/{hospitals}", cfg, seconds[p], "s")
         u = Measurement.of(f"secagg-{kind}/bytes-up/{p}/{hospitals}", cfg, up[p], "B")
         k = Measurement.of(f"secagg-{kind}/bytes-up-keys/{p}/{hospitals}", cfg, key_up[p], "B")
         d = Measurement.of(f"secagg-{kind}/bytes-down/{p}/{hospitals}", cfg, down[p], "B")
-        if p == "before":
+        if p == "before" or "before" not in protocols:
             first = {"t": t, "u": u, "k": k, "d": d}
             out += [t, u, k, d]
         else:
@@ -153,6 +167,26 @@ def _measure(kind: str, hospitals: int, rounds: int, warm_up: int, echo: Echo) -
                 k.against(first["k"]),
                 d.against(first["d"]),
             ]
+    return out
+
+
+def run_sparse_protocol_bench(
+    hospital_counts: Sequence[int] = (100, 1000), rounds: int = 2, echo: Echo = print
+) -> list[Measurement]:
+    """The protocol alone, as hospitals run it now, at federation sizes too large to train.
+
+    The embedded data gives each of at most 386 simulated hospitals its 10 reports, so
+    1,000 hospitals are measured here: uploads of the default model's size, the
+    server's default (sparse) plan, in one process.
+    """
+    previous = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 1  # as a ServerApp
+    try:
+        out: list[Measurement] = []
+        for n in hospital_counts:
+            out += _measure("protocol", n, rounds, 0, echo, protocols=("signed",))
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = previous
     return out
 
 
