@@ -17,6 +17,8 @@ so the time is the protocol alone (key agreement, sharing, masking, signatures,
 unmasking), at 3, 10 and 50 hospitals. Bytes are metered per hospital and round by the
 ServerApp's own meter (``server/app/grid.py``).
 
+``python -m benchmarks.secagg_protocol sparse 100,1000`` measures the protocol alone at
+those sizes (:func:`run_sparse_protocol_bench`; ``benchmarks/results/secagg-sparse.*``).
 ``python -m benchmarks.secagg_protocol`` prints what sparse shares keep and give up
 (:func:`margins`), computed, not measured: for n hospitals sampled, the server's
 default plan shares each key with k hospitals (k = n up to 7, then
@@ -283,5 +285,24 @@ def print_margins() -> None:
         print(n, {key: (f"{v:.2e}" if isinstance(v, float) else v) for key, v in m.items()})
 
 
+def main(argv: Sequence[str]) -> None:
+    """Print the margins, or run the protocol-only bench.
+
+    ``margins`` (the default): print them; ``sparse [SIZES]``: run the protocol alone at
+    SIZES (default 100,1000) and write ``benchmarks/results/secagg-sparse.*``.
+    """
+    if not argv or argv[0] == "margins":
+        print_margins()
+        return
+    from benchmarks.report import table, write_results
+
+    sizes = [int(part) for part in (argv[1] if len(argv) > 1 else "100,1000").split(",")]
+    measured = run_sparse_protocol_bench(sizes, 1)
+    print(table(measured))
+    write_results(measured, Path(__file__).parent / "results", "secagg-sparse")
+
+
 if __name__ == "__main__":
-    print_margins()
+    import sys
+
+    main(sys.argv[1:])
