@@ -37,6 +37,7 @@ the graph (docs/privacy.md).
 from __future__ import annotations
 
 import math
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -49,7 +50,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.supercore.task_identity import TaskIdentity
 from scipy.stats import hypergeom
 
-from benchmarks.report import Echo, Measurement
+from benchmarks.report import Echo, Measurement, table, write_results
 from client.app import handlers
 from shared_model.config import RunConfig, SecAggConfig
 from shared_model.evaluation import EvalStats
@@ -294,8 +295,6 @@ def main(argv: Sequence[str]) -> None:
     if not argv or argv[0] == "margins":
         print_margins()
         return
-    from benchmarks.report import table, write_results
-
     sizes = [int(part) for part in (argv[1] if len(argv) > 1 else "100,1000").split(",")]
     measured = run_sparse_protocol_bench(sizes, 1)
     print(table(measured))
@@ -303,6 +302,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     main(sys.argv[1:])
