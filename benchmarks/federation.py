@@ -97,7 +97,7 @@ class _Run:
 
 
 def simulate_run(
-    out: Path, hospitals: int, rounds: int, overrides: dict[str, Any]
+    out: Path, hospitals: int, rounds: int, overrides: dict[str, Any], timeout: float = 1800
 ) -> list[dict[str, Any]]:
     """Run a simulated federation to the end; its rounds (RuntimeError if it failed)."""
     result = run_simulation_cli(
@@ -105,7 +105,7 @@ def simulate_run(
         rounds=rounds,
         overrides={**overrides, "server.min-hospitals": hospitals},
         out=out,
-        timeout=1800,
+        timeout=timeout,
         verbose=False,
         tolerate_failures=False,
         echo=lambda _line: None,
@@ -282,12 +282,18 @@ SCALE_SIZES = (10, 50, 100)
 
 
 def run_scale_bench(
-    sizes: Sequence[int] = SCALE_SIZES, rounds: int = 2, echo: Echo = print
+    sizes: Sequence[int] = SCALE_SIZES,
+    rounds: int = 2,
+    echo: Echo = print,
+    overrides: dict[str, Any] | None = None,
+    timeout: float = 1800,
 ) -> list[Measurement]:
     """Round time, peak memory and bytes of large simulated federations, DP on.
 
     SecAgg+ on and off, on all of the embedded data (3,860 reports: the total stays the
-    same, each hospital's share shrinks as the federation grows).
+    same, each hospital's share shrinks as the federation grows). ``overrides``: more
+    run settings for both runs (e.g. longer timeouts for 1,000 hospitals); ``timeout``:
+    seconds per run.
 
     Round 1 (each worker loads its data) is reported on its own; the round time is the
     median of the later rounds, as in :func:`run_wire_bench`.
@@ -305,7 +311,11 @@ def run_scale_bench(
                 started = time.monotonic()
                 with TreeMemory() as memory:
                     rounds_done = simulate_run(
-                        Path(tmp) / f"{kind}-{n}", n, rounds, {"secagg.enabled": secagg}
+                        Path(tmp) / f"{kind}-{n}",
+                        n,
+                        rounds,
+                        {**(overrides or {}), "secagg.enabled": secagg},
+                        timeout,
                     )
                 wall = time.monotonic() - started
                 run = _Run.from_rounds(rounds_done)

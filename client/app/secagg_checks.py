@@ -8,7 +8,6 @@ its own copy of the federation's members file (``shared_model/secagg_signatures.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,7 @@ from typing import Any
 
 from flwr.app import ConfigRecord
 
-from shared_model.config import HospitalConfig
+from shared_model.config import HospitalConfig, SecAggConfig
 from shared_model.errors import ExplainedError
 from shared_model.protocol import SecAggSigned
 from shared_model.secagg_signatures import (
@@ -52,8 +51,12 @@ class SecAggRefusedError(ExplainedError, ValueError):
 
 
 def sparse_share_floor(hospitals: int) -> int:
-    """Fewest shares accepted below a complete graph: 2 * ceil(log2 n) + 1."""
-    return 2 * math.ceil(math.log2(max(hospitals, 2))) + 1
+    """Fewest shares accepted below a complete graph: 2 * ceil(log2 n) + 1.
+
+    The same number the server plans by default (``SecAggConfig.sparse_shares``); below
+    n it is never under 7, as 2 * ceil(log2 n) + 1 >= n for n <= 7.
+    """
+    return SecAggConfig.sparse_shares(hospitals)
 
 
 @dataclass(frozen=True)

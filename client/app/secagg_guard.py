@@ -9,7 +9,8 @@ stage         what the hospital checks (``SecAggRefusedError.code`` when it refu
 ============  ===================================================================
 key setup     its own floor for the group: hospitals, shares, threshold; keys shared
               with only some hospitals (a graph the server chooses) only if its file
-              allows it (``below-floor``); an earlier round of this run (``replay``).
+              allows it, and with at least 2 * ceil(log2 n) + 1 (``below-floor``); an
+              earlier round of this run (``replay``).
               It then signs its fresh keys with its registered signing key.
 key sharing   no more keys than the announced shares, no fewer than the threshold
               and its floor (``key-count``; hospitals lost at key setup are left
@@ -172,11 +173,11 @@ class SecAggGuard:
             problems.append(f"{n} hospitals, fewer than its {h.secagg_min_hospitals}")
         if not 3 <= k <= n:
             problems.append(f"{k} shares for {n} hospitals (at least 3, at most one each)")
-        if k < n and not h.secagg_min_shares:
+        if k < n and not h.sparse_shares_accepted:
             problems.append(
                 f"{k} shares of {n} hospitals: keys shared with only some hospitals, on a "
                 "graph the server chooses, which it can use to isolate one upload (it takes "
-                "part only with every hospital sampled)"
+                "part only with every hospital sampled: secagg-sparse-shares)"
             )
         elif k < n and k < max(h.secagg_min_shares, sparse_share_floor(n)):
             floor_k = max(h.secagg_min_shares, sparse_share_floor(n))
@@ -190,7 +191,8 @@ class SecAggGuard:
                 "below-floor",
                 "declined SecAgg+ parameters below this hospital's floor: "
                 + "; ".join(problems)
-                + " (secagg-min-hospitals, secagg-min-threshold, secagg-min-shares in its file)",
+                + " (secagg-min-hospitals, secagg-min-threshold, secagg-sparse-shares, "
+                "secagg-min-shares in its file)",
             )
         kept = sorted(evidence_folder(self).glob(f"run{self.run}-round*.json"))
         if kept:  # it stopped this run before, and was restarted since

@@ -188,13 +188,16 @@ class SurvivorView:
             self.guard.keys(),
             dict(zip(self.guard.neighbours, self.guard.state.get("members", []), strict=True)),
         )  # type: ignore[arg-type]
+        quorum = max(t, len(signed[0]) // 2 + 1)
         valid: set[str] = set()
+        survivors = set(signed[1])
         for nid, member, signature in entries:
-            if nid not in signed[1] or known.get(nid, member) != member:
+            if len(valid) >= quorum:  # enough: the rest need not be checked
+                break
+            if nid not in survivors or known.get(nid, member) != member or member in valid:
                 continue
             if keys.members.verify(member, signature, statement):
                 valid.add(member)
-        quorum = max(t, len(signed[0]) // 2 + 1)
         if len(valid) < quorum:
             raise SecAggRefusedError(
                 "no-quorum",

@@ -353,6 +353,16 @@ class SecAggRounds:
             run.secagg.clipping_range,
             run.secagg.max_weight,
         )
+        if shares < sampled:
+            log(
+                INFO,
+                "[fedfusion] SecAgg+: each hospital shares its keys with %d of the %d (a "
+                "random neighbour graph); a hospital with its own data takes part only if its "
+                "file allows it (secagg-sparse-shares), secagg.num-shares = %d shares with all",
+                shares - 1,
+                sampled - 1,
+                sampled,
+            )
         self.strategy = SecAggFedAvg(
             run,
             [np.zeros(layout.size, layout.numpy_dtype)],

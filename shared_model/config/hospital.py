@@ -167,11 +167,20 @@ class HospitalConfig:
         max=1.0,
         min_exclusive=True,
     )
+    secagg_sparse_shares: bool | None = _opt(
+        None,
+        "Take part when keys are shared with only some of the hospitals sampled (a sparse "
+        "neighbour graph, which SecAgg+ needs to scale), with at least max(secagg-min-shares, "
+        "2 * ceil(log2 hospitals) + 1) shares. The server draws the graph, so it protects "
+        "against a server that follows the protocol, not one that lies (docs/privacy.md). "
+        "Default: true for a simulated hospital; for a hospital with its own data, true only "
+        "if secagg-min-shares > 0.",
+    )
     secagg_min_shares: int = _opt(
         0,
-        "0: share SecAgg+ keys with every hospital sampled, never fewer. m > 0: also "
-        "accept fewer, at least max(m, 2 * ceil(log2 hospitals) + 1), on a graph the "
-        "server chooses: safe only with a server that follows the protocol.",
+        "Fewest shares accepted on a sparse graph (secagg-sparse-shares), at least "
+        "2 * ceil(log2 hospitals) + 1 whatever this says. Without a sparse graph the "
+        "hospital shares keys with every hospital sampled, never fewer.",
         min=0,
     )
     text_model: str = _opt(
@@ -262,6 +271,13 @@ class HospitalConfig:
     def secagg_required(self) -> bool:
         """Whether this hospital sends updates only inside SecAgg+."""
         return not self.simulated if self.require_secagg is None else self.require_secagg
+
+    @property
+    def sparse_shares_accepted(self) -> bool:
+        """Whether this hospital shares keys with only some of the hospitals sampled."""
+        if self.secagg_sparse_shares is not None:
+            return self.secagg_sparse_shares
+        return self.simulated or self.secagg_min_shares > 0
 
     @property
     def held_out_noised(self) -> bool:

@@ -8,6 +8,7 @@ top-level fields, just the field (``num-rounds``). Flower hands them to the apps
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -292,9 +293,11 @@ class SecAggConfig:
     )
     num_shares: int = _opt(
         0,
-        "Shares of each hospital's key; 0: all sampled hospitals. Fewer are declined by "
-        "hospitals whose file does not allow it (secagg-min-shares): the server would "
-        "choose the graph.",
+        "Shares of each hospital's key (odd below the hospitals sampled); 0: about "
+        "2 * ceil(log2 n) + 1 for n hospitals sampled (all of them up to 7), on a random "
+        "neighbour graph, so a round's key work grows with n log n, not n squared. "
+        "Hospitals with their own data take part with fewer than all only if their file "
+        "allows it (secagg-sparse-shares); set this to the number sampled for every hospital.",
         min=0,
     )
     reconstruction_threshold: int = _opt(
@@ -324,6 +327,17 @@ class SecAggConfig:
         min=1.0,
     )
 
+    @staticmethod
+    def sparse_shares(hospitals: int) -> int:
+        """Shares per key with ``hospitals`` sampled: 2 * ceil(log2 n) + 1, at most n.
+
+        The degree SecAgg+ (Bell et al. 2020) needs to stay private and tolerate
+        dropouts with high probability on a random graph; it is odd, as Flower's
+        neighbour graph needs below n, and at least 3. It is also the fewest shares a
+        hospital that allows a sparse graph accepts (``client/app/secagg_guard.py``).
+        """
+        return min(max(hospitals, 3), 2 * math.ceil(math.log2(max(hospitals, 2))) + 1)
+
     def resolve(self, hospitals: int) -> tuple[int, int]:
         """(num_shares, reconstruction_threshold) for ``hospitals``, or a ConfigError why not."""
         if hospitals < 3:
@@ -331,7 +345,7 @@ class SecAggConfig:
                 f"secagg.enabled: SecAgg+ needs at least 3 hospitals per round, got {hospitals} "
                 "(use 3 or more, or run without it: secagg.enabled=false)"
             )
-        shares = self.num_shares or hospitals
+        shares = self.num_shares or self.sparse_shares(hospitals)
         if shares > hospitals:
             raise ConfigError(f"secagg.num-shares: {shares} shares for only {hospitals} hospitals")
         if shares < 3:

@@ -1,4 +1,5 @@
 import contextlib
+import math
 import tomllib
 from pathlib import Path
 
@@ -134,18 +135,34 @@ def test_hospital_config_file(tmp_path):
     [
         ({}, 3, (3, 2)),
         ({}, 4, (4, 3)),
-        ({}, 10, (10, 7)),
-        ({}, 20, (20, 14)),
+        ({}, 7, (7, 5)),  # 2 * ceil(log2 n) + 1 >= n up to 7: every hospital
+        ({}, 8, (7, 5)),
+        ({}, 10, (9, 6)),
+        ({}, 20, (11, 8)),
+        ({}, 100, (15, 10)),
+        ({}, 1000, (21, 14)),
         ({"num_shares": 5}, 10, (5, 4)),
         ({"num_shares": 5, "reconstruction_threshold": 3}, 10, (5, 3)),
     ],
 )
-def test_secagg_defaults_are_sane_for_3_to_20_hospitals(settings, hospitals, expected):
+def test_secagg_defaults_are_sane_for_3_to_1000_hospitals(settings, hospitals, expected):
     from shared_model.config import SecAggConfig
 
     shares, threshold = SecAggConfig(**settings).resolve(hospitals)
     assert (shares, threshold) == expected
     assert 2 <= threshold < shares <= hospitals and 2 * threshold > shares
+
+
+@pytest.mark.parametrize("hospitals", [*range(3, 130), 500, 1000, 1024, 1025, 5000])
+def test_secagg_default_shares_are_sparse_odd_and_within_every_hospitals_log_floor(hospitals):
+    """The server's default plan is one a hospital allowing a sparse graph accepts."""
+    from shared_model.config import SecAggConfig
+
+    shares, threshold = SecAggConfig().resolve(hospitals)
+    floor = 2 * math.ceil(math.log2(hospitals)) + 1
+    assert shares == min(hospitals, floor)
+    assert shares == hospitals or (shares % 2 == 1 and shares >= 7)
+    assert threshold == max(2, math.ceil(2 * shares / 3)) and 2 * threshold > shares
 
 
 @pytest.mark.parametrize(
@@ -171,6 +188,28 @@ def test_impossible_secagg_combinations_are_refused(settings, hospitals, message
 def test_secagg_plan_never_samples_more_hospitals_than_are_connected():
     run = RunConfig.from_run_config({"server.fraction-train": 0.5})
     assert run.secagg_plan(10) == (5, 5, 4)
+    assert run.secagg_plan(40) == (20, 11, 8)  # sparse: 2 * ceil(log2 20) + 1 of 20
     assert run.secagg_plan(4) == (3, 3, 2)  # Flower's minimum of 3 per round
     with pytest.raises(ConfigError, match="at least 3 hospitals per round, got 2"):
         run.secagg_plan(2)  # not silently planned as 3: that would wait forever
+
+
+@pytest.mark.parametrize(
+    ("node_config", "accepted"),
+    [
+        ({"partition-id": 0, "num-partitions": 3}, True),  # simulated: public data
+        ({"partition-id": 0, "num-partitions": 3, "secagg-sparse-shares": False}, False),
+        ({"data-manifest": "m.csv", "state-dir": "s"}, False),  # its own data: all, never fewer
+        ({"data-manifest": "m.csv", "state-dir": "s", "secagg-min-shares": 9}, True),
+        ({"data-manifest": "m.csv", "state-dir": "s", "secagg-sparse-shares": True}, True),
+        (
+            {"data-manifest": "m.csv", "state-dir": "s", "secagg-min-shares": 9}
+            | {"secagg-sparse-shares": False},
+            False,
+        ),
+    ],
+)
+def test_only_a_hospitals_own_file_lets_real_data_share_keys_with_some_hospitals(
+    node_config, accepted
+):
+    assert HospitalConfig.from_node_config(node_config).sparse_shares_accepted is accepted

@@ -10,6 +10,7 @@ reconstructed. Prepare / Execute / Assert, as Flower's own tests.
 """
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.common import MessageType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
+from shared_model.config import HospitalConfig
 from tests.support.flower import make_message
 from tests.support.hostile_server import (
     NOW,
@@ -284,8 +286,15 @@ def test_a_second_survivor_set_in_one_round_is_not_signed(tmp_path):
     [
         ((3, 3, 2), {"secagg-min-hospitals": 4}),  # fewer hospitals than its floor
         ((5, 5, 3), {}),  # threshold below ceil(2/3 of 5)
-        ((9, 5, 4), {}),  # keys shared with only 5 of 9: a graph the server chooses
-        ((10, 7, 5), {"secagg-min-shares": 3}),  # allowed, but 7 < 2 * ceil(log2 10) + 1
+        # keys shared with only 7 of 9 (a graph the server chooses): this hospital wants all
+        ((9, 7, 5), {"secagg-sparse-shares": False}),
+        ((10, 7, 5), {}),  # a sparse graph is allowed, but 7 < 2 * ceil(log2 10) + 1
+        ((10, 7, 5), {"secagg-min-shares": 3}),  # its own floor is lower; the log floor holds
+        ((100, 13, 9), {}),  # the server's default at 100 is 15 shares: 13 is below the floor
+        ((100, 15, 9), {}),  # threshold 9 of 15, below ceil(2/3 of 15) = 10
+        ((100, 15, 10), {"secagg-min-shares": 21}),  # this hospital's own floor is higher
+        ((100, 15, 10), {"secagg-min-threshold": 0.8}),  # and so is its threshold: 12
+        ((1000, 19, 13), {}),  # 19 < 2 * ceil(log2 1000) + 1 = 21
         ((3, 3, 1), {}),
         ((1, 1, 1), {}),  # a round of one
         ((4, 4, 2), {}),  # a threshold of half the shares
@@ -301,7 +310,18 @@ def test_a_server_asking_for_less_than_the_hospitals_floor_is_declined(tmp_path,
 
 
 @pytest.mark.parametrize(
-    ("plan", "policy"), [((4, 4, 3), {}), ((10, 9, 6), {"secagg-min-shares": 3})]
+    ("plan", "policy"),
+    [
+        ((4, 4, 3), {}),
+        ((10, 9, 6), {"secagg-min-shares": 3}),
+        # the server's default plans (secagg.num-shares = 0), which a simulated hospital
+        # accepts by default
+        ((10, 9, 6), {}),
+        ((100, 15, 10), {}),
+        ((1000, 21, 14), {}),
+        ((100, 21, 14), {"secagg-min-shares": 21}),
+        ((100, 15, 12), {"secagg-min-threshold": 0.8}),
+    ],
 )
 def test_parameters_at_or_above_the_hospitals_floor_are_accepted(tmp_path, plan, policy):
     lab = Lab(tmp_path, NOW, 3, policy)
@@ -454,18 +474,41 @@ def sparse_partner_attack(lab: Lab) -> None:
     lab.unmask(lists)
 
 
-def test_keys_shared_with_only_some_hospitals_are_declined_by_default(tmp_path):
-    lab = Lab(tmp_path, NOW, 17)
+def own_data(tmp_path: Path) -> dict:
+    """The node config of a hospital with its own data (not a simulated one)."""
+    return {"data-manifest": str(tmp_path / "manifest.csv"), "state-dir": str(tmp_path / "s")}
+
+
+def test_keys_shared_with_only_some_hospitals_are_declined_by_default_with_own_data(tmp_path):
+    lab = Lab(tmp_path, NOW, 17, own_data(tmp_path))
+    assert not HospitalConfig.from_node_config(lab.ctx[T].node_config).simulated
     sparse_partner_attack(lab)
     assert {r.code for r in lab.refusals} == {"below-floor"} and len(lab.refusals) == 17
     assert "graph the server chooses" in lab.refusals[0].reason
+    assert "secagg-sparse-shares" in lab.refusals[0].reason
     assert lab.reconstruct(T, 6) is None
 
 
-def test_a_hospital_that_allows_a_sparse_graph_is_not_protected_from_a_lying_server(tmp_path):
-    """What docs/privacy.md says of secagg-min-shares: the graph is the server's, so
-    against a lying server it protects nothing, even with no colluding hospital."""
-    lab = Lab(tmp_path, NOW, 17, {"secagg-min-shares": 9})
+def test_a_simulated_hospital_that_says_no_to_a_sparse_graph_declines_it(tmp_path):
+    lab = Lab(tmp_path, NOW, 17, {"secagg-sparse-shares": False})
+    sparse_partner_attack(lab)
+    assert {r.code for r in lab.refusals} == {"below-floor"} and len(lab.refusals) == 17
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        {},  # a simulated hospital (public data) accepts the server's sparse default
+        {"secagg-min-shares": 9},
+        {"secagg-sparse-shares": True},
+    ],
+)
+def test_a_hospital_that_allows_a_sparse_graph_is_not_protected_from_a_lying_server(
+    tmp_path, policy
+):
+    """What docs/privacy.md says of sparse shares: the graph is the server's, so against
+    a lying server it protects nothing, even with no colluding hospital."""
+    lab = Lab(tmp_path, NOW, 17, policy)
     sparse_partner_attack(lab)
     assert not lab.refusals
     assert exact(lab.reconstruct(T, 6), T)
