@@ -291,7 +291,8 @@ def run_scale_bench(
     """Round time, peak memory and bytes of large simulated federations, DP on.
 
     SecAgg+ on and off, on all of the embedded data (3,860 reports: the total stays the
-    same, each hospital's share shrinks as the federation grows). ``overrides``: more
+    same, each hospital's share shrinks as the federation grows), with sparse shares
+    (``secagg.sparse``) unless ``overrides`` says otherwise. ``overrides``: more
     run settings for both runs (e.g. longer timeouts for 1,000 hospitals); ``timeout``:
     seconds per run.
 
@@ -314,7 +315,7 @@ def run_scale_bench(
                         Path(tmp) / f"{kind}-{n}",
                         n,
                         rounds,
-                        {**(overrides or {}), "secagg.enabled": secagg},
+                        {"secagg.sparse": True, **(overrides or {}), "secagg.enabled": secagg},
                         timeout,
                     )
                 wall = time.monotonic() - started

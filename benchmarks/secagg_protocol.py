@@ -21,7 +21,7 @@ ServerApp's own meter (``server/app/grid.py``).
 those sizes (:func:`run_sparse_protocol_bench`; ``benchmarks/results/secagg-sparse.*``).
 ``python -m benchmarks.secagg_protocol`` prints what sparse shares keep and give up
 (:func:`margins`), computed, not measured: for n hospitals sampled, the server's
-default plan shares each key with k hospitals (k = n up to 7, then
+sparse plan (secagg.sparse) shares each key with k hospitals (k = n up to 7, then
 2 * ceil(log2 n) + 1) with threshold t, on Flower's neighbour graph (the hospitals in a
 random order, each a neighbour of the (k - 1) / 2 on either side); beside it the
 complete graph (k = n). Against a server that follows the protocol, colluding with c
@@ -264,7 +264,7 @@ def round_fails(
 
 def margins(n: int, rng: np.random.Generator) -> dict[str, object]:
     """The sparse and the complete plan at ``n`` hospitals, side by side."""
-    k, t = SecAggConfig().resolve(n)
+    k, t = SecAggConfig(sparse=True).resolve(n)
     kc, tc = SecAggConfig(num_shares=n).resolve(n)
     out: dict[str, object] = {"n": n, "sparse": (k, t), "complete": (kc, tc)}
     for label, (kk, tt) in (("sparse", (k, t)), ("complete", (kc, tc))):

@@ -358,7 +358,7 @@ class SecAggRounds:
                 INFO,
                 "[fedfusion] SecAgg+: each hospital shares its keys with %d of the %d (a "
                 "random neighbour graph); a hospital with its own data takes part only if its "
-                "file allows it (secagg-sparse-shares), secagg.num-shares = %d shares with all",
+                "file allows it (secagg-sparse-shares); secagg.num-shares = %d shares with all",
                 shares - 1,
                 sampled - 1,
                 sampled,

@@ -293,12 +293,17 @@ class SecAggConfig:
     )
     num_shares: int = _opt(
         0,
-        "Shares of each hospital's key (odd below the hospitals sampled); 0: about "
-        "2 * ceil(log2 n) + 1 for n hospitals sampled (all of them up to 7), on a random "
-        "neighbour graph, so a round's key work grows with n log n, not n squared. "
-        "Hospitals with their own data take part with fewer than all only if their file "
-        "allows it (secagg-sparse-shares); set this to the number sampled for every hospital.",
+        "Shares of each hospital's key (odd below the hospitals sampled); 0: every "
+        "hospital sampled, or with secagg.sparse about 2 * ceil(log2 n) + 1 of them.",
         min=0,
+    )
+    sparse: bool = _opt(
+        False,
+        "With num-shares = 0, share each key with about 2 * ceil(log2 n) + 1 of the n "
+        "hospitals sampled (all of them up to 7) on a random neighbour graph, so a round's "
+        "key work grows with n log n, not n squared. The server draws the graph, so it "
+        "protects less against a lying server: hospitals with their own data take part "
+        "only if their file allows it (secagg-sparse-shares; docs/privacy.md).",
     )
     reconstruction_threshold: int = _opt(
         0,
@@ -345,7 +350,7 @@ class SecAggConfig:
                 f"secagg.enabled: SecAgg+ needs at least 3 hospitals per round, got {hospitals} "
                 "(use 3 or more, or run without it: secagg.enabled=false)"
             )
-        shares = self.num_shares or self.sparse_shares(hospitals)
+        shares = self.num_shares or (self.sparse_shares(hospitals) if self.sparse else hospitals)
         if shares > hospitals:
             raise ConfigError(f"secagg.num-shares: {shares} shares for only {hospitals} hospitals")
         if shares < 3:

@@ -135,12 +135,14 @@ def test_hospital_config_file(tmp_path):
     [
         ({}, 3, (3, 2)),
         ({}, 4, (4, 3)),
-        ({}, 7, (7, 5)),  # 2 * ceil(log2 n) + 1 >= n up to 7: every hospital
-        ({}, 8, (7, 5)),
-        ({}, 10, (9, 6)),
-        ({}, 20, (11, 8)),
-        ({}, 100, (15, 10)),
-        ({}, 1000, (21, 14)),
+        ({}, 10, (10, 7)),  # by default every hospital shares with every other
+        ({}, 100, (100, 67)),
+        ({"sparse": True}, 7, (7, 5)),  # 2 * ceil(log2 n) + 1 >= n up to 7: every hospital
+        ({"sparse": True}, 8, (7, 5)),
+        ({"sparse": True}, 10, (9, 6)),
+        ({"sparse": True}, 20, (11, 8)),
+        ({"sparse": True}, 100, (15, 10)),
+        ({"sparse": True}, 1000, (21, 14)),
         ({"num_shares": 5}, 10, (5, 4)),
         ({"num_shares": 5, "reconstruction_threshold": 3}, 10, (5, 3)),
     ],
@@ -154,11 +156,11 @@ def test_secagg_defaults_are_sane_for_3_to_1000_hospitals(settings, hospitals, e
 
 
 @pytest.mark.parametrize("hospitals", [*range(3, 130), 500, 1000, 1024, 1025, 5000])
-def test_secagg_default_shares_are_sparse_odd_and_within_every_hospitals_log_floor(hospitals):
-    """The server's default plan is one a hospital allowing a sparse graph accepts."""
+def test_secagg_sparse_shares_are_odd_and_within_every_hospitals_log_floor(hospitals):
+    """The server's sparse plan is one a hospital allowing a sparse graph accepts."""
     from shared_model.config import SecAggConfig
 
-    shares, threshold = SecAggConfig().resolve(hospitals)
+    shares, threshold = SecAggConfig(sparse=True).resolve(hospitals)
     floor = 2 * math.ceil(math.log2(hospitals)) + 1
     assert shares == min(hospitals, floor)
     assert shares == hospitals or (shares % 2 == 1 and shares >= 7)
@@ -188,7 +190,9 @@ def test_impossible_secagg_combinations_are_refused(settings, hospitals, message
 def test_secagg_plan_never_samples_more_hospitals_than_are_connected():
     run = RunConfig.from_run_config({"server.fraction-train": 0.5})
     assert run.secagg_plan(10) == (5, 5, 4)
-    assert run.secagg_plan(40) == (20, 11, 8)  # sparse: 2 * ceil(log2 20) + 1 of 20
+    assert run.secagg_plan(40) == (20, 20, 14)
+    sparse = RunConfig.from_run_config({"server.fraction-train": 0.5, "secagg.sparse": True})
+    assert sparse.secagg_plan(40) == (20, 11, 8)  # 2 * ceil(log2 20) + 1 of 20
     assert run.secagg_plan(4) == (3, 3, 2)  # Flower's minimum of 3 per round
     with pytest.raises(ConfigError, match="at least 3 hospitals per round, got 2"):
         run.secagg_plan(2)  # not silently planned as 3: that would wait forever

@@ -314,8 +314,8 @@ def test_a_server_asking_for_less_than_the_hospitals_floor_is_declined(tmp_path,
     [
         ((4, 4, 3), {}),
         ((10, 9, 6), {"secagg-min-shares": 3}),
-        # the server's default plans (secagg.num-shares = 0), which a simulated hospital
-        # accepts by default
+        # the server's sparse plans (secagg.sparse), which a simulated hospital accepts
+        # by default
         ((10, 9, 6), {}),
         ((100, 15, 10), {}),
         ((1000, 21, 14), {}),
@@ -498,7 +498,7 @@ def test_a_simulated_hospital_that_says_no_to_a_sparse_graph_declines_it(tmp_pat
 @pytest.mark.parametrize(
     "policy",
     [
-        {},  # a simulated hospital (public data) accepts the server's sparse default
+        {},  # a simulated hospital (public data) accepts the server's sparse plan
         {"secagg-min-shares": 9},
         {"secagg-sparse-shares": True},
     ],

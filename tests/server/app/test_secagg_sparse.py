@@ -1,4 +1,4 @@
-"""The server's default sparse SecAgg+ plan, run through the real workflow and hospitals.
+"""The server's sparse SecAgg+ plan, run through the real workflow and hospitals.
 
 12 hospitals: each shares its keys with 9 (itself included), threshold 6, on the
 neighbour graph Flower draws. The unmasked sum must still be every survivor's upload,
@@ -36,6 +36,7 @@ def federation(tmp_path):
             "output-dir": str(tmp_path),
             "server.wait-for-hospitals-timeout": 5.0,
             "secagg.stage-timeout": 3.0,  # a silent hospital is waited for this long
+            "secagg.sparse": True,
         }
     )
     codec = UploadCodec(LAYOUT.size, run.model.labels, run.secagg.clipping_range, 10_000.0)
