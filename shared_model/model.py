@@ -344,11 +344,11 @@ class Fusion(nn.Module):
     ) -> None:
         super().__init__()
         self.mode = mode
-        report_dim = report_dim or dim  # D_t: concat only; the other modes need D
+        report_dim = report_dim or dim  # D_t; cross_attention needs D (ModelConfig checks)
         if mode == "gated":
             self.phi_image = nn.Linear(dim, dim)
-            self.phi_report = nn.Linear(dim, dim)
-            self.gate = nn.Linear(2 * dim, 2)
+            self.phi_report = nn.Linear(report_dim, dim)
+            self.gate = nn.Linear(dim + report_dim, 2)
         elif mode == "cross_attention":
             self.cross_norm = nn.LayerNorm(dim)
             self.cross = Attention(dim, heads, dropout)
@@ -444,7 +444,7 @@ class FusionModel(nn.Module):
         self.late = cfg.fusion == "late"
         self.head = _head(d, k)  # late fusion: the image's head
         if self.late:
-            self.report_head = _head(d, k)
+            self.report_head = _head(cfg.report_dim, k)
             self.report_gate = nn.Linear(k, k)
             nn.init.zeros_(self.report_gate.weight)
             nn.init.zeros_(self.report_gate.bias)

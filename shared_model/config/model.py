@@ -94,10 +94,10 @@ class ModelConfig:
     embed_dim: int = _opt(64, "Width of both encoders and the fusion block.", min=8, max=4096)
     text_dim: int = _opt(
         0,
-        "Width of the pretrained report encoder's projection in concat fusion; 0: "
-        "embed-dim. Narrower than embed-dim, the weaker report branch has fewer "
-        "parameters to train, which under DP-SGD means less noise and a smaller share "
-        "of each record's clipping norm.",
+        "Width of the pretrained report encoder's projection (fusion concat, gated or "
+        "late); 0: embed-dim. Narrower than embed-dim, the weaker report branch has "
+        "fewer parameters to train, which under DP-SGD means less noise and a smaller "
+        "share of each record's clipping norm.",
         min=0,
         max=4096,
     )
@@ -121,11 +121,14 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         narrow_report = self.text_dim and self.text_dim != self.embed_dim
-        if narrow_report and (self.text_encoder != "pretrained" or self.fusion != "concat"):
+        if narrow_report and (
+            self.text_encoder != "pretrained" or self.fusion == "cross_attention"
+        ):
             raise ConfigError(
                 f"model.text-dim = {self.text_dim}: only the pretrained text encoder's "
-                "projection in concat fusion can differ from embed-dim; set "
-                "model.text-encoder = pretrained and model.fusion = concat, or text-dim = 0"
+                "projection can differ from embed-dim, and cross_attention needs report "
+                "tokens as wide as the image's; set model.text-dim = 0 (embed-dim), or "
+                "model.text-encoder = pretrained with fusion concat, gated or late"
             )
         if not self.labels or len(set(self.labels)) != len(self.labels):
             raise ConfigError(f"model.labels: need distinct, non-empty labels, got {self.labels}")

@@ -219,10 +219,9 @@ def test_a_users_own_hugging_face_folder_trains_under_dp(tmp_path, kind, mode):
 @pytest.mark.parametrize(
     "settings",
     [
-        {"fusion": "gated"},
-        {"fusion": "late"},
         {"fusion": "cross_attention"},
         {"image_encoder": "cnn", "text_encoder": "transformer"},
+        {"image_encoder": "cnn", "text_encoder": "lstm"},
     ],
 )
 def test_a_narrower_report_projection_is_refused_where_nothing_uses_it(settings):
@@ -233,20 +232,38 @@ def test_a_narrower_report_projection_is_refused_where_nothing_uses_it(settings)
         ModelConfig(**{**PRETRAINED, "encoder_mode": "frozen", "text_dim": width, **settings})
 
 
-@pytest.mark.parametrize("branches", ["fused", "image", "text"])
-def test_a_narrower_report_projection_feeds_the_concat_fusion(branches):
-    cfg = ModelConfig(**PRETRAINED, encoder_mode="frozen", text_dim=8, branches=branches)
+@pytest.mark.parametrize(
+    ("fusion", "branches"),
+    [
+        ("concat", "fused"),
+        ("concat", "image"),
+        ("concat", "text"),
+        ("gated", "fused"),
+        ("late", "fused"),
+        ("late", "text"),
+    ],
+)
+def test_a_narrower_report_projection_feeds_the_fusion(fusion, branches):
+    settings = {**PRETRAINED, "fusion": fusion, "encoder_mode": "frozen", "branches": branches}
+    cfg = ModelConfig(**settings, text_dim=8)
     model = initial_model(cfg, 0).eval()
     images, ids, present = batch(cfg)
     tokens, pooled, _ = model.encode_text(ids)
     assert pooled.shape == (4, 8) and tokens.shape[-1] == 8
-    assert model.fusion.mix.in_features == 32 + 8 and model.fusion.mix.out_features == 32
+    if fusion == "concat":
+        assert model.fusion.mix.in_features == 32 + 8 and model.fusion.mix.out_features == 32
     if branches != "image":
         assert model.text_encoder.proj.weight.shape == (8, 384)
     trained = sum(t.numel() for t in shared_state(model).values())
-    wide = shared_state(initial_model(ModelConfig(**PRETRAINED, encoder_mode="frozen"), 0))
-    if branches == "fused":  # (32 - 8) x (384 + 1) fewer in the projection, 24 x 32 in the mix
-        assert sum(t.numel() for t in wide.values()) - trained == 24 * 385 + 24 * 32
+    wide = shared_state(initial_model(ModelConfig(**settings), 0))
+    fewer = {  # (32 - 8) x (384 + 1) fewer in the projection, and 24 inputs of a layer
+        "concat": 24 * 385 + 24 * 32,  # the mix: 32 outputs
+        "gated": 24 * 385 + 24 * 32 + 24 * 2,  # phi_report (32 outputs), the gate (2)
+        # the report head: its LayerNorm, its 32 -> 32 layer now 8 -> 8, and 7 labels
+        "late": 24 * 385 + 2 * 24 + (32 * 33 - 8 * 9) + 24 * 7,
+    }[fusion]
+    if branches == "fused":
+        assert sum(t.numel() for t in wide.values()) - trained == fewer
     with torch.no_grad():
         logits = model(images, ids, present)
         no_report = model(images, ids, present * torch.tensor([1.0, 0.0]))
