@@ -28,9 +28,9 @@ MODELS = {
     "cnn-lstm": {"model.text-encoder": "lstm", "model.fusion": "concat"},
     "late (each head's own loss too)": {"model.fusion": "late"},
     "pretrained frozen": dict(PRESETS["efficientnet-minilm-concat"]),
-    "pretrained frozen, narrow report": {
+    "pretrained frozen, wide report": {
         **PRESETS["efficientnet-minilm-concat"],
-        "model.text-dim": 8,
+        "model.text-dim": 0,
     },
     "pretrained lora": {**PRESETS["efficientnet-minilm-concat"], "model.encoder-mode": "lora"},
 }
