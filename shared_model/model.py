@@ -6,7 +6,8 @@ Linear, LayerNorm, Embedding): no BatchNorm, which mixes examples, and no
 Attention is built from ``nn.Linear``.
 
 Shapes: B batch, S image side, P = (S/16)^2 image patches, L report tokens, D embed dim,
-K labels. ``present`` is ``(B, 2)``: is the image there, is the report there.
+D_t report width (model.text-dim; D unless set), K labels. ``present`` is ``(B, 2)``:
+is the image there, is the report there.
 A missing modality's features are multiplied by zero before fusion, so its placeholder
 input never reaches the output and its encoder gets no gradient from that example.
 
@@ -296,7 +297,7 @@ class PretrainedTextEncoder(nn.Module):
         width = int(self.backbone.config.hidden_size)
         self.pooled_only = cfg.fusion != "cross_attention"
         self.norm = nn.LayerNorm(width)
-        self.proj = nn.Linear(width, cfg.embed_dim)
+        self.proj = nn.Linear(width, cfg.report_dim)  # model.text-dim, or embed-dim
 
     def backbone_features(self, ids: torch.Tensor) -> torch.Tensor:
         """Ids (B, L) -> states (B, L, H + 1) whose last channel is the token mask.
@@ -338,26 +339,29 @@ class Fusion(nn.Module):
       and the image are then combined.
     """
 
-    def __init__(self, mode: str, dim: int, heads: int, dropout: float) -> None:
+    def __init__(
+        self, mode: str, dim: int, heads: int, dropout: float, report_dim: int | None = None
+    ) -> None:
         super().__init__()
         self.mode = mode
+        report_dim = report_dim or dim  # D_t; cross_attention needs D (ModelConfig checks)
         if mode == "gated":
             self.phi_image = nn.Linear(dim, dim)
-            self.phi_report = nn.Linear(dim, dim)
-            self.gate = nn.Linear(2 * dim, 2)
+            self.phi_report = nn.Linear(report_dim, dim)
+            self.gate = nn.Linear(dim + report_dim, 2)
         elif mode == "cross_attention":
             self.cross_norm = nn.LayerNorm(dim)
             self.cross = Attention(dim, heads, dropout)
             self.mix = nn.Linear(2 * dim, dim)
         else:
-            self.mix = nn.Linear(2 * dim, dim)
+            self.mix = nn.Linear(dim + report_dim, dim)
 
     def forward(
         self,
         patches: torch.Tensor,  # (B, P, D)
         image: torch.Tensor,  # (B, D)
-        tokens: torch.Tensor,  # (B, L, D)
-        report: torch.Tensor,  # (B, D)
+        tokens: torch.Tensor,  # (B, L, D_t)
+        report: torch.Tensor,  # (B, D_t)
         token_mask: torch.Tensor,  # (B, L)
         present: torch.Tensor,  # (B, 2)
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -440,12 +444,12 @@ class FusionModel(nn.Module):
         self.late = cfg.fusion == "late"
         self.head = _head(d, k)  # late fusion: the image's head
         if self.late:
-            self.report_head = _head(d, k)
+            self.report_head = _head(cfg.report_dim, k)
             self.report_gate = nn.Linear(k, k)
             nn.init.zeros_(self.report_gate.weight)
             nn.init.zeros_(self.report_gate.bias)
         else:
-            self.fusion = Fusion(cfg.fusion, d, cfg.text_heads, cfg.dropout)
+            self.fusion = Fusion(cfg.fusion, d, cfg.text_heads, cfg.dropout, cfg.report_dim)
 
     def encode_image(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 1, S, S) or cached features -> patches (B, P, D), pooled (B, D).
@@ -460,9 +464,12 @@ class FusionModel(nn.Module):
     def encode_text(
         self, report_ids: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, L), or cached features -> token states (B, L, D), pooled (B, D), mask (B, L)."""
+        """(B, L), or cached features -> token states (B, L, D_t), pooled (B, D_t), mask (B, L).
+
+        D_t is model.text-dim (embed-dim unless set). Zeros without a text branch.
+        """
         if self.text_encoder is None:
-            b, d = report_ids.shape[0], self.cfg.embed_dim
+            b, d = report_ids.shape[0], self.cfg.report_dim
             zeros = self.branch_mask.new_zeros
             return zeros(b, 1, d), zeros(b, d), report_ids.new_zeros(b, 1, dtype=torch.bool)
         return self.text_encoder(report_ids)
@@ -535,7 +542,13 @@ def alignment_loss(
     which couples the examples of a batch: one record's gradient then depends on the
     others, and DP-SGD's per-example clipping no longer bounds any one record's
     influence. This aligns each radiograph with its own report instead (a joint
-    embedding, made DP-compatible).
+    embedding, made DP-compatible). Both embeddings need the same width: a narrower
+    report projection (model.text-dim) has no alignment term.
     """
+    if image.shape[-1] != report.shape[-1]:
+        raise ConfigError(
+            f"train.alignment-weight: the image ({image.shape[-1]}) and report "
+            f"({report.shape[-1]}) embeddings differ in width; set model.text-dim = 0"
+        )
     both = present[:, 0] * present[:, 1]
     return (1.0 - F.cosine_similarity(image, report, dim=-1, eps=1e-6)) * both

@@ -92,6 +92,15 @@ class ModelConfig:
         64, "Radiographs are resized to image-size x image-size.", min=32, max=2048
     )
     embed_dim: int = _opt(64, "Width of both encoders and the fusion block.", min=8, max=4096)
+    text_dim: int = _opt(
+        0,
+        "Width of the pretrained report encoder's projection (fusion concat, gated or "
+        "late); 0: embed-dim. Narrower than embed-dim, the weaker report branch has "
+        "fewer parameters to train, which under DP-SGD means less noise and a smaller "
+        "share of each record's clipping norm.",
+        min=0,
+        max=4096,
+    )
     text_layers: int = _opt(1, "Transformer blocks in the report encoder.", min=1, max=48)
     text_heads: int = _opt(4, "Attention heads (embed-dim must divide by it).", min=1, max=64)
     text_vocab_buckets: int = _opt(
@@ -105,7 +114,22 @@ class ModelConfig:
     )
     dropout: float = _opt(0.0, "Dropout inside the encoders and fusion block.", min=0.0, max=0.9)
 
+    @property
+    def report_dim(self) -> int:
+        """Width of the pooled report features: text-dim, or embed-dim when it is 0."""
+        return self.text_dim or self.embed_dim
+
     def __post_init__(self) -> None:
+        narrow_report = self.text_dim and self.text_dim != self.embed_dim
+        if narrow_report and (
+            self.text_encoder != "pretrained" or self.fusion == "cross_attention"
+        ):
+            raise ConfigError(
+                f"model.text-dim = {self.text_dim}: only the pretrained text encoder's "
+                "projection can differ from embed-dim, and cross_attention needs report "
+                "tokens as wide as the image's; set model.text-dim = 0 (embed-dim), or "
+                "model.text-encoder = pretrained with fusion concat, gated or late"
+            )
         if not self.labels or len(set(self.labels)) != len(self.labels):
             raise ConfigError(f"model.labels: need distinct, non-empty labels, got {self.labels}")
         if self.embed_dim % self.text_heads:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 __all__ = ["PRESETS", "SIMULATE_DEFAULTS"]
 
-PRESETS: dict[str, dict[str, str]] = {
+PRESETS: dict[str, dict[str, str | int]] = {
     # a CNN and a bidirectional LSTM over the report, concatenated
     "cnn-lstm-concat": {"model.text-encoder": "lstm", "model.fusion": "concat"},
     # pretrained, frozen encoders (ImageNet EfficientNet-Lite0 and all-MiniLM-L6-v2, a
-    # BERT-family encoder), concatenated; their projections, fusion and head train
+    # BERT-family encoder), concatenated; their projections, fusion and head train. The
+    # report's projection is 8 wide: under DP-SGD the weaker branch then takes a smaller
+    # share of each record's clipping norm and adds less noise (docs/models.md)
     "efficientnet-minilm-concat": {
         "model.image-encoder": "efficientnet-lite0",
         "model.text-encoder": "pretrained",
         "model.fusion": "concat",
         "model.encoder-mode": "frozen",
+        "model.text-dim": 8,
     },
     # the same encoders, fused late: a head per modality, the report's logits mapped onto
     # the image's through a learned map that starts at zero; one modality missing, the

@@ -214,3 +214,67 @@ def test_a_users_own_hugging_face_folder_trains_under_dp(tmp_path, kind, mode):
         torch.nn.functional.binary_cross_entropy_with_logits(private(x, r, m), y).backward()
         optimizer.step()
     assert all(not torch.equal(a, b) for a, b in zip(before, trainable, strict=True))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"fusion": "cross_attention"},
+        {"image_encoder": "cnn", "text_encoder": "transformer"},
+        {"image_encoder": "cnn", "text_encoder": "lstm"},
+    ],
+)
+def test_a_narrower_report_projection_is_refused_where_nothing_uses_it(settings):
+    with pytest.raises(ConfigError, match=r"model\.text-dim = 8: only the pretrained"):
+        ModelConfig(**{**PRETRAINED, "encoder_mode": "frozen", "text_dim": 8, **settings})
+    # the model's own width, or 0, is the default model wherever it is set
+    for width in (0, PRETRAINED["embed_dim"]):
+        ModelConfig(**{**PRETRAINED, "encoder_mode": "frozen", "text_dim": width, **settings})
+
+
+@pytest.mark.parametrize(
+    ("fusion", "branches"),
+    [
+        ("concat", "fused"),
+        ("concat", "image"),
+        ("concat", "text"),
+        ("gated", "fused"),
+        ("late", "fused"),
+        ("late", "text"),
+    ],
+)
+def test_a_narrower_report_projection_feeds_the_fusion(fusion, branches):
+    settings = {**PRETRAINED, "fusion": fusion, "encoder_mode": "frozen", "branches": branches}
+    cfg = ModelConfig(**settings, text_dim=8)
+    model = initial_model(cfg, 0).eval()
+    images, ids, present = batch(cfg)
+    tokens, pooled, _ = model.encode_text(ids)
+    assert pooled.shape == (4, 8) and tokens.shape[-1] == 8
+    if fusion == "concat":
+        assert model.fusion.mix.in_features == 32 + 8 and model.fusion.mix.out_features == 32
+    if branches != "image":
+        assert model.text_encoder.proj.weight.shape == (8, 384)
+    trained = sum(t.numel() for t in shared_state(model).values())
+    wide = shared_state(initial_model(ModelConfig(**settings), 0))
+    fewer = {  # (32 - 8) x (384 + 1) fewer in the projection, and 24 inputs of a layer
+        "concat": 24 * 385 + 24 * 32,  # the mix: 32 outputs
+        "gated": 24 * 385 + 24 * 32 + 24 * 2,  # phi_report (32 outputs), the gate (2)
+        # the report head: its LayerNorm, its 32 -> 32 layer now 8 -> 8, and 7 labels
+        "late": 24 * 385 + 2 * 24 + (32 * 33 - 8 * 9) + 24 * 7,
+    }[fusion]
+    if branches == "fused":
+        assert sum(t.numel() for t in wide.values()) - trained == fewer
+    with torch.no_grad():
+        logits = model(images, ids, present)
+        no_report = model(images, ids, present * torch.tensor([1.0, 0.0]))
+        changed = model(images, torch.flip(ids, [0]), present * torch.tensor([1.0, 0.0]))
+    assert logits.shape == (4, len(cfg.labels)) and torch.isfinite(logits).all()
+    torch.testing.assert_close(no_report, changed)  # a missing report never reaches the output
+
+
+def test_a_narrower_report_projection_has_no_alignment_term():
+    cfg = ModelConfig(**PRETRAINED, encoder_mode="frozen", text_dim=8)
+    model = initial_model(cfg, 0).train()
+    model.return_alignment = True
+    with pytest.raises(ConfigError, match=r"train\.alignment-weight: .* differ in width"):
+        model(*batch(cfg))

@@ -28,6 +28,10 @@ MODELS = {
     "cnn-lstm": {"model.text-encoder": "lstm", "model.fusion": "concat"},
     "late (each head's own loss too)": {"model.fusion": "late"},
     "pretrained frozen": dict(PRESETS["efficientnet-minilm-concat"]),
+    "pretrained frozen, wide report": {
+        **PRESETS["efficientnet-minilm-concat"],
+        "model.text-dim": 0,
+    },
     "pretrained lora": {**PRESETS["efficientnet-minilm-concat"], "model.encoder-mode": "lora"},
 }
 
