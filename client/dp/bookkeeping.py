@@ -33,6 +33,7 @@ Noise, Poisson sampling and accounting stay Opacus's: the optimizer is Opacus's
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -173,11 +174,27 @@ def _layer(
     if isinstance(module, nn.Embedding):
         return _embedding(module, calls, batch)
     if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros":
-        if not isinstance(module.padding, str) and _fits(module.weight, batch):
+        explicit = not isinstance(module.padding, str)
+        single = len(calls) == 1 and module.groups == 1 and explicit
+        if single and _conv2d_ghost_cheaper(module, calls[0][1]):
+            return _conv2d_bounded(module, *calls[0], batch)
+        if explicit and _fits(module.weight, batch):
             return _conv2d_per_example(module, calls, batch)
-        if len(calls) == 1 and module.groups == 1 and not isinstance(module.padding, str):
+        if single:
             return _conv2d_bounded(module, *calls[0], batch)
     return _materialized(module, calls, batch)
+
+
+def _conv2d_ghost_cheaper(m: nn.Conv2d, g: torch.Tensor) -> bool:
+    """Whether the ghost norm costs fewer flops than each example's weight gradient.
+
+    Per example, the ghost norm takes T^2 (K + O) flops for T output positions, K patch
+    values and O channels; the gradient itself T K O (Bu et al.'s mixed rule). Deep,
+    small feature maps (few positions, many channels) favour the ghost norm.
+    """
+    positions = g[0, 0].numel()
+    k = m.in_channels // m.groups * math.prod(m.kernel_size)
+    return positions * (k + m.out_channels) < k * m.out_channels
 
 
 def _fits(weight: torch.Tensor, batch: int) -> bool:
@@ -252,9 +269,7 @@ def _embedding(
     ids = _tokens([x.reshape(batch, -1, 1) for x, _ in calls], batch)[..., 0]  # (B, T)
     g = _tokens([y for _, y in calls], batch)  # (B, T, D)
     valid = ids != m.padding_idx if m.padding_idx is not None else torch.ones_like(ids).bool()
-    # Two positions add to the same row exactly when they hold the same id.
-    same = (ids[:, :, None] == ids[:, None, :]) & valid[:, :, None] & valid[:, None, :]
-    sq = (torch.bmm(g, g.transpose(1, 2)) * same).sum((1, 2))
+    sq = _embedding_sq_norms(ids, valid, g)
 
     def finish(scale: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
         weights = (scale[:, None] * valid).unsqueeze(-1)
@@ -262,6 +277,26 @@ def _embedding(
         return [(m.weight, torch.zeros_like(m.weight).index_add_(0, ids.reshape(-1), rows))]
 
     return sq, finish
+
+
+def _embedding_sq_norms(ids: torch.Tensor, valid: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Each example's squared gradient norm of an embedding, exactly, in O(T D).
+
+    Positions holding the same id add to the same row of the example's gradient: the
+    output gradients are summed per (example, id), found by sorting each example's ids,
+    and the norm is taken over those sums (the ghost norm's T x T comparison, without
+    its T^2 D cost). Padding positions add nothing.
+    """
+    batch, tokens = ids.shape
+    sorted_ids, order = ids.sort(dim=1)
+    first = torch.ones_like(sorted_ids, dtype=torch.bool)
+    first[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    group = first.cumsum(1).sub_(1)  # (B, T): the id's rank among the example's ids
+    group = torch.empty_like(group).scatter_(1, order, group)  # back in token order
+    rows = group + torch.arange(batch, device=ids.device)[:, None] * tokens
+    summed = g.new_zeros(batch * tokens, g.shape[-1])
+    summed.index_add_(0, rows.reshape(-1), (g * valid.unsqueeze(-1)).reshape(-1, g.shape[-1]))
+    return _sq_norms(summed.view(batch, -1))
 
 
 def _conv2d_per_example(
