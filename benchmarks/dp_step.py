@@ -2,7 +2,8 @@
 
 Run by ``make bench`` (benchmarks/dp.py), each in a fresh process so that its
 peak memory is its own. It trains the model the spec names on fixed synthetic batches
-shaped like the embedded data, without DP or with one per-example clipping method
+shaped like the embedded data (a frozen pretrained backbone's cached features in place
+of its input, as a hospital trains), without DP or with one per-example clipping method
 (through :func:`client.dp.engine.make_private`, noise included), and prints the step
 times and the memory as JSON.
 """
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
+from client.app.features import cacheable_encoders
 from client.dp.engine import make_private
 from client.dp.policy import PrivacyPolicy
 from shared_model.config import RunConfig
@@ -28,14 +30,31 @@ from shared_model.weights import initial_model
 __all__ = ["measure"]
 
 
-def _batches(cfg: Any, batch: int, count: int, device: str) -> list[tuple[Any, ...]]:
-    """Fixed synthetic batches shaped like the embedded data: 40 of 64 tokens used."""
+def _batches(
+    cfg: Any, batch: int, count: int, device: str, model: torch.nn.Module | None = None
+) -> list[tuple[Any, ...]]:
+    """Fixed synthetic batches shaped like the embedded data: 40 of 64 tokens used.
+
+    With ``model``, each frozen pretrained backbone's input is replaced by features of
+    the shape its cache holds (pooled: one position), as a hospital trains on them.
+    """
     g = torch.Generator().manual_seed(0)
+    frozen = cacheable_encoders(model) if model is not None else {}
     out = []
     for _ in range(count):
         image = torch.rand(batch, 1, cfg.image_size, cfg.image_size, generator=g)
         ids = torch.randint(4, cfg.text_vocab_buckets, (batch, cfg.max_report_tokens), generator=g)
         ids[:, (cfg.max_report_tokens * 5) // 8 :] = 0
+        if "image" in frozen:  # EfficientNet's feature map: 1/32 of the side
+            enc = frozen["image"]
+            where = 1 if enc.pooled_only else (cfg.image_size // 32) ** 2
+            image = torch.randn(batch, where, enc.width, generator=g).abs()
+        if "text" in frozen:
+            enc = frozen["text"]
+            where = 1 if enc.pooled_only else cfg.max_report_tokens
+            width = int(enc.backbone.config.hidden_size)
+            states = torch.randn(batch, where, width, generator=g) * 0.1
+            ids = torch.cat([states, torch.ones(batch, where, 1)], dim=-1)  # last: token mask
         present = torch.ones(batch, 2)
         labels = torch.randint(0, 2, (batch, len(cfg.labels)), generator=g).float()
         out.append(tuple(t.to(device) for t in (image, ids, present, labels)))
@@ -88,7 +107,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     optimizer = make_optimizer(model, run)
     loss_fn = make_loss(None).to(device)
     logical, physical = int(spec["batch"]), int(spec.get("physical") or 0)
-    batches = _batches(run.model, logical, int(spec["warmup"]) + int(spec["steps"]), device)
+    count = int(spec["warmup"]) + int(spec["steps"])
+    batches = _batches(run.model, logical, count, device, model)
     result: dict[str, Any] = {"mode": mode}
     if mode != "none":
         policy = PrivacyPolicy(
