@@ -320,3 +320,34 @@ def test_the_quick_utility_run_end_to_end(tmp_path):
     json_path, md_path, png_path = write_utility(entries, tmp_path, utility_settings(plan))
     assert json.loads(json_path.read_text())["settings"]["rounds"] == 3
     assert png_path.stat().st_size > 1000 and "MISSED" in md_path.read_text()
+
+
+def test_the_dp_step_breakdown_names_every_part_of_a_bk_step():
+    """python -m benchmarks.dp_step --breakdown: each layer type, the noise, the passes."""
+    from benchmarks.dp_step import breakdown
+
+    spec = {
+        "model": "default",
+        "overrides": {"model.image-size": 32, "model.embed-dim": 16},
+        "device": "cpu",
+        "threads": 1,
+        "batch": 8,
+        "warmup": 1,
+        "steps": 1,
+        "secure_noise": True,
+        "mode": "bk",
+    }
+    ms = breakdown(spec, steps=3)["ms"]
+    parts = {
+        "forward",
+        "backward to the layer outputs",
+        "convolutions, per-example gradients",
+        "convolutions, ghost norm + clipped sum",
+        "linear layers",
+        "embeddings",
+        "normalization layers (Opacus's functions)",
+        "noise from the CSPRNG",
+        "optimizer step",
+    }
+    assert parts <= set(ms) and all(ms[p] > 0 for p in parts)
+    assert sum(ms[p] for p in parts) < ms["step, bk"]
