@@ -147,7 +147,8 @@ class BookKeeping:
         by_layer: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for call, g in zip(calls, grads, strict=True):
             g = torch.zeros_like(call.output) if g is None else g.detach()
-            by_layer.setdefault(call.module, []).append((call.inputs, g))
+            kept = call.output.detach() if _from_output(call.module) else call.inputs
+            by_layer.setdefault(call.module, []).append((kept, g))
         norm2 = per_example_loss.new_zeros(batch, dtype=torch.float32)
         pending = []
         for module, layer_calls in by_layer.items():
@@ -169,6 +170,8 @@ def _layer(
     module: nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]], batch: int
 ) -> tuple[torch.Tensor, Finish]:
     """(squared per-example norms (B,), how to get the clipped sum from the scales)."""
+    if _from_output(module):  # GroupNorm and LayerNorm: calls hold outputs, not inputs
+        return _normalization(module, calls, batch)
     if isinstance(module, nn.Linear):
         return _linear(module, calls, batch)
     if isinstance(module, nn.Embedding):
@@ -369,6 +372,46 @@ def _conv2d_bounded(
         return out
 
     return sq, finish
+
+
+def _from_output(m: nn.Module) -> bool:
+    """Whether a normalization layer's per-example gradients come from its output.
+
+    For y = w * x_hat + b, each example's weight gradient sum(x_hat * g) is
+    (sum(y * g) - b * sum(g)) / w: one pass over the output and its gradient, instead of
+    normalizing the input again (Opacus's functions). The division loses precision where
+    |w| is small against |b|; such a layer takes Opacus's path. The clipping stays exact
+    either way: the vectors whose norms are taken are the ones summed.
+    """
+    if not isinstance(m, nn.GroupNorm | nn.LayerNorm):
+        return False
+    w, b = m.weight, m.bias
+    if w is None or b is None or not (w.requires_grad and b.requires_grad):
+        return False
+    with torch.no_grad():
+        return bool((w.abs() >= 1e-2 * b.abs().clamp_min(1e-4)).all())
+
+
+def _normalization(
+    m: nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]], batch: int
+) -> tuple[torch.Tensor, Finish]:
+    """Per-example gradients of a GroupNorm or LayerNorm from its outputs (B, ...)."""
+    w, b = m.weight.detach(), m.bias.detach()
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    for y, g in calls:
+        if isinstance(m, nn.GroupNorm):  # (B, C, *spatial): per channel
+            dims = tuple(range(2, y.dim()))
+            shape = (1, -1) + (1,) * len(dims)
+        else:  # (B, ..., *normalized_shape): per normalized element
+            dims = tuple(range(1, y.dim() - w.dim()))
+            shape = (1, *w.shape)
+        g_sum = g.sum(dims) if dims else g
+        yg = (y * g).sum(dims) if dims else y * g
+        gw = (yg - b.view(shape[: yg.dim()]) * g_sum) / w.view(shape[: yg.dim()])
+        weight = gw if weight is None else weight + gw
+        bias = g_sum if bias is None else bias + g_sum
+    return _kept(m, weight, bias, batch)
 
 
 def _materialized(
