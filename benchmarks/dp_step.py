@@ -170,7 +170,8 @@ _LAYER_PARTS = {
     "_conv2d_bounded": "convolutions, ghost norm + clipped sum",
     "_linear": "linear layers",
     "_embedding": "embeddings",
-    "_materialized": "normalization layers (Opacus's functions)",
+    "_normalization": "normalization layers",
+    "_materialized": "other layers (Opacus's functions)",
 }
 
 

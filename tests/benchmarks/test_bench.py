@@ -345,7 +345,7 @@ def test_the_dp_step_breakdown_names_every_part_of_a_bk_step():
         "convolutions, ghost norm + clipped sum",
         "linear layers",
         "embeddings",
-        "normalization layers (Opacus's functions)",
+        "normalization layers",
         "noise from the CSPRNG",
         "optimizer step",
     }
