@@ -16,14 +16,17 @@ layer's *output*:
    batch as groups, a fast library kernel instead of ``unfold``); the norms are theirs,
    and the clipped sum ``sum_i c_i grad_i`` is their weighted sum. Otherwise the norm
    is the ghost norm ``sum_ts (a_t . a_s)(g_t . g_s)``, or the per-example gradient
-   computed and dropped, whichever costs fewer flops (Bu et al.'s mixed rule), and
+   computed and dropped, whichever costs fewer flops (Bu et al.'s mixed rule; a
+   convolution takes the ghost norm wherever it is cheaper, kept or not), and
 4. the clipped sum is an ordinary weight gradient of ``a`` and the output gradients
    scaled per example by ``c_i``: one matmul, as in non-private training.
 
 Layers (every trainable parameter must sit directly in one): ``Linear``, ``Embedding``
 (``padding_idx`` rows get no gradient, as in PyTorch), ``Conv2d``, and every other layer
 Opacus has a per-sample gradient function for (LayerNorm, GroupNorm, RMSNorm, grouped
-convolutions, ...), whose per-example gradients are materialized with Opacus's function.
+convolutions, ...), whose per-example gradients are materialized with Opacus's function
+(GroupNorm and LayerNorm take theirs from their outputs, in one pass). An embedding's
+norm sums the output gradients per (example, id), found by sorting the ids.
 A layer called several times in one forward pass (the LSTM encoder's time steps) has
 its calls added up before the norm is taken, so its clipping stays exact.
 
