@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch.utils.data import TensorDataset
 
+import client.dp.bookkeeping as bk
+import client.dp.secure_noise as secure_noise
 from client.app.features import cacheable_encoders
 from client.dp.engine import make_private
 from client.dp.policy import PrivacyPolicy
@@ -28,7 +30,7 @@ from shared_model.config import RunConfig
 from shared_model.engine import make_loss, make_optimizer, reuse_freed_memory, train_step
 from shared_model.weights import initial_model
 
-__all__ = ["measure"]
+__all__ = ["breakdown", "measure"]
 
 
 def _batches(
@@ -183,9 +185,6 @@ def breakdown(spec: dict[str, Any], steps: int = 12) -> dict[str, Any]:
     layers' outputs, each layer type's norms and clipped sums, the CSPRNG noise, and the
     rest of the optimizer step (Opacus's accumulate, scale, accountant and SGD).
     """
-    import client.dp.bookkeeping as bk
-    import client.dp.secure_noise as secure_noise
-
     warnings.filterwarnings("ignore")
     reuse_freed_memory()
     torch.set_num_threads(int(spec["threads"]))
