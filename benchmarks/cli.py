@@ -181,7 +181,7 @@ def bench(
     device = _device(device, suite)
     # The suites load here, not at import: --help and a bad option answer without torch
     # and Flower.
-    from benchmarks.dp import run_dp_bench, run_memory_bench
+    from benchmarks.dp import run_dp_suite, run_memory_bench
     from benchmarks.federation import (
         run_audit_bench,
         run_first_result_bench,
@@ -311,7 +311,7 @@ def bench(
         parts = gpu.parts()
     else:
         parts = [
-            ("dp", lambda: run_dp_bench(device=device, echo=typer.echo)),
+            ("dp", lambda: run_dp_suite(device=device, echo=typer.echo)),
             ("memory", lambda: run_memory_bench(device=device, echo=typer.echo)),
         ]
         if suite == "dp":

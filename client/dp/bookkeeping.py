@@ -16,14 +16,17 @@ layer's *output*:
    batch as groups, a fast library kernel instead of ``unfold``); the norms are theirs,
    and the clipped sum ``sum_i c_i grad_i`` is their weighted sum. Otherwise the norm
    is the ghost norm ``sum_ts (a_t . a_s)(g_t . g_s)``, or the per-example gradient
-   computed and dropped, whichever costs fewer flops (Bu et al.'s mixed rule), and
+   computed and dropped, whichever costs fewer flops (Bu et al.'s mixed rule; a
+   convolution takes the ghost norm wherever it is cheaper, kept or not), and
 4. the clipped sum is an ordinary weight gradient of ``a`` and the output gradients
    scaled per example by ``c_i``: one matmul, as in non-private training.
 
 Layers (every trainable parameter must sit directly in one): ``Linear``, ``Embedding``
 (``padding_idx`` rows get no gradient, as in PyTorch), ``Conv2d``, and every other layer
 Opacus has a per-sample gradient function for (LayerNorm, GroupNorm, RMSNorm, grouped
-convolutions, ...), whose per-example gradients are materialized with Opacus's function.
+convolutions, ...), whose per-example gradients are materialized with Opacus's function
+(GroupNorm and LayerNorm take theirs from their outputs, in one pass). An embedding's
+norm sums the output gradients per (example, id), found by sorting the ids.
 A layer called several times in one forward pass (the LSTM encoder's time steps) has
 its calls added up before the norm is taken, so its clipping stays exact.
 
@@ -33,6 +36,7 @@ Noise, Poisson sampling and accounting stay Opacus's: the optimizer is Opacus's
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -146,7 +150,8 @@ class BookKeeping:
         by_layer: dict[nn.Module, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for call, g in zip(calls, grads, strict=True):
             g = torch.zeros_like(call.output) if g is None else g.detach()
-            by_layer.setdefault(call.module, []).append((call.inputs, g))
+            kept = call.output.detach() if _from_output(call.module) else call.inputs
+            by_layer.setdefault(call.module, []).append((kept, g))
         norm2 = per_example_loss.new_zeros(batch, dtype=torch.float32)
         pending = []
         for module, layer_calls in by_layer.items():
@@ -168,16 +173,34 @@ def _layer(
     module: nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]], batch: int
 ) -> tuple[torch.Tensor, Finish]:
     """(squared per-example norms (B,), how to get the clipped sum from the scales)."""
+    if _from_output(module):  # GroupNorm and LayerNorm: calls hold outputs, not inputs
+        return _normalization(module, calls, batch)
     if isinstance(module, nn.Linear):
         return _linear(module, calls, batch)
     if isinstance(module, nn.Embedding):
         return _embedding(module, calls, batch)
     if isinstance(module, nn.Conv2d) and module.padding_mode == "zeros":
-        if not isinstance(module.padding, str) and _fits(module.weight, batch):
+        explicit = not isinstance(module.padding, str)
+        single = len(calls) == 1 and module.groups == 1 and explicit
+        if single and _conv2d_ghost_cheaper(module, calls[0][1]):
+            return _conv2d_bounded(module, *calls[0], batch)
+        if explicit and _fits(module.weight, batch):
             return _conv2d_per_example(module, calls, batch)
-        if len(calls) == 1 and module.groups == 1 and not isinstance(module.padding, str):
+        if single:
             return _conv2d_bounded(module, *calls[0], batch)
     return _materialized(module, calls, batch)
+
+
+def _conv2d_ghost_cheaper(m: nn.Conv2d, g: torch.Tensor) -> bool:
+    """Whether the ghost norm costs fewer flops than each example's weight gradient.
+
+    Per example, the ghost norm takes T^2 (K + O) flops for T output positions, K patch
+    values and O channels; the gradient itself T K O (Bu et al.'s mixed rule). Deep,
+    small feature maps (few positions, many channels) favour the ghost norm.
+    """
+    positions = g[0, 0].numel()
+    k = m.in_channels // m.groups * math.prod(m.kernel_size)
+    return positions * (k + m.out_channels) < k * m.out_channels
 
 
 def _fits(weight: torch.Tensor, batch: int) -> bool:
@@ -252,9 +275,7 @@ def _embedding(
     ids = _tokens([x.reshape(batch, -1, 1) for x, _ in calls], batch)[..., 0]  # (B, T)
     g = _tokens([y for _, y in calls], batch)  # (B, T, D)
     valid = ids != m.padding_idx if m.padding_idx is not None else torch.ones_like(ids).bool()
-    # Two positions add to the same row exactly when they hold the same id.
-    same = (ids[:, :, None] == ids[:, None, :]) & valid[:, :, None] & valid[:, None, :]
-    sq = (torch.bmm(g, g.transpose(1, 2)) * same).sum((1, 2))
+    sq = _embedding_sq_norms(ids, valid, g)
 
     def finish(scale: torch.Tensor) -> list[tuple[nn.Parameter, torch.Tensor]]:
         weights = (scale[:, None] * valid).unsqueeze(-1)
@@ -262,6 +283,26 @@ def _embedding(
         return [(m.weight, torch.zeros_like(m.weight).index_add_(0, ids.reshape(-1), rows))]
 
     return sq, finish
+
+
+def _embedding_sq_norms(ids: torch.Tensor, valid: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Each example's squared gradient norm of an embedding, exactly, in O(T D).
+
+    Positions holding the same id add to the same row of the example's gradient: the
+    output gradients are summed per (example, id), found by sorting each example's ids,
+    and the norm is taken over those sums (the ghost norm's T x T comparison, without
+    its T^2 D cost). Padding positions add nothing.
+    """
+    batch, tokens = ids.shape
+    sorted_ids, order = ids.sort(dim=1)
+    first = torch.ones_like(sorted_ids, dtype=torch.bool)
+    first[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    group = first.cumsum(1).sub_(1)  # (B, T): the id's rank among the example's ids
+    group = torch.empty_like(group).scatter_(1, order, group)  # back in token order
+    rows = group + torch.arange(batch, device=ids.device)[:, None] * tokens
+    summed = g.new_zeros(batch * tokens, g.shape[-1])
+    summed.index_add_(0, rows.reshape(-1), (g * valid.unsqueeze(-1)).reshape(-1, g.shape[-1]))
+    return _sq_norms(summed.view(batch, -1))
 
 
 def _conv2d_per_example(
@@ -334,6 +375,46 @@ def _conv2d_bounded(
         return out
 
     return sq, finish
+
+
+def _from_output(m: nn.Module) -> bool:
+    """Whether a normalization layer's per-example gradients come from its output.
+
+    For y = w * x_hat + b, each example's weight gradient sum(x_hat * g) is
+    (sum(y * g) - b * sum(g)) / w: one pass over the output and its gradient, instead of
+    normalizing the input again (Opacus's functions). The division loses precision where
+    |w| is small against |b|; such a layer takes Opacus's path. The clipping stays exact
+    either way: the vectors whose norms are taken are the ones summed.
+    """
+    if not isinstance(m, nn.GroupNorm | nn.LayerNorm):
+        return False
+    w, b = m.weight, m.bias
+    if w is None or b is None or not (w.requires_grad and b.requires_grad):
+        return False
+    with torch.no_grad():
+        return bool((w.abs() >= 1e-2 * b.abs().clamp_min(1e-4)).all())
+
+
+def _normalization(
+    m: nn.Module, calls: list[tuple[torch.Tensor, torch.Tensor]], batch: int
+) -> tuple[torch.Tensor, Finish]:
+    """Per-example gradients of a GroupNorm or LayerNorm from its outputs (B, ...)."""
+    w, b = m.weight.detach(), m.bias.detach()
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    for y, g in calls:
+        if isinstance(m, nn.GroupNorm):  # (B, C, *spatial): per channel
+            dims = tuple(range(2, y.dim()))
+            shape = (1, -1) + (1,) * len(dims)
+        else:  # (B, ..., *normalized_shape): per normalized element
+            dims = tuple(range(1, y.dim() - w.dim()))
+            shape = (1, *w.shape)
+        g_sum = g.sum(dims) if dims else g
+        yg = (y * g).sum(dims) if dims else y * g
+        gw = (yg - b.view(shape[: yg.dim()]) * g_sum) / w.view(shape[: yg.dim()])
+        weight = gw if weight is None else weight + gw
+        bias = g_sum if bias is None else bias + g_sum
+    return _kept(m, weight, bias, batch)
 
 
 def _materialized(

@@ -6,6 +6,7 @@ import pytest
 
 from benchmarks.federation import _Run
 from benchmarks.report import Measurement, table, write_results
+from shared_model.config import RunConfig
 
 
 def rounds(seconds, up=1000, key=100):
@@ -216,6 +217,38 @@ def test_one_dp_step_measurement_in_its_own_process():
     assert all(t > 0 for t in got["times"]) and got["peak_memory"] > got["train_memory"] > 0
 
 
+def test_the_dp_suite_holds_the_defaults_to_the_target_and_keeps_the_extras(monkeypatch):
+    """The headline is the default model at the default batch with secure noise, DP held
+    to 1.2x; make simulate's frozen-feature head is reported; batch 64 rows are extras."""
+    import benchmarks.dp
+
+    specs = []
+
+    def fake(spec):
+        specs.append(spec)
+        slow = {"none": 1.0, "bk": 1.1}.get(spec.get("name", spec["mode"]), 1.5)
+        return {"times": [slow], "peak_memory": 2.0, "train_memory": 1.0}
+
+    monkeypatch.setattr(benchmarks.dp, "_run_one", fake)
+    got = {m.name: m for m in benchmarks.dp.run_dp_suite(echo=lambda _: None, repeats=1)}
+    batch = RunConfig().train.batch_size
+    head = got["dp-step/default/bk"]
+    assert head.config["batch"] == batch and head.config["secure_noise"] is True
+    assert head.target == "<= 1.2x" and head.met and head.baseline == "dp-step/default/none"
+    assert got["dp-step/default/bk-prng"].config["secure_noise"] is False
+    frozen = got["dp-step/simulate/bk"]
+    assert frozen.config["batch"] == batch and frozen.target == "" and frozen.ratio == 1.1
+    assert frozen.config["overrides"]["model.encoder-mode"] == "frozen"
+    for model in ("default", "lora"):
+        for mode in ("hooks", "ghost", "functorch", "ew", "bk"):
+            extra = got[f"dp-step/{model}-batch-64/{mode}"]
+            assert extra.config["batch"] == 64 and extra.target == ""
+    assert {s["mode"] for s in specs if s["model"] == "default" and s["batch"] == batch} == {
+        "none",
+        "bk",
+    }
+
+
 def test_a_failed_part_is_recorded_and_the_others_are_kept(tmp_path, monkeypatch):
     """A part that fails late (here: memory) loses nothing the earlier parts measured."""
     from typer.testing import CliRunner
@@ -224,7 +257,7 @@ def test_a_failed_part_is_recorded_and_the_others_are_kept(tmp_path, monkeypatch
     from benchmarks.cli import app
 
     step = Measurement.of("dp-step/default/none", {}, [0.03], "s")
-    monkeypatch.setattr(benchmarks.dp, "run_dp_bench", lambda **_: [step])
+    monkeypatch.setattr(benchmarks.dp, "run_dp_suite", lambda **_: [step])
 
     def broken(**_):
         raise RuntimeError("the memory run failed: out of luck")
@@ -287,3 +320,34 @@ def test_the_quick_utility_run_end_to_end(tmp_path):
     json_path, md_path, png_path = write_utility(entries, tmp_path, utility_settings(plan))
     assert json.loads(json_path.read_text())["settings"]["rounds"] == 3
     assert png_path.stat().st_size > 1000 and "MISSED" in md_path.read_text()
+
+
+def test_the_dp_step_breakdown_names_every_part_of_a_bk_step():
+    """python -m benchmarks.dp_step --breakdown: each layer type, the noise, the passes."""
+    from benchmarks.dp_step import breakdown
+
+    spec = {
+        "model": "default",
+        "overrides": {"model.image-size": 32, "model.embed-dim": 16},
+        "device": "cpu",
+        "threads": 1,
+        "batch": 8,
+        "warmup": 1,
+        "steps": 1,
+        "secure_noise": True,
+        "mode": "bk",
+    }
+    ms = breakdown(spec, steps=3)["ms"]
+    parts = {
+        "forward",
+        "backward to the layer outputs",
+        "convolutions, per-example gradients",
+        "convolutions, ghost norm + clipped sum",
+        "linear layers",
+        "embeddings",
+        "normalization layers",
+        "noise from the CSPRNG",
+        "optimizer step",
+    }
+    assert parts <= set(ms) and all(ms[p] > 0 for p in parts)
+    assert sum(ms[p] for p in parts) < ms["step, bk"]

@@ -70,7 +70,7 @@ def test_a_gpu_asked_for_where_there_is_none_measures_on_the_cpu_warned(
         seen.append(kwargs["device"])
         return [Measurement.of("dp-step/default/none", {}, [0.03], "s")]
 
-    monkeypatch.setattr(benchmarks.dp, "run_dp_bench", measured)
+    monkeypatch.setattr(benchmarks.dp, "run_dp_suite", measured)
     monkeypatch.setattr(benchmarks.dp, "run_memory_bench", measured)
     result = CliRunner().invoke(app, ["--suite", "dp", "--device", "cuda", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output

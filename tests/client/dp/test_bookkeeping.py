@@ -235,3 +235,113 @@ def test_every_layer_path_clips_each_examples_own_gradient(limit, monkeypatch):
     torch.testing.assert_close(got_norms, norms, rtol=1e-4, atol=1e-6)
     for (name, p), e in zip(model.named_parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-5 * float(e.abs().max()), msg=name)
+
+
+class Tokens(nn.Module):
+    """An embedding whose examples repeat ids and hold padding, read by a token mixer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 4, padding_idx=0)
+        self.mix = nn.Linear(4, 1)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        weights = torch.linspace(-1.0, 2.0, ids.shape[1])[None, :, None]
+        return self.mix(torch.tanh(self.embed(ids) * weights)).sum((1, 2))
+
+
+def test_embedding_norms_add_repeated_ids_before_the_norm():
+    """An id used at several positions is one row of the gradient: its positions' output
+    gradients add up before the norm is taken (taken per position, the norms differ)."""
+    torch.manual_seed(4)
+    model = Tokens()
+    ids = torch.tensor(
+        [
+            [3, 3, 3, 3, 3, 3],  # one id everywhere: a single row
+            [1, 2, 3, 4, 5, 6],  # all distinct
+            [5, 0, 5, 0, 2, 5],  # repeats around padding
+            [0, 0, 0, 0, 0, 0],  # only padding: no embedding gradient at all
+            [6, 1, 6, 1, 6, 1],
+        ]
+    )
+    params = list(model.parameters())
+    per_example = [torch.autograd.grad(model(ids[i : i + 1]).sum(), params) for i in range(5)]
+    norms = torch.stack([torch.sqrt(sum((g**2).sum() for g in gs)) for gs in per_example])
+    c = float(norms.median())
+    expected = [
+        sum(
+            min(1.0, c / (float(n) + 1e-6)) * gs[k]
+            for n, gs in zip(norms, per_example, strict=True)
+        )
+        for k in range(len(params))
+    ]
+    got = BookKeeping(model, c).clipped_backward(model(ids))
+    torch.testing.assert_close(got, norms, rtol=1e-5, atol=1e-6)
+    for p, e in zip(params, expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-6)
+    assert model.embed.weight.grad[0].abs().sum() == 0  # the padding row never moves
+
+
+def test_mixed_rule_takes_the_ghost_norm_only_where_it_costs_less():
+    """The default CNN's last stage (4 x 4 positions, 576 patch values, 64 channels) takes
+    the ghost norm; its earlier, larger feature maps keep per-example gradients."""
+    from client.dp.bookkeeping import _conv2d_ghost_cheaper
+
+    cfg = ModelConfig()
+    model = FusionModel(cfg)
+    size, cheaper = cfg.image_size, []
+    for stage in model.image_encoder.stages:
+        size //= 2
+        conv = stage[0]
+        cheaper.append(_conv2d_ghost_cheaper(conv, torch.zeros(1, conv.out_channels, size, size)))
+    assert cheaper == [False, False, False, True]
+
+
+class Norms(nn.Module):
+    """GroupNorm and LayerNorm with trained-looking affine parameters, one called twice."""
+
+    def __init__(self, tiny_weight: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.group = nn.GroupNorm(2, 4)
+        self.layer = nn.LayerNorm(4)
+        self.out = nn.Linear(4, 1)
+        with torch.no_grad():
+            for norm in (self.group, self.layer):
+                norm.weight.uniform_(-2.0, 2.0)
+                norm.bias.uniform_(-3.0, 3.0)
+            if tiny_weight:  # |w| far below |b|: this layer must take Opacus's path
+                self.group.weight[1] = 1e-5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.group(self.conv(x)))  # (B, 4, 3, 3)
+        tokens = h.flatten(2).transpose(1, 2)  # (B, 9, 4)
+        tokens = self.layer(torch.tanh(self.layer(tokens)) * 2.0)  # called twice
+        return self.out(tokens).sum((1, 2))
+
+
+@pytest.mark.parametrize("tiny_weight", [False, True])
+def test_normalization_layers_from_their_outputs_clip_each_examples_own_gradient(tiny_weight):
+    """Normalization gradients taken from the layer's output (weights and biases far
+    from their initial 1 and 0, a layer used twice) equal the example-by-example ones."""
+    from client.dp.bookkeeping import _from_output
+
+    torch.manual_seed(7)
+    model = Norms(tiny_weight)
+    assert _from_output(model.group) is not tiny_weight and _from_output(model.layer)
+    x = torch.randn(6, 2, 3, 3) * torch.tensor([0.1, 1.0, 5.0, 0.5, 20.0, 2.0])[:, None, None, None]
+    params = list(model.parameters())
+    per_example = [torch.autograd.grad(model(x[i : i + 1]).sum(), params) for i in range(6)]
+    norms = torch.stack([torch.sqrt(sum((g**2).sum() for g in gs)) for gs in per_example])
+    c = float(norms.median())
+    expected = [
+        sum(
+            min(1.0, c / (float(n) + 1e-6)) * gs[k]
+            for n, gs in zip(norms, per_example, strict=True)
+        )
+        for k in range(len(params))
+    ]
+    got = BookKeeping(model, c).clipped_backward(model(x))
+    torch.testing.assert_close(got, norms, rtol=1e-4, atol=1e-6)
+    for (name, p), e in zip(model.named_parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-5 * float(e.abs().max()), msg=name)
