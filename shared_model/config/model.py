@@ -95,7 +95,8 @@ class ModelConfig:
     text_dim: int = _opt(
         0,
         "Width of the pretrained report encoder's projection (fusion concat, gated or "
-        "late); 0: embed-dim. Narrower than embed-dim, the weaker report branch has "
+        "late; cross_attention keeps embed-dim); 0: embed-dim. Narrower than embed-dim, "
+        "the weaker report branch has "
         "fewer parameters to train, which under DP-SGD means less noise and a smaller "
         "share of each record's clipping norm.",
         min=0,
@@ -116,19 +117,21 @@ class ModelConfig:
 
     @property
     def report_dim(self) -> int:
-        """Width of the pooled report features: text-dim, or embed-dim when it is 0."""
-        return self.text_dim or self.embed_dim
+        """Width of the pooled report features: text-dim, or embed-dim when it is 0.
+
+        Cross-attention's report tokens must be as wide as the image's: embed-dim.
+        """
+        return (
+            self.embed_dim if self.fusion == "cross_attention" else self.text_dim or self.embed_dim
+        )
 
     def __post_init__(self) -> None:
         narrow_report = self.text_dim and self.text_dim != self.embed_dim
-        if narrow_report and (
-            self.text_encoder != "pretrained" or self.fusion == "cross_attention"
-        ):
+        if narrow_report and self.text_encoder != "pretrained":
             raise ConfigError(
                 f"model.text-dim = {self.text_dim}: only the pretrained text encoder's "
-                "projection can differ from embed-dim, and cross_attention needs report "
-                "tokens as wide as the image's; set model.text-dim = 0 (embed-dim), or "
-                "model.text-encoder = pretrained with fusion concat, gated or late"
+                "projection can differ from embed-dim; set model.text-dim = 0 (embed-dim), "
+                "or model.text-encoder = pretrained"
             )
         if not self.labels or len(set(self.labels)) != len(self.labels):
             raise ConfigError(f"model.labels: need distinct, non-empty labels, got {self.labels}")

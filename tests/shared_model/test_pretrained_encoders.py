@@ -216,10 +216,19 @@ def test_a_users_own_hugging_face_folder_trains_under_dp(tmp_path, kind, mode):
     assert all(not torch.equal(a, b) for a, b in zip(before, trainable, strict=True))
 
 
+def test_cross_attention_keeps_report_tokens_as_wide_as_the_image():
+    """The documented `-c model.fusion="cross_attention"` on simulate's preset (text-dim 8)."""
+    cfg = ModelConfig(**{**PRETRAINED, "encoder_mode": "frozen", "text_dim": 8})
+    assert cfg.report_dim == 8
+    cross = ModelConfig(
+        **{**PRETRAINED, "encoder_mode": "frozen", "text_dim": 8, "fusion": "cross_attention"}
+    )
+    assert cross.report_dim == PRETRAINED["embed_dim"]
+
+
 @pytest.mark.parametrize(
     "settings",
     [
-        {"fusion": "cross_attention"},
         {"image_encoder": "cnn", "text_encoder": "transformer"},
         {"image_encoder": "cnn", "text_encoder": "lstm"},
     ],
