@@ -28,17 +28,6 @@ FORBIDDEN = {
     "client.app": {"client.node"},
     "client.dp": {"client.app", "client.node", "flwr"},
 }
-# The one place that runs both sides in one process: the federation `fedfusion audit`
-# trains (the hospitals' own round code and the server's round core, call for call), whose
-# audit switches must reach every hospital it audits. These may import the hospital's
-# training code (client.app, client.dp), never client.node; nothing the ServerApp or a
-# hospital runs may import them (test_both_sides_stay_out_of_the_deployed_processes).
-BOTH_SIDES = {
-    "server.commands.inprocess",
-    "server.commands.one_run_audit",
-    "server.commands.record_canaries",
-}
-BOTH_SIDES_MAY_IMPORT = ("client.app", "client.dp")
 # the packages whose modules may not import one another in a circle
 ACYCLIC = (*PRODUCT, "benchmarks")
 _SHELL_M = re.compile(r"-m\s+([A-Za-z_][\w.]*)")
@@ -201,20 +190,7 @@ def test_import_direction(package):
     assert files
     for path in files:
         bad = {m for m in imported(path) for f in FORBIDDEN[package] if _under(m, f)}
-        if _module_of(path) in BOTH_SIDES:
-            bad = {m for m in bad if not any(_under(m, a) for a in BOTH_SIDES_MAY_IMPORT)}
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
-
-
-def test_both_sides_stay_out_of_the_deployed_processes():
-    """The in-process federation and its audit are reached only from `fedfusion audit`
-    (and the benchmarks and tests): no module of the ServerApp, the ClientApp or a
-    hospital's node, and no other command module, imports them, even late."""
-    graph = import_graph()
-    assert set(graph) >= BOTH_SIDES  # the names are still real modules
-    importers = {m for m, targets in graph.items() if targets & BOTH_SIDES} - BOTH_SIDES
-    product = {m for m in importers if m.split(".")[0] in PRODUCT}
-    assert product == {"server.commands.cli"}, sorted(product)
 
 
 def test_no_import_cycles():

@@ -53,7 +53,7 @@ class SecAggRefusedError(ExplainedError, ValueError):
 def sparse_share_floor(hospitals: int) -> int:
     """Fewest shares accepted below a complete graph: 2 * ceil(log2 n) + 1.
 
-    The same number the server plans by default (``SecAggConfig.sparse_shares``); below
+    The same number the server plans with secagg.sparse (``SecAggConfig.sparse_shares``); below
     n it is never under 7, as 2 * ceil(log2 n) + 1 >= n for n <= 7.
     """
     return SecAggConfig.sparse_shares(hospitals)

@@ -12,13 +12,7 @@ import typer
 from server.app.report import summary_table
 from server.commands.config import ServerDeployConfig
 from server.commands.superlink import failed_replies
-from shared_model.config import (
-    PRESETS,
-    SIMULATE_DEFAULTS,
-    ConfigError,
-    RunConfig,
-    parse_overrides,
-)
+from shared_model.config import PRESETS, SIMULATE_DEFAULTS, ConfigError, parse_overrides
 from shared_model.progress import progress
 
 # Every `fedfusion` call imports this module to list its commands: what loads torch,
@@ -337,78 +331,17 @@ def simulate(
 
 
 def audit(
-    run_dir: Annotated[
-        Path | None,
-        typer.Argument(
-            help="A finished `fedfusion simulate` run: attack its final model. Without it: "
-            "the one-run privacy audit of a simulated federation.",
-            show_default=False,
-        ),
-    ] = None,
+    run_dir: Annotated[Path, typer.Argument(help="A finished `fedfusion simulate` run.")],
     hospitals: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            help="With RUN_DIR: the run's hospitals (default: from its metrics). Without: "
-            "the audited federation's (default 2).",
-        ),
-    ] = None,
-    variant: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="Without RUN_DIR: white-box (gradient canaries, about 5 minutes on 2 "
-            "cores) or black-box (record canaries, about 8); repeatable; default both."
-        ),
-    ] = None,
-    run_config: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--run-config",
-            "-c",
-            help="Without RUN_DIR: run settings for every audited federation, as for "
-            "`fedfusion simulate`, except those each run sets itself (privacy.enabled, "
-            "privacy.target-epsilon, num-rounds, output-dir, seed), which are refused.",
-        ),
-    ] = None,
-    out: Annotated[
-        Path | None,
-        typer.Option(
-            "--out",
-            "-o",
-            help="Without RUN_DIR: where audit.json, audit.md and audit.png go "
-            "(default runs/audit; rewritten after each run).",
-        ),
+        int | None, typer.Option(min=1, help="Hospitals of the run (default: from its metrics).")
     ] = None,
 ) -> None:
-    """Audit privacy empirically: an epsilon lower bound, or a membership-inference attack.
+    """Membership-inference audit of a run's final model: attack AUC and TPR at low FPR.
 
-    **Without RUN_DIR**: the one-run audit (Steinke, Nasr and Jagielski, 2023) of a
-    simulated federation on the default settings (DP + SecAgg+): this installation's
-    hospital training code, run in this process on the embedded data, not a deployed
-    federation. Canaries at one hospital, each included with probability 1/2: gradient
-    canaries scored from every round's aggregate (white-box) and canary records scored
-    from the final model (black-box). The guesses give an epsilon lower bound at 95%
-    confidence, shown beside the accounted epsilon, for DP runs at epsilon 1 and 8, and
-    for two controls the audit must flag to show it has power: a non-private run and a
-    run whose noise is scaled by 0.1 at every hospital (a switch only this command sets).
-    Exit status 1 if a correct DP run is flagged (the implementation leaks more than it
-    accounts), 3 if a control is not caught (no power at these settings), else 0.
-    docs/privacy.md says what the bound means and what it does not.
-
-    **With RUN_DIR**: each simulated hospital's training records are the members, its
-    held-out records the non-members; two attacks score every record by its loss under
-    the final model, and by how much training lowered it. Result: RUN_DIR/audit.json.
+    Each simulated hospital's training records are the members, its held-out records the
+    non-members. Two attacks score every record: its loss under the final model, and how
+    much training lowered that loss since round 0. The result goes to RUN_DIR/audit.json.
     """
-    if run_dir is None:
-        _one_run_audit(hospitals or 2, variant, run_config, out or Path("runs/audit"))
-        return
-    if variant or run_config or out:
-        typer.secho(
-            "error: --variant, --run-config and --out are for the one-run audit (no RUN_DIR); "
-            "a run's attack is written to RUN_DIR/audit.json",
-            err=True,
-        )
-        raise typer.Exit(2)
     from server.commands.audit import audit_run, hospital_count  # torch: with the command
 
     try:
@@ -430,58 +363,6 @@ def audit(
     path = Path(run_dir) / "audit.json"
     path.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
     typer.echo(f"0.5 is a coin toss. Written to {path}")
-
-
-def _one_run_audit(
-    hospitals: int, variants: list[str] | None, run_config: list[str] | None, out: Path
-) -> None:
-    """`fedfusion audit` without a run folder: the one-run audit, its table and files."""
-    # torch, Flower and Opacus load with the command (see the note at the top)
-    from server.commands.audit_report import judge
-    from server.commands.one_run_audit import AUDIT_OWNED, VARIANTS, audit_simulated_federation
-    from server.commands.record_canaries import black_box_refusal
-
-    chosen = tuple(dict.fromkeys(variants or VARIANTS))
-    try:
-        unknown = sorted(set(chosen) - set(VARIANTS))
-        if unknown:
-            raise ConfigError(f"--variant {unknown[0]!r} is not one of {', '.join(VARIANTS)}")
-        if hospitals < 2:
-            raise ConfigError("--hospitals: the audited federation needs at least 2")
-        overrides = parse_overrides(run_config or [])
-        owned = sorted(set(overrides) & set(AUDIT_OWNED))
-        if owned:
-            raise ConfigError(f"--run-config: {', '.join(owned)} is set by each audited run")
-        run = RunConfig.from_run_config({**overrides, "num-rounds": 1})  # bad keys: now
-        refusal = black_box_refusal(run) if "black-box" in chosen else None
-        if refusal:
-            raise ConfigError(f"the black-box audit: {refusal}; or use --variant white-box")
-        typer.echo(f"one-run privacy audit: {', '.join(chosen)}; {hospitals} hospitals")
-        started = time.monotonic()
-        outcomes = audit_simulated_federation(
-            out, echo=typer.echo, variants=chosen, overrides=overrides, hospitals=hospitals
-        )
-    except ConfigError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from err
-    typer.echo(f"\n{time.monotonic() - started:.0f} s; written to {out}/audit.json, .md, .png")
-    leaking, blind = judge(outcomes)
-    if leaking:
-        typer.secho(
-            f"FAILED: correct DP runs flagged, leaking more than they account: "
-            f"{'; '.join(leaking)}",
-            fg=typer.colors.RED,
-            err=True,
-        )
-    if blind:
-        typer.secho(
-            f"NO POWER: controls not caught, so a pass proves little here: {'; '.join(blind)}",
-            fg=typer.colors.YELLOW,
-            err=True,
-        )
-    if leaking or blind:
-        raise typer.Exit(1 if leaking else 3)
-    typer.echo("every control was caught and no correct DP run was flagged")
 
 
 def _point_latest_at(run_dir: Path) -> None:

@@ -11,11 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from client.app import private_round
-from client.app.site import Site
-from client.dp.planning import plan_round
-from server.commands.inprocess import federate, site_list
-from server.commands.record_canaries import (
+from benchmarks.inprocess import federate, site_list
+from benchmarks.record_canaries import (
     CANARY_PATIENT,
     canary_records,
     canary_scores,
@@ -23,6 +20,9 @@ from server.commands.record_canaries import (
     unused_buckets,
     with_canaries,
 )
+from client.app import private_round
+from client.app.site import Site
+from client.dp.planning import plan_round
 from shared_model.config import RunConfig
 from shared_model.config.hospital import SIM_FEATURE_CACHE_ENV
 from shared_model.weights import initial_model, shared_state

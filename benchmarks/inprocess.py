@@ -1,4 +1,4 @@
-"""A federation in one process: `fedfusion audit`'s, and the utility benchmark's long runs.
+"""A federation in one process: the privacy audit's, and the utility benchmark's long runs.
 
 It runs what a simulated federation runs, call for call: each hospital's
 ``run_local_round`` (its privacy policy, DP-SGD through Opacus, its ledger, the released
@@ -9,7 +9,7 @@ codec (``shared_model/masked_upload.py``) and Flower's own quantization, and the
 decodes the sum; the pairwise masks are left out because they cancel exactly in that
 sum. What it leaves out is Flower's processes and messages, about 1 s a round
 here, as much as a round of the frozen model's training. A test
-(tests/server/commands/test_inprocess.py) checks that it lands on the model a Flower
+(tests/benchmarks/test_inprocess.py) checks that it lands on the model a Flower
 simulation of the same run trains.
 """
 

@@ -12,15 +12,15 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
+from benchmarks import privacy_audit as one_run_audit
+from benchmarks.audit_report import judge
+from benchmarks.privacy_audit import AuditRun, black_box_audit, check_settings, white_box_audit
 from client.dp import audit_hooks
-from server.commands import one_run_audit
 from server.commands.audit_bound import epsilon_lower_bound
-from server.commands.one_run_audit import AuditRun, black_box_audit, white_box_audit
-from shared_model.cli import build_app
+from shared_model.config import ConfigError
 
-ROOT = Path(__file__).resolve().parents[3]
+ROOT = Path(__file__).resolve().parents[2]
 PRODUCT = ("client", "server", "shared_model")
 
 # Small and fast (about 5 s a run once features are cached): 200 canaries, 100 guesses,
@@ -39,12 +39,12 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("audit")
 
 
-def test_fedfusion_audit_without_a_run_folder_runs_the_one_run_audit(
+def test_the_audit_catches_broken_dp_and_writes_what_it_found(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Broken DP is caught through the real hospital code, by the command a privacy
-    officer runs: its settings reach the runs, its files say which run was flagged. The
-    broken run alone, at the quick size."""
+    """Broken DP is caught through the real hospital code, by what `make audit` runs: the
+    operator's settings reach the runs, the files say which run was flagged. The broken
+    run alone, at the quick size."""
     broken = next(a for a in one_run_audit.AUDIT_RUNS if a.noise_scale < 1)
     assert broken.expect_flagged is True  # a control
     monkeypatch.setattr(one_run_audit, "AUDIT_RUNS", (broken,))
@@ -52,13 +52,13 @@ def test_fedfusion_audit_without_a_run_folder_runs_the_one_run_audit(
     monkeypatch.setattr(
         one_run_audit, "white_box_audit", functools.partial(one_run_audit.white_box_audit, **quick)
     )
-    out = tmp_path / "audit"
-    args = ["audit", "--variant", "white-box", "-c", "train.local-epochs=1", "-o", str(out)]
-    result = CliRunner().invoke(build_app(), args)
-    assert result.exit_code == 0, result.output
-    assert "[1/1] auditing broken-dp-eps1" in result.output
-    assert "FLAGGED: leaks more than ε = 1.00 (control: caught)" in result.output
-    assert "every control was caught and no correct DP run was flagged" in result.output
+    out, lines = tmp_path / "audit", []
+    outcomes = one_run_audit.audit_simulated_federation(
+        out, echo=lines.append, variants=("white-box",), overrides={"train.local-epochs": 1}
+    )
+    assert any("[1/1] auditing broken-dp-eps1" in line for line in lines)
+    assert "FLAGGED: leaks more than ε = 1.00 (control: caught)" in lines[-1]
+    assert judge(outcomes) == ([], [])  # the control caught, no correct run flagged
     written = json.loads((out / "audit.json").read_text(encoding="utf-8"))
     assert set(written["software"]) == {"fedfusion", "flwr", "opacus", "torch"}
     (row,) = written["runs"]
@@ -70,20 +70,20 @@ def test_fedfusion_audit_without_a_run_folder_runs_the_one_run_audit(
     assert (out / "audit.md").is_file() and (out / "audit.png").stat().st_size > 0
 
 
-def test_fedfusion_audit_refuses_bad_settings_before_training(tmp_path: Path) -> None:
+def test_the_audit_refuses_bad_settings_before_training() -> None:
+    both = ("white-box", "black-box")
     for args, why in (
-        (["--variant", "grey"], "--variant 'grey' is not one of white-box, black-box"),
-        (["-c", "privacy.nosie=1"], "unknown run config key 'privacy.nosie'"),
-        (["--hospitals", "1"], "at least 2"),
-        ([str(tmp_path), "--variant", "white-box"], "for the one-run audit (no RUN_DIR)"),
+        ((("grey",), {}, 2), "variant 'grey'"),
+        ((both, {"privacy.nosie": 1}, 2), "unknown run config key 'privacy.nosie'"),
+        ((both, {}, 1), "at least 2"),
         # what each audited run sets itself: a DP run must not be turned off from outside
-        (["-c", "privacy.enabled=false"], "privacy.enabled is set by each audited run"),
-        (["-c", "privacy.target-epsilon=50"], "privacy.target-epsilon is set by each"),
-        (["-c", 'model.text-encoder="pretrained"'], "the black-box audit: record canaries need"),
+        ((both, {"privacy.enabled": False}, 2), "privacy.enabled is set by each audited run"),
+        ((both, {"privacy.target-epsilon": 50.0}, 2), "privacy.target-epsilon is set by"),
+        ((both, {"model.text-encoder": "pretrained"}, 2), "the black-box audit: record canar"),
     ):
-        result = CliRunner().invoke(build_app(), ["audit", *args, "-o", str(tmp_path / "o")])
-        assert result.exit_code == 2 and why in result.output, (args, result.output)
-    assert not (tmp_path / "o").exists()
+        with pytest.raises(ConfigError, match=re.escape(why)):
+            check_settings(*args)
+    check_settings(("white-box",), {"model.text-encoder": "pretrained"}, 2)  # white-box: fine
 
 
 def _outcome(flagged: bool, expect: bool | None) -> one_run_audit.AuditOutcome:
@@ -106,21 +106,20 @@ def _outcome(flagged: bool, expect: bool | None) -> one_run_audit.AuditOutcome:
 
 
 @pytest.mark.parametrize(
-    ("outcomes", "code", "said"),
+    ("outcomes", "leaking", "blind"),
     [
-        ([(True, True), (False, False), (True, None)], 0, "every control was caught"),
-        ([(True, True), (True, False)], 1, "FAILED: correct DP runs flagged"),
-        ([(False, True), (False, False)], 3, "NO POWER: controls not caught"),
-        ([(False, True), (True, False)], 1, "NO POWER"),  # a leak outranks no power
+        ([(True, True), (False, False), (True, None)], [], []),
+        ([(True, True), (True, False)], ["white-box True-False"], []),
+        ([(False, True), (False, False)], [], ["white-box False-True"]),
+        ([(False, True), (True, False)], ["white-box True-False"], ["white-box False-True"]),
     ],
 )
-def test_the_exit_status_says_whether_the_audit_passed_leaked_or_had_no_power(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outcomes: list, code: int, said: str
+def test_the_verdict_names_leaking_runs_and_uncaught_controls(
+    outcomes: list, leaking: list, blind: list
 ) -> None:
-    canned = [_outcome(*o) for o in outcomes]
-    monkeypatch.setattr(one_run_audit, "audit_simulated_federation", lambda *a, **k: canned)
-    result = CliRunner().invoke(build_app(), ["audit", "-o", str(tmp_path)])
-    assert result.exit_code == code and said in result.output, result.output
+    """A correct run flagged is a leak; a control not flagged is no power; a run shown
+    without an expectation (the black-box broken run) is neither."""
+    assert judge([_outcome(*o) for o in outcomes]) == (leaking, blind)
 
 
 def test_the_bound_is_taken_at_the_hospitals_delta_and_privacy_cannot_come_out_off() -> None:
@@ -258,7 +257,7 @@ def test_no_config_key_environment_variable_or_product_module_reaches_the_switch
     setters = re.compile(r"\b(gradient_canaries|scaled_noise|scaled_clipping|_AuditState)\b")
     # The audit command's own module sets them (test_imports: nothing the ServerApp, a
     # ClientApp or a hospital's node runs imports it); the round only attaches them.
-    setting = {"server/commands/one_run_audit.py"}
+    setting = {"benchmarks/privacy_audit.py"}
     for package in PRODUCT:
         for path in (ROOT / package).rglob("*.py"):
             where = path.relative_to(ROOT).as_posix()
@@ -271,7 +270,7 @@ def test_no_config_key_environment_variable_or_product_module_reaches_the_switch
                         "attach_to_optimizer",
                         "attach_to_dp_optimizer",
                     ], f"{path} uses more of the audit hooks than attaching them"
-    assert all(setters.search((ROOT / f).read_text(encoding="utf-8")) for f in setting)
+    assert setters.search((ROOT / "benchmarks/privacy_audit.py").read_text(encoding="utf-8"))
     config = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     assert not re.search(
         r"canar|noise-scale|clip-scale|audit", config.split("[tool.flwr.app.config]")[1]

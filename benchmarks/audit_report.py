@@ -1,4 +1,4 @@
-"""The one-run audit's outcome of one run, and the table, JSON and plot `fedfusion audit` writes."""
+"""The one-run audit's outcome of one run, and the table, JSON and plot `make audit` writes."""
 
 from __future__ import annotations
 

@@ -48,15 +48,20 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
+from benchmarks.audit_report import AuditOutcome, audit_row, audit_table, write_audit_results
+from benchmarks.inprocess import federate
+from benchmarks.record_canaries import (
+    black_box_refusal,
+    canary_scores,
+    make_record_canaries,
+    with_canaries,
+)
 from client.app.local_training import prepare_training
 from client.app.site import Site
 from client.dp import audit_hooks
 from client.dp.policy import PrivacyPolicy
 from server.commands.audit_bound import epsilon_cap, epsilon_lower_bound
-from server.commands.audit_report import AuditOutcome, audit_row, audit_table, write_audit_results
-from server.commands.inprocess import federate
-from server.commands.record_canaries import canary_scores, make_record_canaries, with_canaries
-from shared_model.config import RunConfig
+from shared_model.config import ConfigError, RunConfig
 
 __all__ = [
     "AUDIT_OWNED",
@@ -69,6 +74,7 @@ __all__ = [
     "AuditRun",
     "audit_simulated_federation",
     "black_box_audit",
+    "check_settings",
     "quiet_coordinates",
     "run_one_run_audit",
     "white_box_audit",
@@ -312,7 +318,7 @@ def black_box_audit(
 ) -> AuditOutcome:
     """Train one federation with record canaries at hospital 0 and bound its epsilon.
 
-    ``server/commands/record_canaries.py`` builds the canaries; the included ones join
+    ``benchmarks/record_canaries.py`` builds the canaries; the included ones join
     hospital 0's training records before its first round. Each canary is scored by
     how far training moved the global model towards its label (its loss against the
     opposite label's, less the reference tokens' drift), as anyone holding
@@ -394,6 +400,22 @@ def run_one_run_audit(
     return outcomes
 
 
+def check_settings(variants: Sequence[str], overrides: dict[str, Any], hospitals: int) -> None:
+    """Refuse, before any training, settings the audit cannot run with (ConfigError why)."""
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or not variants:
+        raise ConfigError(f"variant {unknown[0] if unknown else None!r}: one of {VARIANTS}")
+    if hospitals < 2:
+        raise ConfigError("hospitals: the audited federation needs at least 2")
+    owned = sorted(set(overrides) & set(AUDIT_OWNED))
+    if owned:
+        raise ConfigError(f"run settings: {', '.join(owned)} is set by each audited run")
+    run = RunConfig.from_run_config({**overrides, "num-rounds": 1})  # unknown keys: now
+    refusal = black_box_refusal(run) if "black-box" in variants else None
+    if refusal:
+        raise ConfigError(f"the black-box audit: {refusal}; audit the white-box variant only")
+
+
 def audit_simulated_federation(
     out: Path,
     *,
@@ -406,9 +428,10 @@ def audit_simulated_federation(
 
     The federations train in a temporary folder (removed after), on the default
     settings with ``overrides`` (run-config keys) applied to each run before the run's
-    own privacy settings. The results are written after each run. What ``fedfusion
-    audit`` (no run folder) and ``make audit`` run.
+    own privacy settings. The results are written after each run. What ``make audit``
+    runs. Settings are checked before any training (:func:`check_settings`).
     """
+    check_settings(variants, overrides or {}, hospitals)
     started = time.monotonic()
 
     def write(outcomes: list[AuditOutcome]) -> None:
