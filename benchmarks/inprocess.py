@@ -3,7 +3,7 @@
 It runs what a simulated federation runs, call for call: each hospital's
 ``run_local_round`` (its privacy policy, DP-SGD through Opacus, its ledger, the released
 count and loss) and ``run_local_evaluation``; at the server, the round core the
-ServerApp's drivers call (``server/app/round_core.py``: the weighted mean of the updates,
+ServerApp's drivers call (``shared_model/round_core.py``: the weighted mean of the updates,
 then the ``ServerOptimizer``). Under SecAgg+ each hospital's upload goes through the same
 codec (``shared_model/masked_upload.py``) and Flower's own quantization, and the server
 decodes the sum; the pairwise masks are left out because they cancel exactly in that
@@ -32,14 +32,6 @@ from client.app.reply import masked_upload_vector
 from client.app.site import Site, open_site
 from client.app.trainer import LocalRound, run_local_evaluation, run_local_round
 from client.dp.ledger import LedgerEntry
-from server.app.round_core import (
-    HospitalUpdate,
-    RoundMean,
-    mean_of_sum,
-    mean_of_updates,
-    round_result,
-)
-from server.app.server_optimizer import ServerOptimizer
 from shared_model.config import HospitalConfig, RunConfig
 from shared_model.config.hospital import SIM_FEATURE_CACHE_ENV
 from shared_model.data import FusionTensors
@@ -47,6 +39,14 @@ from shared_model.datasets import HospitalSplit
 from shared_model.evaluation import EvalStats
 from shared_model.masked_upload import QUANTIZATION_RANGE
 from shared_model.packing import WeightLayout
+from shared_model.round_core import (
+    HospitalUpdate,
+    RoundMean,
+    mean_of_sum,
+    mean_of_updates,
+    round_result,
+)
+from shared_model.server_optimizer import ServerOptimizer
 from shared_model.weights import initial_model, shared_state
 
 __all__ = ["MISSING_MODALITY", "federate"]

@@ -24,8 +24,6 @@ from flwr.serverapp import Grid
 
 from server.app.grid import metered
 from server.app.report import format_evaluation_line
-from server.app.round_core import ServerStep, round_result
-from server.app.server_optimizer import ServerOptimizer
 from server.app.store import (
     HospitalRound,
     RoundRecord,
@@ -42,6 +40,8 @@ from server.app.strategy import (
 )
 from shared_model.config import RunConfig
 from shared_model.evaluation import EvalStats
+from shared_model.round_core import ServerStep, round_result
+from shared_model.server_optimizer import ServerOptimizer
 
 __all__ = [
     "AllDeclinedError",

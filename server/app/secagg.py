@@ -8,7 +8,7 @@ only the sum of the hospitals' uploads and hands the strategy every hospital's
 ever seen. Each upload (``shared_model/masked_upload.py``) holds a weighted delta, the
 weight, the DP-released train loss and the held-out statistics of the model the
 hospital received, so :class:`SecAggFedAvg` reads the weighted mean delta from the sum
-(applied by the round core, ``server/app/round_core.py``, as in plain rounds) and
+(applied by the round core, ``shared_model/round_core.py``, as in plain rounds) and
 learns the federation's evaluation of the previous model from the same sum.
 What else a hospital sends in the clear is listed in ``client/app/outbound.py``.
 
@@ -42,7 +42,6 @@ from flwr.serverapp import Grid
 from server.app.flwr_compat import LegacyRounds, SignedSecAggPlusWorkflow, install_secagg_primitives
 from server.app.grid import MeteredGrid, metered
 from server.app.registry import HospitalRegistry
-from server.app.round_core import RoundMean, ServerStep, mean_of_sum, round_result
 from server.app.rounds import AllDeclinedError, RoundOutcome
 from server.app.store import HospitalRound, RoundRecord
 from server.app.strategy import FederationError, ShortRoundError, hospital_round, short_reason
@@ -52,6 +51,7 @@ from shared_model.evaluation import EvalStats
 from shared_model.masked_upload import QUANTIZATION_RANGE, UploadCodec
 from shared_model.packing import WeightLayout
 from shared_model.protocol import Reply, Request, Status
+from shared_model.round_core import RoundMean, ServerStep, mean_of_sum, round_result
 
 __all__ = ["SecAggFedAvg", "SecAggRounds", "TooFewHospitalsError"]
 
@@ -207,7 +207,7 @@ class SecAggFedAvg(LegacyFedAvg):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Read the unmasked sum: the sent model's evaluation and the round's mean update.
 
-        The driver applies the update (server/app/round_core.py); Flower is handed no
+        The driver applies the update (shared_model/round_core.py); Flower is handed no
         model, as it keeps none between these one-round workflows.
         """
         self.aggregated = True

@@ -20,12 +20,12 @@ from flwr.serverapp import Grid, ServerApp
 from server.app.report import format_round_line, write_report
 from server.app.rounds import PlainRounds, RoundDriver, run_rounds
 from server.app.secagg import SecAggRounds
-from server.app.server_optimizer import ServerOptimizer
-from server.app.store import RoundRecord, RunStore, fitting_state
+from server.app.store import RoundRecord, RunStore, fitting_state, restore_optimizer
 from server.app.strategy import build_strategy, wait_for_hospitals
 from server.app.tracking import RunTracker, TrackingSettings, redact
 from shared_model.config import RunConfig
 from shared_model.packing import WeightLayout
+from shared_model.server_optimizer import ServerOptimizer
 from shared_model.weights import base_fingerprint, initial_model, shared_state
 
 __all__ = ["app"]
@@ -49,7 +49,7 @@ def main(grid: Grid, context: Context) -> None:
     optimizer = ServerOptimizer(run.server.momentum, run.server.learning_rate)
     if resume is not None:
         state = fitting_state(resume.state, state, store.root)
-        optimizer.restore(resume.optimizer, state)
+        restore_optimizer(optimizer, resume.optimizer, state)
         first_round = resume.round + 1
         log(
             WARNING,

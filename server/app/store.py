@@ -39,6 +39,7 @@ from server.app.best import refresh_best
 from server.app.run_files import RunDirError, read_run_file
 from shared_model.evaluation import EvalStats
 from shared_model.files import write_atomic, write_json_atomic
+from shared_model.server_optimizer import OptimizerStateError, ServerOptimizer
 
 __all__ = [
     "HospitalRound",
@@ -50,6 +51,7 @@ __all__ = [
     "evaluation_fields",
     "fitting_state",
     "read_run_file",
+    "restore_optimizer",
 ]
 
 EVALUATION_FILE = "evaluation.json"
@@ -431,3 +433,17 @@ def fitting_state(
             f"e.g. {mismatch[0]}): it was written by another fedfusion version"
         )
     return {k: saved[k].to(fresh[k].dtype) for k in fresh}
+
+
+def restore_optimizer(
+    optimizer: ServerOptimizer, saved: dict[str, torch.Tensor], state: dict[str, torch.Tensor]
+) -> None:
+    """Give ``optimizer`` a checkpoint's velocity; RunDirError unless it fits ``state``.
+
+    The error every unresumable checkpoint raises (as :func:`fitting_state` for its
+    weights), so the server reports it as a run it cannot continue.
+    """
+    try:
+        optimizer.restore(saved, state)
+    except OptimizerStateError as err:
+        raise RunDirError(str(err)) from err

@@ -5,7 +5,7 @@ hospital federation needs: replies from hospitals that declined for their privac
 budget are set aside (and logged as declines, not failures), every update is checked
 before it is averaged (``server/app/validation.py``), every hospital's part in a round
 is recorded, and the held-out statistics the hospitals share are summed. The averaging
-itself is the round core's (``server/app/round_core.py``), as under SecAgg+. FedProx is
+itself is the round core's (``shared_model/round_core.py``), as under SecAgg+. FedProx is
 the same strategy with a proximal weight sent to the hospitals, which apply it after
 each DP step. The rounds are driven by ``server/app/rounds.py``.
 """
@@ -25,13 +25,6 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Krum
 
-from server.app.round_core import (
-    HospitalUpdate,
-    RoundMean,
-    finite_weighted_mean,
-    mean_of_model,
-    mean_of_updates,
-)
 from server.app.store import HospitalRound, RoundRecord
 from server.app.validation import update_problem
 from shared_model.config import RunConfig
@@ -46,6 +39,13 @@ from shared_model.protocol import (
     Reply,
     Request,
     Status,
+)
+from shared_model.round_core import (
+    HospitalUpdate,
+    RoundMean,
+    finite_weighted_mean,
+    mean_of_model,
+    mean_of_updates,
 )
 
 __all__ = [
@@ -263,7 +263,7 @@ class HospitalFedAvg(FedAvg):
     def aggregate_update(self, server_round: int, replies: Iterable[Message]) -> RoundMean | None:
         """Record every hospital's outcome, set declines and refusals aside, average the rest.
 
-        The averaging is the round core's (server/app/round_core.py): each update weighed
+        The averaging is the round core's (shared_model/round_core.py): each update weighed
         by its released record count, or ``server.aggregator``'s robust aggregate. None
         when no update is left.
         """

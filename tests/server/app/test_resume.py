@@ -23,9 +23,16 @@ import torch
 from safetensors.torch import load_file
 
 from server.app.rounds import PlainRounds, run_rounds
-from server.app.store import RoundRecord, RunDirError, RunFinishedError, RunStore
+from server.app.store import (
+    RoundRecord,
+    RunDirError,
+    RunFinishedError,
+    RunStore,
+    restore_optimizer,
+)
 from server.app.strategy import build_strategy
 from shared_model.config import RunConfig
+from shared_model.server_optimizer import ServerOptimizer
 from tests.support.grids import LAYOUT, START, Grid
 from tests.support.grids import _task as _task  # the autouse fixture
 
@@ -336,13 +343,11 @@ def test_server_momentum_resumes_exactly_as_an_uninterrupted_run(tmp_path):
     store.release()
     assert (killed / "checkpoints" / "round-0002.server-optimizer.safetensors").exists()
 
-    from server.app.server_optimizer import ServerOptimizer
-
     store = RunStore(killed)
     point = store.begin(flat, "")
     assert point is not None and point.round == 2
     optimizer = ServerOptimizer(run.server.momentum, run.server.learning_rate)
-    optimizer.restore(point.optimizer, point.state)
+    restore_optimizer(optimizer, point.optimizer, point.state)  # as the ServerApp does
     driver = PlainRounds(CrashingGrid(3), run, build_strategy(run, "", LAYOUT))
     resumed = run_rounds(driver, run, store, point.state, point.round + 1, optimizer=optimizer)
     for name in uninterrupted:
@@ -354,3 +359,12 @@ def test_server_momentum_resumes_exactly_as_an_uninterrupted_run(tmp_path):
     driver = PlainRounds(CrashingGrid(3), run, build_strategy(run, "", LAYOUT))
     lost = run_rounds(driver, run, store, point.state, point.round + 1)
     assert not np.allclose(LAYOUT.pack(lost), 6.125)
+
+
+def test_a_checkpointed_velocity_that_does_not_fit_is_a_run_the_server_cannot_continue():
+    """The optimizer (shared_model) raises its own error; the server's resume reads it as
+    a RunDirError, the error every other unresumable checkpoint raises, message kept."""
+    optimizer = ServerOptimizer(momentum=0.5)
+    with pytest.raises(RunDirError, match="server optimizer's checkpoint does not fit this model"):
+        restore_optimizer(optimizer, {"w": torch.zeros(4)}, {"w": torch.zeros(3)})
+    assert optimizer.velocity == {}  # nothing taken from the refused checkpoint

@@ -3,8 +3,7 @@
 import pytest
 import torch
 
-from server.app.server_optimizer import ServerOptimizer
-from server.app.store import RunDirError
+from shared_model.server_optimizer import OptimizerStateError, ServerOptimizer
 
 
 def test_the_default_is_fedavg_bit_for_bit():
@@ -30,5 +29,5 @@ def test_momentum_and_learning_rate_follow_fedavgm():
 
 def test_a_velocity_that_does_not_fit_the_model_is_refused():
     opt = ServerOptimizer(momentum=0.5)
-    with pytest.raises(RunDirError, match="does not fit this model"):
+    with pytest.raises(OptimizerStateError, match="does not fit this model"):
         opt.restore({"w": torch.zeros(4)}, {"w": torch.zeros(3)})

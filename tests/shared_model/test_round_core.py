@@ -7,17 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from server.app.round_core import (
+from shared_model.evaluation import EvalStats
+from shared_model.masked_upload import UploadCodec
+from shared_model.packing import WeightLayout
+from shared_model.round_core import (
     HospitalUpdate,
     mean_of_model,
     mean_of_sum,
     mean_of_updates,
     round_result,
 )
-from server.app.server_optimizer import ServerOptimizer
-from shared_model.evaluation import EvalStats
-from shared_model.masked_upload import UploadCodec
-from shared_model.packing import WeightLayout
+from shared_model.server_optimizer import ServerOptimizer
 
 LAYOUT = WeightLayout.of({"a.weight": torch.zeros(3, 2), "a.bias": torch.zeros(3)})
 STATE = LAYOUT.unpack(np.linspace(-0.5, 0.5, LAYOUT.size).astype(np.float32))

@@ -5,8 +5,11 @@ the hospital's released record count N̂, and then by the server optimizer's ste
 the updates arrive differs, and only that: plain rounds see each hospital's weights
 (:func:`mean_of_updates`, or :func:`mean_of_model` for a robust aggregator's model);
 SecAgg+ rounds see only the unmasked sum, which already holds the weighted updates and
-the weights summed (:func:`mean_of_sum`); the in-process benchmark has either in hand.
+the weights summed (:func:`mean_of_sum`); the in-process federation has either in hand.
 All of them then call :func:`round_result`. Nothing here sends, receives or unmasks.
+In shared_model, not server/, because the in-process federation of the hospital-side
+privacy audit steps the global model with the same arithmetic, and a hospital's code
+never imports the server's.
 """
 
 from __future__ import annotations

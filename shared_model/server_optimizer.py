@@ -10,17 +10,23 @@ driver; this is the three lines of its update.
 
 The velocity is part of the run's state: it is saved with every round's checkpoint and
 restored on resume, so a killed run continues exactly as an uninterrupted one would.
+Shared with the in-process federation of the hospital-side privacy audit, which steps
+the global model as the ServerApp does. A checkpoint whose velocity does not fit is an
+OptimizerStateError here; the server reports it as a run directory it cannot continue
+(``restore_optimizer`` in ``server/app/store.py``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from server.app.store import RunDirError
-
-__all__ = ["ServerOptimizer"]
+__all__ = ["OptimizerStateError", "ServerOptimizer"]
 
 StateDict = dict[str, torch.Tensor]
+
+
+class OptimizerStateError(RuntimeError):
+    """A checkpoint's server-optimizer state does not fit the model it would step."""
 
 
 class ServerOptimizer:
@@ -57,10 +63,10 @@ class ServerOptimizer:
         return new
 
     def restore(self, saved: StateDict, state: StateDict) -> None:
-        """Take the velocity a checkpoint kept; RunDirError if it does not fit ``state``."""
+        """Take the velocity a checkpoint kept; OptimizerStateError if it does not fit ``state``."""
         wrong = [k for k, v in saved.items() if k not in state or v.shape != state[k].shape]
         if wrong:
-            raise RunDirError(
+            raise OptimizerStateError(
                 f"the server optimizer's checkpoint does not fit this model ({len(wrong)} "
                 f"tensors differ, e.g. {wrong[0]})"
             )
