@@ -152,7 +152,7 @@ def bench(
     benchmarks/results/perf.json and perf.md (the latest
     run only; earlier runs are in git history).
 
-    --suite audit runs the one-run privacy audit (benchmarks/privacy_audit.py) and writes
+    --suite audit runs the one-run privacy audit (client/audit/one_run.py) and writes
     audit.json, audit.md and audit.png. --suite mia trains a deliberately overfitted
     non-private federation and the default DP one and runs the membership-inference
     attacks against both (mia.json, mia.md).
@@ -359,8 +359,8 @@ def bench(
 def _one_run_audit(out: Path) -> None:
     """``--suite audit``: every run of the one-run privacy audit, side by side."""
     # torch and Flower load with the suite, as the other suites' do (above)
-    from benchmarks.audit_report import judge
-    from benchmarks.privacy_audit import audit_simulated_federation
+    from client.audit.one_run import audit_simulated_federation
+    from client.audit.report import judge
 
     typer.echo("bench: one-run privacy audit (white-box gradient, black-box record canaries)")
     started = time.monotonic()

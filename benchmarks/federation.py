@@ -20,8 +20,8 @@ config, median, min, max, unit, baseline, ratio, target) and ``benchmarks/result
 
 The ``mia`` suite trains two federations on the embedded data, a deliberately overfitted
 non-private one and the default DP one (epsilon = 8), and runs the membership-inference
-audit (``server/commands/audit.py``) against each: ``benchmarks/results/mia.json`` and
-``mia.md``. (`make audit` runs the one-run audit of ``privacy_audit.py``.)
+audit (``client/audit/membership.py``) against each: ``benchmarks/results/mia.json`` and
+``mia.md``. (`make audit` runs the one-run audit of ``client/audit/one_run.py``.)
 """
 
 from __future__ import annotations
@@ -422,7 +422,7 @@ def run_audit_bench(hospitals: int = 3, rounds: int = 3, echo: Echo = print) -> 
     """Membership-inference AUC (and TPR at 1% FPR) against a non-private and a DP model."""
     # scikit-learn (about 80 MB) loads with this suite only: the scale suite's peak
     # memory counts this process.
-    from server.commands.audit import audit_run
+    from client.audit.membership import audit_run
 
     out: list[Measurement] = []
     with tempfile.TemporaryDirectory(prefix="fedfusion-audit-") as tmp:

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 from safetensors.torch import load_file
 
-from benchmarks.inprocess import federate, site_list
 from benchmarks.report import Measurement
 from client.app.trainer import run_local_evaluation
+from client.audit.inprocess import federate, site_list
 from client.dp.held_out import release_held_out
 from client.dp.ledger import LEDGER_FILENAME, PrivacyLedger
 from client.dp.policy import effective_policy

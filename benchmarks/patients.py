@@ -12,7 +12,7 @@ the frozen pretrained encoders of the README's recipe:
    patient (fedfusion's default), or each sampled patient's records' gradients summed
    and that sum clipped (user-level DP-SGD). It reports the held-out macro AUROC and the
    seconds per step, side by side.
-2. **The federation.** Five hospitals, the product's own rounds (benchmarks.inprocess),
+2. **The federation.** Five hospitals, the product's own rounds (client.audit.inprocess),
    per patient (the default with patient ids) and per record, at epsilon 8.
 
 Group privacy for a record-level guarantee: a patient with k records has at most k
@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks.inprocess import federate, site_list
 from benchmarks.report import Measurement
+from client.audit.inprocess import federate, site_list
 from client.dp.patients import patient_groups
 from shared_model.config import RunConfig
 from shared_model.config.presets import PRESETS

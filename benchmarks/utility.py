@@ -6,7 +6,7 @@ then train over 5 seeds on the held-out test split; the model trained from scrat
 whose runs take 3 to 10 times longer, trains at fixed settings (no search) and its
 private configurations over fewer seeds. Centralized training is the same run with one
 hospital holding all the data (the same epochs). Federations run in one process
-(:mod:`benchmarks.inprocess`), the same calls a Flower simulation makes. Fusion is
+(:mod:`client.audit.inprocess`), the same calls a Flower simulation makes. Fusion is
 compared with each single modality seed by seed (the same seeds, the same search), and
 the fused model is also evaluated with the text or the image removed from every
 held-out record.
@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from benchmarks.inprocess import MISSING_MODALITY, federate
 from benchmarks.report import Echo, machine_facts
+from client.audit.inprocess import MISSING_MODALITY, federate
 from shared_model.config import PRESETS
 from shared_model.progress import progress
 

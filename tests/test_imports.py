@@ -25,9 +25,13 @@ FORBIDDEN = {
     "client": {"server", *NEVER_IN_PRODUCT},
     "shared_model": {"server", "client", "flwr", "opacus", *NEVER_IN_PRODUCT},
     "server.app": {"server.commands"},
-    "client.app": {"client.node"},
-    "client.dp": {"client.app", "client.node", "flwr"},
+    "client.app": {"client.node", "client.audit"},
+    "client.dp": {"client.app", "client.node", "client.audit", "flwr"},
 }
+# The hospital's audits train whole federations in one process and turn on the audit
+# switches of client/dp: only `fedfusion audit` (this module) may reach them.
+AUDIT = "client.audit"
+AUDIT_COMMAND = "client.node.audit_cli"
 # the packages whose modules may not import one another in a circle
 ACYCLIC = (*PRODUCT, "benchmarks")
 _SHELL_M = re.compile(r"-m\s+([A-Za-z_][\w.]*)")
@@ -191,6 +195,17 @@ def test_import_direction(package):
     for path in files:
         bad = {m for m in imported(path) for f in FORBIDDEN[package] if _under(m, f)}
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
+
+
+def test_only_the_audit_command_reaches_the_audit():
+    """No module of the ServerApp, a ClientApp or a hospital's node, and no other command
+    module, imports client.audit, even late: a real federation never has its switches on."""
+    graph = import_graph()
+    audit = {m for m in graph if _under(m, AUDIT)}
+    assert {f"{AUDIT}.one_run", f"{AUDIT}.inprocess"} <= audit  # the names are still real
+    importers = {m for m, targets in graph.items() if targets & audit} - audit
+    product = {m for m in importers if m.split(".")[0] in PRODUCT}
+    assert product == {AUDIT_COMMAND}, sorted(product)
 
 
 def test_no_import_cycles():

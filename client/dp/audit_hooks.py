@@ -1,6 +1,6 @@
 """What a privacy audit may switch on inside a hospital's training, from its own process only.
 
-The one-run audit (``benchmarks/privacy_audit.py``) measures the implementation, not the
+The one-run audit (``client/audit/one_run.py``) measures the implementation, not the
 arithmetic, so it needs three switches inside the production code path:
 
 - **Gradient canaries.** At one hospital, a set of canaries that behave like more of its
@@ -17,11 +17,13 @@ arithmetic, so it needs three switches inside the production code path:
   policy's clip norm): a clipping bug the accountant cannot see.
 
 All are module state set by context managers, in the process that trains. No config
-key, environment variable or message field reaches them, and no product module sets
-them (tests check both; the audit is ``benchmarks/privacy_audit.py``). A hospital's
-ClientApp runs only its installed code, never a module of the server's app bundle
-(``client/node/flwr_compat.py``), so a real federation never has them set. Nothing here
-changes the training when no audit is running.
+key, environment variable or message field reaches them, and only the audit's own
+module, ``client/audit/one_run.py``, sets them, for the federation it trains in its own
+process (tests check all three). Only ``fedfusion audit`` reaches that module: nothing a
+hospital's SuperNode or ClientApp runs imports it (``tests/test_imports.py``), and a
+ClientApp runs only the hospital's installed code, never a module of the server's app
+bundle (``client/node/flwr_compat.py``), so a real federation never has them set.
+Nothing here changes the training when no audit is running.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from client.dp.policy import effective_policy
+from client.node.audit_cli import audit
 from shared_model.config import (
     ConfigError,
     HospitalConfig,
@@ -30,6 +31,7 @@ def register(app: typer.Typer) -> None:
     """Add the hospital's subcommands to the CLI."""
     app.command("hospital")(hospital)
     app.command("demo-data")(demo_data)
+    app.command("audit")(audit)
     ledger = typer.Typer(help="A hospital's privacy ledger.", no_args_is_help=True)
     ledger.command("show")(ledger_show)
     ledger.command("init")(ledger_init)

@@ -13,7 +13,6 @@ from server.app.report import summary_table
 from server.commands.config import ServerDeployConfig
 from server.commands.superlink import failed_replies
 from shared_model.config import PRESETS, SIMULATE_DEFAULTS, ConfigError, parse_overrides
-from shared_model.progress import progress
 
 # Every `fedfusion` call imports this module to list its commands: what loads torch,
 # Flower, MLflow or cryptography is imported inside the command that needs it.
@@ -25,7 +24,6 @@ def register(app: typer.Typer) -> None:
     """Add the coordinator's subcommands to the CLI."""
     app.command("simulate")(simulate)
     app.command("server")(server)
-    app.command("audit")(audit)
     app.command("export")(export)
     certs = typer.Typer(
         help="Create the CA, the server's TLS certificate and the hospitals' key pairs.",
@@ -328,41 +326,6 @@ def simulate(
         raise typer.Exit(1)
     if (result.run_dir / "global_model.safetensors").exists():
         typer.echo(f"use the model: fedfusion export {shown} --out model (then predict, evaluate)")
-
-
-def audit(
-    run_dir: Annotated[Path, typer.Argument(help="A finished `fedfusion simulate` run.")],
-    hospitals: Annotated[
-        int | None, typer.Option(min=1, help="Hospitals of the run (default: from its metrics).")
-    ] = None,
-) -> None:
-    """Membership-inference audit of a run's final model: attack AUC and TPR at low FPR.
-
-    Each simulated hospital's training records are the members, its held-out records the
-    non-members. Two attacks score every record: its loss under the final model, and how
-    much training lowered that loss since round 0. The result goes to RUN_DIR/audit.json.
-    """
-    from server.commands.audit import audit_run, hospital_count  # torch: with the command
-
-    try:
-        with progress(hospitals or hospital_count(run_dir), "hospitals") as advance:
-            result = audit_run(run_dir, hospitals, advance)
-    except ConfigError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from err
-    typer.echo(
-        f"{result.members} members, {result.non_members} non-members, {result.hospitals} hospitals"
-    )
-    typer.echo("attack            AUC (95% CI)           TPR@1%FPR  TPR@0.1%FPR")
-    for name, r in result.attacks.items():
-        low, high = r.auc_ci95
-        typer.echo(
-            f"{name:16s}  {r.auc:.3f} ({low:.3f}-{high:.3f})    "
-            f"{r.tpr_at_fpr['0.01']:9.3f}  {r.tpr_at_fpr['0.001']:11.3f}"
-        )
-    path = Path(run_dir) / "audit.json"
-    path.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
-    typer.echo(f"0.5 is a coin toss. Written to {path}")
 
 
 def _point_latest_at(run_dir: Path) -> None:

@@ -2,7 +2,7 @@
 
 Steinke, Nasr and Jagielski (NeurIPS 2023): m canaries, each included independently with
 probability 1/2, one training run, then guesses; the count of right guesses gives a
-lower bound on epsilon at 95% confidence (``server/commands/audit_bound.py``).
+lower bound on epsilon at 95% confidence (``client/audit/bound.py``).
 
 **White-box, gradient canaries, the server's view.** At one hospital, m Dirac canaries
 (``client/dp/audit_hooks.py``): each included canary is sampled at every DP step with the
@@ -48,19 +48,19 @@ import torch
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from benchmarks.audit_report import AuditOutcome, audit_row, audit_table, write_audit_results
-from benchmarks.inprocess import federate
-from benchmarks.record_canaries import (
+from client.app.local_training import prepare_training
+from client.app.site import Site
+from client.audit.bound import epsilon_cap, epsilon_lower_bound
+from client.audit.inprocess import federate
+from client.audit.record_canaries import (
     black_box_refusal,
     canary_scores,
     make_record_canaries,
     with_canaries,
 )
-from client.app.local_training import prepare_training
-from client.app.site import Site
+from client.audit.report import AuditOutcome, audit_row, audit_table, write_audit_results
 from client.dp import audit_hooks
 from client.dp.policy import PrivacyPolicy
-from server.commands.audit_bound import epsilon_cap, epsilon_lower_bound
 from shared_model.config import ConfigError, RunConfig
 
 __all__ = [
@@ -318,7 +318,7 @@ def black_box_audit(
 ) -> AuditOutcome:
     """Train one federation with record canaries at hospital 0 and bound its epsilon.
 
-    ``benchmarks/record_canaries.py`` builds the canaries; the included ones join
+    ``client/audit/record_canaries.py`` builds the canaries; the included ones join
     hospital 0's training records before its first round. Each canary is scored by
     how far training moved the global model towards its label (its loss against the
     opposite label's, less the reference tokens' drift), as anyone holding

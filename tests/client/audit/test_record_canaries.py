@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks.inprocess import federate, site_list
-from benchmarks.record_canaries import (
+from client.app import private_round
+from client.app.site import Site
+from client.audit.inprocess import federate, site_list
+from client.audit.record_canaries import (
     CANARY_PATIENT,
     canary_records,
     canary_scores,
@@ -20,8 +22,6 @@ from benchmarks.record_canaries import (
     unused_buckets,
     with_canaries,
 )
-from client.app import private_round
-from client.app.site import Site
 from client.dp.planning import plan_round
 from shared_model.config import RunConfig
 from shared_model.config.hospital import SIM_FEATURE_CACHE_ENV

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from server.commands.audit_bound import epsilon_cap, epsilon_lower_bound, p_value
+from client.audit.bound import epsilon_cap, epsilon_lower_bound, p_value
 
 
 def _p_value_loop(m: int, r: int, v: int, epsilon: float, delta: float) -> float:

@@ -9,7 +9,7 @@ codec (``shared_model/masked_upload.py``) and Flower's own quantization, and the
 decodes the sum; the pairwise masks are left out because they cancel exactly in that
 sum. What it leaves out is Flower's processes and messages, about 1 s a round
 here, as much as a round of the frozen model's training. A test
-(tests/benchmarks/test_inprocess.py) checks that it lands on the model a Flower
+(tests/client/audit/test_inprocess.py) checks that it lands on the model a Flower
 simulation of the same run trains.
 """
 

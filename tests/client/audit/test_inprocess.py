@@ -5,7 +5,7 @@ import pytest
 from safetensors.torch import load_file
 
 from benchmarks.federation import simulate_run
-from benchmarks.inprocess import federate
+from client.audit.inprocess import federate
 
 pytestmark = pytest.mark.slow  # a Flower simulation and an in-process federation
 

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from scipy.stats import norm
 from typer.testing import CliRunner
 
-from server.commands.audit import attack_metrics, audit_run
+from client.audit.membership import attack_metrics, audit_run
 from shared_model.cli import build_app
 from shared_model.config import ConfigError, RunConfig
 from shared_model.model import FusionModel

@@ -13,14 +13,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from benchmarks import privacy_audit as one_run_audit
-from benchmarks.audit_report import judge
-from benchmarks.privacy_audit import AuditRun, black_box_audit, check_settings, white_box_audit
+from client.audit import one_run
+from client.audit.bound import epsilon_lower_bound
+from client.audit.one_run import AuditRun, black_box_audit, check_settings, white_box_audit
+from client.audit.report import judge
 from client.dp import audit_hooks
-from server.commands.audit_bound import epsilon_lower_bound
 from shared_model.config import ConfigError
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 PRODUCT = ("client", "server", "shared_model")
 
 # Small and fast (about 5 s a run once features are cached): 200 canaries, 100 guesses,
@@ -45,15 +45,15 @@ def test_the_audit_catches_broken_dp_and_writes_what_it_found(
     """Broken DP is caught through the real hospital code, by what `make audit` runs: the
     operator's settings reach the runs, the files say which run was flagged. The broken
     run alone, at the quick size."""
-    broken = next(a for a in one_run_audit.AUDIT_RUNS if a.noise_scale < 1)
+    broken = next(a for a in one_run.AUDIT_RUNS if a.noise_scale < 1)
     assert broken.expect_flagged is True  # a control
-    monkeypatch.setattr(one_run_audit, "AUDIT_RUNS", (broken,))
+    monkeypatch.setattr(one_run, "AUDIT_RUNS", (broken,))
     quick = {k: v for k, v in QUICK.items() if k != "hospitals"}
     monkeypatch.setattr(
-        one_run_audit, "white_box_audit", functools.partial(one_run_audit.white_box_audit, **quick)
+        one_run, "white_box_audit", functools.partial(one_run.white_box_audit, **quick)
     )
     out, lines = tmp_path / "audit", []
-    outcomes = one_run_audit.audit_simulated_federation(
+    outcomes = one_run.audit_simulated_federation(
         out, echo=lines.append, variants=("white-box",), overrides={"train.local-epochs": 1}
     )
     assert any("[1/1] auditing broken-dp-eps1" in line for line in lines)
@@ -86,8 +86,8 @@ def test_the_audit_refuses_bad_settings_before_training() -> None:
     check_settings(("white-box",), {"model.text-encoder": "pretrained"}, 2)  # white-box: fine
 
 
-def _outcome(flagged: bool, expect: bool | None) -> one_run_audit.AuditOutcome:
-    return one_run_audit.AuditOutcome(
+def _outcome(flagged: bool, expect: bool | None) -> one_run.AuditOutcome:
+    return one_run.AuditOutcome(
         run=f"{flagged}-{expect}",
         accounted_epsilon=1.0,
         checked_against=1.0,
@@ -129,7 +129,7 @@ def test_the_bound_is_taken_at_the_hospitals_delta_and_privacy_cannot_come_out_o
     included = scores >= 500  # every guess right
     policy = SimpleNamespace(enabled=True, delta=1e-5)
     run = AuditRun("dp", {"privacy.enabled": True, "privacy.target-epsilon": 1.0})
-    got = one_run_audit._outcome(run, "white-box", scores, included, 200, policy, 1.0, 0.0, {})
+    got = one_run._outcome(run, "white-box", scores, included, 200, policy, 1.0, 0.0, {})
     assert got.delta == 1e-5 and got.lower_bound == pytest.approx(
         epsilon_lower_bound(1000, 200, 200, 1e-5)
     )
@@ -137,7 +137,7 @@ def test_the_bound_is_taken_at_the_hospitals_delta_and_privacy_cannot_come_out_o
     assert epsilon_lower_bound(1000, 200, 200, 0.01) < 1.0  # what the run's delta would give
     with pytest.raises(RuntimeError, match="privacy came out False"):
         off = SimpleNamespace(enabled=False, delta=1e-5)
-        one_run_audit._outcome(run, "white-box", scores, included, 200, off, None, 0.0, {})
+        one_run._outcome(run, "white-box", scores, included, 200, off, None, 0.0, {})
 
 
 @pytest.mark.slow
@@ -255,10 +255,12 @@ def test_no_config_key_environment_variable_or_product_module_reaches_the_switch
     source = (ROOT / "client/dp/audit_hooks.py").read_text(encoding="utf-8")
     assert not re.search(r"\bos\.|\bimport os\b|getenv", source)  # no environment variable
     setters = re.compile(r"\b(gradient_canaries|scaled_noise|scaled_clipping|_AuditState)\b")
-    # The audit command's own module sets them (test_imports: nothing the ServerApp, a
-    # ClientApp or a hospital's node runs imports it); the round only attaches them.
-    setting = {"benchmarks/privacy_audit.py"}
-    for package in PRODUCT:
+    # The audit's own module sets them, and nothing else, benchmarks included (which
+    # reach them through it); test_imports checks that only `fedfusion audit` imports it,
+    # nothing the ServerApp, a ClientApp or a hospital's node runs. The round only
+    # attaches them.
+    setting = {"client/audit/one_run.py"}
+    for package in (*PRODUCT, "benchmarks"):
         for path in (ROOT / package).rglob("*.py"):
             where = path.relative_to(ROOT).as_posix()
             if path.name != "audit_hooks.py" and where not in setting:
@@ -270,7 +272,7 @@ def test_no_config_key_environment_variable_or_product_module_reaches_the_switch
                         "attach_to_optimizer",
                         "attach_to_dp_optimizer",
                     ], f"{path} uses more of the audit hooks than attaching them"
-    assert setters.search((ROOT / "benchmarks/privacy_audit.py").read_text(encoding="utf-8"))
+    assert setters.search((ROOT / "client/audit/one_run.py").read_text(encoding="utf-8"))
     config = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     assert not re.search(
         r"canar|noise-scale|clip-scale|audit", config.split("[tool.flwr.app.config]")[1]
