@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from client.node.audit_cli import audit_simulated
 from shared_model.progress import progress
 
 if TYPE_CHECKING:
@@ -152,10 +153,11 @@ def bench(
     benchmarks/results/perf.json and perf.md (the latest
     run only; earlier runs are in git history).
 
-    --suite audit runs the one-run privacy audit (client/audit/one_run.py) and writes
-    audit.json, audit.md and audit.png. --suite mia trains a deliberately overfitted
-    non-private federation and the default DP one and runs the membership-inference
-    attacks against both (mia.json, mia.md).
+    --suite audit runs the one-run privacy audit as `fedfusion audit --simulated` does
+    (client/audit/one_run.py) and writes audit.json, audit.md and audit.png; exit status
+    1 if a correct DP run is flagged, 3 if a control is not caught. --suite mia trains a
+    deliberately overfitted non-private federation and the default DP one and runs the
+    membership-inference attacks against both (mia.json, mia.md).
 
     --suite gpu (make bench-gpu) checks and measures fedfusion on one CUDA GPU in under 5
     minutes (benchmarks/gpu.py): gpu.json and gpu.md.
@@ -265,8 +267,8 @@ def bench(
             "error: --hospitals/--scale: SecAgg+ needs at least 3 hospitals per run", err=True
         )
         raise typer.Exit(2)
-    if suite == "audit":
-        _one_run_audit(out)
+    if suite == "audit":  # what `fedfusion audit --simulated` runs: progress, table, exit status
+        audit_simulated(out)
         return
     started = time.monotonic()
     gpu = GpuBench(device, echo=typer.echo) if suite == "gpu" else None
@@ -354,25 +356,6 @@ def bench(
     if failures:
         typer.secho(f"{len(failures)} part(s) failed: see above", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
-
-
-def _one_run_audit(out: Path) -> None:
-    """``--suite audit``: every run of the one-run privacy audit, side by side."""
-    # torch and Flower load with the suite, as the other suites' do (above)
-    from client.audit.one_run import audit_simulated_federation
-    from client.audit.report import judge
-
-    typer.echo("bench: one-run privacy audit (white-box gradient, black-box record canaries)")
-    started = time.monotonic()
-    outcomes = audit_simulated_federation(out, echo=typer.echo)
-    seconds = time.monotonic() - started
-    typer.echo(f"\n{seconds:.0f}s; results: {out / 'audit.json'}, audit.md, audit.png")
-    leaking, blind = judge(outcomes)
-    for what, runs in (("correct DP runs flagged", leaking), ("controls not caught", blind)):
-        if runs:
-            typer.secho(f"{what}: {'; '.join(runs)}", fg=typer.colors.RED, err=True)
-    if leaking or blind:
-        raise typer.Exit(1 if leaking else 3)
 
 
 app = typer.Typer(add_completion=False)

@@ -322,7 +322,7 @@ def test_the_command_line_starts_without_the_heavy_libraries():
     """The reason most late imports give: every `fedfusion` call, `--help` included,
     imports each command module to list its commands."""
     heavy = ["torch", "flwr", "opacus", "mlflow", "cryptography", "numpy", "matplotlib"]
-    commands = ["server.commands.cli", "client.node.cli", "client.node.model_cli"]
+    commands = ["server.commands.cli", "client.node.cli", "client.node.model_cli", AUDIT_COMMAND]
     code = (
         "import sys; from shared_model.cli import build_app; build_app(); "
         f"print(sorted(set({heavy + commands!r}) & set(sys.modules)))"

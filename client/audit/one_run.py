@@ -428,8 +428,9 @@ def audit_simulated_federation(
 
     The federations train in a temporary folder (removed after), on the default
     settings with ``overrides`` (run-config keys) applied to each run before the run's
-    own privacy settings. The results are written after each run. What ``make audit``
-    runs. Settings are checked before any training (:func:`check_settings`).
+    own privacy settings. The results are written after each run. What ``fedfusion
+    audit --simulated`` and ``make audit`` run. Settings are checked before any training
+    (:func:`check_settings`).
     """
     check_settings(variants, overrides or {}, hospitals)
     started = time.monotonic()

@@ -1,4 +1,4 @@
-"""The one-run audit's outcome of one run, and the table, JSON and plot `make audit` writes."""
+"""The one-run audit's outcome of one run, and the table, JSON and plot it writes."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def audit_row(o: AuditOutcome) -> str:
 
 
 def audit_table(outcomes: list[AuditOutcome]) -> str:
-    """The Markdown table `make audit` prints and writes."""
+    """The Markdown table the audit prints and writes."""
     head = (
         "| audit | run | accounted ε | audited ε lower bound (95%) | cap (all r right) | m | r "
         "| v | verdict | seconds |\n|---|---|---|---|---|---|---|---|---|---|"

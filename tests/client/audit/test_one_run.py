@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import functools
 import json
 import math
 import re
@@ -19,19 +18,10 @@ from client.audit.one_run import AuditRun, black_box_audit, check_settings, whit
 from client.audit.report import judge
 from client.dp import audit_hooks
 from shared_model.config import ConfigError
+from tests.support.audits import QUICK, outcome, quick_white_box
 
 ROOT = Path(__file__).resolve().parents[3]
 PRODUCT = ("client", "server", "shared_model")
-
-# Small and fast (about 5 s a run once features are cached): 200 canaries, 100 guesses,
-# whose cap (3.49) is far above the accounted epsilon of 1.
-QUICK = {
-    "canaries": 200,
-    "guesses": 100,
-    "hospitals": 2,
-    "rounds": 1,
-    "data": {"data.max-reports": 400},
-}
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +37,7 @@ def test_the_audit_catches_broken_dp_and_writes_what_it_found(
     run alone, at the quick size."""
     broken = next(a for a in one_run.AUDIT_RUNS if a.noise_scale < 1)
     assert broken.expect_flagged is True  # a control
-    monkeypatch.setattr(one_run, "AUDIT_RUNS", (broken,))
-    quick = {k: v for k, v in QUICK.items() if k != "hospitals"}
-    monkeypatch.setattr(
-        one_run, "white_box_audit", functools.partial(one_run.white_box_audit, **quick)
-    )
+    quick_white_box(monkeypatch, broken)
     out, lines = tmp_path / "audit", []
     outcomes = one_run.audit_simulated_federation(
         out, echo=lines.append, variants=("white-box",), overrides={"train.local-epochs": 1}
@@ -86,25 +72,6 @@ def test_the_audit_refuses_bad_settings_before_training() -> None:
     check_settings(("white-box",), {"model.text-encoder": "pretrained"}, 2)  # white-box: fine
 
 
-def _outcome(flagged: bool, expect: bool | None) -> one_run.AuditOutcome:
-    return one_run.AuditOutcome(
-        run=f"{flagged}-{expect}",
-        accounted_epsilon=1.0,
-        checked_against=1.0,
-        lower_bound=2.0 if flagged else 0.0,
-        cap=4.17,
-        canaries=1000,
-        included=500,
-        guesses=200,
-        right=190 if flagged else 100,
-        delta=1e-5,
-        flagged=flagged,
-        power_claimed=True,
-        seconds=1.0,
-        expect_flagged=expect,
-    )
-
-
 @pytest.mark.parametrize(
     ("outcomes", "leaking", "blind"),
     [
@@ -119,7 +86,7 @@ def test_the_verdict_names_leaking_runs_and_uncaught_controls(
 ) -> None:
     """A correct run flagged is a leak; a control not flagged is no power; a run shown
     without an expectation (the black-box broken run) is neither."""
-    assert judge([_outcome(*o) for o in outcomes]) == (leaking, blind)
+    assert judge([outcome(*o) for o in outcomes]) == (leaking, blind)
 
 
 def test_the_bound_is_taken_at_the_hospitals_delta_and_privacy_cannot_come_out_off() -> None:
