@@ -109,7 +109,7 @@ def test_the_exported_json_alone_recomputes_the_recorded_epsilon(tmp_path):
     grow_a_hospital(tmp_path, [600, 900, 1500])
     result = CliRunner().invoke(build_app(), ["ledger", "show", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
-    view = json.loads(result.output)
+    view = json.loads(result.stdout)
     assert set(view) >= {"hospital", "accountant", "delta", "max_epsilon", "epsilon", "history"}
     history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in view["history"]]
     # N grew every round; the sample rate did not: it comes from the released N̂ alone

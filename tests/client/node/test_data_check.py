@@ -42,6 +42,8 @@ def good_site(root: Path) -> list[dict]:
 
 
 def check(*args: str):
+    """``fedfusion data check ARGS``: ``.output`` holds stdout and stderr (progress lines,
+    every few seconds on a slow machine), ``.stdout`` the report alone (``--json``)."""
     return CliRunner().invoke(build_app(), ["data", "check", *args])
 
 
@@ -60,7 +62,7 @@ def test_patients_and_records_per_patient_are_counted(tmp_path):
     assert "patients: 3 (records per patient: median 2, max 3); epsilon will be per patient" in (
         result.output
     )
-    summary = json.loads(check(str(tmp_path / "m.csv"), "--json").output)
+    summary = json.loads(check(str(tmp_path / "m.csv"), "--json").stdout)
     assert summary["patients"] == 3 and summary["records_per_patient"] == {"median": 2, "max": 3}
     rows[1]["patient_id"] = ""  # one blank: it would count as a patient of its own
     result = check(str(write_csv(tmp_path / "b.csv", rows)))
@@ -107,7 +109,7 @@ def test_every_bad_row_is_named_with_its_reason_and_the_exit_code_says_so(tmp_pa
     for line in expected:
         assert line in result.output, line
     assert f"ok:  {len(rows)}" in result.output and "bad: 6" in result.output
-    summary = json.loads(check(str(manifest), "--json").output)
+    summary = json.loads(check(str(manifest), "--json").stdout)
     assert summary["ok"] == len(rows) and [e["row"] for e in summary["errors"]] == list(
         range(first, first + 6)
     )
