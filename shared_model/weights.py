@@ -172,9 +172,15 @@ def hospital_model(cfg: ModelConfig, seed: int, shared: StateDict | None = None)
     """A hospital's copy of the model: its own frozen parts, then ``shared`` loaded in.
 
     The frozen parts are built once per process (loading a pretrained encoder takes
-    seconds) and copied for each use.
+    seconds) and shared by every copy: nothing writes a frozen parameter (it never
+    trains, and :func:`load_shared_state` refuses it), and copying a pretrained
+    encoder's tens of millions of weights for every round and evaluation cost more than
+    training a head on cached features. The rest (trainable weights, buffers, modules)
+    is copied for each use.
     """
-    model = copy.deepcopy(_hospital_template(cfg, seed)[0])
+    template = _hospital_template(cfg, seed)[0]
+    frozen = {id(p): p for p in template.parameters() if not p.requires_grad}
+    model = copy.deepcopy(template, frozen)
     if shared is not None:
         load_shared_state(model, shared)
     return model

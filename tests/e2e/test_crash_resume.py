@@ -159,6 +159,13 @@ def test_simulation_server_killed_mid_round_resumes_after_the_last_complete_roun
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "resuming it after round 1" in again.stdout
+    # what a finished `fedfusion simulate` shows: each hospital's epsilon, the files, the
+    # MLflow run; and it leaves no process of its own behind
+    for shown in ("eps hospital-2", "report.md", "MLflow run"):
+        assert shown in again.stdout, (shown, again.stdout[-3000:])
+    assert [
+        p.pid for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.cmdline())
+    ] == []
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "completed"
     assert [a["resumed_after_round"] for a in info["attempts"]] == [1]

@@ -106,6 +106,34 @@ def test_only_trainable_parameters_travel_and_the_rest_is_identified_by_hash():
     assert sizes["frozen"] < sizes["lora"] < total / 20
 
 
+@pytest.mark.parametrize("mode", ["frozen", "lora"])
+def test_hospital_copies_share_frozen_weights_and_nothing_that_trains(mode):
+    """Copies share the frozen tensors (no copy of the encoder per round); a training
+    step on one copy moves neither the other copy nor the frozen weights."""
+    cfg = ModelConfig(**PRETRAINED, encoder_mode=mode)
+    one, two = hospital_model(cfg, 0), hospital_model(cfg, 0)
+    fingerprint = base_fingerprint(two)
+    frozen = [n for n, p in one.named_parameters() if not p.requires_grad]
+    assert frozen, "a pretrained encoder has frozen weights"
+    params_two = dict(two.named_parameters())
+    assert all(p is params_two[n] for n, p in one.named_parameters() if not p.requires_grad)
+    assert not any(p is params_two[n] for n, p in one.named_parameters() if p.requires_grad)
+    before = {n: v.clone() for n, v in shared_state(two).items()}
+    one.train()
+    images, ids, present = batch(cfg)
+    torch.optim.SGD([p for p in one.parameters() if p.requires_grad], lr=1.0).zero_grad()
+    one(images, ids, present).sum().backward()
+    for p in one.parameters():
+        if p.requires_grad and p.grad is not None:
+            p.data.add_(p.grad, alpha=-1.0)
+    assert any(not torch.equal(v, before[n]) for n, v in shared_state(one).items()), (
+        "the step moved the first copy"
+    )
+    for name, value in shared_state(two).items():
+        torch.testing.assert_close(value, before[name], rtol=0, atol=0)
+    assert base_fingerprint(one) == base_fingerprint(two) == fingerprint
+
+
 def test_changed_frozen_weights_change_the_fingerprint(tmp_path):
     cfg = ModelConfig(**PRETRAINED, encoder_mode="frozen")
     copy = tmp_path / "minilm"
