@@ -155,7 +155,7 @@ def bench(
 
     --suite audit runs the one-run privacy audit as `fedfusion audit --simulated` does
     (client/audit/one_run.py) and writes audit.json, audit.md and audit.png; exit status
-    1 if a correct DP run is flagged, 3 if a control is not caught. --suite mia trains a
+    4 if a correct DP run is flagged, 3 if a control is not caught. --suite mia trains a
     deliberately overfitted non-private federation and the default DP one and runs the
     membership-inference attacks against both (mia.json, mia.md).
 

@@ -35,6 +35,8 @@ AUDIT_COMMAND = "client.node.audit_cli"
 # the packages whose modules may not import one another in a circle
 ACYCLIC = (*PRODUCT, "benchmarks")
 _SHELL_M = re.compile(r"-m\s+([A-Za-z_][\w.]*)")
+# "package.module:attribute", the form entry points and Flower's app references take
+_MODULE_ATTR = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+):[A-Za-z_][\w.]*$")
 _LOADERS = {"import_module", "__import__"}  # importlib.import_module, the builtin
 
 
@@ -79,6 +81,7 @@ def named_imports(path: Path, root: Path = ROOT) -> set[tuple[str, str | None]]:
             found.update((b, None) for a, b in itertools.pairwise(items) if a == "-m")
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             found.update((m, None) for m in _SHELL_M.findall(node.value))
+            found.update((m, None) for m in _MODULE_ATTR.findall(node.value))
     return found
 
 
@@ -206,6 +209,9 @@ def test_only_the_audit_command_reaches_the_audit():
     importers = {m for m, targets in graph.items() if targets & audit} - audit
     product = {m for m in importers if m.split(".")[0] in PRODUCT}
     assert product == {AUDIT_COMMAND}, sorted(product)
+    # and the command only from the command line's list of commands
+    callers = {m for m, targets in graph.items() if AUDIT_COMMAND in targets}
+    assert {m for m in callers if m.split(".")[0] in PRODUCT} == {"client.node.cli"}, callers
 
 
 def test_no_import_cycles():
@@ -224,6 +230,10 @@ def test_the_scan_sees_subprocess_targets_and_relative_imports(tmp_path):
     probe = ROOT / "client" / "node" / "launch.py"
     assert "client.node.supernode" in imported(probe)  # ["-m", "client.node.supernode"]
     assert any(_under(m, "client.node") for m in imported(ROOT / "client" / "node" / "pinned.py"))
+    named = tmp_path / "client" / "node" / "probe.py"
+    named.parent.mkdir(parents=True)
+    named.write_text('APP = "client.audit.one_run:run"\nNOTE = "see: this"\n', encoding="utf-8")
+    assert "client.audit.one_run" in imported(named, tmp_path)  # "module:attribute"
 
 
 def test_the_cycle_scan_sees_late_and_by_name_imports(tmp_path):

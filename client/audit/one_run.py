@@ -69,6 +69,7 @@ __all__ = [
     "BLACK_BOX",
     "BLACK_BOX_RUNS",
     "BROKEN_CLIPPING",
+    "NOT_SIMULATED",
     "VARIANTS",
     "AuditOutcome",
     "AuditRun",
@@ -131,6 +132,19 @@ BROKEN_CLIPPING = AuditRun(
 )
 # Run-config keys each audited run sets itself: an operator's -c may not set them.
 AUDIT_OWNED = ("privacy.enabled", "privacy.target-epsilon", "num-rounds", "output-dir", "seed")
+# What the in-process federation does not simulate (it averages every hospital's update,
+# and SecAgg+ shares among all of them): refused, not recorded as audited and ignored.
+NOT_SIMULATED = (
+    "server.aggregator",
+    "server.fraction-train",
+    "server.max-update-norm",
+    "server.min-update-fraction",
+    "server.trim-fraction",
+    "server.byzantine-hospitals",
+    "secagg.num-shares",
+    "secagg.reconstruction-threshold",
+    "secagg.sparse",
+)
 
 # The black-box audit's size: a canary is learnt only in the steps that sample it, so it
 # needs more rounds than the white-box audit (12: a non-private run is flagged, 2: not);
@@ -410,6 +424,12 @@ def check_settings(variants: Sequence[str], overrides: dict[str, Any], hospitals
     owned = sorted(set(overrides) & set(AUDIT_OWNED))
     if owned:
         raise ConfigError(f"run settings: {', '.join(owned)} is set by each audited run")
+    ignored = sorted(set(overrides) & set(NOT_SIMULATED))
+    if ignored:
+        raise ConfigError(
+            f"run settings: {', '.join(ignored)} is not simulated by the audit's federation "
+            "(every hospital's update is averaged)"
+        )
     run = RunConfig.from_run_config({**overrides, "num-rounds": 1})  # unknown keys: now
     refusal = black_box_refusal(run) if "black-box" in variants else None
     if refusal:

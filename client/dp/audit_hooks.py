@@ -114,13 +114,18 @@ def scaled_clipping(factor: float) -> Iterator[None]:
 
 @contextmanager
 def _scaled(field_name: str, factor: float) -> Iterator[None]:
-    """Set one of the audit state's factors while open, then restore it."""
-    saved = getattr(_STATE, field_name)
+    """Set one of the audit state's factors while open, then restore it.
+
+    One at a time: two such switches open together could close out of order and leave
+    the factor set after both are closed.
+    """
+    if getattr(_STATE, field_name) != 1.0:
+        raise RuntimeError(f"the audit's {field_name.replace('_', ' ')} is already set")
     setattr(_STATE, field_name, factor)
     try:
         yield
     finally:
-        setattr(_STATE, field_name, saved)
+        setattr(_STATE, field_name, 1.0)
 
 
 def _canary_steps(hospital: str, sample_rate: float) -> tuple[_Canaries, np.ndarray] | None:

@@ -8,6 +8,7 @@ federation trained here (``client/audit/one_run.py``), which ``make audit`` runs
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,8 +24,9 @@ from shared_model.progress import progress
 
 __all__ = ["LEAKING", "NO_POWER", "audit", "audit_simulated"]
 
-# the one-run audit's exit statuses (`make audit` runs it too); 2 is a usage error
-LEAKING = 1  # a correct DP run was flagged: the implementation leaks more than it accounts
+# the one-run audit's exit statuses (`make audit` runs it too); 2: a usage error, or the
+# audit could not run (one line says why); 1 is left to a crash, never read as a verdict
+LEAKING = 4  # a correct DP run was flagged: the implementation leaks more than it accounts
 NO_POWER = 3  # a control was not caught: a pass proves little at these settings
 
 _SIMULATED = "The one-run audit of a simulated federation (--simulated)"
@@ -98,7 +100,7 @@ def audit(
     SecAgg+) and the hospitals' own training code; not a deployed federation. Canaries at
     one hospital, each included with probability 1/2, scored from the final model; the
     right guesses give an epsilon lower bound at 95% confidence, printed beside the
-    accounted epsilon after each run, with the table at the end. Exit status 1 if a
+    accounted epsilon after each run, with the table at the end. Exit status 4 if a
     correct DP run is flagged (the implementation leaks more than it accounts), 3 if a
     control is not caught (no power at these settings), else 0. docs/privacy.md says
     what the bound means and what it does not.
@@ -146,6 +148,7 @@ def audit_simulated(
     chosen = tuple(dict.fromkeys(variants or VARIANTS))
     try:
         check_settings(chosen, overrides or {}, hospitals)
+        _check_writable(out)
     except ConfigError as err:
         _usage(str(err))
     typer.echo(
@@ -153,9 +156,12 @@ def audit_simulated(
         f"{hospitals} hospitals; results in {out}"
     )
     started = time.monotonic()
-    outcomes = audit_simulated_federation(
-        out, echo=typer.echo, variants=chosen, overrides=overrides, hospitals=hospitals
-    )
+    try:
+        outcomes = audit_simulated_federation(
+            out, echo=typer.echo, variants=chosen, overrides=overrides, hospitals=hospitals
+        )
+    except (ConfigError, ValueError, OSError) as err:  # e.g. data settings that cannot split
+        _usage(f"the audit could not run: {err}")
     typer.echo(f"\n{time.monotonic() - started:.0f} s; written to {out}/audit.json, .md, .png")
     leaking, blind = judge(outcomes)
     if leaking:
@@ -173,19 +179,39 @@ def audit_simulated(
         )
     if leaking or blind:
         raise typer.Exit(LEAKING if leaking else NO_POWER)
+    correct = [o for o in outcomes if o.expect_flagged is False]
+    unjudged = [f"{o.variant} {o.run}" for o in correct if not o.power_claimed]
     typer.echo("every control was caught and no correct DP run was flagged")
+    if unjudged:
+        typer.echo(
+            f"not judged (epsilon above what the canaries can show, no power claimed): "
+            f"{'; '.join(unjudged)}"
+        )
+
+
+def _check_writable(out: Path) -> None:
+    """Refuse, before any training, an ``--out`` the results could not be written to."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-check-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"--out {out}: cannot write there ({err.strerror or err})") from err
 
 
 def _attack_run(run_dir: Path, hospitals: int | None) -> None:
     """Membership-inference attacks on a finished run's model: RUN_DIR/audit.json."""
+    from safetensors import SafetensorError  # with the command: see the note at the top
+
     from client.audit.membership import audit_run, hospital_count  # torch: with the command
 
     try:
         with progress(hospitals or hospital_count(run_dir), "hospitals") as advance:
             result = audit_run(run_dir, hospitals, advance)
     except ConfigError as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from err
+        _usage(str(err))
+    except (ValueError, KeyError, TypeError, OSError, SafetensorError) as err:  # not a run's
+        _usage(f"{run_dir} is not a finished simulated run: {type(err).__name__}: {err}")
     typer.echo(
         f"{result.members} members, {result.non_members} non-members, {result.hospitals} hospitals"
     )
@@ -197,5 +223,8 @@ def _attack_run(run_dir: Path, hospitals: int | None) -> None:
             f"{r.tpr_at_fpr['0.01']:9.3f}  {r.tpr_at_fpr['0.001']:11.3f}"
         )
     path = Path(run_dir) / "audit.json"
-    path.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    try:
+        path.write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+    except OSError as err:
+        _usage(f"cannot write {path}: {err.strerror or err}")
     typer.echo(f"0.5 is a coin toss. Written to {path}")

@@ -140,6 +140,16 @@ def test_record_canaries_flag_a_non_private_run(work: Path) -> None:
     assert outcome.flagged and outcome.lower_bound > 1.0
 
 
+def test_a_scale_switch_refuses_to_open_twice_and_always_closes_back_to_one() -> None:
+    """Two open together could close out of order and leave the noise scaled."""
+    for switch in (audit_hooks.scaled_noise, audit_hooks.scaled_clipping):
+        with switch(0.5), pytest.raises(RuntimeError, match="already set"), switch(0.1):
+            pass
+        with pytest.raises(ZeroDivisionError), switch(0.5):
+            _ = 1 / 0
+    assert (audit_hooks._STATE.noise_scale, audit_hooks._STATE.clip_scale) == (1.0, 1.0)
+
+
 def test_the_switches_are_off_outside_their_context() -> None:
     before = audit_hooks.attached_hospitals()
 
