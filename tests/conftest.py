@@ -25,28 +25,10 @@ def fuzz_counts(request: pytest.FixtureRequest) -> Iterator[dict[str, list[int]]
     request.node.user_properties.extend(("fuzz", (t, n)) for t, (n,) in counts.items())
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The slow tests first, spread over the workers: the longest work starts at once
-    instead of leaving one worker busy with it at the end.
-
-    pytest-xdist's worksteal hands each worker a contiguous share of this list (the
-    first ``len // workers``, then the next...) and steals from the end of a share, so
-    slow tests merely moved to the front would all land in the first worker's share and
-    run one after another. Each share starts with its own slow tests instead.
-    """
-    slow = [item for item in items if item.get_closest_marker(_SLOW_FIRST)]
-    fast = [item for item in items if not item.get_closest_marker(_SLOW_FIRST)]
-    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
-    shares: list[list[pytest.Item]] = [slow[w::workers] for w in range(workers)]
-    left = len(items)
-    for w, share in enumerate(shares):  # the sizes worksteal's first hand-out gives
-        size = left // (workers - w)
-        left -= size
-        take = max(size - len(share), 0)
-        share.extend(fast[:take])
-        del fast[:take]
-    shares[-1].extend(fast)
-    items[:] = [item for share in shares for item in share]
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow tests first: on several workers, the longest work starts at once instead
+    of leaving one worker busy with it at the end (longest-first scheduling)."""
+    items.sort(key=lambda item: item.get_closest_marker(_SLOW_FIRST) is None)
 
 
 def pytest_runtest_logreport(report: Any) -> None:
