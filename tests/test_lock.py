@@ -5,7 +5,6 @@ CPU lock, every package with --no-deps, then the project. These read files and i
 metadata only.
 """
 
-import importlib.metadata
 import re
 import subprocess
 import sys
@@ -34,11 +33,30 @@ def pins(lock: Path) -> dict[str, str]:
 
 
 def installed() -> dict[str, list[str]]:
-    """Normalized name -> the versions installed under it (more than one is an error)."""
+    """Normalized name -> the versions installed under it (more than one is an error).
+
+    Read by a fresh interpreter of this environment, isolated (``-I``) from the
+    variables and user folders that add to sys.path: Ray's simulation, run in this
+    process by an earlier test, leaves the base interpreter's site-packages on
+    PYTHONPATH.
+    """
+    listing = subprocess.run(
+        [
+            sys.executable,
+            "-I",
+            "-c",
+            "import importlib.metadata as m\n"
+            "for d in m.distributions(): print(d.metadata['Name'], d.version, sep='==')",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
     found: dict[str, list[str]] = {}
-    for dist in importlib.metadata.distributions():
-        name = canonicalize_name(dist.metadata["Name"])
-        found.setdefault(name, []).append(str(Version(dist.version)))
+    for line in listing.splitlines():
+        name, version = line.split("==", 1)
+        found.setdefault(canonicalize_name(name), []).append(str(Version(version)))
     return found
 
 
