@@ -176,7 +176,9 @@ def hospital_model(cfg: ModelConfig, seed: int, shared: StateDict | None = None)
     trains, and :func:`load_shared_state` refuses it), and copying a pretrained
     encoder's tens of millions of weights for every round and evaluation cost more than
     training a head on cached features. The rest (trainable weights, buffers, modules)
-    is copied for each use.
+    is copied for each use. A copy moved to a GPU moves the shared frozen tensors with it
+    (``Module.to`` replaces a parameter's data in place), for every later copy too: a
+    hospital's process trains on one device.
     """
     template = _hospital_template(cfg, seed)[0]
     frozen = {id(p): p for p in template.parameters() if not p.requires_grad}
