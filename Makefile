@@ -30,7 +30,7 @@ TEST_WORKERS ?= 2
 test: $(VENV)/.dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal $(ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal --durations=25 $(ARGS)
 
 # The edit-test loop: lint and every fast test (no federation, no real training; a tenth
 # of the property-test examples) on two workers, under 3 minutes on 2 cores.

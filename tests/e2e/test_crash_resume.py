@@ -50,6 +50,14 @@ def wait_for(condition, timeout: float, what: str, poll: float = 0.05) -> None:
         time.sleep(poll)
 
 
+def cmdline(proc: psutil.Process) -> str:
+    """A process's command line; empty for a zombie (dead, not yet reaped) or one gone."""
+    try:
+        return " ".join(proc.cmdline())
+    except (psutil.ZombieProcess, psutil.NoSuchProcess, psutil.AccessDenied):
+        return ""
+
+
 def kill_tree(root: psutil.Process, markers: tuple[str, ...] = ()) -> None:
     """SIGKILL a process, all its descendants and any process marked by ``markers``."""
     victims = [root, *root.children(recursive=True)]
@@ -140,9 +148,7 @@ def test_simulation_server_killed_mid_round_resumes_after_the_last_complete_roun
     try:
         wait_for(lambda: "round 2/2\n" in first_log.read_text(), 300, "round 2 to start", poll=0.1)
         cli = psutil.Process(first.pid)
-        (server,) = [
-            p for p in cli.children(recursive=True) if "flwr-simulation" in " ".join(p.cmdline())
-        ]
+        (server,) = [p for p in cli.children(recursive=True) if "flwr-simulation" in cmdline(p)]
         server.kill()  # the ServerApp process, mid-round
         ledgers = {p.parent.name: history(p) for p in out.glob("hospitals/*/privacy_ledger.json")}
         code = first.wait(300)
@@ -163,9 +169,7 @@ def test_simulation_server_killed_mid_round_resumes_after_the_last_complete_roun
     # MLflow run; and it leaves no process of its own behind
     for shown in ("eps hospital-2", "report.md", "MLflow run"):
         assert shown in again.stdout, (shown, again.stdout[-3000:])
-    assert [
-        p.pid for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.cmdline())
-    ] == []
+    assert [p.pid for p in psutil.process_iter() if str(out) in cmdline(p)] == []
     info = json.loads((out / "run.json").read_text())
     assert info["status"] == "completed"
     assert [a["resumed_after_round"] for a in info["attempts"]] == [1]
@@ -242,9 +246,7 @@ def test_deployment_hospital_and_superlink_killed_mid_round_both_recover(tmp_pat
         (out,) = d.runs()
         checkpoint = (out / "checkpoints" / "round-0002.safetensors").read_bytes()
         (superlink,) = [
-            p
-            for p in psutil.Process(server.pid).children()
-            if "flower-superlink" in " ".join(p.cmdline())
+            p for p in psutil.Process(server.pid).children() if "flower-superlink" in cmdline(p)
         ]
         superlink.kill()
         ledgers = {n: history(ledger[n]) for n in names}
