@@ -9,6 +9,8 @@ written against.
 - :func:`scale_waits`: the SuperNode loop's fixed waits (``client/node/supernode.py``
   says why) through its ``time``, ``pull_objects`` and ``_push_messages``, and the
   per-hop timeline (``shared_model/timeline.py``) through ``_pull_and_store_message``;
+- :func:`heartbeat_every`: the SuperNode's heartbeat interval, Flower's fixed 30 s, is
+  ``connection.heartbeat-interval``;
 - :func:`fast_message_pulls`: a ClientApp fetching its message from its SuperNode
   retries an object the SuperNode is still downloading after 1 s, doubling to 10 s,
   with no setting: now after 20 ms, growing to 0.5 s (a local request each time);
@@ -52,6 +54,7 @@ __all__ = [
     "SUPEREXEC",
     "SUPERNODE",
     "fast_message_pulls",
+    "heartbeat_every",
     "install_each_fab_once",
     "only_the_hospitals_clientapp",
     "scale_waits",
@@ -70,6 +73,8 @@ SUPERNODE = "flwr.supernode.cli.flower_supernode:flower_supernode"  # the SuperN
 SUPEREXEC = "flwr.supercore.cli.flower_superexec:flower_superexec"  # starts ClientApps
 _EXEC_LOOP = "flwr.supercore.superexec.run_superexec"
 _EXECUTOR = "flwr.supercore.superexec.executor.subprocess_executor"
+_FLEET = "flwr.supernode.fleet_http_connection"
+_HEARTBEAT = "flwr.supercore.heartbeat"
 PATCHED: dict[str, tuple[str, ...] | None] = {
     f"{_LOOP}:time": None,
     f"{_LOOP}:pull_objects": (
@@ -115,6 +120,8 @@ PATCHED: dict[str, tuple[str, ...] | None] = {
     f"{_EXEC_LOOP}:time": None,
     f"{_EXEC_LOOP}:_get_task_poll_interval": (),
     f"{_EXECUTOR}:subprocess": None,
+    f"{_FLEET}:HEARTBEAT_DEFAULT_INTERVAL": None,
+    f"{_HEARTBEAT}:HEARTBEAT_DEFAULT_INTERVAL": None,
     CLIENTAPP: (),
     SUPERNODE: (),
     SUPEREXEC: (),
@@ -135,6 +142,10 @@ PATCHED_SOURCES: dict[str, str] = {
     f"{_LOOP}:start_client_internal": "9e89a6eb68fbec68",
     f"{_LOOP}:_push_messages": "00bb86faffdec114",
     f"{_LOOP}:_pull_and_store_message": "eaf5d0e36dc34e4c",
+    # the connection declares HEARTBEAT_DEFAULT_INTERVAL when it activates the node and
+    # with each heartbeat; the sender waits in proportion to it between heartbeats
+    f"{_FLEET}:http_request_response": "b80ca36779c2657f",
+    f"{_HEARTBEAT}:HeartbeatSender._run": "b176ff96c68dbee2",
 }
 
 
@@ -265,6 +276,16 @@ def _marked_receive(receive: Callable[[], Any], node: int | None) -> Callable[[]
         return got
 
     return marked
+
+
+def heartbeat_every(seconds: float) -> None:
+    """Make this process's SuperNode declare and send a heartbeat every ``seconds``.
+
+    Flower's SuperLink counts a node offline two declared intervals after its last
+    heartbeat; the interval must lie in [10, 1800] s (the SuperLink refuses others).
+    """
+    for module in (_FLEET, _HEARTBEAT):
+        importlib.import_module(module).HEARTBEAT_DEFAULT_INTERVAL = float(seconds)
 
 
 def scale_waits(clock: Any) -> ModuleType:

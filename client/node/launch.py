@@ -154,6 +154,8 @@ def plan_supernode(config_file: Path) -> SuperNodeLaunch:
         "client.node.supernode",
         "--poll-interval",
         str(connection.poll_interval),
+        "--heartbeat-interval",
+        str(connection.heartbeat_interval),
         "--superlink",
         connection.server,
         "--port",
@@ -243,10 +245,11 @@ def run_until_joined(
 
     A hospital restarted after a crash is refused until the server notices that its
     previous connection is gone: Flower marks a node offline two heartbeat intervals
-    (60 s) after its last heartbeat. So if this hospital joined this server before
-    (``joined_before``), a refused activation is retried every ``retry_every`` seconds
-    for up to connection.rejoin-timeout. A hospital that never joined is refused for
-    its key at once, and any other exit returns at once. ``run`` defaults to
+    (connection.heartbeat-interval, 30 s by default) after its last heartbeat. So if
+    this hospital joined this server before (``joined_before``), a refused activation
+    is retried every ``retry_every`` seconds for up to connection.rejoin-timeout. A
+    hospital that never joined is refused for its key at once, and any other exit
+    returns at once. ``run`` defaults to
     :func:`run_supernode`.
     """
     run = run or run_supernode
@@ -264,7 +267,8 @@ def run_until_joined(
             f"{launch.hospital.hospital_id}: the server refused to let this hospital join "
             f"(yet); retrying in {retry_every:g}s, for up to {left:.0f}s more "
             "(connection.rejoin-timeout). After a crash, the server frees a hospital's "
-            "previous connection 60s after its last heartbeat."
+            f"previous connection {2 * launch.connection.heartbeat_interval:g}s after its "
+            "last heartbeat (two connection.heartbeat-interval)."
         )
         time.sleep(retry_every)
 

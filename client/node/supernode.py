@@ -27,6 +27,9 @@ This runs Flower's own ``flower-supernode`` with those waits shortened:
   that comes 1 s after the reply waits at most about 0.2 s (growing by half, as
   before: 0.4 s), for about 13 more requests per reply, all within 3 s of it.
 
+- the heartbeat comes every ``connection.heartbeat-interval`` (Flower's: 30 s), which
+  sets how soon the server notices a crashed hospital and lets it rejoin.
+
 Nothing else changes. The module imports Flower only, never torch.
 """
 
@@ -104,13 +107,25 @@ def scale_waits(poll_interval: float) -> ModuleType:
     return flwr_compat.scale_waits(ScaledTime(poll_interval))
 
 
+_USAGE = (
+    "usage: python -m client.node.supernode --poll-interval S [--heartbeat-interval S] "
+    "[flower args]"
+)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Parse ``--poll-interval S``, then run ``flower-supernode`` with the other arguments."""
+    """Run ``flower-supernode``, its waits from ``--poll-interval``, ``--heartbeat-interval``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) < 2 or args[0] != "--poll-interval":
-        raise SystemExit("usage: python -m client.node.supernode --poll-interval S [flower args]")
+        raise SystemExit(_USAGE)
     scale_waits(float(args[1]))
-    sys.argv = ["flower-supernode", *args[2:]]
+    args = args[2:]
+    if args[:1] == ["--heartbeat-interval"]:
+        if len(args) < 2:
+            raise SystemExit(_USAGE)
+        flwr_compat.heartbeat_every(float(args[1]))
+        args = args[2:]
+    sys.argv = ["flower-supernode", *args]
     flwr_compat.entry(flwr_compat.SUPERNODE)()
 
 

@@ -11,7 +11,9 @@ report) and the logs.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -36,7 +38,7 @@ from server.commands.superlink import (
 from shared_model.config import ConfigError, RunConfig
 from shared_model.processes import stop_processes
 
-__all__ = ["INSECURE_WARNING", "run_server", "superlink_command"]
+__all__ = ["INSECURE_WARNING", "run_server", "stale_status_wait", "superlink_command"]
 
 INSECURE_WARNING = """
 !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!
@@ -122,6 +124,34 @@ def _wait_online(env: dict[str, str], count: int, timeout: float, echo: Any) -> 
         time.sleep(2)
 
 
+def stale_status_wait(database: Path, now: float | None = None) -> float:
+    """Seconds until the online statuses a restarted SuperLink reads from ``database`` are current.
+
+    Flower keeps a hospital online until two of its heartbeat intervals after its last
+    heartbeat (``online_until``): until the latest of those instants passes, a hospital
+    that is still reconnecting, or gone, counts as online. Read from Flower's SQLite
+    state before the SuperLink starts; where it cannot be read, two of Flower's default
+    intervals (60 s). Capped at two of the longest interval a hospital declared.
+    """
+    fallback = float(HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL)
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as con:
+            rows = con.execute(
+                "SELECT online_until, heartbeat_interval FROM node WHERE status = 'online'"
+            ).fetchall()
+    except sqlite3.Error:
+        return fallback
+    try:
+        until = [(float(u), float(i)) for u, i in rows]
+    except (TypeError, ValueError):  # a schema this code does not know
+        return fallback
+    if not until:
+        return 0.0
+    cap = HEARTBEAT_PATIENCE * max(i for _, i in until)
+    left = max(u for u, _ in until) - (time.time() if now is None else now)
+    return min(max(left, 0.0), cap)
+
+
 def _run_dir(
     state: Path, settings: dict[str, Any], base_hash: str, new_run: bool, echo: Any
 ) -> Path:
@@ -186,7 +216,9 @@ def run_server(
     if server_file is not None and cfg.hospital_keys():
         env[REGISTRY_ENV] = str(Path(server_file).expanduser().resolve())
     log = state / "superlink.log"
-    restarted = (state / "superlink.db").exists()
+    database = state / "superlink.db"
+    restarted = database.exists()
+    settle = stale_status_wait(database) if restarted else 0.0
     started = time.monotonic()
     with log.open("a", encoding="utf-8") as handle:
         superlink = subprocess.Popen(
@@ -205,13 +237,14 @@ def run_server(
             _register(env, key, superlink, log)
             echo(f"  registered {Path(key).stem}")
         if restarted:
-            # The database still says who was online when the SuperLink stopped; that
-            # status expires two heartbeat intervals later. Until then a hospital still
-            # reconnecting counts as online, and a round would start without it.
-            settle = HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL
+            # The database still says who was online when the SuperLink stopped. Until
+            # that status expires, a hospital still reconnecting counts as online, and a
+            # round would start without it.
             echo(
-                f"  restarted on its old database: waiting {settle}s for the hospitals' "
-                "online status to be current"
+                f"  restarted on its old database: waiting {settle:.0f}s for the "
+                "hospitals' online status to be current"
+                if settle > 0
+                else "  restarted on its old database: the hospitals' online status is current"
             )
             time.sleep(max(settle - (time.monotonic() - started), 0))
         _wait_online(env, run.server.min_hospitals, run.server.wait_for_hospitals_timeout, echo)

@@ -200,7 +200,7 @@ def test_simulation_server_killed_mid_round_resumes_after_the_last_complete_roun
     ),
     "checkpoints, metrics history, every ledger, the killed round counted in full",
 )
-@pytest.mark.timeout(1200)  # two heartbeat expiries (60 s each) and three server starts
+@pytest.mark.timeout(1200)  # two heartbeat expiries (20 s each) and three server starts
 def test_deployment_hospital_and_superlink_killed_mid_round_both_recover(tmp_path):
     d = LoopbackDeployment(tmp_path)
     names = ["hospital-0", "hospital-1", "hospital-2"]
@@ -222,7 +222,8 @@ def test_deployment_hospital_and_superlink_killed_mid_round_both_recover(tmp_pat
         d.wait_registered(len(names))
         hospitals = {}
         for name, manifest in manifests.items():
-            cmd, marker = d.hospital(name, manifest)
+            # heartbeats every 10 s: the server frees a killed hospital after 20 s, not 60
+            cmd, marker = d.hospital(name, manifest, connection="heartbeat-interval = 10")
             hospitals[name] = (d.start(cmd, f"{name}.log", (marker,)), cmd, marker)
 
         # 1. the victim is killed while it trains round 2: its write-ahead entry is on disk
@@ -258,7 +259,7 @@ def test_deployment_hospital_and_superlink_killed_mid_round_both_recover(tmp_pat
         code, said = d.run_to_exit(server_cmd, "fedfusion-server-2.log", timeout=600)
         assert code == 0, said[-4000:]
         assert f"resuming the unfinished run in {out}" in said
-        assert "online status to be current" in said  # it let stale statuses expire
+        assert "online status" in said  # it let the stale statuses expire (or saw them expired)
         assert d.runs() == [out]  # no new run
         info = json.loads((out / "run.json").read_text())
         assert info["status"] == "completed", info

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import sys
 import time
 from types import SimpleNamespace
 
@@ -115,3 +116,33 @@ def test_the_hospital_command_runs_the_scaled_supernode(tmp_path):
     command = plan_supernode(path).command
     assert command[1:5] == ["-m", "client.node.supernode", "--poll-interval", "0.25"]
     assert "--superlink" in command and "flower-supernode" not in " ".join(command)
+
+
+def test_the_heartbeat_interval_is_the_hospitals_setting(tmp_path, monkeypatch):
+    """Flower sends a heartbeat every 30 s and the server frees a crashed hospital 60 s
+    after its last one; connection.heartbeat-interval sets both, within Flower's bounds."""
+    from client.node import flwr_compat
+    from client.node import supernode as wrapper
+    from shared_model.config import ConfigError
+
+    def command(case: str, **connection: str) -> list[str]:
+        (tmp_path / case).mkdir()
+        return plan_supernode(hospital_file(tmp_path / case, **connection)).command
+
+    default = command("default")
+    assert default[default.index("--heartbeat-interval") + 1] == "30.0"  # Flower's own
+    shorter = command("shorter", **{"heartbeat-interval": "12"})
+    assert shorter[shorter.index("--heartbeat-interval") + 1] == "12.0"
+    with pytest.raises(ConfigError, match="heartbeat-interval"):
+        command("too-short", **{"heartbeat-interval": "5"})  # the SuperLink refuses < 10 s
+
+    fleet = importlib.import_module("flwr.supernode.fleet_http_connection")
+    sender = importlib.import_module("flwr.supercore.heartbeat")
+    for module in (fleet, sender):
+        monkeypatch.setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", module.HEARTBEAT_DEFAULT_INTERVAL)
+    monkeypatch.setattr(wrapper, "scale_waits", lambda poll: None)
+    ran = []
+    monkeypatch.setattr(flwr_compat, "entry", lambda ref: lambda: ran.append(sys.argv))
+    wrapper.main(["--poll-interval", "0.5", "--heartbeat-interval", "12", "--superlink", "x:1"])
+    assert ran == [["flower-supernode", "--superlink", "x:1"]]
+    assert fleet.HEARTBEAT_DEFAULT_INTERVAL == sender.HEARTBEAT_DEFAULT_INTERVAL == 12.0

@@ -117,3 +117,59 @@ def test_where_a_deployed_run_is_tracked(tmp_path, monkeypatch, file_says, flags
     path = server_file(tmp_path, file_says)
     CliRunner().invoke(build_app(), ["server", "--config", str(path), *flags])
     assert seen[TRACKING_ENV] == expected
+
+
+def _superlink_db(path: Path, nodes: list[tuple[str, float | None, float | None]]) -> Path:
+    """A database with Flower's node table as a SuperLink left it: (status, until, interval)."""
+    import contextlib
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path)) as con:
+        con.execute(
+            "CREATE TABLE node (node_id INTEGER, status TEXT, online_until FLOAT, "
+            "heartbeat_interval FLOAT)"
+        )
+        con.executemany(
+            "INSERT INTO node VALUES (?, ?, ?, ?)",
+            [(i, *node) for i, node in enumerate(nodes)],
+        )
+        con.commit()
+    return path
+
+
+def test_a_restarted_server_waits_until_the_stale_online_statuses_expire(tmp_path):
+    """A SuperLink restarted on its database counts a hospital online until two of its
+    heartbeat intervals after its last heartbeat: the server waits until the latest of
+    those instants, no longer (Flower's default interval gave a fixed 60 s before)."""
+    from server.commands.serve import stale_status_wait
+
+    now = 1_000_000.0
+    db = _superlink_db(
+        tmp_path / "a.db",
+        [("online", now + 12.5, 10.0), ("online", now + 3.0, 10.0), ("offline", now + 900, 30.0)],
+    )
+    assert stale_status_wait(db, now=now) == pytest.approx(12.5)  # the latest online one
+    assert stale_status_wait(db, now=now + 20) == 0.0  # all expired already
+    # never longer than two of the longest declared interval (a clock jump, a bad value)
+    far = _superlink_db(tmp_path / "b.db", [("online", now + 500, 10.0)])
+    assert stale_status_wait(far, now=now) == pytest.approx(20.0)
+    # nobody online when it stopped: nothing to wait for
+    assert stale_status_wait(_superlink_db(tmp_path / "c.db", [("offline", now, 30.0)])) == 0.0
+
+
+@pytest.mark.parametrize("content", ["not a database", "schema"])
+def test_a_database_it_cannot_read_waits_flowers_default(tmp_path, content):
+    from server.commands.serve import stale_status_wait
+
+    db = tmp_path / "superlink.db"
+    if content == "schema":  # a Flower that keeps its nodes elsewhere
+        import contextlib
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(db)) as con:
+            con.execute("CREATE TABLE nodes (id INTEGER)")
+    else:
+        db.write_text(content)
+    assert stale_status_wait(db) == 60.0
+    bad = _superlink_db(tmp_path / "bad.db", [("online", None, 10.0)])
+    assert stale_status_wait(bad) == 60.0
