@@ -249,7 +249,15 @@ def run_server(
             time.sleep(max(settle - (time.monotonic() - started), 0))
         _wait_online(env, run.server.min_hospitals, run.server.wait_for_hospitals_timeout, echo)
         rc, status, timed_out = submit_run(
-            app_dir(), config_file, _CONNECTION, env, out, cfg.timeout, verbose, echo
+            app_dir(),
+            config_file,
+            _CONNECTION,
+            env,
+            out,
+            cfg.timeout,
+            verbose,
+            echo,
+            superlink_pid=superlink.pid,
         )
     except RuntimeError as err:
         result.problems = [str(err)]

@@ -118,6 +118,7 @@ def run_simulation_cli(
                 verbose,
                 show,
                 ("--federation-config", f"num-supernodes={hospitals} client-resources-num-cpus=1"),
+                superlink_pid=link.pid,
             )
     finally:
         result.leftover_processes = link.leftover

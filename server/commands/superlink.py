@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from shared_model.config import ConfigError
 from shared_model.processes import free_port, stop_processes
 
@@ -42,6 +44,12 @@ __all__ = [
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _RUN_STARTED = re.compile(r"Successfully started run (\d+)")
 _SUPERLINK_START_TIMEOUT = 60.0
+# The processes Flower runs a ServerApp in (simulated, deployed).
+_SERVER_APP_PROCESSES = ("flwr-simulation", "flwr-serverapp")
+# Seconds `flwr run` may go on after the ServerApp process ended without recording how
+# the run ended, before it is stopped (Flower notices only when its heartbeat expires).
+SERVER_APP_GONE_GRACE = 5.0
+_WATCH_POLL = 1.0  # seconds between looks at the ServerApp process
 BIN = Path(sys.executable).parent  # this venv's commands: flwr, flower-superlink, ...
 
 
@@ -185,6 +193,11 @@ class LocalSuperLink:
                 )
             time.sleep(0.3)
 
+    @property
+    def pid(self) -> int | None:
+        """The SuperLink's process id, once started."""
+        return self.proc.pid if self.proc is not None else None
+
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
             self.leftover = stop_processes(self.proc.pid, _markers(self.env))
@@ -230,9 +243,14 @@ def submit_run(
     verbose: bool,
     echo: Any,
     extra: tuple[str, ...] = (),
+    superlink_pid: int | None = None,
 ) -> tuple[int, str, bool]:
     """``flwr run`` the app on ``connection``, streaming progress into ``out/flwr-run.log``.
 
+    Given the SuperLink's ``superlink_pid``, a ServerApp process under it that ends while
+    ``out/run.json`` still says the run is running (killed, or crashed before it could
+    record the outcome) stops ``flwr run`` after ``SERVER_APP_GONE_GRACE`` seconds:
+    Flower itself notices only when the ServerApp's heartbeat expires, about a minute on.
     Returns (exit code, the run status `flwr ls` reports, whether it timed out).
     """
     cmd = [
@@ -263,6 +281,13 @@ def submit_run(
 
         timer = threading.Timer(timeout, stop)
         timer.start()
+        done, server_app_gone = threading.Event(), threading.Event()
+        if superlink_pid is not None:
+            threading.Thread(
+                target=_stop_when_server_app_gone,
+                args=(proc, superlink_pid, out / "run.json", done, server_app_gone),
+                daemon=True,
+            ).start()
         run_id = ""
         try:
             assert proc.stdout is not None
@@ -277,6 +302,12 @@ def submit_run(
             rc = proc.wait()
         finally:
             timer.cancel()
+            done.set()  # ends the watch
+    if server_app_gone.is_set():
+        echo(
+            "  the ServerApp process ended without recording how the run ended: "
+            "stopped waiting for Flower to notice"
+        )
     # A SuperLink restarted on its old database also lists the runs of earlier attempts.
     which = ["--run-id", run_id] if run_id else []
     listing = flwr(env, "ls", connection, *which, "--format", "json", cwd=out)
@@ -286,6 +317,56 @@ def submit_run(
     except (json.JSONDecodeError, KeyError, IndexError):
         status = f"unknown: `flwr ls` said {listing.stdout.strip()[:200]!r}"
     return rc, status, timed_out.is_set()
+
+
+def _run_status(run_file: Path) -> str:
+    try:
+        return str(json.loads(run_file.read_text("utf-8")).get("status", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def _server_app_running(superlink_pid: int) -> bool:
+    """Whether a ServerApp process (not a zombie) runs under the SuperLink."""
+    try:
+        children = psutil.Process(superlink_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return False
+    for child in children:
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                continue
+            line = " ".join(child.cmdline())
+        except psutil.Error:  # gone meanwhile
+            continue
+        if any(name in line for name in _SERVER_APP_PROCESSES):
+            return True
+    return False
+
+
+def _stop_when_server_app_gone(
+    proc: subprocess.Popen[str],
+    superlink_pid: int,
+    run_file: Path,
+    done: threading.Event,
+    gone: threading.Event,
+) -> None:
+    """Kill ``proc``, setting ``gone``, once the ServerApp ended unrecorded in ``run_file``.
+
+    Returns when ``done`` is set.
+    """
+    seen, gone_since = False, None
+    while not done.wait(_WATCH_POLL):
+        if _server_app_running(superlink_pid):
+            seen, gone_since = True, None
+            continue
+        if not seen or _run_status(run_file) != "running":
+            continue
+        gone_since = gone_since or time.monotonic()
+        if time.monotonic() - gone_since >= SERVER_APP_GONE_GRACE:
+            gone.set()
+            proc.kill()
+            return
 
 
 def judge_run(rc: int, status: str, out: Path, tolerate_failures: bool) -> list[str]:

@@ -159,6 +159,7 @@ def test_simulation_server_killed_mid_round_resumes_after_the_last_complete_roun
     assert code != 0, said
     hint = f"this run directory resumes it after round 1 (`fedfusion simulate --out {out}`"
     assert hint in said, said[-3000:]
+    assert "stopped waiting for Flower to notice" in said  # not a minute later
     checkpoint = (out / "checkpoints" / "round-0001.safetensors").read_bytes()
     assert json.loads((out / "run.json").read_text())["status"] == "running"
 

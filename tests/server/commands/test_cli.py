@@ -134,6 +134,56 @@ def test_stop_processes_stops_the_tree_and_marked_strays(tmp_path):
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in tree)
 
 
+@pytest.mark.parametrize("recorded", ["running", "completed"])
+def test_flwr_run_is_stopped_soon_after_the_server_app_dies_unrecorded(
+    tmp_path, monkeypatch, recorded
+):
+    """Flower notices a killed ServerApp only when its heartbeat expires (a minute on); the
+    wait for `flwr run` ends a few seconds after the ServerApp process is gone, if the run
+    was not recorded as ended. One that recorded how it ended is left to finish."""
+    from server.commands import superlink
+
+    monkeypatch.setattr(superlink, "SERVER_APP_GONE_GRACE", 0.5)
+    monkeypatch.setattr(superlink, "_WATCH_POLL", 0.1)
+    (tmp_path / "run.json").write_text(json.dumps({"status": recorded}))
+    # a stand-in SuperLink, whose child runs "flwr-simulation"
+    link = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import subprocess,sys,time;"
+            "subprocess.Popen([sys.executable,'-c','import time;time.sleep(60)',"
+            "'flwr-simulation']);"
+            "time.sleep(60)",
+        ]
+    )
+    flwr_run = subprocess.Popen([sys.executable, "-c", "import time;time.sleep(60)"])
+    done, gone = superlink.threading.Event(), superlink.threading.Event()
+    watch = superlink.threading.Thread(
+        target=superlink._stop_when_server_app_gone,
+        args=(flwr_run, link.pid, tmp_path / "run.json", done, gone),
+    )
+    try:
+        time.sleep(0.5)
+        watch.start()
+        time.sleep(0.5)
+        (server_app,) = psutil.Process(link.pid).children()
+        assert superlink._server_app_running(link.pid)
+        server_app.kill()  # kill -9 of the ServerApp
+        if recorded == "running":
+            assert flwr_run.wait(10) != 0  # stopped
+            assert gone.is_set()
+        else:
+            time.sleep(2.0)
+            assert flwr_run.poll() is None and not gone.is_set()  # left to finish
+    finally:
+        done.set()
+        watch.join(5)
+        for proc in (flwr_run, link):
+            proc.kill()
+            proc.wait(5)
+
+
 def _run_dir(tmp_path, status="completed", failures=0):
     tmp_path.mkdir()
     (tmp_path / "run.json").write_text(json.dumps({"status": status, "error": "boom"}))
