@@ -1,7 +1,8 @@
 """A real deployment on loopback: TLS, authenticated hospitals, their own manifests.
 
 Three hospitals, each with a manifest of PNG radiographs and reports written by the
-test, join a TLS SuperLink with SuperNode authentication. `flwr run` submits 2 rounds
+test, join a TLS SuperLink with SuperNode authentication; a hospital whose key was never
+registered, and a plaintext one, are refused meanwhile. `flwr run` submits 2 rounds
 with DP and SecAgg+ on (the defaults). The outcome is judged from Flower's run status,
 the run directory and each hospital's ledger, not from `flwr run`'s exit code (which is
 0 even on failure).
@@ -14,21 +15,57 @@ import json
 import pytest
 
 from shared_model.datasets.export import write_manifest
+from tests.support.loopback import BIN
 from tests.support.tracking import read_tracked_run
 
 pytestmark = pytest.mark.slow
 RECORDS = 160
 
 
-def test_three_hospitals_train_over_tls(deployment):
-    """`fedfusion server --config` and three `fedfusion hospital --config`, nothing else."""
+@pytest.mark.fault(
+    "An unregistered hospital key, and a plaintext SuperNode against the TLS SuperLink",
+    "Refused; the hospital exits at once, saying what to register or fix",
+    "the federation (no unauthenticated hospital joins; the run goes on)",
+)
+def test_three_hospitals_train_over_tls_and_strangers_are_refused(deployment):
+    """`fedfusion server --config` and three `fedfusion hospital --config`, nothing else;
+    meanwhile a hospital whose key was never registered, and one without TLS, try to join."""
     d = deployment
     names = ["hospital-0", "hospital-1", "hospital-2"]
     manifests = {n: write_manifest(d.tmp / f"{n}-data", i, RECORDS) for i, n in enumerate(names)}
-    code, log, out = d.federate(
-        manifests,
-        "num-rounds = 2\nserver.min-hospitals = 3\nserver.wait-for-hospitals-timeout = 120.0\n",
+    server = d.start(
+        [
+            str(BIN / "fedfusion"),
+            "server",
+            "--config",
+            str(
+                d.server_file(
+                    names,
+                    "num-rounds = 2\nserver.min-hospitals = 3\n"
+                    "server.wait-for-hospitals-timeout = 120.0\n",
+                )
+            ),
+        ],
+        "fedfusion-server.log",
     )
+    d.wait_registered(len(names))
+    for name, manifest in manifests.items():
+        cmd, marker = d.hospital(name, manifest)
+        d.start(cmd, f"{name}.log", (marker,))
+
+    cmd, marker = d.hospital("hospital-3")  # its key was never registered
+    code, said = d.run_to_exit(cmd, "unregistered.log", markers=(marker,))
+    assert code == 1, said  # exits by itself, and says why in plain words
+    assert "refused to let this hospital join. Either its key is not registered" in said
+    assert "flwr supernode register hospital-3.pub" in said
+    cmd, marker = d.hospital("hospital-3", tls=False)  # plaintext against TLS
+    code, said = d.run_to_exit(cmd, "plaintext.log", markers=(marker,))
+    assert code == 1, said
+    assert "WITHOUT TLS" in said and "stopped with exit code" in said
+
+    code = server.wait(300)
+    log = (d.tmp / "fedfusion-server.log").read_text()
+    out = next(iter(d.runs()), None)
     assert code == 0, log[-4000:]
     assert "round 2/2 (SecAgg+)" in log  # updates travelled masked (the default)
     assert out is not None and d.runs() == [out]

@@ -56,7 +56,7 @@ ORDER = [
     "test_secagg_registry.py",
     "test_crash_resume.py",
     "test_resume.py",
-    "test_tls_auth.py",
+    "test_deployment.py",
     "test_launch.py",
     "test_privacy.py",
     "test_client_app.py",

@@ -55,55 +55,9 @@ class LoopbackDeployment:
         self.started.append((proc, [str(self.tmp), *found, *markers]))
         return proc
 
-    def start_superlink(self) -> subprocess.Popen:
-        """The SuperLink with TLS and SuperNode authentication."""
-        self.superlink = self.start(
-            [
-                str(BIN / "flower-superlink"),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                "--database",
-                str(self.tmp / "superlink.db"),
-                "--ssl-ca-certfile",
-                str(self.certs / "ca/ca.crt"),
-                "--ssl-certfile",
-                str(self.certs / "server/server.pem"),
-                "--ssl-keyfile",
-                str(self.certs / "server/server.key"),
-                "--enable-supernode-auth",
-                "--disable-runtime-dependency-installation",
-            ],
-            "superlink.log",
-        )
-        return self.superlink
-
     def flwr(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """Run the flwr CLI against the deployment."""
         return flwr(self.env, *args, timeout=timeout, cwd=self.tmp)
-
-    def register(self, name: str, deadline_s: float = 60) -> None:
-        """Register a hospital's public key, waiting for the SuperLink to come up."""
-        deadline = time.monotonic() + deadline_s
-        while True:
-            reg = self.flwr(
-                "supernode",
-                "register",
-                str(self.certs / f"hospitals/{name}/{name}.pub"),
-                "tls",
-                "--name",
-                name,
-            )
-            if reg.returncode == 0:
-                return
-            if self.superlink.poll() is not None:
-                raise RuntimeError(
-                    "the SuperLink stopped: " + (self.tmp / "superlink.log").read_text()[-2000:]
-                )
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"could not register {name}: {reg.stdout}{reg.stderr}")
-            time.sleep(1)
 
     def hospital(
         self,
@@ -174,18 +128,6 @@ class LoopbackDeployment:
                 return
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{count} keys not registered: {listing.stdout}{listing.stderr}")
-            time.sleep(1)
-
-    def wait_online(self, count: int, deadline_s: float = 90) -> None:
-        """Wait until ``count`` SuperNodes are online."""
-        deadline = time.monotonic() + deadline_s
-        while True:
-            listing = self.flwr("supernode", "list", "tls", "--format", "json")
-            nodes = json.loads(listing.stdout).get("nodes", []) if listing.returncode == 0 else []
-            if sum(n.get("status") == "online" for n in nodes) >= count:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{count} hospitals not online: {listing.stdout}")
             time.sleep(1)
 
     def run_to_exit(

@@ -235,9 +235,12 @@ def _our_processes(out: Path) -> list[int]:
 def test_simulate_command_fails_loudly_when_hospitals_fail(tmp_path):
     """(A run that succeeds: tests/e2e/test_crash_resume.py, the simulation resumed.)"""
     out = tmp_path / "run"
-    # 15 reports cannot give 3 hospitals 10 records each: every hospital raises.
+    # 15 reports cannot give 3 hospitals 10 records each: every hospital raises. (The model
+    # trained from scratch: no pretrained encoders to load for a run that cannot train.)
     result = _simulate(
-        out, "--hospitals", "3", "--rounds", "1", "-c", "data.max-reports=15", "--no-tracking"
+        out,
+        *("--hospitals", "3", "--rounds", "1", "--preset", "cnn-lstm-concat"),
+        *("-c", "data.max-reports=15", "--no-tracking"),
     )
     assert result.returncode == 1
     assert "round 1/1 (SecAgg+)" in result.stdout  # SecAgg+ unless the run config says not
