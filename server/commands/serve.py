@@ -124,16 +124,19 @@ def _wait_online(env: dict[str, str], count: int, timeout: float, echo: Any) -> 
         time.sleep(2)
 
 
-def stale_status_wait(database: Path, now: float | None = None) -> float:
+def stale_status_wait(
+    database: Path, now: float | None = None, limit: float = float("inf")
+) -> float:
     """Seconds until the online statuses a restarted SuperLink reads from ``database`` are current.
 
     Flower keeps a hospital online until two of its heartbeat intervals after its last
     heartbeat (``online_until``): until the latest of those instants passes, a hospital
     that is still reconnecting, or gone, counts as online. Read from Flower's SQLite
     state before the SuperLink starts; where it cannot be read, two of Flower's default
-    intervals (60 s). Capped at two of the longest interval a hospital declared.
+    intervals (60 s). Capped at two of the longest interval a hospital declared, and at
+    ``limit``.
     """
-    fallback = float(HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL)
+    fallback = min(float(HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL), limit)
     try:
         with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as con:
             rows = con.execute(
@@ -147,7 +150,7 @@ def stale_status_wait(database: Path, now: float | None = None) -> float:
         return fallback
     if not until:
         return 0.0
-    cap = HEARTBEAT_PATIENCE * max(i for _, i in until)
+    cap = min(HEARTBEAT_PATIENCE * max(i for _, i in until), limit)
     left = max(u for u, _ in until) - (time.time() if now is None else now)
     return min(max(left, 0.0), cap)
 
@@ -218,7 +221,10 @@ def run_server(
     log = state / "superlink.log"
     database = state / "superlink.db"
     restarted = database.exists()
-    settle = stale_status_wait(database) if restarted else 0.0
+    # (a hospital may declare a heartbeat interval of up to 30 minutes: the wait for its
+    # stale status is capped by the operator's own wait for hospitals)
+    limit = run.server.wait_for_hospitals_timeout
+    settle = stale_status_wait(database, limit=limit) if restarted else 0.0
     started = time.monotonic()
     with log.open("a", encoding="utf-8") as handle:
         superlink = subprocess.Popen(

@@ -153,6 +153,9 @@ def test_a_restarted_server_waits_until_the_stale_online_statuses_expire(tmp_pat
     # never longer than two of the longest declared interval (a clock jump, a bad value)
     far = _superlink_db(tmp_path / "b.db", [("online", now + 500, 10.0)])
     assert stale_status_wait(far, now=now) == pytest.approx(20.0)
+    # a hospital that declared half-hour heartbeats: no longer than the operator's limit
+    slow = _superlink_db(tmp_path / "d.db", [("online", now + 3000, 1800.0)])
+    assert stale_status_wait(slow, now=now, limit=120.0) == 120.0
     # nobody online when it stopped: nothing to wait for
     assert stale_status_wait(_superlink_db(tmp_path / "c.db", [("offline", now, 30.0)])) == 0.0
 
