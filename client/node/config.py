@@ -64,6 +64,13 @@ class ConnectionConfig:
         return cfg
 
     def _check(self) -> None:
+        if 0 < self.rejoin_timeout < 2 * self.heartbeat_interval:
+            raise ConfigError(
+                f"connection.rejoin-timeout {self.rejoin_timeout:g}s is shorter than the "
+                f"{2 * self.heartbeat_interval:g}s after which the server frees a crashed "
+                "hospital's connection (two connection.heartbeat-interval): a restart would "
+                "give up before it can rejoin; raise rejoin-timeout (or 0: never retry)"
+            )
         if not re.match(r"^[^\s:]+:\d{1,5}$", self.server):
             raise ConfigError(f"connection.server: expected host:port, got {self.server!r}")
         if self.insecure and self.root_certificates:

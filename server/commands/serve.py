@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.common.constant import HEARTBEAT_DEFAULT_INTERVAL, HEARTBEAT_PATIENCE
+from flwr.supercore.constant import NodeStatus
 
 from server.app.registry import REGISTRY_ENV
 from server.app.store import RunDirError, RunFinishedError, RunStore
@@ -138,9 +139,11 @@ def stale_status_wait(
     """
     fallback = min(float(HEARTBEAT_PATIENCE * HEARTBEAT_DEFAULT_INTERVAL), limit)
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True)) as con:
+        uri = f"{Path(database).resolve().as_uri()}?mode=ro"  # a '#' or '%' in the path stays
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as con:
             rows = con.execute(
-                "SELECT online_until, heartbeat_interval FROM node WHERE status = 'online'"
+                "SELECT online_until, heartbeat_interval FROM node WHERE status = ?",
+                (str(NodeStatus.ONLINE),),
             ).fetchall()
     except sqlite3.Error:
         return fallback

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
 
 from shared_model.config import ConfigError
 from shared_model.processes import free_port, stop_processes
@@ -45,7 +46,9 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _RUN_STARTED = re.compile(r"Successfully started run (\d+)")
 _SUPERLINK_START_TIMEOUT = 60.0
 # The processes Flower runs a ServerApp in (simulated, deployed).
-_SERVER_APP_PROCESSES = ("flwr-simulation", "flwr-serverapp")
+_SERVER_APP_PROCESSES = tuple(
+    TASK_TYPE_TO_COMMAND[t] for t in (TaskType.SIMULATION, TaskType.SERVER_APP)
+)
 # Seconds `flwr run` may go on after the ServerApp process ended without recording how
 # the run ended, before it is stopped (Flower notices only when its heartbeat expires).
 SERVER_APP_GONE_GRACE = 5.0
@@ -247,9 +250,10 @@ def submit_run(
 ) -> tuple[int, str, bool]:
     """``flwr run`` the app on ``connection``, streaming progress into ``out/flwr-run.log``.
 
-    Given the SuperLink's ``superlink_pid``, a ServerApp process under it that ends while
-    ``out/run.json`` still says the run is running (killed, or crashed before it could
-    record the outcome) stops ``flwr run`` after ``SERVER_APP_GONE_GRACE`` seconds:
+    Given the SuperLink's ``superlink_pid``, a ServerApp process under it that began the
+    run (rewrote ``out/run.json``) and ends while that still says the run is running
+    (killed, or crashed before it could record the outcome) stops ``flwr run`` after
+    ``SERVER_APP_GONE_GRACE`` seconds:
     Flower itself notices only when the ServerApp's heartbeat expires, about a minute on.
     Returns (exit code, the run status `flwr ls` reports, whether it timed out).
     """
@@ -263,6 +267,7 @@ def submit_run(
         "--run-config",
         str(config_file),
     ]
+    before = _written_at(out / "run.json")  # a resumed run's, from its earlier attempt
     with (out / "flwr-run.log").open("a", encoding="utf-8") as log:  # a resumed run appends
         proc = subprocess.Popen(
             cmd,
@@ -285,7 +290,7 @@ def submit_run(
         if superlink_pid is not None:
             threading.Thread(
                 target=_stop_when_server_app_gone,
-                args=(proc, superlink_pid, out / "run.json", done, server_app_gone),
+                args=(proc, superlink_pid, out / "run.json", before, done, server_app_gone),
                 daemon=True,
             ).start()
         run_id = ""
@@ -326,6 +331,13 @@ def _run_status(run_file: Path) -> str:
         return ""
 
 
+def _written_at(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
 def _server_app_running(superlink_pid: int) -> bool:
     """Whether a ServerApp process (not a zombie) runs under the SuperLink."""
     try:
@@ -348,19 +360,24 @@ def _stop_when_server_app_gone(
     proc: subprocess.Popen[str],
     superlink_pid: int,
     run_file: Path,
+    before: int | None,
     done: threading.Event,
     gone: threading.Event,
 ) -> None:
     """Kill ``proc``, setting ``gone``, once the ServerApp ended unrecorded in ``run_file``.
 
-    Returns when ``done`` is set.
+    Only a ServerApp that began this attempt counts: it rewrote ``run_file`` (written at
+    ``before`` when ``flwr run`` started; an earlier attempt's "running" does not count,
+    and Flower may start a ServerApp again that died before it began). Returns when
+    ``done`` is set.
     """
     seen, gone_since = False, None
     while not done.wait(_WATCH_POLL):
         if _server_app_running(superlink_pid):
             seen, gone_since = True, None
             continue
-        if not seen or _run_status(run_file) != "running":
+        began = _written_at(run_file) not in (None, before)
+        if not seen or not began or _run_status(run_file) != "running":
             continue
         gone_since = gone_since or time.monotonic()
         if time.monotonic() - gone_since >= SERVER_APP_GONE_GRACE:

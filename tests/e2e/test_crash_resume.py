@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
+import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -260,7 +262,14 @@ def test_deployment_hospital_and_superlink_killed_mid_round_both_recover(tmp_pat
         code, said = d.run_to_exit(server_cmd, "fedfusion-server-2.log", timeout=600)
         assert code == 0, said[-4000:]
         assert f"resuming the unfinished run in {out}" in said
-        assert "online status" in said  # it let the stale statuses expire (or saw them expired)
+        # it let the stale statuses expire, no longer than two 10 s heartbeats
+        settled = re.search(r"waiting (\d+)s for the hospitals' online status", said)
+        assert settled or "online status is current" in said, said[-3000:]
+        assert not settled or int(settled.group(1)) <= 20, settled.group(0)
+        # each hospital declared its own heartbeat interval to the server
+        with contextlib.closing(sqlite3.connect(d.tmp / "server-state" / "superlink.db")) as db:
+            declared = db.execute("SELECT heartbeat_interval FROM node").fetchall()
+        assert sorted(declared) == [(10.0,)] * len(declared) and len(declared) >= 3
         assert d.runs() == [out]  # no new run
         info = json.loads((out / "run.json").read_text())
         assert info["status"] == "completed", info

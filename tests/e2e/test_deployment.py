@@ -62,6 +62,7 @@ def test_three_hospitals_train_over_tls_and_strangers_are_refused(deployment):
     code, said = d.run_to_exit(cmd, "plaintext.log", markers=(marker,))
     assert code == 1, said
     assert "WITHOUT TLS" in said and "stopped with exit code" in said
+    assert "refused to let this hospital join" not in said  # no connection, let alone a key
 
     code = server.wait(300)
     log = (d.tmp / "fedfusion-server.log").read_text()

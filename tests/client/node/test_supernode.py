@@ -135,6 +135,10 @@ def test_the_heartbeat_interval_is_the_hospitals_setting(tmp_path, monkeypatch):
     assert shorter[shorter.index("--heartbeat-interval") + 1] == "12.0"
     with pytest.raises(ConfigError, match="heartbeat-interval"):
         command("too-short", **{"heartbeat-interval": "5"})  # the SuperLink refuses < 10 s
+    # freed 180 s after its last heartbeat: a restart retrying for 120 s would give up first
+    with pytest.raises(ConfigError, match="rejoin-timeout 120s is shorter than the 180s"):
+        command("long", **{"heartbeat-interval": "90"})
+    command("long-enough", **{"heartbeat-interval": "90", "rejoin-timeout": "200"})
 
     fleet = importlib.import_module("flwr.supernode.fleet_http_connection")
     sender = importlib.import_module("flwr.supercore.heartbeat")

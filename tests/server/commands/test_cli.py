@@ -1,6 +1,7 @@
 """The ``fedfusion`` CLI and the simulation launcher."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -134,18 +135,26 @@ def test_stop_processes_stops_the_tree_and_marked_strays(tmp_path):
     assert not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie" for p in tree)
 
 
-@pytest.mark.parametrize("recorded", ["running", "completed"])
+@pytest.mark.parametrize("recorded", ["running", "completed", "running-before"])
 def test_flwr_run_is_stopped_soon_after_the_server_app_dies_unrecorded(
     tmp_path, monkeypatch, recorded
 ):
     """Flower notices a killed ServerApp only when its heartbeat expires (a minute on); the
     wait for `flwr run` ends a few seconds after the ServerApp process is gone, if the run
-    was not recorded as ended. One that recorded how it ended is left to finish."""
+    it began was not recorded as ended. One that recorded how it ended is left to finish,
+    and so is one that died before it began (its run.json is an earlier attempt's: Flower
+    may start it again)."""
     from server.commands import superlink
 
     monkeypatch.setattr(superlink, "SERVER_APP_GONE_GRACE", 0.5)
     monkeypatch.setattr(superlink, "_WATCH_POLL", 0.1)
-    (tmp_path / "run.json").write_text(json.dumps({"status": recorded}))
+    run_file = tmp_path / "run.json"
+    run_file.write_text(json.dumps({"status": "running"}))  # an earlier attempt's
+    before = superlink._written_at(run_file)
+    if recorded != "running-before":  # this attempt's ServerApp began: it rewrote run.json
+        time.sleep(0.01)
+        run_file.write_text(json.dumps({"status": recorded, "attempts": [1]}))
+        os.utime(run_file, ns=(before + 10**7, before + 10**7))
     # a stand-in SuperLink, whose child runs "flwr-simulation"
     link = subprocess.Popen(
         [
@@ -161,7 +170,7 @@ def test_flwr_run_is_stopped_soon_after_the_server_app_dies_unrecorded(
     done, gone = superlink.threading.Event(), superlink.threading.Event()
     watch = superlink.threading.Thread(
         target=superlink._stop_when_server_app_gone,
-        args=(flwr_run, link.pid, tmp_path / "run.json", done, gone),
+        args=(flwr_run, link.pid, run_file, before, done, gone),
     )
     try:
         time.sleep(0.5)

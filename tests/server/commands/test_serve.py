@@ -176,3 +176,36 @@ def test_a_database_it_cannot_read_waits_flowers_default(tmp_path, content):
     assert stale_status_wait(db) == 60.0
     bad = _superlink_db(tmp_path / "bad.db", [("online", None, 10.0)])
     assert stale_status_wait(bad) == 60.0
+
+
+def test_the_wait_reads_what_flowers_own_superlink_left_after_a_kill(tmp_path):
+    """Flower's own link state writes the database (a hospital with 10 s heartbeats and one
+    with 30 s), then is killed with SIGKILL, leaving its write-ahead log unmerged; the
+    folder's name holds a '#', which a file: URI would cut."""
+    import subprocess
+    import sys
+    import time
+
+    from server.commands.serve import stale_status_wait
+
+    folder = tmp_path / "state#1"
+    folder.mkdir()
+    db = folder / "superlink.db"
+    child = (
+        "import os, signal, sys\n"
+        "from flwr.superlink.config_loader import get_objectstore_linkstate_factories\n"
+        "from flwr.superlink.federation.noop_federation_manager import NoOpFederationManager\n"
+        "_, f = get_objectstore_linkstate_factories(sys.argv[1], NoOpFederationManager())\n"
+        "s = f.state()\n"
+        "a = s.create_node('aid', 'a', b'pk-1', 10.0)\n"
+        "b = s.create_node('aid', 'b', b'pk-2', 30.0)\n"
+        "assert s.activate_node(a, 10.0) and s.activate_node(b, 30.0)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    started = time.time()
+    killed = subprocess.run([sys.executable, "-c", child, str(db)], capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    waited = stale_status_wait(db)
+    # the 30 s hospital's status expires 60 s after it was activated, no later
+    assert 60 - (time.time() - started) - 1 <= waited <= 60
+    assert not (tmp_path / "state").exists()  # nothing created where the '#' would cut
