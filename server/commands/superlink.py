@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
 
 from shared_model.config import ConfigError
 from shared_model.processes import free_port, stop_processes
@@ -45,10 +44,6 @@ __all__ = [
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _RUN_STARTED = re.compile(r"Successfully started run (\d+)")
 _SUPERLINK_START_TIMEOUT = 60.0
-# The processes Flower runs a ServerApp in (simulated, deployed).
-_SERVER_APP_PROCESSES = tuple(
-    TASK_TYPE_TO_COMMAND[t] for t in (TaskType.SIMULATION, TaskType.SERVER_APP)
-)
 # Seconds `flwr run` may go on after the ServerApp process ended without recording how
 # the run ended, before it is stopped (Flower notices only when its heartbeat expires).
 SERVER_APP_GONE_GRACE = 5.0
@@ -338,6 +333,13 @@ def _written_at(path: Path) -> int | None:
         return None
 
 
+def _server_app_processes() -> tuple[str, ...]:
+    """The commands Flower runs a ServerApp in: simulated, deployed."""
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType  # Flower: when it runs
+
+    return tuple(TASK_TYPE_TO_COMMAND[t] for t in (TaskType.SIMULATION, TaskType.SERVER_APP))
+
+
 def _server_app_running(superlink_pid: int) -> bool:
     """Whether a ServerApp process (not a zombie) runs under the SuperLink."""
     try:
@@ -351,7 +353,7 @@ def _server_app_running(superlink_pid: int) -> bool:
             line = " ".join(child.cmdline())
         except psutil.Error:  # gone meanwhile
             continue
-        if any(name in line for name in _SERVER_APP_PROCESSES):
+        if any(name in line for name in _server_app_processes()):
             return True
     return False
 

@@ -1,5 +1,6 @@
 """`fedfusion hospital`: the hospital file is checked before anything starts."""
 
+import dataclasses
 import json
 import logging
 import shlex
@@ -139,7 +140,11 @@ def test_a_hospital_that_never_joined_is_refused_at_once(tmp_path):
 
 
 def test_rejoining_gives_up_after_the_rejoin_timeout(tmp_path):
-    launch = plan_supernode(hospital_file(tmp_path, **{"rejoin-timeout": "0.2"}))
+    launch = plan_supernode(hospital_file(tmp_path))
+    # a timeout far below two heartbeat intervals (the file refuses it): to keep this short
+    launch = dataclasses.replace(
+        launch, connection=dataclasses.replace(launch.connection, rejoin_timeout=0.2)
+    )
     joined(launch)
     attempts = Attempts(refusals=1000)
     started = time.monotonic()
