@@ -282,10 +282,22 @@ _LOADED: dict[Path, tuple[tuple, Members]] = {}  # path -> (its stamp, what it h
 
 
 def _stamp(path: Path) -> tuple | None:
-    """Names, sizes and modification times of a members file or folder (None: unreadable)."""
+    """Names, sizes and modification times of a members file or folder (None: unreadable).
+
+    A folder is listed with one stat per file (``os.scandir``): a hospital stamps it at
+    every SecAgg+ message, and a simulation's folder holds every hospital's key.
+    """
     try:
-        files = sorted(path.glob("*.pub")) if path.is_dir() else [path]
-        return tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+        if not path.is_dir():
+            info = path.stat()
+            return ((path.name, info.st_size, info.st_mtime_ns),)
+        found = []
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.name.endswith(".pub"):  # what load() reads: *.pub
+                    info = entry.stat()
+                    found.append((entry.name, info.st_size, info.st_mtime_ns))
+        return tuple(sorted(found))
     except OSError:
         return None
 

@@ -51,3 +51,21 @@ def test_margins_put_the_servers_default_plan_beside_the_complete_graph():
     m = margins(100, np.random.default_rng(0))
     assert m["sparse"] == (15, 10) and m["complete"] == (100, 67)
     assert m["sparse/tolerated"] == 5 and m["complete/tolerated"] == 33
+
+
+def test_the_sparse_protocol_bench_runs_the_sparse_plan(monkeypatch):
+    """`python -m benchmarks.secagg_protocol sparse` measures sparse shares: each hospital's
+    key material is smaller than with the complete graph at the same size (12: 9 shares)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from benchmarks.secagg_protocol import _measure, run_sparse_protocol_bench
+
+    def key_bytes(measured):
+        (m,) = [m for m in measured if "bytes-up-keys" in m.name]
+        return m.median
+
+    sparse = run_sparse_protocol_bench([12], 1, echo=lambda *_: None)
+    for name, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 1)):  # as a ServerApp
+        monkeypatch.setattr(TaskIdentity, name, value)
+    complete = _measure("protocol", 12, 1, 0, lambda *_: None, ("signed",))
+    assert key_bytes(sparse) < 0.85 * key_bytes(complete)
