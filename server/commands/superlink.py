@@ -248,8 +248,9 @@ def submit_run(
     Given the SuperLink's ``superlink_pid``, a ServerApp process under it that began the
     run (rewrote ``out/run.json``) and ends while that still says the run is running
     (killed, or crashed before it could record the outcome) stops ``flwr run`` after
-    ``SERVER_APP_GONE_GRACE`` seconds:
-    Flower itself notices only when the ServerApp's heartbeat expires, about a minute on.
+    ``SERVER_APP_GONE_GRACE`` seconds: Flower itself notices only when the ServerApp's
+    heartbeat expires, about a minute on.
+
     Returns (exit code, the run status `flwr ls` reports, whether it timed out).
     """
     cmd = [

@@ -54,5 +54,6 @@ def test_instructing_all_but_one_to_upload_nothing_unmasks_noise(tmp_path):
     # the target's own upload would give 1
     assert abs(np.corrcoef(got, alone)[0, 1]) < 0.2
     # and the held-out count it would read is not the target's 20 records, but noise
+    # (spread over hundreds to millions: within 1000 of 20 now and then, within 1 hardly)
     examples = got[LAYOUT.size + 2] * 3 / CODEC._units()[2]
-    assert abs(examples - 20) > 1000
+    assert abs(examples - 20) > 1
